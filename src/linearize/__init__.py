@@ -1,0 +1,27 @@
+"""linearize: turn pretrained LLMs into linear-attention LLMs, train them back, serve them fast."""
+
+import logging
+
+from linearize.layers import (
+    Attention,
+    AttentionConfig,
+    AttentionState,
+    attention_config,
+    build_attention,
+    list_attentions,
+)
+from linearize.ops.tree import Tree
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "AttentionConfig",
+    "AttentionState",
+    "Tree",
+    "attention_config",
+    "build_attention",
+    "list_attentions",
+]

@@ -1,0 +1,22 @@
+"""nn.Modules: feature maps, the attention layer, its config registry and state."""
+
+from linearize.layers.attention import Attention, AttentionState, TreeDraft, build_attention
+from linearize.layers.config import (
+    ABLATIONS,
+    ATTENTIONS,
+    AttentionConfig,
+    attention_config,
+    list_attentions,
+)
+
+__all__ = [
+    "ABLATIONS",
+    "ATTENTIONS",
+    "Attention",
+    "AttentionConfig",
+    "AttentionState",
+    "TreeDraft",
+    "attention_config",
+    "build_attention",
+    "list_attentions",
+]

@@ -1,0 +1,258 @@
+"""The attention layer: projections, RoPE, feature map, local/global/conv parts, form dispatch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from linearize.layers.config import FORMS, AttentionConfig, Form, attention_config
+from linearize.layers.feature_maps import build_feature_map
+from linearize.layers.rope import RotaryEmbedding
+from linearize.ops import causal_conv, linear_attn, linformer, softmax
+from linearize.ops.tree import Tree
+
+
+@dataclass
+class AttentionState:
+    """One layer's decoding state: the attention part and the convolution tail."""
+
+    attn: linear_attn.LinearAttnState | softmax.KVCache
+    conv: Tensor | None = None
+
+    @property
+    def pos(self) -> int:
+        """Tokens seen so far; the next token's position."""
+        return self.attn.pos
+
+    def nbytes(self) -> int:
+        conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
+        return self.attn.nbytes() + conv
+
+
+@dataclass
+class TreeDraft:
+    """What a tree pass computed per node, so an accepted path commits without recomputation:
+    ``k: [B, Hkv, N, K]``, ``fk: [B, Hkv, N, F]``, ``v: [B, Hkv, N, V]``."""
+
+    k: Tensor
+    fk: Tensor
+    v: Tensor
+
+
+class Attention(nn.Module):
+    """``layer(x, *, state=None, form="auto") -> (y, state)``, ``x, y: [B, T, D]``.
+
+    ``state=None`` starts a sequence; positions come from the state. ``forward_tree`` verifies
+    a tree of candidate tokens without touching the state; ``commit`` appends an accepted path.
+    """
+
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config = config.validate()
+        D, H, Hkv, K = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(D, H * K, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * K, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * K, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * K, D, bias=config.o_bias)
+        self.rope = RotaryEmbedding(K, config.rope_theta) if config.rope_theta else None
+        self.feature_map = None
+        if config.kind == "linear":
+            self.spec = linear_attn.LinearAttnSpec(
+                local=config.local,
+                window=config.window,
+                size=config.size,
+                sinks=config.sinks,
+                use_global=config.use_global,
+                normalize=config.normalize,
+            )
+            if config.use_global:
+                self.feature_map = build_feature_map(config.feature_map, Hkv, K, config.feature_dim)
+        if config.learn_alpha:
+            self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
+        else:
+            self.alpha = float(config.alpha)
+        if config.conv != "none":
+            # Zero taps: the converted layer starts as its attention part alone.
+            self.conv = nn.Parameter(torch.zeros(H, config.conv_size))
+        self.output_norm = nn.RMSNorm(K, eps=1e-6) if config.output_norm else None
+        if config.kind == "linformer":
+            scale = 1 / math.sqrt(config.landmarks)
+            self.seq_proj_k = nn.Parameter(torch.randn(config.landmarks, config.max_length) * scale)
+            self.seq_proj_v = nn.Parameter(torch.randn(config.landmarks, config.max_length) * scale)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.config.is_causal
+
+    # --- state ------------------------------------------------------------------------------
+
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> AttentionState:
+        if not self.is_causal:
+            raise ValueError(
+                f"attention {self.config.name!r} is not causal: it has no decoding state "
+                "(parallel form only, not usable in a decoder)"
+            )
+        c = self.config
+        Hkv, K = c.num_kv_heads, c.head_dim
+        if c.kind == "softmax":
+            attn = softmax.init_state(batch_size, Hkv, K, K, dtype=dtype, device=device)
+        else:
+            F = self.feature_map.feature_dim if self.feature_map is not None else K
+            attn = linear_attn.init_state(
+                self.spec, batch_size, Hkv, K, F, K, dtype=dtype, device=device
+            )
+        conv = None
+        if c.conv == "causal":
+            conv = causal_conv.init_state(
+                batch_size, Hkv, K, c.conv_size, dtype=dtype, device=device
+            )
+        return AttentionState(attn, conv)
+
+    def commit(self, state: AttentionState, draft: TreeDraft, path: Tensor) -> AttentionState:
+        """The state after the tree nodes ``path`` (a root→node chain), as if decoded one by one."""
+        path = path.to(draft.k.device)
+        k, fk, v = draft.k[:, :, path], draft.fk[:, :, path], draft.v[:, :, path]
+        if self.config.kind == "softmax":
+            attn = softmax.advance(state.attn, k, v)
+        else:
+            attn = linear_attn.advance(self.spec, state.attn, k, fk, v)
+        conv = state.conv
+        if conv is not None:
+            _, conv = causal_conv.parallel(v.transpose(1, 2), self.conv, conv)
+        return AttentionState(attn, conv)
+
+    # --- forms ------------------------------------------------------------------------------
+
+    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
+        c = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if self.feature_map is not None:
+            return q, k, v, self.feature_map(q), self.feature_map(k)
+        return q, k, v, q, k
+
+    def _output(self, o: Tensor) -> Tensor:
+        if self.output_norm is not None:
+            o = self.output_norm(o)
+        return self.o_proj(o.flatten(2))
+
+    def resolve_form(self, form: str, num_tokens: int) -> Form:
+        if form not in FORMS:
+            raise ValueError(f"form={form!r}; allowed: {list(FORMS)}")
+        if not self.is_causal and form not in ("auto", "parallel"):
+            raise ValueError(
+                f"attention {self.config.name!r} is not causal: it has a parallel form only, "
+                f"form={form!r} is not available"
+            )
+        if form != "auto":
+            return form
+        if self.config.kind != "linear" or num_tokens <= self.config.chunk_size:
+            return "parallel"
+        return "chunk"
+
+    def forward(
+        self, x: Tensor, *, state: AttentionState | None = None, form: str = "auto"
+    ) -> tuple[Tensor, AttentionState | None]:
+        B, T, _ = x.shape
+        form = self.resolve_form(form, T)
+        if not self.is_causal:
+            if state is not None:
+                raise ValueError(f"attention {self.config.name!r} is not causal: it takes no state")
+            return self._forward_noncausal(x), None
+        if state is None:
+            state = self.init_state(B, dtype=x.dtype, device=x.device)
+        positions = torch.arange(state.pos, state.pos + T, device=x.device)
+        q, k, v, fq, fk = self._project(x, positions)
+        if self.config.kind == "softmax":
+            o, attn = softmax.parallel(q, k, v, state.attn)
+        elif form == "chunk":
+            o, attn = linear_attn.chunk(
+                self.spec, q, k, v, fq, fk, state.attn, self.alpha, self.config.chunk_size
+            )
+        else:
+            op = linear_attn.parallel if form == "parallel" else linear_attn.recurrent
+            o, attn = op(self.spec, q, k, v, fq, fk, state.attn, self.alpha)
+        conv = state.conv
+        if conv is not None:
+            step = causal_conv.recurrent if form == "recurrent" else causal_conv.parallel
+            c, conv = step(v, self.conv, conv)
+            o = o + c
+        return self._output(o), AttentionState(attn, conv)
+
+    def _forward_noncausal(self, x: Tensor) -> Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v, fq, fk = self._project(x, positions)
+        if self.config.kind == "linformer":
+            o = linformer.parallel(q, k, v, self.seq_proj_k, self.seq_proj_v)
+        else:
+            o, _ = linear_attn.parallel(
+                self.spec, q, k, v, fq, fk, self._unused_state(x), self.alpha
+            )
+        if self.config.conv == "symmetric":
+            o = o + causal_conv.symmetric(v, self.conv)
+        return self._output(o)
+
+    def _unused_state(self, x: Tensor) -> linear_attn.LinearAttnState:
+        c = self.config
+        F = self.feature_map.feature_dim if self.feature_map is not None else c.head_dim
+        return linear_attn.init_state(
+            self.spec,
+            x.shape[0],
+            c.num_kv_heads,
+            c.head_dim,
+            F,
+            c.head_dim,
+            dtype=x.dtype,
+            device=x.device,
+        )
+
+    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeDraft]:
+        """``x: [B, N, D]`` tree nodes on top of ``state`` → outputs and what commit needs."""
+        if not self.is_causal:
+            raise ValueError(f"attention {self.config.name!r} is not causal: no tree form")
+        positions = state.pos + tree.depths.to(x.device)
+        q, k, v, fq, fk = self._project(x, positions)
+        if self.config.kind == "softmax":
+            o, _ = softmax.tree(q, k, v, state.attn, tree=tree)
+        else:
+            o, _ = linear_attn.tree(self.spec, q, k, v, fq, fk, state.attn, self.alpha, tree=tree)
+        if state.conv is not None:
+            c, _ = causal_conv.tree(v, self.conv, state.conv, tree=tree)
+            o = o + c
+        draft = TreeDraft(k.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2))
+        return self._output(o), draft
+
+    def forward_tree(
+        self, x: Tensor, parents: Tensor | list[int] | Tree, state: AttentionState
+    ) -> Tensor:
+        """Node ``i`` of ``x: [B, N, D]`` attends to the committed state and its ancestors
+        (``parents[i]``, −1 = child of the state). ``state`` is not modified."""
+        tree = parents if isinstance(parents, Tree) else Tree.from_parents(parents)
+        return self.tree_step(x, tree, state)[0]
+
+
+def build_attention(
+    name: str, *, hidden_size: int, num_heads: int, num_kv_heads: int, **options
+) -> Attention:
+    """A randomly initialised attention layer from the registry (see ``list_attentions()``)."""
+    config = attention_config(
+        name,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        **options,
+    )
+    return Attention(config)

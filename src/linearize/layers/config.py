@@ -1,0 +1,149 @@
+"""The attention registry: every attention is a named preset of one typed config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from linearize.layers.feature_maps import FEATURE_MAPS
+
+Kind = Literal["softmax", "linear", "linformer"]
+Form = Literal["auto", "parallel", "chunk", "recurrent"]
+FORMS = ("auto", "parallel", "chunk", "recurrent")
+
+
+def _help(text: str) -> Any:
+    return field(metadata={"help": text})
+
+
+@dataclass
+class AttentionConfig:
+    """Everything that defines one attention layer; saved with every converted model."""
+
+    name: str = "softmax"
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    rope_theta: float | None = 10000.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    kind: Kind = "softmax"
+    local: Literal["none", "softmax", "relu2"] = "none"
+    window: Literal["group", "sliding"] = "sliding"
+    size: int = 0
+    sinks: int = 0
+    use_global: bool = True
+    feature_map: str = "elu"
+    feature_dim: int | None = None
+    normalize: bool = True
+    output_norm: bool = False
+    conv: Literal["none", "causal", "symmetric"] = "none"
+    conv_size: int = 32
+    alpha: float = 1.0
+    learn_alpha: bool = False
+    chunk_size: int = 64
+    max_length: int = 4096
+    landmarks: int = 64
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_heads, 1)
+
+    def validate(self) -> AttentionConfig:
+        positive = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.kind not in ("softmax", "linear", "linformer"):
+            raise ValueError(f"kind={self.kind!r}; allowed: softmax, linear, linformer")
+        if self.window == "group" and self.size < 1:
+            raise ValueError(f"group size must be >= 1, got {self.size}")
+        if self.local != "none" and self.size < 1:
+            raise ValueError(f"a local part needs a window/group size >= 1, got {self.size}")
+        if self.conv != "none" and self.conv_size < 1:
+            raise ValueError(f"conv_size (causal taps) must be >= 1, got {self.conv_size}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"unknown feature_map {self.feature_map!r}; valid: {sorted(FEATURE_MAPS)}"
+            )
+        if self.kind == "linear" and self.local == "none" and not self.use_global:
+            raise ValueError("this attention would attend to nothing: enable local or global")
+        if self.kind == "linformer" and (self.landmarks < 1 or self.max_length < 1):
+            raise ValueError("linformer needs landmarks >= 1 and max_length >= 1")
+        return self
+
+    @property
+    def is_causal(self) -> bool:
+        return self.kind != "linformer" and self.conv != "symmetric"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown attention options {unknown}; valid: {sorted(known)}")
+        return cls(**data).validate()
+
+
+_LINEAR = {"kind": "linear", "window": "sliding", "size": 0, "local": "none"}
+_FLASH = {"kind": "linear", "window": "group", "size": 64}
+
+ATTENTIONS: dict[str, dict[str, Any]] = {
+    "softmax": {"kind": "softmax"},
+    "sliding_window": {
+        "kind": "linear",
+        "local": "softmax",
+        "window": "sliding",
+        "size": 64,
+        "sinks": 4,
+        "use_global": False,
+    },
+    "linformer": {"kind": "linformer"},
+    "relu": {**_LINEAR, "feature_map": "relu"},
+    "elu": {**_LINEAR, "feature_map": "elu"},
+    "performer": {**_LINEAR, "feature_map": "performer"},
+    "transnormer": {**_LINEAR, "feature_map": "elu", "normalize": False, "output_norm": True},
+    "yoso": {**_LINEAR, "feature_map": "yoso"},
+    "hedgehog": {**_LINEAR, "feature_map": "hedgehog"},
+    "t2r": {**_LINEAR, "feature_map": "t2r"},
+    "flash_local": {**_FLASH, "local": "relu2", "use_global": False},
+    "flash_global": {**_FLASH, "local": "none", "feature_map": "unit", "normalize": False},
+    "augmented": {
+        **_FLASH,
+        "local": "softmax",
+        "feature_map": "unit",
+        "normalize": False,
+        "conv": "causal",
+        "conv_size": 32,
+        "alpha": 0.0,
+        "learn_alpha": True,
+    },
+}
+
+# The paper's ablations of the augmented layer, as option sets.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "local": {"use_global": False, "conv": "none"},
+    "local+global": {"conv": "none"},
+    "local+conv": {"use_global": False},
+    "full": {},
+}
+
+
+def list_attentions() -> list[str]:
+    """Names accepted by :func:`attention_config` and ``--attention``."""
+    return list(ATTENTIONS)
+
+
+def attention_config(name: str, **options: Any) -> AttentionConfig:
+    """The registry preset ``name`` with ``options`` overriding its defaults, validated."""
+    if name not in ATTENTIONS:
+        raise ValueError(f"unknown attention {name!r}; valid: {list_attentions()}")
+    return AttentionConfig.from_dict({**ATTENTIONS[name], **options, "name": name})

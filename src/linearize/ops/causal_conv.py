@@ -1,0 +1,102 @@
+"""Causal depthwise convolution on V (the augmented layer's third part).
+
+``conv_t = Σ_{j=0}^{P-1} w[h, j] · v_{t-j}``: ``P`` causal taps per query head, shared across the
+head's channels, ``v_{<0} = 0``. ``v: [B, T, Hkv, V]``, ``w: [H, P]`` (query head ``h`` reads
+value head ``h // (H // Hkv)``), output ``[B, T, H, V]``. Causality is structural: the input is
+left-padded with the state's tail of the last ``P - 1`` values, never masked. The state
+``tail: [B, Hkv, P-1, V]`` has a fixed size.
+
+``symmetric`` is the encoder-style convolution the paper warns about (padded on both sides, so
+output ``t`` reads ``v_{t+j}``): parallel only, kept so the leakage check has something to flag.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from linearize.ops.tree import Tree
+
+
+def init_state(
+    batch_size: int,
+    num_kv_heads: int,
+    value_dim: int,
+    num_taps: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    return torch.zeros(
+        batch_size, num_kv_heads, num_taps - 1, value_dim, dtype=dtype, device=device
+    )
+
+
+def _apply_taps(windows: Tensor, w: Tensor) -> Tensor:
+    """``windows: [B, T, Hkv, V, P]`` (index j = value at t - j) · ``w: [H, P]`` → ``[B,T,H,V]``."""
+    B, T, Hkv, V, P = windows.shape
+    taps = w.view(Hkv, -1, P)
+    return torch.einsum("bthvp,hrp->bthrv", windows, taps).reshape(B, T, -1, V)
+
+
+def parallel(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """All ``T`` outputs at once: left-pad with the tail, slide, truncate."""
+    T, P = v.shape[1], w.shape[1]
+    padded = torch.cat([tail.transpose(1, 2), v], 1)  # [B, P-1+T, Hkv, V]
+    windows = padded.unfold(1, P, 1).flip(-1)  # [B, T, Hkv, V, P], tap j reads t - j
+    new_tail = padded[:, padded.shape[1] - (P - 1) :].transpose(1, 2)
+    return _apply_taps(windows[:, :T], w), new_tail
+
+
+def recurrent(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """One step per token on the fixed tail buffer (the decoding form)."""
+    outputs = []
+    for t in range(v.shape[1]):
+        o, tail = parallel(v[:, t : t + 1], w, tail)
+        outputs.append(o)
+    return torch.cat(outputs, 1), tail
+
+
+chunk = parallel
+
+
+def tree(v: Tensor, w: Tensor, tail: Tensor, *, tree: Tree) -> tuple[Tensor, Tensor]:
+    """The unfolded convolution: each node's taps follow its ancestor chain, not flat order.
+
+    Node ``i``'s tap ``j`` reads its ancestor at depth ``δ_i − j`` when ``j ≤ δ_i``, else the
+    committed value at time ``L − (j − δ_i)`` (tail slot ``P − 1 − (j − δ_i)``; zero before the
+    sequence start). Returns the tail unchanged: commit the accepted path with :func:`parallel`.
+    """
+    P = w.shape[1]
+    depths = tree.depths.to(v.device)[:, None]
+    j = torch.arange(P, device=v.device)[None, :]
+    d = depths - j  # [N, P] depth of the node each tap reads (negative: committed)
+    chain = tree.chain.to(v.device)
+    node = chain.gather(1, d.clamp(0, chain.shape[1] - 1))
+    zero_slot = P - 1 + v.shape[1]
+    index = torch.where(d >= 0, P - 1 + node, P - 1 + d)
+    index = torch.where(index < 0, zero_slot, index)
+    source = torch.cat([tail.transpose(1, 2), v, v.new_zeros(v[:, :1].shape)], 1)
+    windows = source[:, index.flatten()].unflatten(1, index.shape)  # [B, N, P, Hkv, V]
+    return _apply_taps(windows.permute(0, 1, 3, 4, 2), w), tail
+
+
+def symmetric(v: Tensor, w: Tensor) -> Tensor:
+    """Encoder-style convolution, padded on both sides: reads the future (parallel only)."""
+    P = w.shape[1]
+    half = (P - 1) // 2
+    padded = torch.nn.functional.pad(v, (0, 0, 0, 0, half, P - 1 - half))
+    windows = padded.unfold(1, P, 1).flip(-1)
+    return _apply_taps(windows[:, : v.shape[1]], w)
+
+
+def naive(v: Tensor, w: Tensor) -> Tensor:
+    """The definition, tap by tap, from the start of the sequence."""
+    B, T, Hkv, V = v.shape
+    H, P = w.shape
+    vr = v.repeat_interleave(H // Hkv, 2)
+    out = torch.zeros(B, T, H, V, dtype=v.dtype, device=v.device)
+    for t in range(T):
+        for j in range(min(P, t + 1)):
+            out[:, t] += w[:, j, None] * vr[:, t - j]
+    return out

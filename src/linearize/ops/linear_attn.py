@@ -1,0 +1,390 @@
+"""Causal linear attention with an optional exact local window: every linear attention we ship.
+
+One op covers the whole family. A query at time τ splits its past into
+
+- a **local** set (tokens of its own group ``⌊σ/G⌋ = ⌊τ/G⌋``, or of a sliding window
+  ``τ − W < σ``, plus ``sinks`` first tokens), attended exactly with a kernel
+  (``softmax`` inside the window, the paper's ``relu2`` = relu(q̂·k̂)², or ``none``), and
+- a **global** set (everything else in its past), attended linearly through feature maps:
+  ``fq_τ · Σ fk_σ v_σᵀ``, optionally divided by ``fq_τ · Σ fk_σ``.
+
+``o = local + alpha · global``. A plain linear attention (elu, relu, performer, ...) is the
+configuration ``window="sliding", size=0, local="none"``: nothing is local, everything is global.
+FLASH is ``window="group"``; the paper's augmented layer adds a convolution on top (causal_conv).
+
+Inputs: ``q: [B, T, H, K]``, ``k: [B, T, Hkv, K]`` (raw, for the local kernel),
+``fq: [B, T, H, F]``, ``fk: [B, T, Hkv, F]`` (features, for the global part),
+``v: [B, T, Hkv, V]``; ``H`` a multiple of ``Hkv`` (grouped-query attention: query head ``h``
+reads key/value head ``h // (H // Hkv)``). Output ``o: [B, T, H, V]``.
+
+The state keeps the tokens that some future query may still see locally (a fixed-capacity buffer)
+and folds every other token into ``S = Σ fk vᵀ`` and ``z = Σ fk``: its size never depends on how
+many tokens were seen. All forms return ``(o, final_state)`` and never modify their input state.
+Derivations: docs/forms.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from linearize.ops.tree import Tree
+
+LocalKind = Literal["none", "softmax", "relu2"]
+WindowKind = Literal["group", "sliding"]
+
+
+@dataclass(frozen=True)
+class LinearAttnSpec:
+    """What a query sees locally and how the rest is summarised."""
+
+    local: LocalKind = "none"
+    window: WindowKind = "sliding"
+    size: int = 0
+    sinks: int = 0
+    use_global: bool = True
+    normalize: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.local not in ("none", "softmax", "relu2"):
+            raise ValueError(f"local={self.local!r}; allowed: 'none', 'softmax', 'relu2'")
+        if self.window not in ("group", "sliding"):
+            raise ValueError(f"window={self.window!r}; allowed: 'group', 'sliding'")
+        if self.window == "group" and self.size < 1:
+            raise ValueError(f"group size must be >= 1, got {self.size}")
+        if self.size < 0 or self.sinks < 0:
+            raise ValueError(f"window size and sinks must be >= 0, got {self.size}, {self.sinks}")
+        if self.local != "none" and self.window == "sliding" and self.size < 1:
+            raise ValueError("a local kernel needs a window: size >= 1")
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens the state ever keeps exactly (the rest is folded into S)."""
+        return self.sinks + max(self.size - 1, 0)
+
+    def is_local(self, t_k: Tensor, t_q: Tensor) -> Tensor:
+        """``[Nq, Nk]``: key time σ lies in query time τ's local set (σ ≤ τ assumed elsewhere)."""
+        s, t = t_k[None, :], t_q[:, None]
+        if self.window == "group":
+            near = torch.div(s, self.size, rounding_mode="floor") == torch.div(
+                t, self.size, rounding_mode="floor"
+            )
+        else:
+            near = s > t - self.size
+        return near | (s < self.sinks)
+
+
+@dataclass
+class LinearAttnState:
+    """Fixed-size decoding state: ``S [B,Hkv,F,V]``, ``z [B,Hkv,F]`` and a buffer of ``n`` kept
+    tokens (keys ``[B,Hkv,C,K]``, features ``[B,Hkv,C,F]``, values ``[B,Hkv,C,V]``, times ``[C]``)
+    out of a capacity ``C``; ``pos`` tokens seen so far."""
+
+    S: Tensor
+    z: Tensor
+    k: Tensor
+    fk: Tensor
+    v: Tensor
+    times: Tensor
+    n: int
+    pos: int
+
+    def nbytes(self) -> int:
+        tensors = (self.S, self.z, self.k, self.fk, self.v, self.times)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def kept(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The buffered tokens, in time order: keys, features, values ``[B,Hkv,n,·]``, times."""
+        n = self.n
+        return self.k[:, :, :n], self.fk[:, :, :n], self.v[:, :, :n], self.times[:n]
+
+
+def init_state(
+    spec: LinearAttnSpec,
+    batch_size: int,
+    num_kv_heads: int,
+    key_dim: int,
+    feature_dim: int,
+    value_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> LinearAttnState:
+    B, Hkv, C = batch_size, num_kv_heads, spec.capacity
+    zeros = dict(dtype=dtype, device=device)
+    return LinearAttnState(
+        S=torch.zeros(B, Hkv, feature_dim, value_dim, **zeros),
+        z=torch.zeros(B, Hkv, feature_dim, **zeros),
+        k=torch.zeros(B, Hkv, C, key_dim, **zeros),
+        fk=torch.zeros(B, Hkv, C, feature_dim, **zeros),
+        v=torch.zeros(B, Hkv, C, value_dim, **zeros),
+        times=torch.full((C,), -1, dtype=torch.long, device=device),
+        n=0,
+        pos=0,
+    )
+
+
+# --- the shared core ------------------------------------------------------------------------
+
+
+def _heads_first(x: Tensor) -> Tensor:
+    return x.transpose(1, 2)  # [B, T, H, D] -> [B, H, T, D]
+
+
+def _group_queries(x: Tensor, num_kv_heads: int) -> Tensor:
+    B, T, H, D = x.shape
+    return x.transpose(1, 2).reshape(B, num_kv_heads, H // num_kv_heads, T, D)  # [B,Hkv,R,T,D]
+
+
+def attend(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    t_q: Tensor,
+    t_k: Tensor,
+    visible: Tensor,
+    S: Tensor,
+    z: Tensor,
+    alpha: Tensor | float = 1.0,
+) -> Tensor:
+    """Attend queries to an explicit key list plus the folded summary ``S, z``.
+
+    ``q: [B,Hkv,R,Nq,K]``, ``fq: [B,Hkv,R,Nq,F]``, ``k: [B,Hkv,Nk,K]``, ``fk: [B,Hkv,Nk,F]``,
+    ``v: [B,Hkv,Nk,V]``, times ``t_q: [Nq]``, ``t_k: [Nk]``, ``visible: [Nq, Nk]`` (which keys
+    are in each query's past). Returns ``[B,Hkv,R,Nq,V]``.
+    """
+    local_mask = visible & spec.is_local(t_k, t_q)
+    out = None
+    if spec.local == "softmax":
+        scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~local_mask, float("-inf"))
+        out = torch.einsum("bhrqn,bhnv->bhrqv", torch.softmax(scores, dim=-1), v)
+    elif spec.local == "relu2":
+        qn, kn = _unit(q), _unit(k)
+        weights = torch.relu(torch.einsum("bhrqk,bhnk->bhrqn", qn, kn)) ** 2
+        out = torch.einsum("bhrqn,bhnv->bhrqv", weights * local_mask, v)
+    if spec.use_global:
+        global_mask = visible & ~local_mask
+        scores = torch.einsum("bhrqf,bhnf->bhrqn", fq, fk) * global_mask
+        num = torch.einsum("bhrqn,bhnv->bhrqv", scores, v) + torch.einsum(
+            "bhrqf,bhfv->bhrqv", fq, S
+        )
+        if spec.normalize:
+            den = scores.sum(-1) + torch.einsum("bhrqf,bhf->bhrq", fq, z)
+            num = num / (den[..., None] + spec.eps)
+        out = alpha * num if out is None else out + alpha * num
+    if out is None:
+        raise ValueError("this configuration attends to nothing: enable a local kernel or global")
+    return out
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def advance(
+    spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor
+) -> LinearAttnState:
+    """The state after the tokens ``k: [B,Hkv,T,K]``, ``fk``, ``v`` (times ``pos..pos+T-1``)."""
+    T = k.shape[2]
+    if T == 0:
+        return state
+    pos = state.pos + T
+    k0, fk0, v0, t0 = state.kept()
+    t_new = torch.arange(state.pos, pos, device=t0.device)
+    all_k, all_fk, all_v = torch.cat([k0, k], 2), torch.cat([fk0, fk], 2), torch.cat([v0, v], 2)
+    all_t = torch.cat([t0, t_new])
+    keep = spec.is_local(all_t, torch.tensor([pos], device=t0.device))[0]
+    S, z = state.S, state.z
+    if spec.use_global and not bool(keep.all()):
+        gone = ~keep
+        S = S + torch.einsum("bhnf,bhnv->bhfv", all_fk[:, :, gone], all_v[:, :, gone])
+        z = z + all_fk[:, :, gone].sum(2)
+    n = int(keep.sum())
+    new_k, new_fk, new_v = (
+        state.k.new_zeros(state.k.shape),
+        state.fk.new_zeros(state.fk.shape),
+        state.v.new_zeros(state.v.shape),
+    )
+    new_t = torch.full_like(state.times, -1)
+    new_k[:, :, :n], new_fk[:, :, :n], new_v[:, :, :n] = (
+        all_k[:, :, keep],
+        all_fk[:, :, keep],
+        all_v[:, :, keep],
+    )
+    new_t[:n] = all_t[keep]
+    return LinearAttnState(S, z, new_k, new_fk, new_v, new_t, n, pos)
+
+
+def _with_state_keys(state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor):
+    k0, fk0, v0, t0 = state.kept()
+    return torch.cat([k0, k], 2), torch.cat([fk0, fk], 2), torch.cat([v0, v], 2), t0
+
+
+# --- the four forms -------------------------------------------------------------------------
+
+
+def parallel(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float = 1.0,
+) -> tuple[Tensor, LinearAttnState]:
+    """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``."""
+    B, T, H, _ = q.shape
+    Hkv = k.shape[2]
+    kh, fkh, vh = _heads_first(k), _heads_first(fk), _heads_first(v)
+    keys, feats, vals, t_kept = _with_state_keys(state, kh, fkh, vh)
+    t_q = torch.arange(state.pos, state.pos + T, device=q.device)
+    t_k = torch.cat([t_kept, t_q])
+    visible = t_k[None, :] <= t_q[:, None]
+    o = attend(
+        spec,
+        _group_queries(q, Hkv),
+        keys,
+        vals,
+        _group_queries(fq, Hkv),
+        feats,
+        t_q,
+        t_k,
+        visible,
+        state.S,
+        state.z,
+        alpha,
+    )
+    o = o.reshape(B, H, T, -1).transpose(1, 2)
+    return o, advance(spec, state, kh, fkh, vh)
+
+
+def chunk(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float = 1.0,
+    chunk_size: int = 64,
+) -> tuple[Tensor, LinearAttnState]:
+    """Parallel inside chunks of ``chunk_size`` tokens, the state carried between: ``O(T)``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    outputs = []
+    for s in range(0, q.shape[1], chunk_size):
+        e = s + chunk_size
+        o, state = parallel(
+            spec, q[:, s:e], k[:, s:e], v[:, s:e], fq[:, s:e], fk[:, s:e], state, alpha
+        )
+        outputs.append(o)
+    return torch.cat(outputs, 1), state
+
+
+def recurrent(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float = 1.0,
+) -> tuple[Tensor, LinearAttnState]:
+    """One token at a time on the fixed-size state (the decoding form)."""
+    return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
+
+
+def tree(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float = 1.0,
+    *,
+    tree: Tree,
+) -> tuple[Tensor, LinearAttnState]:
+    """Candidate tokens arranged as a tree on top of the committed state.
+
+    Node ``i`` sits at time ``state.pos + depths[i]``; its past is the committed sequence followed
+    by its ancestors (``ancestors: [N, N]`` bool, ``ancestors[i, j]`` = j is i or an ancestor of
+    i). Groups are counted in time, so trees crossing group boundaries are exact. The state is
+    returned unchanged: commit an accepted path with :func:`advance`.
+    """
+    B, N, H, _ = q.shape
+    Hkv = k.shape[2]
+    keys, feats, vals, t_kept = _with_state_keys(
+        state, _heads_first(k), _heads_first(fk), _heads_first(v)
+    )
+    t_q = state.pos + tree.depths.to(t_kept.device)
+    t_k = torch.cat([t_kept, t_q])
+    committed = torch.ones(N, state.n, dtype=torch.bool, device=q.device)
+    visible = torch.cat([committed, tree.ancestors.to(q.device)], 1)
+    o = attend(
+        spec,
+        _group_queries(q, Hkv),
+        keys,
+        vals,
+        _group_queries(fq, Hkv),
+        feats,
+        t_q,
+        t_k,
+        visible,
+        state.S,
+        state.z,
+        alpha,
+    )
+    return o.reshape(B, H, N, -1).transpose(1, 2), state
+
+
+def naive(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    alpha: Tensor | float = 1.0,
+) -> Tensor:
+    """The definition, token by token over the full history, from the start of the sequence.
+
+    The reference the other forms are tested against; ``O(T²)`` in time, no state.
+    """
+    B, T, H, K = q.shape
+    R = H // k.shape[2]
+    kr, fkr, vr = (x.repeat_interleave(R, dim=2) for x in (k, fk, v))
+    outputs = []
+    for t in range(T):
+        s = torch.arange(t + 1)
+        local = spec.is_local(s, torch.tensor([t]))[0]
+        o = torch.zeros_like(vr[:, 0])
+        if spec.local == "softmax":
+            scores = (q[:, t, None] * kr[:, : t + 1]).sum(-1) / math.sqrt(K)
+            weights = torch.softmax(scores.masked_fill(~local[None, :, None], float("-inf")), 1)
+            o = o + (weights[..., None] * vr[:, : t + 1]).sum(1)
+        elif spec.local == "relu2":
+            cos = (_unit(q[:, t, None]) * _unit(kr[:, : t + 1])).sum(-1)
+            weights = torch.relu(cos) ** 2 * local[None, :, None]
+            o = o + (weights[..., None] * vr[:, : t + 1]).sum(1)
+        if spec.use_global:
+            weights = (fq[:, t, None] * fkr[:, : t + 1]).sum(-1) * ~local[None, :, None]
+            g = (weights[..., None] * vr[:, : t + 1]).sum(1)
+            if spec.normalize:
+                g = g / (weights.sum(1)[..., None] + spec.eps)
+            o = o + alpha * g
+        outputs.append(o)
+    return torch.stack(outputs, 1)
