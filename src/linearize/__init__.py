@@ -10,6 +10,7 @@ from linearize.layers import (
     build_attention,
     list_attentions,
 )
+from linearize.models import Decoder, ModelConfig, ModelState, linearize, load
 from linearize.ops.tree import Tree
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -20,8 +21,13 @@ __all__ = [
     "Attention",
     "AttentionConfig",
     "AttentionState",
+    "Decoder",
+    "ModelConfig",
+    "ModelState",
     "Tree",
     "attention_config",
     "build_attention",
+    "linearize",
     "list_attentions",
+    "load",
 ]

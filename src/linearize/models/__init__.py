@@ -1,0 +1,8 @@
+"""Our decoder (LLaMA and GPT-2 families), checkpoint loading, conversion, save and load."""
+
+from linearize.models.config import ModelConfig
+from linearize.models.convert import is_new_parameter, linearize
+from linearize.models.decoder import Decoder, ModelState
+from linearize.models.io import load, save
+
+__all__ = ["Decoder", "ModelConfig", "ModelState", "is_new_parameter", "linearize", "load", "save"]

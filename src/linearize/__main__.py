@@ -1,0 +1,5 @@
+import sys
+
+from linearize.cli import main
+
+sys.exit(main())

