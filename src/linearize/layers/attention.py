@@ -159,7 +159,11 @@ class Attention(nn.Module):
             )
         if form != "auto":
             return form
-        if self.config.kind != "linear" or num_tokens <= self.config.chunk_size:
+        if self.config.kind != "linear":
+            return "parallel"
+        if num_tokens == 1:
+            return "recurrent"
+        if num_tokens <= self.config.chunk_size:
             return "parallel"
         return "chunk"
 

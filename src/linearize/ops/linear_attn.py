@@ -303,7 +303,93 @@ def recurrent(
     alpha: Tensor | float = 1.0,
 ) -> tuple[Tensor, LinearAttnState]:
     """One token at a time on the fixed-size state (the decoding form)."""
-    return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
+    if not _has_fast_step(spec):
+        return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
+    outputs = []
+    for t in range(q.shape[1]):
+        o, state = step(spec, q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state, alpha)
+        outputs.append(o)
+    return torch.stack(outputs, 1), state
+
+
+def _has_fast_step(spec: LinearAttnSpec) -> bool:
+    pure = spec.capacity == 0 and spec.local == "none"
+    return spec.sinks == 0 and (pure or spec.window == "group")
+
+
+def step(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float = 1.0,
+) -> tuple[Tensor, LinearAttnState]:
+    """One decoding step, ``q: [B, H, K]``, ``k: [B, Hkv, K]``, ... → ``o: [B, H, V]``.
+
+    The hot path of decoding. At time ``τ = pos`` every kept token and the new one are local
+    (that is what "kept" means), so no masks are built: local attention over the buffer plus
+    the token, global attention through ``S, z`` alone. Only for pure linear attention and
+    group windows without sinks (``recurrent`` falls back to the general form otherwise).
+    """
+    B, H, K = q.shape
+    Hkv = k.shape[1]
+    q, fq = q.view(B, Hkv, H // Hkv, K), fq.view(B, Hkv, H // Hkv, -1)
+    S, z, n, pos = state.S, state.z, state.n, state.pos
+    if spec.capacity == 0:
+        # Pure linear attention: the token is global to itself, so fold it first.
+        S = S + fk[..., :, None] * v[..., None, :]
+        z = z + fk
+        o = alpha * _global_readout(spec, fq, S, z)
+        new = LinearAttnState(S, z, state.k, state.fk, state.v, state.times, 0, pos + 1)
+        return o.reshape(B, H, -1), new
+    keys = torch.cat([state.k[:, :, :n], k[:, :, None]], 2)
+    values = torch.cat([state.v[:, :, :n], v[:, :, None]], 2)
+    o = _local_readout(spec, q, keys, values)
+    if spec.use_global:
+        o = o + alpha * _global_readout(spec, fq, S, z)
+    if (pos + 1) % spec.size == 0:
+        # The group is complete: fold it into S and empty the buffer.
+        if spec.use_global:
+            feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
+            S = S + torch.einsum("bhnf,bhnv->bhfv", feats, values)
+            z = z + feats.sum(2)
+        new = LinearAttnState(
+            S,
+            z,
+            torch.zeros_like(state.k),
+            torch.zeros_like(state.fk),
+            torch.zeros_like(state.v),
+            torch.full_like(state.times, -1),
+            0,
+            pos + 1,
+        )
+        return o.reshape(B, H, -1), new
+    new_k, new_fk, new_v, new_t = (x.clone() for x in (state.k, state.fk, state.v, state.times))
+    new_k[:, :, n], new_fk[:, :, n], new_v[:, :, n] = k, fk, v
+    new_t[n] = pos
+    return o.reshape(B, H, -1), LinearAttnState(S, z, new_k, new_fk, new_v, new_t, n + 1, pos + 1)
+
+
+def _global_readout(spec: LinearAttnSpec, fq: Tensor, S: Tensor, z: Tensor) -> Tensor:
+    """``fq: [B, Hkv, R, F]`` against the folded summary → ``[B, Hkv, R, V]``."""
+    num = torch.matmul(fq, S)
+    if spec.normalize:
+        num = num / (torch.matmul(fq, z[..., None]) + spec.eps)
+    return num
+
+
+def _local_readout(spec: LinearAttnSpec, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``q: [B, Hkv, R, K]`` over every key of ``keys: [B, Hkv, n, K]`` → ``[B, Hkv, R, V]``."""
+    if spec.local == "softmax":
+        scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return torch.matmul(torch.softmax(scores, -1), values)
+    if spec.local == "relu2":
+        weights = torch.relu(torch.matmul(_unit(q), _unit(keys).transpose(-1, -2))) ** 2
+        return torch.matmul(weights, values)
+    return q.new_zeros(*q.shape[:-1], values.shape[-1])
 
 
 def tree(
