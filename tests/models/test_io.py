@@ -1,0 +1,90 @@
+"""Save and load: exact round trips, atomic writes, clear errors for broken directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.models import Decoder, ModelConfig
+
+
+def tiny(**changes) -> Decoder:
+    base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                intermediate_size=128)
+    return Decoder(ModelConfig(**{**base, **changes})).eval()
+
+
+@pytest.mark.parametrize("attention", ["augmented", "hedgehog", "performer", "softmax"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_round_trip_is_bit_identical(tmp_path, attention, tie):
+    model = tiny(tie_embeddings=tie)
+    linearize.linearize(model, attention, layers=[1])
+    for name, p in model.named_parameters():
+        if "alpha" in name or name.endswith(".conv"):
+            p.data.normal_()
+    model.save(tmp_path / "m")
+    loaded = linearize.load(tmp_path / "m")
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert loaded.config.to_dict() == model.config.to_dict() or loaded.attention_names() == (
+        model.attention_names()
+    )
+    assert loaded.attention_names() == model.attention_names()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format"] == "linearize" and config["format_version"] == 1
+    assert config["model"]["attention"][1]["name"] == attention
+
+
+def test_save_replaces_existing_directory_atomically(tmp_path):
+    model = tiny()
+    model.save(tmp_path / "m")
+    model.save(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_failed_save_leaves_previous_model(tmp_path):
+    model = tiny()
+    model.save(tmp_path / "m")
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    model.tokenizer = Broken()
+    with pytest.raises(OSError):
+        model.save(tmp_path / "m")
+    assert linearize.load(tmp_path / "m") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    tiny().save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        linearize.load(tmp_path / "m")
+
+
+def test_missing_config_is_clear(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        linearize.load(tmp_path / "m")
+
+
+def test_unsupported_architecture_in_saved_config(tmp_path):
+    tiny().save(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["architecture"] = "mamba"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mamba"):
+        linearize.load(tmp_path / "m")
+
+
+def test_unknown_model_name_lists_builtins():
+    with pytest.raises(ValueError, match="smollm2-135m"):
+        linearize.load("not-a-model")
