@@ -191,5 +191,18 @@ class Decoder(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def state_nbytes(self, context: int, batch_size: int = 1) -> int:
+        """Bytes of the decoding state after ``context`` tokens, without running the model."""
+        total = 0
+        fixed = self.init_state(batch_size)
+        for layer, state in zip(self.layers, fixed.layers, strict=True):
+            c = layer.self_attn.config
+            if c.kind == "softmax":
+                per_token = 2 * batch_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+                total += per_token * context
+            else:
+                total += state.nbytes()
+        return total
+
     def attention_names(self) -> list[str]:
         return [layer.self_attn.config.name for layer in self.layers]

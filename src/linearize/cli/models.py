@@ -1,0 +1,79 @@
+"""``linearize convert`` and ``linearize info``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
+from linearize.models import is_new_parameter, linearize, load
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    convert = subparsers.add_parser(
+        "convert", help="linearize a pretrained model and save it (no training)"
+    )
+    convert.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or dir")
+    add_attention_arguments(convert)
+    convert.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    convert.add_argument("--out", required=True, help="output directory")
+    convert.set_defaults(func=run_convert)
+
+    info = subparsers.add_parser("info", help="describe a model: layers, parameters, state size")
+    info.add_argument("model", help="name, HF dir, .gguf or saved directory")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=run_info)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    model = load(args.model)
+    linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
+    model.save(args.out)
+    print(f"converted {args.model} with {args.attention} in {time.perf_counter() - start:.1f} s")
+    print(f"saved to {args.out}; next: linearize info {args.out}")
+    return 0
+
+
+def describe(model) -> dict:
+    names = model.attention_names()
+    runs = []
+    index = 0
+    for name, group in itertools.groupby(names):
+        count = len(list(group))
+        runs.append({"layers": f"{index}-{index + count - 1}", "attention": name})
+        index += count
+    params = dict(model.named_parameters())
+    new = sum(p.numel() for n, p in params.items() if is_new_parameter(n))
+    c = model.config
+    return {
+        "architecture": c.architecture,
+        "layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "heads": f"{c.num_heads} query / {c.num_kv_heads} key-value, head dim {c.head_dim}",
+        "vocab_size": c.vocab_size,
+        "attention": runs,
+        "parameters": sum(p.numel() for p in params.values()),
+        "new_parameters": new,
+        "state_bytes_1k": model.state_nbytes(1024),
+        "state_bytes_32k": model.state_nbytes(32768),
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary = describe(load(args.model))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"architecture   {summary['architecture']}, {summary['layers']} layers, "
+        f"hidden {summary['hidden_size']}, {summary['heads']}, vocab {summary['vocab_size']}"
+    )
+    for run in summary["attention"]:
+        print(f"layers {run['layers']:<8} {run['attention']}")
+    print(f"parameters     {summary['parameters']:,} ({summary['new_parameters']:,} new)")
+    for key, label in (("state_bytes_1k", "1k"), ("state_bytes_32k", "32k")):
+        print(f"state at {label:<5} {summary[key] / 2**20:,.2f} MiB")
+    return 0
