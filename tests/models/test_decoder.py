@@ -72,7 +72,12 @@ def test_qwen2_bias_matches_transformers():
 
 def test_gpt2_matches_transformers():
     hf_config = transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+        vocab_size=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
         eos_token_id=0,
     )
     hf = transformers.GPT2LMHeadModel(hf_config).eval()

@@ -12,8 +12,14 @@ from linearize.models import Decoder, ModelConfig
 
 
 def tiny(**changes) -> Decoder:
-    base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=128)
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+    )
     return Decoder(ModelConfig(**{**base, **changes})).eval()
 
 

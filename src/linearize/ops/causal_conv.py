@@ -13,6 +13,7 @@ output ``t`` reads ``v_{t+j}``): parallel only, kept so the leakage check has so
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.ops.tree import Tree
@@ -40,17 +41,32 @@ def _apply_taps(windows: Tensor, w: Tensor) -> Tensor:
 
 
 def parallel(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
-    """All ``T`` outputs at once: left-pad with the tail, slide, truncate."""
-    T, P = v.shape[1], w.shape[1]
+    """All ``T`` outputs at once: left-pad with the tail, depthwise ``conv1d``, no padding."""
+    B, T, Hkv, V = v.shape
+    H, P = w.shape
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), tail
     padded = torch.cat([tail.transpose(1, 2), v], 1)  # [B, P-1+T, Hkv, V]
-    windows = padded.unfold(1, P, 1).flip(-1)  # [B, T, Hkv, V, P], tap j reads t - j
     new_tail = padded[:, padded.shape[1] - (P - 1) :].transpose(1, 2)
-    return _apply_taps(windows[:, :T], w), new_tail
+    if T == 1:
+        return _step(padded, w), new_tail
+    # conv1d is a correlation: flip the taps so tap j multiplies the value at t - j.
+    x = padded.permute(0, 2, 3, 1).repeat_interleave(H // Hkv, 1).reshape(B, H * V, -1)
+    weight = w.flip(-1).repeat_interleave(V, 0)[:, None, :].to(v.dtype)
+    out = F.conv1d(x, weight, groups=H * V)  # [B, H*V, T]
+    return out.view(B, H, V, T).permute(0, 3, 1, 2), new_tail
+
+
+def _step(window: Tensor, w: Tensor) -> Tensor:
+    """``window: [B, P, Hkv, V]`` (oldest first) → the newest output ``[B, 1, H, V]``."""
+    B, P, Hkv, V = window.shape
+    taps = w.flip(-1).view(Hkv, -1, P)
+    return torch.einsum("bphv,hrp->bhrv", window, taps).reshape(B, 1, -1, V)
 
 
 def recurrent(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
     """One step per token on the fixed tail buffer (the decoding form)."""
-    outputs = []
+    outputs = [v.new_zeros(v.shape[0], 0, w.shape[0], v.shape[-1])]
     for t in range(v.shape[1]):
         o, tail = parallel(v[:, t : t + 1], w, tail)
         outputs.append(o)
@@ -73,10 +89,9 @@ def tree(v: Tensor, w: Tensor, tail: Tensor, *, tree: Tree) -> tuple[Tensor, Ten
     d = depths - j  # [N, P] depth of the node each tap reads (negative: committed)
     chain = tree.chain.to(v.device)
     node = chain.gather(1, d.clamp(0, chain.shape[1] - 1))
-    zero_slot = P - 1 + v.shape[1]
+    # d >= -(P-1), so committed taps always land inside the tail (zeros before the start).
     index = torch.where(d >= 0, P - 1 + node, P - 1 + d)
-    index = torch.where(index < 0, zero_slot, index)
-    source = torch.cat([tail.transpose(1, 2), v, v.new_zeros(v[:, :1].shape)], 1)
+    source = torch.cat([tail.transpose(1, 2), v], 1)
     windows = source[:, index.flatten()].unflatten(1, index.shape)  # [B, N, P, Hkv, V]
     return _apply_taps(windows.permute(0, 1, 3, 4, 2), w), tail
 

@@ -264,7 +264,7 @@ def parallel(
         state.z,
         alpha,
     )
-    o = o.reshape(B, H, T, -1).transpose(1, 2)
+    o = o.reshape(B, H, T, v.shape[-1]).transpose(1, 2)
     return o, advance(spec, state, kh, fkh, vh)
 
 
@@ -282,7 +282,7 @@ def chunk(
     """Parallel inside chunks of ``chunk_size`` tokens, the state carried between: ``O(T)``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    outputs = []
+    outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for s in range(0, q.shape[1], chunk_size):
         e = s + chunk_size
         o, state = parallel(
@@ -305,11 +305,11 @@ def recurrent(
     """One token at a time on the fixed-size state (the decoding form)."""
     if not _has_fast_step(spec):
         return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
-    outputs = []
+    outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for t in range(q.shape[1]):
         o, state = step(spec, q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state, alpha)
-        outputs.append(o)
-    return torch.stack(outputs, 1), state
+        outputs.append(o[:, None])
+    return torch.cat(outputs, 1), state
 
 
 def _has_fast_step(spec: LinearAttnSpec) -> bool:

@@ -1,0 +1,48 @@
+"""Shared fixtures: tests run offline and start from a fixed seed."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+
+def _refuse(*args, **kwargs):
+    raise RuntimeError("network access in tests")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Any attempt to open a network connection fails loudly (local unix sockets still work)."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded(method):
+        def wrapper(self, *args, **kwargs):
+            if self.family in (socket.AF_INET, socket.AF_INET6):
+                _refuse()
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", guarded(connect))
+        patch.setattr(socket.socket, "connect_ex", guarded(connect_ex))
+        patch.setattr(socket, "create_connection", _refuse)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors, where intra-op threads cost far more than they save (tens of times
+    more on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state, whatever ran before it."""
+    torch.manual_seed(0)

@@ -1,0 +1,224 @@
+"""Every form of the linear-attention op ≡ its naive reference, forward and backward."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.ops import linear_attn
+from linearize.ops.linear_attn import LinearAttnSpec
+from linearize.ops.tree import Tree
+from tests.helpers import TREES, assert_close
+
+B, H, HKV, K, FEAT, V = 2, 4, 2, 8, 6, 5
+LENGTHS = [1, 7, 63, 64, 65, 130]
+GRAD_LENGTHS = [7, 65]
+
+
+def _specs() -> dict[str, LinearAttnSpec]:
+    specs = {
+        "la-norm": LinearAttnSpec(),
+        "la-unnorm": LinearAttnSpec(normalize=False),
+    }
+    for G in (5, 8, 64):
+        group = dict(window="group", size=G)
+        sliding = dict(window="sliding", size=G, sinks=2)
+        specs |= {
+            f"group{G}-global": LinearAttnSpec(**group, normalize=False),
+            f"group{G}-softmax+global": LinearAttnSpec(**group, local="softmax", normalize=False),
+            f"group{G}-relu2": LinearAttnSpec(**group, local="relu2", use_global=False),
+            f"group{G}-relu2+global-norm": LinearAttnSpec(**group, local="relu2"),
+            f"sliding{G}-sinks2-softmax": LinearAttnSpec(
+                **sliding, local="softmax", use_global=False
+            ),
+            f"sliding{G}-sinks2-softmax+global-norm": LinearAttnSpec(**sliding, local="softmax"),
+        }
+    return specs
+
+
+SPECS = _specs()
+FORMS = {
+    "parallel": linear_attn.parallel,
+    "chunk3": functools.partial(linear_attn.chunk, chunk_size=3),
+    "chunk16": functools.partial(linear_attn.chunk, chunk_size=16),
+    "chunk64": functools.partial(linear_attn.chunk, chunk_size=64),
+    "recurrent": linear_attn.recurrent,
+}
+
+
+def _inputs(T: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return {
+        "q": randn(B, T, H, K).requires_grad_(),
+        "k": randn(B, T, HKV, K).requires_grad_(),
+        "v": randn(B, T, HKV, V).requires_grad_(),
+        # Positive features keep the normaliser away from zero.
+        "fq": (1 + F.elu(randn(B, T, H, FEAT))).detach().requires_grad_(),
+        "fk": (1 + F.elu(randn(B, T, HKV, FEAT))).detach().requires_grad_(),
+        "alpha": torch.tensor(0.7, dtype=torch.float64, requires_grad=True),
+    }
+
+
+def _state(spec: LinearAttnSpec) -> linear_attn.LinearAttnState:
+    return linear_attn.init_state(spec, B, HKV, K, FEAT, V, dtype=torch.float64)
+
+
+def _grads(o: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)
+    grads = torch.autograd.grad((o * do).sum(), list(inputs.values()), allow_unused=True)
+    return dict(zip(inputs, grads, strict=True))
+
+
+@functools.cache
+def _reference(spec_id: str, T: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    inputs = _inputs(T)
+    o = linear_attn.naive(SPECS[spec_id], **inputs)
+    return o.detach(), _grads(o, inputs)
+
+
+def _args(inputs):
+    return [inputs[n] for n in ("q", "k", "v", "fq", "fk")]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("spec_id", SPECS)
+def test_form_matches_naive(spec_id, T, form):
+    spec = SPECS[spec_id]
+    inputs = _inputs(T)
+    o, state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+    ref, ref_grads = _reference(spec_id, T)
+    assert_close(f"{form} o", ref, o, 1e-10, atol=1e-13)
+    assert state.pos == T and state.n <= spec.capacity
+    if T in GRAD_LENGTHS:
+        for name, grad in _grads(o, inputs).items():
+            assert_close(f"{form} d{name}", ref_grads[name], grad, 1e-9, atol=1e-12)
+
+
+def _assert_same_state(name, ref: linear_attn.LinearAttnState, out: linear_attn.LinearAttnState):
+    assert (out.pos, out.n) == (ref.pos, ref.n), name
+    assert torch.equal(out.times, ref.times), name
+    assert out.nbytes() == ref.nbytes(), name
+    for field in ("S", "z", "k", "fk", "v"):
+        assert_close(f"{name} state.{field}", getattr(ref, field), getattr(out, field), 1e-10)
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunk3", "recurrent"])
+@pytest.mark.parametrize("T", [7, 65])
+@pytest.mark.parametrize("spec_id", SPECS)
+def test_state_in_pieces(spec_id, T, form):
+    """Pieces of 3, 17 and the rest, the state passed along ≡ one pass, outputs and state."""
+    spec = SPECS[spec_id]
+    inputs = _inputs(T)
+    whole, whole_state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+    state, outputs = _state(spec), []
+    for s, e in [(0, 3), (3, min(20, T)), (20, T)]:
+        if s >= e:
+            continue
+        piece = [x[:, s:e] for x in _args(inputs)]
+        o, state = FORMS[form](spec, *piece, state, inputs["alpha"])
+        outputs.append(o)
+    o = torch.cat(outputs, 1)
+    ref, ref_grads = _reference(spec_id, T)
+    assert_close(f"{form} pieces o", ref, o, 1e-10, atol=1e-13)
+    assert_close(f"{form} pieces vs whole", whole, o, 1e-10, atol=1e-13)
+    _assert_same_state(form, whole_state, state)
+    if T in GRAD_LENGTHS:
+        # Gradients flow through the carried state (S, z and the kept buffer).
+        for name, grad in _grads(o, inputs).items():
+            assert_close(f"{form} pieces d{name}", ref_grads[name], grad, 1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec_id", SPECS)
+def test_final_state_agrees_across_forms(spec_id):
+    spec = SPECS[spec_id]
+    inputs = _inputs(65)
+    _, ref = linear_attn.parallel(spec, *_args(inputs), _state(spec), inputs["alpha"])
+    for form in ("chunk16", "recurrent"):
+        _, state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+        _assert_same_state(form, ref, state)
+
+
+@pytest.mark.parametrize("tree_id", TREES)
+@pytest.mark.parametrize("L", [0, 3, 6, 11])
+@pytest.mark.parametrize(
+    "spec_id",
+    ["la-norm", "group5-softmax+global", "group5-relu2", "sliding5-sinks2-softmax+global-norm"],
+)
+def test_tree_matches_path_decoding(spec_id, L, tree_id):
+    """Each node's output ≡ recurrent decoding of its root→node path after the committed prefix."""
+    spec = SPECS[spec_id]
+    tree = Tree.from_parents(TREES[tree_id])
+    N = len(tree)
+    prompt, nodes = _inputs(L, seed=2), _inputs(N, seed=3)
+    alpha = prompt["alpha"]
+    with torch.no_grad():
+        state = _state(spec)
+        if L:
+            _, state = linear_attn.chunk(spec, *_args(prompt), state, alpha, chunk_size=4)
+        o, same = linear_attn.tree(spec, *_args(nodes), state, alpha, tree=tree)
+        assert same is state
+        for i in range(N):
+            path = [x[:, tree.path(i)] for x in _args(nodes)]
+            ref, _ = linear_attn.recurrent(spec, *path, state, alpha)
+            assert_close(f"node {i}", ref[:, -1], o[:, i], 1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
+def test_pure_linear_attention_matches_fla(normalize):
+    """Optional oracle: fla's ``naive_recurrent_linear_attn`` (computes in float32)."""
+    pytest.importorskip("einops")
+    spec_fla = importlib.util.find_spec("fla")
+    if spec_fla is None or not spec_fla.submodule_search_locations:
+        pytest.skip("fla (fla-core) is not installed")
+    # Load the reference file alone: the package __init__ imports triton, absent on CPU machines.
+    path = Path(next(iter(spec_fla.submodule_search_locations))) / "ops/linear_attn/naive.py"
+    module_spec = importlib.util.spec_from_file_location("fla_linear_attn_naive", path)
+    naive_fla = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(naive_fla)
+
+    spec = LinearAttnSpec(normalize=normalize, eps=1e-10)
+    T, Hs = 37, 2
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, T, Hs, K, generator=g), torch.randn(B, T, Hs, K, generator=g)
+    v = torch.randn(B, T, Hs, V, generator=g)
+    fq, fk = 1 + F.elu(q), 1 + F.elu(k)
+    ref, _ = naive_fla.naive_recurrent_linear_attn(fq, fk, v, scale=1.0, normalize=normalize)
+    state = linear_attn.init_state(spec, B, Hs, K, K, V)
+    o, _ = linear_attn.chunk(spec, q, k, v, fq, fk, state, 1.0, chunk_size=8)
+    assert_close("chunk vs fla", ref, o, 1e-5)
+    assert_close("naive vs fla", ref, linear_attn.naive(spec, q, k, v, fq, fk), 1e-5)
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunk3", "recurrent"])
+def test_empty_input(form):
+    """Zero new tokens: an empty output and the state unchanged."""
+    spec = SPECS["group5-softmax+global"]
+    inputs = _inputs(0)
+    state = _state(spec)
+    o, new = FORMS[form](spec, *_args(inputs), state, inputs["alpha"])
+    assert o.shape == (B, 0, H, V)
+    assert new.pos == 0
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="'gaussian'"):
+        LinearAttnSpec(local="gaussian")
+    with pytest.raises(ValueError, match="'tiles'"):
+        LinearAttnSpec(window="tiles")
+    with pytest.raises(ValueError, match="got 0"):
+        LinearAttnSpec(window="group", size=0)
+    with pytest.raises(ValueError, match="size >= 1"):
+        LinearAttnSpec(local="softmax", window="sliding", size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        spec = LinearAttnSpec()
+        linear_attn.chunk(spec, *_args(_inputs(4)), _state(spec), 1.0, chunk_size=0)
