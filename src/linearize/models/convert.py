@@ -65,7 +65,7 @@ def _gpt2_map(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
 
 def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
     """Copy ``weights`` into ``model``, strictly: names and shapes must match exactly."""
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("medusa.")}
     if model.config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight", None)
@@ -83,7 +83,7 @@ def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> Non
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(weights, strict=not model.config.tie_embeddings)
+    model.load_state_dict(weights, strict=False)
 
 
 def from_hf(hf_config: Any, hf_weights: dict[str, Tensor], source: str = "checkpoint") -> Decoder:

@@ -98,6 +98,9 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.tokenizer = None
+        # Optional Medusa heads (generation.medusa.MedusaHeads): saved beside the model's own
+        # weights (medusa.safetensors), never inside model.safetensors.
+        self.medusa = None
 
     @property
     def device(self) -> torch.device:

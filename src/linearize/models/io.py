@@ -47,10 +47,15 @@ def save(model: Decoder, directory: str | os.PathLike, extra: dict[str, Any] | N
             k: v.detach().contiguous().cpu()
             for k, v in model.state_dict().items()
             if not (model.config.tie_embeddings and k == "lm_head.weight")
+            and not k.startswith("medusa.")
         }
         safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
+        if model.medusa is not None:
+            from linearize.generation.medusa import save_heads
+
+            save_heads(model.medusa, tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +103,9 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
     model = Decoder(config)
     load_weights(model, _read_safetensors(directory / "model.safetensors"), str(directory))
     model.tokenizer = _maybe_tokenizer(directory)
+    from linearize.generation.medusa import load_heads
+
+    model.medusa = load_heads(directory)
     return model
 
 
