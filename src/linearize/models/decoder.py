@@ -96,11 +96,21 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = _norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
         self.tie_weights()
         self.tokenizer = None
         # Optional Medusa heads (generation.medusa.MedusaHeads): saved beside the model's own
         # weights (medusa.safetensors), never inside model.safetensors.
         self.medusa = None
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # A random model (tests, training from scratch) gets the usual GPT/LLaMA init; pretrained
+        # weights overwrite all of this. Attention layers initialise their own new parameters.
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def device(self) -> torch.device:

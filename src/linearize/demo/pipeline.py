@@ -1,0 +1,345 @@
+"""The main job: linearize a real LLM end to end, train it back, speculate, and report honestly.
+
+Every step writes its result to ``<out>/steps/<step>.json`` (atomically) before the next starts,
+so an interrupted demo rerun with the same options continues where it stopped; training runs
+resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = (
+    "It is a truth universally acknowledged, that",
+    "Mr. Darcy walked into the room and",
+    "The weather at Longbourn that morning was",
+    "Write a short letter to a friend about the ball.",
+)
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs; the defaults finish in about 20 minutes on a 2-core CPU."""
+
+    model: str = _help("base model: a name, HF dir, .gguf or saved dir", "smollm2-135m")
+    attention: str = _help("the attention to linearize to", "augmented")
+    plain: str = _help("the plain linear attention it is compared with", "elu")
+    budget: int = _help("training tokens per linearized model (transfer + finetune)", 24_576)
+    block_size: int = _help("tokens per training sequence", 512)
+    batch_size: int = _help("sequences per optimizer step", 2)
+    medusa_tokens: int = _help("tokens to train the Medusa heads on", 16_384)
+    eval_tokens: int = _help("evaluation tokens (first tokens of Pride and Prejudice)", 8_192)
+    eval_window: int = _help("perplexity window", 1024)
+    contexts: list[int] = _help("decode contexts to time", factory=lambda: [1024, 8192, 32768])
+    decode_steps: int = _help("decode steps timed at each context", 8)
+    new_tokens: int = _help("tokens generated per prompt for the speed comparison", 48)
+    data: str = _help("training data", "austen")
+    eval_data: str = _help("evaluation data", "austen:eval")
+    device: str = _help("auto, cpu, cuda", "auto")
+
+    def validate(self) -> DemoConfig:
+        for name in ("budget", "block_size", "medusa_tokens", "eval_tokens", "decode_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget < 3 * self.batch_size * self.block_size:
+            raise ValueError(
+                f"budget={self.budget} tokens is less than three optimizer steps of "
+                f"{self.batch_size} x {self.block_size} tokens"
+            )
+        if self.eval_tokens < self.eval_window:
+            raise ValueError(f"eval_tokens={self.eval_tokens} < eval_window={self.eval_window}")
+        return self
+
+
+Progress = Callable[[str], None]
+
+
+class Steps:
+    """Results of finished steps, one JSON file each, written atomically."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / "steps"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str) -> Any | None:
+        path = self.dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, name: str, value: Any) -> Any:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=2)
+        os.replace(tmp, self.dir / f"{name}.json")
+        return value
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        done = self.get(name)
+        if done is not None:
+            logger.info("step %s: done earlier, reusing its result", name)
+            return done
+        start = time.perf_counter()
+        value = fn()
+        logger.info("step %s: %.1f s", name, time.perf_counter() - start)
+        return self.put(name, value)
+
+
+def check_config(out: Path, config: DemoConfig) -> None:
+    """Refuse to continue a demo directory that was started with different options."""
+    path = out / "demo.json"
+    current = asdict(config)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diffs = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
+        if diffs:
+            listed = ", ".join(f"{k}={a!r} (saved: {b!r})" for k, (a, b) in diffs.items())
+            raise ValueError(
+                f"{out} holds a demo started with other options: {listed}; "
+                "rerun with the same options or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2))
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# --- the steps ----------------------------------------------------------------------------
+
+
+def _perplexity(model, config: DemoConfig) -> dict[str, Any]:
+    from linearize.eval.perplexity import PerplexityConfig, data_tokens, perplexity
+
+    tokens = data_tokens(config.eval_data, model.tokenizer)
+    options = PerplexityConfig(window=config.eval_window, tokens=config.eval_tokens, form="chunk")
+    with torch.no_grad():
+        return perplexity(model, tokens, options).to_dict()
+
+
+def _train(config: DemoConfig, out: Path, attention: str, progress: Callable | None):
+    """Linearize the base model with ``attention`` and train it back; returns the model dir."""
+    from linearize.train.config import TrainConfig
+    from linearize.train.pipeline import run
+
+    stage = "both" if _has_new_parameters(attention) else "finetune"
+    train_config = TrainConfig(
+        model=config.model,
+        attention=attention,
+        stage=stage,
+        data=config.data,
+        tokens=config.budget,
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        lora=True,
+        eval_tokens=2 * config.block_size,
+        device=config.device,
+    )
+    resume = (out / "config.json").exists()
+    result = run(train_config, out, resume=resume, callback=progress)
+    return {
+        "model_dir": str(result.model_dir),
+        "stage": stage,
+        "tokens": config.budget,
+        "tokens_per_s": result.tokens_per_s,
+    }
+
+
+def _has_new_parameters(name: str) -> bool:
+    """Whether stage 1 (attention transfer) has anything to train for this attention."""
+    from linearize.layers.attention import build_attention
+    from linearize.models.convert import is_new_parameter
+
+    layer = build_attention(name, hidden_size=64, num_heads=4, num_kv_heads=2)
+    return any(is_new_parameter(n) for n, _ in layer.named_parameters())
+
+
+def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None) -> dict:
+    import linearize
+    from linearize.eval.perplexity import data_tokens
+    from linearize.generation.medusa_train import MedusaTrainConfig, evaluate_heads, train_medusa
+
+    model = linearize.load(model_dir)
+    tokens = data_tokens(config.data, model.tokenizer)[: config.medusa_tokens + 1]
+    held_out = data_tokens(config.eval_data, model.tokenizer)[-config.eval_window :]
+    medusa_config = MedusaTrainConfig(
+        tokens=config.medusa_tokens, data="model_labels", eval_tokens=config.eval_window
+    )
+    heads = train_medusa(model, tokens, medusa_config, held_out=held_out, progress=progress)
+    model.medusa = heads
+    model.save(model_dir)
+    metrics = evaluate_heads(model, heads, held_out)
+    return {k: v for k, v in metrics.items() if not k.startswith("rank_")}
+
+
+def _decode_speed(model, contexts: list[int], steps: int) -> list[dict[str, Any]]:
+    from linearize.eval.bench import supports_context, time_decode
+
+    rows = []
+    for context in contexts:
+        if not supports_context(model, context):
+            rows.append({"context": context, "supported": False})
+            continue
+        with torch.no_grad():
+            timing = time_decode(model, context, steps=steps)
+        ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
+        rows.append(
+            {
+                "context": context,
+                "supported": True,
+                "ms_per_token": ms,
+                "tokens_per_s": 1000 / ms,
+                "state_bytes": timing["state_bytes"],
+            }
+        )
+    return rows
+
+
+def _speculative(model_dir: str, config: DemoConfig) -> dict[str, Any]:
+    """Greedy decoding of the fixed prompts: plain, Medusa with the hardware-aware tree choice,
+    and Medusa with a fixed small tree; decode-loop tokens/s (the paper's protocol)."""
+    import linearize
+    from linearize.generation import GenerationConfig, generate
+
+    model = linearize.load(model_dir).eval()
+    modes = {
+        "plain": {},
+        "medusa": {"speculative": "medusa"},
+        "medusa_tree8": {"speculative": "medusa", "tree": "tree-8"},
+    }
+    results: dict[str, list] = {name: [] for name in modes}
+    calibration = None
+    for prompt in PROMPTS:
+        for name, options in modes.items():
+            generation = GenerationConfig(max_new_tokens=config.new_tokens, **options)
+            result = generate(model, prompt, generation, calibration=calibration)
+            calibration = calibration or result.calibration
+            results[name].append(result)
+    summary: dict[str, Any] = {}
+    for name, rows in results.items():
+        decode_s = sum(r.seconds - r.prefill_s - r.calibration_s for r in rows)
+        accepted = [r.mean_accepted for r in rows if r.mean_accepted]
+        summary[name] = {
+            "tokens_per_s": sum(len(r.token_ids) - 1 for r in rows) / decode_s,
+            "forward_passes": sum(r.forward_passes for r in rows),
+            "mean_accepted": sum(accepted) / len(accepted) if accepted else 1.0,
+            "plan": rows[0].plan,
+            "identical": all(
+                r.token_ids == p.token_ids for r, p in zip(rows, results["plain"], strict=True)
+            ),
+        }
+    return summary
+
+
+def _sample(model, prompt: str, new_tokens: int) -> str:
+    from linearize.generation import GenerationConfig, generate
+
+    return generate(model, prompt, GenerationConfig(max_new_tokens=new_tokens)).text
+
+
+# --- the pipeline -------------------------------------------------------------------------
+
+
+@dataclass
+class DemoReport:
+    config: dict[str, Any]
+    ppl: dict[str, dict[str, Any]]
+    training: dict[str, dict[str, Any]]
+    decode: dict[str, list[dict[str, Any]]]
+    medusa: dict[str, Any]
+    speculative: dict[str, Any]
+    samples: dict[str, str]
+    model_dir: str
+    seconds: float
+
+
+def run_demo(
+    config: DemoConfig,
+    out: str | os.PathLike,
+    *,
+    train_progress: Callable[[str], Callable | None] = lambda name: None,
+    announce: Callable[[str], None] = lambda text: None,
+) -> DemoReport:
+    """Run (or continue) the demo in ``out``; ``announce`` hears each step as it starts."""
+    import linearize
+
+    config.validate()
+    out = Path(out)
+    check_config(out, config)
+    steps = Steps(out)
+    start = time.perf_counter()
+    # 1. the original: load it, score it, time it
+    announce(f"1/6 loading {config.model} and scoring the original")
+    original = linearize.load(config.model).eval()
+    ppl = {"original": steps.run("ppl_original", lambda: _perplexity(original, config))}
+    contexts = config.contexts
+    decode = {
+        "original": steps.run(
+            "decode_original", lambda: _decode_speed(original, contexts, config.decode_steps)
+        )
+    }
+    samples = {"original": steps.run("sample_original", lambda: _sample(original, PROMPTS[0], 32))}
+    original = None  # free its memory before training
+    # 2.-3. linearize and train back: the paper's layer and a plain linear attention
+    training, models = {}, {}
+    for label, attention in (("augmented", config.attention), ("plain", config.plain)):
+        announce(f"2/6 linearizing with {attention} and training it back ({config.budget} tokens)")
+        training[label] = steps.run(
+            f"train_{label}",
+            lambda a=attention, n=label: _train(config, out / n, a, train_progress(n)),
+        )
+        models[label] = training[label]["model_dir"]
+    # 4. evaluation of both
+    announce("3/6 scoring the linearized models")
+    for label, model_dir in models.items():
+        model = linearize.load(model_dir).eval()
+        ppl[label] = steps.run(f"ppl_{label}", lambda m=model: _perplexity(m, config))
+        samples[label] = steps.run(f"sample_{label}", lambda m=model: _sample(m, PROMPTS[0], 32))
+        if label == "augmented":
+            decode[label] = steps.run(
+                "decode_augmented", lambda m=model: _decode_speed(m, contexts, config.decode_steps)
+            )
+        model = None
+    # 5. Medusa heads on the augmented model, then speculative decoding against plain decoding
+    announce(f"4/6 training Medusa heads ({config.medusa_tokens} tokens)")
+    medusa = steps.run(
+        "medusa", lambda: _train_medusa(config, models["augmented"], train_progress("medusa"))
+    )
+    announce("5/6 decoding with and without Medusa")
+    speculative = steps.run("speculative", lambda: _speculative(models["augmented"], config))
+    announce("6/6 writing the report")
+    report = DemoReport(
+        config=asdict(config),
+        ppl=ppl,
+        training=training,
+        decode=decode,
+        medusa=medusa,
+        speculative=speculative,
+        samples=samples,
+        model_dir=models["augmented"],
+        seconds=time.perf_counter() - start,
+    )
+    from linearize.demo.report import write_report
+
+    write_report(report, out)
+    return report

@@ -1,0 +1,42 @@
+"""The main job end to end at a tiny budget on a tiny model, so the pipeline cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from linearize.cli import main
+from linearize.demo import DemoConfig
+from linearize.demo.pipeline import check_config
+
+
+def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity: augmented" in printed and "next:" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["ppl"]) == {"original", "plain", "augmented"}
+    assert all(row["ppl"] > 1 for row in report["ppl"].values())
+    assert report["speculative"]["medusa"]["identical"]
+    assert report["speculative"]["medusa_tree8"]["identical"]
+    assert (out / "report.md").read_text().startswith("# linearize demo report")
+    assert (out / "perplexity.png").stat().st_size > 0
+    assert (out / "augmented" / "model" / "medusa.safetensors").exists()
+    # a rerun reuses every finished step
+    steps = sorted(p.name for p in (out / "steps").iterdir())
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "steps").iterdir()) == steps
+    assert "done earlier" not in capsys.readouterr().out  # library logs, it does not print
+
+
+def test_demo_refuses_a_directory_started_with_other_options(tmp_path):
+    check_config(tmp_path, DemoConfig())
+    with pytest.raises(ValueError, match="budget"):
+        check_config(tmp_path, DemoConfig(budget=DemoConfig().budget * 2))
+
+
+def test_demo_config_rejects_tiny_budget():
+    with pytest.raises(ValueError, match="budget"):
+        DemoConfig(budget=10).validate()
