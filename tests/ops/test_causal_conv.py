@@ -113,3 +113,15 @@ def test_symmetric_reads_the_future():
         causal_conv.parallel(moved, w, _tail(5))[0][:, :5],
         causal_conv.parallel(v, w, _tail(5))[0][:, :5],
     )
+
+
+def test_inference_and_training_paths_agree():
+    """parallel() convolves with conv1d under no_grad and with shifted sums under autograd."""
+    v, w = _values(37), _taps(5)
+    tail = torch.randn(B, HKV, 4, V, dtype=torch.float64)
+    with torch.no_grad():
+        fast, fast_tail = causal_conv.parallel(v, w, tail)
+    w.requires_grad_(True)
+    slow, slow_tail = causal_conv.parallel(v, w, tail)
+    assert_close("conv1d vs shifted sums", slow.detach(), fast, 1e-13)
+    assert torch.equal(fast_tail, slow_tail)

@@ -50,11 +50,20 @@ def parallel(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
     new_tail = padded[:, padded.shape[1] - (P - 1) :].transpose(1, 2)
     if T == 1:
         return _step(padded, w), new_tail
-    # conv1d is a correlation: flip the taps so tap j multiplies the value at t - j.
-    x = padded.permute(0, 2, 3, 1).repeat_interleave(H // Hkv, 1).reshape(B, H * V, -1)
-    weight = w.flip(-1).repeat_interleave(V, 0)[:, None, :].to(v.dtype)
-    out = F.conv1d(x, weight, groups=H * V)  # [B, H*V, T]
-    return out.view(B, H, V, T).permute(0, 3, 1, 2), new_tail
+    if not (torch.is_grad_enabled() and (v.requires_grad or w.requires_grad)):
+        # Inference: a depthwise conv1d (a correlation, so the taps are flipped).
+        x = padded.permute(0, 2, 3, 1).repeat_interleave(H // Hkv, 1).reshape(B, H * V, -1)
+        weight = w.flip(-1).repeat_interleave(V, 0)[:, None, :].to(v.dtype)
+        out = F.conv1d(x, weight, groups=H * V)  # [B, H*V, T]
+        return out.view(B, H, V, T).permute(0, 3, 1, 2), new_tail
+    # Training: a sum of P shifted slices, whose backward is cheap (a depthwise conv1d over
+    # H·V channels is many times slower to differentiate on CPU).
+    taps = w.view(Hkv, H // Hkv, P)
+    out = None
+    for j in range(P):
+        term = padded[:, P - 1 - j : P - 1 - j + T, :, None, :] * taps[:, :, j, None]
+        out = term if out is None else out + term
+    return out.reshape(B, T, H, V), new_tail
 
 
 def _step(window: Tensor, w: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.ops.tree import Tree
@@ -194,34 +195,44 @@ def advance(
     spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor
 ) -> LinearAttnState:
     """The state after the tokens ``k: [B,Hkv,T,K]``, ``fk``, ``v`` (times ``pos..pos+T-1``)."""
-    T = k.shape[2]
-    if T == 0:
+    if k.shape[2] == 0:
         return state
+    all_k, all_fk, all_v, t0 = _with_state_keys(state, k, fk, v)
+    return _fold(spec, state, all_k, all_fk, all_v, t0)
+
+
+def _fold(
+    spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor, t0: Tensor
+) -> LinearAttnState:
+    """Keep what future queries may still see locally, fold the rest into ``S, z``.
+
+    ``k, fk, v: [B, Hkv, n + T, ·]`` are the state's kept tokens followed by ``T`` new ones.
+    Without sinks the kept tokens are consecutive in time, so what leaves is a prefix and the
+    fold is a slice; with sinks the general mask is used.
+    """
+    T = k.shape[2] - state.n
     pos = state.pos + T
-    k0, fk0, v0, t0 = state.kept()
-    t_new = torch.arange(state.pos, pos, device=t0.device)
-    all_k, all_fk, all_v = torch.cat([k0, k], 2), torch.cat([fk0, fk], 2), torch.cat([v0, v], 2)
-    all_t = torch.cat([t0, t_new])
-    keep = spec.is_local(all_t, torch.tensor([pos], device=t0.device))[0]
+    if spec.sinks:
+        all_t = torch.cat([t0, torch.arange(state.pos, pos, device=t0.device)])
+        keep = spec.is_local(all_t, torch.tensor([pos], device=t0.device))[0]
+        order = torch.cat([(~keep).nonzero()[:, 0], keep.nonzero()[:, 0]])
+        k, fk, v, all_t = k[:, :, order], fk[:, :, order], v[:, :, order], all_t[order]
+        gone = int((~keep).sum())
+        times = all_t[gone:]
+    else:
+        first = state.pos - state.n  # the time of the oldest kept token
+        cutoff = (pos // spec.size) * spec.size if spec.window == "group" else pos - spec.size + 1
+        gone = min(max(cutoff - first, 0), k.shape[2])
+        times = torch.arange(first + gone, pos, device=t0.device)
     S, z = state.S, state.z
-    if spec.use_global and not bool(keep.all()):
-        gone = ~keep
-        S = S + torch.einsum("bhnf,bhnv->bhfv", all_fk[:, :, gone], all_v[:, :, gone])
-        z = z + all_fk[:, :, gone].sum(2)
-    n = int(keep.sum())
-    new_k, new_fk, new_v = (
-        state.k.new_zeros(state.k.shape),
-        state.fk.new_zeros(state.fk.shape),
-        state.v.new_zeros(state.v.shape),
-    )
-    new_t = torch.full_like(state.times, -1)
-    new_k[:, :, :n], new_fk[:, :, :n], new_v[:, :, :n] = (
-        all_k[:, :, keep],
-        all_fk[:, :, keep],
-        all_v[:, :, keep],
-    )
-    new_t[:n] = all_t[keep]
-    return LinearAttnState(S, z, new_k, new_fk, new_v, new_t, n, pos)
+    if spec.use_global and gone:
+        S = S + torch.einsum("bhnf,bhnv->bhfv", fk[:, :, :gone], v[:, :, :gone])
+        z = z + fk[:, :, :gone].sum(2)
+    n = k.shape[2] - gone
+    pad = spec.capacity - n
+    kept = [F.pad(x[:, :, gone:], (0, 0, 0, pad)) for x in (k, fk, v)]
+    times = F.pad(times, (0, pad), value=-1)
+    return LinearAttnState(S, z, *kept, times, n, pos)
 
 
 def _with_state_keys(state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor):
@@ -265,7 +276,7 @@ def parallel(
         alpha,
     )
     o = o.reshape(B, H, T, v.shape[-1]).transpose(1, 2)
-    return o, advance(spec, state, kh, fkh, vh)
+    return o, _fold(spec, state, keys, feats, vals, t_kept)
 
 
 def chunk(
