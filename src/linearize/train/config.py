@@ -1,0 +1,179 @@
+"""The training config: one typed dataclass; the ``linearize train`` flags derive from it.
+
+A run has up to two stages. **transfer** (attention transfer, LoLCATs): the base model frozen,
+only the parameters the linearization added train, so that every linearized layer's output
+matches the softmax layer's output on the same input. **finetune**: next-token cross-entropy,
+through LoRA adapters (``lora=True``, the paper's recipe) or on every weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Stage = Literal["transfer", "finetune", "both"]
+STAGES = ("transfer", "finetune", "both")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS = ("auto", "fp32", "bf16")
+TrainForm = Literal["auto", "parallel", "chunk"]
+TRAIN_FORMS = ("auto", "parallel", "chunk")
+Parallel = Literal["ddp", "fsdp"]
+PARALLELS = ("ddp", "fsdp")
+# Fields that may change between an interrupted run and its resumption: they do not change
+# what the run computes (where it runs, how often it reports).
+RESUMABLE_CHANGES = ("device", "eval_every", "checkpoint_every")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _help_factory(text: str, factory: Any) -> Any:
+    return field(default_factory=factory, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with every checkpoint."""
+
+    model: str = _help("model name or path (see `linearize models`)", "smollm2-135m")
+    attention: str | None = _help(
+        "attention to linearize to (None: keep the model's own attention)", "augmented"
+    )
+    attention_options: dict[str, Any] = _help_factory(
+        "options of the attention config (size, conv_size, feature_map, ...)", dict
+    )
+    layers: list[int] | None = _help("layers to linearize (default: all)", None)
+    stage: Stage = _help("transfer, finetune or both (transfer, then finetune)", "both")
+    data: str = _help("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
+    text_field: str = _help("the text field of JSONL records", "text")
+    tokens: int = _help("training tokens of the whole run (all stages)", 16_384)
+    transfer_tokens: int | None = _help(
+        "training tokens of the transfer stage when --stage both (default: a third)", None
+    )
+    block_size: int = _help("tokens per training sequence", 512)
+    batch_size: int = _help("sequences per optimizer step, over all processes", 2)
+    micro_batch_size: int = _help("sequences per forward pass (gradient accumulation)", 1)
+    lr: float = _help("peak learning rate of the finetune stage", 1e-4)
+    new_lr: float | None = _help(
+        "finetune learning rate of the linearization's new parameters (default: --lr)", None
+    )
+    transfer_lr: float = _help("peak learning rate of the transfer stage", 1e-2)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    warmup: float = _help("warm-up, as a fraction of each stage's steps", 0.1)
+    min_lr_ratio: float = _help("the cosine schedule ends at this fraction of the peak", 0.1)
+    clip: float = _help("clip the gradient norm to this (0: no clipping)", 1.0)
+    lora: bool = _help("finetune through LoRA adapters on q,k,v,o (merged when saved)", False)
+    lora_r: int = _help("LoRA rank", 8)
+    lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", 16.0)
+    mse_weight: float = _help("transfer stage: weight of the attention-output MSE", 1.0)
+    ce_weight: float = _help("transfer stage: weight of the next-token cross-entropy", 0.0)
+    eval_every: int = _help("evaluate perplexity every N steps (0: at the end of stages)", 0)
+    eval_tokens: int = _help("held-out tokens scored at each evaluation", 4096)
+    checkpoint_every: int = _help("write a checkpoint every N steps (0: at stage ends)", 25)
+    seed: int = _help("random seed (initialisation and data order)", 0)
+    device: str = _help("auto, cpu, cuda, cuda:N", "auto")
+    form: TrainForm = _help(
+        "attention form while training: parallel (fastest for short blocks, O(T²) memory), "
+        "chunk (O(T)) or auto",
+        "auto",
+    )
+    precision: Precision = _help("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", "auto")
+    parallel: Parallel = _help("under torchrun: ddp (replicas) or fsdp (sharded, finetune)", "ddp")
+
+    def validate(self) -> TrainConfig:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}; allowed: {list(STAGES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; allowed: {list(PRECISIONS)}")
+        if self.form not in TRAIN_FORMS:
+            raise ValueError(f"form={self.form!r}; allowed: {list(TRAIN_FORMS)}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel={self.parallel!r}; allowed: {list(PARALLELS)}")
+        for name in ("tokens", "block_size", "batch_size", "micro_batch_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_tokens", "checkpoint_every", "ce_weight", "mse_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        for name in ("lr", "transfer_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.new_lr is not None and not self.new_lr > 0:
+            raise ValueError(f"new_lr must be > 0, got {self.new_lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"clip and weight_decay must be >= 0, got {self.clip}, {self.weight_decay}"
+            )
+        if self.mse_weight == 0 and self.ce_weight == 0:
+            raise ValueError("the transfer stage needs mse_weight > 0 or ce_weight > 0")
+        if self.transfer_tokens is not None:
+            if self.stage != "both":
+                raise ValueError("transfer_tokens splits --stage both; use --tokens otherwise")
+            if not 0 < self.transfer_tokens < self.tokens:
+                raise ValueError(
+                    f"transfer_tokens must be in (0, tokens={self.tokens}), "
+                    f"got {self.transfer_tokens}"
+                )
+        for name, tokens in self.stage_tokens().items():
+            if tokens < self.tokens_per_step:
+                raise ValueError(
+                    f"the {name} stage gets {tokens} tokens, less than one step of "
+                    f"batch_size x block_size = {self.tokens_per_step}; raise --tokens"
+                )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+    def stages(self) -> list[str]:
+        """The stages this run goes through, in order."""
+        return ["transfer", "finetune"] if self.stage == "both" else [self.stage]
+
+    def stage_tokens(self) -> dict[str, int]:
+        """Training tokens of each stage."""
+        if self.stage != "both":
+            return {self.stage: self.tokens}
+        transfer = self.transfer_tokens or self.tokens // 3
+        return {"transfer": transfer, "finetune": self.tokens - transfer}
+
+    def stage_steps(self) -> dict[str, int]:
+        """Optimizer steps of each stage (whole steps of ``batch_size`` blocks)."""
+        return {name: n // self.tokens_per_step for name, n in self.stage_tokens().items()}
+
+    def attention_spec(self) -> dict[str, Any] | None:
+        """What ``linearize()`` takes, or None to keep the model's attention."""
+        if self.attention is None:
+            return None
+        return {"name": self.attention, **self.attention_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; valid: {sorted(known)}")
+        return cls(**data).validate()
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields that differ from ``other`` and change what a run computes: ``{name: (ours,
+        theirs)}`` (the fields in ``RESUMABLE_CHANGES`` are ignored)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {
+            name: (mine[name], theirs[name])
+            for name in mine
+            if name not in RESUMABLE_CHANGES and mine[name] != theirs[name]
+        }

@@ -1,0 +1,69 @@
+"""A training run from a :class:`TrainConfig`: the model, the data, the trainer.
+
+Everything a run can refuse (a bad option, missing or unreadable data, a corpus shorter than one
+block, nothing to train in stage 1, an ``--out`` that holds another run) is checked before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import Tensor
+
+from linearize.models import Decoder, linearize, load
+from linearize.train import checkpointing as ckpt
+from linearize.train.config import TrainConfig
+from linearize.train.data import EVAL_TOKENS, TokenCache, eval_tokens, train_tokens
+from linearize.train.trainer import Callback, Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(config: TrainConfig) -> Decoder:
+    """The base model of ``config``, linearized (untrained new parameters)."""
+    model = load(config.model)
+    spec = config.attention_spec()
+    if spec is not None:
+        linearize(model, spec, layers=config.layers)
+    return model
+
+
+def load_data(config: TrainConfig, tokenizer) -> tuple[Tensor, Tensor | None]:
+    """Training and held-out token ids ``[T]``, ``[E]``.
+
+    ``austen``: the five novels other than *Pride and Prejudice*, evaluated on the first tokens
+    of *Pride and Prejudice*. Any other source: its last tenth (at most ``eval_tokens``) held
+    out."""
+    if tokenizer is None:
+        raise ValueError(
+            f"model {config.model!r} has no tokenizer: text cannot be tokenized for it "
+            "(pass token ids to Trainer directly)"
+        )
+    if config.data == "austen":
+        n_eval = min(config.eval_tokens, EVAL_TOKENS)
+        held_out = eval_tokens(tokenizer, n_eval) if n_eval >= 2 else None
+        return train_tokens(tokenizer), held_out
+    tokens = TokenCache().tokens(config.data, tokenizer, text_field=config.text_field)
+    n_eval = min(config.eval_tokens, len(tokens) // 10)
+    if n_eval < 2:
+        return tokens, None
+    return tokens[:-n_eval], tokens[-n_eval:]
+
+
+def run(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Train ``config`` into the run directory ``out`` (see ``checkpointing.py``)."""
+    config.validate()
+    out = Path(out)
+    ckpt.check_run_dir(out, config, resume)
+    model = build_model(config)
+    train, held_out = load_data(config, model.tokenizer)
+    trainer = Trainer(model, config, train, held_out, out=out, callback=callback)
+    return trainer.fit(resume=resume)
