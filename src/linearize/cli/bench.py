@@ -1,0 +1,313 @@
+"""``linearize bench decode|prefill|speculative|report``: speed and memory, side by side.
+
+Each benchmark prints a table (or, with ``--json``, one JSON object per line), and saves a record
+(``<out>/<name>.json``), a markdown table and a PNG plot; ``bench report`` rebuilds
+``docs/results.md`` from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+import torch
+
+from linearize.eval import bench, llama_cpp, report
+from linearize.eval.memory import format_bytes, measure_bandwidth
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="speed and memory benchmarks, results page")
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    decode = sub.add_parser("decode", help="per-token latency, state and peak RSS by context")
+    _common(decode, bench.DEFAULT_DECODE_CONTEXTS)
+    decode.add_argument("--steps", type=int, default=32, help="timed decode steps (median)")
+    decode.add_argument(
+        "--llama-cpp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run llama.cpp on the same GGUF (auto: when llama-cpp-python is installed)",
+    )
+    decode.set_defaults(func=run_decode, name="decode")
+
+    prefill = sub.add_parser("prefill", help="prefill latency and peak memory by length")
+    _common(prefill, bench.DEFAULT_PREFILL_CONTEXTS)
+    prefill.set_defaults(func=run_prefill, name="prefill")
+
+    spec = sub.add_parser("speculative", help="speculative decoding speed (Table 8 protocol)")
+    spec.add_argument("--model", action="append", help="target model: name or path")
+    spec.add_argument(
+        "--attention", help="linearize the model (untrained) with this attention first"
+    )
+    spec.add_argument("--heads", help="folder of trained Medusa heads (default: the model's)")
+    spec.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt")
+    spec.add_argument(
+        "--trees",
+        default="tree-2,tree-4,tree-8,tree-16,auto",
+        help="comma-separated Medusa trees (with heads)",
+    )
+    spec.add_argument(
+        "--draft-layers", help="comma-separated truncated-draft depths (default: a quarter)"
+    )
+    spec.add_argument("--no-lookup", action="store_true", help="skip n-gram lookup drafting")
+    spec.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    spec.add_argument("--threads", type=int, help="CPU threads for torch")
+    spec.add_argument("--json", action="store_true", help="one JSON object per line")
+    spec.add_argument("--out", default="results", help="results folder (default: results/)")
+    spec.add_argument("--name", help="file name stem of the saved record (default: the kind)")
+    spec.set_defaults(func=run_speculative, name="speculative")
+
+    page = sub.add_parser("report", help="regenerate docs/results.md from the result records")
+    page.add_argument("--results", default="results", help="folder of result records")
+    page.add_argument("--page", default="docs/results.md", help="the page to write")
+    page.set_defaults(func=run_report)
+
+
+def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="model to measure: name, HF dir, .gguf or saved dir (repeatable; "
+        "default smollm2-135m)",
+    )
+    parser.add_argument(
+        "--attention",
+        action="append",
+        default=[],
+        help="also measure each --model linearized (untrained) with this attention (repeatable)",
+    )
+    parser.add_argument(
+        "--contexts",
+        type=bench.parse_contexts,
+        default=contexts,
+        help=f"comma-separated token counts, 8k allowed (default {','.join(map(str, contexts))})",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--out", default="results", help="results folder (default: results/)")
+    parser.add_argument("--name", help="file name stem of the saved record (default: the kind)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch and llama.cpp (default: torch's)"
+    )
+    parser.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="measure in this process (faster; peak RSS is then this process's high-water mark)",
+    )
+
+
+def _specs(args: argparse.Namespace) -> list[bench.ModelSpec]:
+    models = args.model or ["smollm2-135m"]
+    specs = [bench.ModelSpec(m) for m in models]
+    return specs + [bench.ModelSpec(m, a) for m in models for a in args.attention]
+
+
+def _progress(message: str) -> None:
+    print(f"… {message}", file=sys.stderr, flush=True)
+
+
+def _command(args: argparse.Namespace, kind: str) -> str:
+    """The command line that reproduces this run (from the parsed arguments)."""
+    words = ["linearize", "bench", kind]
+    for model in args.model or ["smollm2-135m"]:
+        words += ["--model", model]
+    attentions = getattr(args, "attention", None) or []
+    for attention in [attentions] if isinstance(attentions, str) else attentions:
+        words += ["--attention", attention]
+    if hasattr(args, "contexts"):
+        words += ["--contexts", ",".join(map(str, args.contexts))]
+    if hasattr(args, "steps"):
+        words += ["--steps", str(args.steps)]
+    for flag in ("heads", "max_new_tokens", "trees", "draft_layers"):
+        if getattr(args, flag, None) is not None:
+            words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for flag in ("no_lookup", "chat"):
+        if getattr(args, flag, False):
+            words.append("--" + flag.replace("_", "-"))
+    if getattr(args, "threads", None):
+        words += ["--threads", str(args.threads)]
+    if getattr(args, "no_isolate", False):
+        words.append("--no-isolate")
+    return shlex.join(words)
+
+
+def _emit(args: argparse.Namespace, kind: str, rows: list[dict[str, Any]], extra: dict) -> None:
+    command = _command(args, kind)
+    path = report.save_results(args.out, args.name or kind, kind, rows, command, extra)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        stream = sys.stderr
+    else:
+        print(report.markdown_table(kind, rows))
+        stream = sys.stdout
+    for note in extra.get("notes", []):
+        print(note, file=stream)
+    print(f"saved {path} (+ .md, .png)", file=stream)
+
+
+def _gguf_for(source: str):
+    from pathlib import Path
+
+    from linearize.models.checkpoint import smollm2_gguf_path
+    from linearize.models.io import BUILTIN_MODELS
+
+    if source in BUILTIN_MODELS:
+        return smollm2_gguf_path()
+    return Path(source) if source.endswith(".gguf") else None
+
+
+def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[bench.DecodeRow]:
+    if args.llama_cpp == "off" or (args.llama_cpp == "auto" and not llama_cpp.available()):
+        return []
+    if not llama_cpp.available():
+        raise RuntimeError("--llama-cpp on: llama-cpp-python is not installed")
+    rows = []
+    for source in args.model or ["smollm2-135m"]:
+        gguf = _gguf_for(source)
+        if gguf is None:
+            continue
+        label = f"llama.cpp:{gguf.name}"
+        models[label] = {
+            "family": "llama.cpp",
+            "attention": "softmax",
+            "gguf": str(gguf),
+            "weight_bytes": gguf.stat().st_size,
+        }
+        rows += llama_cpp.bench_decode(
+            gguf,
+            label,
+            args.contexts,
+            steps=args.steps,
+            threads=torch.get_num_threads(),
+            progress=_progress,
+        )
+    return rows
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    models: dict[str, Any] = {}
+    record = lambda spec, model: models.__setitem__(spec.label, bench.describe(model))
+    rows = bench.bench_decode(
+        _specs(args),
+        args.contexts,
+        steps=args.steps,
+        isolate=not args.no_isolate,
+        progress=_progress,
+        on_model=record,
+    )
+    rows += _llama_cpp_rows(args, models)
+    bandwidth = measure_bandwidth()
+    notes = [f"memory bandwidth (best tensor copy, read + write): {bandwidth / 1e9:.1f} GB/s"]
+    notes += _bound_notes(rows, models, bandwidth)
+    notes += [
+        f"{row.model} @ {row.context}: not supported (past the model's trained context)"
+        for row in rows
+        if row.tokens_per_s is None
+    ]
+    extra = {"models": models, "bandwidth_bytes_per_s": bandwidth, "notes": notes}
+    _emit(args, "decode", [r.to_dict() for r in rows], extra)
+    return 0
+
+
+def _bound_notes(
+    rows: list[bench.DecodeRow], models: dict[str, Any], bandwidth: float
+) -> list[str]:
+    """Per model: the tokens/s that streaming weights + state once per token would allow."""
+    notes = []
+    for label, info in models.items():
+        weights = info.get("weight_bytes")
+        bounds = [
+            f"{bench.physical_bound(weights, r.state_bytes, bandwidth):.1f} @ {r.context}"
+            for r in rows
+            if r.model == label and r.state_bytes is not None and weights is not None
+        ]
+        if bounds:
+            notes.append(
+                f"physical bound of {label} ({format_bytes(weights)} weights + state per token, "
+                f"over the bandwidth): {', '.join(bounds)} tokens/s"
+            )
+    return notes
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    models: dict[str, Any] = {}
+    record = lambda spec, model: models.__setitem__(spec.label, bench.describe(model))
+    rows = bench.bench_prefill(
+        _specs(args),
+        args.contexts,
+        isolate=not args.no_isolate,
+        progress=_progress,
+        on_model=record,
+    )
+    notes = [
+        f"{r.model} @ {r.context}: past its max_position_embeddings "
+        f"({models[r.model]['max_position_embeddings']}): timed only, the compute is the same"
+        for r in rows
+        if models[r.model]["family"] != "linear"
+        and r.context > models[r.model]["max_position_embeddings"]
+    ]
+    _emit(args, "prefill", [r.to_dict() for r in rows], {"models": models, "notes": notes})
+    return 0
+
+
+def run_speculative(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    try:
+        from linearize.generation.benchmark import run_speculative_benchmark
+    except ImportError:
+        raise RuntimeError(
+            "bench speculative is not available: it needs "
+            "linearize.generation.benchmark.run_speculative_benchmark (the generation issue)"
+        ) from None
+    heads = None
+    if args.heads:
+        from linearize.generation.medusa import load_heads
+
+        heads = load_heads(args.heads)
+        if heads is None:
+            raise ValueError(f"--heads {args.heads}: no Medusa heads there")
+    models = args.model or ["smollm2-135m"]
+    if len(models) > 1:
+        raise ValueError("bench speculative measures one target model: pass --model once")
+    draft = None if args.draft_layers is None else _int_list(args.draft_layers, "--draft-layers")
+    rows = run_speculative_benchmark(
+        models[0],
+        max_new_tokens=args.max_new_tokens,
+        trees=[t for t in args.trees.split(",") if t],
+        draft_layers=draft,
+        lookup=not args.no_lookup,
+        heads=heads,
+        attention=args.attention,
+        chat=args.chat,
+        progress=_progress,
+    )
+    label = models[0] if args.attention is None else f"{models[0]}+{args.attention}"
+    rows = [{"model": label, **row} for row in rows]
+    _emit(args, "speculative", rows, {"models": {}})
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def run_report(args: argparse.Namespace) -> int:
+    page = report.render_page(args.results, args.page)
+    print(f"wrote {page}")
+    return 0

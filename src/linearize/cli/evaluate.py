@@ -1,0 +1,151 @@
+"""``linearize eval ppl`` and ``linearize study``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from linearize.eval import report
+from linearize.eval.perplexity import EVAL_FORMS, PerplexityConfig, data_tokens, perplexity
+from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a model (perplexity)")
+    sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
+    ppl = sub.add_parser("ppl", help="perplexity on a corpus (no BOS, non-overlapping windows)")
+    ppl.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
+    ppl.add_argument(
+        "--data",
+        default="austen:eval",
+        help="austen:eval (first 50,176 tokens of Pride and Prejudice), mobydick, another "
+        "built-in corpus, or a .txt/.md/.jsonl file or folder",
+    )
+    ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    ppl.add_argument("--stride", type=int, help="start a window every STRIDE tokens (overlap)")
+    ppl.add_argument("--tokens", type=int, help="score only the first N tokens of the data")
+    ppl.add_argument("--form", choices=EVAL_FORMS, default="chunk", help="how windows run")
+    ppl.add_argument(
+        "--stream",
+        action="store_true",
+        help="one pass over the whole text, the state carried between windows (long context)",
+    )
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
+    ppl.set_defaults(func=run_ppl)
+
+    study = subparsers.add_parser(
+        "study", help="the paper's study: every causal linear attention, same training budget"
+    )
+    defaults = StudyConfig()
+    study.add_argument("--model", default=defaults.model, help="the base softmax model")
+    study.add_argument("--data", default=defaults.data, help="training corpus (name or path)")
+    study.add_argument("--eval-data", help="held-out text (default: the corpus's eval split)")
+    study.add_argument(
+        "--tokens", type=int, default=defaults.tokens, help="training tokens per variant"
+    )
+    study.add_argument(
+        "--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens scored"
+    )
+    study.add_argument("--window", type=int, default=defaults.window, help="perplexity window")
+    study.add_argument("--block-size", type=int, default=defaults.block_size)
+    study.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    study.add_argument("--lr", type=float, default=defaults.lr, help="fine-tuning learning rate")
+    study.add_argument("--seed", type=int, default=defaults.seed)
+    study.add_argument(
+        "--variants", help=f"comma-separated subset of: {', '.join(study_variants())}"
+    )
+    study.add_argument("--out", default=defaults.out, help="output folder (resumable)")
+    study.add_argument("--json", action="store_true", help="one JSON object per variant")
+    study.set_defaults(func=run_study_command)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from linearize.models import load
+
+    config = PerplexityConfig(
+        window=args.window,
+        stride=args.stride,
+        tokens=args.tokens,
+        form=args.form,
+        stream=args.stream,
+    ).validate()
+    model = load(args.model)
+    tokens = data_tokens(args.data, model.tokenizer)
+    with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = perplexity(model, tokens, config, progress)
+    row = result.to_dict()
+    if args.out:
+        command = _command(args)
+        record = {"model": args.model, "data": args.data, **row}
+        report.save_results(args.out, _stem(args), "ppl", [record], command)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(
+            f"perplexity {result.ppl:.3f} (NLL {result.nll:.4f} nats/token) on {args.data}: "
+            f"{result.tokens:,} tokens scored, window {result.window}, form {result.form}, "
+            f"{result.seconds:.1f} s"
+        )
+    return 0
+
+
+def _stem(args: argparse.Namespace) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{args.model}-{args.data}")
+    return f"ppl-{safe.strip('_')}"
+
+
+def _command(args: argparse.Namespace) -> str:
+    words = [
+        f"linearize eval ppl --model {args.model} --data {args.data} --window {args.window}",
+        f" --stride {args.stride}" if args.stride else "",
+        f" --tokens {args.tokens}" if args.tokens else "",
+        f" --form {args.form}",
+        " --stream" if args.stream else "",
+    ]
+    return "".join(words)
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    config = StudyConfig(
+        model=args.model,
+        data=args.data,
+        eval_data=args.eval_data,
+        tokens=args.tokens,
+        eval_tokens=args.eval_tokens,
+        window=args.window,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        variants=args.variants.split(",") if args.variants else None,
+        out=args.out,
+    ).validate()
+
+    def callback(event: dict) -> None:
+        if event.get("event") == "variant":
+            print(f"… variant {event['variant']}", file=sys.stderr, flush=True)
+
+    rows = run_study(config, callback)
+    command = (
+        f"linearize study --model {config.model} --data {config.data} --tokens {config.tokens} "
+        f"--eval-tokens {config.eval_tokens} --window {config.window}"
+        + (f" --eval-data {config.eval_data}" if config.eval_data else "")
+        + (f" --variants {args.variants}" if args.variants else "")
+    )
+    path = write_outputs(config, rows, command)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(report.markdown_table("study", rows))
+        print(f"saved {path} (+ study.md, study.csv, study.png)")
+    return 0

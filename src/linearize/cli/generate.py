@@ -1,0 +1,257 @@
+"""``linearize generate`` and ``linearize train-medusa``.
+
+Examples::
+
+    linearize generate --model smollm2-135m --prompt "Once upon a time" --max-new-tokens 64
+    linearize generate --model runs/medusa --prompt "Hello" --chat --speculative medusa --json
+    linearize generate --model smollm2-135m --prompt "..." --speculative draft --draft-layers 8
+    linearize train-medusa --model runs/augmented --out runs/medusa --tokens 50000
+
+Text streams to stdout as it is produced (a summary goes to stderr); ``--json`` prints exactly one
+JSON object instead: token_ids, text, tokens_per_s, forward_passes (target passes after the
+prefill), mean_accepted (tokens per such pass), and the speculation plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.generation.acceptance import list_acceptance_rules
+from linearize.generation.config import SPECULATIVE_MODES, GenerationConfig
+from linearize.generation.trees import list_trees
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        help="generate text (plain, Medusa, draft-model or prompt-lookup speculative decoding)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("--model", required=True, help="model name or path")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, help="sampling seed (ignored when greedy)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none")
+    gen.add_argument("--draft", help="draft model name or path (--speculative draft)")
+    gen.add_argument("--draft-layers", type=int, help="draft = the target's first N layers")
+    gen.add_argument("--heads", help="Medusa heads directory (default: the model directory)")
+    gen.add_argument(
+        "--tree", default="auto", help=f"'auto', {', '.join(list_trees())} or JSON paths"
+    )
+    gen.add_argument(
+        "--acceptance",
+        choices=list_acceptance_rules(),
+        help="default: greedy at temperature 0, rejection otherwise",
+    )
+    gen.add_argument("--gamma", type=int, help="draft/lookup chain length (default: auto)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object, no stream")
+    add_attention_arguments(gen, required=False)
+    gen.set_defaults(func=run)
+
+    train = subparsers.add_parser(
+        "train-medusa",
+        help="train Medusa heads on a frozen model and save the model with them",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--model", required=True, help="model name or path")
+    train.add_argument("--out", required=True, help="directory for the model and its heads")
+    train.add_argument("--tokens", type=int, default=50_000, help="training tokens (50000)")
+    train.add_argument("--num-heads", type=int, default=4)
+    train.add_argument(
+        "--data",
+        choices=("corpus", "model_labels", "self_distill"),
+        default="corpus",
+        help="labels: the text, the model's argmax on the text, or the model's own generations",
+    )
+    train.add_argument("--corpus", default="austen", help="corpus name or text path (austen)")
+    train.add_argument("--block-size", type=int, default=256)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (P&P)")
+    train.add_argument(
+        "--shared-proj",
+        action="store_true",
+        help="heads project with the model's frozen LM head instead of their own copies "
+        "(M times less vocabulary work per token: the better choice on a CPU)",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    add_attention_arguments(train, required=False)
+    train.set_defaults(func=run_train)
+
+
+def _load(args: argparse.Namespace):
+    import linearize
+
+    model = linearize.load(args.model)
+    if args.attention is not None:
+        linearize.linearize(model, attention_from_args(args))
+    return model.eval()
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+        speculative=args.speculative,
+        acceptance=args.acceptance,
+        tree=args.tree,
+        gamma=args.gamma,
+        draft_layers=args.draft_layers,
+    ).validate()
+
+
+def _heads(args: argparse.Namespace, model):
+    from linearize.generation.medusa import load_heads
+
+    if args.speculative != "medusa":
+        return None
+    if getattr(model, "medusa", None) is not None and args.heads is None:
+        return model.medusa
+    source = args.heads or args.model
+    heads = load_heads(source) if Path(source).is_dir() else None
+    if heads is None:
+        raise ValueError(
+            f"--speculative medusa: no Medusa heads in {source!r} (medusa.safetensors + "
+            "medusa.json); train them with `linearize train-medusa`"
+        )
+    return heads
+
+
+def run(args: argparse.Namespace) -> int:
+    import linearize
+    from linearize.generation.decode import generate
+
+    config = _config(args)
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give some text with --prompt")
+    if args.draft is not None and args.speculative != "draft":
+        raise ValueError("--draft is only used with --speculative draft")
+    model = _load(args)
+    heads = _heads(args, model)
+    draft = linearize.load(args.draft).eval() if args.draft is not None else None
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = generate(
+        model, args.prompt, config, heads=heads, draft=draft, on_text=None if args.json else show
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print()
+    summary = (
+        f"{len(result.token_ids)} tokens, {result.tokens_per_s:.2f} tokens/s, "
+        f"{result.forward_passes} forward passes, {result.mean_accepted:.2f} tokens/pass "
+        f"({result.finish_reason})"
+    )
+    if result.plan is not None:
+        plan = result.plan
+        summary += f"; {plan['mode']}: {plan['nodes']} nodes/γ={plan['gamma']} ({plan['reason']})"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _save_with_heads(model, heads, out: Path) -> None:
+    """Model and heads into ``out`` together: built in a temp sibling, then renamed into place."""
+    from linearize.generation.medusa import save_heads
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save(tmp / "model")
+        save_heads(heads, tmp / "model")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp / "model", out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokens(model, corpus: str, eval_tokens: int):
+    """Training tokens and held-out tokens: Austen's five novels and the start of Pride and
+    Prejudice, or the given corpus minus its last ``eval_tokens`` tokens."""
+    from linearize.train import data
+
+    if model.tokenizer is None:
+        raise ValueError("train-medusa needs a model with a tokenizer")
+    if corpus == "austen":
+        train = data.train_tokens(model.tokenizer)
+        return train, data.eval_tokens(model.tokenizer, eval_tokens)
+    if corpus in data.CORPORA:
+        tokens = data.TokenCache().tokens(corpus, model.tokenizer)
+    else:
+        tokens = data.tokenize_text(data.load_text(corpus), model.tokenizer)
+    if len(tokens) <= 2 * eval_tokens:
+        raise ValueError(
+            f"corpus {corpus!r} has {len(tokens)} tokens: too few to hold out {eval_tokens}"
+        )
+    return tokens[:-eval_tokens], tokens[-eval_tokens:]
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from linearize.generation.medusa_train import MedusaTrainConfig, train_medusa
+
+    config = MedusaTrainConfig(
+        num_heads=args.num_heads,
+        tokens=args.tokens,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        data=args.data,
+        eval_tokens=args.eval_tokens,
+        shared_proj=args.shared_proj,
+        seed=args.seed,
+    ).validate()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    model = _load(args)
+    train, held_out = _tokens(model, args.corpus, args.eval_tokens)
+    with tqdm(desc="medusa", unit="step", file=sys.stderr) as bar:
+
+        def progress(step: int, total: int, metrics: dict) -> None:
+            bar.total = total
+            bar.set_postfix(loss=" ".join(f"{x:.3g}" for x in metrics["loss"]), refresh=False)
+            bar.update(step - bar.n)
+
+        heads = train_medusa(model, train, config, held_out=held_out, progress=progress)
+    _save_with_heads(model, heads, out)
+    ev = heads.metrics["eval"]
+    print("head  top1(text)  top5(text)  top1(model)  top5(model)")
+    for m in range(len(heads)):
+        print(
+            f"{m:4d}  {ev['top1'][m]:10.3f}  {ev['top5'][m]:10.3f}  "
+            f"{ev['top1_agreement'][m]:11.3f}  {ev['top5_agreement'][m]:11.3f}"
+        )
+    print(f"saved the model and {len(heads)} Medusa heads to {out}")
+    return 0

@@ -1,0 +1,11 @@
+"""Evaluation and benchmarks: perplexity, the paper's study, decode/prefill speed and memory."""
+
+from linearize.eval.perplexity import (
+    PerplexityConfig,
+    PerplexityResult,
+    data_tokens,
+    perplexity,
+    window_spans,
+)
+
+__all__ = ["PerplexityConfig", "PerplexityResult", "data_tokens", "perplexity", "window_spans"]

@@ -1,0 +1,362 @@
+"""Decode and prefill benchmarks as library functions returning rows.
+
+**Decode** at context ``C``: prefill ``C − warmup − steps`` random tokens in one pass (chunk form
+for linear layers, SDPA for softmax ones), then decode ``warmup + steps`` tokens greedily in the
+recurrent form, timing each step (forward + argmax); the row reports the median step, so the
+timed steps end exactly at context ``C``. **Prefill** of ``C`` tokens: one pass (chunk form) plus
+the LM head on the last token, after a short warm-up pass.
+
+Each (model, context) runs in a fresh process by default (``isolate=True``), so
+``peak_rss_bytes`` is that process's own high-water mark (``getrusage``): interpreter, torch,
+the model weights and the run. A context the memory cannot hold is refused before anything is
+allocated, with the estimate. A softmax model's decode stops at its ``max_position_embeddings``:
+past it the row is reported as not supported (``None`` values) rather than measured. The models
+take turns at each context (a shared machine's drifting load then biases none of them), and every
+(model, context) is checked against the memory before the first measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from linearize.eval.memory import (
+    available_memory_bytes,
+    current_rss_bytes,
+    format_bytes,
+    peak_rss_bytes,
+    run_isolated,
+)
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DECODE_CONTEXTS = (1024, 4096, 8192, 16384, 32768)
+DEFAULT_PREFILL_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+# Fraction of the available memory a run may plan to use.
+MEMORY_HEADROOM = 0.85
+
+Progress = Callable[[str], None]
+OnModel = Callable[["ModelSpec", Decoder], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to benchmark: a built-in name or path, optionally linearized (untrained, which is
+    enough for speed) with a registry attention."""
+
+    source: str
+    attention: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source if self.attention is None else f"{self.source}+{self.attention}"
+
+    def load(self) -> Decoder:
+        from linearize.models import linearize, load
+
+        model = load(self.source)
+        if self.attention is not None:
+            linearize(model, self.attention)
+        return model.eval()
+
+
+@dataclass
+class DecodeRow:
+    """One line of ``bench decode --json``; ``None`` values: not supported at this context."""
+
+    model: str
+    context: int
+    tokens_per_s: float | None
+    ms_per_token: float | None
+    state_bytes: int | None
+    peak_rss_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrefillRow:
+    """One line of ``bench prefill --json``: ``seconds`` for ``context`` tokens, the process's
+    peak RSS, and ``activation_bytes``, the RSS the prefill added over the loaded model (sampled
+    every few milliseconds during the pass)."""
+
+    model: str
+    context: int
+    seconds: float | None
+    tokens_per_s: float | None
+    state_bytes: int | None
+    peak_rss_bytes: int | None
+    activation_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- estimates -------------------------------------------------------------------------------
+
+
+def weight_bytes(model: Decoder) -> int:
+    """Bytes of the model's parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def memory_estimate(model: Decoder, context: int) -> dict[str, int]:
+    """What a run at ``context`` tokens will allocate: a second copy of the weights (the fresh
+    process), the state (KV caches twice: they grow by doubling), and the prefill's activations
+    (per token: the residual stream, q/k/v/features and the MLP's three intermediates)."""
+    c, size = model.config, model.dtype.itemsize
+    state = model.state_nbytes(context)
+    grow = state - model.state_nbytes(0)
+    per_token = 8 * c.hidden_size + 4 * c.intermediate_size + 8 * c.num_heads * c.head_dim
+    return {
+        "weights": weight_bytes(model),
+        "state": state + grow,
+        "activations": context * per_token * size,
+    }
+
+
+def check_memory(model: Decoder, label: str, context: int) -> None:
+    """Refuse (``ValueError`` with the estimate) a context the free memory cannot hold."""
+    estimate = memory_estimate(model, context)
+    need, free = sum(estimate.values()), available_memory_bytes()
+    if need > MEMORY_HEADROOM * free:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in estimate.items())
+        raise ValueError(
+            f"{label} at context {context} needs about {format_bytes(need)} ({parts}); only "
+            f"{format_bytes(free)} is available: use smaller --contexts"
+        )
+
+
+def supports_context(model: Decoder, context: int) -> bool:
+    """False when softmax layers would run past the positions the model was trained on."""
+    has_softmax = any(name == "softmax" for name in model.attention_names())
+    return not has_softmax or context <= model.config.max_position_embeddings
+
+
+def describe(model: Decoder) -> dict[str, Any]:
+    """What a benchmark record keeps about a model: its family (softmax / linear / hybrid), its
+    attentions, weight bytes and trained context."""
+    names = model.attention_names()
+    family = (
+        "softmax" if set(names) == {"softmax"} else "hybrid" if "softmax" in names else "linear"
+    )
+    return {
+        "family": family,
+        "attention": ",".join(sorted(set(names))),
+        "weight_bytes": weight_bytes(model),
+        "max_position_embeddings": model.config.max_position_embeddings,
+    }
+
+
+def physical_bound(weights: int, state: int, bandwidth: float) -> float:
+    """Tokens/s if every decode step only streamed the weights and the state from memory once."""
+    return bandwidth / (weights + state)
+
+
+# --- one measurement (runs in the worker process) --------------------------------------------
+
+
+def _random_ids(model: Decoder, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(model.config.vocab_size, (1, n), generator=g)
+
+
+@torch.no_grad()
+def time_decode(model: Decoder, context: int, steps: int = 32, warmup: int = 2) -> dict[str, Any]:
+    """Step times (s) of greedy recurrent decoding ending at ``context``, and the state bytes."""
+    prompt = context - steps - warmup
+    if prompt < 1:
+        raise ValueError(f"context {context} must exceed warmup + steps = {warmup + steps}")
+    hidden, state = model.forward_hidden(_random_ids(model, prompt), form="chunk")
+    token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        logits, state = model(token, state=state, form="recurrent")
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"times": times, "state_bytes": state.nbytes()}
+
+
+class _RssSampler:
+    """The highest RSS seen while the block runs (a thread polls /proc every ``period`` s)."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period, self.peak = period, current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+@torch.no_grad()
+def time_prefill(model: Decoder, context: int) -> dict[str, Any]:
+    """Seconds to prefill ``context`` tokens (chunk form, LM head on the last one), the state
+    bytes after it and the RSS the pass added."""
+    model.forward_hidden(_random_ids(model, min(context, 64), seed=1), form="chunk")
+    ids = _random_ids(model, context)
+    before = current_rss_bytes()
+    with _RssSampler() as sampler:
+        start = time.perf_counter()
+        hidden, state = model.forward_hidden(ids, form="chunk")
+        model.lm_head(hidden[:, -1]).argmax(-1)
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "state_bytes": state.nbytes(),
+        "activation_bytes": max(0, sampler.peak - before),
+    }
+
+
+def _worker(
+    kind: str, spec: ModelSpec, context: int, options: dict[str, Any], threads: int
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = spec.load()
+    measure = time_decode if kind == "decode" else time_prefill
+    return measure(model, context, **options)
+
+
+def _measure(
+    kind: str, spec: ModelSpec, context: int, options: dict[str, Any], model: Decoder | None
+) -> tuple[dict[str, Any], int]:
+    if model is None:
+        # The fresh process uses as many threads as this one.
+        return run_isolated(_worker, kind, spec, context, options, torch.get_num_threads())
+    measure = time_decode if kind == "decode" else time_prefill
+    result = measure(model, context, **options)
+    return result, peak_rss_bytes()
+
+
+# --- the benchmarks --------------------------------------------------------------------------
+
+
+def _grid(
+    kind: str,
+    specs: list[ModelSpec],
+    contexts: tuple[int, ...],
+    progress: Progress | None,
+    on_model: OnModel | None,
+) -> Iterator[tuple[int, ModelSpec, Decoder, int]]:
+    """``(model index, spec, model, context)`` with the models taking turns at each context, so
+    a machine whose load drifts biases no model in particular. Every model is loaded and every
+    memory estimate checked before the first measurement."""
+    models = [spec.load() for spec in specs]
+    for spec, model in zip(specs, models, strict=True):
+        if on_model is not None:
+            on_model(spec, model)
+        for context in contexts:
+            if kind == "prefill" or supports_context(model, context):
+                check_memory(model, spec.label, context)
+    for context in contexts:
+        for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
+            if progress is not None:
+                progress(f"{kind} {spec.label} @ {context}")
+            yield i, spec, model, context
+
+
+def bench_decode(
+    specs: list[ModelSpec],
+    contexts: tuple[int, ...] = DEFAULT_DECODE_CONTEXTS,
+    *,
+    steps: int = 32,
+    warmup: int = 2,
+    isolate: bool = True,
+    progress: Progress | None = None,
+    on_model: OnModel | None = None,
+) -> list[DecodeRow]:
+    """One :class:`DecodeRow` per (model, context), ordered by model then context; see the
+    module doc for the protocol. ``on_model(spec, model)`` is called once per model after
+    loading (to describe it)."""
+    _check_contexts(contexts, minimum=steps + warmup + 1)
+    rows = []
+    for i, spec, model, context in _grid("decode", specs, contexts, progress, on_model):
+        if not supports_context(model, context):
+            logger.info(
+                "%s: context %d not supported (past its trained positions)", spec.label, context
+            )
+            rows.append((i, DecodeRow(spec.label, context, None, None, None, None)))
+            continue
+        options = {"steps": steps, "warmup": warmup}
+        result, peak = _measure("decode", spec, context, options, None if isolate else model)
+        ms = 1000 * statistics.median(result["times"])
+        row = DecodeRow(spec.label, context, 1000 / ms, ms, result["state_bytes"], peak)
+        rows.append((i, row))
+    return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
+
+
+def bench_prefill(
+    specs: list[ModelSpec],
+    contexts: tuple[int, ...] = DEFAULT_PREFILL_CONTEXTS,
+    *,
+    isolate: bool = True,
+    progress: Progress | None = None,
+    on_model: OnModel | None = None,
+) -> list[PrefillRow]:
+    """One :class:`PrefillRow` per (model, context), ordered by model then context. Softmax
+    models are timed past their trained positions too: the compute does not depend on what the
+    positions mean."""
+    _check_contexts(contexts, minimum=1)
+    rows = []
+    for i, spec, model, context in _grid("prefill", specs, contexts, progress, on_model):
+        result, peak = _measure("prefill", spec, context, {}, None if isolate else model)
+        seconds = result["seconds"]
+        row = PrefillRow(
+            spec.label,
+            context,
+            seconds,
+            context / seconds,
+            result["state_bytes"],
+            peak,
+            result["activation_bytes"],
+        )
+        rows.append((i, row))
+    return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
+
+
+def _check_contexts(contexts: tuple[int, ...], minimum: int) -> None:
+    if not contexts:
+        raise ValueError("no contexts given")
+    for c in contexts:
+        if not isinstance(c, int) or c < minimum:
+            raise ValueError(f"context {c!r} must be an integer >= {minimum}")
+
+
+def parse_contexts(text: str) -> tuple[int, ...]:
+    """``"1024,8k,32k"`` → ``(1024, 8192, 32768)``."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            values.append(int(part.removesuffix("k")) * scale)
+        except ValueError:
+            raise ValueError(f"bad context {part!r} in {text!r}: use e.g. 1024,8k,32768") from None
+    return tuple(values)

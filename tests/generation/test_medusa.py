@@ -1,0 +1,159 @@
+"""Medusa heads (distinct modules, LM-head initialisation, save/load), their training and
+evaluation, and the hardware-aware planner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.generation import (
+    Calibration,
+    MedusaHeads,
+    MedusaTrainConfig,
+    evaluate_heads,
+    load_heads,
+    save_heads,
+    self_distill_tokens,
+    train_medusa,
+)
+from linearize.generation.planner import Planner, chain_tokens, plan_chain, plan_medusa
+from linearize.generation.trees import TYPICAL_RANK_ACCURACY
+from tests.generation.conftest import tiny_model
+
+
+def test_heads_are_distinct_and_start_as_the_lm_head():
+    model = tiny_model("augmented")
+    heads = MedusaHeads.from_model(model, num_heads=3)
+    assert len({id(h) for h in heads.heads}) == 3
+    assert len({h.proj.weight.data_ptr() for h in heads.heads}) == 3
+    h = torch.randn(2, 5, 64, dtype=torch.float64)
+    logits = heads(h)
+    assert logits.shape == (3, 2, 5, 128)
+    for m in range(3):
+        torch.testing.assert_close(logits[m], model.lm_head(h))
+    heads.heads[0].proj.weight.data.add_(1)
+    assert not torch.equal(heads.heads[1].proj.weight, heads.heads[0].proj.weight)
+    assert not torch.equal(model.lm_head.weight, heads.heads[0].proj.weight)
+
+
+def test_save_and_load(tmp_path):
+    model = tiny_model("softmax")
+    assert load_heads(tmp_path) is None
+    heads = MedusaHeads.from_model(model)
+    with torch.no_grad():
+        heads.heads[2].blocks[0].linear.weight.normal_()
+    heads.rank_accuracy = [[0.5, 0.1]] * 4
+    save_heads(heads, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medusa.json", "medusa.safetensors"]
+    loaded = load_heads(tmp_path).double()
+    h = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(loaded(h), heads(h))
+    assert loaded.rank_accuracy == heads.rank_accuracy
+    (tmp_path / "medusa.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_heads(tmp_path)
+
+
+def test_heads_for_another_model_are_refused():
+    heads = MedusaHeads.from_model(tiny_model("softmax"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        heads.check_model(tiny_model("softmax", vocab_size=64))
+
+
+def test_training_learns_and_reports_accuracies():
+    """On a corpus where token t + 2 is a function of token t, trained heads beat fresh ones."""
+    model = tiny_model("augmented").float()
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.randint(0, 128, (6000,), generator=g)
+    for t in range(2, 6000):
+        if t % 32 >= 2:
+            corpus[t] = (corpus[t - 2] * 5 + 3) % 128
+    held_out = corpus[:512]
+    fresh = evaluate_heads(model, MedusaHeads.from_model(model, 2), held_out, block_size=64)
+    config = MedusaTrainConfig(num_heads=2, tokens=6000, block_size=64, batch_size=8, lr=3e-2)
+    steps = []
+    heads = train_medusa(
+        model, corpus, config, held_out=held_out, progress=lambda s, n, m: steps.append(m)
+    )
+    trained = heads.metrics["eval"]
+    assert len(steps) == 12
+    assert steps[-1]["loss"][0] < steps[0]["loss"][0]
+    assert trained["top1"][0] > fresh["top1"][0] + 0.2
+    assert len(trained["top1"]) == len(trained["top5"]) == 2
+    assert all(t5 >= t1 for t1, t5 in zip(trained["top1"], trained["top5"], strict=True))
+    assert heads.rank_accuracy == trained["rank_agreement"]
+    assert len(heads.rank_accuracy[0]) == config.top_k
+
+
+def test_model_labels_with_shared_projection(tmp_path):
+    model = tiny_model("hybrid").float()
+    lm_head = model.lm_head.weight.clone()
+    corpus = torch.randint(0, 128, (1024,), generator=torch.Generator().manual_seed(1))
+    config = MedusaTrainConfig(
+        num_heads=2, tokens=512, block_size=64, batch_size=4, data="model_labels", shared_proj=True
+    )
+    heads = train_medusa(model, corpus, config, held_out=corpus[:128])
+    assert model.lm_head.weight.grad is None and torch.equal(model.lm_head.weight, lm_head)
+    for head in heads.heads:
+        assert head.proj is None and head.blocks[0].linear.weight.abs().sum() > 0
+    assert len(heads.rank_accuracy) == 2
+    h = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="pass lm_head"):
+        heads(h)
+    expected = torch.stack([model.lm_head(head.blocks(h)) for head in heads.heads])
+    torch.testing.assert_close(heads(h, model.lm_head), expected)
+    save_heads(heads, tmp_path)
+    assert (tmp_path / "medusa.safetensors").stat().st_size < 2 * 4 * 64 * 64 * 4
+    torch.testing.assert_close(load_heads(tmp_path)(h, model.lm_head), expected)
+
+
+def test_self_distillation_data():
+    model = tiny_model("hybrid")
+    corpus = torch.arange(200) % 128
+    blocks = self_distill_tokens(model, corpus, num_blocks=3, block_size=24, prompt_tokens=8)
+    assert blocks.shape == (3, 24)
+    assert blocks[0, :8].tolist() in [corpus[i : i + 8].tolist() for i in range(0, 200, 8)]
+
+
+def test_bad_training_config():
+    with pytest.raises(ValueError, match="data='web'"):
+        MedusaTrainConfig(data="web").validate()
+    with pytest.raises(ValueError, match="block_size"):
+        MedusaTrainConfig(block_size=4).validate()
+
+
+# --- the planner --------------------------------------------------------------------------------
+
+
+ACC = [[0.8, 0.1], [0.7, 0.1], [0.6, 0.1], [0.5, 0.1]]
+
+
+def test_planner_turns_speculation_off_when_verification_is_expensive():
+    cpu_like = Calibration(step=1.0, verify={1: 1.0, 2: 3.0, 64: 40.0})
+    assert not plan_medusa(cpu_like, ACC).speculating
+    assert not plan_chain(cpu_like, 0.6, "draft", [1, 2, 4]).speculating
+
+
+def test_planner_picks_big_trees_when_verification_is_free():
+    gpu_like = Calibration(step=1.0, verify={1: 1.0, 64: 1.0})
+    plan = plan_medusa(gpu_like, TYPICAL_RANK_ACCURACY)
+    assert plan.nodes == 64 and plan.expected_speedup > 2
+    cheap = Calibration(step=1.0, verify={1: 1.0, 2: 1.2, 4: 1.6, 8: 3.0}, overhead=0.02)
+    chain = plan_chain(cheap, 0.8, "draft", range(1, 8))
+    assert 1 <= chain.gamma <= 4
+    assert chain.expected_tokens_per_step == pytest.approx(chain_tokens(0.8, chain.gamma))
+
+
+def test_planner_replans_from_observed_acceptance():
+    calibration = Calibration(step=1.0, verify={1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7, 16: 2.5})
+    planner = Planner("medusa", calibration, [list(r) for r in ACC], sizes=(2, 4, 8, 16))
+    first = planner.choose()
+    assert first.speculating
+    for _ in range(planner.replan_every):
+        replanned = planner.observe(0, 4)
+    assert replanned is not None and not replanned.speculating
+    chain = Planner("lookup", calibration, acceptance=0.9, gammas=(1, 3, 7))
+    assert chain.choose().gamma > 1
+    for _ in range(chain.replan_every * 3):
+        chain.observe(0, chain.plan.gamma or 1)
+    assert chain.acceptance < 0.3
