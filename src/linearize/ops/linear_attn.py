@@ -254,13 +254,37 @@ def parallel(
     alpha: Tensor | float = 1.0,
 ) -> tuple[Tensor, LinearAttnState]:
     """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``."""
-    B, T, H, _ = q.shape
+    t_q = torch.arange(state.pos, state.pos + q.shape[1], device=q.device)
+    o, keys = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, causal=True)
+    return o, _fold(spec, state, *keys)
+
+
+def _attend_on_state(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float,
+    t_q: Tensor,
+    causal: bool = False,
+    ancestors: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """New tokens at times ``t_q`` attend to the state's kept tokens and to each other (each sees
+    the earlier ones when ``causal``, else its ``ancestors``). Returns ``o: [B, N, H, V]`` and
+    the concatenated (kept + new) keys, features, values and kept times."""
+    B, N, H, _ = q.shape
     Hkv = k.shape[2]
-    kh, fkh, vh = _heads_first(k), _heads_first(fk), _heads_first(v)
-    keys, feats, vals, t_kept = _with_state_keys(state, kh, fkh, vh)
-    t_q = torch.arange(state.pos, state.pos + T, device=q.device)
-    t_k = torch.cat([t_kept, t_q])
-    visible = t_k[None, :] <= t_q[:, None]
+    keys, feats, vals, t_kept = _with_state_keys(
+        state, _heads_first(k), _heads_first(fk), _heads_first(v)
+    )
+    if causal:
+        visible = torch.cat([t_kept, t_q])[None, :] <= t_q[:, None]
+    else:
+        committed = torch.ones(N, state.n, dtype=torch.bool, device=q.device)
+        visible = torch.cat([committed, ancestors.to(q.device)], 1)
     o = attend(
         spec,
         _group_queries(q, Hkv),
@@ -269,14 +293,13 @@ def parallel(
         _group_queries(fq, Hkv),
         feats,
         t_q,
-        t_k,
+        torch.cat([t_kept, t_q]),
         visible,
         state.S,
         state.z,
         alpha,
     )
-    o = o.reshape(B, H, T, v.shape[-1]).transpose(1, 2)
-    return o, _fold(spec, state, keys, feats, vals, t_kept)
+    return o.reshape(B, H, N, v.shape[-1]).transpose(1, 2), (keys, feats, vals, t_kept)
 
 
 def chunk(
@@ -417,35 +440,14 @@ def tree(
 ) -> tuple[Tensor, LinearAttnState]:
     """Candidate tokens arranged as a tree on top of the committed state.
 
-    Node ``i`` sits at time ``state.pos + depths[i]``; its past is the committed sequence followed
-    by its ancestors (``ancestors: [N, N]`` bool, ``ancestors[i, j]`` = j is i or an ancestor of
-    i). Groups are counted in time, so trees crossing group boundaries are exact. The state is
-    returned unchanged: commit an accepted path with :func:`advance`.
+    Node ``i`` sits at time ``state.pos + depth_i``; its past is the committed sequence followed
+    by its ancestors (``tree.ancestors``). Groups are counted in time, so trees crossing group
+    boundaries are exact. The state is returned unchanged: commit an accepted path with
+    :func:`advance`.
     """
-    B, N, H, _ = q.shape
-    Hkv = k.shape[2]
-    keys, feats, vals, t_kept = _with_state_keys(
-        state, _heads_first(k), _heads_first(fk), _heads_first(v)
-    )
-    t_q = state.pos + tree.depths.to(t_kept.device)
-    t_k = torch.cat([t_kept, t_q])
-    committed = torch.ones(N, state.n, dtype=torch.bool, device=q.device)
-    visible = torch.cat([committed, tree.ancestors.to(q.device)], 1)
-    o = attend(
-        spec,
-        _group_queries(q, Hkv),
-        keys,
-        vals,
-        _group_queries(fq, Hkv),
-        feats,
-        t_q,
-        t_k,
-        visible,
-        state.S,
-        state.z,
-        alpha,
-    )
-    return o.reshape(B, H, N, -1).transpose(1, 2), state
+    t_q = state.pos + tree.depths.to(q.device)
+    o, _ = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, ancestors=tree.ancestors)
+    return o, state
 
 
 def naive(
