@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--gamma", type=int, help="draft/lookup chain length (default: auto)")
     gen.add_argument("--json", action="store_true", help="print one JSON object, no stream")
+    gen.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's; 1 on a busy CPU)"
+    )
     add_attention_arguments(gen, required=False)
     gen.set_defaults(func=run)
 
@@ -139,6 +142,8 @@ def _heads(args: argparse.Namespace, model):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import linearize
     from linearize.generation.decode import generate
 
@@ -147,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: give some text with --prompt")
     if args.draft is not None and args.speculative != "draft":
         raise ValueError("--draft is only used with --speculative draft")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model = _load(args)
     heads = _heads(args, model)
     draft = linearize.load(args.draft).eval() if args.draft is not None else None
@@ -161,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
-    print()
+    print(flush=True)
     summary = (
         f"{len(result.token_ids)} tokens, {result.tokens_per_s:.2f} tokens/s, "
         f"{result.forward_passes} forward passes, {result.mean_accepted:.2f} tokens/pass "

@@ -139,14 +139,15 @@ def run_speculative_benchmark(
     lookup: bool = True,
     heads: MedusaHeads | None = None,
     attention: str | dict | None = None,
-    chat: bool = False,
+    chat: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per method: tokens/s (prefill included, calibration excluded), decode tokens/s,
     mean accepted tokens per target pass, speedup over plain, and whether the output equals
     plain decoding. ``model`` may be a name or path (loaded, then linearized with ``attention``
     if given); Medusa rows need ``heads`` (else ``model.medusa`` or heads saved in the path).
-    ``draft_layers``: truncated drafts to try (default: a quarter of the layers)."""
+    ``draft_layers``: truncated drafts to try (default: a quarter of the layers); ``chat``:
+    format prompts with the chat template (default: when the tokenizer has one)."""
     source = model
     model = _resolve_model(model, attention)
     if heads is None:
@@ -157,6 +158,8 @@ def run_speculative_benchmark(
         total = model.config.num_layers
         draft_layers = (max(1, total // 4),) if total >= 4 else ()
     prompts = list(prompts or DEFAULT_PROMPTS)
+    if chat is None:
+        chat = getattr(model.tokenizer, "chat_template", None) is not None
     base = GenerationConfig(max_new_tokens=max_new_tokens, chat=chat)
     methods = _methods(model, heads, trees, draft_layers, lookup)
     prepared = [_prepare(model, m, prompts[0], base) for m in methods]

@@ -245,7 +245,7 @@ class Decoding:
 
     def _use(self, plan) -> None:
         self.setting = plan.setting() if plan.speculating else None
-        logger.info("speculation %s: %s (%s)", plan.mode, plan.nodes, plan.reason)
+        logger.debug("speculation %s: %s nodes (%s)", plan.mode, plan.nodes, plan.reason)
 
     @torch.no_grad()
     def step(self) -> list[int]:

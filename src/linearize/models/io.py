@@ -105,7 +105,10 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
     model.tokenizer = _maybe_tokenizer(directory)
     from linearize.generation.medusa import load_heads
 
-    model.medusa = load_heads(directory)
+    heads = load_heads(directory)
+    if heads is not None:
+        heads.check_model(model)
+    model.medusa = heads
     return model
 
 
