@@ -154,6 +154,8 @@ def _train(config: DemoConfig, out: Path, attention: str, progress: Callable | N
         lora=True,
         eval_tokens=2 * config.block_size,
         device=config.device,
+        # Few, slow steps on a CPU: checkpoint often so an interrupted demo loses little.
+        checkpoint_every=2,
     )
     resume = (out / "config.json").exists()
     result = run(train_config, out, resume=resume, callback=progress)
