@@ -61,8 +61,31 @@ def test_eval_ppl_forms_agree_and_save_a_record(tiny_dirs, capsys, tmp_path):
         )
         values.append(_json_lines(capsys.readouterr().out)[0]["nll"])
     assert math.isclose(values[0], values[1], rel_tol=1e-4)
-    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("ppl-*.json")]
-    assert record["kind"] == "ppl" and record["rows"][0]["data"] == tiny_dirs["text"]
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("ppl-*.json"))]
+    assert [r["rows"][0]["form"] for r in records] == ["parallel", "recurrent"]
+    assert all(r["kind"] == "ppl" and r["rows"][0]["data"] == tiny_dirs["text"] for r in records)
+
+
+def test_eval_ppl_of_a_model_linearized_on_the_fly(tiny_dirs, capsys, tmp_path):
+    base = [
+        "eval",
+        "ppl",
+        "--model",
+        tiny_dirs["softmax"],
+        "--data",
+        tiny_dirs["text"],
+        "--window",
+        "32",
+        "--json",
+        "--out",
+        str(tmp_path),
+    ]
+    main(base)
+    main([*base, "--attention", "elu"])
+    original, linear = (_json_lines(line)[0] for line in capsys.readouterr().out.splitlines())
+    assert original["ppl"] != linear["ppl"]
+    models = sorted(json.loads(p.read_text())["rows"][0]["model"] for p in tmp_path.glob("*.json"))
+    assert models == [tiny_dirs["softmax"], tiny_dirs["softmax"] + "+elu"]
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl = sub.add_parser("ppl", help="perplexity on a corpus (no BOS, non-overlapping windows)")
     ppl.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
     ppl.add_argument(
+        "--attention", help="linearize the model (untrained) with this registry attention first"
+    )
+    ppl.add_argument(
         "--data",
         default="austen:eval",
         help="austen:eval (first 50,176 tokens of Pride and Prejudice), mobydick, another "
@@ -74,6 +77,10 @@ def run_ppl(args: argparse.Namespace) -> int:
         stream=args.stream,
     ).validate()
     model = load(args.model)
+    if args.attention:
+        from linearize.models import linearize
+
+        linearize(model, args.attention)
     tokens = data_tokens(args.data, model.tokenizer)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
@@ -85,7 +92,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     row = result.to_dict()
     if args.out:
         command = _command(args)
-        record = {"model": args.model, "data": args.data, **row}
+        label = f"{args.model}+{args.attention}" if args.attention else args.model
+        record = {"model": label, "data": args.data, **row}
         report.save_results(args.out, _stem(args), "ppl", [record], command)
     if args.json:
         print(json.dumps(row))
@@ -99,13 +107,20 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def _stem(args: argparse.Namespace) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{args.model}-{args.data}")
+    name = f"{args.model}+{args.attention}" if args.attention else args.model
+    parts = [name, args.data, f"w{args.window}", args.form]
+    parts += [f"t{args.tokens}"] if args.tokens else []
+    parts += [f"s{args.stride}"] if args.stride else []
+    parts += ["stream"] if args.stream else []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(parts))
     return f"ppl-{safe.strip('_')}"
 
 
 def _command(args: argparse.Namespace) -> str:
     words = [
-        f"linearize eval ppl --model {args.model} --data {args.data} --window {args.window}",
+        f"linearize eval ppl --model {args.model}",
+        f" --attention {args.attention}" if args.attention else "",
+        f" --data {args.data} --window {args.window}",
         f" --stride {args.stride}" if args.stride else "",
         f" --tokens {args.tokens}" if args.tokens else "",
         f" --form {args.form}",

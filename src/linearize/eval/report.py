@@ -363,7 +363,11 @@ def render_page(results: str | Path, page: str | Path) -> Path:
     text += "".join("| " + " | ".join(row) + " |\n" for row in goals(records))
     for kind in KINDS:
         section = [(p, r) for p, r in found if r["kind"] == kind]
-        if section:
+        if section and kind == "ppl":
+            # Single-number records: one table of all of them.
+            rows = [row for _, r in section for row in r["rows"]]
+            text += f"\n## {TITLES[kind]}\n\n" + markdown_table(kind, rows) + "\n"
+        elif section:
             text += f"\n## {TITLES[kind]}\n\n"
             text += "".join(_record_section(p, r, plots, page) for p, r in section)
     text += "## Commands\n\n```\n" + "".join(f"{r['command']}\n" for r in records) + "```\n"
