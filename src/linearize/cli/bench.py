@@ -17,6 +17,7 @@ import torch
 
 from linearize.eval import bench, llama_cpp, report
 from linearize.eval.memory import format_bytes, measure_bandwidth
+from linearize.generation.benchmark import run_speculative_benchmark
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -265,13 +266,6 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 def run_speculative(args: argparse.Namespace) -> int:
     _set_threads(args)
-    try:
-        from linearize.generation.benchmark import run_speculative_benchmark
-    except ImportError:
-        raise RuntimeError(
-            "bench speculative is not available: it needs "
-            "linearize.generation.benchmark.run_speculative_benchmark (the generation issue)"
-        ) from None
     heads = None
     if args.heads:
         from linearize.generation.medusa import load_heads

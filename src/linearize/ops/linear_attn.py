@@ -348,7 +348,40 @@ def recurrent(
 
 def _has_fast_step(spec: LinearAttnSpec) -> bool:
     pure = spec.capacity == 0 and spec.local == "none"
-    return spec.sinks == 0 and (pure or spec.window == "group")
+    if spec.window == "sliding":
+        return pure or spec.size >= 1
+    return spec.sinks == 0
+
+
+def _slide(
+    spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, values: Tensor, keys
+) -> LinearAttnState:
+    """The sliding-window state after the token at ``pos``: it joins the buffer, and the token
+    at ``pos + 1 - W`` (unless a sink) leaves it for ``S, z``. The buffer stays in time order:
+    kept sinks first, then the window, so the leaving token sits right after the sinks."""
+    n, pos = state.n, state.pos
+    feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
+    times = torch.cat([state.times[:n], state.times.new_tensor([pos])])
+    leaving = pos + 1 - spec.size
+    S, z = state.S, state.z
+    if leaving >= spec.sinks:
+        i = min(spec.sinks, pos)
+        if spec.use_global:
+            S = S + _outer(feats[:, :, i], values[:, :, i])
+            z = z + feats[:, :, i]
+        keys, feats, values = (
+            torch.cat([x[:, :, :i], x[:, :, i + 1 :]], 2) for x in (keys, feats, values)
+        )
+        times = torch.cat([times[:i], times[i + 1 :]])
+    m = keys.shape[2]
+    pad = spec.capacity - m
+    kept = [F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values)]
+    return LinearAttnState(S, z, *kept, F.pad(times, (0, pad), value=-1), m, pos + 1)
+
+
+def _outer(fk: Tensor, v: Tensor) -> Tensor:
+    """``fk: [B, Hkv, F]``, ``v: [B, Hkv, V]`` → ``[B, Hkv, F, V]``."""
+    return fk[..., :, None] * v[..., None, :]
 
 
 def step(
@@ -365,8 +398,9 @@ def step(
 
     The hot path of decoding. At time ``τ = pos`` every kept token and the new one are local
     (that is what "kept" means), so no masks are built: local attention over the buffer plus
-    the token, global attention through ``S, z`` alone. Only for pure linear attention and
-    group windows without sinks (``recurrent`` falls back to the general form otherwise).
+    the token, global attention through ``S, z`` alone. For pure linear attention, group
+    windows without sinks and sliding windows with or without sinks (``recurrent`` falls back
+    to the general form otherwise).
     """
     B, H, K = q.shape
     Hkv = k.shape[1]
@@ -384,6 +418,8 @@ def step(
     o = _local_readout(spec, q, keys, values)
     if spec.use_global:
         o = o + alpha * _global_readout(spec, fq, S, z)
+    if spec.window == "sliding":
+        return o.reshape(B, H, -1), _slide(spec, state, k, fk, values, keys)
     if (pos + 1) % spec.size == 0:
         # The group is complete: fold it into S and empty the buffer.
         if spec.use_global:
