@@ -5,7 +5,7 @@ trainer, beside a full fine-tuning step of the same model in transformers (the r
 on this 2-core CPU is ~90 tokens/s), all measured in this process on the same batches.
 
 Quality: perplexity on the Austen evaluation slice (the first tokens of *Pride and Prejudice*;
-non-overlapping windows of ``--block-size`` tokens, each scoring all but its first token,
+non-overlapping windows of ``--eval-window`` tokens, each scoring all but its first token,
 PPL = exp(mean NLL)) of (a) the softmax original, (b) the augmented linearized model after
 stage 1 + stage 2 and (c) a plain linear attention (elu) after the same stage 2 (it has no new
 parameters, so no stage 1), with the token budget and the time used.
@@ -40,9 +40,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=512, help="training and evaluation window")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--eval-windows", type=int, default=4, help="evaluation windows scored")
-    p.add_argument("--transfer-lr", type=float, default=2e-2)
-    p.add_argument("--lr", type=float, default=5e-4, help="stage 2 learning rate")
-    p.add_argument("--new-lr", type=float, default=5e-3, help="stage 2 lr of alpha/conv taps")
+    p.add_argument("--eval-window", type=int, default=1024, help="evaluation window (tokens)")
+    recipe = TrainConfig()  # the default recipe's learning rates
+    p.add_argument("--transfer-lr", type=float, default=recipe.transfer_lr)
+    p.add_argument("--lr", type=float, default=recipe.lr, help="stage 2 learning rate")
+    p.add_argument("--new-lr", type=float, help="stage 2 lr of alpha/conv taps (default: --lr)")
     p.add_argument("--form", default="parallel", help="attention form while training")
     p.add_argument("--hf-steps", type=int, default=2, help="transformers steps (first: warm-up)")
     p.add_argument(
@@ -109,8 +111,10 @@ def steady_speed(metrics: Path, tokens_per_step: int) -> dict[str, float]:
     return speeds
 
 
-def train_and_evaluate(name: str, config: TrainConfig, out: Path, held_out: torch.Tensor) -> dict:
-    untrained = evaluate(pipeline.build_model(config), held_out, config.block_size)
+def train_and_evaluate(
+    name: str, config: TrainConfig, out: Path, held_out: torch.Tensor, window: int
+) -> dict:
+    untrained = evaluate(pipeline.build_model(config), held_out, window)
     print(f"{name} before training: {untrained}", flush=True)
     started = time.perf_counter()
     result = pipeline.run(config, out / name, callback=ProgressBars())
@@ -122,7 +126,7 @@ def train_and_evaluate(name: str, config: TrainConfig, out: Path, held_out: torc
         "tokens_per_s": steady_speed(result.metrics, config.tokens_per_step),
         "stage_tokens": config.stage_tokens(),
         "untrained_eval": untrained,
-        "eval": evaluate(model, held_out, config.block_size),
+        "eval": evaluate(model, held_out, window),
     }
 
 
@@ -136,7 +140,7 @@ def main() -> None:
         options[key] = json.loads(value)
     results: dict = {"args": vars(args), "threads": torch.get_num_threads()}
     base = linearize.load("smollm2-135m")
-    held_out = eval_tokens(base.tokenizer, args.eval_windows * args.block_size)
+    held_out = eval_tokens(base.tokenizer, args.eval_windows * args.eval_window)
     common = dict(
         block_size=args.block_size,
         batch_size=args.batch_size,
@@ -150,7 +154,7 @@ def main() -> None:
         device="cpu",
     )
     if "softmax" not in args.skip:
-        results["softmax"] = {"eval": evaluate(base, held_out, args.block_size)}
+        results["softmax"] = {"eval": evaluate(base, held_out, args.eval_window)}
         print(f"softmax original: {results['softmax']['eval']}", flush=True)
     del base
     if "hf" not in args.skip:
@@ -177,13 +181,15 @@ def main() -> None:
             transfer_tokens=args.transfer_tokens,
             **common,
         )
-        results["augmented"] = train_and_evaluate("augmented", config, out, held_out)
+        results["augmented"] = train_and_evaluate(
+            "augmented", config, out, held_out, args.eval_window
+        )
         print(f"augmented: {results['augmented']['eval']}", flush=True)
     if "elu" not in args.skip:
         config = TrainConfig(
             attention="elu", stage="finetune", tokens=args.finetune_tokens, **common
         )
-        results["elu"] = train_and_evaluate("elu", config, out, held_out)
+        results["elu"] = train_and_evaluate("elu", config, out, held_out, args.eval_window)
         print(f"elu: {results['elu']['eval']}", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results, out)

@@ -137,7 +137,10 @@ def test_two_processes_match_one(tmp_path, two_processes, name):
     two = results[name]
     assert two["weights"].keys() == reference["weights"].keys()
     for key, value in reference["weights"].items():
-        torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        # Reductions in another order move a gradient by ~1e-7, and Adam can turn a near-zero
+        # one into a visible step: atol 1e-4 is far below one step (lr 3e-3), which a real
+        # mismatch would show.
+        torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-4, msg=key)
     for stage, ppl in reference["evals"].items():
         assert math.isclose(two["evals"][stage], ppl, rel_tol=1e-4), stage
     # The main process alone wrote the metrics, one record per step.

@@ -58,7 +58,7 @@ class TrainConfig:
     new_lr: float | None = _help(
         "finetune learning rate of the linearization's new parameters (default: --lr)", None
     )
-    transfer_lr: float = _help("peak learning rate of the transfer stage", 1e-2)
+    transfer_lr: float = _help("peak learning rate of the transfer stage", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     warmup: float = _help("warm-up, as a fraction of each stage's steps", 0.1)
     min_lr_ratio: float = _help("the cosine schedule ends at this fraction of the peak", 0.1)
