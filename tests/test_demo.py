@@ -21,13 +21,18 @@ def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     assert all(row["ppl"] > 1 for row in report["ppl"].values())
     assert report["speculative"]["medusa"]["identical"]
     assert report["speculative"]["medusa_tree8"]["identical"]
-    assert (out / "report.md").read_text().startswith("# linearize demo report")
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# linearize demo report")
+    assert "| 0 (+2) |" in markdown  # the Medusa heads' accuracy table
+    assert report["seconds"] > 0
     assert (out / "perplexity.png").stat().st_size > 0
     assert (out / "augmented" / "model" / "medusa.safetensors").exists()
     # a rerun reuses every finished step
     steps = sorted(p.name for p in (out / "steps").iterdir())
     assert main(["demo", "--smoke", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "steps").iterdir()) == steps
+    # the time of the steps is kept over reruns, not the few seconds of the rerun
+    assert json.loads((out / "report.json").read_text())["seconds"] == report["seconds"]
     assert "done earlier" not in capsys.readouterr().out  # library logs, it does not print
 
 

@@ -97,8 +97,15 @@ class Steps:
             return done
         start = time.perf_counter()
         value = fn()
-        logger.info("step %s: %.1f s", name, time.perf_counter() - start)
-        return self.put(name, value)
+        seconds = time.perf_counter() - start
+        logger.info("step %s: %.1f s", name, seconds)
+        self.put(name, value)
+        self.put("seconds", {**(self.get("seconds") or {}), name: seconds})
+        return value
+
+    def seconds(self) -> float:
+        """Time spent in the finished steps, over every invocation of the run."""
+        return sum((self.get("seconds") or {}).values())
 
 
 def check_config(out: Path, config: DemoConfig) -> None:
@@ -289,7 +296,6 @@ def run_demo(
     out = Path(out)
     check_config(out, config)
     steps = Steps(out)
-    start = time.perf_counter()
     # 1. the original: load it, score it, time it
     announce(f"1/6 loading {config.model} and scoring the original")
     original = linearize.load(config.model).eval()
@@ -339,7 +345,7 @@ def run_demo(
         speculative=speculative,
         samples=samples,
         model_dir=models["augmented"],
-        seconds=time.perf_counter() - start,
+        seconds=steps.seconds(),
     )
     from linearize.demo.report import write_report
 

@@ -23,7 +23,9 @@ def summary_rows(report) -> list[tuple[str, str]]:
         name = {
             "original": "original (softmax)",
             "plain": f"plain ({report.config['plain']})",
-            "augmented": f"augmented ({report.config['attention']})",
+            "augmented": "augmented"
+            if report.config["attention"] == "augmented"
+            else f"augmented ({report.config['attention']})",
         }[label]
         trained = "" if label == "original" else f", after {budget:,} training tokens"
         rows.append((f"perplexity: {name}{trained}", f"{p['ppl']:.2f}"))
@@ -57,7 +59,7 @@ def summary_rows(report) -> list[tuple[str, str]]:
                     + (f"; {chosen}" if chosen else ""),
                 )
             )
-    rows.append(("wall time of this run", f"{report.seconds / 60:.1f} min"))
+    rows.append(("time of all steps (over resumed runs too)", f"{report.seconds / 60:.1f} min"))
     return rows
 
 
@@ -118,9 +120,7 @@ def render_markdown(report, plots: list[str]) -> str:
     lines += [
         "## Medusa heads",
         "",
-        "```json",
-        json.dumps(report.medusa, indent=1)[:2000],
-        "```",
+        *medusa_table(report.medusa),
         "",
         "## Machine",
         "",
@@ -129,6 +129,29 @@ def render_markdown(report, plots: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def medusa_table(metrics: dict) -> list[str]:
+    """Held-out accuracy of each Medusa head (head k predicts the token k + 2 ahead): against
+    the text, and agreement with the model's own greedy choice (what acceptance depends on)."""
+    columns = [
+        ("top1", "top-1 vs text"),
+        ("top5", "top-5 vs text"),
+        ("top1_agreement", "top-1 agrees with model"),
+        ("top5_agreement", "top-5 agrees with model"),
+    ]
+    columns = [(key, title) for key, title in columns if key in metrics]
+    if not columns:
+        return ["(no Medusa metrics)"]
+    heads = len(metrics[columns[0][0]])
+    lines = [
+        "| head | " + " | ".join(title for _, title in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for i in range(heads):
+        cells = [f"{metrics[key][i]:.3f}" for key, _ in columns]
+        lines.append(f"| {i} (+{i + 2}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(report, out: Path) -> Path:
