@@ -375,8 +375,10 @@ def _slide(
         times = torch.cat([times[:i], times[i + 1 :]])
     m = keys.shape[2]
     pad = spec.capacity - m
-    kept = [F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values)]
-    return LinearAttnState(S, z, *kept, F.pad(times, (0, pad), value=-1), m, pos + 1)
+    if pad:  # only while the window fills; a full buffer is already the right size
+        keys, feats, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values))
+        times = F.pad(times, (0, pad), value=-1)
+    return LinearAttnState(S, z, keys, feats, values, times, m, pos + 1)
 
 
 def _outer(fk: Tensor, v: Tensor) -> Tensor:
