@@ -75,6 +75,8 @@ def _step(window: Tensor, w: Tensor) -> Tensor:
 
 def recurrent(v: Tensor, w: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
     """One step per token on the fixed tail buffer (the decoding form)."""
+    if v.shape[1] == 1:  # the decoding hot path: no list, no concatenation
+        return parallel(v, w, tail)
     outputs = [v.new_zeros(v.shape[0], 0, w.shape[0], v.shape[-1])]
     for t in range(v.shape[1]):
         o, tail = parallel(v[:, t : t + 1], w, tail)

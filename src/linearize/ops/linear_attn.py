@@ -339,6 +339,9 @@ def recurrent(
     """One token at a time on the fixed-size state (the decoding form)."""
     if not _has_fast_step(spec):
         return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
+    if q.shape[1] == 1:  # the decoding hot path: no list, no concatenation
+        o, state = step(spec, q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], state, alpha)
+        return o[:, None], state
     outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for t in range(q.shape[1]):
         o, state = step(spec, q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state, alpha)
