@@ -311,14 +311,16 @@ def goals(records: list[dict[str, Any]]) -> list[list[str]]:
 
 def _machine_section(records: list[dict[str, Any]]) -> str:
     machine = records[0]["machine"]
-    loads = ", ".join(
-        f"{r['kind']} {r['machine'].get('load_average')}" for r in records if "machine" in r
+    runs = ", ".join(
+        f"{r['kind']} {r['machine'].get('torch_threads')} / {r['machine'].get('load_average')}"
+        for r in records
+        if "machine" in r
     )
     return (
-        f"- CPU: {machine['cpu']} ({machine['cores']} cores, torch threads "
-        f"{machine['torch_threads']})\n- memory: {format_bytes(machine['memory_bytes'])}\n"
+        f"- CPU: {machine['cpu']} ({machine['cores']} cores)\n"
+        f"- memory: {format_bytes(machine['memory_bytes'])}\n"
         f"- torch {machine['torch']}, Python {machine['python']}, {machine['platform']}\n"
-        f"- 1-minute load average when each record was written: {loads}\n"
+        f"- torch threads / 1-minute load average when each record was written: {runs}\n"
     )
 
 
