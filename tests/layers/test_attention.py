@@ -222,3 +222,19 @@ def test_zero_initialised_augmented_layer_is_local_attention():
     local = build_attention("augmented", use_global=False, conv="none", **kwargs).double()
     x = _x(13)
     assert_close("fresh = local", local(x)[0], fresh(x)[0], 0)
+
+
+@pytest.mark.parametrize(
+    "options, new",
+    [
+        ({}, {"alpha", "conv"}),
+        ({"use_global": False}, {"conv"}),
+        ({"conv": "none"}, {"alpha"}),
+        ({"use_global": False, "conv": "none"}, set()),
+    ],
+)
+def test_every_ablation_has_only_parameters_it_reads(options, new):
+    """The local-only ablation has nothing to train in stage 1 (no orphan α)."""
+    layer = build_attention("augmented", hidden_size=D, num_heads=4, num_kv_heads=2, **options)
+    names = {n for n, _ in layer.named_parameters() if not n.endswith("_proj.weight")}
+    assert names == new

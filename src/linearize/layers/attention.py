@@ -70,7 +70,8 @@ class Attention(nn.Module):
             )
             if config.use_global:
                 self.feature_map = build_feature_map(config.feature_map, Hkv, K, config.feature_dim)
-        if config.learn_alpha:
+        if config.learn_alpha and config.kind == "linear" and config.use_global:
+            # α weighs the global part: without one it would be a parameter nothing reads.
             self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
         else:
             self.alpha = float(config.alpha)
