@@ -82,10 +82,16 @@ def test_eval_ppl_of_a_model_linearized_on_the_fly(tiny_dirs, capsys, tmp_path):
     ]
     main(base)
     main([*base, "--attention", "elu"])
-    original, linear = (_json_lines(line)[0] for line in capsys.readouterr().out.splitlines())
-    assert original["ppl"] != linear["ppl"]
+    main([*base, "--attention", "augmented", "--group-size", "4", "--option", "sinks=0"])
+    original, linear, local = (
+        _json_lines(line)[0] for line in capsys.readouterr().out.splitlines()
+    )
+    assert original["ppl"] != linear["ppl"] and local["ppl"] != original["ppl"]
     models = sorted(json.loads(p.read_text())["rows"][0]["model"] for p in tmp_path.glob("*.json"))
-    assert models == [tiny_dirs["softmax"], tiny_dirs["softmax"] + "+elu"]
+    name = tiny_dirs["softmax"]
+    assert models == [name, name + "+augmented(sinks=0,size=4)", name + "+elu"]
+    commands = [json.loads(p.read_text())["command"] for p in tmp_path.glob("*.json")]
+    assert any("--option sinks=0 --group-size 4" in c for c in commands)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import sys
 
 from tqdm import tqdm
 
+from linearize.cli.options import add_attention_arguments, attention_from_args
 from linearize.eval import report
 from linearize.eval.perplexity import EVAL_FORMS, PerplexityConfig, data_tokens, perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
@@ -18,9 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
     ppl = sub.add_parser("ppl", help="perplexity on a corpus (no BOS, non-overlapping windows)")
     ppl.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
-    ppl.add_argument(
-        "--attention", help="linearize the model (untrained) with this registry attention first"
-    )
+    # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
+    add_attention_arguments(ppl, required=False)
     ppl.add_argument(
         "--data",
         default="austen:eval",
@@ -80,7 +80,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.attention:
         from linearize.models import linearize
 
-        linearize(model, args.attention)
+        linearize(model, attention_from_args(args))
     tokens = data_tokens(args.data, model.tokenizer)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
@@ -92,8 +92,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     row = result.to_dict()
     if args.out:
         command = _command(args)
-        label = f"{args.model}+{args.attention}" if args.attention else args.model
-        record = {"model": label, "data": args.data, **row}
+        record = {"model": _label(args), "data": args.data, **row}
         report.save_results(args.out, _stem(args), "ppl", [record], command)
     if args.json:
         print(json.dumps(row))
@@ -106,9 +105,17 @@ def run_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(args: argparse.Namespace) -> str:
+    """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``."""
+    if not args.attention:
+        return args.model
+    options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
+    listed = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "")
+
+
 def _stem(args: argparse.Namespace) -> str:
-    name = f"{args.model}+{args.attention}" if args.attention else args.model
-    parts = [name, args.data, f"w{args.window}", args.form]
+    parts = [_label(args), args.data, f"w{args.window}", args.form]
     parts += [f"t{args.tokens}"] if args.tokens else []
     parts += [f"s{args.stride}"] if args.stride else []
     parts += ["stream"] if args.stream else []
@@ -120,6 +127,9 @@ def _command(args: argparse.Namespace) -> str:
     words = [
         f"linearize eval ppl --model {args.model}",
         f" --attention {args.attention}" if args.attention else "",
+        "".join(f" --option {pair}" for pair in args.option) if args.attention else "",
+        f" --group-size {args.group_size}" if args.attention and args.group_size else "",
+        f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",
         f" --data {args.data} --window {args.window}",
         f" --stride {args.stride}" if args.stride else "",
         f" --tokens {args.tokens}" if args.tokens else "",
