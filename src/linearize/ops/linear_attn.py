@@ -357,11 +357,13 @@ def _has_fast_step(spec: LinearAttnSpec) -> bool:
 
 
 def _slide(
-    spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, values: Tensor, keys
+    spec: LinearAttnSpec, state: LinearAttnState, keys: Tensor, values: Tensor, fk: Tensor
 ) -> LinearAttnState:
     """The sliding-window state after the token at ``pos``: it joins the buffer, and the token
     at ``pos + 1 - W`` (unless a sink) leaves it for ``S, z``. The buffer stays in time order:
-    kept sinks first, then the window, so the leaving token sits right after the sinks."""
+    kept sinks first, then the window, so the leaving token sits right after the sinks.
+    ``keys, values: [B, Hkv, n + 1, ·]`` are the buffer plus the token (built by ``step``),
+    ``fk: [B, Hkv, F]`` the token's features."""
     n, pos = state.n, state.pos
     feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
     times = torch.cat([state.times[:n], state.times.new_tensor([pos])])
@@ -413,7 +415,7 @@ def step(
     S, z, n, pos = state.S, state.z, state.n, state.pos
     if spec.capacity == 0:
         # Pure linear attention: the token is global to itself, so fold it first.
-        S = S + fk[..., :, None] * v[..., None, :]
+        S = S + _outer(fk, v)
         z = z + fk
         o = alpha * _global_readout(spec, fq, S, z)
         new = LinearAttnState(S, z, state.k, state.fk, state.v, state.times, 0, pos + 1)
@@ -424,7 +426,7 @@ def step(
     if spec.use_global:
         o = o + alpha * _global_readout(spec, fq, S, z)
     if spec.window == "sliding":
-        return o.reshape(B, H, -1), _slide(spec, state, k, fk, values, keys)
+        return o.reshape(B, H, -1), _slide(spec, state, keys, values, fk)
     if (pos + 1) % spec.size == 0:
         # The group is complete: fold it into S and empty the buffer.
         if spec.use_global:
