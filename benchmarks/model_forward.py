@@ -59,7 +59,7 @@ def _measure_transformers(ids: torch.Tensor, steps: int) -> dict:
     import transformers
 
     from linearize.models.checkpoint import load_smollm2
-    from linearize.train.data import cache_dir
+    from linearize.paths import cache_dir
 
     load_smollm2()
     path = cache_dir() / "models" / "smollm2-135m"

@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 import linearize
+from linearize.data import eval_tokens, source_tokens
 from linearize.generation import MedusaTrainConfig, load_heads, save_heads, train_medusa
 from linearize.generation.benchmark import (
     DEFAULT_PROMPTS,
     markdown_table,
     run_speculative_benchmark,
 )
-from linearize.train.data import eval_tokens, train_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def get_heads(args: argparse.Namespace, model):
         start = time.perf_counter()
         heads = train_medusa(
             model,
-            train_tokens(model.tokenizer),
+            source_tokens("austen", model.tokenizer),
             config,
             held_out=eval_tokens(model.tokenizer, 4096),
             progress=progress,

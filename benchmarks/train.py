@@ -27,9 +27,9 @@ import torch
 
 import linearize
 from linearize.cli.train import ProgressBars
+from linearize.data import eval_tokens, source_tokens
 from linearize.train import pipeline
 from linearize.train.config import TrainConfig
-from linearize.train.data import eval_tokens, train_tokens
 from linearize.train.losses import perplexity, windowed_nll
 
 
@@ -84,7 +84,7 @@ def hf_full_finetune_speed(args: argparse.Namespace) -> dict:
     model.tie_weights()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tokens = train_tokens(tokenizer)
+    tokens = source_tokens("austen", tokenizer)
     T, B = args.block_size, args.batch_size
     times = []
     for step in range(args.hf_steps):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from linearize import Decoder, linearize
+from linearize.data import source_tokens
 from linearize.eval.perplexity import (
     EVAL_FORMS,
     PerplexityConfig,
-    data_tokens,
     perplexity,
     window_spans,
 )
@@ -111,6 +111,6 @@ def test_bad_inputs():
         with pytest.raises(ValueError):
             PerplexityConfig(**bad).validate()
     with pytest.raises(ValueError, match=r"austen:eval.*mobydick"):
-        data_tokens("no-such-corpus", None)
+        source_tokens("no-such-corpus", None)
     with pytest.raises(ValueError, match="no tokenizer"):
-        data_tokens("austen:eval", None)
+        source_tokens("austen:eval", None)

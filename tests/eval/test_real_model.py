@@ -19,10 +19,11 @@ def _require_smollm2() -> None:
 def test_smollm2_perplexity_matches_the_transformers_reference():
     _require_smollm2()
     import linearize
-    from linearize.eval.perplexity import PerplexityConfig, data_tokens, perplexity
+    from linearize.data import source_tokens
+    from linearize.eval.perplexity import PerplexityConfig, perplexity
 
     model = linearize.load("smollm2-135m")
-    tokens = data_tokens("austen:eval", model.tokenizer)
+    tokens = source_tokens("austen:eval", model.tokenizer)
     assert len(tokens) == 50_176
     result = perplexity(model, tokens, PerplexityConfig(window=1024, tokens=8192))
     # transformers, fp32, first 8 windows of 1024: 22.233 on 8,184 scored tokens.

@@ -9,8 +9,9 @@ import sys
 from tqdm import tqdm
 
 from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.data import source_tokens
 from linearize.eval import report
-from linearize.eval.perplexity import EVAL_FORMS, PerplexityConfig, data_tokens, perplexity
+from linearize.eval.perplexity import EVAL_FORMS, PerplexityConfig, perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
 
 
@@ -81,7 +82,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         from linearize.models import linearize
 
         linearize(model, attention_from_args(args))
-    tokens = data_tokens(args.data, model.tokenizer)
+    tokens = source_tokens(args.data, model.tokenizer)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
         def progress(done: int, total: int) -> None:

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.data import split_tokens
 from linearize.generation.acceptance import list_acceptance_rules
 from linearize.generation.config import SPECULATIVE_MODES, GenerationConfig
 from linearize.generation.trees import list_trees
@@ -204,27 +205,6 @@ def _save_with_heads(model, heads, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokens(model, corpus: str, eval_tokens: int):
-    """Training tokens and held-out tokens: Austen's five novels and the start of Pride and
-    Prejudice, or the given corpus minus its last ``eval_tokens`` tokens."""
-    from linearize.train import data
-
-    if model.tokenizer is None:
-        raise ValueError("train-medusa needs a model with a tokenizer")
-    if corpus == "austen":
-        train = data.train_tokens(model.tokenizer)
-        return train, data.eval_tokens(model.tokenizer, eval_tokens)
-    if corpus in data.CORPORA:
-        tokens = data.TokenCache().tokens(corpus, model.tokenizer)
-    else:
-        tokens = data.tokenize_text(data.load_text(corpus), model.tokenizer)
-    if len(tokens) <= 2 * eval_tokens:
-        raise ValueError(
-            f"corpus {corpus!r} has {len(tokens)} tokens: too few to hold out {eval_tokens}"
-        )
-    return tokens[:-eval_tokens], tokens[-eval_tokens:]
-
-
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -245,7 +225,7 @@ def run_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     model = _load(args)
-    train, held_out = _tokens(model, args.corpus, args.eval_tokens)
+    train, held_out = split_tokens(args.corpus, model.tokenizer, args.eval_tokens)
     with tqdm(desc="medusa", unit="step", file=sys.stderr) as bar:
 
         def progress(step: int, total: int, metrics: dict) -> None:

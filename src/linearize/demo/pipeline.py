@@ -136,9 +136,10 @@ def _device(name: str) -> str:
 
 
 def _perplexity(model, config: DemoConfig) -> dict[str, Any]:
-    from linearize.eval.perplexity import PerplexityConfig, data_tokens, perplexity
+    from linearize.data import source_tokens
+    from linearize.eval.perplexity import PerplexityConfig, perplexity
 
-    tokens = data_tokens(config.eval_data, model.tokenizer)
+    tokens = source_tokens(config.eval_data, model.tokenizer)
     options = PerplexityConfig(window=config.eval_window, tokens=config.eval_tokens, form="chunk")
     with torch.no_grad():
         return perplexity(model, tokens, options).to_dict()
@@ -185,12 +186,12 @@ def _has_new_parameters(name: str) -> bool:
 
 def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None) -> dict:
     import linearize
-    from linearize.eval.perplexity import data_tokens
+    from linearize.data import source_tokens
     from linearize.generation.medusa_train import MedusaTrainConfig, evaluate_heads, train_medusa
 
     model = linearize.load(model_dir)
-    tokens = data_tokens(config.data, model.tokenizer)[: config.medusa_tokens + 1]
-    held_out = data_tokens(config.eval_data, model.tokenizer)[-config.eval_window :]
+    tokens = source_tokens(config.data, model.tokenizer)[: config.medusa_tokens + 1]
+    held_out = source_tokens(config.eval_data, model.tokenizer)[-config.eval_window :]
     medusa_config = MedusaTrainConfig(
         tokens=config.medusa_tokens, data="model_labels", eval_tokens=config.eval_window
     )

@@ -3,9 +3,8 @@
 from linearize.eval.perplexity import (
     PerplexityConfig,
     PerplexityResult,
-    data_tokens,
     perplexity,
     window_spans,
 )
 
-__all__ = ["PerplexityConfig", "PerplexityResult", "data_tokens", "perplexity", "window_spans"]
+__all__ = ["PerplexityConfig", "PerplexityResult", "perplexity", "window_spans"]

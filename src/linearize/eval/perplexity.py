@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -240,23 +239,3 @@ def _check_context(model: Decoder, config: PerplexityConfig, num_tokens: int) ->
             context,
             limit,
         )
-
-
-def data_tokens(data: str, tokenizer: Any) -> Tensor:
-    """Token ids ``[T]`` of ``data``: ``"austen:eval"`` (the first 50,176 tokens of *Pride and
-    Prejudice*), another built-in corpus (``"mobydick"``, ...), or a text file / folder path."""
-    from linearize.train.data import CORPORA, TokenCache, eval_tokens, load_text, tokenize_text
-
-    builtin = data in CORPORA
-    if not builtin and not Path(data).exists():
-        raise ValueError(
-            f"unknown data {data!r}: not a built-in corpus ({', '.join(sorted(CORPORA))}) "
-            "nor an existing file or folder"
-        )
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer: it cannot read text (save one with it)")
-    if data == "austen:eval":
-        return eval_tokens(tokenizer)
-    if builtin:
-        return TokenCache().tokens(data, tokenizer)
-    return tokenize_text(load_text(data), tokenizer)

@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import Tensor
 
-from linearize.eval.perplexity import PerplexityConfig, data_tokens, perplexity
+from linearize.data import split_tokens
+from linearize.eval.perplexity import PerplexityConfig, perplexity
 from linearize.layers.config import ABLATIONS, attention_config, list_attentions
 from linearize.models import is_new_parameter, linearize, load
 
@@ -162,12 +163,6 @@ def run_variant(
     }
 
 
-def study_tokens(config: StudyConfig) -> tuple[Tensor, Tensor]:
-    """The training and held-out token ids, with the base model's tokenizer."""
-    tokenizer = load(config.model).tokenizer
-    return data_tokens(config.data, tokenizer), data_tokens(config.held_out, tokenizer)
-
-
 def run_study(config: StudyConfig, callback: Event | None = None) -> list[dict[str, Any]]:
     """Run every selected variant not done yet; return all rows (with ``ratio`` to the
     original's perplexity) and write the table, CSV and plot into ``config.out``."""
@@ -180,7 +175,10 @@ def run_study(config: StudyConfig, callback: Event | None = None) -> list[dict[s
             logger.info("variant %s: done (%s)", name, path)
             continue
         if tokens is None:
-            tokens = study_tokens(config)
+            tokenizer = load(config.model).tokenizer
+            tokens = split_tokens(
+                config.data, tokenizer, config.eval_tokens, held_out=config.held_out
+            )
         if callback is not None:
             callback({"event": "variant", "variant": name})
         row = run_variant(config, name, spec, tokens, callback)

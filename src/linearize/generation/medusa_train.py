@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from linearize.data import block_order, pack_blocks
 from linearize.generation.batch import generate_batch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder
-from linearize.train.data import block_order, pack_blocks
 
 logger = logging.getLogger(__name__)
 

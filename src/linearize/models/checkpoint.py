@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from linearize.train.data import cache_dir
+from linearize.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import Tensor
 
+from linearize.data import split_tokens
 from linearize.models import Decoder, linearize, load
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
-from linearize.train.data import EVAL_TOKENS, TokenCache, eval_tokens, train_tokens
 from linearize.train.trainer import Callback, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -31,25 +31,9 @@ def build_model(config: TrainConfig) -> Decoder:
 
 
 def load_data(config: TrainConfig, tokenizer) -> tuple[Tensor, Tensor | None]:
-    """Training and held-out token ids ``[T]``, ``[E]``.
-
-    ``austen``: the five novels other than *Pride and Prejudice*, evaluated on the first tokens
-    of *Pride and Prejudice*. Any other source: its last tenth (at most ``eval_tokens``) held
-    out."""
-    if tokenizer is None:
-        raise ValueError(
-            f"model {config.model!r} has no tokenizer: text cannot be tokenized for it "
-            "(pass token ids to Trainer directly)"
-        )
-    if config.data == "austen":
-        n_eval = min(config.eval_tokens, EVAL_TOKENS)
-        held_out = eval_tokens(tokenizer, n_eval) if n_eval >= 2 else None
-        return train_tokens(tokenizer), held_out
-    tokens = TokenCache().tokens(config.data, tokenizer, text_field=config.text_field)
-    n_eval = min(config.eval_tokens, len(tokens) // 10)
-    if n_eval < 2:
-        return tokens, None
-    return tokens[:-n_eval], tokens[-n_eval:]
+    """Training and held-out token ids ``[T]``, ``[E]`` of ``config.data`` (see
+    :func:`linearize.data.split_tokens`)."""
+    return split_tokens(config.data, tokenizer, config.eval_tokens, text_field=config.text_field)
 
 
 def run(

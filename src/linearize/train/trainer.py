@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from linearize.data import BlockSampler, pack_blocks
 from linearize.models.decoder import Decoder
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
-from linearize.train.data import BlockSampler, pack_blocks
 from linearize.train.distributed import STRATEGIES, DistContext, init_distributed
 from linearize.train.finetune import merge_lora
 from linearize.train.losses import perplexity, windowed_nll

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from linearize.train import data
+from linearize import paths
+from linearize.data import blocks, corpora, rdata
+from linearize.data import tokens as token_ids
 
 # --- a tiny writer of R's XDR serialization, enough to build lazy-load databases -------------
 
@@ -81,13 +83,13 @@ def test_read_rdata_names_come_from_the_index(tmp_path: Path, version: int) -> N
         "beta": _strsxp(["b1", "b2"], has_attr=True) + _names_attr(["x", "y"], first=True),
         "numbers": _int(13, 3, 1, 2, -(2**31)),
     }
-    out = data.read_rdata(write_rdata(tmp_path, objects, version))
+    out = rdata.read_rdata(write_rdata(tmp_path, objects, version))
     assert out == {"alpha": ["Title", None, "caf\u00e9", "\u2014 dash"], "beta": ["b1", "b2"]}
 
 
 def test_unserialize_r_pairlist_and_refs() -> None:
     stream = _header(3) + _named_list({"a": _int(14, 1) + struct.pack(">d", 2.5)}, first=True)
-    obj = data.unserialize_r(stream)
+    obj = rdata.unserialize_r(stream)
     assert obj.type == 19 and obj.value[0].value == [2.5]
     assert obj.attributes["names"].value == ["a"]
 
@@ -96,30 +98,30 @@ def test_read_rdata_errors(tmp_path: Path) -> None:
     rdb = write_rdata(tmp_path, {"alpha": _strsxp(["x"] * 50)})
     rdb.write_bytes(rdb.read_bytes()[:-5])
     with pytest.raises(ValueError, match="'alpha'.*needs bytes"):
-        data.read_rdata(rdb)
+        rdata.read_rdata(rdb)
     rdb.write_bytes(rdb.read_bytes()[:10] + b"\x00" * 200)
     with pytest.raises(ValueError, match="'alpha'.*corrupted compressed record"):
-        data.read_rdata(rdb)
+        rdata.read_rdata(rdb)
     (tmp_path / "Rdata.rdx").unlink()
     with pytest.raises(ValueError, match=r"not found: .*Rdata\.rdx"):
-        data.read_rdata(rdb)
+        rdata.read_rdata(rdb)
     with pytest.raises(ValueError, match="not an R XDR"):
-        data.unserialize_r(b"A\n1\n")
+        rdata.unserialize_r(b"A\n1\n")
 
 
 # --- the real corpora (read from the user cache only: tests never download) -------------------
 
 
 def _cached_deb(package: str) -> Path:
-    root = data.cache_dir() / "debs" / package
+    root = paths.cache_dir() / "debs" / package
     if not root.is_dir():
-        pytest.skip(f"{package} not in {root.parent}; fetch it with linearize.train.data.load_text")
+        pytest.skip(f"{package} not in {root.parent}; fetch it with linearize.corpora.load_text")
     return root
 
 
 def test_real_austen() -> None:
     root = _cached_deb("r-cran-janeaustenr")
-    novels = data.read_rdata(root / data.CORPORA["austen"].rdata)
+    novels = rdata.read_rdata(root / corpora.CORPORA["austen"].rdata)
     assert list(novels) == [
         "emma",
         "mansfieldpark",
@@ -130,14 +132,14 @@ def test_real_austen() -> None:
     ]
     assert all(len(lines) > 5000 for lines in novels.values())
     assert novels["prideprejudice"][0] == "PRIDE AND PREJUDICE"
-    text = data.load_text("austen:eval")
-    assert text.startswith("PRIDE AND PREJUDICE\n") and text == data.load_text("prideprejudice")
-    assert "PRIDE AND PREJUDICE" not in data.load_text("austen")
+    text = corpora.load_text("austen:eval")
+    assert text.startswith("PRIDE AND PREJUDICE\n") and text == corpora.load_text("prideprejudice")
+    assert "PRIDE AND PREJUDICE" not in corpora.load_text("austen")
 
 
 def test_real_mobydick() -> None:
     _cached_deb("r-cran-tokenizers")
-    text = data.load_text("mobydick")
+    text = corpora.load_text("mobydick")
     assert "\r" not in text and "*** START" not in text and "Gutenberg" not in text[-2000:]
     assert "Call me Ishmael." in text and text.endswith("orphan.")
 
@@ -151,10 +153,10 @@ def test_load_text_files_and_folders(tmp_path: Path) -> None:
     (tmp_path / "sub" / "c.jsonl").write_text('{"text": "j1"}\n\n{"text": "j2", "id": 3}\n')
     (tmp_path / "a.md").write_text("\ufefffirst")
     (tmp_path / "skip.csv").write_text("ignored")
-    assert data.load_text(tmp_path) == "first\n\nsecond\n\nj1\n\nj2"
-    assert data.load_text(tmp_path / "b.txt") == "second"
+    assert corpora.load_text(tmp_path) == "first\n\nsecond\n\nj1\n\nj2"
+    assert corpora.load_text(tmp_path / "b.txt") == "second"
     (tmp_path / "d.jsonl").write_text('{"body": "x\u2028y"}\r\n', encoding="utf-8")
-    assert data.load_text(tmp_path / "d.jsonl", text_field="body") == "x\u2028y"
+    assert corpora.load_text(tmp_path / "d.jsonl", text_field="body") == "x\u2028y"
 
 
 @pytest.mark.parametrize(
@@ -170,24 +172,24 @@ def test_load_text_files_and_folders(tmp_path: Path) -> None:
 def test_load_text_bad_files(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        data.load_text(tmp_path / name)
+        corpora.load_text(tmp_path / name)
 
 
 def test_load_text_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither a built-in corpus.*austen:eval.*mobydick"):
-        data.load_text("shakespeare")
+        corpora.load_text("shakespeare")
     with pytest.raises(ValueError, match="nor an existing file"):
-        data.load_text(tmp_path / "missing.txt")
+        corpora.load_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="holds no .txt/.md/.jsonl files"):
-        data.load_text(tmp_path)
+        corpora.load_text(tmp_path)
 
 
 def test_strip_gutenberg() -> None:
     raw = "\ufeffHeader\r\n*** START OF X ***\r\n\r\nBody 1\r\nBody 2\r\n\r\nEnd of Project "
     raw += "Gutenberg's X\r\n\r\n*** END OF X ***\r\nLicence"
-    assert data._strip_gutenberg(raw, "x") == "Body 1\nBody 2"
+    assert corpora._strip_gutenberg(raw, "x") == "Body 1\nBody 2"
     with pytest.raises(ValueError, match="no '\\*\\*\\* START'"):
-        data._strip_gutenberg("no markers", "x")
+        corpora._strip_gutenberg("no markers", "x")
 
 
 # --- caches and Debian packages ----------------------------------------------------------------
@@ -195,18 +197,18 @@ def test_strip_gutenberg() -> None:
 
 def test_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.cache_dir() == tmp_path / "xdg" / "linearize"
-    assert data.cache_dir(tmp_path / "own") == tmp_path / "own" and (tmp_path / "own").is_dir()
+    assert paths.cache_dir() == tmp_path / "xdg" / "linearize"
+    assert paths.cache_dir(tmp_path / "own") == tmp_path / "own" and (tmp_path / "own").is_dir()
 
 
 def test_fetch_deb_reuses_and_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "debs" / "r-cran-fake").mkdir(parents=True)
-    monkeypatch.setattr(data.shutil, "which", lambda _: None)
-    assert data.fetch_deb("r-cran-fake", tmp_path) == tmp_path / "debs" / "r-cran-fake"
+    monkeypatch.setattr(corpora.shutil, "which", lambda _: None)
+    assert corpora.fetch_deb("r-cran-fake", tmp_path) == tmp_path / "debs" / "r-cran-fake"
     with pytest.raises(RuntimeError, match="apt-get download r-cran-other && dpkg-deb -x"):
-        data.fetch_deb("r-cran-other", tmp_path)
+        corpora.fetch_deb("r-cran-other", tmp_path)
     with pytest.raises(ValueError, match="not a Debian package name"):
-        data.fetch_deb("Bad Name; rm", tmp_path)
+        corpora.fetch_deb("Bad Name; rm", tmp_path)
 
 
 def _word_tokenizer():
@@ -222,11 +224,11 @@ def _word_tokenizer():
 def test_token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = _word_tokenizer()
     (tmp_path / "text.txt").write_text("a b c d e a b")
-    cache = data.TokenCache(tmp_path / "cache")
+    cache = token_ids.TokenCache(tmp_path / "cache")
     tokens = cache.tokens(tmp_path / "text.txt", tokenizer)
     assert tokens.tolist() == [1, 2, 3, 4, 0, 1, 2] and tokens.dtype == torch.long
     assert len(list(cache.root.glob("text-*.safetensors"))) == 1
-    monkeypatch.setattr(data, "tokenize_text", lambda *_: pytest.fail("cache missed"))
+    monkeypatch.setattr(token_ids, "tokenize_text", lambda *_: pytest.fail("cache missed"))
     assert torch.equal(cache.tokens(tmp_path / "text.txt", tokenizer), tokens)
     assert list(cache.root.glob("*.tmp")) == []
     # A damaged cache file is tokenized again, not trusted.
@@ -238,40 +240,40 @@ def test_token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_tokenizer_fingerprint_changes_with_vocab() -> None:
     first, second = _word_tokenizer(), _word_tokenizer()
-    assert data.tokenizer_fingerprint(first) == data.tokenizer_fingerprint(second)
+    assert token_ids.tokenizer_fingerprint(first) == token_ids.tokenizer_fingerprint(second)
     second.add_tokens(["zebra"])
-    assert data.tokenizer_fingerprint(first) != data.tokenizer_fingerprint(second)
+    assert token_ids.tokenizer_fingerprint(first) != token_ids.tokenizer_fingerprint(second)
 
 
 # --- packing and order -------------------------------------------------------------------------
 
 
 def test_pack_blocks() -> None:
-    blocks = data.pack_blocks(torch.arange(10), 3)
-    assert blocks.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    packed = blocks.pack_blocks(torch.arange(10), 3)
+    assert packed.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     with pytest.raises(ValueError, match="corpus of 5 tokens is shorter than one block of 8"):
-        data.pack_blocks(torch.arange(5), 8)
+        blocks.pack_blocks(torch.arange(5), 8)
     with pytest.raises(ValueError, match="must be 1-D"):
-        data.pack_blocks(torch.zeros(2, 4, dtype=torch.long), 2)
+        blocks.pack_blocks(torch.zeros(2, 4, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
-        data.pack_blocks(torch.arange(5), 0)
+        blocks.pack_blocks(torch.arange(5), 0)
 
 
 def test_block_order_is_a_seeded_permutation() -> None:
-    order = data.block_order(100, seed=1, epoch=0)
+    order = blocks.block_order(100, seed=1, epoch=0)
     assert sorted(order) == list(range(100))
-    assert order == data.block_order(100, seed=1, epoch=0)
-    assert order != data.block_order(100, seed=1, epoch=1)
-    assert order != data.block_order(100, seed=2, epoch=0)
+    assert order == blocks.block_order(100, seed=1, epoch=0)
+    assert order != blocks.block_order(100, seed=1, epoch=1)
+    assert order != blocks.block_order(100, seed=2, epoch=0)
     with pytest.raises(ValueError, match="n_blocks must be >= 1"):
-        data.block_order(0, seed=1, epoch=0)
+        blocks.block_order(0, seed=1, epoch=0)
 
 
 @pytest.mark.parametrize("start", [0, 1, 6, 7, 20])
 def test_block_sampler_resumes(start: int) -> None:
-    sampler = data.BlockSampler(n_blocks=7, seed=3)
+    sampler = blocks.BlockSampler(n_blocks=7, seed=3)
     walk = [p for p, _ in zip(sampler, range(30), strict=False)]
     resumed = [p for p, _ in zip(sampler.positions(start), range(30 - start), strict=False)]
     assert resumed == walk[start:]
-    assert walk[7:14] == [(1, i) for i in data.block_order(7, seed=3, epoch=1)]
+    assert walk[7:14] == [(1, i) for i in blocks.block_order(7, seed=3, epoch=1)]
     assert json.dumps(walk)  # plain ints, easy to log and checkpoint

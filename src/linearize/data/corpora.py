@@ -1,46 +1,23 @@
-"""Training and evaluation text: the embedded corpora, user text, tokenization and packing.
+"""The corpora: Debian-packaged R data (Jane Austen's novels, Moby Dick) and user text files.
 
 The embedded corpora are R data files inside Debian packages (Jane Austen's novels in
 `r-cran-janeaustenr`, Moby Dick in `r-cran-tokenizers`), read without R: `fetch_deb` unpacks a
-package into the user cache and `read_rdata` reads R's lazy-load database (`Rdata.rdb` + its
-`Rdata.rdx` index) with a small reader of R's XDR serialization format.
+package into the user cache and `read_rdata` (`data/rdata.py`) reads R's lazy-load database.
 """
 
-import hashlib
 import json
 import logging
-import os
-import random
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from linearize.train.rdata import read_rdata, unserialize_r  # noqa: F401 (re-exported)
+from linearize.data.rdata import read_rdata
+from linearize.paths import PathLike, cache_dir
 
 log = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike[str]
-
-
-def cache_dir(override: PathLike | None = None) -> Path:
-    """The user cache folder: `override`, else `$XDG_CACHE_HOME/linearize`, else
-    `~/.cache/linearize`; created on demand."""
-    if override is not None:
-        root = Path(override)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(base) / "linearize"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 # --- Debian packages -------------------------------------------------------------------------
@@ -94,7 +71,7 @@ def fetch_deb(package: str, cache: PathLike | None = None) -> Path:
     return dest
 
 
-# --- R serialization (XDR format, versions 2 and 3) ------------------------------------------
+# --- corpora -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -223,137 +200,3 @@ def load_text(source: PathLike, *, text_field: str = "text", cache: PathLike | N
     if not text.strip():
         raise ValueError(f"{path} holds no text")
     return text
-
-
-# --- tokenization and the token cache --------------------------------------------------------
-
-
-def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:
-    """Token ids `[T]` of `text` as one string: no BOS, no special tokens.
-
-    The whole text is encoded at once (fast tokenizers handle megabytes), so the ids equal those
-    of any window cut from them; the too-long-for-the-model warning is off on purpose."""
-    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 (16 hex digits) of the tokenizer's serialization (vocab, merges, added tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = (
-        backend.to_str()
-        if backend is not None
-        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    )
-    return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
-
-
-class TokenCache:
-    """Tokenized corpora on disk: `<cache>/tokens/<corpus>-<tokenizer fingerprint>.safetensors`.
-
-    User text is keyed by the sha256 of its content."""
-
-    def __init__(self, cache: PathLike | None = None) -> None:
-        self.cache = cache_dir(cache)
-        self.root = self.cache / "tokens"
-
-    def path(self, key: str, tokenizer: Any) -> Path:
-        return self.root / f"{key}-{tokenizer_fingerprint(tokenizer)}.safetensors"
-
-    def tokens(self, source: PathLike, tokenizer: Any, *, text_field: str = "text") -> torch.Tensor:
-        """Token ids `[T]` of `source` (as for `load_text`), tokenized once and then cached."""
-        text = None
-        if isinstance(source, str) and source in CORPORA:
-            key = _ALIASES.get(source, source).replace(":", "_")
-        else:
-            text = load_text(source, text_field=text_field)
-            key = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        path = self.path(key, tokenizer)
-        if path.is_file():
-            try:
-                return load_file(path)["tokens"]
-            except (SafetensorError, KeyError) as err:
-                log.warning("unreadable token cache %s (%s); tokenizing again", path, err)
-        if text is None:
-            text = load_text(source, cache=self.cache)
-        tokens = tokenize_text(text, tokenizer)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.root, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_file({"tokens": tokens}, tmp_path, metadata={"source": str(source)})
-            tmp_path.chmod(0o644)  # NamedTemporaryFile makes it private (0600)
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
-        log.info("cached %d tokens of %s in %s", len(tokens), source, path)
-        return tokens
-
-
-EVAL_TOKENS = 50_176
-
-
-def eval_tokens(
-    tokenizer: Any, n: int = EVAL_TOKENS, cache: PathLike | None = None
-) -> torch.Tensor:
-    """The evaluation split `[n]`: the first `n` tokens of Pride and Prejudice."""
-    tokens = TokenCache(cache).tokens("prideprejudice", tokenizer)
-    if not 0 < n <= len(tokens):
-        raise ValueError(f"n={n} evaluation tokens asked; Pride and Prejudice has {len(tokens)}")
-    return tokens[:n].clone()
-
-
-def train_tokens(tokenizer: Any, cache: PathLike | None = None) -> torch.Tensor:
-    """The training split `[T]`: the five other Austen novels."""
-    return TokenCache(cache).tokens("austen", tokenizer)
-
-
-# --- packing and order -----------------------------------------------------------------------
-
-
-def pack_blocks(tokens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cut `tokens: [T]` into `[T // block_size, block_size]` training blocks, dropping the tail."""
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    n = len(tokens) // block_size
-    if n == 0:
-        raise ValueError(
-            f"corpus of {len(tokens)} tokens is shorter than one block of {block_size}"
-        )
-    return tokens[: n * block_size].view(n, block_size)
-
-
-def block_order(n_blocks: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of `range(n_blocks)` that depends only on `(seed, epoch)`."""
-    if n_blocks < 1:
-        raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
-    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
-    order = list(range(n_blocks))
-    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
-    return order
-
-
-@dataclass
-class BlockSampler:
-    """Endless, resumable walk over blocks: epoch after epoch, each in `block_order`.
-
-    Position `step` (counted in blocks) is epoch `step // n_blocks`; a trainer resuming after
-    `s` optimizer steps of `b` blocks calls `positions(s * b)`."""
-
-    n_blocks: int
-    seed: int = 0
-
-    def positions(self, start: int = 0) -> Iterator[tuple[int, int]]:
-        """Yield `(epoch, block index)` from position `start` on."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        epoch, offset = divmod(start, self.n_blocks)
-        while True:
-            for index in block_order(self.n_blocks, self.seed, epoch)[offset:]:
-                yield epoch, index
-            epoch, offset = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return self.positions()
