@@ -30,7 +30,7 @@ from linearize.cli.train import ProgressBars
 from linearize.data import eval_tokens, source_tokens
 from linearize.train import pipeline
 from linearize.train.config import TrainConfig
-from linearize.train.losses import perplexity, windowed_nll
+from linearize.train.perplexity import exp_mean, windowed_nll
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +66,7 @@ def evaluate(model, tokens: torch.Tensor, window: int) -> dict:
     with torch.no_grad():
         nll, count = windowed_nll(model, tokens, window, form="parallel")
     return {
-        "ppl": perplexity(nll, count),
+        "ppl": exp_mean(nll, count),
         "scored": count,
         "seconds": time.perf_counter() - started,
     }

@@ -20,7 +20,7 @@ def test_smollm2_perplexity_matches_the_transformers_reference():
     _require_smollm2()
     import linearize
     from linearize.data import source_tokens
-    from linearize.eval.perplexity import PerplexityConfig, perplexity
+    from linearize.train.perplexity import PerplexityConfig, perplexity
 
     model = linearize.load("smollm2-135m")
     tokens = source_tokens("austen:eval", model.tokenizer)

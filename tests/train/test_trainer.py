@@ -12,7 +12,8 @@ import torch
 import linearize
 from linearize import Decoder, ModelConfig
 from linearize.train.config import TrainConfig
-from linearize.train.losses import next_token_nll, windowed_nll
+from linearize.train.losses import next_token_nll
+from linearize.train.perplexity import windowed_nll
 from linearize.train.stages import StageSetup
 from linearize.train.trainer import Trainer, TrainingDiverged, WarmupCosine
 
@@ -109,9 +110,10 @@ def test_writes_model_metrics_and_config(tmp_path):
 def test_eval_perplexity_is_exp_mean_nll():
     model = tiny_model().double()
     data = tokens(100, seed=4)
-    nll, count = windowed_nll(model, data, 32)
-    assert count == 3 * 31
-    blocks = data[:96].view(3, 32)
+    nll, count = windowed_nll(model, data, 32, batch_size=2)
+    # Three full windows and the 4-token tail, each scoring all but its first token.
+    assert count == 3 * 31 + 3
+    blocks = [data[i : i + 32] for i in range(0, 100, 32)]
     with torch.no_grad():
         expected = sum(float(next_token_nll(model(b[None])[0], b[None])) for b in blocks)
     assert math.isclose(nll, expected, rel_tol=1e-12)

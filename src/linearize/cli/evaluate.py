@@ -11,8 +11,8 @@ from tqdm import tqdm
 from linearize.cli.options import add_attention_arguments, attention_from_args
 from linearize.data import source_tokens
 from linearize.eval import report
-from linearize.eval.perplexity import EVAL_FORMS, PerplexityConfig, perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
+from linearize.train.perplexity import EVAL_FORMS, PerplexityConfig, perplexity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -137,7 +137,7 @@ def _device(name: str) -> str:
 
 def _perplexity(model, config: DemoConfig) -> dict[str, Any]:
     from linearize.data import source_tokens
-    from linearize.eval.perplexity import PerplexityConfig, perplexity
+    from linearize.train.perplexity import PerplexityConfig, perplexity
 
     tokens = source_tokens(config.eval_data, model.tokenizer)
     options = PerplexityConfig(window=config.eval_window, tokens=config.eval_tokens, form="chunk")

@@ -1,6 +1,6 @@
 """Evaluation and benchmarks: perplexity, the paper's study, decode/prefill speed and memory."""
 
-from linearize.eval.perplexity import (
+from linearize.train.perplexity import (
     PerplexityConfig,
     PerplexityResult,
     perplexity,

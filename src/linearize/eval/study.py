@@ -26,9 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from linearize.data import split_tokens
-from linearize.eval.perplexity import PerplexityConfig, perplexity
 from linearize.layers.config import ABLATIONS, attention_config, list_attentions
 from linearize.models import is_new_parameter, linearize, load
+from linearize.train.perplexity import PerplexityConfig, perplexity
 
 logger = logging.getLogger(__name__)
 

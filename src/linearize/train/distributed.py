@@ -170,13 +170,15 @@ class Shards(Replicas):
     sharded = True
 
     def prepare(self, model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
         # fully_shard takes no 0-d parameters (the α of each layer): those stay replicated.
         ignored = {p for p in model.parameters() if p.dim() == 0}
         for layer in model.layers:
             fully_shard(layer, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
+        # Held-out perplexity runs `forward_hidden`: it must gather the shards like `forward`.
+        register_fsdp_forward_method(model, "forward_hidden")
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Losses are divided by the global count already: gradients are summed

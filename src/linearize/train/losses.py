@@ -1,4 +1,5 @@
-"""Training losses (next-token cross-entropy, attention transfer) and held-out perplexity.
+"""Training losses: next-token cross-entropy and attention transfer (held-out perplexity is
+``perplexity.py``).
 
 Losses are returned as **sums** (with the count they sum over where that varies), so the trainer
 divides once by the global count of a step: the same update whatever the split of the global
@@ -7,15 +8,9 @@ batch into processes and micro-batches.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from linearize.models.decoder import Decoder
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -34,49 +29,3 @@ def attention_mse(student: Tensor, teacher: Tensor) -> Tensor:
     """Summed squared error between a linearized layer's output and the softmax layer's
     output ``[B, T, D]``, in at least float32."""
     return (_wide(student) - _wide(teacher)).pow(2).sum()
-
-
-def windows(tokens: Tensor, window: int) -> Tensor:
-    """Non-overlapping ``window``-token windows ``[N, window]`` of ``tokens: [T]`` (tail
-    dropped), or one window of all the tokens when there are fewer than ``window``."""
-    if tokens.dim() != 1 or len(tokens) < 2:
-        raise ValueError(f"evaluation tokens must be 1-D with >= 2 tokens, got {tokens.shape}")
-    window = min(window, len(tokens))
-    n = len(tokens) // window
-    return tokens[: n * window].view(n, window)
-
-
-@torch.no_grad()
-def windowed_nll(
-    model: Decoder,
-    tokens: Tensor,
-    window: int,
-    *,
-    shard: tuple[int, int] = (0, 1),
-    batch_size: int = 1,
-    form: str = "auto",
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[float, int]:
-    """Summed NLL and number of scored tokens over non-overlapping windows of ``tokens``; each
-    window is a fresh sequence and scores every token but its first (PPL = exp(sum / count)).
-
-    ``shard = (rank, world_size)``: this process scores windows ``rank::world_size`` (the
-    caller sums over processes)."""
-    rank, world = shard
-    blocks = windows(tokens, window)[rank::world].to(model.device)
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        with autocast():
-            logits, _ = model(batch, form=form)
-        total += float(next_token_nll(logits, batch))
-        count += batch.numel() - batch.shape[0]
-    return total, count
-
-
-def perplexity(nll_sum: float, count: int) -> float:
-    """``exp(mean NLL)``; inf when nothing was scored or the mean overflows."""
-    if count == 0:
-        return math.inf
-    mean = nll_sum / count
-    return math.exp(mean) if mean < 700 else math.inf

@@ -31,7 +31,7 @@ from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
 from linearize.train.distributed import STRATEGIES, DistContext, init_distributed
 from linearize.train.finetune import merge_lora
-from linearize.train.losses import perplexity, windowed_nll
+from linearize.train.perplexity import exp_mean, windowed_nll
 from linearize.train.stages import STAGE_SETUPS, StageSetup
 from linearize.train.transfer import transfer_parameters
 
@@ -172,14 +172,14 @@ class Trainer:
         nll, count = windowed_nll(
             self.model,
             tokens,
-            self.config.block_size,
+            min(self.config.block_size, len(tokens)),
+            form=self.config.form,
             shard=shard,
             batch_size=self.config.micro_batch_size,
-            form=self.config.form,
             autocast=self.autocast,
         )
         nll, count = self.ctx.sum([nll, count])
-        return perplexity(nll, int(count))
+        return exp_mean(nll, int(count))
 
     # --- checkpoints ----------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Perplexity: the protocol behind the reference numbers in docs (and design/assets.md).
+"""Perplexity: the one protocol behind the trainer's held-out numbers, ``linearize eval ppl``, the
+study and the reference numbers in docs (and design/assets.md). It lives in ``train/`` because
+the trainer scores its held-out tokens with it and ``eval/`` sits above ``train/``.
 
 A text is tokenized as one string without BOS. **Windowed** evaluation cuts the tokens into
 windows of ``window`` tokens starting every ``stride`` tokens (by default ``stride = window``:
@@ -15,10 +17,11 @@ tolerance: the form only changes how each window is computed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -138,6 +141,7 @@ def _run(
     return hidden[0], state
 
 
+@torch.no_grad()
 def windowed_nll(
     model: Decoder,
     tokens: Tensor,
@@ -145,20 +149,46 @@ def windowed_nll(
     stride: int | None = None,
     form: str = "chunk",
     progress: Progress | None = None,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int = 1,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[float, int]:
-    """``(summed NLL, scored tokens)`` over the windows of :func:`window_spans`."""
-    spans = window_spans(len(tokens), window, stride)
-    total, count = 0.0, 0
-    for i, span in enumerate(spans):
-        hidden, _ = _run(model, tokens[span.start : span.end], None, form)
-        # hidden[j] predicts tokens[start + j + 1]; score targets from score_from on.
-        first = span.score_from - span.start - 1
-        targets = tokens[span.score_from : span.end].to(model.device)
-        total += float(token_nll(model, hidden[first:-1], targets))
-        count += len(targets)
+    """``(summed NLL, scored tokens)`` over the windows of :func:`window_spans`.
+
+    ``shard = (rank, world_size)``: this process scores windows ``rank::world_size`` (the caller
+    sums over processes); windows of one shape are run ``batch_size`` at a time."""
+    rank, world = shard
+    spans = window_spans(len(tokens), window, stride)[rank::world]
+    total, count, done = 0.0, 0, 0
+    for group in _batches(spans, batch_size):
+        ids = torch.stack([tokens[s.start : s.end] for s in group]).to(model.device)
+        with autocast():
+            hidden, _ = model.forward_hidden(ids, form=form)
+        for row, span in zip(hidden, group, strict=True):
+            # row[j] predicts tokens[start + j + 1]; score targets from score_from on.
+            first = span.score_from - span.start - 1
+            targets = tokens[span.score_from : span.end].to(model.device)
+            total += float(token_nll(model, row[first:-1], targets))
+            count += len(targets)
+        done += len(group)
         if progress is not None:
-            progress(i + 1, len(spans))
+            progress(done, len(spans))
     return total, count
+
+
+def _batches(spans: list[Span], batch_size: int) -> Iterator[list[Span]]:
+    """Consecutive runs of at most ``batch_size`` spans of one length."""
+    group: list[Span] = []
+    for span in spans:
+        if group and (
+            len(group) == batch_size or span.end - span.start != group[0].end - group[0].start
+        ):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
 
 
 def streaming_nll(
@@ -219,8 +249,17 @@ def perplexity(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, config.window, config.form, seconds)
+    return PerplexityResult(
+        exp_mean(total, count), total / count, count, config.window, config.form, seconds
+    )
+
+
+def exp_mean(nll_sum: float, count: int) -> float:
+    """Perplexity ``exp(mean NLL)``; inf when nothing was scored or the mean overflows."""
+    if count == 0:
+        return math.inf
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 700 else math.inf
 
 
 def _check_context(model: Decoder, config: PerplexityConfig, num_tokens: int) -> None:

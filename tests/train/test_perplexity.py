@@ -9,7 +9,7 @@ import torch
 
 from linearize import Decoder, linearize
 from linearize.data import source_tokens
-from linearize.eval.perplexity import (
+from linearize.train.perplexity import (
     EVAL_FORMS,
     PerplexityConfig,
     perplexity,
