@@ -54,6 +54,75 @@ def test_save_and_load(tmp_path):
         load_heads(tmp_path)
 
 
+def test_model_and_heads_are_saved_together(tmp_path):
+    import linearize
+    from linearize.generation.medusa import save_with_heads
+
+    model = tiny_model("softmax").float()
+    heads = MedusaHeads.from_model(model)
+    save_with_heads(model, heads, tmp_path / "m")
+    assert {"config.json", "model.safetensors", "medusa.json"} <= {
+        p.name for p in (tmp_path / "m").iterdir()
+    }
+    loaded = linearize.load(tmp_path / "m")
+    ids = torch.randint(128, (1, 9))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+    for a, b in zip(
+        heads.state_dict().values(), load_heads(tmp_path / "m").state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    plain = tiny_model("softmax")
+    plain.save(tmp_path / "p")
+    assert load_heads(tmp_path / "p") is None
+
+
+def test_model_directory_written_before_heads_moved_to_generation_still_loads(tmp_path):
+    """The format of a model saved with `Decoder.medusa` set (before the heads left models/):
+    config.json + model.safetensors (no medusa.* keys) + medusa.json + medusa.safetensors,
+    written here by hand."""
+    import dataclasses
+    import json
+
+    import safetensors.torch
+
+    import linearize
+
+    model = tiny_model("softmax").float()
+    config = model.config.to_dict()
+    config["attention"] = [
+        model.config.attention_config(i).to_dict() for i in range(model.config.num_layers)
+    ]
+    folder = tmp_path / "old"
+    folder.mkdir()
+    meta = {"format": "linearize", "format_version": 1, "model": config}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight")
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    heads = MedusaHeads.from_model(model)
+    with torch.no_grad():
+        heads.heads[0].blocks[0].linear.weight.normal_()
+    head_meta = {
+        "format": "linearize-medusa",
+        "format_version": 1,
+        "config": dataclasses.asdict(heads.config),
+        "rank_accuracy": None,
+        "metrics": {},
+    }
+    (folder / "medusa.json").write_text(json.dumps(head_meta, indent=2))
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in heads.state_dict().items()},
+        folder / "medusa.safetensors",
+        metadata={"format": "pt"},
+    )
+    loaded = linearize.load(folder)
+    ids = torch.randint(128, (1, 7))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+    h = torch.randn(2, 64, dtype=loaded.dtype)
+    torch.testing.assert_close(load_heads(folder)(h), heads(h))
+
+
 def test_heads_for_another_model_are_refused():
     heads = MedusaHeads.from_model(tiny_model("softmax"))
     with pytest.raises(ValueError, match="vocabulary"):

@@ -94,20 +94,3 @@ def test_unsupported_architecture_in_saved_config(tmp_path):
 def test_unknown_model_name_lists_builtins():
     with pytest.raises(ValueError, match="smollm2-135m"):
         linearize.load("not-a-model")
-
-
-def test_medusa_heads_are_saved_beside_the_model_and_loaded_with_it(tmp_path):
-    from linearize.generation.medusa import MedusaConfig, MedusaHeads
-
-    model = tiny()
-    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=64, vocab_size=128))
-    model.medusa = heads
-    model.save(tmp_path / "m")
-    assert (tmp_path / "m" / "medusa.safetensors").exists()
-    loaded = linearize.load(tmp_path / "m")
-    assert loaded.medusa is not None
-    for a, b in zip(heads.state_dict().values(), loaded.medusa.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    plain = tiny()
-    plain.save(tmp_path / "p")
-    assert linearize.load(tmp_path / "p").medusa is None

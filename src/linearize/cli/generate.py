@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from linearize.cli.options import add_attention_arguments, attention_from_args
 from linearize.data import split_tokens
 from linearize.generation.acceptance import list_acceptance_rules
 from linearize.generation.config import SPECULATIVE_MODES, GenerationConfig
+from linearize.generation.medusa import save_with_heads
 from linearize.generation.trees import list_trees
 
 
@@ -130,8 +128,6 @@ def _heads(args: argparse.Namespace, model):
 
     if args.speculative != "medusa":
         return None
-    if getattr(model, "medusa", None) is not None and args.heads is None:
-        return model.medusa
     source = args.heads or args.model
     heads = load_heads(source) if Path(source).is_dir() else None
     if heads is None:
@@ -184,27 +180,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_with_heads(model, heads, out: Path) -> None:
-    """Model and heads into ``out`` together: built in a temp sibling, then renamed into place."""
-    from linearize.generation.medusa import save_heads
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save(tmp / "model")
-        save_heads(heads, tmp / "model")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp / "model", out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp / "model", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -234,7 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
             bar.update(step - bar.n)
 
         heads = train_medusa(model, train, config, held_out=held_out, progress=progress)
-    _save_with_heads(model, heads, out)
+    save_with_heads(model, heads, out)
     ev = heads.metrics["eval"]
     print("head  top1(text)  top5(text)  top1(model)  top5(model)")
     for m in range(len(heads)):

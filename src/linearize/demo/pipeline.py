@@ -187,6 +187,7 @@ def _has_new_parameters(name: str) -> bool:
 def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None) -> dict:
     import linearize
     from linearize.data import source_tokens
+    from linearize.generation.medusa import save_with_heads
     from linearize.generation.medusa_train import MedusaTrainConfig, evaluate_heads, train_medusa
 
     model = linearize.load(model_dir)
@@ -196,8 +197,7 @@ def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None)
         tokens=config.medusa_tokens, data="model_labels", eval_tokens=config.eval_window
     )
     heads = train_medusa(model, tokens, medusa_config, held_out=held_out, progress=progress)
-    model.medusa = heads
-    model.save(model_dir)
+    save_with_heads(model, heads, model_dir)
     metrics = evaluate_heads(model, heads, held_out)
     return {k: v for k, v in metrics.items() if not k.startswith("rank_")}
 
@@ -229,9 +229,10 @@ def _speculative(model_dir: str, config: DemoConfig) -> dict[str, Any]:
     """Greedy decoding of the fixed prompts: plain, Medusa with the hardware-aware tree choice,
     and Medusa with a fixed small tree; decode-loop tokens/s (the paper's protocol)."""
     import linearize
-    from linearize.generation import GenerationConfig, generate
+    from linearize.generation import GenerationConfig, generate, load_heads
 
     model = linearize.load(model_dir).eval()
+    heads = load_heads(model_dir)
     modes = {
         "plain": {},
         "medusa": {"speculative": "medusa"},
@@ -242,7 +243,7 @@ def _speculative(model_dir: str, config: DemoConfig) -> dict[str, Any]:
     for prompt in PROMPTS:
         for name, options in modes.items():
             generation = GenerationConfig(max_new_tokens=config.new_tokens, **options)
-            result = generate(model, prompt, generation, calibration=calibration)
+            result = generate(model, prompt, generation, heads=heads, calibration=calibration)
             calibration = calibration or result.calibration
             results[name].append(result)
     summary: dict[str, Any] = {}

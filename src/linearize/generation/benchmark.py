@@ -145,13 +145,11 @@ def run_speculative_benchmark(
     """One row per method: tokens/s (prefill included, calibration excluded), decode tokens/s,
     mean accepted tokens per target pass, speedup over plain, and whether the output equals
     plain decoding. ``model`` may be a name or path (loaded, then linearized with ``attention``
-    if given); Medusa rows need ``heads`` (else ``model.medusa`` or heads saved in the path).
+    if given); Medusa rows need ``heads`` (else heads saved in the path).
     ``draft_layers``: truncated drafts to try (default: a quarter of the layers); ``chat``:
     format prompts with the chat template (default: when the tokenizer has one)."""
     source = model
     model = _resolve_model(model, attention)
-    if heads is None:
-        heads = getattr(model, "medusa", None)
     if heads is None and isinstance(source, str):
         heads = load_heads(source)
     if draft_layers is None:

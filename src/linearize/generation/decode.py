@@ -105,11 +105,10 @@ def _no_proposer(
 def _medusa_proposer(
     model: Decoder, config: GenerationConfig, heads: MedusaHeads | None, draft: Decoder | None
 ) -> MedusaProposer:
-    heads = heads if heads is not None else getattr(model, "medusa", None)
     if heads is None:
         raise ValueError(
-            "speculative 'medusa' needs Medusa heads and this model has none "
-            "(train them with `linearize train-medusa`)"
+            "speculative 'medusa' needs Medusa heads and this call has none (pass "
+            "heads=load_heads(DIR); train them with `linearize train-medusa`)"
         )
     heads.check_model(model)
     heads.to(device=model.device, dtype=model.dtype)

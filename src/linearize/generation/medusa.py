@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from linearize.models.decoder import Decoder
+from linearize.models.directory import write_model
+from linearize.paths import atomic_dir, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +160,6 @@ class MedusaHeads(nn.Module):
             )
 
 
-def _atomic_write(path: Path, write) -> None:
-    # A plain file beside the target (default permissions), renamed over it when complete.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_heads(heads: MedusaHeads, directory: str | os.PathLike) -> Path:
     """Write ``medusa.safetensors`` and ``medusa.json`` into ``directory`` (each atomically;
     the JSON last, so a directory with the JSON always has matching weights)."""
@@ -180,13 +173,23 @@ def save_heads(heads: MedusaHeads, directory: str | os.PathLike) -> Path:
         "rank_accuracy": heads.rank_accuracy,
         "metrics": heads.metrics,
     }
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_FILE,
         lambda p: safetensors.torch.save_file(tensors, p, metadata={"format": "pt"}),
     )
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     logger.info("saved %d Medusa heads to %s", len(heads), directory)
     return directory
+
+
+def save_with_heads(model: Decoder, heads: MedusaHeads, directory: str | os.PathLike) -> Path:
+    """The model and its heads into ``directory`` together, atomically (a model directory that
+    also holds ``medusa.safetensors`` and ``medusa.json``)."""
+    with atomic_dir(directory) as tmp:
+        write_model(model, tmp)
+        save_heads(heads, tmp)
+    logger.info("saved the model and %d Medusa heads to %s", len(heads), directory)
+    return Path(directory)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

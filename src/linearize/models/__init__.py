@@ -3,6 +3,7 @@
 from linearize.models.config import ModelConfig
 from linearize.models.convert import is_new_parameter, linearize
 from linearize.models.decoder import Decoder, ModelState
-from linearize.models.io import load, save
+from linearize.models.directory import save
+from linearize.models.io import load
 
 __all__ = ["Decoder", "ModelConfig", "ModelState", "is_new_parameter", "linearize", "load", "save"]

@@ -65,7 +65,7 @@ def _gpt2_map(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
 
 def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
     """Copy ``weights`` into ``model``, strictly: names and shapes must match exactly."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("medusa.")}
+    expected = dict(model.state_dict())
     if model.config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight", None)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from linearize.layers.attention import Attention, AttentionState, TreeDraft
 from linearize.models.config import ModelConfig
+from linearize.models.directory import save
 from linearize.ops.tree import Tree
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,6 @@ class Decoder(nn.Module):
         self.apply(self._init_weights)
         self.tie_weights()
         self.tokenizer = None
-        # Optional Medusa heads (generation.medusa.MedusaHeads): saved beside the model's own
-        # weights (medusa.safetensors), never inside model.safetensors.
-        self.medusa = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -196,8 +194,6 @@ class Decoder(nn.Module):
 
     def save(self, directory) -> None:
         """Write config.json, model.safetensors and the tokenizer to ``directory`` atomically."""
-        from linearize.models.io import save
-
         save(self, directory)
 
     def tie_weights(self) -> None:

