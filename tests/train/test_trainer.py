@@ -14,8 +14,9 @@ from linearize import Decoder, ModelConfig
 from linearize.train.config import TrainConfig
 from linearize.train.losses import next_token_nll
 from linearize.train.perplexity import windowed_nll
+from linearize.train.schedule import WarmupCosine
 from linearize.train.stages import StageSetup
-from linearize.train.trainer import Trainer, TrainingDiverged, WarmupCosine
+from linearize.train.trainer import Trainer, TrainingDiverged
 
 AUGMENTED = {"name": "augmented", "size": 8, "conv_size": 4}
 

@@ -8,11 +8,16 @@ import sys
 
 from tqdm import tqdm
 
-from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.cli.options import (
+    add_attention_arguments,
+    add_config_arguments,
+    attention_from_args,
+    config_from_args,
+)
 from linearize.data import source_tokens
 from linearize.eval import report
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
-from linearize.train.perplexity import EVAL_FORMS, PerplexityConfig, perplexity
+from linearize.train.perplexity import PerplexityConfig, perplexity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,15 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="austen:eval (first 50,176 tokens of Pride and Prejudice), mobydick, another "
         "built-in corpus, or a .txt/.md/.jsonl file or folder",
     )
-    ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
-    ppl.add_argument("--stride", type=int, help="start a window every STRIDE tokens (overlap)")
-    ppl.add_argument("--tokens", type=int, help="score only the first N tokens of the data")
-    ppl.add_argument("--form", choices=EVAL_FORMS, default="chunk", help="how windows run")
-    ppl.add_argument(
-        "--stream",
-        action="store_true",
-        help="one pass over the whole text, the state carried between windows (long context)",
-    )
+    add_config_arguments(ppl, PerplexityConfig)
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
     ppl.set_defaults(func=run_ppl)
@@ -44,25 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser(
         "study", help="the paper's study: every causal linear attention, same training budget"
     )
-    defaults = StudyConfig()
-    study.add_argument("--model", default=defaults.model, help="the base softmax model")
-    study.add_argument("--data", default=defaults.data, help="training corpus (name or path)")
-    study.add_argument("--eval-data", help="held-out text (default: the corpus's eval split)")
-    study.add_argument(
-        "--tokens", type=int, default=defaults.tokens, help="training tokens per variant"
-    )
-    study.add_argument(
-        "--eval-tokens", type=int, default=defaults.eval_tokens, help="held-out tokens scored"
-    )
-    study.add_argument("--window", type=int, default=defaults.window, help="perplexity window")
-    study.add_argument("--block-size", type=int, default=defaults.block_size)
-    study.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    study.add_argument("--lr", type=float, default=defaults.lr, help="fine-tuning learning rate")
-    study.add_argument("--seed", type=int, default=defaults.seed)
+    add_config_arguments(study, StudyConfig, skip=("variants",))
     study.add_argument(
         "--variants", help=f"comma-separated subset of: {', '.join(study_variants())}"
     )
-    study.add_argument("--out", default=defaults.out, help="output folder (resumable)")
     study.add_argument("--json", action="store_true", help="one JSON object per variant")
     study.set_defaults(func=run_study_command)
 
@@ -70,13 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from linearize.models import load
 
-    config = PerplexityConfig(
-        window=args.window,
-        stride=args.stride,
-        tokens=args.tokens,
-        form=args.form,
-        stream=args.stream,
-    ).validate()
+    config = config_from_args(args, PerplexityConfig)
     model = load(args.model)
     if args.attention:
         from linearize.models import linearize
@@ -141,20 +117,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    config = StudyConfig(
-        model=args.model,
-        data=args.data,
-        eval_data=args.eval_data,
-        tokens=args.tokens,
-        eval_tokens=args.eval_tokens,
-        window=args.window,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        variants=args.variants.split(",") if args.variants else None,
-        out=args.out,
-    ).validate()
+    variants = args.variants.split(",") if args.variants else None
+    config = config_from_args(args, StudyConfig, variants=variants)
 
     def callback(event: dict) -> None:
         if event.get("event") == "variant":

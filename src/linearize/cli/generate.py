@@ -19,12 +19,17 @@ import json
 import sys
 from pathlib import Path
 
-from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.cli.options import (
+    add_attention_arguments,
+    add_config_arguments,
+    attention_from_args,
+    config_from_args,
+)
 from linearize.data import split_tokens
 from linearize.generation.acceptance import list_acceptance_rules
-from linearize.generation.config import SPECULATIVE_MODES, GenerationConfig
+from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import save_with_heads
-from linearize.generation.trees import list_trees
+from linearize.generation.medusa_train import MedusaTrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,31 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--model", required=True, help="model name or path")
     gen.add_argument("--prompt", required=True, help="prompt text")
-    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--seed", type=int, help="sampling seed (ignored when greedy)")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none")
     gen.add_argument("--draft", help="draft model name or path (--speculative draft)")
-    gen.add_argument("--draft-layers", type=int, help="draft = the target's first N layers")
     gen.add_argument("--heads", help="Medusa heads directory (default: the model directory)")
-    gen.add_argument(
-        "--tree", default="auto", help=f"'auto', {', '.join(list_trees())} or JSON paths"
-    )
-    gen.add_argument(
-        "--acceptance",
-        choices=list_acceptance_rules(),
-        help="default: greedy at temperature 0, rejection otherwise",
-    )
-    gen.add_argument("--gamma", type=int, help="draft/lookup chain length (default: auto)")
     gen.add_argument("--json", action="store_true", help="print one JSON object, no stream")
     gen.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's; 1 on a busy CPU)"
     )
+    add_config_arguments(gen, GenerationConfig, choices={"acceptance": list_acceptance_rules()})
     add_attention_arguments(gen, required=False)
     gen.set_defaults(func=run)
 
@@ -72,26 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--model", required=True, help="model name or path")
     train.add_argument("--out", required=True, help="directory for the model and its heads")
-    train.add_argument("--tokens", type=int, default=50_000, help="training tokens (50000)")
-    train.add_argument("--num-heads", type=int, default=4)
-    train.add_argument(
-        "--data",
-        choices=("corpus", "model_labels", "self_distill"),
-        default="corpus",
-        help="labels: the text, the model's argmax on the text, or the model's own generations",
-    )
     train.add_argument("--corpus", default="austen", help="corpus name or text path (austen)")
-    train.add_argument("--block-size", type=int, default=256)
-    train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (P&P)")
-    train.add_argument(
-        "--shared-proj",
-        action="store_true",
-        help="heads project with the model's frozen LM head instead of their own copies "
-        "(M times less vocabulary work per token: the better choice on a CPU)",
-    )
-    train.add_argument("--seed", type=int, default=0)
+    add_config_arguments(train, MedusaTrainConfig)
     add_attention_arguments(train, required=False)
     train.set_defaults(func=run_train)
 
@@ -106,21 +75,7 @@ def _load(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=args.stop,
-        chat=args.chat,
-        speculative=args.speculative,
-        acceptance=args.acceptance,
-        tree=args.tree,
-        gamma=args.gamma,
-        draft_layers=args.draft_layers,
-    ).validate()
+    return config_from_args(args, GenerationConfig)
 
 
 def _heads(args: argparse.Namespace, model):
@@ -183,19 +138,9 @@ def run(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from linearize.generation.medusa_train import MedusaTrainConfig, train_medusa
+    from linearize.generation.medusa_train import train_medusa
 
-    config = MedusaTrainConfig(
-        num_heads=args.num_heads,
-        tokens=args.tokens,
-        block_size=args.block_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        data=args.data,
-        eval_tokens=args.eval_tokens,
-        shared_proj=args.shared_proj,
-        seed=args.seed,
-    ).validate()
+    config = config_from_args(args, MedusaTrainConfig)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")

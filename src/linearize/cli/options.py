@@ -1,9 +1,13 @@
-"""Command-line arguments shared by commands that pick an attention."""
+"""Command-line arguments shared by commands: the attention flags, and the flags generated from a
+config dataclass's fields."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import types
+import typing
 from typing import Any
 
 from linearize.layers.config import list_attentions
@@ -56,3 +60,55 @@ def parse_layers(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"--layers {text!r}: expected comma-separated layer indices") from None
+
+
+def _field_type(hint: Any) -> tuple[Any, tuple[Any, ...] | None, bool]:
+    """The argparse ``type``, ``choices`` and repeatability of a config field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return str, typing.get_args(hint), False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return _field_type(args[0])
+    if typing.get_origin(hint) is list:
+        return args[0], None, True
+    return hint, None, False
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    choices: dict[str, list[str]] | None = None,
+) -> None:
+    """One ``--flag`` per field of the dataclass config ``cls`` (but ``skip``), with the field's
+    help text and default (à la transformers' ``HfArgumentParser``); list fields repeat."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = field.metadata.get("help", "")
+        if default not in (None, []):
+            help_text += f" (default: {default})"
+        kind, allowed, repeated = _field_type(hints[field.name])
+        allowed = (choices or {}).get(field.name, allowed)
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif repeated:
+            parser.add_argument(flag, type=kind, action="append", help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, type=kind, choices=allowed, default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, **values: Any) -> Any:
+    """The validated config ``cls`` of the flags ``add_config_arguments`` made; ``values``
+    (fields with their own flags) win. Repeatable flags never given keep the field default."""
+    for field in dataclasses.fields(cls):
+        if field.name not in values and getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
+    return cls(**values).validate()

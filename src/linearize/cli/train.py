@@ -12,45 +12,19 @@ command trains data-parallel; ``--batch-size`` is the global batch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
 from typing import Any
 
-from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
+from linearize.cli.options import (
+    add_attention_arguments,
+    add_config_arguments,
+    attention_from_args,
+    config_from_args,
+    parse_layers,
+)
 from linearize.train.config import TrainConfig
 
 # Fields with their own flags (options.py) or set from several flags.
 SPECIAL = ("model", "attention", "attention_options", "layers")
-
-
-def _field_type(hint: Any) -> tuple[Any, tuple[Any, ...] | None]:
-    """The argparse ``type`` and ``choices`` of a config field's type hint."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Literal:
-        return str, typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return _field_type(args[0])
-    return hint, None
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field, with its help text and default."""
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in SPECIAL:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = field.metadata.get("help", "")
-        if default is not None:
-            help_text += f" (default: {default})"
-        kind, choices = _field_type(hints[field.name])
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, choices=choices, help=help_text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,24 +41,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, TrainConfig, skip=SPECIAL)
     parser.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in SPECIAL and getattr(args, f.name) is not None
-    }
-    values["model"] = args.model
+def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.attention is None:
         args.attention = TrainConfig().attention
     spec = attention_from_args(args)
-    values["attention"] = spec.pop("name")
-    values["attention_options"] = spec
-    values["layers"] = parse_layers(args.layers)
-    return TrainConfig(**values).validate()
+    return config_from_args(
+        args,
+        TrainConfig,
+        model=args.model,
+        attention=spec.pop("name"),
+        attention_options=spec,
+        layers=parse_layers(args.layers),
+    )
 
 
 class ProgressBars:
@@ -118,7 +90,7 @@ class ProgressBars:
 def run(args: argparse.Namespace) -> int:
     from linearize.train.pipeline import run as train
 
-    config = config_from_args(args)
+    config = train_config(args)
     bars = ProgressBars()
     try:
         result = train(config, args.out, resume=args.resume, callback=bars)

@@ -13,11 +13,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from linearize.config import Config, option
 
 logger = logging.getLogger(__name__)
 
@@ -29,31 +31,25 @@ PROMPTS = (
 )
 
 
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     """What the demo runs; the defaults finish in about 20 minutes on a 2-core CPU."""
 
-    model: str = _help("base model: a name, HF dir, .gguf or saved dir", "smollm2-135m")
-    attention: str = _help("the attention to linearize to", "augmented")
-    plain: str = _help("the plain linear attention it is compared with", "elu")
-    budget: int = _help("training tokens per linearized model (transfer + finetune)", 24_576)
-    block_size: int = _help("tokens per training sequence", 512)
-    batch_size: int = _help("sequences per optimizer step", 2)
-    medusa_tokens: int = _help("tokens to train the Medusa heads on", 16_384)
-    eval_tokens: int = _help("evaluation tokens (first tokens of Pride and Prejudice)", 8_192)
-    eval_window: int = _help("perplexity window", 1024)
-    contexts: list[int] = _help("decode contexts to time", factory=lambda: [1024, 8192, 32768])
-    decode_steps: int = _help("decode steps timed at each context", 8)
-    new_tokens: int = _help("tokens generated per prompt for the speed comparison", 48)
-    data: str = _help("training data", "austen")
-    eval_data: str = _help("evaluation data", "austen:eval")
-    device: str = _help("auto, cpu, cuda", "auto")
+    model: str = option("base model: a name, HF dir, .gguf or saved dir", "smollm2-135m")
+    attention: str = option("the attention to linearize to", "augmented")
+    plain: str = option("the plain linear attention it is compared with", "elu")
+    budget: int = option("training tokens per linearized model (transfer + finetune)", 24_576)
+    block_size: int = option("tokens per training sequence", 512)
+    batch_size: int = option("sequences per optimizer step", 2)
+    medusa_tokens: int = option("tokens to train the Medusa heads on", 16_384)
+    eval_tokens: int = option("evaluation tokens (first tokens of Pride and Prejudice)", 8_192)
+    eval_window: int = option("perplexity window", 1024)
+    contexts: list[int] = option("decode contexts to time", factory=lambda: [1024, 8192, 32768])
+    decode_steps: int = option("decode steps timed at each context", 8)
+    new_tokens: int = option("tokens generated per prompt for the speed comparison", 48)
+    data: str = option("training data", "austen")
+    eval_data: str = option("evaluation data", "austen:eval")
+    device: str = option("auto, cpu, cuda", "auto")
 
     def validate(self) -> DemoConfig:
         for name in ("budget", "block_size", "medusa_tokens", "eval_tokens", "decode_steps"):

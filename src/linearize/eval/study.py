@@ -19,12 +19,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from linearize.config import Config, option
 from linearize.data import split_tokens
 from linearize.layers.config import ABLATIONS, attention_config, list_attentions
 from linearize.models import is_new_parameter, linearize, load
@@ -52,26 +53,22 @@ def study_variants() -> dict[str, dict[str, Any] | None]:
     return variants
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class StudyConfig:
+class StudyConfig(Config):
     """One study: a base model, a training corpus and budget, a held-out set."""
 
-    model: str = _help("the base (softmax) model", "smollm2-135m")
-    data: str = _help("training corpus: a built-in name or a path", "austen")
-    eval_data: str | None = _help("held-out text (default: the corpus's eval split)", None)
-    tokens: int = _help("training tokens per variant", 49_152)
-    eval_tokens: int = _help("held-out tokens scored per variant", 8192)
-    window: int = _help("perplexity window", 1024)
-    block_size: int = _help("training sequence length", 512)
-    batch_size: int = _help("sequences per optimizer step", 4)
-    lr: float = _help("fine-tuning learning rate", 1e-4)
-    seed: int = _help("random seed", 0)
-    variants: list[str] | None = _help("variants to run (default: all)", None)
-    out: str = _help("output folder", "results/study")
+    model: str = option("the base (softmax) model", "smollm2-135m")
+    data: str = option("training corpus: a built-in name or a path", "austen")
+    eval_data: str | None = option("held-out text (default: the corpus's eval split)", None)
+    tokens: int = option("training tokens per variant", 49_152)
+    eval_tokens: int = option("held-out tokens scored per variant", 8192)
+    window: int = option("perplexity window", 1024)
+    block_size: int = option("training sequence length", 512)
+    batch_size: int = option("sequences per optimizer step", 4)
+    lr: float = option("fine-tuning learning rate", 1e-4)
+    seed: int = option("random seed", 0)
+    variants: list[str] | None = option("variants to run (default: all)", None)
+    out: str = option("output folder", "results/study")
 
     def validate(self) -> StudyConfig:
         if self.eval_data is None and self.data not in EVAL_SPLITS:

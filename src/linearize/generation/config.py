@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
+from linearize.config import Config, option
 from linearize.generation.acceptance import AcceptanceOptions, acceptance_rule
 from linearize.generation.sampling import SamplingConfig
 from linearize.generation.trees import tree_spec
@@ -13,35 +14,29 @@ Speculative = Literal["none", "medusa", "draft", "lookup"]
 SPECULATIVE_MODES = ("none", "medusa", "draft", "lookup")
 
 
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Config):
     """Everything that decides what ``generate`` produces and how fast."""
 
-    max_new_tokens: int = _help("most tokens to generate", 128)
-    temperature: float = _help("0 = greedy", 0.0)
-    top_k: int = _help("sample among the k most likely tokens (0 = all)", 0)
-    top_p: float = _help("nucleus sampling mass (1 = off)", 1.0)
-    repetition_penalty: float = _help("penalty on tokens already seen (1 = off)", 1.0)
-    seed: int | None = _help("sampling seed (ignored when greedy)", None)
-    stop: list[str] = _help("stop when the text contains one of these", factory=list)
-    stop_token_ids: list[int] | None = _help("stop tokens (None = the model's EOS)", None)
-    chat: bool = _help("format the prompt with the tokenizer's chat template", False)
-    speculative: Speculative = _help("none | medusa | draft | lookup", "none")
-    acceptance: str | None = _help(
+    max_new_tokens: int = option("most tokens to generate", 128)
+    temperature: float = option("0 = greedy", 0.0)
+    top_k: int = option("sample among the k most likely tokens (0 = all)", 0)
+    top_p: float = option("nucleus sampling mass (1 = off)", 1.0)
+    repetition_penalty: float = option("penalty on tokens already seen (1 = off)", 1.0)
+    seed: int | None = option("sampling seed (ignored when greedy)", None)
+    stop: list[str] = option("stop when the text contains one of these", factory=list)
+    stop_token_ids: list[int] | None = option("stop tokens (None = the model's EOS)", None)
+    chat: bool = option("format the prompt with the tokenizer's chat template", False)
+    speculative: Speculative = option("none | medusa | draft | lookup", "none")
+    acceptance: str | None = option(
         "greedy | typical | rejection (None: greedy at temperature 0, else rejection)", None
     )
-    tree: str = _help("Medusa tree: 'auto' (hardware-aware), a default name, or JSON", "auto")
-    gamma: int | None = _help("draft/lookup chain length (None = hardware-aware choice)", None)
-    draft_layers: int | None = _help("draft = the target's first N layers", None)
-    lookup_ngram: int = _help("longest n-gram prompt lookup matches", 3)
-    typical_threshold: float = _help("typical acceptance: posterior threshold ε", 0.09)
-    typical_alpha: float = _help("typical acceptance: entropy factor α", 0.3)
+    tree: str = option("Medusa tree: 'auto' (hardware-aware), a default name, or JSON", "auto")
+    gamma: int | None = option("draft/lookup chain length (None = hardware-aware choice)", None)
+    draft_layers: int | None = option("draft = the target's first N layers", None)
+    lookup_ngram: int = option("longest n-gram prompt lookup matches", 3)
+    typical_threshold: float = option("typical acceptance: posterior threshold ε", 0.09)
+    typical_alpha: float = option("typical acceptance: entropy factor α", 0.3)
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1:
@@ -83,6 +78,3 @@ class GenerationConfig:
 
     def acceptance_options(self) -> AcceptanceOptions:
         return AcceptanceOptions(self.typical_threshold, self.typical_alpha).validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linearize.config import Config
 from linearize.models.decoder import Decoder
 from linearize.models.directory import write_model
 from linearize.paths import atomic_dir, atomic_write
@@ -38,8 +39,10 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class MedusaConfig:
+class MedusaConfig(Config):
     """Shapes of a set of Medusa heads."""
+
+    keys_name = "Medusa config keys"
 
     num_heads: int = 4
     hidden_size: int = 64
@@ -52,14 +55,6 @@ class MedusaConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"Medusa {name} must be >= 1, got {getattr(self, name)}")
         return self
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MedusaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Medusa config keys {unknown}; valid: {sorted(known)}")
-        return cls(**data).validate()
 
 
 class ResidualBlock(nn.Module):

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from linearize.config import Config, option
 from linearize.data import block_order, pack_blocks
 from linearize.generation.batch import generate_batch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder
+from linearize.train.schedule import WarmupCosine
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +41,30 @@ TRAINING_DATA = ("corpus", "model_labels", "self_distill")
 
 
 @dataclass
-class MedusaTrainConfig:
+class MedusaTrainConfig(Config):
     """How Medusa heads are trained (defaults: a short CPU run)."""
 
-    num_heads: int = 4
-    num_blocks: int = 1
-    tokens: int = 50_000
-    block_size: int = 256
-    batch_size: int = 2
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    head_decay: float = 0.8
-    shared_proj: bool = False
-    data: Literal["corpus", "model_labels", "self_distill"] = "corpus"
-    prompt_tokens: int = 32
-    eval_tokens: int = 4096
-    top_k: int = 10
-    seed: int = 0
+    num_heads: int = option("Medusa heads (head m predicts the token m + 2 ahead)", 4)
+    num_blocks: int = option("residual blocks per head", 1)
+    tokens: int = option("training tokens", 50_000)
+    block_size: int = option("tokens per training sequence", 256)
+    batch_size: int = option("sequences per optimizer step", 2)
+    lr: float = option("peak learning rate", 1e-3)
+    weight_decay: float = option("AdamW weight decay", 0.0)
+    head_decay: float = option("loss weight of head m is head_decay ** m", 0.8)
+    shared_proj: bool = option(
+        "heads project with the model's frozen LM head instead of their own copies "
+        "(M times less vocabulary work per token: the better choice on a CPU)",
+        False,
+    )
+    data: Literal["corpus", "model_labels", "self_distill"] = option(
+        "labels: the text, the model's argmax on the text, or the model's own generations",
+        "corpus",
+    )
+    prompt_tokens: int = option("self_distill: prompt tokens before each generation", 32)
+    eval_tokens: int = option("held-out tokens", 4096)
+    top_k: int = option("top-k accuracies reported per head", 10)
+    seed: int = option("random seed", 0)
 
     def validate(self) -> MedusaTrainConfig:
         positive = ("num_heads", "num_blocks", "tokens", "batch_size", "eval_tokens", "top_k")
@@ -160,10 +169,7 @@ def train_medusa(
     )
     steps = math.ceil(len(blocks) / config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps))
-        ),
+        optimizer, WarmupCosine(warmup=steps // 10, total=steps, min_ratio=0.0)
     )
     # 2. train: frozen base → hidden states → heads
     for step in range(steps):

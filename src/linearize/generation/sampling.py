@@ -9,27 +9,25 @@ drawn, so the seed does not matter.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+from linearize.config import Config, option
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Config):
     """How the next token is chosen from the model's logits."""
 
-    temperature: float = _help("0 = greedy; otherwise logits are divided by it", 0.0)
-    top_k: int = _help("keep the k most likely tokens (0 = all)", 0)
-    top_p: float = _help("keep the smallest set of tokens whose mass reaches p (1 = all)", 1.0)
-    repetition_penalty: float = _help(
+    temperature: float = option("0 = greedy; otherwise logits are divided by it", 0.0)
+    top_k: int = option("keep the k most likely tokens (0 = all)", 0)
+    top_p: float = option("keep the smallest set of tokens whose mass reaches p (1 = all)", 1.0)
+    repetition_penalty: float = option(
         "divide positive (multiply negative) logits of tokens already seen by it (1 = off)", 1.0
     )
-    seed: int | None = _help("seed of the sampling generator (ignored when greedy)", None)
+    seed: int | None = option("seed of the sampling generator (ignored when greedy)", None)
 
     def validate(self) -> SamplingConfig:
         if not self.temperature >= 0:
@@ -45,9 +43,6 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Sampler:

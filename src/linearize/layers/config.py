@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from linearize.config import Config
 from linearize.layers.feature_maps import FEATURE_MAPS
 
 Kind = Literal["softmax", "linear", "linformer"]
@@ -12,13 +13,11 @@ Form = Literal["auto", "parallel", "chunk", "recurrent"]
 FORMS = ("auto", "parallel", "chunk", "recurrent")
 
 
-def _help(text: str) -> Any:
-    return field(metadata={"help": text})
-
-
 @dataclass
-class AttentionConfig:
+class AttentionConfig(Config):
     """Everything that defines one attention layer; saved with every converted model."""
+
+    keys_name = "attention options"
 
     name: str = "softmax"
     hidden_size: int = 64
@@ -80,17 +79,6 @@ class AttentionConfig:
     @property
     def is_causal(self) -> bool:
         return self.kind != "linformer" and self.conv != "symmetric"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown attention options {unknown}; valid: {sorted(known)}")
-        return cls(**data).validate()
 
 
 _LINEAR = {"kind": "linear", "window": "sliding", "size": 0, "local": "none"}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from linearize.config import Config
 from linearize.layers.config import AttentionConfig
 
 Architecture = Literal["llama", "gpt2"]
@@ -12,9 +13,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """A LLaMA-family (RMSNorm, RoPE, GQA, SwiGLU) or GPT-2-family (LayerNorm, learned positions,
     GELU MLP) decoder; ``attention`` holds one attention config per layer (hybrids allowed)."""
+
+    keys_name = "model config keys"
 
     architecture: Architecture = "llama"
     vocab_size: int = 128
@@ -75,17 +78,6 @@ class ModelConfig:
             "o_bias": self.o_bias,
         }
         return AttentionConfig.from_dict({**ATTENTIONS[name], **options, **shapes, "name": name})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid: {sorted(known)}")
-        return cls(**data).validate()
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:

@@ -8,8 +8,10 @@ through LoRA adapters (``lora=True``, the paper's recipe) or on every weight.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from linearize.config import Config, option
 
 Stage = Literal["transfer", "finetune", "both"]
 STAGES = ("transfer", "finetune", "both")
@@ -24,62 +26,56 @@ PARALLELS = ("ddp", "fsdp")
 RESUMABLE_CHANGES = ("device", "eval_every", "checkpoint_every")
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-def _help_factory(text: str, factory: Any) -> Any:
-    return field(default_factory=factory, metadata={"help": text})
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything that defines a training run; saved with every checkpoint."""
 
-    model: str = _help("model name or path (see `linearize models`)", "smollm2-135m")
-    attention: str | None = _help(
+    keys_name = "training config keys"
+
+    model: str = option("model name or path (see `linearize models`)", "smollm2-135m")
+    attention: str | None = option(
         "attention to linearize to (None: keep the model's own attention)", "augmented"
     )
-    attention_options: dict[str, Any] = _help_factory(
-        "options of the attention config (size, conv_size, feature_map, ...)", dict
+    attention_options: dict[str, Any] = option(
+        "options of the attention config (size, conv_size, feature_map, ...)", factory=dict
     )
-    layers: list[int] | None = _help("layers to linearize (default: all)", None)
-    stage: Stage = _help("transfer, finetune or both (transfer, then finetune)", "both")
-    data: str = _help("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
-    text_field: str = _help("the text field of JSONL records", "text")
-    tokens: int = _help("training tokens of the whole run (all stages)", 16_384)
-    transfer_tokens: int | None = _help(
+    layers: list[int] | None = option("layers to linearize (default: all)", None)
+    stage: Stage = option("transfer, finetune or both (transfer, then finetune)", "both")
+    data: str = option("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
+    text_field: str = option("the text field of JSONL records", "text")
+    tokens: int = option("training tokens of the whole run (all stages)", 16_384)
+    transfer_tokens: int | None = option(
         "training tokens of the transfer stage when --stage both (default: a third)", None
     )
-    block_size: int = _help("tokens per training sequence", 512)
-    batch_size: int = _help("sequences per optimizer step, over all processes", 2)
-    micro_batch_size: int = _help("sequences per forward pass (gradient accumulation)", 1)
-    lr: float = _help("peak learning rate of the finetune stage", 1e-4)
-    new_lr: float | None = _help(
+    block_size: int = option("tokens per training sequence", 512)
+    batch_size: int = option("sequences per optimizer step, over all processes", 2)
+    micro_batch_size: int = option("sequences per forward pass (gradient accumulation)", 1)
+    lr: float = option("peak learning rate of the finetune stage", 1e-4)
+    new_lr: float | None = option(
         "finetune learning rate of the linearization's new parameters (default: --lr)", None
     )
-    transfer_lr: float = _help("peak learning rate of the transfer stage", 1e-3)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    warmup: float = _help("warm-up, as a fraction of each stage's steps", 0.1)
-    min_lr_ratio: float = _help("the cosine schedule ends at this fraction of the peak", 0.1)
-    clip: float = _help("clip the gradient norm to this (0: no clipping)", 1.0)
-    lora: bool = _help("finetune through LoRA adapters on q,k,v,o (merged when saved)", False)
-    lora_r: int = _help("LoRA rank", 8)
-    lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", 16.0)
-    mse_weight: float = _help("transfer stage: weight of the attention-output MSE", 1.0)
-    ce_weight: float = _help("transfer stage: weight of the next-token cross-entropy", 0.0)
-    eval_every: int = _help("evaluate perplexity every N steps (0: at the end of stages)", 0)
-    eval_tokens: int = _help("held-out tokens scored at each evaluation", 4096)
-    checkpoint_every: int = _help("write a checkpoint every N steps (0: at stage ends)", 25)
-    seed: int = _help("random seed (initialisation and data order)", 0)
-    device: str = _help("auto, cpu, cuda, cuda:N", "auto")
-    form: TrainForm = _help(
+    transfer_lr: float = option("peak learning rate of the transfer stage", 1e-3)
+    weight_decay: float = option("AdamW weight decay", 0.0)
+    warmup: float = option("warm-up, as a fraction of each stage's steps", 0.1)
+    min_lr_ratio: float = option("the cosine schedule ends at this fraction of the peak", 0.1)
+    clip: float = option("clip the gradient norm to this (0: no clipping)", 1.0)
+    lora: bool = option("finetune through LoRA adapters on q,k,v,o (merged when saved)", False)
+    lora_r: int = option("LoRA rank", 8)
+    lora_alpha: float = option("LoRA alpha (scale = alpha / r)", 16.0)
+    mse_weight: float = option("transfer stage: weight of the attention-output MSE", 1.0)
+    ce_weight: float = option("transfer stage: weight of the next-token cross-entropy", 0.0)
+    eval_every: int = option("evaluate perplexity every N steps (0: at the end of stages)", 0)
+    eval_tokens: int = option("held-out tokens scored at each evaluation", 4096)
+    checkpoint_every: int = option("write a checkpoint every N steps (0: at stage ends)", 25)
+    seed: int = option("random seed (initialisation and data order)", 0)
+    device: str = option("auto, cpu, cuda, cuda:N", "auto")
+    form: TrainForm = option(
         "attention form while training: parallel (fastest for short blocks, O(T²) memory), "
         "chunk (O(T)) or auto",
         "auto",
     )
-    precision: Precision = _help("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", "auto")
-    parallel: Parallel = _help("under torchrun: ddp (replicas) or fsdp (sharded, finetune)", "ddp")
+    precision: Precision = option("auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16", "auto")
+    parallel: Parallel = option("under torchrun: ddp (replicas) or fsdp (sharded, finetune)", "ddp")
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -156,17 +152,6 @@ class TrainConfig:
         if self.attention is None:
             return None
         return {"name": self.attention, **self.attention_options}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; valid: {sorted(known)}")
-        return cls(**data).validate()
 
     def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """Fields that differ from ``other`` and change what a run computes: ``{name: (ours,

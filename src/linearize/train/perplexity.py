@@ -22,13 +22,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from linearize.config import Config, option
 from linearize.models.decoder import Decoder, ModelState
 
 logger = logging.getLogger(__name__)
@@ -41,19 +42,15 @@ LOGIT_ROWS = 1024
 Progress = Callable[[int, int], None]
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class PerplexityConfig:
+class PerplexityConfig(Config):
     """How to score a token sequence."""
 
-    window: int = _help("tokens per window (per segment when streaming)", 1024)
-    stride: int | None = _help("start a window every STRIDE tokens (default: window)", None)
-    tokens: int | None = _help("score only the first N tokens of the data", None)
-    form: EvalForm = _help("how each window is computed: parallel, chunk or recurrent", "chunk")
-    stream: bool = _help("one pass over the whole text, state carried between segments", False)
+    window: int = option("tokens per window (per segment when streaming)", 1024)
+    stride: int | None = option("start a window every STRIDE tokens (default: window)", None)
+    tokens: int | None = option("score only the first N tokens of the data", None)
+    form: EvalForm = option("how each window is computed: parallel, chunk or recurrent", "chunk")
+    stream: bool = option("one pass over the whole text, state carried between segments", False)
 
     def validate(self) -> PerplexityConfig:
         if self.window < 2:

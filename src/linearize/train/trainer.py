@@ -32,6 +32,7 @@ from linearize.train.config import TrainConfig
 from linearize.train.distributed import STRATEGIES, DistContext, init_distributed
 from linearize.train.finetune import merge_lora
 from linearize.train.perplexity import exp_mean, windowed_nll
+from linearize.train.schedule import WarmupCosine
 from linearize.train.stages import STAGE_SETUPS, StageSetup
 from linearize.train.transfer import transfer_parameters
 
@@ -42,20 +43,6 @@ Callback = Callable[[dict[str, Any]], None]
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-class WarmupCosine:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        progress = (step - self.warmup) / max(self.total - self.warmup, 1)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return self.min_ratio + (1 - self.min_ratio) * cosine
 
 
 @dataclass
