@@ -94,3 +94,18 @@ def test_unsupported_architecture_in_saved_config(tmp_path):
 def test_unknown_model_name_lists_builtins():
     with pytest.raises(ValueError, match="smollm2-135m"):
         linearize.load("not-a-model")
+
+
+def test_a_training_run_directory_stands_for_its_model(tmp_path):
+    model = tiny()
+    run = tmp_path / "run"
+    model.save(run / "model")
+    (run / "config.json").write_text(json.dumps({"model": "smollm2-135m", "stage": "both"}))
+    loaded = linearize.load(run)
+    ids = torch.randint(128, (1, 5))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "config.json").write_text(json.dumps({"model": "smollm2-135m"}))
+    with pytest.raises(ValueError, match="without a saved model yet"):
+        linearize.load(unfinished)

@@ -67,6 +67,23 @@ def _maybe_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
+RUN_MODEL = "model"
+
+
+def _run_model(path: Path) -> Path:
+    """A training run directory (``linearize train --out R``) stands for its model ``R/model``."""
+    model = path / RUN_MODEL
+    if (model / "config.json").exists():
+        logger.info("%s is a training run directory: loading its model %s", path, model)
+        return model
+    if (path / "metrics.jsonl").exists() or (path / "checkpoints").exists():
+        raise ValueError(
+            f"{path} is a training run directory without a saved model yet ({model}); "
+            "finish or resume the run first"
+        )
+    return path
+
+
 def load(name_or_path: str | os.PathLike) -> Decoder:
     """A model by built-in name (``"smollm2-135m"``), HF directory, GGUF file or saved dir."""
     name = str(name_or_path)
@@ -88,6 +105,7 @@ def load(name_or_path: str | os.PathLike) -> Decoder:
         model = from_hf(hf_config, weights, source=str(path))
         model.tokenizer = tokenizer
         return model
+    path = _run_model(path)
     meta = _read_json(path / "config.json")
     if meta.get("format") == FORMAT:
         return _load_ours(path, meta)
