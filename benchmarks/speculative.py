@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 import linearize
-from linearize.data import eval_tokens, source_tokens
-from linearize.generation import MedusaTrainConfig, load_heads, save_heads, train_medusa
-from linearize.generation.benchmark import (
+from linearize.bench.speculative import (
     DEFAULT_PROMPTS,
     markdown_table,
     run_speculative_benchmark,
 )
+from linearize.data import eval_tokens, source_tokens
+from linearize.generation import MedusaTrainConfig, load_heads, save_heads, train_medusa
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

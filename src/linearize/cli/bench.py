@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from linearize.eval import bench, llama_cpp, report
-from linearize.eval.memory import format_bytes, measure_bandwidth
-from linearize.generation.benchmark import run_speculative_benchmark
+from linearize.bench import llama_cpp, report, speed
+from linearize.bench.memory import format_bytes, measure_bandwidth
+from linearize.bench.speculative import run_speculative_benchmark
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
 
     decode = sub.add_parser("decode", help="per-token latency, state and peak RSS by context")
-    _common(decode, bench.DEFAULT_DECODE_CONTEXTS)
+    _common(decode, speed.DEFAULT_DECODE_CONTEXTS)
     decode.add_argument("--steps", type=int, default=32, help="timed decode steps (median)")
     decode.add_argument(
         "--llama-cpp",
@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decode.set_defaults(func=run_decode, name="decode")
 
     prefill = sub.add_parser("prefill", help="prefill latency and peak memory by length")
-    _common(prefill, bench.DEFAULT_PREFILL_CONTEXTS)
+    _common(prefill, speed.DEFAULT_PREFILL_CONTEXTS)
     prefill.set_defaults(func=run_prefill, name="prefill")
 
     spec = sub.add_parser("speculative", help="speculative decoding speed (Table 8 protocol)")
@@ -83,7 +83,7 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
     )
     parser.add_argument(
         "--contexts",
-        type=bench.parse_contexts,
+        type=speed.parse_contexts,
         default=contexts,
         help=f"comma-separated token counts, 8k allowed (default {','.join(map(str, contexts))})",
     )
@@ -100,10 +100,10 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
     )
 
 
-def _specs(args: argparse.Namespace) -> list[bench.ModelSpec]:
+def _specs(args: argparse.Namespace) -> list[speed.ModelSpec]:
     models = args.model or ["smollm2-135m"]
-    specs = [bench.ModelSpec(m) for m in models]
-    return specs + [bench.ModelSpec(m, a) for m in models for a in args.attention]
+    specs = [speed.ModelSpec(m) for m in models]
+    return specs + [speed.ModelSpec(m, a) for m in models for a in args.attention]
 
 
 def _progress(message: str) -> None:
@@ -161,7 +161,7 @@ def _gguf_for(source: str):
     return Path(source) if source.endswith(".gguf") else None
 
 
-def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[bench.DecodeRow]:
+def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[speed.DecodeRow]:
     if args.llama_cpp == "off" or (args.llama_cpp == "auto" and not llama_cpp.available()):
         return []
     if not llama_cpp.available():
@@ -199,8 +199,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 def run_decode(args: argparse.Namespace) -> int:
     _set_threads(args)
     models: dict[str, Any] = {}
-    record = lambda spec, model: models.__setitem__(spec.label, bench.describe(model))
-    rows = bench.bench_decode(
+    record = lambda spec, model: models.__setitem__(spec.label, speed.describe(model))
+    rows = speed.bench_decode(
         _specs(args),
         args.contexts,
         steps=args.steps,
@@ -223,14 +223,14 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def _bound_notes(
-    rows: list[bench.DecodeRow], models: dict[str, Any], bandwidth: float
+    rows: list[speed.DecodeRow], models: dict[str, Any], bandwidth: float
 ) -> list[str]:
     """Per model: the tokens/s that streaming weights + state once per token would allow."""
     notes = []
     for label, info in models.items():
         weights = info.get("weight_bytes")
         bounds = [
-            f"{bench.physical_bound(weights, r.state_bytes, bandwidth):.1f} @ {r.context}"
+            f"{speed.physical_bound(weights, r.state_bytes, bandwidth):.1f} @ {r.context}"
             for r in rows
             if r.model == label and r.state_bytes is not None and weights is not None
         ]
@@ -245,8 +245,8 @@ def _bound_notes(
 def run_prefill(args: argparse.Namespace) -> int:
     _set_threads(args)
     models: dict[str, Any] = {}
-    record = lambda spec, model: models.__setitem__(spec.label, bench.describe(model))
-    rows = bench.bench_prefill(
+    record = lambda spec, model: models.__setitem__(spec.label, speed.describe(model))
+    rows = speed.bench_prefill(
         _specs(args),
         args.contexts,
         isolate=not args.no_isolate,

@@ -8,6 +8,7 @@ import sys
 
 from tqdm import tqdm
 
+from linearize.bench import report
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
@@ -15,7 +16,6 @@ from linearize.cli.options import (
     config_from_args,
 )
 from linearize.data import source_tokens
-from linearize.eval import report
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
 from linearize.train.perplexity import PerplexityConfig, perplexity
 

@@ -199,7 +199,7 @@ def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None)
 
 
 def _decode_speed(model, contexts: list[int], steps: int) -> list[dict[str, Any]]:
-    from linearize.eval.bench import supports_context, time_decode
+    from linearize.bench.speed import supports_context, time_decode
 
     rows = []
     for context in contexts:

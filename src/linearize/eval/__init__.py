@@ -1,4 +1,4 @@
-"""Evaluation and benchmarks: perplexity, the paper's study, decode/prefill speed and memory."""
+"""Evaluation: perplexity on a corpus (the protocol is train/perplexity.py) and the paper's study."""
 
 from linearize.train.perplexity import (
     PerplexityConfig,

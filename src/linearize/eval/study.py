@@ -202,7 +202,7 @@ def collect(config: StudyConfig) -> list[dict[str, Any]]:
 
 def write_outputs(config: StudyConfig, rows: list[dict[str, Any]], command: str) -> Path:
     """``study.json`` record (+ ``study.md`` table, ``study.png`` bar plot) and ``study.csv``."""
-    from linearize.eval.report import save_results
+    from linearize.bench.report import save_results
 
     out = Path(config.out)
     path = save_results(out, "study", "study", rows, command, {"config": asdict(config)})

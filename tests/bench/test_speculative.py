@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from linearize.bench.speculative import markdown_table, run_speculative_benchmark
 from linearize.generation import MedusaHeads
-from linearize.generation.benchmark import markdown_table, run_speculative_benchmark
 from tests.generation.conftest import text_model
 
 

@@ -1,7 +1,7 @@
 """llama.cpp as the C++ CPU reference peer for ``bench decode`` (optional: ``llama-cpp-python``).
 
 It is a source build, so it is never a dependency: the peer runs when ``llama_cpp`` imports. The
-protocol is ours (:mod:`linearize.eval.bench`): prefill ``C − warmup − steps`` random tokens,
+protocol is ours (:mod:`linearize.bench.speed`): prefill ``C − warmup − steps`` random tokens,
 then time greedy one-token steps (``eval`` + argmax over the logits) ending at context ``C``,
 each context in a fresh process. ``state_bytes`` is llama.cpp's KV cache for the ``C`` tokens
 (f16 keys and values, its default), computed from the GGUF metadata.
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linearize.eval.bench import DecodeRow, Progress
-from linearize.eval.memory import run_isolated
+from linearize.bench.memory import run_isolated
+from linearize.bench.speed import DecodeRow, Progress
 
 logger = logging.getLogger(__name__)
 

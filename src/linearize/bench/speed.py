@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from linearize.eval.memory import (
+from linearize.bench.memory import (
     available_memory_bytes,
     current_rss_bytes,
     format_bytes,

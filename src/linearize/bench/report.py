@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from linearize.eval.memory import format_bytes, machine_info
+from linearize.bench.memory import format_bytes, machine_info
 
 logger = logging.getLogger(__name__)
 
