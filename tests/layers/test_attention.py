@@ -100,7 +100,7 @@ def test_tree_matches_path_decoding(name, options, L, tree_id):
     nodes = _x(len(tree), seed=3, batch=1)
     with torch.no_grad():
         state = _committed(layer, L)
-        y = layer.forward_tree(nodes, tree, state)
+        y = layer.attend_tree(nodes, tree, state)
         for i in range(len(tree)):
             ref, _ = layer(nodes[:, tree.path(i)], state=state, form="recurrent")
             assert_close(f"node {i} (depth {int(tree.depths[i])})", ref[:, -1], y[:, i], 1e-10)
@@ -204,7 +204,7 @@ def test_noncausal_layers_have_parallel_form_only(name, options):
     with pytest.raises(ValueError, match="not causal.*state"):
         layer(x, state=causal_state)
     with pytest.raises(ValueError, match="not causal.*tree"):
-        layer.forward_tree(x[:1, :3], [-1, 0, 0], causal_state)
+        layer.attend_tree(x[:1, :3], [-1, 0, 0], causal_state)
 
 
 @pytest.mark.parametrize(("name", "options"), NONCAUSAL_CASES)

@@ -173,11 +173,9 @@ def _train(config: DemoConfig, out: Path, attention: str, progress: Callable | N
 
 def _has_new_parameters(name: str) -> bool:
     """Whether stage 1 (attention transfer) has anything to train for this attention."""
-    from linearize.layers.attention import build_attention
-    from linearize.models.convert import is_new_parameter
+    from linearize.layers.attention import build_attention, has_new_parameters
 
-    layer = build_attention(name, hidden_size=64, num_heads=4, num_kv_heads=2)
-    return any(is_new_parameter(n) for n, _ in layer.named_parameters())
+    return has_new_parameters(build_attention(name, hidden_size=64, num_heads=4, num_kv_heads=2))
 
 
 def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None) -> dict:

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on a corpus (the protocol is train/perplexity.py) and the paper's study."""
+"""Evaluation: perplexity on a corpus (its protocol is train/perplexity.py), the paper's study."""
 
 from linearize.train.perplexity import (
     PerplexityConfig,

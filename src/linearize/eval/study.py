@@ -27,8 +27,9 @@ from torch import Tensor
 
 from linearize.config import Config, option
 from linearize.data import split_tokens
+from linearize.layers.attention import has_new_parameters
 from linearize.layers.config import ABLATIONS, attention_config, list_attentions
-from linearize.models import is_new_parameter, linearize, load
+from linearize.models import linearize, load
 from linearize.train.perplexity import PerplexityConfig, perplexity
 
 logger = logging.getLogger(__name__)
@@ -103,15 +104,12 @@ def variant_path(out: str | Path, variant: str) -> Path:
 def _train_config(config: StudyConfig, spec: dict[str, Any] | None, model: Any):
     from linearize.train.config import TrainConfig
 
-    has_new = any(
-        is_new_parameter(n) and p.is_floating_point() for n, p in model.named_parameters()
-    )
     options = {k: v for k, v in (spec or {}).items() if k != "name"}
     return TrainConfig(
         model=config.model,
         attention=None if spec is None else spec["name"],
         attention_options=options,
-        stage="both" if has_new else "finetune",
+        stage="both" if has_new_parameters(model) else "finetune",
         data=config.data,
         tokens=config.tokens,
         block_size=config.block_size,

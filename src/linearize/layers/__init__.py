@@ -1,6 +1,6 @@
 """nn.Modules: feature maps, the attention layer, its config registry and state."""
 
-from linearize.layers.attention import Attention, AttentionState, TreeDraft, build_attention
+from linearize.layers.attention import Attention, AttentionState, TreeKV, build_attention
 from linearize.layers.config import (
     ABLATIONS,
     ATTENTIONS,
@@ -15,7 +15,7 @@ __all__ = [
     "Attention",
     "AttentionConfig",
     "AttentionState",
-    "TreeDraft",
+    "TreeKV",
     "attention_config",
     "build_attention",
     "list_attentions",

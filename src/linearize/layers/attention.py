@@ -33,19 +33,36 @@ class AttentionState:
 
 
 @dataclass
-class TreeDraft:
-    """What a tree pass computed per node, so an accepted path commits without recomputation:
-    ``k: [B, Hkv, N, K]``, ``fk: [B, Hkv, N, F]``, ``v: [B, Hkv, N, V]``."""
+class TreeKV:
+    """The keys, feature-mapped keys and values a tree pass computed per node, so an accepted
+    path commits without recomputation: ``k: [B, Hkv, N, K]``, ``fk: [B, Hkv, N, F]``,
+    ``v: [B, Hkv, N, V]``."""
 
     k: Tensor
     fk: Tensor
     v: Tensor
 
 
+# The parameters a conversion adds to a softmax layer (attributes set in ``Attention.__init__``
+# beside the q/k/v/o projections it keeps): what attention transfer trains.
+NEW_PARAMETERS = ("feature_map", "alpha", "conv", "output_norm", "seq_proj_k", "seq_proj_v")
+
+
+def is_new_parameter(name: str) -> bool:
+    """True for parameters the linearization added (``name`` relative to the layer or model)."""
+    leaf = name.split("self_attn.", 1)[-1]
+    return leaf.split(".", 1)[0] in NEW_PARAMETERS
+
+
+def has_new_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` (a model or a layer) has anything for attention transfer to train."""
+    return any(is_new_parameter(n) and p.is_floating_point() for n, p in module.named_parameters())
+
+
 class Attention(nn.Module):
     """``layer(x, *, state=None, form="auto") -> (y, state)``, ``x, y: [B, T, D]``.
 
-    ``state=None`` starts a sequence; positions come from the state. ``forward_tree`` verifies
+    ``state=None`` starts a sequence; positions come from the state. ``attend_tree`` verifies
     a tree of candidate tokens without touching the state; ``commit`` appends an accepted path.
     """
 
@@ -60,14 +77,7 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(K, config.rope_theta) if config.rope_theta else None
         self.feature_map = None
         if config.kind == "linear":
-            self.spec = linear_attn.LinearAttnSpec(
-                local=config.local,
-                window=config.window,
-                size=config.size,
-                sinks=config.sinks,
-                use_global=config.use_global,
-                normalize=config.normalize,
-            )
+            self.spec = config.linear_spec()
             if config.use_global:
                 self.feature_map = build_feature_map(config.feature_map, Hkv, K, config.feature_dim)
         if config.learn_alpha and config.kind == "linear" and config.use_global:
@@ -118,7 +128,7 @@ class Attention(nn.Module):
             )
         return AttentionState(attn, conv)
 
-    def commit(self, state: AttentionState, draft: TreeDraft, path: Tensor) -> AttentionState:
+    def commit(self, state: AttentionState, draft: TreeKV, path: Tensor) -> AttentionState:
         """The state after the tree nodes ``path`` (a root→node chain), as if decoded one by one."""
         path = path.to(draft.k.device)
         k, fk, v = draft.k[:, :, path], draft.fk[:, :, path], draft.v[:, :, path]
@@ -224,7 +234,7 @@ class Attention(nn.Module):
             device=x.device,
         )
 
-    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeDraft]:
+    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeKV]:
         """``x: [B, N, D]`` tree nodes on top of ``state`` → outputs and what commit needs."""
         if not self.is_causal:
             raise ValueError(f"attention {self.config.name!r} is not causal: no tree form")
@@ -237,10 +247,10 @@ class Attention(nn.Module):
         if state.conv is not None:
             c, _ = causal_conv.tree(v, self.conv, state.conv, tree=tree)
             o = o + c
-        draft = TreeDraft(k.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2))
+        draft = TreeKV(k.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2))
         return self._output(o), draft
 
-    def forward_tree(
+    def attend_tree(
         self, x: Tensor, parents: Tensor | list[int] | Tree, state: AttentionState
     ) -> Tensor:
         """Node ``i`` of ``x: [B, N, D]`` attends to the committed state and its ancestors

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from linearize.config import Config
 from linearize.layers.feature_maps import FEATURE_MAPS
+from linearize.ops import linear_attn
 
 Kind = Literal["softmax", "linear", "linformer"]
 Form = Literal["auto", "parallel", "chunk", "recurrent"]
@@ -60,10 +61,8 @@ class AttentionConfig(Config):
             )
         if self.kind not in ("softmax", "linear", "linformer"):
             raise ValueError(f"kind={self.kind!r}; allowed: softmax, linear, linformer")
-        if self.window == "group" and self.size < 1:
-            raise ValueError(f"group size must be >= 1, got {self.size}")
-        if self.local != "none" and self.size < 1:
-            raise ValueError(f"a local part needs a window/group size >= 1, got {self.size}")
+        if self.kind == "linear":
+            self.linear_spec()  # the op validates its window, local part and sizes
         if self.conv != "none" and self.conv_size < 1:
             raise ValueError(f"conv_size (causal taps) must be >= 1, got {self.conv_size}")
         if self.feature_map not in FEATURE_MAPS:
@@ -75,6 +74,17 @@ class AttentionConfig(Config):
         if self.kind == "linformer" and (self.landmarks < 1 or self.max_length < 1):
             raise ValueError("linformer needs landmarks >= 1 and max_length >= 1")
         return self
+
+    def linear_spec(self) -> linear_attn.LinearAttnSpec:
+        """The op's description of a linear attention layer (the one place it is built)."""
+        return linear_attn.LinearAttnSpec(
+            local=self.local,
+            window=self.window,
+            size=self.size,
+            sinks=self.sinks,
+            use_global=self.use_global,
+            normalize=self.normalize,
+        )
 
     @property
     def is_causal(self) -> bool:

@@ -12,23 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from linearize.layers.attention import Attention
+from linearize.layers.attention import Attention, is_new_parameter
 from linearize.layers.config import AttentionConfig, attention_config
 from linearize.models.config import ModelConfig
 from linearize.models.decoder import Decoder
 
 logger = logging.getLogger(__name__)
 
+
 # Parameters a linearization adds; everything else is pretrained.
-NEW_PARAMETER_NAMES = ("feature_map", "alpha", "conv", "output_norm", "seq_proj_")
-
-
-def is_new_parameter(name: str) -> bool:
-    """True for parameters the linearization added (feature maps, α, conv taps, ...)."""
-    leaf = name.split("self_attn.", 1)[-1]
-    return any(leaf.startswith(prefix) for prefix in NEW_PARAMETER_NAMES)
-
-
 def _llama_map(hf: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name.removeprefix("model."): tensor for name, tensor in hf.items()}
 

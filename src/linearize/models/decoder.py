@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearize.layers.attention import Attention, AttentionState, TreeDraft
+from linearize.layers.attention import Attention, AttentionState, TreeKV
 from linearize.models.config import ModelConfig
 from linearize.models.directory import save
 from linearize.ops.tree import Tree
@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), state
 
-    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeDraft]:
+    def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeKV]:
         h, draft = self.self_attn.tree_step(self.input_layernorm(x), tree, state)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), draft
@@ -170,7 +170,7 @@ class Decoder(nn.Module):
 
     def forward_tree(
         self, input_ids: Tensor, tree: Tree, state: ModelState
-    ) -> tuple[Tensor, Tensor, list[TreeDraft]]:
+    ) -> tuple[Tensor, Tensor, list[TreeKV]]:
         """Verify tree nodes ``input_ids: [B, N]`` on top of ``state`` (left untouched):
         logits ``[B, N, V]``, final hidden states ``[B, N, D]`` and what :meth:`commit` needs."""
         self._check_ids(input_ids)
@@ -183,7 +183,7 @@ class Decoder(nn.Module):
         h = self.norm(x)
         return self.lm_head(h), h, drafts
 
-    def commit(self, state: ModelState, drafts: list[TreeDraft], path: Tensor) -> ModelState:
+    def commit(self, state: ModelState, drafts: list[TreeKV], path: Tensor) -> ModelState:
         """The state after the accepted tree nodes ``path`` (root→node order)."""
         return ModelState(
             [

@@ -61,7 +61,7 @@ class LinearAttnSpec:
         if self.size < 0 or self.sinks < 0:
             raise ValueError(f"window size and sinks must be >= 0, got {self.size}, {self.sinks}")
         if self.local != "none" and self.window == "sliding" and self.size < 1:
-            raise ValueError("a local kernel needs a window: size >= 1")
+            raise ValueError(f"a local kernel needs a window: size >= 1, got {self.size}")
 
     @property
     def capacity(self) -> int:
