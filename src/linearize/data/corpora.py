@@ -175,20 +175,25 @@ def _read_user_file(path: Path, text_field: str) -> str:
     return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path)
 
 
+def check_source(source: PathLike) -> None:
+    """Raise unless `source` is a built-in corpus or an existing file or folder."""
+    if not (isinstance(source, str) and source in CORPORA) and not Path(source).exists():
+        raise ValueError(
+            f"{str(source)!r} is neither a built-in corpus ({', '.join(sorted(CORPORA))}) "
+            "nor an existing file or folder"
+        )
+
+
 def load_text(source: PathLike, *, text_field: str = "text", cache: PathLike | None = None) -> str:
     """The text of a built-in corpus (see `CORPORA`) or of user files.
 
     `source` is a corpus name, a .txt/.md file, a .jsonl file (one JSON object per line, its text
     in `text_field`) or a folder (every .txt/.md/.jsonl file under it, in sorted order). Novels and
     files are joined with a blank line."""
+    check_source(source)
     if isinstance(source, str) and source in CORPORA:
         return _builtin_text(_ALIASES.get(source, source), cache)
     path = Path(source)
-    if not path.exists():
-        raise ValueError(
-            f"{str(source)!r} is neither a built-in corpus ({', '.join(sorted(CORPORA))}) "
-            "nor an existing file or folder"
-        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:

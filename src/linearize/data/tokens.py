@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from linearize.data.corpora import _ALIASES, CORPORA, load_text
+from linearize.data.corpora import _ALIASES, CORPORA, check_source, load_text
 from linearize.paths import PathLike, cache_dir
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,7 @@ def source_tokens(
     """All token ids `[T]` of `source`: `"austen:eval"` (the first `EVAL_TOKENS` tokens of
     *Pride and Prejudice*), another built-in corpus (`"austen"`, `"mobydick"`, ...), or a
     .txt/.md/.jsonl file or folder (see `load_text`); tokenized once, then read from the cache."""
-    if isinstance(source, str) and source not in CORPORA and not Path(source).exists():
-        raise ValueError(
-            f"{source!r} is neither a built-in corpus ({', '.join(sorted(CORPORA))}) "
-            "nor an existing file or folder"
-        )
+    check_source(source)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: it cannot read text (save one with it)")
     if source == "austen:eval":
