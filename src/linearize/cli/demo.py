@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from linearize.cli.options import add_config_arguments, config_from_args
 from linearize.demo import DemoConfig, run_demo, summary_rows
 
 
@@ -19,20 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train it back on Jane Austen, train Medusa heads, and report perplexity, decode speed, "
         "state memory and speculative decoding against the original. Rerun to resume.",
     )
-    defaults = DemoConfig()
     demo.add_argument(
         "--out", default="runs/demo", help="where everything goes (default: %(default)s)"
     )
-    demo.add_argument(
-        "--budget",
-        type=int,
-        default=defaults.budget,
-        help="training tokens per linearized model (default: %(default)s, ~20 min in all on a "
-        "2-core CPU; raise it on a GPU)",
-    )
-    demo.add_argument("--medusa-tokens", type=int, default=defaults.medusa_tokens)
-    demo.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
-    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_config_arguments(demo, DemoConfig)
     demo.add_argument("--smoke", action="store_true", help="a tiny random model and text: a minute")
     demo.set_defaults(func=run)
 
@@ -79,13 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         config = prepare(out)
+        config.device = args.device
     else:
-        config = DemoConfig(
-            budget=args.budget,
-            medusa_tokens=args.medusa_tokens,
-            eval_tokens=args.eval_tokens,
-        )
-    config.device = args.device
+        config = config_from_args(args, DemoConfig)
     start = time.perf_counter()
     bars: list[_Bars] = []
 
