@@ -4,8 +4,6 @@ source into training and held-out tokens."""
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from linearize.data.corpora import _ALIASES, CORPORA, check_source, load_text
-from linearize.paths import PathLike, cache_dir
+from linearize.paths import PathLike, atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +67,8 @@ class TokenCache:
             text = load_text(source, cache=self.cache)
         tokens = tokenize_text(text, tokenizer)
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.root, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_file({"tokens": tokens}, tmp_path, metadata={"source": str(source)})
-            tmp_path.chmod(0o644)  # NamedTemporaryFile makes it private (0600)
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        metadata = {"source": str(source)}
+        atomic_write(path, lambda tmp: save_file({"tokens": tokens}, tmp, metadata=metadata))
         log.info("cached %d tokens of %s in %s", len(tokens), source, path)
         return tokens
 

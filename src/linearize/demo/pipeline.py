@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from linearize.config import Config, option
+from linearize.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ class Steps:
         return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, name: str, value: Any) -> Any:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=2)
-        os.replace(tmp, self.dir / f"{name}.json")
+        atomic_write(
+            self.dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(value, indent=2))
+        )
         return value
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
