@@ -1,13 +1,21 @@
 """Where and how linearize writes its files: the user cache folder (models, Debian packages,
-tokens) and the atomic writers (a reader never sees a half-written file or directory)."""
+tokens) and the atomic writers (a reader never sees a half-written file or directory, and an
+output directory that is not ours is never replaced unless asked: ``atomic_dir``)."""
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
@@ -24,25 +32,179 @@ def cache_dir(override: PathLike | None = None) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def atomic_dir(directory: PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside `directory`; when the block ends without error it
-    replaces `directory` (a rename), else it is removed: readers never see a half-written one."""
+class OutputError(ValueError):
+    """An output path that cannot be written (not ours, a file, locked, or not writable)."""
+
+
+Replaceable = Callable[[Path], bool]
+
+
+def check_target(
+    directory: PathLike, *, overwrite: bool = False, replaceable: Replaceable | None = None
+) -> Path:
+    """Raise :class:`OutputError` unless ``directory`` may be (re)written: it does not exist, is
+    empty, or ``replaceable(directory)`` (e.g. it holds one of our models), or ``overwrite``."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+    if overwrite or not directory.exists() and not directory.is_symlink():
+        return directory
+    if not directory.is_dir():
+        raise OutputError(
+            f"output {directory} exists and is a file, not a directory; choose another path or "
+            "pass --overwrite to replace it"
+        )
+    if any(directory.iterdir()) and not (replaceable is not None and replaceable(directory)):
+        raise OutputError(
+            f"output directory {directory} is not empty and does not hold a model saved by "
+            "linearize; choose another path or pass --overwrite to replace its contents"
+        )
+    return directory
+
+
+def _temp_prefix(directory: Path) -> str:
+    return f".{directory.name}.partial-"
+
+
+def _old(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# What a model save writes; a temp folder holding only these is ours to remove.
+MODEL_FILES = ("config.json", "model.safetensors", "medusa.safetensors", "medusa.json")
+
+
+def _only_model_files(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    return bool(names) and all(
+        n in MODEL_FILES or n.startswith(("tokenizer", "special_tokens", "chat_template"))
+        for n in names
+    )
+
+
+def _recover(directory: Path) -> None:
+    """Undo what a killed writer left beside ``directory`` (we hold its lock)."""
+    old = _old(directory)
+    if old.exists() or old.is_symlink():
+        if directory.exists() or directory.is_symlink():
+            _remove(old)
         else:
-            os.replace(tmp, directory)
+            # Killed between the two renames: the old directory is the last complete one.
+            os.replace(old, directory)
+            logger.warning("restored %s from an interrupted replace", directory)
+    for stale in directory.parent.glob(_temp_prefix(directory) + "*"):
+        logger.info("removing %s, left by an interrupted run", stale)
+        _remove(stale)
+    # Earlier versions wrote into ``.NAME.XXXXXXXX`` (mkdtemp): remove those holding our files.
+    for stale in directory.parent.glob(f".{directory.name}.{'?' * 8}"):
+        if stale.is_dir() and _only_model_files(stale):
+            logger.info("removing %s, left by an interrupted run", stale)
+            _remove(stale)
+
+
+def _acquire(path: Path, directory: Path):
+    """An open, flocked handle on the lock file ``path`` that is still linked at ``path``."""
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (closed by _lock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise OutputError(
+                f"another process is writing {directory} (it holds {path}); wait for it to "
+                "finish or choose another output path"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        # The previous holder removed the file as we opened it: lock the new one instead.
+        handle.close()
+
+
+@contextlib.contextmanager
+def _lock(directory: Path) -> Iterator[None]:
+    path = directory.with_name(f".{directory.name}.lock")
+    handle = _acquire(path, directory)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Unlinked while still held, so no other writer can hold a lock on a stale file.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        handle.close()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while we write, so temp files are removed on the way
+    out (only the main thread may set handlers; elsewhere the next run cleans up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _make_parent(directory: Path) -> None:
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocked = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocked} is a file" if blocked is not None else e.strerror
+        raise OutputError(f"cannot create the folder {directory.parent}: {reason}") from None
+    if not os.access(directory.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {directory.parent}: permission denied")
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    directory: PathLike, *, overwrite: bool = False, replaceable: Replaceable | None = None
+) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``directory``; when the block ends without error it
+    replaces ``directory`` (renames), else it is removed: readers never see a half-written one.
+
+    Never destroys what is not ours: an existing ``directory`` is replaced only if it is empty
+    or ``replaceable(directory)``, unless ``overwrite`` (else :class:`OutputError`, before
+    anything is written). A lock file (``.NAME.lock``, flock) makes a second writer to the same
+    ``directory`` fail at once; leftovers of a killed writer (``.NAME.partial-*``, and a
+    ``.NAME.old`` whose replacement never arrived) are cleaned or restored by the next one;
+    SIGTERM while writing removes the temp folder on the way out."""
+    directory = check_target(directory, overwrite=overwrite, replaceable=replaceable)
+    _make_parent(directory)
+    with _lock(directory), _terminate_as_interrupt():
+        _recover(directory)
+        # Checked again under the lock: another writer may have finished in between.
+        check_target(directory, overwrite=overwrite, replaceable=replaceable)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
+        try:
+            # mkdtemp makes the folder private (0700); an output is an ordinary folder.
+            tmp.chmod(0o755)
+            yield tmp
+            if directory.exists() or directory.is_symlink():
+                os.replace(directory, _old(directory))
+            os.replace(tmp, directory)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _remove(_old(directory))
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:

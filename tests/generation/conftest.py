@@ -102,7 +102,9 @@ class MockModel:
 
     def __init__(self, vocab_size: int, rule=None, table: torch.Tensor | None = None) -> None:
         self.rule, self.table = rule, table
-        self.config = SimpleNamespace(vocab_size=vocab_size, hidden_size=vocab_size)
+        self.config = SimpleNamespace(
+            vocab_size=vocab_size, hidden_size=vocab_size, max_position_embeddings=2**20
+        )
         self.config.eos_token_id = None
         self.tokenizer = None
         self.device = torch.device("cpu")

@@ -295,6 +295,8 @@ def bench_decode(
     """One :class:`DecodeRow` per (model, context), ordered by model then context; see the
     module doc for the protocol. ``on_model(spec, model)`` is called once per model after
     loading (to describe it)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"decode needs steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     _check_contexts(contexts, minimum=steps + warmup + 1)
     rows = []
     for i, spec, model, context in _grid("decode", specs, contexts, progress, on_model):

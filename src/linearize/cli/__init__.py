@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn pretrained LLMs into linear-attention LLMs, train and serve them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (developers)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
@@ -49,12 +52,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        return report_error(e)
+
+
+# What a user can cause: a bad value or type (ours: ValueError/TypeError), a file or folder that
+# cannot be read or written (OSError), a model that breaks at run time (RuntimeError: NaN guards,
+# out of memory). Anything else is a bug in linearize.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def report_error(error: Exception) -> int:
+    """Print ``error`` as one line on stderr; exit code 2 for user errors, 1 for bugs."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None:
+        text = f"{error.strerror or text}: {error.filename}"
+    if isinstance(error, USER_ERRORS):
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    print(
+        f"internal error ({type(error).__name__}): {text}; this is a bug in linearize, please "
+        "report it with the output of `linearize --debug ...`",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from linearize.generation.acceptance import list_acceptance_rules
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import save_with_heads
 from linearize.generation.medusa_train import MedusaTrainConfig
+from linearize.models.directory import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--model", required=True, help="model name or path")
     train.add_argument("--out", required=True, help="directory for the model and its heads")
     train.add_argument("--corpus", default="austen", help="corpus name or text path (austen)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not our model"
+    )
     add_config_arguments(train, MedusaTrainConfig)
     add_attention_arguments(train, required=False)
     train.set_defaults(func=run_train)
@@ -141,9 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
     from linearize.generation.medusa_train import train_medusa
 
     config = config_from_args(args, MedusaTrainConfig)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    out = check_output(args.out, overwrite=args.overwrite)
     model = _load(args)
     train, held_out = split_tokens(args.corpus, model.tokenizer, args.eval_tokens)
     with tqdm(desc="medusa", unit="step", file=sys.stderr) as bar:
@@ -154,7 +156,7 @@ def run_train(args: argparse.Namespace) -> int:
             bar.update(step - bar.n)
 
         heads = train_medusa(model, train, config, held_out=held_out, progress=progress)
-    save_with_heads(model, heads, out)
+    save_with_heads(model, heads, out, overwrite=args.overwrite)
     ev = heads.metrics["eval"]
     print("head  top1(text)  top5(text)  top1(model)  top5(model)")
     for m in range(len(heads)):

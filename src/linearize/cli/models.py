@@ -9,6 +9,7 @@ import time
 
 from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
 from linearize.models import is_new_parameter, linearize, load
+from linearize.models.directory import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_attention_arguments(convert)
     convert.add_argument("--layers", help="comma-separated layer indices (default: all)")
     convert.add_argument("--out", required=True, help="output directory")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not our model"
+    )
     convert.set_defaults(func=run_convert)
 
     info = subparsers.add_parser("info", help="describe a model: layers, parameters, state size")
@@ -29,9 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    check_output(args.out, overwrite=args.overwrite)
     model = load(args.model)
     linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
-    model.save(args.out)
+    model.save(args.out, overwrite=args.overwrite)
     print(f"converted {args.model} with {args.attention} in {time.perf_counter() - start:.1f} s")
     print(f"saved to {args.out}; next: linearize info {args.out}")
     return 0

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in --out, deleting what it holds"
+    )
     add_config_arguments(parser, TrainConfig, skip=SPECIAL)
     parser.set_defaults(func=run)
 
@@ -93,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     bars = ProgressBars()
     try:
-        result = train(config, args.out, resume=args.resume, callback=bars)
+        result = train(
+            config, args.out, resume=args.resume, overwrite=args.overwrite, callback=bars
+        )
     finally:
         bars.close()
     if result.model_dir is None:
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     for stage, ppl in result.evals.items():
         speed = result.tokens_per_s.get(stage)
         speed_text = f", {speed:.0f} tokens/s" if speed else ""
-        print(f"{stage}: held-out perplexity {ppl:.3f}{speed_text}")
+        ppl_text = "not evaluated (no held-out tokens)" if ppl is None else f"{ppl:.3f}"
+        print(f"{stage}: held-out perplexity {ppl_text}{speed_text}")
     print(f"model: {result.model_dir}")
     print(f"metrics: {result.metrics}")
     return 0

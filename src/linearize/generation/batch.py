@@ -19,7 +19,12 @@ from collections.abc import Sequence
 import torch
 
 from linearize.generation.config import GenerationConfig
-from linearize.generation.decode import GenerationResult, generate, stop_token_ids
+from linearize.generation.decode import (
+    GenerationResult,
+    check_context,
+    generate,
+    stop_token_ids,
+)
 from linearize.generation.sampling import Sampler
 from linearize.generation.streaming import TextStream, encode_prompt
 from linearize.models.decoder import Decoder
@@ -113,6 +118,7 @@ def generate_batch(
     if config.stop and model.tokenizer is None:
         raise ValueError("stop strings need a tokenizer; this model has none")
     encoded = [encode_prompt(model.tokenizer, p, chat=config.chat) for p in prompts]
+    config = check_context(model, max(len(ids) for ids in encoded), config)
     buckets: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         buckets.setdefault(len(ids), []).append(i)

@@ -37,6 +37,10 @@ class GenerationConfig(Config):
     lookup_ngram: int = option("longest n-gram prompt lookup matches", 3)
     typical_threshold: float = option("typical acceptance: posterior threshold ε", 0.09)
     typical_alpha: float = option("typical acceptance: entropy factor α", 0.3)
+    allow_long_context: bool = option(
+        "let softmax layers run past the model's trained positions (max_position_embeddings)",
+        False,
+    )
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1:

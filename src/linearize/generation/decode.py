@@ -16,6 +16,7 @@ per such pass (1.0 for plain decoding; accepted candidates + the next token when
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -293,6 +294,45 @@ class Decoding:
         return sum(self.emitted_per_pass) / n if n else 0.0
 
 
+def check_context(model: Decoder, prompt_tokens: int, config: GenerationConfig) -> GenerationConfig:
+    """``config``, its ``max_new_tokens`` cut to what fits in the model's trained positions when
+    it has softmax layers (their output past them is untested). A prompt that does not fit is
+    refused, unless ``config.allow_long_context``; past the limit, say what the model does."""
+    limit = model.config.max_position_embeddings
+    needed = prompt_tokens + config.max_new_tokens
+    if needed <= limit:
+        return config
+    softmax_layers = [
+        i for i, layer in enumerate(model.layers) if layer.self_attn.config.kind == "softmax"
+    ]
+    if softmax_layers and not config.allow_long_context:
+        if prompt_tokens < limit:
+            logger.warning(
+                "generating at most %d tokens: the model's softmax layers were trained on %d "
+                "positions (allow_long_context=True / --allow-long-context to go past them)",
+                limit - prompt_tokens,
+                limit,
+            )
+            return dataclasses.replace(config, max_new_tokens=limit - prompt_tokens)
+        raise ValueError(
+            f"the prompt ({prompt_tokens} tokens) does not fit in this model's trained positions "
+            f"(max_position_embeddings={limit}) and layers {softmax_layers[:4]}"
+            f"{'...' if len(softmax_layers) > 4 else ''} are softmax attention, whose output is "
+            "untested past them: shorten the prompt, or allow it explicitly "
+            "(allow_long_context=True, --allow-long-context)"
+        )
+    logger.warning(
+        "generating up to position %d, past the %d positions the model was trained on; %s",
+        needed,
+        limit,
+        "softmax layers run on untrained positions (allowed explicitly)"
+        if softmax_layers
+        else "its linear layers keep a fixed-size state (a local window plus a global "
+        "summary), so it runs, but its quality there is not measured",
+    )
+    return config
+
+
 def iter_generate(
     model: Decoder,
     prompt: str | Sequence[int],
@@ -310,6 +350,7 @@ def iter_generate(
     prompt_ids = encode_prompt(model.tokenizer, prompt, chat=config.chat)
     if config.stop and model.tokenizer is None:
         raise ValueError("stop strings need a tokenizer; this model has none")
+    config = check_context(model, len(prompt_ids), config)
     proposer = PROPOSERS[config.speculative](model, config, heads, draft)
     stops = stop_token_ids(model, config)
     stream = TextStream(model.tokenizer, config.stop) if model.tokenizer is not None else None

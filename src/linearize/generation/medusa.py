@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from linearize.config import Config
 from linearize.models.decoder import Decoder
-from linearize.models.directory import write_model
+from linearize.models.directory import is_saved_model, write_model
+from linearize.models.numerics import check_finite_weights
 from linearize.paths import atomic_dir, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -177,10 +178,13 @@ def save_heads(heads: MedusaHeads, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def save_with_heads(model: Decoder, heads: MedusaHeads, directory: str | os.PathLike) -> Path:
+def save_with_heads(
+    model: Decoder, heads: MedusaHeads, directory: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """The model and its heads into ``directory`` together, atomically (a model directory that
-    also holds ``medusa.safetensors`` and ``medusa.json``)."""
-    with atomic_dir(directory) as tmp:
+    also holds ``medusa.safetensors`` and ``medusa.json``); like ``Decoder.save``, a directory
+    that is not one of our models is refused unless ``overwrite``."""
+    with atomic_dir(directory, overwrite=overwrite, replaceable=is_saved_model) as tmp:
         write_model(model, tmp)
         save_heads(heads, tmp)
     logger.info("saved the model and %d Medusa heads to %s", len(heads), directory)
@@ -215,6 +219,7 @@ def load_heads(directory: str | os.PathLike) -> MedusaHeads | None:
         tensors = safetensors.torch.load_file(weights)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights}: corrupted or truncated safetensors file ({e})") from None
+    check_finite_weights(tensors, str(weights))
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) == 1:
         heads.to(dtype=dtypes.pop())

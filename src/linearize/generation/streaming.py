@@ -10,15 +10,29 @@ string.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+
+
+def _is_token_id(value: Any) -> bool:
+    """An integer (Python, numpy or a 0-dim integer tensor), not a bool, float or string."""
+    if isinstance(value, bool | str | bytes):
+        return False
+    if isinstance(value, Integral):
+        return True
+    is_float = getattr(value, "is_floating_point", None)
+    return is_float is not None and getattr(value, "numel", lambda: 0)() == 1 and not is_float()
 
 
 def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
     """Token ids of ``prompt`` (text, or ids passed through); ``chat`` applies the tokenizer's
     chat template to one user message and adds the assistant's generation prompt."""
     if not isinstance(prompt, str):
+        bad = [i for i in prompt if not _is_token_id(i)]
+        if bad:
+            raise TypeError(f"token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
         ids = [int(i) for i in prompt]
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -28,7 +42,10 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], *, chat: bool = F
     if not prompt:
         raise ValueError("the prompt is empty: give some text")
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+        raise ValueError(
+            "this model has no tokenizer (its directory holds no tokenizer.json), so text cannot "
+            "be encoded: save the model with its tokenizer, or pass token ids from Python"
+        )
     if chat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template: drop --chat")

@@ -47,10 +47,12 @@ class AttentionConfig(Config):
     landmarks: int = 64
 
     def __post_init__(self) -> None:
+        self.check_types()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_heads, 1)
 
     def validate(self) -> AttentionConfig:
+        self.check_types()
         positive = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "chunk_size")
         for name in positive:
             if getattr(self, name) < 1:

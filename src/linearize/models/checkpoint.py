@@ -130,6 +130,8 @@ def _gguf_tensor_table(path: Path) -> list[tuple[str, int, int]]:
     """`[(name, start, end)]`: where each tensor's bytes lie in the file, read from its header."""
     from gguf.constants import GGML_QUANT_SIZES
 
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a GGUF file")
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         return _GgufHeader(path, data).tensors(GGML_QUANT_SIZES)
 
@@ -206,6 +208,19 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
 
 
+def _shard_path(folder: Path, index: Path, name: object) -> Path:
+    """A shard named by the index, confined to the model folder (no ``..``, no absolute path)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: shard name {name!r} is not a file name")
+    shard = folder / name
+    if Path(name).is_absolute() or not shard.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(
+            f"{index}: shard {name!r} lies outside the model folder {folder}; shards must be "
+            "files inside it"
+        )
+    return shard
+
+
 def _weight_files(path: Path) -> tuple[list[Path], set[str]]:
     """The safetensors files of a folder, and the tensor names its index promises (if any)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
@@ -214,9 +229,10 @@ def _weight_files(path: Path) -> tuple[list[Path], set[str]]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{index}: not a safetensors index ({err!r})") from None
-        return [path / name for name in sorted(set(weight_map.values()))], set(weight_map)
+        return [_shard_path(path, index, name) for name in shards], set(weight_map)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(

@@ -39,15 +39,18 @@ class ModelConfig(Config):
     attention: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.check_types()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_heads, 1)
         if not self.attention:
             self.attention = [{"name": "softmax"} for _ in range(self.num_layers)]
 
     def validate(self) -> ModelConfig:
+        self.check_types()
         if self.architecture not in ("llama", "gpt2"):
             raise ValueError(f"architecture={self.architecture!r}; supported: llama, gpt2")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        for name in (*positive, "head_dim", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(self.attention) != self.num_layers:
@@ -55,7 +58,10 @@ class ModelConfig(Config):
                 f"{len(self.attention)} attention configs for {self.num_layers} layers"
             )
         for i in range(self.num_layers):
-            self.attention_config(i)
+            try:
+                self.attention_config(i)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"layer {i}: {e}") from None
         return self
 
     def attention_config(self, layer: int) -> AttentionConfig:
@@ -64,7 +70,7 @@ class ModelConfig(Config):
 
         options = dict(self.attention[layer])
         name = options.pop("name", "softmax")
-        if name not in ATTENTIONS:
+        if not isinstance(name, str) or name not in ATTENTIONS:
             raise ValueError(
                 f"layer {layer}: unknown attention {name!r}; valid: {list(ATTENTIONS)}"
             )

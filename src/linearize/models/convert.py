@@ -16,6 +16,7 @@ from linearize.layers.attention import Attention, is_new_parameter
 from linearize.layers.config import AttentionConfig, attention_config
 from linearize.models.config import ModelConfig
 from linearize.models.decoder import Decoder
+from linearize.models.numerics import check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ def _gpt2_map(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     return ours
 
 
-def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
-    """Copy ``weights`` into ``model``, strictly: names and shapes must match exactly."""
+def check_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
+    """``weights`` fit ``model`` exactly (names, shapes) and are finite; ``model`` may be on the
+    meta device, so a config's sizes are checked against the file before anything is allocated."""
     expected = dict(model.state_dict())
     if model.config.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
@@ -75,7 +77,31 @@ def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> Non
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the model expects {tuple(expected[name].shape)}"
             )
+    check_finite_weights(weights, source)
+
+
+def load_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> None:
+    """Copy ``weights`` into ``model``, strictly: names and shapes must match exactly, and every
+    value must be finite (a tensor holding NaN or inf is named)."""
+    check_weights(model, weights, source)
+    _copy(model, weights)
+
+
+def _copy(model: Decoder, weights: dict[str, Tensor]) -> None:
+    if model.config.tie_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     model.load_state_dict(weights, strict=False)
+
+
+def build_checked(config: ModelConfig, weights: dict[str, Tensor], source: str) -> Decoder:
+    """A :class:`Decoder` for ``config`` holding ``weights``; the weights are checked against the
+    config's shapes on the meta device first, so a crafted config allocates nothing."""
+    with torch.device("meta"):
+        skeleton = Decoder(config)
+    check_weights(skeleton, weights, source)
+    model = Decoder(config)
+    _copy(model, weights)
+    return model
 
 
 def from_hf(hf_config: Any, hf_weights: dict[str, Tensor], source: str = "checkpoint") -> Decoder:
@@ -83,13 +109,16 @@ def from_hf(hf_config: Any, hf_weights: dict[str, Tensor], source: str = "checkp
     config = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
         model = Decoder(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
     if config.architecture == "gpt2":
         weights = _gpt2_map(dict(hf_weights), config)
     else:
         weights = _llama_map(hf_weights)
-    load_weights(model, {k: v.float() for k, v in weights.items()}, source)
+    weights = {k: v.float() for k, v in weights.items()}
+    # Checked on the meta model: a config's sizes must match the file before we allocate.
+    check_weights(model, weights, source)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    _copy(model, weights)
     _reset_buffers(model)
     return model
 

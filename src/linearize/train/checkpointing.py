@@ -134,21 +134,35 @@ def load_checkpoint(run_dir: Path, device: torch.device | str = "cpu") -> Checkp
     return Checkpoint(path, meta["stage"], meta["step"], meta["position"], params, state)
 
 
-def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
-    """Refuse to start over an existing run, or to resume one with a different config.
+def check_run_dir(
+    run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool = False
+) -> None:
+    """Refuse to start over an existing run or in a folder holding anything else (unless
+    ``overwrite``), or to resume a run with a different config.
 
     Raises ``ValueError`` before anything is written."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--out {run_dir} is a file, not a directory")
-    has_run = (run_dir / CONFIG).is_file() or (run_dir / MODEL).exists()
     if not resume:
-        if has_run:
+        if overwrite or not run_dir.exists():
+            return
+        if not run_dir.is_dir():
             raise ValueError(
-                f"{run_dir} already holds a training run; pass --resume to continue it, or "
-                "choose another --out"
+                f"--out {run_dir} is a file, not a directory; choose another --out or pass "
+                "--overwrite to replace it"
+            )
+        if (run_dir / CONFIG).is_file() or (run_dir / MODEL).exists():
+            raise ValueError(
+                f"{run_dir} already holds a training run; pass --resume to continue it, "
+                "--overwrite to start over (deleting it), or choose another --out"
+            )
+        if any(run_dir.iterdir()):
+            raise ValueError(
+                f"--out {run_dir} is not empty and holds no training run; choose another "
+                "--out or pass --overwrite to replace its contents"
             )
         return
+    if overwrite:
+        raise ValueError("--resume continues the run in --out; --overwrite would delete it")
     if not (run_dir / CONFIG).is_file():
         raise ValueError(f"nothing to resume in {run_dir}: it holds no training run")
     try:
@@ -162,6 +176,15 @@ def check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
             f"cannot resume {run_dir}: it was started with a different config: {listed}; "
             "resume with the same options, or choose another --out"
         )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove whatever ``run_dir`` holds (a file or a folder), for ``--overwrite``."""
+    if run_dir.is_dir() and not run_dir.is_symlink():
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() or run_dir.is_symlink():
+        run_dir.unlink()
+    logger.info("removed %s (--overwrite)", run_dir)
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:

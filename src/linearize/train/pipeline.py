@@ -41,13 +41,17 @@ def run(
     out: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callback: Callback | None = None,
 ) -> TrainResult:
-    """Train ``config`` into the run directory ``out`` (see ``checkpointing.py``)."""
+    """Train ``config`` into the run directory ``out`` (see ``checkpointing.py``);
+    ``overwrite`` starts over in an ``out`` that holds anything else (it is emptied first)."""
     config.validate()
     out = Path(out)
-    ckpt.check_run_dir(out, config, resume)
+    ckpt.check_run_dir(out, config, resume, overwrite=overwrite)
     model = build_model(config)
     train, held_out = load_data(config, model.tokenizer)
+    if overwrite and not resume:
+        ckpt.clear_run_dir(out)
     trainer = Trainer(model, config, train, held_out, out=out, callback=callback)
     return trainer.fit(resume=resume)

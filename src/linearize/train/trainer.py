@@ -27,6 +27,7 @@ from torch import Tensor
 
 from linearize.data import BlockSampler, pack_blocks
 from linearize.models.decoder import Decoder
+from linearize.models.numerics import NonFiniteError
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
 from linearize.train.distributed import STRATEGIES, DistContext, init_distributed
@@ -41,8 +42,9 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
+class TrainingDiverged(NonFiniteError):
+    """The loss, the gradient or an activation became NaN/inf; the last good checkpoint is
+    kept."""
 
 
 @dataclass
@@ -281,7 +283,14 @@ class Trainer:
             self.position += c.batch_size
             parts: dict[str, float] = {}
             for micro in batch.split(c.micro_batch_size):
-                loss, terms = stage.loss(micro)
+                try:
+                    loss, terms = stage.loss(micro)
+                except NonFiniteError as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(
+                        f"training stopped at {name} step {step + 1}: {e}; the last good "
+                        f"checkpoint is {self.last_checkpoint or 'none (nothing was saved)'}"
+                    ) from None
                 loss.backward()
                 for key, value in terms.items():
                     parts[key] = parts.get(key, 0.0) + float(value.detach())
