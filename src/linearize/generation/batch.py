@@ -21,12 +21,11 @@ import torch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import (
     GenerationResult,
-    check_context,
     generate,
     stop_token_ids,
 )
 from linearize.generation.sampling import Sampler
-from linearize.generation.streaming import TextStream, encode_prompt
+from linearize.generation.streaming import TextStream, check_context, encode_prompt
 from linearize.models.decoder import Decoder
 
 

@@ -16,7 +16,6 @@ per such pass (1.0 for plain decoding; accepted candidates + the next token when
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -38,7 +37,7 @@ from linearize.generation.speculative import (
     Setting,
     truncated_draft,
 )
-from linearize.generation.streaming import TextStream, encode_prompt
+from linearize.generation.streaming import TextStream, check_context, encode_prompt
 from linearize.generation.trees import TREE_SIZES, TYPICAL_RANK_ACCURACY, tree_spec
 from linearize.models.decoder import Decoder
 
@@ -292,45 +291,6 @@ class Decoding:
     def mean_accepted(self) -> float:
         n = len(self.emitted_per_pass)
         return sum(self.emitted_per_pass) / n if n else 0.0
-
-
-def check_context(model: Decoder, prompt_tokens: int, config: GenerationConfig) -> GenerationConfig:
-    """``config``, its ``max_new_tokens`` cut to what fits in the model's trained positions when
-    it has softmax layers (their output past them is untested). A prompt that does not fit is
-    refused, unless ``config.allow_long_context``; past the limit, say what the model does."""
-    limit = model.config.max_position_embeddings
-    needed = prompt_tokens + config.max_new_tokens
-    if needed <= limit:
-        return config
-    softmax_layers = [
-        i for i, layer in enumerate(model.layers) if layer.self_attn.config.kind == "softmax"
-    ]
-    if softmax_layers and not config.allow_long_context:
-        if prompt_tokens < limit:
-            logger.warning(
-                "generating at most %d tokens: the model's softmax layers were trained on %d "
-                "positions (allow_long_context=True / --allow-long-context to go past them)",
-                limit - prompt_tokens,
-                limit,
-            )
-            return dataclasses.replace(config, max_new_tokens=limit - prompt_tokens)
-        raise ValueError(
-            f"the prompt ({prompt_tokens} tokens) does not fit in this model's trained positions "
-            f"(max_position_embeddings={limit}) and layers {softmax_layers[:4]}"
-            f"{'...' if len(softmax_layers) > 4 else ''} are softmax attention, whose output is "
-            "untested past them: shorten the prompt, or allow it explicitly "
-            "(allow_long_context=True, --allow-long-context)"
-        )
-    logger.warning(
-        "generating up to position %d, past the %d positions the model was trained on; %s",
-        needed,
-        limit,
-        "softmax layers run on untrained positions (allowed explicitly)"
-        if softmax_layers
-        else "its linear layers keep a fixed-size state (a local window plus a global "
-        "summary), so it runs, but its quality there is not measured",
-    )
-    return config
 
 
 def iter_generate(

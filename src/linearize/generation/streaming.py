@@ -1,4 +1,5 @@
-"""Prompts in, text out: prompt encoding (plain or chat) and incremental detokenization.
+"""Prompts in, text out: prompt encoding (plain or chat), the check that a prompt fits the
+positions a model was trained on, and incremental detokenization.
 
 :class:`TextStream` turns tokens into text deltas as they arrive. It decodes the whole generated
 sequence each time (so merges and leading-space rules come out exactly as a final decode would),
@@ -9,9 +10,15 @@ string.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from numbers import Integral
 from typing import Any
+
+from linearize.generation.config import GenerationConfig
+
+logger = logging.getLogger(__name__)
 
 REPLACEMENT = "\ufffd"
 
@@ -58,6 +65,45 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], *, chat: bool = F
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     return list(ids)
+
+
+def check_context(model: Any, prompt_tokens: int, config: GenerationConfig) -> GenerationConfig:
+    """``config``, its ``max_new_tokens`` cut to what fits in the model's trained positions when
+    it has softmax layers (their output past them is untested). A prompt that does not fit is
+    refused, unless ``config.allow_long_context``; past the limit, say what the model does."""
+    limit = model.config.max_position_embeddings
+    needed = prompt_tokens + config.max_new_tokens
+    if needed <= limit:
+        return config
+    softmax_layers = [
+        i for i, layer in enumerate(model.layers) if layer.self_attn.config.kind == "softmax"
+    ]
+    if softmax_layers and not config.allow_long_context:
+        if prompt_tokens < limit:
+            logger.warning(
+                "generating at most %d tokens: the model's softmax layers were trained on %d "
+                "positions (allow_long_context=True / --allow-long-context to go past them)",
+                limit - prompt_tokens,
+                limit,
+            )
+            return dataclasses.replace(config, max_new_tokens=limit - prompt_tokens)
+        raise ValueError(
+            f"the prompt ({prompt_tokens} tokens) does not fit in this model's trained positions "
+            f"(max_position_embeddings={limit}) and layers {softmax_layers[:4]}"
+            f"{'...' if len(softmax_layers) > 4 else ''} are softmax attention, whose output is "
+            "untested past them: shorten the prompt, or allow it explicitly "
+            "(allow_long_context=True, --allow-long-context)"
+        )
+    logger.warning(
+        "generating up to position %d, past the %d positions the model was trained on; %s",
+        needed,
+        limit,
+        "softmax layers run on untrained positions (allowed explicitly)"
+        if softmax_layers
+        else "its linear layers keep a fixed-size state (a local window plus a global "
+        "summary), so it runs, but its quality there is not measured",
+    )
+    return config
 
 
 class TextStream:
