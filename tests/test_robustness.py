@@ -219,6 +219,13 @@ PROBES: list[Probe] = [
         "not empty",
         lambda t: [t / "notes" / "notes.txt"],
     ),
+    (
+        "demo-out-foreign-dir",
+        lambda w, t: ["demo", "--smoke", "--out", str(_notes(t))],
+        2,
+        "holds files but no demo",
+        lambda t: [t / "notes" / "notes.txt"],
+    ),
     # 2. confident garbage: NaN / huge weights
     (
         "generate-nan-weights",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from linearize.cli.options import add_config_arguments, config_from_args
 from linearize.demo import DemoConfig, run_demo, summary_rows
+from linearize.demo.pipeline import check_out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(demo, DemoConfig)
     demo.add_argument("--smoke", action="store_true", help="a tiny random model and text: a minute")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="start over in --out, deleting what it holds"
+    )
     demo.set_defaults(func=run)
 
 
@@ -64,7 +67,7 @@ class _Bars:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = check_out(args.out, overwrite=args.overwrite)
     if args.smoke:
         from linearize.demo.smoke import prepare
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -101,6 +102,27 @@ class Steps:
     def seconds(self) -> float:
         """Time spent in the finished steps, over every invocation of the run."""
         return sum((self.get("seconds") or {}).values())
+
+
+def check_out(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, an ``out`` that is a file or a non-empty folder
+    holding no demo (a rerun continues a demo); ``overwrite`` empties it instead."""
+    out = Path(out)
+    foreign = out.is_file() or (
+        out.is_dir() and not (out / "demo.json").exists() and any(out.iterdir())
+    )
+    if foreign and not overwrite:
+        raise ValueError(
+            f"--out {out} {'is a file' if out.is_file() else 'holds files but no demo'}; "
+            "choose another --out or pass --overwrite to replace it"
+        )
+    if overwrite and (out.exists() or out.is_symlink()):
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+        logger.info("removed %s (--overwrite)", out)
+    return out
 
 
 def check_config(out: Path, config: DemoConfig) -> None:
