@@ -39,7 +39,7 @@ from linearize.generation.speculative import (
 )
 from linearize.generation.streaming import TextStream, check_context, encode_prompt
 from linearize.generation.trees import TREE_SIZES, TYPICAL_RANK_ACCURACY, tree_spec
-from linearize.models.decoder import Decoder
+from linearize.models.decoder import Decoder, ModelState
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,39 @@ def stop_token_ids(model: Decoder, config: GenerationConfig) -> set[int]:
     return ids
 
 
+class Output:
+    """What one sequence emitted: tokens, text deltas, and why it finished. The stop rules
+    (stop tokens, stop strings, ``max_new_tokens``) every decoding caller shares."""
+
+    def __init__(self, model: Decoder, config: GenerationConfig) -> None:
+        self.stops = stop_token_ids(model, config)
+        self.stream = TextStream(model.tokenizer, config.stop) if model.tokenizer else None
+        self.limit = config.max_new_tokens
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Record ``token``; return the text it adds (held back while a stop string may
+        still match). Sets ``reason`` ("eos", "stop" or "length") when it ends the sequence."""
+        self.tokens.append(token)
+        delta = self.stream.push(token) if self.stream is not None else ""
+        if token in self.stops:
+            self.reason = "eos"
+        elif self.stream is not None and self.stream.stopped:
+            self.reason = "stop"
+        elif len(self.tokens) >= self.limit:
+            self.reason = "length"
+        return delta
+
+    def finish(self) -> str:
+        """The text held back at the end (a partial character or a stop-string prefix)."""
+        return self.stream.finish() if self.stream is not None else ""
+
+    @property
+    def text(self) -> str | None:
+        return None if self.stream is None else self.stream.text
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -192,9 +225,14 @@ class Decoding:
         return torch.tensor([list(tokens)], dtype=torch.long, device=self.model.device)
 
     @torch.no_grad()
-    def prefill(self, prompt: list[int]) -> list[int]:
+    def prefill(self, prompt: list[int], state: ModelState | None = None) -> list[int]:
+        """Feed the prompt, sample the first token. ``state``, if given, already holds the
+        prompt's first ``state.pos`` tokens (a cached prefix): only the rest is fed."""
         start = time.perf_counter()
-        hidden, self.state = self.model.forward_hidden(self._ids(prompt))
+        done = 0 if state is None else state.pos
+        if not 0 <= done < len(prompt):
+            raise ValueError(f"a prefix state of {done} tokens for a {len(prompt)}-token prompt")
+        hidden, self.state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
         last = hidden[0, -1]
         self.history = list(prompt)
         self.root = self.sampler.sample(self.sampler.probs(self.model.lm_head(last), prompt))
@@ -249,13 +287,10 @@ class Decoding:
     @torch.no_grad()
     def step(self) -> list[int]:
         """Feed the root, emit the next token(s)."""
-        self.passes += 1
         if self.setting is None:
-            logits, self.state = self.model(self._ids([self.root]), state=self.state)
-            self.history.append(self.root)
-            self.root = self.sampler.sample(self.sampler.probs(logits[0, -1], self.history))
-            self.emitted_per_pass.append(1)
-            return [self.root]
+            logits, state = self.model(self._ids([self.root]), state=self.state)
+            return self.advance(logits[0, -1], state)
+        self.passes += 1
         # 1. propose
         proposal = self.proposer.propose(self.root, self.history, self.sampler, self.setting)
         # 2. verify
@@ -288,6 +323,21 @@ class Decoding:
         return [*accepted[1:], self.root]
 
     @property
+    def speculating(self) -> bool:
+        """Whether the next ``step`` is a speculative one (else a plain step: ``advance``)."""
+        return self.setting is not None
+
+    def advance(self, logits: torch.Tensor, state: ModelState) -> list[int]:
+        """A plain step whose forward pass ran elsewhere (e.g. batched with other sequences):
+        ``logits: [V]`` after feeding ``self.root``, ``state`` the state after it."""
+        self.passes += 1
+        self.state = state
+        self.history.append(self.root)
+        self.root = self.sampler.sample(self.sampler.probs(logits, self.history))
+        self.emitted_per_pass.append(1)
+        return [self.root]
+
+    @property
     def mean_accepted(self) -> float:
         n = len(self.emitted_per_pass)
         return sum(self.emitted_per_pass) / n if n else 0.0
@@ -312,38 +362,27 @@ def iter_generate(
         raise ValueError("stop strings need a tokenizer; this model has none")
     config = check_context(model, len(prompt_ids), config)
     proposer = PROPOSERS[config.speculative](model, config, heads, draft)
-    stops = stop_token_ids(model, config)
-    stream = TextStream(model.tokenizer, config.stop) if model.tokenizer is not None else None
+    output = Output(model, config)
     decoding = Decoding(model, config, proposer, calibration)
     start = time.perf_counter()
-    tokens: list[int] = []
-    reason = None
     chunk = decoding.prefill(prompt_ids)
-    while reason is None:
+    while output.reason is None:
         for token in chunk:
-            tokens.append(token)
-            delta = stream.push(token) if stream is not None else ""
-            if delta:
+            if delta := output.push(token):
                 yield delta
-            if token in stops:
-                reason = "eos"
-            elif stream is not None and stream.stopped:
-                reason = "stop"
-            elif len(tokens) >= config.max_new_tokens:
-                reason = "length"
-            if reason is not None:
+            if output.reason is not None:
                 break
         else:
             chunk = decoding.step()
     seconds = time.perf_counter() - start
-    if stream is not None and (tail := stream.finish()):
+    if tail := output.finish():
         yield tail
     planner = decoding.planner
     return GenerationResult(
-        token_ids=tokens,
-        text=None if stream is None else stream.text,
+        token_ids=output.tokens,
+        text=output.text,
         prompt_ids=prompt_ids,
-        finish_reason=reason,
+        finish_reason=output.reason,
         forward_passes=decoding.passes,
         draft_passes=getattr(proposer, "passes", 0),
         mean_accepted=decoding.mean_accepted,

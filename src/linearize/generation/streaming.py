@@ -54,14 +54,8 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], *, chat: bool = F
             "be encoded: save the model with its tokenizer, or pass token ids from Python"
         )
     if chat:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template: drop --chat")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        ids = tokenizer.encode(prompt)
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     return list(ids)
@@ -104,6 +98,24 @@ def check_context(model: Any, prompt_tokens: int, config: GenerationConfig) -> G
         "summary), so it runs, but its quality there is not measured",
     )
     return config
+
+
+def encode_chat(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of a conversation (``{"role", "content"}`` dicts) through the tokenizer's chat
+    template, followed by the assistant's generation prompt unless told otherwise."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: it cannot format chat messages")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this model's tokenizer has no chat template: send plain prompts")
+    text = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError("the messages encode to no tokens")
+    return list(ids)
 
 
 class TextStream:

@@ -191,6 +191,20 @@ class Attention(nn.Module):
             state = self.init_state(B, dtype=x.dtype, device=x.device)
         positions = torch.arange(state.pos, state.pos + T, device=x.device)
         q, k, v, fq, fk = self._project(x, positions)
+        o, state = self._attend(q, k, v, fq, fk, state, form)
+        return self._output(o), state
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        fq: Tensor,
+        fk: Tensor,
+        state: AttentionState,
+        form: Form,
+    ) -> tuple[Tensor, AttentionState]:
+        """Projected tokens on top of ``state`` in ``form`` → ``o: [B, T, H, V]`` and the state."""
         if self.config.kind == "softmax":
             o, attn = softmax.parallel(q, k, v, state.attn)
         elif form == "chunk":
@@ -205,7 +219,31 @@ class Attention(nn.Module):
             step = causal_conv.recurrent if form == "recurrent" else causal_conv.parallel
             c, conv = step(v, self.conv, conv)
             o = o + c
-        return self._output(o), AttentionState(attn, conv)
+        return o, AttentionState(attn, conv)
+
+    def forward_rows(
+        self, x: Tensor, states: list[AttentionState]
+    ) -> tuple[Tensor, list[AttentionState]]:
+        """One token for each of ``B`` independent sequences: ``x: [B, 1, D]``, row ``i``
+        continuing ``states[i]`` (a batch-1 state at its own position).
+
+        The projections run as one batch; each row attends on its own state, exactly as
+        ``forward`` would with that row alone. Rows may join and leave between calls.
+        """
+        if not self.is_causal:
+            raise ValueError(f"attention {self.config.name!r} is not causal: it takes no state")
+        if x.shape[1] != 1 or x.shape[0] != len(states):
+            raise ValueError(f"forward_rows takes [len(states), 1, D], got {tuple(x.shape)}")
+        positions = torch.tensor([[s.pos] for s in states], device=x.device)  # [B, 1]
+        q, k, v, fq, fk = self._project(x, positions)
+        form = self.resolve_form("auto", 1)
+        outputs, new_states = [], []
+        for i, state in enumerate(states):
+            row = slice(i, i + 1)
+            o, state = self._attend(q[row], k[row], v[row], fq[row], fk[row], state, form)
+            outputs.append(o)
+            new_states.append(state)
+        return self._output(torch.cat(outputs)), new_states
 
     def _forward_noncausal(self, x: Tensor) -> Tensor:
         positions = torch.arange(x.shape[1], device=x.device)

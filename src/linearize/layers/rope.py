@@ -33,9 +33,9 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """``x: [B, T, H, K]`` rotated by ``positions: [T]``."""
+        """``x: [B, T, H, K]`` rotated by ``positions: [T]`` (or ``[B, T]``: a position per row)."""
         cos, sin = self._cos_sin(int(positions.max()) + 1, x.dtype, x.device)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]
+        cos, sin = cos[positions][..., None, :], sin[positions][..., None, :]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rotated * sin

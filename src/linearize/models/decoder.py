@@ -76,6 +76,13 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), state
 
+    def forward_rows(
+        self, x: Tensor, states: list[AttentionState]
+    ) -> tuple[Tensor, list[AttentionState]]:
+        h, states = self.self_attn.forward_rows(self.input_layernorm(x), states)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), states
+
     def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeKV]:
         h, draft = self.self_attn.tree_step(self.input_layernorm(x), tree, state)
         x = x + h
@@ -233,6 +240,29 @@ class Decoder(nn.Module):
         names = [*self._layer_names(), "the LM head (logits)"]
         raise_if_non_finite([*flags, finite_flag(logits)], names, self._positions(input_ids, state))
         return logits, new_state
+
+    def forward_rows(
+        self, input_ids: Tensor, states: list[ModelState]
+    ) -> tuple[Tensor, list[ModelState]]:
+        """One token for each of ``B`` independent sequences (continuous batching):
+        ``input_ids: [B, 1]``, row ``i`` continuing ``states[i]``, a batch-1 state at its own
+        position. Returns logits ``[B, 1, V]`` and each row's new state, the same as ``B``
+        separate ``forward`` calls (the weight matmuls run once for all rows)."""
+        self._check_ids(input_ids)
+        if input_ids.shape != (len(states), 1):
+            raise ValueError(
+                f"forward_rows takes input_ids [{len(states)}, 1] (one token per state), "
+                f"got {tuple(input_ids.shape)}"
+            )
+        positions = torch.tensor([[s.pos] for s in states], device=input_ids.device)
+        x = self._embed(input_ids, positions)
+        rows = [s.layers for s in states]
+        new_rows: list[list[AttentionState]] = [[] for _ in states]
+        for i, layer in enumerate(self.layers):
+            x, layer_states = layer.forward_rows(x, [row[i] for row in rows])
+            for new, layer_state in zip(new_rows, layer_states, strict=True):
+                new.append(layer_state)
+        return self.lm_head(self.norm(x)), [ModelState(layers) for layers in new_rows]
 
     def forward_tree(
         self, input_ids: Tensor, tree: Tree, state: ModelState
