@@ -7,6 +7,8 @@ import socket
 import pytest
 import torch
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
 
 def _refuse(*args, **kwargs):
     raise RuntimeError("network access in tests")
@@ -14,21 +16,28 @@ def _refuse(*args, **kwargs):
 
 @pytest.fixture(autouse=True, scope="session")
 def no_network():
-    """Any attempt to open a network connection fails loudly (local unix sockets still work)."""
+    """Any attempt to open a network connection fails loudly (unix sockets and this machine's
+    loopback, where the serve tests run their server, still work)."""
     connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+    create_connection = socket.create_connection
 
     def guarded(method):
-        def wrapper(self, *args, **kwargs):
-            if self.family in (socket.AF_INET, socket.AF_INET6):
+        def wrapper(self, address, *args, **kwargs):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
                 _refuse()
-            return method(self, *args, **kwargs)
+            return method(self, address, *args, **kwargs)
 
         return wrapper
+
+    def guarded_create(address, *args, **kwargs):
+        if address[0] not in LOOPBACK:
+            _refuse()
+        return create_connection(address, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", guarded(connect))
         patch.setattr(socket.socket, "connect_ex", guarded(connect_ex))
-        patch.setattr(socket, "create_connection", _refuse)
+        patch.setattr(socket, "create_connection", guarded_create)
         yield
 
 

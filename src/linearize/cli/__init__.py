@@ -19,6 +19,7 @@ COMMANDS = (
     "linearize.cli.evaluate",
     "linearize.cli.bench",
     "linearize.cli.demo",
+    "linearize.cli.serve",
 )
 
 

@@ -1,0 +1,72 @@
+"""``linearize serve``: an OpenAI-compatible server (FastAPI + uvicorn).
+
+Examples::
+
+    linearize serve --model smollm2-135m --attention augmented        # http://127.0.0.1:8000/v1
+    linearize serve --model runs/aug-trained/model --api-key secret --port 8080
+
+Talk to it with the ``openai`` client (``base_url="http://127.0.0.1:8000/v1"``), or curl.
+Requests may add ``"speculative": "medusa" | "lookup"`` (lossless speculative decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.serve.config import QUANTS, ServeConfig
+
+_FLAGS = (
+    "host",
+    "port",
+    "api_key",
+    "quant",
+    "max_prompt_tokens",
+    "max_tokens",
+    "max_sessions",
+    "max_queue",
+    "cache_bytes",
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="model name or path (also its API id)")
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    for name in _FLAGS:
+        f = fields[name]
+        kind = {"int": int, "str | None": str, "str": str}.get(str(f.type), str)
+        options: dict = {"default": f.default, "help": f"{f.metadata['help']} ({f.default})"}
+        if name == "quant":
+            options["choices"] = QUANTS
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, **options)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    add_attention_arguments(parser, required=False)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    import linearize
+    from linearize.serve.app import build_app
+
+    config = ServeConfig(model=args.model, **{n: getattr(args, n) for n in _FLAGS}).validate()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model = linearize.load(args.model)
+    if args.attention is not None:
+        linearize.linearize(model, attention_from_args(args))
+    app = build_app(model, config)
+    print(f"serving {config.model!r} on http://{config.host}:{config.port}/v1", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    return 0

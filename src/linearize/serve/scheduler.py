@@ -1,0 +1,292 @@
+"""Continuous batching: one worker thread decodes every active request together, step by step.
+
+Each request is a row with its own :class:`~linearize.generation.decode.Decoding` (sampler,
+position, state, proposer). Between steps, queued requests join (their prompt is prefilled on
+top of the longest cached prefix state) and finished or cancelled ones leave, dropping their
+state. A step feeds every plain row's last token through one ``model.forward_rows`` call (the
+weight matmuls run once for all rows, each row attends on its own state at its own position);
+rows decoding speculatively take their own ``Decoding.step`` (propose → verify → accept →
+commit). The sampler, stop rules and speculative pipeline are the generation package's, so a
+request yields exactly what ``linearize generate`` yields for it alone.
+
+The model only ever runs on this thread; the event loop talks to it through :meth:`submit` and
+the ``emit`` callback of each job.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from linearize.generation.config import GenerationConfig
+from linearize.generation.decode import PROPOSERS, Decoding, Output
+from linearize.models.decoder import Decoder
+from linearize.serve.prefix_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Every row is busy and the queue is full: the client should retry later (429)."""
+
+
+@dataclass
+class Event:
+    """What the worker tells a job's owner: ``delta`` (text and the token ids behind it),
+    ``done`` (``info``: finish reason, usage, timings) or ``error`` (``info["status"]``)."""
+
+    kind: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """One request handed to the scheduler. ``boundaries``: prefix lengths worth caching (the
+    end of each chat message), besides the whole prompt."""
+
+    request_id: str
+    prompt: list[int]
+    config: GenerationConfig
+    emit: Callable[[Event], None]
+    boundaries: list[int] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Row:
+    """An active request: its decoding, its output and its timings."""
+
+    def __init__(self, job: Job, decoding: Decoding, output: Output, cached: int) -> None:
+        self.job, self.decoding, self.output, self.cached = job, decoding, output, cached
+        self.started = time.perf_counter()
+        self.prefill_s = 0.0
+        self.first_token: float | None = None
+
+
+class Scheduler:
+    """``start()``, ``submit(job)`` (raises :class:`QueueFull`), ``stats()``, ``stop()``."""
+
+    def __init__(
+        self, model: Decoder, cache: PrefixCache, *, max_sessions: int, max_queue: int
+    ) -> None:
+        self.model, self.cache = model, cache
+        self.max_sessions, self.max_queue = max_sessions, max_queue
+        self._queue: collections.deque[Job] = collections.deque()
+        self._rows: list[_Row] = []
+        self._joining: list[Job] = []  # taken from the queue, being prefilled
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # One calibration per speculative mode, measured by the first request that needs it.
+        self._calibrations: dict[str, Any] = {}
+        self.steps = 0  # batched decode steps
+        self.row_steps = 0  # rows over those steps (row_steps / steps: the mean batch)
+        self.completed = 0
+        self.cancelled = 0
+
+    # --- the event loop's side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the scheduler is already running")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="linearize-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        with self._wakeup:
+            waiting = sum(not j.cancelled.is_set() for j in self._queue)
+            busy = len(self._rows) + len(self._joining)
+            if busy + waiting >= self.max_sessions + self.max_queue:
+                raise QueueFull(
+                    f"{busy} of {self.max_sessions} sessions are busy and "
+                    f"{waiting} of {self.max_queue} queue places are taken"
+                )
+            self._queue.append(job)
+            self._wakeup.notify()
+
+    def wake(self) -> None:
+        """Look at the queue and the rows again (after a cancellation)."""
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def stats(self) -> dict[str, Any]:
+        with self._wakeup:
+            rows = list(self._rows)
+            queued = sum(not j.cancelled.is_set() for j in self._queue)
+        return {
+            "active": len(rows),
+            "queued": queued,
+            "max_sessions": self.max_sessions,
+            "max_queue": self.max_queue,
+            "state_bytes": sum(r.decoding.state.nbytes() for r in rows),
+            "steps": self.steps,
+            "row_steps": self.row_steps,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "prefix_cache": self.cache.stats(),
+        }
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._queue or self._rows):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    while self._queue and len(self._rows) + len(self._joining) < self.max_sessions:
+                        self._joining.append(self._queue.popleft())
+                for job in list(self._joining):
+                    self._join(job)
+                    with self._wakeup:
+                        self._joining.remove(job)
+                self._step()
+                self._leave()
+        for row in self._rows:
+            self._finish(row, "cancelled")
+        self._rows.clear()
+
+    def _join(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        model, config = self.model, job.config
+        try:
+            proposer = PROPOSERS[config.speculative](model, config, None, None)
+            decoding = Decoding(model, config, proposer, self._calibrations.get(config.speculative))
+            row = _Row(job, decoding, Output(model, config), 0)
+            state, row.cached = self.cache.lookup(job.prompt)
+            done = row.cached
+            # 1. prefill up to each boundary not cached yet, keeping the state there
+            for end in sorted(b for b in job.boundaries if done < b < len(job.prompt)):
+                ids = torch.tensor([job.prompt[done:end]], device=model.device)
+                _, state = model.forward_hidden(ids, state=state)
+                self.cache.put(job.prompt[:end], state)
+                done = end
+            # 2. the rest of the prompt, and the first token
+            tokens = decoding.prefill(job.prompt, state)
+            self.cache.put(job.prompt, decoding.state)
+        except ValueError as e:
+            job.emit(Event("error", info={"status": 400, "message": str(e)}))
+            return
+        except Exception as e:  # the model failed: tell this client, keep serving the others
+            logger.exception("request %s failed in prefill", job.request_id)
+            job.emit(Event("error", info={"status": 500, "message": f"prefill failed: {e}"}))
+            return
+        if decoding.calibration is not None:
+            self._calibrations.setdefault(config.speculative, decoding.calibration)
+        row.prefill_s = time.perf_counter() - row.started
+        with self._wakeup:
+            self._rows.append(row)
+        self._emit(row, tokens)
+
+    def _step(self) -> None:
+        rows = [r for r in self._rows if r.output.reason is None and not r.job.cancelled.is_set()]
+        plain = [r for r in rows if not r.decoding.speculating]
+        if plain:
+            self.steps += 1
+            self.row_steps += len(plain)
+            try:
+                ids = torch.tensor([[r.decoding.root] for r in plain], device=self.model.device)
+                logits, states = self.model.forward_rows(ids, [r.decoding.state for r in plain])
+                for i, row in enumerate(plain):
+                    self._emit(row, row.decoding.advance(logits[i, -1], states[i]))
+            except Exception as e:
+                logger.exception("a batched decode step failed")
+                for row in plain:
+                    self._fail(row, e)
+        for row in rows:
+            if row.decoding.speculating:
+                try:
+                    self._emit(row, row.decoding.step())
+                except Exception as e:
+                    logger.exception("request %s failed in a speculative step", row.job.request_id)
+                    self._fail(row, e)
+
+    def _emit(self, row: _Row, tokens: list[int]) -> None:
+        output, ids, text = row.output, [], ""
+        for token in tokens:
+            ids.append(token)
+            text += output.push(token)
+            if output.reason is not None:
+                text += output.finish()
+                break
+        if row.first_token is None:
+            row.first_token = time.perf_counter()
+        if text or ids:
+            row.job.emit(Event("delta", text, ids))
+        if output.reason is not None:
+            self._finish(row, output.reason)
+
+    def _fail(self, row: _Row, error: Exception) -> None:
+        row.output.reason = "error"
+        row.job.emit(Event("error", info={"status": 500, "message": f"decoding failed: {error}"}))
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        job, decoding = row.job, row.decoding
+        now = time.perf_counter()
+        new = len(row.output.tokens)
+        first = row.first_token or now
+        info = {
+            "finish_reason": reason,
+            "prompt_tokens": len(job.prompt),
+            "completion_tokens": new,
+            "cached_tokens": row.cached,
+            "queue_s": row.started - job.submitted,
+            "prefill_s": row.prefill_s,
+            "ttft_s": first - job.submitted,
+            "decode_tokens_per_s": (new - 1) / (now - first) if new > 1 and now > first else 0.0,
+            "mean_accepted": decoding.mean_accepted,
+        }
+        job.emit(Event("done", info=info))
+        if reason == "cancelled":
+            self.cancelled += 1
+        else:
+            self.completed += 1
+        logger.info(
+            "request %s: %s; prompt %d tokens (%d cached), %d new; queue %.3f s, prefill %.3f s, "
+            "first token %.3f s, decode %.1f tokens/s",
+            job.request_id,
+            reason,
+            info["prompt_tokens"],
+            row.cached,
+            new,
+            info["queue_s"],
+            row.prefill_s,
+            info["ttft_s"],
+            info["decode_tokens_per_s"],
+        )
+
+    def _leave(self) -> None:
+        """Drop finished and cancelled rows: their states go with them."""
+        leaving = [r for r in self._rows if r.output.reason is not None or r.job.cancelled.is_set()]
+        for row in leaving:
+            if row.output.reason is None:
+                self._finish(row, "cancelled")
+            elif row.output.reason != "error":
+                # The conversation so far, for a follow-up turn that starts with it.
+                self.cache.put(row.decoding.history, row.decoding.state)
+        with self._wakeup:
+            self._rows = [r for r in self._rows if r not in leaving]

@@ -1,0 +1,39 @@
+"""The pieces behind the server: the prefix cache's bounds, the queue's back-pressure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.generation import GenerationConfig
+from linearize.serve import Job, PrefixCache, QueueFull, Scheduler
+from tests.generation.conftest import tiny_model
+
+
+def test_prefix_cache_is_lru_bounded_by_bytes():
+    model = tiny_model("augmented")
+    states = {n: model(torch.arange(1, n + 1)[None])[1] for n in (2, 3, 4)}
+    size = states[2].nbytes()  # a linear state: the same size after 2, 3 or 4 tokens
+    assert states[4].nbytes() == size
+    cache = PrefixCache(max_bytes=2 * size)
+    for n in (2, 3):
+        cache.put(list(range(1, n + 1)), states[n])
+    state, n = cache.lookup([1, 2, 3, 9])
+    assert n == 3 and state is not states[3] and state.pos == 3
+    cache.put([1, 2, 3, 4], states[4])  # evicts [1, 2], the least recently used
+    assert cache.nbytes <= 2 * size and len(cache) == 2
+    assert cache.lookup([1, 2, 7])[1] == 0
+    assert cache.lookup([1, 2, 3, 4, 5])[1] == 4
+    # A whole prompt is never its own prefix: one token must remain to predict from.
+    assert cache.lookup([1, 2, 3, 4])[1] == 3
+
+
+def test_queue_full():
+    scheduler = Scheduler(tiny_model("elu"), PrefixCache(0), max_sessions=1, max_queue=1)
+    jobs = [Job(str(i), [1, 2], GenerationConfig(), lambda e: None) for i in range(3)]
+    scheduler.submit(jobs[0])
+    scheduler.submit(jobs[1])
+    with pytest.raises(QueueFull):
+        scheduler.submit(jobs[2])
+    jobs[0].cancel()  # a cancelled request gives its place back
+    scheduler.submit(jobs[2])
