@@ -20,12 +20,7 @@ LIMITS = {"max_prompt_tokens": 200, "max_tokens": 4096, "max_sessions": 4, "max_
 
 
 def serving_model():
-    model = text_model("hybrid").double()
-    torch.manual_seed(1)
-    model.medusa = MedusaHeads(
-        MedusaConfig(num_heads=2, hidden_size=64, vocab_size=model.config.vocab_size)
-    ).double()
-    return model.eval()
+    return text_model("hybrid").double().eval()
 
 
 @pytest.fixture(scope="package")
@@ -34,10 +29,17 @@ def model():
 
 
 @pytest.fixture(scope="package")
-def server(model):
+def heads(model):
+    torch.manual_seed(1)
+    config = MedusaConfig(num_heads=2, hidden_size=64, vocab_size=model.config.vocab_size)
+    return MedusaHeads(config).double()
+
+
+@pytest.fixture(scope="package")
+def server(model, heads):
     """The base URL of a running server; the model it serves is a copy of ``model``."""
     config = ServeConfig(model=MODEL, api_key=KEY, **LIMITS)
-    with serve_in_thread(build_app(copy.deepcopy(model), config)) as url:
+    with serve_in_thread(build_app(copy.deepcopy(model), config, copy.deepcopy(heads))) as url:
         yield url
 
 

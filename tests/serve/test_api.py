@@ -19,9 +19,9 @@ from tests.serve.conftest import MODEL
 PROMPTS = ["It is a truth", "Hello there, how", "x", "Emma Woodhouse, handsome, clever"]
 
 
-def expected(model, prompt, max_tokens, **options):
+def expected(model, prompt, max_tokens, heads=None, **options):
     config = GenerationConfig(max_new_tokens=max_tokens, **options)
-    return generate(model, prompt, config)
+    return generate(model, prompt, config, heads=heads)
 
 
 def test_models_and_health(client, http):
@@ -31,8 +31,11 @@ def test_models_and_health(client, http):
 
 
 @pytest.mark.parametrize("speculative", ["none", "lookup", "medusa"])
-def test_completion_equals_generate(client, model, speculative):
+def test_completion_equals_generate(client, model, heads, speculative):
     want = expected(model, PROMPTS[0], 20)
+    # ... which is what `generate` gives with the same speculation (lossless).
+    lossless = expected(model, PROMPTS[0], 20, heads, speculative=speculative)
+    assert lossless.token_ids == want.token_ids
     out = client.completions.create(
         model=MODEL,
         prompt=PROMPTS[0],

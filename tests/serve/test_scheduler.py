@@ -37,3 +37,41 @@ def test_queue_full():
         scheduler.submit(jobs[2])
     jobs[0].cancel()  # a cancelled request gives its place back
     scheduler.submit(jobs[2])
+
+
+def test_speculative_and_plain_rows_together():
+    """A row decoding speculatively (lookup, γ=2: it always speculates) beside plain rows:
+    each yields what `generate` yields alone."""
+    import threading
+
+    from linearize.generation import generate
+
+    model = tiny_model("hybrid")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # repeats, so lookup finds candidates
+    configs = [
+        GenerationConfig(max_new_tokens=12, speculative="lookup", gamma=2),
+        GenerationConfig(max_new_tokens=9),
+        GenerationConfig(max_new_tokens=15, temperature=0.8, seed=3),
+    ]
+    scheduler = Scheduler(model, PrefixCache(10**8), max_sessions=3, max_queue=0)
+    done = threading.Semaphore(0)
+    got: list[list[int]] = [[] for _ in configs]
+
+    def emit(i):
+        def receive(event):
+            got[i].extend(event.token_ids)
+            if event.kind != "delta":
+                done.release()
+
+        return receive
+
+    scheduler.start()
+    try:
+        for i, config in enumerate(configs):
+            scheduler.submit(Job(str(i), prompt[: 10 - i], config, emit(i)))
+        for _ in configs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    for i, config in enumerate(configs):
+        assert got[i] == generate(model, prompt[: 10 - i], config).token_ids

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from linearize.cli.options import add_attention_arguments, attention_from_args
 from linearize.serve.config import QUANTS, ServeConfig
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     import linearize
+    from linearize.generation.medusa import load_heads
     from linearize.serve.app import build_app
 
     config = ServeConfig(model=args.model, **{n: getattr(args, n) for n in _FLAGS}).validate()
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     model = linearize.load(args.model)
     if args.attention is not None:
         linearize.linearize(model, attention_from_args(args))
-    app = build_app(model, config)
+    heads = load_heads(args.model) if Path(args.model).is_dir() else None
+    app = build_app(model, config, heads)
     print(f"serving {config.model!r} on http://{config.host}:{config.port}/v1", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
     return 0

@@ -21,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from linearize.eval.memory import current_rss_bytes
+from linearize.generation.medusa import MedusaHeads
 from linearize.generation.streaming import encode_chat, encode_prompt
 from linearize.models.decoder import Decoder
 from linearize.serve import protocol
@@ -68,15 +70,15 @@ def prompt_ids(model: Decoder, request: protocol.Request) -> tuple[list[int], li
         raise APIError(400, message, param="messages") from None
 
 
-def build_app(model: Decoder, config: ServeConfig) -> FastAPI:
-    """The app serving ``model`` under the id ``config.model``; its scheduler starts and stops
-    with the app."""
+def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = None) -> FastAPI:
+    """The app serving ``model`` under the id ``config.model`` (``heads``: its Medusa heads, for
+    ``"speculative": "medusa"``); its scheduler starts and stops with the app."""
     config = config.validate()
     model.eval()
     served = config.model
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
-        model, cache, max_sessions=config.max_sessions, max_queue=config.max_queue
+        model, cache, max_sessions=config.max_sessions, max_queue=config.max_queue, heads=heads
     )
     created = int(time.time())
 
@@ -114,9 +116,18 @@ def build_app(model: Decoder, config: ServeConfig) -> FastAPI:
                 code="invalid_api_key",
             )
 
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served, **scheduler.stats()}
+        stats = scheduler.stats()
+        return {
+            "status": "ok",
+            "model": served,
+            "model_bytes": weights,
+            "rss_bytes": current_rss_bytes(),
+            **stats,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
+from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder
 from linearize.serve.prefix_cache import PrefixCache
 
@@ -79,9 +80,15 @@ class Scheduler:
     """``start()``, ``submit(job)`` (raises :class:`QueueFull`), ``stats()``, ``stop()``."""
 
     def __init__(
-        self, model: Decoder, cache: PrefixCache, *, max_sessions: int, max_queue: int
+        self,
+        model: Decoder,
+        cache: PrefixCache,
+        *,
+        max_sessions: int,
+        max_queue: int,
+        heads: MedusaHeads | None = None,
     ) -> None:
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.heads = model, cache, heads
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self._queue: collections.deque[Job] = collections.deque()
         self._rows: list[_Row] = []
@@ -174,7 +181,7 @@ class Scheduler:
             return
         model, config = self.model, job.config
         try:
-            proposer = PROPOSERS[config.speculative](model, config, None, None)
+            proposer = PROPOSERS[config.speculative](model, config, self.heads, None)
             decoding = Decoding(model, config, proposer, self._calibrations.get(config.speculative))
             row = _Row(job, decoding, Output(model, config), 0)
             state, row.cached = self.cache.lookup(job.prompt)
@@ -187,7 +194,6 @@ class Scheduler:
                 done = end
             # 2. the rest of the prompt, and the first token
             tokens = decoding.prefill(job.prompt, state)
-            self.cache.put(job.prompt, decoding.state)
         except ValueError as e:
             job.emit(Event("error", info={"status": 400, "message": str(e)}))
             return
