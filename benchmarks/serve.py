@@ -75,7 +75,7 @@ class Server:
         """One streamed request: time to first chunk, seconds, completion tokens."""
         start = time.perf_counter()
         first, tokens = None, 0
-        body = {"model": self.model, "temperature": 0, "stream": True, **body}
+        body = {"model": self.model, "temperature": 0, "stream": True, "ignore_eos": True, **body}
         with self.http.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{path}: {response.status_code} {response.read()!r}")

@@ -16,7 +16,14 @@ from tests.generation.conftest import text_model
 
 MODEL = "tiny"
 KEY = "test-key"
-LIMITS = {"max_prompt_tokens": 200, "max_tokens": 4096, "max_sessions": 4, "max_queue": 32}
+# Prompts are prefilled 5 tokens per step: most of them in several chunks.
+LIMITS = {
+    "max_prompt_tokens": 200,
+    "max_tokens": 4096,
+    "max_sessions": 4,
+    "max_queue": 32,
+    "prefill_chunk": 5,
+}
 
 
 def serving_model():

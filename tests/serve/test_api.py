@@ -217,7 +217,8 @@ def _idle(http, timeout: float = 10.0) -> dict:
 
 def test_disconnect_frees_the_row(http):
     cancelled = http.get("/health").json()["cancelled"]
-    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "stream": True}
+    body["ignore_eos"] = True
     with http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
@@ -231,15 +232,18 @@ def test_disconnect_frees_the_row(http):
 
 def test_busy_server_answers_429(model):
     config = ServeConfig(model=MODEL, max_sessions=1, max_queue=0, max_tokens=4000)
-    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "stream": True}
+    body["ignore_eos"] = True  # 4000 tokens: busy long enough
     with (
         serve_in_thread(build_app(copy.deepcopy(model), config)) as url,
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         with http.stream("POST", "/v1/completions", json=body) as busy:
-            next(line for line in busy.iter_lines() if line.startswith("data: "))
+            first = next(line for line in busy.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"]
+            assert http.get("/health").json()["active"] == 1
             response = http.post("/v1/completions", json={**body, "stream": False})
-            assert response.status_code == 429
+            assert response.status_code == 429, response.text
             assert response.json()["error"]["code"] == "rate_limit_exceeded"
         assert _idle(http)["active"] == 0
         ok = http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": False})

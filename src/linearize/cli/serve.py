@@ -27,6 +27,7 @@ _FLAGS = (
     "max_tokens",
     "max_sessions",
     "max_queue",
+    "prefill_chunk",
     "cache_bytes",
 )
 

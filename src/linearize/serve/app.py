@@ -78,7 +78,12 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
     served = config.model
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
-        model, cache, max_sessions=config.max_sessions, max_queue=config.max_queue, heads=heads
+        model,
+        cache,
+        max_sessions=config.max_sessions,
+        max_queue=config.max_queue,
+        prefill_chunk=config.prefill_chunk,
+        heads=heads,
     )
     created = int(time.time())
 

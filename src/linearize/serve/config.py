@@ -28,6 +28,9 @@ class ServeConfig:
     max_tokens: int = _help("most new tokens one request may ask for", 2048)
     max_sessions: int = _help("requests decoded together (rows of the batch)", 16)
     max_queue: int = _help("requests waiting for a row before 429", 64)
+    prefill_chunk: int = _help(
+        "prompt tokens prefilled per scheduler step (the other rows decode in between)", 512
+    )
     cache_bytes: int = _help("prefix state cache budget in bytes (0: off)", 2 * 1024**3)
     speculative: tuple[str, ...] = _help(
         "speculative modes a request may ask for", ("none", "medusa", "lookup")
@@ -40,7 +43,7 @@ class ServeConfig:
             raise ValueError(f"port must lie in [1, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty (or None for an open server)")
-        for name in ("max_prompt_tokens", "max_tokens", "max_sessions"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_sessions", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0 or self.cache_bytes < 0:

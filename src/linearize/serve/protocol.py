@@ -2,7 +2,8 @@
 
 Bodies are parsed by hand (not by pydantic models) so every bad field gets an OpenAI-style
 error object — ``{"error": {"message", "type", "param", "code"}}`` — naming the value and what
-is allowed. Extension fields: ``speculative`` in requests (``none | medusa | lookup``), and
+is allowed. Extension fields: ``speculative`` in requests (``none | medusa | lookup``),
+``ignore_eos`` (generate ``max_tokens`` whatever the model says; for benchmarks), and
 ``token_ids`` beside each choice's text in responses.
 """
 
@@ -123,6 +124,9 @@ def _config(
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad(f"seed must be an integer, got {seed!r}", "seed")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
     mode = body.get("speculative", "none")
     if mode not in speculative:
         raise _bad(f"speculative={mode!r}; allowed: {list(speculative)}", "speculative")
@@ -132,6 +136,7 @@ def _config(
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         seed=seed,
         stop=_stop(body),
+        stop_token_ids=[] if ignore_eos else None,
         speculative=mode,
     )
     try:

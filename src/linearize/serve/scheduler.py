@@ -28,7 +28,7 @@ import torch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
 from linearize.generation.medusa import MedusaHeads
-from linearize.models.decoder import Decoder
+from linearize.models.decoder import Decoder, ModelState
 from linearize.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,23 @@ class Job:
 
 
 class _Row:
-    """An active request: its decoding, its output and its timings."""
+    """A request with a row: its decoding, its output, its timings and, while its prompt is
+    being prefilled, the state so far (``done`` prompt tokens, ``cached`` of them from the
+    prefix cache)."""
 
-    def __init__(self, job: Job, decoding: Decoding, output: Output, cached: int) -> None:
-        self.job, self.decoding, self.output, self.cached = job, decoding, output, cached
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.decoding: Decoding | None = None
+        self.output: Output | None = None
+        self.state: ModelState | None = None
+        self.done = self.cached = 0
         self.started = time.perf_counter()
         self.prefill_s = 0.0
         self.first_token: float | None = None
+
+    def nbytes(self) -> int:
+        state = self.state if self.state is not None else getattr(self.decoding, "state", None)
+        return 0 if state is None else state.nbytes()
 
 
 class Scheduler:
@@ -86,13 +96,17 @@ class Scheduler:
         *,
         max_sessions: int,
         max_queue: int,
+        prefill_chunk: int = 512,
         heads: MedusaHeads | None = None,
     ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.heads = model, cache, heads
+        self.prefill_chunk = prefill_chunk
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self._queue: collections.deque[Job] = collections.deque()
         self._rows: list[_Row] = []
-        self._joining: list[Job] = []  # taken from the queue, being prefilled
+        self._joining: list[_Row] = []  # taken from the queue, their prompts being prefilled
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -139,14 +153,16 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         with self._wakeup:
-            rows = list(self._rows)
+            rows = self._rows + self._joining
+            prefilling = len(self._joining)
             queued = sum(not j.cancelled.is_set() for j in self._queue)
         return {
             "active": len(rows),
+            "prefilling": prefilling,
             "queued": queued,
             "max_sessions": self.max_sessions,
             "max_queue": self.max_queue,
-            "state_bytes": sum(r.decoding.state.nbytes() for r in rows),
+            "state_bytes": sum(r.nbytes() for r in rows),
             "steps": self.steps,
             "row_steps": self.row_steps,
             "completed": self.completed,
@@ -160,53 +176,77 @@ class Scheduler:
         with torch.no_grad():
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._queue or self._rows):
+                    while not (self._stopping or self._queue or self._joining or self._rows):
                         self._wakeup.wait()
                     if self._stopping:
                         break
                     while self._queue and len(self._rows) + len(self._joining) < self.max_sessions:
-                        self._joining.append(self._queue.popleft())
-                for job in list(self._joining):
-                    self._join(job)
-                    with self._wakeup:
-                        self._joining.remove(job)
+                        job = self._queue.popleft()
+                        if not job.cancelled.is_set():
+                            self._joining.append(_Row(job))
+                # A chunk of each new prompt, then a step of every row: a long prompt delays
+                # the others by one chunk per step, not by its whole prefill.
+                for row in list(self._joining):
+                    self._prefill(row)
                 self._step()
                 self._leave()
         for row in self._rows:
             self._finish(row, "cancelled")
         self._rows.clear()
+        self._joining.clear()
 
-    def _join(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return
-        model, config = self.model, job.config
+    def _prefill(self, row: _Row) -> None:
+        """Feed the next chunk of ``row``'s prompt (up to a cacheable boundary); with the last
+        chunk, sample its first token and move it to the decoded rows."""
+        job = row.job
+        tokens = None
         try:
-            proposer = PROPOSERS[config.speculative](model, config, self.heads, None)
-            decoding = Decoding(model, config, proposer, self._calibrations.get(config.speculative))
-            row = _Row(job, decoding, Output(model, config), 0)
-            state, row.cached = self.cache.lookup(job.prompt)
-            done = row.cached
-            # 1. prefill up to each boundary not cached yet, keeping the state there
-            for end in sorted(b for b in job.boundaries if done < b < len(job.prompt)):
-                ids = torch.tensor([job.prompt[done:end]], device=model.device)
-                _, state = model.forward_hidden(ids, state=state)
-                self.cache.put(job.prompt[:end], state)
-                done = end
-            # 2. the rest of the prompt, and the first token
-            tokens = decoding.prefill(job.prompt, state)
+            if job.cancelled.is_set():
+                self.cancelled += 1
+            elif self._prefill_chunk(row):
+                return
+            else:
+                # The last chunk, fed by the decoding itself: it samples the first token.
+                tokens = row.decoding.prefill(job.prompt, row.state)
+                row.state = None
         except ValueError as e:
             job.emit(Event("error", info={"status": 400, "message": str(e)}))
-            return
         except Exception as e:  # the model failed: tell this client, keep serving the others
             logger.exception("request %s failed in prefill", job.request_id)
             job.emit(Event("error", info={"status": 500, "message": f"prefill failed: {e}"}))
-            return
-        if decoding.calibration is not None:
-            self._calibrations.setdefault(config.speculative, decoding.calibration)
-        row.prefill_s = time.perf_counter() - row.started
         with self._wakeup:
-            self._rows.append(row)
+            self._joining.remove(row)
+            if tokens is not None:
+                self._rows.append(row)
+        if tokens is None:
+            return
+        decoding = row.decoding
+        if decoding.calibration is not None:
+            self._calibrations.setdefault(job.config.speculative, decoding.calibration)
+        row.prefill_s = time.perf_counter() - row.started
         self._emit(row, tokens)
+
+    def _prefill_chunk(self, row: _Row) -> bool:
+        """Start the row's decoding (from the longest cached prefix) on first call; feed one
+        chunk of the prompt unless only the last one is left. Returns whether it fed one."""
+        job, model, config, prompt = row.job, self.model, row.job.config, row.job.prompt
+        if row.decoding is None:
+            proposer = PROPOSERS[config.speculative](model, config, self.heads, None)
+            calibration = self._calibrations.get(config.speculative)
+            row.decoding = Decoding(model, config, proposer, calibration)
+            row.output = Output(model, config)
+            row.state, row.cached = self.cache.lookup(prompt)
+            row.done = row.cached
+        ahead = [b for b in job.boundaries if b > row.done]
+        end = min(row.done + self.prefill_chunk, len(prompt), *ahead)
+        if end == len(prompt):
+            return False
+        ids = torch.tensor([prompt[row.done : end]], device=model.device)
+        _, row.state = model.forward_hidden(ids, state=row.state)
+        row.done = end
+        if end in job.boundaries:
+            self.cache.put(prompt[:end], row.state)
+        return True
 
     def _step(self) -> None:
         rows = [r for r in self._rows if r.output.reason is None and not r.job.cancelled.is_set()]
