@@ -239,7 +239,9 @@ def test_busy_server_answers_429(model):
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         with http.stream("POST", "/v1/completions", json=body) as busy:
-            first = next(line for line in busy.iter_lines() if line.startswith("data: "))
+            # Hold the line iterator: dropping it would close the connection (a disconnect).
+            lines = busy.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["choices"]
             assert http.get("/health").json()["active"] == 1
             response = http.post("/v1/completions", json={**body, "stream": False})
