@@ -6,30 +6,22 @@ Examples::
     linearize serve --model runs/aug-trained/model --api-key secret --port 8080
 
 Talk to it with the ``openai`` client (``base_url="http://127.0.0.1:8000/v1"``), or curl.
-Requests may add ``"speculative": "medusa" | "lookup"`` (lossless speculative decoding).
+Requests may add ``"speculative": "medusa" | "lookup"`` (lossless speculative decoding); a
+model directory's Medusa heads are loaded with it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from linearize.cli.options import add_attention_arguments, attention_from_args
-from linearize.serve.config import QUANTS, ServeConfig
-
-_FLAGS = (
-    "host",
-    "port",
-    "api_key",
-    "quant",
-    "max_prompt_tokens",
-    "max_tokens",
-    "max_sessions",
-    "max_queue",
-    "prefill_chunk",
-    "cache_bytes",
+from linearize.cli.options import (
+    add_attention_arguments,
+    add_config_arguments,
+    attention_from_args,
+    config_from_args,
 )
+from linearize.serve.config import ServeConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,15 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model name or path (also its API id)")
-    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    for name in _FLAGS:
-        f = fields[name]
-        kind = {"int": int, "str | None": str, "str": str}.get(str(f.type), str)
-        options: dict = {"default": f.default, "help": f"{f.metadata['help']} ({f.default})"}
-        if name == "quant":
-            options["choices"] = QUANTS
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, **options)
+    add_config_arguments(parser, ServeConfig, skip=("speculative",))
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     add_attention_arguments(parser, required=False)
     parser.set_defaults(func=run)
@@ -61,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from linearize.generation.medusa import load_heads
     from linearize.serve.app import build_app
 
-    config = ServeConfig(model=args.model, **{n: getattr(args, n) for n in _FLAGS}).validate()
+    config = config_from_args(args, ServeConfig)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model = linearize.load(args.model)
+    model = linearize.load(config.model)
     if args.attention is not None:
         linearize.linearize(model, attention_from_args(args))
-    heads = load_heads(args.model) if Path(args.model).is_dir() else None
+    heads = load_heads(config.model) if Path(config.model).is_dir() else None
     app = build_app(model, config, heads)
     print(f"serving {config.model!r} on http://{config.host}:{config.port}/v1", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from linearize.eval.memory import current_rss_bytes
+from linearize.bench.memory import current_rss_bytes
 from linearize.generation.medusa import MedusaHeads
 from linearize.generation.streaming import encode_chat, encode_prompt
 from linearize.models.decoder import Decoder
