@@ -21,7 +21,7 @@ from linearize.bench.memory import format_bytes, machine_info
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ppl", "decode", "prefill", "speculative", "study")
+KINDS = ("ppl", "decode", "prefill", "speculative", "serve", "study")
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -72,6 +72,13 @@ COLUMNS: dict[str, list[Column]] = {
         ("mean accepted", lambda r: _num(r["mean_accepted"], 2)),
         ("identical to plain", lambda r: "yes" if r["identical"] else "**no**"),
         ("chosen", lambda r: "; ".join(r.get("chosen", []))),
+    ],
+    "serve": [
+        ("measure", lambda r: r["measure"]),
+        ("model", lambda r: r["model"]),
+        ("setting", lambda r: r["setting"]),
+        ("result", lambda r: r["result"]),
+        ("goal", lambda r: r["goal"]),
     ],
     "study": [
         ("variant", lambda r: r["variant"]),
@@ -343,6 +350,7 @@ TITLES = {
     "decode": "Decode speed and memory",
     "prefill": "Prefill latency and memory (Table 4 protocol)",
     "speculative": "Speculative decoding (Table 8 protocol)",
+    "serve": "Serving (`linearize serve`: continuous batching, prefix state cache)",
     "study": "Linear attentions on a real LLM (the paper's study)",
 }
 

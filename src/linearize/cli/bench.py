@@ -1,4 +1,4 @@
-"""``linearize bench decode|prefill|speculative|report``: speed and memory, side by side.
+"""``linearize bench decode|prefill|speculative|serve|report``: speed and memory, side by side.
 
 Each benchmark prints a table (or, with ``--json``, one JSON object per line), and saves a record
 (``<out>/<name>.json``), a markdown table and a PNG plot; ``bench report`` rebuilds
@@ -8,7 +8,9 @@ Each benchmark prints a table (or, with ``--json``, one JSON object per line), a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import shlex
 import sys
 from typing import Any
@@ -17,7 +19,9 @@ import torch
 
 from linearize.bench import llama_cpp, report, speed
 from linearize.bench.memory import format_bytes, measure_bandwidth
+from linearize.bench.serve import ServeBenchConfig, run_serve_benchmark
 from linearize.bench.speculative import run_speculative_benchmark
+from linearize.cli.options import add_config_arguments, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +65,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spec.add_argument("--out", default="results", help="results folder (default: results/)")
     spec.add_argument("--name", help="file name stem of the saved record (default: the kind)")
     spec.set_defaults(func=run_speculative, name="speculative")
+
+    serve = sub.add_parser(
+        "serve", help="the OpenAI-compatible server: streams, cached prefixes, idle sessions"
+    )
+    add_config_arguments(serve, ServeBenchConfig)
+    serve.add_argument("--json", action="store_true", help="one JSON object per line")
+    serve.add_argument("--out", default="results", help="results folder (default: results/)")
+    serve.add_argument("--name", help="file name stem of the saved record (default: the kind)")
+    serve.set_defaults(func=run_serve, name="serve")
 
     page = sub.add_parser("report", help="regenerate docs/results.md from the result records")
     page.add_argument("--results", default="results", help="folder of result records")
@@ -135,8 +148,14 @@ def _command(args: argparse.Namespace, kind: str) -> str:
     return shlex.join(words)
 
 
-def _emit(args: argparse.Namespace, kind: str, rows: list[dict[str, Any]], extra: dict) -> None:
-    command = _command(args, kind)
+def _emit(
+    args: argparse.Namespace,
+    kind: str,
+    rows: list[dict[str, Any]],
+    extra: dict,
+    command: str | None = None,
+) -> None:
+    command = command or _command(args, kind)
     path = report.save_results(args.out, args.name or kind, kind, rows, command, extra)
     if args.json:
         for row in rows:
@@ -299,6 +318,22 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(part) for part in text.split(",") if part]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args, ServeBenchConfig)
+    # One line per HTTP request would drown the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    words = ["linearize", "bench", "serve"]
+    defaults = ServeBenchConfig()
+    for field in dataclasses.fields(ServeBenchConfig):
+        value = getattr(config, field.name)
+        if value != getattr(defaults, field.name):
+            for item in value if isinstance(value, list) else [value]:
+                words += ["--" + field.name.replace("_", "-"), str(item)]
+    rows = run_serve_benchmark(config, progress=_progress)
+    _emit(args, "serve", rows, {"models": {}}, command=shlex.join(words))
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
