@@ -185,8 +185,8 @@ class ServeBenchConfig(Config):
     """What ``linearize bench serve`` measures."""
 
     model: str = option("model name or path", "smollm2-135m")
-    attention: str | None = option(
-        "linearize the model with this attention (unset: as loaded)", "augmented"
+    attention: str = option(
+        "linearize the model with this attention ('none': as loaded)", "augmented"
     )
     streams: list[int] = option(
         "concurrent stream counts (the first is the baseline)", factory=lambda: [1, 8]
@@ -229,7 +229,8 @@ def _mb(n: float) -> str:
 def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None) -> list[dict]:
     """The rows of the serving benchmark (see the module docstring)."""
     config.validate()
-    label = config.model if config.attention is None else f"{config.model}+{config.attention}"
+    attention = None if config.attention == "none" else config.attention
+    label = config.model if attention is None else f"{config.model}+{attention}"
     limits = [
         "--max-sessions",
         str(max([*config.streams, config.softmax_streams])),
@@ -242,7 +243,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     progress(f"serving {label}")
     server = Server(
         config.model,
-        config.attention,
+        attention,
         config.threads,
         config.server_log,
         *limits,
