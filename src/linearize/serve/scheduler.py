@@ -292,6 +292,10 @@ class Scheduler:
 
     def _finish(self, row: _Row, reason: str) -> None:
         job, decoding = row.job, row.decoding
+        if reason in ("eos", "stop", "length"):
+            # The conversation so far, for a follow-up turn that starts with it (kept before
+            # the client hears that the request is done).
+            self.cache.put(decoding.history, decoding.state)
         now = time.perf_counter()
         new = len(row.output.tokens)
         first = row.first_token or now
@@ -331,8 +335,5 @@ class Scheduler:
         for row in leaving:
             if row.output.reason is None:
                 self._finish(row, "cancelled")
-            elif row.output.reason != "error":
-                # The conversation so far, for a follow-up turn that starts with it.
-                self.cache.put(row.decoding.history, row.decoding.state)
         with self._wakeup:
             self._rows = [r for r in self._rows if r not in leaving]
