@@ -258,11 +258,16 @@ class Decoder(nn.Module):
         x = self._embed(input_ids, positions)
         rows = [s.layers for s in states]
         new_rows: list[list[AttentionState]] = [[] for _ in states]
+        flags = []
         for i, layer in enumerate(self.layers):
             x, layer_states = layer.forward_rows(x, [row[i] for row in rows])
             for new, layer_state in zip(new_rows, layer_states, strict=True):
                 new.append(layer_state)
-        return self.lm_head(self.norm(x)), [ModelState(layers) for layers in new_rows]
+            flags.append(finite_flag(x, normalized=True))
+        logits = self.lm_head(self.norm(x))
+        names = [*self._layer_names(), "the LM head (logits)"]
+        raise_if_non_finite([*flags, finite_flag(logits)], names, "rows")
+        return logits, [ModelState(layers) for layers in new_rows]
 
     def forward_tree(
         self, input_ids: Tensor, tree: Tree, state: ModelState
