@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import platform
+import queue as queue_module
 import resource
 import sys
 import time
@@ -40,6 +41,24 @@ def current_rss_bytes() -> int:
     except (OSError, IndexError, ValueError):
         return peak_rss_bytes()
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _status_bytes(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident high-water mark (Linux ``VmHWM``) to its RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def high_water_rss_bytes() -> int:
+    """This process's resident high-water mark since the last :func:`reset_peak_rss` (Linux)."""
+    return _status_bytes("VmHWM")
 
 
 def available_memory_bytes() -> int:
@@ -116,18 +135,24 @@ def _child(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}", peak_rss_bytes()))
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+def run_isolated(
+    fn: Callable[..., Any], *args: Any, timeout: float | None = None
+) -> tuple[Any, int]:
     """``(fn(*args), peak RSS in bytes)``, run in a fresh (spawned) process.
 
     ``fn`` must be a module-level function and its arguments picklable; an exception in the
-    child is raised here as a ``RuntimeError`` carrying its message.
+    child is raised here as a ``RuntimeError`` carrying its message. A child still running after
+    ``timeout`` seconds is killed and ``TimeoutError`` raised.
     """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, fn, args))
     process.start()
     try:
-        status, result, peak = queue.get()
+        status, result, peak = queue.get(timeout=timeout)
+    except queue_module.Empty:
+        process.kill()
+        raise TimeoutError(f"no result after {timeout:.0f} s") from None
     finally:
         process.join()
     if status != "ok":

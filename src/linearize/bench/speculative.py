@@ -15,9 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from linearize.data import eval_tokens, source_tokens
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import GenerationResult, generate
-from linearize.generation.medusa import MedusaHeads, load_heads
+from linearize.generation.medusa import MedusaHeads, load_heads, save_heads
+from linearize.generation.medusa_train import MedusaTrainConfig, train_medusa
 from linearize.generation.speculative import truncated_draft
 from linearize.models.decoder import Decoder
 
@@ -67,15 +71,53 @@ def _methods(
     return methods
 
 
-def _resolve_model(model: Decoder | str, attention: str | dict | None) -> Decoder:
+def load_target(model: Decoder | str, attention: str | dict | None) -> Decoder:
+    """``model`` loaded if a name or path, linearized with ``attention`` ('none': as loaded)."""
     if not isinstance(model, str):
         return model
     import linearize
 
     loaded = linearize.load(model)
-    if attention is not None:
+    if attention not in (None, "none"):
         linearize.linearize(loaded, attention)
     return loaded.eval()
+
+
+def train_heads(
+    model: Decoder,
+    config: MedusaTrainConfig,
+    save_to: str | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> MedusaHeads:
+    """Medusa heads trained on Austen for ``model`` (scored on held-out Pride and Prejudice),
+    the training time in ``metrics["train"]["seconds"]``; saved to ``save_to`` if given."""
+    start = time.perf_counter()
+    with torch.enable_grad():
+        heads = train_medusa(
+            model,
+            source_tokens("austen", model.tokenizer),
+            config,
+            held_out=eval_tokens(model.tokenizer, config.eval_tokens),
+            progress=progress,
+        )
+    heads.metrics["train"]["seconds"] = time.perf_counter() - start
+    if save_to:
+        save_heads(heads, save_to)
+    return heads
+
+
+def heads_summary(heads: MedusaHeads) -> list[str]:
+    """Per head: held-out top-1/top-5 accuracy against the text and agreement with the model."""
+    ev = heads.metrics.get("eval", {})
+    if not ev:
+        return []
+    lines = ["Medusa heads (held-out P&P): top-1/top-5 vs text, top-1 agreement with the model"]
+    for m in range(len(heads)):
+        lines.append(
+            f"  head {m}: {ev['top1'][m]:.3f} / {ev['top5'][m]:.3f}, "
+            f"agreement {ev['top1_agreement'][m]:.3f}"
+        )
+    return lines
 
 
 def _prepare(
@@ -149,7 +191,7 @@ def run_speculative_benchmark(
     ``draft_layers``: truncated drafts to try (default: a quarter of the layers); ``chat``:
     format prompts with the chat template (default: when the tokenizer has one)."""
     source = model
-    model = _resolve_model(model, attention)
+    model = load_target(model, attention)
     if heads is None and isinstance(source, str):
         heads = load_heads(source)
     if draft_layers is None:

@@ -13,6 +13,7 @@ import json
 import logging
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,14 @@ import torch
 from linearize.bench import llama_cpp, report, speed
 from linearize.bench.memory import format_bytes, measure_bandwidth
 from linearize.bench.serve import ServeBenchConfig, run_serve_benchmark
-from linearize.bench.speculative import run_speculative_benchmark
+from linearize.bench.speculative import (
+    DEFAULT_PROMPTS,
+    heads_summary,
+    load_target,
+    run_speculative_benchmark,
+    train_heads,
+)
+from linearize.cli import bench_forms, bench_forward, bench_train
 from linearize.cli.options import add_config_arguments, config_from_args
 
 
@@ -49,6 +57,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--attention", help="linearize the model (untrained) with this attention first"
     )
     spec.add_argument("--heads", help="folder of trained Medusa heads (default: the model's)")
+    spec.add_argument(
+        "--train-tokens",
+        type=int,
+        help="without heads: train them on this many Austen tokens (saved to --heads if given)",
+    )
+    spec.add_argument("--train-data", default="model_labels", help="corpus | model_labels")
+    spec.add_argument("--lr", type=float, default=3e-3, help="learning rate of the heads")
+    spec.add_argument(
+        "--shared-proj",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="heads project with the model's frozen LM head (one vocab product per step)",
+    )
+    spec.add_argument("--prompts", type=int, help="how many of the built-in prompts (default all)")
     spec.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt")
     spec.add_argument(
         "--trees",
@@ -60,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     spec.add_argument("--no-lookup", action="store_true", help="skip n-gram lookup drafting")
     spec.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    spec.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts")
     spec.add_argument("--threads", type=int, help="CPU threads for torch")
     spec.add_argument("--json", action="store_true", help="one JSON object per line")
     spec.add_argument("--out", default="results", help="results folder (default: results/)")
@@ -79,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     page.add_argument("--results", default="results", help="folder of result records")
     page.add_argument("--page", default="docs/results.md", help="the page to write")
     page.set_defaults(func=run_report)
+
+    for module in (bench_forms, bench_forward, bench_train):
+        module.register(sub)
 
 
 def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
@@ -285,32 +311,73 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 def run_speculative(args: argparse.Namespace) -> int:
     _set_threads(args)
-    heads = None
-    if args.heads:
-        from linearize.generation.medusa import load_heads
-
-        heads = load_heads(args.heads)
-        if heads is None:
-            raise ValueError(f"--heads {args.heads}: no Medusa heads there")
     models = args.model or ["smollm2-135m"]
     if len(models) > 1:
         raise ValueError("bench speculative measures one target model: pass --model once")
+    if args.out.endswith(".json"):  # a record path: its folder and stem
+        args.out, args.name = str(Path(args.out).parent), Path(args.out).stem
     draft = None if args.draft_layers is None else _int_list(args.draft_layers, "--draft-layers")
+    target = load_target(models[0], args.attention)
+    heads, origin = _medusa_heads(args, target, models[0])
+    prompts = list(DEFAULT_PROMPTS[: args.prompts])
     rows = run_speculative_benchmark(
-        models[0],
+        target,
+        prompts,
         max_new_tokens=args.max_new_tokens,
         trees=[t for t in args.trees.split(",") if t],
         draft_layers=draft,
         lookup=not args.no_lookup,
         heads=heads,
-        attention=args.attention,
         chat=args.chat,
         progress=_progress,
     )
-    label = models[0] if args.attention is None else f"{models[0]}+{args.attention}"
+    label = models[0] if args.attention in (None, "none") else f"{models[0]}+{args.attention}"
     rows = [{"model": label, **row} for row in rows]
-    _emit(args, "speculative", rows, {"models": {}})
+    same = all(r["identical"] for r in rows)
+    notes = [] if heads is None else heads_summary(heads)
+    notes.append(
+        f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens (EOS stops), greedy, "
+        f"batch 1, chat template {'on' if args.chat else 'off'}, "
+        f"{torch.get_num_threads()} threads. Output equality with plain decoding: "
+        f"{'every method identical' if same else 'SOME METHODS DIFFER (see identical column)'}."
+    )
+    setup = {
+        "model": models[0],
+        "attention": args.attention,
+        "heads": origin,
+        "heads_metrics": None if heads is None else heads.metrics,
+        "rank_accuracy": None if heads is None else heads.rank_accuracy,
+        "prompts": prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "chat": args.chat,
+        "threads": torch.get_num_threads(),
+    }
+    _emit(args, "speculative", rows, {"models": {}, "setup": setup, "notes": notes})
     return 0
+
+
+def _medusa_heads(args: argparse.Namespace, model, source: str) -> tuple[Any, str]:
+    """The heads to benchmark and where they come from: --heads, the model's folder, or trained
+    (--train-tokens; saved to --heads); ``(None, "none")`` without any."""
+    from linearize.generation.medusa import load_heads
+    from linearize.generation.medusa_train import MedusaTrainConfig
+
+    heads = load_heads(args.heads) if args.heads else None
+    if heads is None and Path(source).is_dir():
+        heads = load_heads(source)
+    if heads is not None:
+        return heads, "loaded"
+    if args.train_tokens is None:
+        if args.heads:
+            raise ValueError(f"--heads {args.heads}: no Medusa heads there (--train-tokens N)")
+        return None, "none"
+    config = MedusaTrainConfig(
+        tokens=args.train_tokens, data=args.train_data, lr=args.lr, shared_proj=args.shared_proj
+    )
+    report = lambda step, total, metrics: _progress(
+        f"medusa heads step {step}/{total}, loss " + " ".join(f"{x:.2f}" for x in metrics["loss"])
+    )
+    return train_heads(model, config, save_to=args.heads, progress=report), "trained"
 
 
 def _int_list(text: str, flag: str) -> list[int]:
