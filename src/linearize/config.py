@@ -5,6 +5,7 @@ flags from the fields (``cli/options.py add_config_arguments``)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -127,3 +128,18 @@ class Config:
         for name, value in data.items():
             check_value(cls, name, value, hints[name])
         return cls(**data).validate()
+
+
+def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``flag``'s repeated values) as a dict; a value is read as JSON, else
+    kept as the string it is."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options

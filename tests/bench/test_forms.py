@@ -49,5 +49,5 @@ def test_bench_forms_rows_table_and_plot(tmp_path, capsys):
 
 
 def test_bench_forms_refuses_bad_lengths():
-    with pytest.raises(ValueError, match="lengths"):
+    with pytest.raises(ValueError, match="context"):
         FormsBenchConfig(lengths="8,x").validate()

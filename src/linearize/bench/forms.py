@@ -39,6 +39,7 @@ from linearize.bench.memory import (
     reset_peak_rss,
     run_isolated,
 )
+from linearize.bench.speed import parse_contexts
 from linearize.config import Config, option
 from linearize.layers.random import random_layer
 
@@ -54,7 +55,7 @@ TT_MATRICES = {("augmented", "parallel"): 3}
 class FormsBenchConfig(Config):
     """What ``linearize bench forms`` measures."""
 
-    lengths: str = option("comma-separated T", "1024,4096,16384,32768")
+    lengths: str = option("comma-separated T (8k allowed)", "1024,4096,16384,32768")
     steps: int = option("recurrent steps timed per row", 32)
     plot: str = option("PNG path", "results/forms.png")
     max_tt_bytes: float = option("skip forms whose T×T matrices exceed this", 8e9)
@@ -72,11 +73,8 @@ class FormsBenchConfig(Config):
         return self
 
     def token_counts(self) -> list[int]:
-        """The lengths ``T`` as integers."""
-        try:
-            lengths = [int(t) for t in self.lengths.split(",")]
-        except ValueError:
-            raise ValueError(f"lengths {self.lengths!r}: expected comma-separated T") from None
+        """The lengths ``T`` as integers (``8k`` allowed)."""
+        lengths = list(parse_contexts(self.lengths))
         if min(lengths) < 1:
             raise ValueError(f"lengths {self.lengths!r}: every T must be >= 1")
         return lengths

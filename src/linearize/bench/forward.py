@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from linearize.bench.memory import peak_rss_bytes, run_isolated
-from linearize.bench.speed import ModelSpec
+from linearize.bench.speed import ModelSpec, parse_contexts
 from linearize.config import Config, option
 
 logger = logging.getLogger(__name__)
@@ -48,14 +48,10 @@ class ForwardBenchConfig(Config):
         return self
 
     def lengths(self, name: str) -> list[int]:
-        """The comma-separated token counts of field ``name`` as integers."""
-        text = getattr(self, name)
-        try:
-            values = [int(t) for t in text.split(",") if t]
-        except ValueError:
-            raise ValueError(f"{name} {text!r}: expected comma-separated token counts") from None
-        if any(v < 1 for v in values):
-            raise ValueError(f"{name} {text!r}: every count must be >= 1")
+        """The comma-separated token counts of field ``name`` (``8k`` allowed)."""
+        values = list(parse_contexts(getattr(self, name)))
+        if min(values) < 1:
+            raise ValueError(f"{name} {getattr(self, name)!r}: every count must be >= 1")
         return values
 
 

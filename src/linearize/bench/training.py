@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from linearize.config import Config, option
+from linearize.config import Config, option, parse_options
 from linearize.data import source_tokens
 from linearize.models import load
 from linearize.train import pipeline
@@ -78,17 +78,8 @@ class TrainBenchConfig(Config):
         return self
 
     def attention_options(self) -> dict[str, Any]:
-        """The ``attention_option`` pairs as a dict of JSON values."""
-        options = {}
-        for pair in self.attention_option:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise ValueError(f"attention_option {pair!r}: expected KEY=VALUE")
-            try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                raise ValueError(f"attention_option {pair!r}: the value is not JSON") from None
-        return options
+        """The ``attention_option`` pairs as a dict (JSON values)."""
+        return parse_options(self.attention_option, "--attention-option")
 
 
 def evaluate(model, tokens: torch.Tensor, window: int) -> dict:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from linearize.check import check_all_causality, check_causality
-from linearize.cli.options import parse_options
+from linearize.config import parse_options
 from linearize.layers.config import list_attentions
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from typing import Any
 
+from linearize.config import parse_options
 from linearize.layers.config import list_attentions
 
 
@@ -28,19 +28,6 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, required: bool =
         metavar="KEY=VALUE",
         help="any attention config field, e.g. --option local=relu2 (repeatable)",
     )
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
 
 
 def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
