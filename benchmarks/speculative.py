@@ -13,7 +13,7 @@ import sys
 
 from linearize.cli import main
 
-DEFAULTS = "--attention augmented --train-tokens 30000 --draft-layers 8 --chat".split()
+DEFAULTS = ["--attention", "augmented", "--train-tokens", "30000", "--draft-layers", "8", "--chat"]
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "speculative", *DEFAULTS, *sys.argv[1:]]))
