@@ -24,6 +24,8 @@ def _specs() -> dict[str, LinearAttnSpec]:
     specs = {
         "la-norm": LinearAttnSpec(),
         "la-unnorm": LinearAttnSpec(normalize=False),
+        "la-norm-decay": LinearAttnSpec(decay=0.9),
+        "sliding5-shared": LinearAttnSpec(size=5, local="softmax", combine="shared"),
     }
     for G in (5, 8, 64):
         group = dict(window="group", size=G)
@@ -37,6 +39,12 @@ def _specs() -> dict[str, LinearAttnSpec]:
                 **sliding, local="softmax", use_global=False
             ),
             f"sliding{G}-sinks2-softmax+global-norm": LinearAttnSpec(**sliding, local="softmax"),
+            f"sliding{G}-sinks2-shared-decay": LinearAttnSpec(
+                **sliding, local="softmax", combine="shared", decay=0.9
+            ),
+            f"group{G}-softmax+global-decay": LinearAttnSpec(
+                **group, local="softmax", normalize=False, decay=0.8
+            ),
         }
     return specs
 
@@ -65,6 +73,8 @@ def _inputs(T: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "fq": (1 + F.elu(randn(B, T, H, FEAT))).detach().requires_grad_(),
         "fk": (1 + F.elu(randn(B, T, HKV, FEAT))).detach().requires_grad_(),
         "alpha": torch.tensor(0.7, dtype=torch.float64, requires_grad=True),
+        # Queries for the sink keys (rotated at cache positions in the layer).
+        "q_sink": randn(B, T, H, K).requires_grad_(),
     }
 
 
@@ -95,7 +105,9 @@ def _args(inputs):
 def test_form_matches_naive(spec_id, T, form):
     spec = SPECS[spec_id]
     inputs = _inputs(T)
-    o, state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+    o, state = FORMS[form](
+        spec, *_args(inputs), _state(spec), inputs["alpha"], q_sink=inputs["q_sink"]
+    )
     ref, ref_grads = _reference(spec_id, T)
     assert_close(f"{form} o", ref, o, 1e-10, atol=1e-13)
     assert state.pos == T and state.n <= spec.capacity
@@ -119,13 +131,16 @@ def test_state_in_pieces(spec_id, T, form):
     """Pieces of 3, 17 and the rest, the state passed along ≡ one pass, outputs and state."""
     spec = SPECS[spec_id]
     inputs = _inputs(T)
-    whole, whole_state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+    whole, whole_state = FORMS[form](
+        spec, *_args(inputs), _state(spec), inputs["alpha"], q_sink=inputs["q_sink"]
+    )
     state, outputs = _state(spec), []
     for s, e in [(0, 3), (3, min(20, T)), (20, T)]:
         if s >= e:
             continue
         piece = [x[:, s:e] for x in _args(inputs)]
-        o, state = FORMS[form](spec, *piece, state, inputs["alpha"])
+        sink = inputs["q_sink"][:, s:e]
+        o, state = FORMS[form](spec, *piece, state, inputs["alpha"], q_sink=sink)
         outputs.append(o)
     o = torch.cat(outputs, 1)
     ref, ref_grads = _reference(spec_id, T)
@@ -142,9 +157,10 @@ def test_state_in_pieces(spec_id, T, form):
 def test_final_state_agrees_across_forms(spec_id):
     spec = SPECS[spec_id]
     inputs = _inputs(65)
-    _, ref = linear_attn.parallel(spec, *_args(inputs), _state(spec), inputs["alpha"])
+    args, alpha, sink = _args(inputs), inputs["alpha"], inputs["q_sink"]
+    _, ref = linear_attn.parallel(spec, *args, _state(spec), alpha, q_sink=sink)
     for form in ("chunk16", "recurrent"):
-        _, state = FORMS[form](spec, *_args(inputs), _state(spec), inputs["alpha"])
+        _, state = FORMS[form](spec, *args, _state(spec), alpha, q_sink=sink)
         _assert_same_state(form, ref, state)
 
 
@@ -152,7 +168,15 @@ def test_final_state_agrees_across_forms(spec_id):
 @pytest.mark.parametrize("L", [0, 3, 6, 11])
 @pytest.mark.parametrize(
     "spec_id",
-    ["la-norm", "group5-softmax+global", "group5-relu2", "sliding5-sinks2-softmax+global-norm"],
+    [
+        "la-norm",
+        "la-norm-decay",
+        "group5-softmax+global",
+        "group5-relu2",
+        "group5-softmax+global-decay",
+        "sliding5-sinks2-softmax+global-norm",
+        "sliding5-sinks2-shared-decay",
+    ],
 )
 def test_tree_matches_path_decoding(spec_id, L, tree_id):
     """Each node's output ≡ recurrent decoding of its root→node path after the committed prefix."""
@@ -164,12 +188,16 @@ def test_tree_matches_path_decoding(spec_id, L, tree_id):
     with torch.no_grad():
         state = _state(spec)
         if L:
-            _, state = linear_attn.chunk(spec, *_args(prompt), state, alpha, chunk_size=4)
-        o, same = linear_attn.tree(spec, *_args(nodes), state, alpha, tree=tree)
+            _, state = linear_attn.chunk(
+                spec, *_args(prompt), state, alpha, chunk_size=4, q_sink=prompt["q_sink"]
+            )
+        sink = nodes["q_sink"]
+        o, same = linear_attn.tree(spec, *_args(nodes), state, alpha, tree=tree, q_sink=sink)
         assert same is state
         for i in range(N):
             path = [x[:, tree.path(i)] for x in _args(nodes)]
-            ref, _ = linear_attn.recurrent(spec, *path, state, alpha)
+            path_sink = sink[:, tree.path(i)]
+            ref, _ = linear_attn.recurrent(spec, *path, state, alpha, q_sink=path_sink)
             assert_close(f"node {i}", ref[:, -1], o[:, i], 1e-10, atol=1e-13)
 
 

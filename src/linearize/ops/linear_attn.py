@@ -8,7 +8,16 @@ One op covers the whole family. A query at time τ splits its past into
 - a **global** set (everything else in its past), attended linearly through feature maps:
   ``fq_τ · Σ fk_σ v_σᵀ``, optionally divided by ``fq_τ · Σ fk_σ``.
 
-``o = local + alpha · global``. A plain linear attention (elu, relu, performer, ...) is the
+``o = local + alpha · global`` (``combine="sum"``, the paper's layer), or, with
+``combine="shared"``, one denominator for both parts (LoLCATs' window + linear layer)::
+
+    o = (Σ_local e^{s−m} v + α Σ_global w v) / (Σ_local e^{s−m} + α Σ_global w)
+
+with ``s = q·k/√K``, ``m`` the largest local score and ``w = fq·fk · decay^(τ−σ)``: a convex
+combination of values, bounded at any length. ``decay < 1`` weighs a global token ``σ`` by
+``decay^(τ−σ)``, so the global mass stays bounded too. ``q_sink`` (optional, every form) are the
+queries used against sink keys: rotated at the position the query has inside the kept cache
+(StreamingLLM), so sinks stay at a trained distance however long the sequence. A plain linear attention (elu, relu, performer, ...) is the
 configuration ``window="sliding", size=0, local="none"``: nothing is local, everything is global.
 FLASH is ``window="group"``; the paper's augmented layer adds a convolution on top (causal_conv).
 
@@ -37,6 +46,7 @@ from linearize.ops.tree import Tree
 
 LocalKind = Literal["none", "softmax", "relu2"]
 WindowKind = Literal["group", "sliding"]
+CombineKind = Literal["sum", "shared"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class LinearAttnSpec:
     sinks: int = 0
     use_global: bool = True
     normalize: bool = True
+    combine: CombineKind = "sum"
+    decay: float = 1.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -62,6 +74,12 @@ class LinearAttnSpec:
             raise ValueError(f"window size and sinks must be >= 0, got {self.size}, {self.sinks}")
         if self.local != "none" and self.window == "sliding" and self.size < 1:
             raise ValueError(f"a local kernel needs a window: size >= 1, got {self.size}")
+        if self.combine not in ("sum", "shared"):
+            raise ValueError(f"combine={self.combine!r}; allowed: 'sum', 'shared'")
+        if self.combine == "shared" and self.local != "softmax":
+            raise ValueError(f"combine='shared' needs local='softmax', got local={self.local!r}")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
 
     @property
     def capacity(self) -> int:
@@ -155,36 +173,62 @@ def attend(
     S: Tensor,
     z: Tensor,
     alpha: Tensor | float = 1.0,
+    *,
+    s_time: int = 0,
+    q_sink: Tensor | None = None,
 ) -> Tensor:
     """Attend queries to an explicit key list plus the folded summary ``S, z``.
 
     ``q: [B,Hkv,R,Nq,K]``, ``fq: [B,Hkv,R,Nq,F]``, ``k: [B,Hkv,Nk,K]``, ``fk: [B,Hkv,Nk,F]``,
     ``v: [B,Hkv,Nk,V]``, times ``t_q: [Nq]``, ``t_k: [Nk]``, ``visible: [Nq, Nk]`` (which keys
-    are in each query's past). Returns ``[B,Hkv,R,Nq,V]``.
+    are in each query's past); ``S, z`` hold the folded tokens decayed to time ``s_time``;
+    ``q_sink`` (like ``q``) scores the sink keys. Returns ``[B,Hkv,R,Nq,V]``.
     """
     local_mask = visible & spec.is_local(t_k, t_q)
-    out = None
+    out = num = den = None
     if spec.local == "softmax":
-        scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~local_mask, float("-inf"))
-        out = torch.einsum("bhrqn,bhnv->bhrqv", torch.softmax(scores, dim=-1), v)
+        scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k)
+        if q_sink is not None and spec.sinks:
+            sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k)
+            scores = torch.where(t_k < spec.sinks, sink_scores, scores)
+        scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~local_mask, float("-inf"))
+        if spec.combine == "shared":
+            weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+            num = torch.einsum("bhrqn,bhnv->bhrqv", weights, v)
+            den = weights.sum(-1)
+        else:
+            out = torch.einsum("bhrqn,bhnv->bhrqv", torch.softmax(scores, dim=-1), v)
     elif spec.local == "relu2":
         qn, kn = _unit(q), _unit(k)
         weights = torch.relu(torch.einsum("bhrqk,bhnk->bhrqn", qn, kn)) ** 2
         out = torch.einsum("bhrqn,bhnv->bhrqv", weights * local_mask, v)
     if spec.use_global:
         global_mask = visible & ~local_mask
-        scores = torch.einsum("bhrqf,bhnf->bhrqn", fq, fk) * global_mask
-        num = torch.einsum("bhrqn,bhnv->bhrqv", scores, v) + torch.einsum(
-            "bhrqf,bhfv->bhrqv", fq, S
+        weights = torch.einsum("bhrqf,bhnf->bhrqn", fq, fk) * global_mask
+        folded = fq
+        if spec.decay < 1:
+            weights = weights * _decay(spec, t_q[:, None] - t_k[None, :], fq.dtype)
+            folded = fq * _decay(spec, t_q - s_time, fq.dtype)[:, None]
+        g_num = torch.einsum("bhrqn,bhnv->bhrqv", weights, v) + torch.einsum(
+            "bhrqf,bhfv->bhrqv", folded, S
         )
+        if spec.normalize or spec.combine == "shared":
+            g_den = weights.sum(-1) + torch.einsum("bhrqf,bhf->bhrq", folded, z)
+        if spec.combine == "shared":
+            return (num + alpha * g_num) / (den + alpha * g_den)[..., None]
         if spec.normalize:
-            den = scores.sum(-1) + torch.einsum("bhrqf,bhf->bhrq", fq, z)
-            num = num / (den[..., None] + spec.eps)
-        out = alpha * num if out is None else out + alpha * num
+            g_num = g_num / (g_den[..., None] + spec.eps)
+        out = alpha * g_num if out is None else out + alpha * g_num
+    elif num is not None:
+        out = num / den[..., None]
     if out is None:
         raise ValueError("this configuration attends to nothing: enable a local kernel or global")
     return out
+
+
+def _decay(spec: LinearAttnSpec, distance: Tensor, dtype: torch.dtype) -> Tensor:
+    """``decay^distance`` for ``distance >= 0`` (masked entries, negative, give 1)."""
+    return torch.exp(distance.clamp_min(0).to(dtype) * math.log(spec.decay))
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -225,9 +269,16 @@ def _fold(
         gone = min(max(cutoff - first, 0), k.shape[2])
         times = torch.arange(first + gone, pos, device=t0.device)
     S, z = state.S, state.z
+    if spec.use_global and spec.decay < 1:
+        # S and z are kept decayed to the next token's time: age them by the T new tokens.
+        gone_t = all_t[:gone] if spec.sinks else torch.arange(first, first + gone, device=t0.device)
+        S, z = S * spec.decay**T, z * spec.decay**T
+        fk_gone = fk[:, :, :gone] * _decay(spec, pos - gone_t, fk.dtype)[:, None]
+    else:
+        fk_gone = fk[:, :, :gone]
     if spec.use_global and gone:
-        S = S + torch.einsum("bhnf,bhnv->bhfv", fk[:, :, :gone], v[:, :, :gone])
-        z = z + fk[:, :, :gone].sum(2)
+        S = S + torch.einsum("bhnf,bhnv->bhfv", fk_gone, v[:, :, :gone])
+        z = z + fk_gone.sum(2)
     n = k.shape[2] - gone
     pad = spec.capacity - n
     kept = [F.pad(x[:, :, gone:], (0, 0, 0, pad)) for x in (k, fk, v)]
@@ -252,10 +303,14 @@ def parallel(
     fk: Tensor,
     state: LinearAttnState,
     alpha: Tensor | float = 1.0,
+    *,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``."""
     t_q = torch.arange(state.pos, state.pos + q.shape[1], device=q.device)
-    o, keys = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, causal=True)
+    o, keys = _attend_on_state(
+        spec, q, k, v, fq, fk, state, alpha, t_q, causal=True, q_sink=q_sink
+    )
     return o, _fold(spec, state, *keys)
 
 
@@ -271,6 +326,7 @@ def _attend_on_state(
     t_q: Tensor,
     causal: bool = False,
     ancestors: Tensor | None = None,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """New tokens at times ``t_q`` attend to the state's kept tokens and to each other (each sees
     the earlier ones when ``causal``, else its ``ancestors``). Returns ``o: [B, N, H, V]`` and
@@ -298,6 +354,8 @@ def _attend_on_state(
         state.S,
         state.z,
         alpha,
+        s_time=state.pos,
+        q_sink=None if q_sink is None else _group_queries(q_sink, Hkv),
     )
     return o.reshape(B, H, N, v.shape[-1]).transpose(1, 2), (keys, feats, vals, t_kept)
 
@@ -312,6 +370,8 @@ def chunk(
     state: LinearAttnState,
     alpha: Tensor | float = 1.0,
     chunk_size: int = 64,
+    *,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """Parallel inside chunks of ``chunk_size`` tokens, the state carried between: ``O(T)``."""
     if chunk_size < 1:
@@ -319,9 +379,9 @@ def chunk(
     outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for s in range(0, q.shape[1], chunk_size):
         e = s + chunk_size
-        o, state = parallel(
-            spec, q[:, s:e], k[:, s:e], v[:, s:e], fq[:, s:e], fk[:, s:e], state, alpha
-        )
+        piece = (x[:, s:e] for x in (q, k, v, fq, fk))
+        sink = None if q_sink is None else q_sink[:, s:e]
+        o, state = parallel(spec, *piece, state, alpha, q_sink=sink)
         outputs.append(o)
     return torch.cat(outputs, 1), state
 
@@ -335,16 +395,19 @@ def recurrent(
     fk: Tensor,
     state: LinearAttnState,
     alpha: Tensor | float = 1.0,
+    *,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """One token at a time on the fixed-size state (the decoding form)."""
     if not _has_fast_step(spec):
-        return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1)
-    if q.shape[1] == 1:  # the decoding hot path: no list, no concatenation
-        o, state = step(spec, q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], state, alpha)
-        return o[:, None], state
+        return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1, q_sink=q_sink)
     outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for t in range(q.shape[1]):
-        o, state = step(spec, q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state, alpha)
+        token = (x[:, t] for x in (q, k, v, fq, fk))
+        sink = None if q_sink is None else q_sink[:, t]
+        o, state = step(spec, *token, state, alpha, q_sink=sink)
+        if q.shape[1] == 1:  # the decoding hot path: no concatenation
+            return o[:, None], state
         outputs.append(o[:, None])
     return torch.cat(outputs, 1), state
 
@@ -369,11 +432,15 @@ def _slide(
     times = torch.cat([state.times[:n], state.times.new_tensor([pos])])
     leaving = pos + 1 - spec.size
     S, z = state.S, state.z
+    if spec.use_global and spec.decay < 1:
+        S, z = S * spec.decay, z * spec.decay
     if leaving >= spec.sinks:
         i = min(spec.sinks, pos)
         if spec.use_global:
-            S = S + _outer(feats[:, :, i], values[:, :, i])
-            z = z + feats[:, :, i]
+            # The leaving token is W tokens before the next one: it joins S aged decay^W.
+            f = feats[:, :, i] * spec.decay**spec.size
+            S = S + _outer(f, values[:, :, i])
+            z = z + f
         keys, feats, values = (
             torch.cat([x[:, :, :i], x[:, :, i + 1 :]], 2) for x in (keys, feats, values)
         )
@@ -400,6 +467,8 @@ def step(
     fk: Tensor,
     state: LinearAttnState,
     alpha: Tensor | float = 1.0,
+    *,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """One decoding step, ``q: [B, H, K]``, ``k: [B, Hkv, K]``, ... → ``o: [B, H, V]``.
 
@@ -414,23 +483,38 @@ def step(
     q, fq = q.view(B, Hkv, H // Hkv, K), fq.view(B, Hkv, H // Hkv, -1)
     S, z, n, pos = state.S, state.z, state.n, state.pos
     if spec.capacity == 0:
-        # Pure linear attention: the token is global to itself, so fold it first.
+        # Pure linear attention: the token is global to itself, so fold it first; then age
+        # S, z by one step (they sit at the next token's time).
         S = S + _outer(fk, v)
         z = z + fk
         o = alpha * _global_readout(spec, fq, S, z)
+        if spec.decay < 1:
+            S, z = S * spec.decay, z * spec.decay
         new = LinearAttnState(S, z, state.k, state.fk, state.v, state.times, 0, pos + 1)
         return o.reshape(B, H, -1), new
     keys = torch.cat([state.k[:, :, :n], k[:, :, None]], 2)
     values = torch.cat([state.v[:, :, :n], v[:, :, None]], 2)
-    o = _local_readout(spec, q, keys, values)
-    if spec.use_global:
-        o = o + alpha * _global_readout(spec, fq, S, z)
+    if q_sink is not None:
+        q_sink = q_sink.view(B, Hkv, H // Hkv, K)
+    num, den = _local_readout(spec, q, keys, values, q_sink, min(spec.sinks, pos + 1))
+    if spec.combine == "shared" and spec.use_global:
+        g_num, g_den = _global_parts(fq, S, z)
+        o = (num + alpha * g_num) / (den + alpha * g_den)[..., None]
+    else:
+        o = num if den is None else num / den[..., None]
+        if spec.use_global:
+            o = o + alpha * _global_readout(spec, fq, S, z)
     if spec.window == "sliding":
         return o.reshape(B, H, -1), _slide(spec, state, keys, values, fk)
+    if spec.use_global and spec.decay < 1:
+        S, z = S * spec.decay, z * spec.decay
     if (pos + 1) % spec.size == 0:
         # The group is complete: fold it into S and empty the buffer.
         if spec.use_global:
             feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
+            if spec.decay < 1:
+                ages = torch.arange(n + 1, 0, -1, device=feats.device)
+                feats = feats * _decay(spec, ages, feats.dtype)[:, None]
             S = S + torch.einsum("bhnf,bhnv->bhfv", feats, values)
             z = z + feats.sum(2)
         new = LinearAttnState(
@@ -450,23 +534,41 @@ def step(
     return o.reshape(B, H, -1), LinearAttnState(S, z, new_k, new_fk, new_v, new_t, n + 1, pos + 1)
 
 
+def _global_parts(fq: Tensor, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``fq: [B, Hkv, R, F]`` against the folded summary → numerator ``[B, Hkv, R, V]`` and
+    denominator ``[B, Hkv, R]``."""
+    return torch.matmul(fq, S), torch.matmul(fq, z[..., None])[..., 0]
+
+
 def _global_readout(spec: LinearAttnSpec, fq: Tensor, S: Tensor, z: Tensor) -> Tensor:
     """``fq: [B, Hkv, R, F]`` against the folded summary → ``[B, Hkv, R, V]``."""
-    num = torch.matmul(fq, S)
-    if spec.normalize:
-        num = num / (torch.matmul(fq, z[..., None]) + spec.eps)
-    return num
+    num, den = _global_parts(fq, S, z)
+    return num / (den[..., None] + spec.eps) if spec.normalize else num
 
 
-def _local_readout(spec: LinearAttnSpec, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """``q: [B, Hkv, R, K]`` over every key of ``keys: [B, Hkv, n, K]`` → ``[B, Hkv, R, V]``."""
+def _local_readout(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    q_sink: Tensor | None = None,
+    num_sinks: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """``q: [B, Hkv, R, K]`` over every key of ``keys: [B, Hkv, n, K]`` (the first ``num_sinks``
+    of them scored by ``q_sink``) → numerator ``[B, Hkv, R, V]`` and, for softmax, denominator
+    ``[B, Hkv, R]`` (the weights are ``e^{s−m}``, ``m`` the largest score)."""
     if spec.local == "softmax":
-        scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        return torch.matmul(torch.softmax(scores, -1), values)
+        scores = torch.matmul(q, keys.transpose(-1, -2))
+        if q_sink is not None and num_sinks:
+            sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
+            scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
+        scores = scores / math.sqrt(q.shape[-1])
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        return torch.matmul(weights, values), weights.sum(-1)
     if spec.local == "relu2":
         weights = torch.relu(torch.matmul(_unit(q), _unit(keys).transpose(-1, -2))) ** 2
-        return torch.matmul(weights, values)
-    return q.new_zeros(*q.shape[:-1], values.shape[-1])
+        return torch.matmul(weights, values), None
+    return q.new_zeros(*q.shape[:-1], values.shape[-1]), None
 
 
 def tree(
@@ -480,6 +582,7 @@ def tree(
     alpha: Tensor | float = 1.0,
     *,
     tree: Tree,
+    q_sink: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """Candidate tokens arranged as a tree on top of the committed state.
 
@@ -489,7 +592,9 @@ def tree(
     :func:`advance`.
     """
     t_q = state.pos + tree.depths.to(q.device)
-    o, _ = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, ancestors=tree.ancestors)
+    o, _ = _attend_on_state(
+        spec, q, k, v, fq, fk, state, alpha, t_q, ancestors=tree.ancestors, q_sink=q_sink
+    )
     return o, state
 
 
@@ -501,6 +606,8 @@ def naive(
     fq: Tensor,
     fk: Tensor,
     alpha: Tensor | float = 1.0,
+    *,
+    q_sink: Tensor | None = None,
 ) -> Tensor:
     """The definition, token by token over the full history, from the start of the sequence.
 
@@ -515,18 +622,28 @@ def naive(
         local = spec.is_local(s, torch.tensor([t]))[0]
         o = torch.zeros_like(vr[:, 0])
         if spec.local == "softmax":
-            scores = (q[:, t, None] * kr[:, : t + 1]).sum(-1) / math.sqrt(K)
-            weights = torch.softmax(scores.masked_fill(~local[None, :, None], float("-inf")), 1)
-            o = o + (weights[..., None] * vr[:, : t + 1]).sum(1)
+            scores = (q[:, t, None] * kr[:, : t + 1]).sum(-1)
+            if q_sink is not None:
+                sink_scores = (q_sink[:, t, None] * kr[:, : t + 1]).sum(-1)
+                scores = torch.where((s < spec.sinks)[None, :, None], sink_scores, scores)
+            scores = scores.masked_fill(~local[None, :, None], float("-inf")) / math.sqrt(K)
+            weights = torch.exp(scores - scores.amax(1, keepdim=True))
+            local_num, local_den = (weights[..., None] * vr[:, : t + 1]).sum(1), weights.sum(1)
+            o = o + local_num / local_den[..., None]
         elif spec.local == "relu2":
             cos = (_unit(q[:, t, None]) * _unit(kr[:, : t + 1])).sum(-1)
             weights = torch.relu(cos) ** 2 * local[None, :, None]
             o = o + (weights[..., None] * vr[:, : t + 1]).sum(1)
         if spec.use_global:
             weights = (fq[:, t, None] * fkr[:, : t + 1]).sum(-1) * ~local[None, :, None]
+            weights = weights * spec.decay ** (t - s).to(weights.dtype)[None, :, None]
             g = (weights[..., None] * vr[:, : t + 1]).sum(1)
-            if spec.normalize:
-                g = g / (weights.sum(1)[..., None] + spec.eps)
-            o = o + alpha * g
+            if spec.combine == "shared":
+                g_den = alpha * weights.sum(1)
+                o = (local_num + alpha * g) / (local_den + g_den)[..., None]
+            else:
+                if spec.normalize:
+                    g = g / (weights.sum(1)[..., None] + spec.eps)
+                o = o + alpha * g
         outputs.append(o)
     return torch.stack(outputs, 1)
