@@ -227,9 +227,9 @@ def test_zero_initialised_augmented_layer_is_local_attention():
 @pytest.mark.parametrize(
     "options, new",
     [
-        ({}, {"alpha", "conv"}),
+        ({}, {"alpha", "conv", "feature_map.weight"}),
         ({"use_global": False}, {"conv"}),
-        ({"conv": "none"}, {"alpha"}),
+        ({"conv": "none"}, {"alpha", "feature_map.weight"}),
         ({"use_global": False, "conv": "none"}, set()),
     ],
 )
@@ -238,3 +238,19 @@ def test_every_ablation_has_only_parameters_it_reads(options, new):
     layer = build_attention("augmented", hidden_size=D, num_heads=4, num_kv_heads=2, **options)
     names = {n for n, _ in layer.named_parameters() if not n.endswith("_proj.weight")}
     assert names == new
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("sink_positions", ["cache", "absolute"])
+def test_sinks_stay_at_cache_positions(sink_positions, form):
+    """Sinks + window, tokens dropped in between: with cache positions the last outputs do not
+    depend on how many tokens were dropped (StreamingLLM); with absolute positions they do."""
+    layer = tiny_layer("sliding_window", sink_positions=sink_positions)
+    sinks, window, tail = _x(2, seed=1), _x(GROUP + 3, seed=2), GROUP + 3
+    outputs = []
+    for gap in (4, 40):
+        x = torch.cat([sinks, _x(gap, seed=3), window], 1)
+        y, _ = layer(x, form=form)
+        outputs.append(y[:, -tail + GROUP :])
+    same = torch.allclose(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
+    assert same == (sink_positions == "cache")

@@ -250,3 +250,38 @@ def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="chunk_size"):
         spec = LinearAttnSpec()
         linear_attn.chunk(spec, *_args(_inputs(4)), _state(spec), 1.0, chunk_size=0)
+
+
+def _global_output_norms(spec: LinearAttnSpec, lengths: list[int]) -> list[float]:
+    """The output norm of one fixed query after ``N`` folded tokens, for each ``N``: random but
+    fixed keys, features and values, folded directly into the state 10k tokens at a time."""
+    g = torch.Generator().manual_seed(0)
+    Hs, Ks, Fs, Vs = 1, 8, 16, 8
+    q = torch.randn(1, Hs, Ks, generator=g)
+    fq = torch.softmax(torch.randn(1, Hs, Fs, generator=g), -1)
+    state = linear_attn.init_state(spec, 1, Hs, Ks, Fs, Vs)
+    norms = []
+    for N in lengths:
+        while state.pos < N:
+            T = min(10_000, N - state.pos)
+            k = torch.randn(1, Hs, T, Ks, generator=g)
+            fk = torch.softmax(torch.randn(1, Hs, T, Fs, generator=g), -1)
+            state = linear_attn.advance(spec, state, k, fk, torch.randn(1, Hs, T, Vs, generator=g))
+        token = (q, q[:, :, :Ks], torch.randn(1, Hs, Vs, generator=g), fq, fq[:, :, :Fs])
+        o, _ = linear_attn.step(spec, *token, state, alpha=1.0)
+        norms.append(float(o.norm()))
+    return norms
+
+
+def test_global_term_is_length_stable():
+    """Shared denominator (+ decay): the output stays a convex mix of values from 1k to 100k
+    folded tokens; the paper's unnormalised global sum grows with them."""
+    lengths = [1_000, 10_000, 100_000]
+    window = dict(window="sliding", size=16, sinks=2, local="softmax")
+    for decay in (1.0, 0.999):
+        spec = LinearAttnSpec(**window, combine="shared", decay=decay)
+        norms = _global_output_norms(spec, lengths)
+        # Values are standard normal in 8 dims: a convex mix has norm well below 8.
+        assert max(norms) < 8, norms
+    paper = _global_output_norms(LinearAttnSpec(**window, normalize=False), lengths)
+    assert paper[-1] > 10 * paper[0], paper

@@ -144,16 +144,39 @@ class Attention(nn.Module):
     # --- forms ------------------------------------------------------------------------------
 
     def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, ...]:
+        """``q, k, v, fq, fk`` and the sink queries (``None`` when sinks use ``q``)."""
         c = self.config
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
         k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        fq, fk, q_sink = q, k, None
+        if self.feature_map is not None and not c.global_rope:
+            fq, fk = self.feature_map(q), self.feature_map(k)
         if self.rope is not None:
+            if c.kind == "linear" and c.sinks and c.sink_positions == "cache":
+                q_sink = self.rope(q, self._sink_positions(positions))
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if self.feature_map is not None:
-            return q, k, v, self.feature_map(q), self.feature_map(k)
-        return q, k, v, q, k
+        if self.feature_map is not None and c.global_rope:
+            fq, fk = self.feature_map(q), self.feature_map(k)
+        elif self.feature_map is None:
+            fq, fk = q, k
+        return q, k, v, fq, fk, q_sink
+
+    def _sink_positions(self, positions: Tensor) -> Tensor:
+        """Each query's position inside the kept cache (sinks at ``0..S-1``, then its window or
+        group): the sinks stay at most ``sinks + size`` positions away at any length. RoPE
+        scores depend on differences only, so rotating the query back by its distance past
+        that cache equals storing the sinks rotated at cache positions."""
+        c = self.config
+        start = positions - c.size + 1 if c.window == "sliding" else positions - positions % c.size
+        return positions - (start - c.sinks).clamp_min(0)
+
+    def _alpha(self) -> Tensor | float:
+        # A shared denominator needs a non-negative global weight.
+        if self.config.combine == "shared" and isinstance(self.alpha, Tensor):
+            return self.alpha.clamp_min(0)
+        return max(self.alpha, 0.0) if self.config.combine == "shared" else self.alpha
 
     def _output(self, o: Tensor) -> Tensor:
         if self.output_norm is not None:
@@ -190,8 +213,8 @@ class Attention(nn.Module):
         if state is None:
             state = self.init_state(B, dtype=x.dtype, device=x.device)
         positions = torch.arange(state.pos, state.pos + T, device=x.device)
-        q, k, v, fq, fk = self._project(x, positions)
-        o, state = self._attend(q, k, v, fq, fk, state, form)
+        q, k, v, fq, fk, q_sink = self._project(x, positions)
+        o, state = self._attend(q, k, v, fq, fk, state, form, q_sink)
         return self._output(o), state
 
     def _attend(
@@ -203,17 +226,19 @@ class Attention(nn.Module):
         fk: Tensor,
         state: AttentionState,
         form: Form,
+        q_sink: Tensor | None = None,
     ) -> tuple[Tensor, AttentionState]:
         """Projected tokens on top of ``state`` in ``form`` → ``o: [B, T, H, V]`` and the state."""
         if self.config.kind == "softmax":
             o, attn = softmax.parallel(q, k, v, state.attn)
         elif form == "chunk":
+            chunk_size, alpha = self.config.chunk_size, self._alpha()
             o, attn = linear_attn.chunk(
-                self.spec, q, k, v, fq, fk, state.attn, self.alpha, self.config.chunk_size
+                self.spec, q, k, v, fq, fk, state.attn, alpha, chunk_size, q_sink=q_sink
             )
         else:
             op = linear_attn.parallel if form == "parallel" else linear_attn.recurrent
-            o, attn = op(self.spec, q, k, v, fq, fk, state.attn, self.alpha)
+            o, attn = op(self.spec, q, k, v, fq, fk, state.attn, self._alpha(), q_sink=q_sink)
         conv = state.conv
         if conv is not None:
             step = causal_conv.recurrent if form == "recurrent" else causal_conv.parallel
@@ -235,24 +260,25 @@ class Attention(nn.Module):
         if x.shape[1] != 1 or x.shape[0] != len(states):
             raise ValueError(f"forward_rows takes [len(states), 1, D], got {tuple(x.shape)}")
         positions = torch.tensor([[s.pos] for s in states], device=x.device)  # [B, 1]
-        q, k, v, fq, fk = self._project(x, positions)
+        q, k, v, fq, fk, q_sink = self._project(x, positions)
         form = self.resolve_form("auto", 1)
         outputs, new_states = [], []
         for i, state in enumerate(states):
             row = slice(i, i + 1)
-            o, state = self._attend(q[row], k[row], v[row], fq[row], fk[row], state, form)
+            sink = None if q_sink is None else q_sink[row]
+            o, state = self._attend(q[row], k[row], v[row], fq[row], fk[row], state, form, sink)
             outputs.append(o)
             new_states.append(state)
         return self._output(torch.cat(outputs)), new_states
 
     def _forward_noncausal(self, x: Tensor) -> Tensor:
         positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v, fq, fk = self._project(x, positions)
+        q, k, v, fq, fk, q_sink = self._project(x, positions)
         if self.config.kind == "linformer":
             o = linformer.parallel(q, k, v, self.seq_proj_k, self.seq_proj_v)
         else:
             o, _ = linear_attn.parallel(
-                self.spec, q, k, v, fq, fk, self._unused_state(x), self.alpha
+                self.spec, q, k, v, fq, fk, self._unused_state(x), self._alpha(), q_sink=q_sink
             )
         if self.config.conv == "symmetric":
             o = o + causal_conv.symmetric(v, self.conv)
@@ -277,11 +303,13 @@ class Attention(nn.Module):
         if not self.is_causal:
             raise ValueError(f"attention {self.config.name!r} is not causal: no tree form")
         positions = state.pos + tree.depths.to(x.device)
-        q, k, v, fq, fk = self._project(x, positions)
+        q, k, v, fq, fk, q_sink = self._project(x, positions)
         if self.config.kind == "softmax":
             o, _ = softmax.tree(q, k, v, state.attn, tree=tree)
         else:
-            o, _ = linear_attn.tree(self.spec, q, k, v, fq, fk, state.attn, self.alpha, tree=tree)
+            o, _ = linear_attn.tree(
+                self.spec, q, k, v, fq, fk, state.attn, self._alpha(), tree=tree, q_sink=q_sink
+            )
         if state.conv is not None:
             c, _ = causal_conv.tree(v, self.conv, state.conv, tree=tree)
             o = o + c

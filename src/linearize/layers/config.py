@@ -37,6 +37,16 @@ class AttentionConfig(Config):
     feature_map: str = "elu"
     feature_dim: int | None = None
     normalize: bool = True
+    # "sum": local + α·global (the paper); "shared": one denominator for both (LoLCATs).
+    combine: Literal["sum", "shared"] = "sum"
+    # Global token σ weighs decay^(τ−σ) for query τ: the global mass stays bounded in length.
+    decay: float = 1.0
+    # Sink keys seen from the query's position inside the kept cache (StreamingLLM) or from
+    # its absolute position (past the trained range on long sequences).
+    sink_positions: Literal["cache", "absolute"] = "cache"
+    # The global feature map reads q, k after RoPE (the paper) or before (no positions: the
+    # same kernel at every length).
+    global_rope: bool = True
     output_norm: bool = False
     conv: Literal["none", "causal", "symmetric"] = "none"
     conv_size: int = 32
@@ -73,6 +83,18 @@ class AttentionConfig(Config):
             )
         if self.kind == "linear" and self.local == "none" and not self.use_global:
             raise ValueError("this attention would attend to nothing: enable local or global")
+        if self.combine not in ("sum", "shared"):
+            raise ValueError(f"combine={self.combine!r}; allowed: sum, shared")
+        if self.combine == "shared" and (self.local != "softmax" or self.feature_map in _SIGNED):
+            raise ValueError(
+                "combine='shared' needs local='softmax' and a positive feature map "
+                f"(not {sorted(_SIGNED)}), got local={self.local!r}, "
+                f"feature_map={self.feature_map!r}"
+            )
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.sink_positions not in ("cache", "absolute"):
+            raise ValueError(f"sink_positions={self.sink_positions!r}; allowed: cache, absolute")
         if self.kind == "linformer" and (self.landmarks < 1 or self.max_length < 1):
             raise ValueError("linformer needs landmarks >= 1 and max_length >= 1")
         return self
@@ -86,12 +108,17 @@ class AttentionConfig(Config):
             sinks=self.sinks,
             use_global=self.use_global,
             normalize=self.normalize,
+            combine=self.combine,
+            decay=self.decay,
         )
 
     @property
     def is_causal(self) -> bool:
         return self.kind != "linformer" and self.conv != "symmetric"
 
+
+# Feature maps whose kernel φ(q)·φ(k) can be negative: no shared denominator with them.
+_SIGNED = ("unit",)
 
 _LINEAR = {"kind": "linear", "window": "sliding", "size": 0, "local": "none"}
 _FLASH = {"kind": "linear", "window": "group", "size": 64}
@@ -127,8 +154,10 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
         "size": 256,
         "sinks": 4,
         "local": "softmax",
-        "feature_map": "unit",
-        "normalize": False,
+        "feature_map": "hedgehog",
+        "combine": "shared",
+        "decay": 1 - 1 / 1024,
+        "global_rope": False,
         "conv": "causal",
         "conv_size": 32,
         "alpha": 0.0,

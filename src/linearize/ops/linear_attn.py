@@ -308,9 +308,7 @@ def parallel(
 ) -> tuple[Tensor, LinearAttnState]:
     """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``."""
     t_q = torch.arange(state.pos, state.pos + q.shape[1], device=q.device)
-    o, keys = _attend_on_state(
-        spec, q, k, v, fq, fk, state, alpha, t_q, causal=True, q_sink=q_sink
-    )
+    o, keys = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, causal=True, q_sink=q_sink)
     return o, _fold(spec, state, *keys)
 
 
