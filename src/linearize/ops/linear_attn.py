@@ -17,8 +17,10 @@ with ``s = q·k/√K``, ``m`` the largest local score and ``w = fq·fk · decay^
 combination of values, bounded at any length. ``decay < 1`` weighs a global token ``σ`` by
 ``decay^(τ−σ)``, so the global mass stays bounded too. ``q_sink`` (optional, every form) are the
 queries used against sink keys: rotated at the position the query has inside the kept cache
-(StreamingLLM), so sinks stay at a trained distance however long the sequence. A plain linear attention (elu, relu, performer, ...) is the
-configuration ``window="sliding", size=0, local="none"``: nothing is local, everything is global.
+(StreamingLLM), so sinks stay at a trained distance however long the sequence.
+
+A plain linear attention (elu, relu, performer, ...) is the configuration
+``window="sliding", size=0, local="none"``: nothing is local, everything is global.
 FLASH is ``window="group"``; the paper's augmented layer adds a convolution on top (causal_conv).
 
 Inputs: ``q: [B, T, H, K]``, ``k: [B, T, Hkv, K]`` (raw, for the local kernel),
