@@ -21,7 +21,7 @@ from linearize.bench.memory import format_bytes, machine_info
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ppl", "decode", "prefill", "speculative", "serve", "study")
+KINDS = ("ppl", "ppl_position", "passkey", "decode", "prefill", "speculative", "serve", "study")
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -30,6 +30,11 @@ def _num(x: Any, digits: int = 1) -> str:
 
 def _int(x: Any) -> str:
     return "—" if x is None else f"{x:,}"
+
+
+def _k(n: int) -> str:
+    """Token counts as 0, 1k, 4k, 12.5k."""
+    return f"{n / 1024:g}k" if n >= 1024 else str(n)
 
 
 # Columns per kind: (header, how to format a row).
@@ -61,6 +66,28 @@ COLUMNS: dict[str, list[Column]] = {
         ("NLL", lambda r: _num(r["nll"], 4)),
         ("PPL", lambda r: _num(r["ppl"], 3)),
         ("seconds", lambda r: _num(r["seconds"])),
+    ],
+    "ppl_position": [
+        ("model", lambda r: r["model"]),
+        ("data", lambda r: r["data"]),
+        ("scored as", lambda r: r["scored_as"]),
+        ("tokens", lambda r: _int(r["tokens"])),
+        ("PPL", lambda r: _num(r["ppl"], 2)),
+        (
+            "PPL by position",
+            lambda r: "; ".join(
+                f"{_k(b['from'])}–{_k(b['to'])}: {_num(b['ppl'], 1)}" for b in r["buckets"]
+            ),
+        ),
+    ],
+    "passkey": [
+        ("model", lambda r: r["model"]),
+        ("trials per length", lambda r: _int(r["trials"])),
+        (
+            "accuracy by length",
+            lambda r: "; ".join(f"{_k(int(n))}: {a:.0%}" for n, a in r["accuracy"].items()),
+        ),
+        ("skipped", lambda r: ", ".join(map(_k, r["skipped"])) or "—"),
     ],
     "speculative": [
         ("model", lambda r: r["model"]),
@@ -178,7 +205,31 @@ def _speedup_plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _position_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against position: one line per model, a point per bucket (at its middle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for r in rows:
+        buckets = r["buckets"]
+        xs = [max((b["from"] + b["to"]) / 2, 1) for b in buckets]
+        ax.plot(xs, [b["ppl"] for b in buckets], marker="o", label=f"{r['model']}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel("perplexity (log)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 PLOTS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
+    "ppl_position": _position_plot,
     "speculative": _speedup_plot,
     "decode": lambda rows, path: _line_plot(
         rows,
@@ -347,6 +398,8 @@ def _record_section(path: Path, record: dict[str, Any], plots: Path, page: Path)
 
 TITLES = {
     "ppl": "Perplexity",
+    "ppl_position": "Perplexity by position (long context, streamed)",
+    "passkey": "Passkey retrieval",
     "decode": "Decode speed and memory",
     "prefill": "Prefill latency and memory (Table 4 protocol)",
     "speculative": "Speculative decoding (Table 8 protocol)",
@@ -373,10 +426,15 @@ def render_page(results: str | Path, page: str | Path) -> Path:
     text += "".join("| " + " | ".join(row) + " |\n" for row in goals(records))
     for kind in KINDS:
         section = [(p, r) for p, r in found if r["kind"] == kind]
-        if section and kind == "ppl":
-            # Single-number records: one table of all of them.
+        if section and kind in ("ppl", "ppl_position", "passkey"):
+            # Records of one row each: one table of all of them (and one plot).
             rows = [row for _, r in section for row in r["rows"]]
             text += f"\n## {TITLES[kind]}\n\n" + markdown_table(kind, rows) + "\n"
+            if kind in PLOTS:
+                plots.mkdir(parents=True, exist_ok=True)
+                PLOTS[kind](rows, plots / f"{kind}.png")
+                target = (plots / f"{kind}.png").relative_to(page.parent).as_posix()
+                text += f"![{kind}]({target})\n\n"
         elif section:
             text += f"\n## {TITLES[kind]}\n\n"
             text += "".join(_record_section(p, r, plots, page) for p, r in section)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -16,6 +17,7 @@ from linearize.cli.options import (
     config_from_args,
 )
 from linearize.data import source_tokens
+from linearize.eval import long_context
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
 from linearize.train.perplexity import PerplexityConfig, perplexity
 
@@ -34,9 +36,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "built-in corpus, or a .txt/.md/.jsonl file or folder",
     )
     add_config_arguments(ppl, PerplexityConfig)
+    ppl.add_argument(
+        "--buckets",
+        default=",".join(map(str, long_context.DEFAULT_BUCKETS)),
+        help="with --stream: increasing position edges of the buckets (the last runs to the end)",
+    )
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
     ppl.set_defaults(func=run_ppl)
+
+    key = sub.add_parser("passkey", help="passkey retrieval: a number hidden in filler text")
+    key.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
+    add_attention_arguments(key, required=False)
+    key.add_argument(
+        "--lengths",
+        default=",".join(map(str, long_context.PASSKEY_LENGTHS)),
+        help="prompt lengths in tokens, comma-separated",
+    )
+    key.add_argument("--trials", type=int, default=5, help="depths per length, spread over [0,1]")
+    key.add_argument(
+        "--depths", help="explicit comma-separated depths in [0, 1] (replaces --trials)"
+    )
+    key.add_argument("--seed", type=int, default=0, help="seed of the hidden numbers")
+    key.add_argument("--json", action="store_true", help="print one JSON object")
+    key.add_argument("--out", help="also save a result record in this folder (for bench report)")
+    key.set_defaults(func=run_passkey)
 
     study = subparsers.add_parser(
         "study", help="the paper's study: every causal linear attention, same training budget"
@@ -59,12 +83,20 @@ def run_ppl(args: argparse.Namespace) -> int:
 
         linearize(model, attention_from_args(args))
     tokens = source_tokens(args.data, model.tokenizer)
+    if args.stream:
+        edges = long_context.check_buckets(long_context.parse_ints(args.buckets, "--buckets"))
+        if args.tokens:
+            if args.tokens > len(tokens):
+                raise ValueError(f"--tokens {args.tokens} asked; the data has {len(tokens)} tokens")
+            tokens = tokens[: args.tokens]
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
+        if args.stream:
+            return _report_stream(args, model, tokens, edges, progress)
         result = perplexity(model, tokens, config, progress)
     row = result.to_dict()
     if args.out:
@@ -80,6 +112,75 @@ def run_ppl(args: argparse.Namespace) -> int:
             f"{result.seconds:.1f} s"
         )
     return 0
+
+
+def _report_stream(args, model, tokens, edges, progress) -> int:
+    start = time.perf_counter()
+    result = long_context.stream_perplexity(model, tokens, edges, args.window, args.form, progress)
+    row = {**result.to_dict(), "window": args.window, "form": args.form}
+    row["seconds"] = time.perf_counter() - start
+    if args.out:
+        record = {"model": _label(args), "data": args.data, **row}
+        report.save_results(args.out, _stem(args), "ppl_position", [record], _command(args))
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    print(
+        f"perplexity {result.ppl:.3f} on {args.data}: {result.tokens:,} tokens scored "
+        f"({result.scored_as}), {row['seconds']:.1f} s"
+    )
+    for b in result.buckets:
+        print(f"  {b.start:>7,}–{b.end:<7,} {b.tokens:>8,} tokens  ppl {b.ppl:10.3f}")
+    return 0
+
+
+def run_passkey(args: argparse.Namespace) -> int:
+    from linearize.models import load
+
+    lengths = long_context.parse_ints(args.lengths, "--lengths")
+    if args.depths:
+        depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    else:
+        depths = long_context.passkey_depths(args.trials)
+    for d in depths:
+        if not 0 <= d <= 1:
+            raise ValueError(f"--depths: every depth must be in [0, 1], got {d}")
+    model = load(args.model)
+    if args.attention:
+        from linearize.models import linearize
+
+        linearize(model, attention_from_args(args))
+
+    def on_trial(t: long_context.PasskeyTrial) -> None:
+        mark = "found" if t.found else "missed"
+        print(f"… {t.length} tokens, depth {t.depth:.2f}: {mark} ({t.answer!r})", file=sys.stderr)
+
+    accuracy, trials, skipped = long_context.passkey(model, lengths, depths, args.seed, on_trial)
+    for n in skipped:
+        print(
+            f"length {n} skipped: past this softmax model's "
+            f"{model.config.max_position_embeddings} positions",
+            file=sys.stderr,
+        )
+    row = {
+        "model": _label(args),
+        "accuracy": {str(n): a for n, a in accuracy.items()},
+        "trials": len(depths),
+        "skipped": skipped,
+    }
+    if args.out:
+        command = f"linearize eval passkey --model {args.model} --lengths {args.lengths}"
+        report.save_results(args.out, f"passkey-{_stem_label(args)}", "passkey", [row], command)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        for n, a in accuracy.items():
+            print(f"passkey {n:>6} tokens: {a:.0%} of {len(depths)}")
+    return 0
+
+
+def _stem_label(args: argparse.Namespace) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in _label(args)).strip("_")
 
 
 def _label(args: argparse.Namespace) -> str:
@@ -111,7 +212,7 @@ def _command(args: argparse.Namespace) -> str:
         f" --stride {args.stride}" if args.stride else "",
         f" --tokens {args.tokens}" if args.tokens else "",
         f" --form {args.form}",
-        " --stream" if args.stream else "",
+        f" --stream --buckets {args.buckets}" if args.stream else "",
     ]
     return "".join(words)
 

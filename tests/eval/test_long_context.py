@@ -1,0 +1,112 @@
+"""Long-context probes: perplexity by position and passkey retrieval, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from linearize import Decoder
+from linearize.cli import main
+from linearize.eval import long_context
+from linearize.train.perplexity import PerplexityConfig, perplexity
+from tests.eval.conftest import tiny_augmented, tiny_config
+
+
+def _tokens(n: int, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    return torch.randint(vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a: float, b: float, rtol: float = 1e-9) -> None:
+    assert abs(a - b) <= rtol * abs(b), f"{a} vs {b}"
+
+
+@pytest.mark.parametrize("segment", [7, 16, 100])
+def test_buckets_cover_every_target_once_and_match_windows(segment):
+    model = tiny_augmented()
+    tokens = _tokens(100)
+    result = long_context.stream_perplexity(model, tokens, (0, 16, 40), segment)
+    assert [(b.start, b.end) for b in result.buckets] == [(0, 16), (16, 40), (40, 100)]
+    assert sum(b.tokens for b in result.buckets) == result.tokens == 99
+    # The first bucket is exactly the first window of 16 tokens scored on its own.
+    window = perplexity(model, tokens[:16], PerplexityConfig(window=16, form="parallel"))
+    _close(result.buckets[0].ppl, window.ppl)
+    # And the whole stream is today's streaming perplexity.
+    stream = perplexity(model, tokens, PerplexityConfig(window=segment, stream=True))
+    _close(result.nll, stream.nll)
+
+
+def test_softmax_model_is_scored_in_windows_of_its_positions():
+    model = Decoder(tiny_config(max_position_embeddings=32)).double().eval()
+    tokens = _tokens(80)
+    result = long_context.stream_perplexity(model, tokens, (0, 32, 64))
+    windowed = perplexity(model, tokens, PerplexityConfig(window=32, form="parallel"))
+    assert result.scored_as == "windows of 32"
+    assert result.tokens == windowed.tokens == 80 - 3
+    _close(result.nll, windowed.nll)
+    first = perplexity(model, tokens[:32], PerplexityConfig(window=32, form="parallel"))
+    _close(result.buckets[0].ppl, first.ppl)
+
+
+def test_bad_buckets_and_short_texts():
+    model = tiny_augmented()
+    for edges in ([0, 16, 16], [0, 32, 8], [-1, 8], []):
+        with pytest.raises(ValueError, match="bucket"):
+            long_context.stream_perplexity(model, _tokens(50), edges)
+    with pytest.raises(ValueError, match="shorter than the first bucket"):
+        long_context.stream_perplexity(model, _tokens(50), (0, 1024))
+
+
+class _Chars:
+    """A character tokenizer: one id per character."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_passkey_prompt_hides_the_key_at_its_depth():
+    tokenizer = _Chars()
+    for depth in (0.0, 0.5, 1.0):
+        ids = long_context.passkey_prompt(tokenizer, 3000, depth, "12345")
+        assert len(ids) == 3000
+        text = tokenizer.decode(ids.tolist())
+        assert text.count("12345") == 2
+        at = text.find("12345") / len(text)
+        assert abs(at - depth) < 0.2, (depth, at)
+    with pytest.raises(ValueError, match=r"depth must be in \[0, 1\]"):
+        long_context.passkey_prompt(tokenizer, 3000, 1.5, "12345")
+
+
+def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys):
+    argv = ["eval", "passkey", "--lengths", "300,400", "--trials", "2", "--json"]
+    assert main(argv + ["--model", tiny_dirs["softmax"]]) == 0
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)
+    # The tiny softmax model has 64 positions: both lengths are skipped, with a message.
+    assert row["skipped"] == [300, 400] and row["accuracy"] == {}
+    assert "400 skipped" in captured.err
+    assert main(argv + ["--model", tiny_dirs["augmented"]]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert set(row["accuracy"]) == {"300", "400"}
+    assert all(0 <= a <= 1 for a in row["accuracy"].values())
+    bad = ["eval", "passkey", "--model", tiny_dirs["augmented"], "--depths", "0.5,2"]
+    assert main(bad) == 2
+    assert "[0, 1]" in capsys.readouterr().err
+
+
+def test_eval_ppl_stream_json_has_buckets(tiny_dirs, capsys, tmp_path):
+    argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
+    argv += ["--stream", "--window", "32", "--buckets", "0,32,64", "--json", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [b["from"] for b in row["buckets"]] == [0, 32, 64]
+    assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
+    assert math.isclose(row["ppl"], math.exp(row["nll"]), rel_tol=1e-9)
+    assert list(tmp_path.glob("*.png"))
+    assert main(argv[:-3] + ["--buckets", "0,64,32"]) == 2
+    assert "strictly increasing" in capsys.readouterr().err
