@@ -24,6 +24,10 @@ def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# linearize demo report")
     assert "| 0 (+2) |" in markdown  # the Medusa heads' accuracy table
+    assert "## Perplexity by position" in markdown
+    assert set(report["by_position"]) == {"original", "plain", "augmented"}
+    for row in report["by_position"].values():
+        assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
     assert report["seconds"] > 0
     assert (out / "perplexity.png").stat().st_size > 0
     assert (out / "augmented" / "model" / "medusa.safetensors").exists()

@@ -40,11 +40,16 @@ class DemoConfig(Config):
     attention: str = option("the attention to linearize to", "augmented")
     plain: str = option("the plain linear attention it is compared with", "elu")
     budget: int = option("training tokens per linearized model (transfer + finetune)", 24_576)
-    block_size: int = option("tokens per training sequence", 512)
-    batch_size: int = option("sequences per optimizer step", 2)
+    block_size: int = option("tokens per training sequence", 1024)
+    batch_size: int = option("sequences per optimizer step", 1)
     medusa_tokens: int = option("tokens to train the Medusa heads on", 16_384)
     eval_tokens: int = option("evaluation tokens (first tokens of Pride and Prejudice)", 8_192)
     eval_window: int = option("perplexity window", 1024)
+    position_data: str = option("long text streamed for perplexity by position", "prideprejudice")
+    position_tokens: int = option("its tokens streamed (long context; the demo stops there)", 12_288)
+    position_buckets: list[int] = option(
+        "position bucket edges", factory=lambda: [0, 1024, 4096, 8192, 12288]
+    )
     contexts: list[int] = option("decode contexts to time", factory=lambda: [1024, 8192, 32768])
     decode_steps: int = option("decode steps timed at each context", 8)
     new_tokens: int = option("tokens generated per prompt for the speed comparison", 48)
@@ -160,6 +165,16 @@ def _perplexity(model, config: DemoConfig) -> dict[str, Any]:
     options = PerplexityConfig(window=config.eval_window, tokens=config.eval_tokens, form="chunk")
     with torch.no_grad():
         return perplexity(model, tokens, options).to_dict()
+
+
+def _perplexity_by_position(model, config: DemoConfig) -> dict[str, Any]:
+    """The first ``position_tokens`` of the novel streamed through the model (a softmax model:
+    windows of its max positions), perplexity per position bucket."""
+    from linearize.data import source_tokens
+    from linearize.eval.long_context import stream_perplexity
+
+    tokens = source_tokens(config.position_data, model.tokenizer)[: config.position_tokens]
+    return stream_perplexity(model, tokens, config.position_buckets).to_dict()
 
 
 def _train(config: DemoConfig, out: Path, attention: str, progress: Callable | None):
@@ -290,6 +305,7 @@ def _sample(model, prompt: str, new_tokens: int) -> str:
 class DemoReport:
     config: dict[str, Any]
     ppl: dict[str, dict[str, Any]]
+    by_position: dict[str, dict[str, Any]]
     training: dict[str, dict[str, Any]]
     decode: dict[str, list[dict[str, Any]]]
     medusa: dict[str, Any]
@@ -317,6 +333,11 @@ def run_demo(
     announce(f"1/6 loading {config.model} and scoring the original")
     original = linearize.load(config.model).eval()
     ppl = {"original": steps.run("ppl_original", lambda: _perplexity(original, config))}
+    by_position = {
+        "original": steps.run(
+            "position_original", lambda: _perplexity_by_position(original, config)
+        )
+    }
     contexts = config.contexts
     decode = {
         "original": steps.run(
@@ -339,6 +360,9 @@ def run_demo(
     for label, model_dir in models.items():
         model = linearize.load(model_dir).eval()
         ppl[label] = steps.run(f"ppl_{label}", lambda m=model: _perplexity(m, config))
+        by_position[label] = steps.run(
+            f"position_{label}", lambda m=model: _perplexity_by_position(m, config)
+        )
         samples[label] = steps.run(f"sample_{label}", lambda m=model: _sample(m, PROMPTS[0], 32))
         if label == "augmented":
             decode[label] = steps.run(
@@ -356,6 +380,7 @@ def run_demo(
     report = DemoReport(
         config=asdict(config),
         ppl=ppl,
+        by_position=by_position,
         training=training,
         decode=decode,
         medusa=medusa,

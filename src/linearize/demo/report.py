@@ -112,6 +112,7 @@ def render_markdown(report, plots: list[str]) -> str:
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
+        *position_table(report.by_position, c["position_tokens"], c["position_data"]),
         "## Samples (greedy, first prompt)",
         "",
     ]
@@ -129,6 +130,30 @@ def render_markdown(report, plots: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def position_table(by_position: dict[str, dict], tokens: int, data: str) -> list[str]:
+    """Perplexity by position: each model streams the first ``tokens`` of ``data`` (the
+    original: windows of its max positions)."""
+    if not by_position:
+        return []
+    first = next(iter(by_position.values()))
+    spans = [f"{b['from']:,}–{b['to']:,}" for b in first["buckets"]]
+    lines = [
+        "## Perplexity by position (long context)",
+        "",
+        f"The first {tokens:,} tokens of `{data}` streamed through each model, state "
+        "carried (the demo stops there to keep its time; `linearize eval ppl --stream` goes on "
+        "to the end of the novel).",
+        "",
+        "| model | scored as | " + " | ".join(spans) + " |",
+        "|---" * (len(spans) + 2) + "|",
+    ]
+    for label, row in by_position.items():
+        cells = [f"{b['ppl']:.2f}" for b in row["buckets"]]
+        cells += ["—"] * (len(spans) - len(cells))
+        lines.append(f"| {label} | {row['scored_as']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def medusa_table(metrics: dict) -> list[str]:

@@ -65,4 +65,7 @@ def prepare(out: Path) -> DemoConfig:
         new_tokens=8,
         data=str(text),
         eval_data=str(text),
+        position_data=str(text),
+        position_tokens=2048,
+        position_buckets=[0, 256, 1024, 2048],
     )
