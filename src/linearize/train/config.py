@@ -43,12 +43,15 @@ class TrainConfig(Config):
     stage: Stage = option("transfer, finetune or both (transfer, then finetune)", "both")
     data: str = option("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
     text_field: str = option("the text field of JSONL records", "text")
-    tokens: int = option("training tokens of the whole run (all stages)", 16_384)
+    tokens: int = option("training tokens of the whole run (all stages)", 24_576)
     transfer_tokens: int | None = option(
         "training tokens of the transfer stage when --stage both (default: a third)", None
     )
-    block_size: int = option("tokens per training sequence", 512)
-    batch_size: int = option("sequences per optimizer step, over all processes", 2)
+    # Blocks past the window (256) and up to the decay's horizon (1024), so that the global
+    # part and the sinks train at the distances they meet on long texts; the chunk form keeps
+    # it O(T).
+    block_size: int = option("tokens per training sequence", 1024)
+    batch_size: int = option("sequences per optimizer step, over all processes", 1)
     micro_batch_size: int = option("sequences per forward pass (gradient accumulation)", 1)
     lr: float = option("peak learning rate of the finetune stage", 1e-4)
     new_lr: float | None = option(
