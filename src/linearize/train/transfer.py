@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from linearize.models.convert import is_new_parameter
 from linearize.models.decoder import Decoder
@@ -109,6 +110,10 @@ def teacher_activations(
     return captured
 
 
+def _layer_mse(attention: nn.Module, x: Tensor, y: Tensor, form: str) -> Tensor:
+    return attention_mse(attention(x, form=form)[0], y)
+
+
 def transfer_loss(
     model: Decoder,
     teacher: Decoder,
@@ -132,8 +137,10 @@ def transfer_loss(
     if mse_weight:
         with autocast():
             acts = teacher_activations(teacher, input_ids, linearized_layers(model))
+            # Each layer's graph is recomputed in backward instead of kept: on long blocks the
+            # graphs of all layers at once would dominate memory (O(layers · T · window)).
             mse = sum(
-                attention_mse(model.layers[i].self_attn(x, form=form)[0], y)
+                checkpoint(_layer_mse, model.layers[i].self_attn, x, y, form, use_reentrant=False)
                 for i, (x, y) in acts.items()
             )
         parts["mse"] = mse / mse_denominator
