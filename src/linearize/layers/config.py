@@ -144,10 +144,12 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
     "flash_local": {**_FLASH, "local": "relu2", "use_global": False},
     "flash_global": {**_FLASH, "local": "none", "feature_map": "unit", "normalize": False},
     # The paper's augmented layer with LoLCATs' local part (method.md §3): a sliding window of
-    # 256 tokens plus 4 attention sinks instead of fixed groups of 64. Untrained on SmolLM2
-    # (4 x 1024 tokens of the Austen eval slice; original 20.30) it scores 21.31 ppl; a window
-    # of 128: 22.76, of 64: 24.79; the paper's groups of 64: 45.10. The paper's grouped layer
-    # is this preset with window="group", size=64, sinks=0.
+    # 256 tokens plus 4 attention sinks instead of fixed groups of 64, and a global part that is
+    # stable in length (docs/forms.md §1b): a learned Hedgehog map on q, k before RoPE, one
+    # denominator shared with the window, a decay of 1 - 1/1024, sinks at cache positions.
+    # α = 0 and zero taps: converted, it is the window alone. Untrained on SmolLM2 (first 16k
+    # tokens of P&P streamed): 18.8 / 21.2 / 24.2 / 24.4 / 23.1 ppl at 0-1k / 1-4k / 4-8k /
+    # 8-12k / 12-16k. The paper's grouped layer: window="group", size=64, sinks=0.
     "augmented": {
         "kind": "linear",
         "window": "sliding",
@@ -158,6 +160,22 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
         "combine": "shared",
         "decay": 1 - 1 / 1024,
         "global_rope": False,
+        "conv": "causal",
+        "conv_size": 32,
+        "alpha": 0.0,
+        "learn_alpha": True,
+    },
+    # The paper's global term: identity map on q̂, k̂ after RoPE, unnormalised, added to the
+    # window's output. NOT length-stable: its sum grows with the folded tokens, so α fitted on
+    # short blocks swamps the window on long texts (issue 12: ppl in the millions past 16k).
+    "augmented_paper": {
+        "kind": "linear",
+        "window": "sliding",
+        "size": 256,
+        "sinks": 4,
+        "local": "softmax",
+        "feature_map": "unit",
+        "normalize": False,
         "conv": "causal",
         "conv_size": 32,
         "alpha": 0.0,
