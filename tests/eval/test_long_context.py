@@ -110,3 +110,18 @@ def test_eval_ppl_stream_json_has_buckets(tiny_dirs, capsys, tmp_path):
     assert list(tmp_path.glob("*.png"))
     assert main(argv[:-3] + ["--buckets", "0,64,32"]) == 2
     assert "strictly increasing" in capsys.readouterr().err
+
+
+def test_results_page_has_the_position_table_plot_and_goals(tiny_dirs, capsys, tmp_path):
+    from linearize.eval import report
+
+    for model in ("softmax", "augmented"):
+        argv = ["eval", "ppl", "--model", tiny_dirs[model], "--data", tiny_dirs["text"]]
+        argv += ["--stream", "--window", "16", "--buckets", "0,8,32", "--out", str(tmp_path)]
+        assert main(argv) == 0
+    page = report.render_page(tmp_path, tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert "## Perplexity by position" in text
+    assert (tmp_path / "docs" / "results" / "ppl_position.png").stat().st_size > 0
+    # The tiny models have no 1k bucket: no ratio to the original, no false verdict.
+    assert "vs the original" not in text

@@ -361,7 +361,47 @@ def goals(records: list[dict[str, Any]]) -> list[list[str]]:
             "prefill speed at 16k: linear vs softmax", 3, seconds("softmax"), seconds("linear")
         )
     )
-    return rows
+    return rows + position_goals(records)
+
+
+def _bucket(row: dict[str, Any], start: int) -> float | None:
+    return next((b["ppl"] for b in row["buckets"] if b["from"] == start), None)
+
+
+def position_goals(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Issue 12's goals, per streamed linear model: its 1–4k and 4–8k perplexity against the
+    original's (scored in windows of its positions) and every bucket past 8k against its own
+    4–8k. Lower is better here, so the ratio must stay *under* the target."""
+    rows = [row for r in records if r["kind"] == "ppl_position" for row in r["rows"]]
+    originals = [r for r in rows if r["scored_as"].startswith("windows")]
+    rows_out = []
+    for row in (r for r in rows if r["scored_as"] == "stream"):
+        base = next((o for o in originals if o["data"] == row["data"]), None)
+        for start in (1024, 4096):
+            ours, theirs = _bucket(row, start), base and _bucket(base, start)
+            if ours is not None and theirs is not None:
+                ratio = ours / theirs
+                rows_out.append(
+                    [
+                        f"{row['model']}: ppl from {_k(start)} vs the original",
+                        "≤ 1.10×",
+                        f"{ratio:.2f}× ({ours:.2f} vs {theirs:.2f})",
+                        "yes" if ratio <= 1.10 else "**no**",
+                    ]
+                )
+        mid = _bucket(row, 4096)
+        later = [b for b in row["buckets"] if b["from"] >= 8192]
+        if mid is not None and later:
+            worst = max(b["ppl"] for b in later) / mid
+            rows_out.append(
+                [
+                    f"{row['model']}: every bucket past 8k vs its 4–8k",
+                    "≤ 1.05×",
+                    f"{worst:.2f}× at worst ({len(later)} buckets)",
+                    "yes" if worst <= 1.05 else "**no**",
+                ]
+            )
+    return rows_out
 
 
 # --- the page --------------------------------------------------------------------------------
