@@ -113,7 +113,7 @@ def test_eval_ppl_stream_json_has_buckets(tiny_dirs, capsys, tmp_path):
 
 
 def test_results_page_has_the_position_table_plot_and_goals(tiny_dirs, capsys, tmp_path):
-    from linearize.eval import report
+    from linearize.bench import report
 
     for model in ("softmax", "augmented"):
         argv = ["eval", "ppl", "--model", tiny_dirs[model], "--data", tiny_dirs["text"]]

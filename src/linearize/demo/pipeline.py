@@ -46,7 +46,9 @@ class DemoConfig(Config):
     eval_tokens: int = option("evaluation tokens (first tokens of Pride and Prejudice)", 8_192)
     eval_window: int = option("perplexity window", 1024)
     position_data: str = option("long text streamed for perplexity by position", "prideprejudice")
-    position_tokens: int = option("its tokens streamed (long context; the demo stops there)", 12_288)
+    position_tokens: int = option(
+        "its tokens streamed (long context; the demo stops there)", 12_288
+    )
     position_buckets: list[int] = option(
         "position bucket edges", factory=lambda: [0, 1024, 4096, 8192, 12288]
     )

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linearize.train.perplexity import LOGIT_ROWS, window_spans
 from linearize.models.decoder import Decoder
+from linearize.train.perplexity import LOGIT_ROWS, window_spans
 
 logger = logging.getLogger(__name__)
 
