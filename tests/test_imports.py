@@ -17,6 +17,7 @@ LEVEL = {
     "layers": 1,
     "models": 2,
     "data": 3,
+    "hf": 3,
     "train": 4,
     "generation": 4,
     "eval": 5,

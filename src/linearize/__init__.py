@@ -2,6 +2,7 @@
 
 import logging
 
+from linearize import hf  # noqa: F401  (registers our classes with transformers' Auto classes)
 from linearize.layers import (
     Attention,
     AttentionConfig,

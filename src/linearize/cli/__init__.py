@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = (
     "linearize.cli.models",
+    "linearize.cli.export",
     "linearize.cli.check",
     "linearize.cli.generate",
     "linearize.cli.train",

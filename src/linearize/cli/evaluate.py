@@ -10,6 +10,7 @@ import time
 from tqdm import tqdm
 
 from linearize.bench import report
+from linearize.cli import harness
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
     ppl.set_defaults(func=run_ppl)
+    harness.register(sub)
 
     key = sub.add_parser("passkey", help="passkey retrieval: a number hidden in filler text")
     key.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "linearize"
 FORMAT_VERSION = 1
+# The model_type of a directory written by `linearize export-hf` (its config.json holds ours too).
+HF_MODEL_TYPE = "linearize"
 
 
 def is_saved_model(directory: Path) -> bool:

@@ -20,7 +20,7 @@ from linearize.models import checkpoint
 from linearize.models.config import ModelConfig
 from linearize.models.convert import build_checked, from_hf
 from linearize.models.decoder import Decoder
-from linearize.models.directory import FORMAT, FORMAT_VERSION
+from linearize.models.directory import FORMAT, FORMAT_VERSION, HF_MODEL_TYPE
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
     except (TypeError, ValueError) as e:
         raise type(e)(f"{directory / 'config.json'}: {e}") from None
     weights = _read_safetensors(directory / "model.safetensors")
+    if meta.get("model_type") == HF_MODEL_TYPE:
+        # An export (`linearize export-hf`): LinearizeForCausalLM keeps the decoder in `model.`.
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
     model = build_checked(config, weights, str(directory))
     # Medusa heads saved beside the weights (medusa.*) are read by generation.medusa.load_heads.
     model.tokenizer = _maybe_tokenizer(directory)
