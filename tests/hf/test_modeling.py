@@ -1,0 +1,100 @@
+"""The transformers classes: exact logits, generate() ≡ linearize generate, save/reload, beams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from linearize.generation import GenerationConfig, generate
+from linearize.hf import LinearizeCache, LinearizeForCausalLM, export_hf
+from tests.generation.conftest import KINDS, tiny_model
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 23, 7, 1, 88]])  # 11 tokens: crosses groups of 4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, tuple]:
+    """``kind -> (our model, the transformers model loaded from its export)``."""
+    out = {}
+    for kind in KINDS:
+        # float32 (what our loader and transformers' give): RoPE's inv_freq stays float32 in both.
+        model = tiny_model(kind).float()
+        directory = tmp_path_factory.mktemp(kind) / "hf"
+        export_hf(model, directory)
+        out[kind] = (model, AutoModelForCausalLM.from_pretrained(directory), directory)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_equal_ours_exactly(exported, kind):
+    ours, hf, _ = exported[kind]
+    assert isinstance(hf, LinearizeForCausalLM)
+    assert hf.dtype == torch.float32
+    expected, _ = ours(PROMPT)
+    assert torch.equal(hf(PROMPT).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "augmented", "hybrid"])
+def test_greedy_generate_equals_linearize_generate(exported, kind):
+    ours, hf, _ = exported[kind]
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=[])
+    expected = generate(ours, PROMPT[0].tolist(), config).token_ids
+    out = hf.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out[0, PROMPT.shape[1] :].tolist() == expected
+
+
+@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+def test_beam_search_reorders_the_state_exactly(exported, kind):
+    """Beams decoded on the cache equal beams recomputed from scratch every step."""
+    _, hf, _ = exported[kind]
+    options = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False)
+    cached = hf.generate(PROMPT, pad_token_id=0, **options)
+    scratch = hf.generate(PROMPT, pad_token_id=0, use_cache=False, **options)
+    assert torch.equal(cached, scratch)
+
+
+def test_save_pretrained_reloads_to_the_same_logits(exported, tmp_path):
+    _, hf, _ = exported["hybrid"]
+    hf.save_pretrained(tmp_path / "again")
+    names = {p.name for p in (tmp_path / "again").iterdir()}
+    assert {"modeling_linearize.py", "configuration_linearize.py", "model.safetensors"} <= names
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(again(PROMPT).logits, hf(PROMPT).logits)
+
+
+def test_the_cache_holds_a_fixed_size_state(exported):
+    _, hf, _ = exported["augmented"]
+    out = hf(PROMPT, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, LinearizeCache)
+    sizes = []
+    for step in range(30):
+        out = hf(torch.tensor([[step + 2]]), cache=cache)
+        sizes.append(cache.nbytes())
+    assert cache.get_seq_length() == PROMPT.shape[1] + 30
+    assert sizes[9] == sizes[29]
+
+
+def test_assisted_decoding_and_cropping_are_refused(exported):
+    _, hf, _ = exported["augmented"]
+    with pytest.raises(ValueError, match="stateful"):
+        hf.generate(PROMPT, max_new_tokens=3, assistant_model=hf, pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        LinearizeCache().crop(2)
+
+
+def test_padding_is_refused(exported):
+    _, hf, _ = exported["augmented"]
+    mask = torch.ones_like(PROMPT)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padding is not supported"):
+        hf(PROMPT, attention_mask=mask)
+    assert torch.equal(hf(PROMPT, attention_mask=torch.ones_like(PROMPT)).logits, hf(PROMPT).logits)
+
+
+def test_labels_give_the_shifted_cross_entropy(exported):
+    _, hf, _ = exported["augmented"]
+    out = hf(PROMPT, labels=PROMPT)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], PROMPT[0, 1:])
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
