@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from linearize.cli.options import add_attention_arguments, attention_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds ``harness`` to the ``eval`` subcommands."""
@@ -13,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "harness", help="lm-evaluation-harness tasks (ours: linearize_lambada_*, linearize_cloze_*)"
     )
     parser.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
-    parser.add_argument("--attention", help="linearize (untrained) with this attention first")
+    # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
+    add_attention_arguments(parser, required=False)
     parser.add_argument(
         "--tasks",
         help="comma-separated lm-eval tasks or tags (ours: the tag 'linearize' runs all four)",
@@ -50,7 +53,7 @@ def run_harness(args: argparse.Namespace) -> int:
     out = evaluate(
         args.model,
         [t for t in args.tasks.split(",") if t],
-        attention=args.attention,
+        attention=attention_from_args(args) if args.attention else None,
         limit=args.limit,
         num_fewshot=args.num_fewshot,
         data_dir=args.data_dir,
@@ -61,7 +64,7 @@ def run_harness(args: argparse.Namespace) -> int:
     }
     record = {
         "model": args.model,
-        "attention": args.attention,
+        "attention": attention_from_args(args) if args.attention else None,
         "limit": args.limit,
         "seconds": round(time.perf_counter() - start, 1),
         "results": rows,
@@ -73,9 +76,7 @@ def run_harness(args: argparse.Namespace) -> int:
     for task, metrics in rows.items():
         for metric, value in metrics.items():
             print(f"{task:<28} {metric:<12} {value:.4f}")
-    print(
-        f"model {args.model}{'+' + args.attention if args.attention else ''}, {record['seconds']} s"
-    )
+    print(f"model {args.model}, attention {record['attention']}, {record['seconds']} s")
     return 0
 
 

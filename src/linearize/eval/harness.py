@@ -47,7 +47,7 @@ class LinearizeLM(TemplateLM):
     def __init__(
         self,
         pretrained: str | Decoder = "smollm2-135m",
-        attention: str | None = None,
+        attention: str | dict[str, Any] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         max_length: int | None = None,
@@ -181,7 +181,7 @@ def evaluate(
     model: str | Decoder,
     tasks: list[str],
     *,
-    attention: str | None = None,
+    attention: str | dict[str, Any] | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
     data_dir: str | None = None,
