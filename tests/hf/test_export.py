@@ -14,6 +14,7 @@ import torch
 import linearize
 from linearize.cli import main
 from linearize.generation import MedusaConfig, MedusaHeads
+from linearize.generation.medusa import save_with_heads
 from linearize.hf import LinearizeConfig, export_hf
 from tests.generation.conftest import text_model
 
@@ -90,16 +91,18 @@ def test_linearize_load_reads_an_export(exported):
     assert again.tokenizer is not None
 
 
-def test_medusa_heads_are_refused_unless_dropped(tmp_path):
+def test_medusa_heads_are_refused_unless_dropped(tmp_path, capsys):
     model = text_model("augmented")
     config = model.config
-    model.medusa = MedusaHeads(MedusaConfig(2, config.hidden_size, config.vocab_size))
-    with pytest.raises(ValueError, match="2 Medusa heads.*drop_medusa=True"):
-        export_hf(model, tmp_path / "out")
+    heads = MedusaHeads(MedusaConfig(2, config.hidden_size, config.vocab_size))
+    save_with_heads(model, heads, tmp_path / "saved")
+    args = ["export-hf", "--model", str(tmp_path / "saved"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "2 Medusa heads" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    export_hf(model, tmp_path / "out", drop_medusa=True)
+    assert main([*args, "--drop-medusa"]) == 0
+    assert "left out 2 Medusa heads" in capsys.readouterr().out
     assert not any("medusa" in p.name for p in (tmp_path / "out").iterdir())
-    assert model.medusa is not None
 
 
 def test_bad_configs_are_refused():
