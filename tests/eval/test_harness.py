@@ -132,8 +132,14 @@ def test_cli_eval_harness(tmp_path, capsys):
     model = text_model("augmented")
     model.save(tmp_path / "model")
     args = ["eval", "harness", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path)]
-    assert main([*args, "--tasks", "linearize_cloze_austen", "--limit", "2", "--json"]) == 0
-    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(record["results"]["linearize_cloze_austen"]) == {"acc", "acc_norm"}
+    tasks = "linearize_cloze_austen,linearize_lambada_austen"
+    out = tmp_path / "results"
+    assert main([*args, "--tasks", tasks, "--limit", "2", "--json", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["task"] for r in rows] == tasks.split(",")
+    assert rows[0]["examples"] == 2 and rows[0]["perplexity"] is None
+    assert rows[1]["acc_norm"] is None and rows[1]["perplexity"] > 0
+    (record,) = out.glob("harness-*.json")
+    assert json.loads(record.read_text())["rows"] == rows
     assert main([*args, "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval tasks" in capsys.readouterr().err

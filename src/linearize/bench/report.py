@@ -21,7 +21,17 @@ from linearize.bench.memory import format_bytes, machine_info
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ppl", "ppl_position", "passkey", "decode", "prefill", "speculative", "serve", "study")
+KINDS = (
+    "ppl",
+    "harness",
+    "ppl_position",
+    "passkey",
+    "decode",
+    "prefill",
+    "speculative",
+    "serve",
+    "study",
+)
 
 
 def _num(x: Any, digits: int = 1) -> str:
@@ -40,6 +50,15 @@ def _k(n: int) -> str:
 # Columns per kind: (header, how to format a row).
 Column = tuple[str, Callable[[dict[str, Any]], str]]
 COLUMNS: dict[str, list[Column]] = {
+    "harness": [
+        ("model", lambda r: r["model"]),
+        ("task", lambda r: r["task"]),
+        ("examples", lambda r: _int(r["examples"])),
+        ("acc", lambda r: _num(r.get("acc"), 3)),
+        ("acc_norm", lambda r: _num(r.get("acc_norm"), 3)),
+        ("perplexity", lambda r: _num(r.get("perplexity"), 2)),
+        ("run seconds", lambda r: _num(r["seconds"])),
+    ],
     "decode": [
         ("model", lambda r: r["model"]),
         ("context", lambda r: _int(r["context"])),
@@ -440,6 +459,7 @@ TITLES = {
     "ppl": "Perplexity",
     "ppl_position": "Perplexity by position (long context, streamed)",
     "passkey": "Passkey retrieval",
+    "harness": "lm-evaluation-harness (local tasks, `linearize eval harness`)",
     "decode": "Decode speed and memory",
     "prefill": "Prefill latency and memory (Table 4 protocol)",
     "speculative": "Speculative decoding (Table 8 protocol)",
@@ -466,7 +486,7 @@ def render_page(results: str | Path, page: str | Path) -> Path:
     text += "".join("| " + " | ".join(row) + " |\n" for row in goals(records))
     for kind in KINDS:
         section = [(p, r) for p, r in found if r["kind"] == kind]
-        if section and kind in ("ppl", "ppl_position", "passkey"):
+        if section and kind in ("ppl", "harness", "ppl_position", "passkey"):
             # Records of one row each: one table of all of them (and one plot).
             rows = [row for _, r in section for row in r["rows"]]
             text += f"\n## {TITLES[kind]}\n\n" + markdown_table(kind, rows) + "\n"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from linearize.cli.options import add_attention_arguments, attention_from_args
+
+METRICS = ("acc", "acc_norm", "perplexity")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--examples", type=int, default=None, help="with --write-data: examples per task"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per task")
+    parser.add_argument("--out", help="also save a result record in this folder (for bench report)")
     parser.set_defaults(func=run_harness)
 
 
@@ -58,27 +62,54 @@ def run_harness(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         data_dir=args.data_dir,
     )
-    rows = {
-        task: {k.removesuffix(",none"): v for k, v in metrics.items() if _is_metric(k, v)}
-        for task, metrics in out["results"].items()
-    }
-    record = {
-        "model": args.model,
-        "attention": attention_from_args(args) if args.attention else None,
-        "limit": args.limit,
-        "seconds": round(time.perf_counter() - start, 1),
-        "results": rows,
-    }
+    seconds = time.perf_counter() - start
+    rows = [_row(_label(args), task, out, seconds) for task in sorted(out["results"])]
+    if args.out:
+        from linearize.bench import report
+
+        report.save_results(args.out, _stem(args), "harness", rows, _command(args))
     if args.json:
-        print(json.dumps(record))
+        for row in rows:
+            print(json.dumps(row))
         return 0
-    print(f"{'task':<28} {'metric':<12} value")
-    for task, metrics in rows.items():
-        for metric, value in metrics.items():
-            print(f"{task:<28} {metric:<12} {value:.4f}")
-    print(f"model {args.model}, attention {record['attention']}, {record['seconds']} s")
+    print(f"{'task':<28} {'examples':>8} {'acc':>7} {'acc_norm':>9} {'perplexity':>11}")
+    for r in rows:
+        cells = [f"{r[m]:.4f}" if r[m] is not None else "—" for m in METRICS]
+        print(f"{r['task']:<28} {r['examples']:>8} {cells[0]:>7} {cells[1]:>9} {cells[2]:>11}")
+    print(f"model {rows[0]['model']}, {seconds:.1f} s")
     return 0
 
 
-def _is_metric(key: str, value: object) -> bool:
-    return "," in key and "stderr" not in key and isinstance(value, int | float)
+def _row(model: str, task: str, out: dict[str, Any], seconds: float) -> dict[str, Any]:
+    metrics = out["results"][task]
+    samples = out.get("n-samples", {}).get(task, {})
+    row = {"model": model, "task": task, "examples": samples.get("effective")}
+    row.update({m: metrics.get(f"{m},none") for m in METRICS})
+    return row | {"seconds": round(seconds, 1)}
+
+
+def _label(args: argparse.Namespace) -> str:
+    if not args.attention:
+        return args.model
+    options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
+    listed = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "")
+
+
+def _stem(args: argparse.Namespace) -> str:
+    parts = [_label(args), args.tasks.replace(",", "+")]
+    parts += [f"l{args.limit}"] if args.limit else []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(parts))
+    return f"harness-{safe.strip('_')}"
+
+
+def _command(args: argparse.Namespace) -> str:
+    words = [f"linearize eval harness --model {args.model} --tasks {args.tasks}"]
+    if args.attention:
+        words.append(f" --attention {args.attention}")
+        words += [f" --option {pair}" for pair in args.option]
+        words += [f" --group-size {args.group_size}"] if args.group_size else []
+        words += [f" --conv-size {args.conv_size}"] if args.conv_size else []
+    words += [f" --limit {args.limit}"] if args.limit else []
+    words += [f" --num-fewshot {args.num_fewshot}"] if args.num_fewshot is not None else []
+    return "".join(words)
