@@ -1,4 +1,4 @@
-"""The import graph points down only: ops → layers → models → data → train / generation →
+"""The import graph points down only: ops → layers → models → data / hf → train / generation →
 eval / bench → serve / demo → cli; no module imports from a package above it (not even inside a
 function) and there are no import cycles, between packages or between modules."""
 

@@ -51,7 +51,12 @@ def run_harness(args: argparse.Namespace) -> int:
         if args.write_data:
             return 0
         raise ValueError("--tasks is required (e.g. --tasks linearize)")
-    from linearize.eval.harness import evaluate
+    try:
+        from linearize.eval.harness import evaluate
+    except ModuleNotFoundError as e:
+        if e.name != "lm_eval":
+            raise
+        raise RuntimeError("lm-eval is not installed: pip install 'linearize[harness]'") from None
 
     start = time.perf_counter()
     out = evaluate(
