@@ -20,6 +20,7 @@ LEVEL = {
     "hf": 3,
     "train": 4,
     "generation": 4,
+    "engine": 4,
     "eval": 5,
     "bench": 5,
     "serve": 6,

@@ -9,7 +9,10 @@ import pytest
 
 from linearize.cli import main
 
-DECODE_KEYS = {"model", "context", "tokens_per_s", "ms_per_token", "state_bytes", "peak_rss_bytes"}
+DECODE_KEYS = {
+    *("model", "context", "tokens_per_s", "ms_per_token", "state_bytes", "peak_rss_bytes"),
+    *("quant", "engine"),
+}
 
 
 def _json_lines(text: str) -> list[dict]:

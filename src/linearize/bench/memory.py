@@ -1,6 +1,6 @@
 """Memory measurements: peak RSS, available memory, memory bandwidth, and isolated runs.
 
-Peak RSS is the kernel's high-water mark of the process (``getrusage(RUSAGE_SELF).ru_maxrss``);
+Peak RSS is the kernel's high-water mark of the process (``VmHWM``; ``ru_maxrss`` elsewhere);
 it never goes down, so a benchmark that wants the peak of one configuration runs it in a fresh
 process (:func:`run_isolated`) and reads the mark there, at the end of the run. The number then
 includes the interpreter, torch and the model weights: it is what the user's process would need.
@@ -30,7 +30,17 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far, in bytes."""
+    """This process's peak resident set size so far, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own memory
+    map. ``ru_maxrss`` survives ``fork`` + ``exec``, so in a spawned child it would still report
+    the parent's peak (the same number in every isolated benchmark row)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
 
 

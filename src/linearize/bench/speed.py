@@ -54,18 +54,24 @@ class ModelSpec:
 
     source: str
     attention: str | None = None
+    quant: str | None = None
+    engine: str = "torch"
 
     @property
     def label(self) -> str:
-        return self.source if self.attention is None else f"{self.source}+{self.attention}"
+        label = self.source if self.attention is None else f"{self.source}+{self.attention}"
+        if self.quant not in (None, "none"):
+            label += f"+{self.quant}"
+        return label if self.engine in ("torch", "auto") else f"{label}@{self.engine}"
 
     def load(self) -> Decoder:
         from linearize.models import linearize, load
+        from linearize.models.quantize import apply_quant
 
         model = load(self.source)
         if self.attention is not None:
             linearize(model, self.attention)
-        return model.eval()
+        return apply_quant(model, self.quant, self.source).eval()
 
 
 @dataclass
@@ -78,6 +84,8 @@ class DecodeRow:
     ms_per_token: float | None
     state_bytes: int | None
     peak_rss_bytes: int | None
+    quant: str = "none"
+    engine: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,19 +113,17 @@ class PrefillRow:
 
 
 def weight_bytes(model: Decoder) -> int:
-    """Bytes of the model's parameters (tied embeddings counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+    """Bytes of the model's weights (tied ones once; quantized codes and scales included)."""
+    from linearize.models.quantize import weight_bytes as quantized_aware
+
+    return quantized_aware(model)
 
 
-def memory_estimate(model: Decoder, context: int) -> dict[str, int]:
+def memory_estimate(model: Decoder, context: int, piece: int | None = None) -> dict[str, int]:
     """What a run at ``context`` tokens will allocate: a second copy of the weights (the fresh
     process), the state (KV caches twice: they grow by doubling), and the prefill's activations
-    (per token: the residual stream, q/k/v/features and the MLP's three intermediates)."""
+    (per token: the residual stream, q/k/v/features and the MLP's three intermediates) for
+    ``piece`` tokens at a time (default: all at once), and the prompt's token ids."""
     c, size = model.config, model.dtype.itemsize
     state = model.state_nbytes(context)
     grow = state - model.state_nbytes(0)
@@ -125,13 +131,14 @@ def memory_estimate(model: Decoder, context: int) -> dict[str, int]:
     return {
         "weights": weight_bytes(model),
         "state": state + grow,
-        "activations": context * per_token * size,
+        "activations": min(context, piece or context) * per_token * size,
+        "prompt": context * 8,  # the token ids (int64)
     }
 
 
-def check_memory(model: Decoder, label: str, context: int) -> None:
+def check_memory(model: Decoder, label: str, context: int, piece: int | None = None) -> None:
     """Refuse (``ValueError`` with the estimate) a context the free memory cannot hold."""
-    estimate = memory_estimate(model, context)
+    estimate = memory_estimate(model, context, piece)
     need, free = sum(estimate.values()), available_memory_bytes()
     if need > MEMORY_HEADROOM * free:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in estimate.items())
@@ -175,14 +182,44 @@ def _random_ids(model: Decoder, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(model.config.vocab_size, (1, n), generator=g)
 
 
+# The prompt of a decode row is prefilled in pieces of this many tokens (the state carried), so
+# that 128k contexts fit in memory.
+PREFILL_PIECE = 8192
+
+
+def _prefill(model: Decoder, ids: torch.Tensor):
+    state = None
+    for start in range(0, ids.shape[1], PREFILL_PIECE):
+        piece = ids[:, start : start + PREFILL_PIECE]
+        hidden, state = model.forward_hidden(piece, state=state, form="chunk")
+    return hidden, state
+
+
 @torch.no_grad()
-def time_decode(model: Decoder, context: int, steps: int = 32, warmup: int = 2) -> dict[str, Any]:
-    """Step times (s) of greedy recurrent decoding ending at ``context``, and the state bytes."""
+def time_decode(
+    model: Decoder, context: int, steps: int = 32, warmup: int = 2, engine: str = "torch"
+) -> dict[str, Any]:
+    """Step times (s) of greedy recurrent decoding ending at ``context``, the state bytes, and
+    the engine that ran (``auto`` resolved; see :mod:`linearize.engine`)."""
+    from linearize.engine import build_engine, resolve_engine
+
     prompt = context - steps - warmup
     if prompt < 1:
         raise ValueError(f"context {context} must exceed warmup + steps = {warmup + steps}")
-    hidden, state = model.forward_hidden(_random_ids(model, prompt), form="chunk")
+    engine = resolve_engine(engine, model)
+    fast = build_engine(engine, model, max_context=context, threads=torch.get_num_threads())
+    hidden, state = _prefill(model, _random_ids(model, prompt))
     token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+    quant = "none" if model.quantization is None else model.quantization.quant
+    if fast is not None:
+        fast.load_state(state)
+        token, times = int(token), []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            token = int(fast.step(token).argmax())
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return {"times": times, "state_bytes": fast.nbytes(), "engine": engine, "quant": quant}
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -190,7 +227,7 @@ def time_decode(model: Decoder, context: int, steps: int = 32, warmup: int = 2) 
         token = logits[:, -1].argmax(-1, keepdim=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"times": times, "state_bytes": state.nbytes()}
+    return {"times": times, "state_bytes": state.nbytes(), "engine": engine, "quant": quant}
 
 
 class _RssSampler:
@@ -240,8 +277,9 @@ def _worker(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = spec.load()
-    measure = time_decode if kind == "decode" else time_prefill
-    return measure(model, context, **options)
+    if kind == "decode":
+        return time_decode(model, context, engine=spec.engine, **options)
+    return time_prefill(model, context, **options)
 
 
 def _measure(
@@ -250,9 +288,9 @@ def _measure(
     if model is None:
         # The fresh process uses as many threads as this one.
         return run_isolated(_worker, kind, spec, context, options, torch.get_num_threads())
-    measure = time_decode if kind == "decode" else time_prefill
-    result = measure(model, context, **options)
-    return result, peak_rss_bytes()
+    if kind == "decode":
+        return time_decode(model, context, engine=spec.engine, **options), peak_rss_bytes()
+    return time_prefill(model, context, **options), peak_rss_bytes()
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -273,8 +311,11 @@ def _grid(
         if on_model is not None:
             on_model(spec, model)
         for context in contexts:
-            if kind == "prefill" or supports_context(model, context):
+            if kind == "prefill":
                 check_memory(model, spec.label, context)
+            elif supports_context(model, context):
+                # A decode row's prompt is prefilled in pieces (see _prefill).
+                check_memory(model, spec.label, context, PREFILL_PIECE)
     for context in contexts:
         for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
             if progress is not None:
@@ -304,12 +345,22 @@ def bench_decode(
             logger.info(
                 "%s: context %d not supported (past its trained positions)", spec.label, context
             )
-            rows.append((i, DecodeRow(spec.label, context, None, None, None, None)))
+            row = DecodeRow(spec.label, context, None, None, None, None, spec.quant or "none")
+            rows.append((i, row))
             continue
         options = {"steps": steps, "warmup": warmup}
         result, peak = _measure("decode", spec, context, options, None if isolate else model)
         ms = 1000 * statistics.median(result["times"])
-        row = DecodeRow(spec.label, context, 1000 / ms, ms, result["state_bytes"], peak)
+        row = DecodeRow(
+            spec.label,
+            context,
+            1000 / ms,
+            ms,
+            result["state_bytes"],
+            peak,
+            result["quant"],
+            result["engine"],
+        )
         rows.append((i, row))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
 

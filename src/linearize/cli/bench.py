@@ -29,7 +29,8 @@ from linearize.bench.speculative import (
     train_heads,
 )
 from linearize.cli import bench_forms, bench_forward, bench_train
-from linearize.cli.options import add_config_arguments, config_from_args
+from linearize.cli.options import add_config_arguments, add_engine_argument, config_from_args
+from linearize.models.quantize import QUANTS, apply_quant
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decode = sub.add_parser("decode", help="per-token latency, state and peak RSS by context")
     _common(decode, speed.DEFAULT_DECODE_CONTEXTS)
     decode.add_argument("--steps", type=int, default=32, help="timed decode steps (median)")
+    decode.add_argument(
+        "--quant",
+        action="append",
+        choices=list(QUANTS),
+        help="weights to measure each model with (repeatable; default: as loaded)",
+    )
+    add_engine_argument(decode)
     decode.add_argument(
         "--llama-cpp",
         choices=("auto", "on", "off"),
@@ -81,6 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--draft-layers", help="comma-separated truncated-draft depths (default: a quarter)"
     )
     spec.add_argument("--no-lookup", action="store_true", help="skip n-gram lookup drafting")
+    spec.add_argument(
+        "--quant",
+        choices=list(QUANTS),
+        help="quantize the target's weights (measured on the torch engine)",
+    )
     spec.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     spec.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts")
     spec.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -141,8 +154,12 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
 
 def _specs(args: argparse.Namespace) -> list[speed.ModelSpec]:
     models = args.model or ["smollm2-135m"]
-    specs = [speed.ModelSpec(m) for m in models]
-    return specs + [speed.ModelSpec(m, a) for m in models for a in args.attention]
+    quants = getattr(args, "quant", None) or [None]
+    engine = getattr(args, "engine", "torch")
+    specs = [speed.ModelSpec(m, None, q, engine) for m in models for q in quants]
+    return specs + [
+        speed.ModelSpec(m, a, q, engine) for m in models for a in args.attention for q in quants
+    ]
 
 
 def _progress(message: str) -> None:
@@ -161,6 +178,10 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--contexts", ",".join(map(str, args.contexts))]
     if hasattr(args, "steps"):
         words += ["--steps", str(args.steps)]
+    for quant in getattr(args, "quant", None) or []:
+        words += ["--quant", quant]
+    if getattr(args, "engine", "auto") != "auto":
+        words += ["--engine", args.engine]
     for flag in ("heads", "max_new_tokens", "trees", "draft_layers"):
         if getattr(args, flag, None) is not None:
             words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -223,7 +244,7 @@ def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[sp
             "gguf": str(gguf),
             "weight_bytes": gguf.stat().st_size,
         }
-        rows += llama_cpp.bench_decode(
+        measured = llama_cpp.bench_decode(
             gguf,
             label,
             args.contexts,
@@ -231,6 +252,9 @@ def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[sp
             threads=torch.get_num_threads(),
             progress=_progress,
         )
+        for row in measured:
+            row.quant, row.engine = "gguf", "llama.cpp"
+        rows += measured
     return rows
 
 
@@ -317,7 +341,7 @@ def run_speculative(args: argparse.Namespace) -> int:
     if args.out.endswith(".json"):  # a record path: its folder and stem
         args.out, args.name = str(Path(args.out).parent), Path(args.out).stem
     draft = None if args.draft_layers is None else _int_list(args.draft_layers, "--draft-layers")
-    target = load_target(models[0], args.attention)
+    target = apply_quant(load_target(models[0], args.attention), args.quant, models[0])
     heads, origin = _medusa_heads(args, target, models[0])
     prompts = list(DEFAULT_PROMPTS[: args.prompts])
     rows = run_speculative_benchmark(
@@ -332,7 +356,10 @@ def run_speculative(args: argparse.Namespace) -> int:
         progress=_progress,
     )
     label = models[0] if args.attention in (None, "none") else f"{models[0]}+{args.attention}"
-    rows = [{"model": label, **row} for row in rows]
+    if args.quant not in (None, "none"):
+        label += f"+{args.quant}"
+    quant = args.quant or "none"
+    rows = [{"model": label, **row, "quant": quant, "engine": "torch"} for row in rows]
     same = all(r["identical"] for r in rows)
     notes = [] if heads is None else heads_summary(heads)
     notes.append(

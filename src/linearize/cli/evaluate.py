@@ -14,6 +14,7 @@ from linearize.cli import harness
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
+    add_quant_argument,
     attention_from_args,
     config_from_args,
 )
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
     # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
     add_attention_arguments(ppl, required=False)
+    add_quant_argument(ppl)
     ppl.add_argument(
         "--data",
         default="austen:eval",
@@ -84,6 +86,9 @@ def run_ppl(args: argparse.Namespace) -> int:
         from linearize.models import linearize
 
         linearize(model, attention_from_args(args))
+    from linearize.models.quantize import apply_quant
+
+    apply_quant(model, args.quant, args.model)
     tokens = source_tokens(args.data, model.tokenizer)
     if args.stream:
         edges = long_context.check_buckets(long_context.parse_ints(args.buckets, "--buckets"))
@@ -187,11 +192,12 @@ def _stem_label(args: argparse.Namespace) -> str:
 
 def _label(args: argparse.Namespace) -> str:
     """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``."""
+    quant = f"+{args.quant}" if args.quant not in (None, "none") else ""
     if not args.attention:
-        return args.model
+        return args.model + quant
     options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
     listed = ",".join(f"{k}={v}" for k, v in options.items())
-    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "")
+    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "") + quant
 
 
 def _stem(args: argparse.Namespace) -> str:
@@ -207,6 +213,7 @@ def _command(args: argparse.Namespace) -> str:
     words = [
         f"linearize eval ppl --model {args.model}",
         f" --attention {args.attention}" if args.attention else "",
+        f" --quant {args.quant}" if args.quant else "",
         "".join(f" --option {pair}" for pair in args.option) if args.attention else "",
         f" --group-size {args.group_size}" if args.attention and args.group_size else "",
         f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",

@@ -22,6 +22,8 @@ from pathlib import Path
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
+    add_engine_argument,
+    add_quant_argument,
     attention_from_args,
     config_from_args,
 )
@@ -50,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(gen, GenerationConfig, choices={"acceptance": list_acceptance_rules()})
     add_attention_arguments(gen, required=False)
+    add_quant_argument(gen)
+    add_engine_argument(gen)
     gen.set_defaults(func=run)
 
     train = subparsers.add_parser(
@@ -75,6 +79,9 @@ def _load(args: argparse.Namespace):
     model = linearize.load(args.model)
     if args.attention is not None:
         linearize.linearize(model, attention_from_args(args))
+    from linearize.models.quantize import apply_quant
+
+    apply_quant(model, getattr(args, "quant", None), args.model)
     return model.eval()
 
 
@@ -115,13 +122,20 @@ def run(args: argparse.Namespace) -> int:
     model = _load(args)
     heads = _heads(args, model)
     draft = linearize.load(args.draft).eval() if args.draft is not None else None
+    engine = _engine(args, model, config)
 
     def show(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
     result = generate(
-        model, args.prompt, config, heads=heads, draft=draft, on_text=None if args.json else show
+        model,
+        args.prompt,
+        config,
+        heads=heads,
+        draft=draft,
+        on_text=None if args.json else show,
+        engine=engine,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -137,6 +151,22 @@ def run(args: argparse.Namespace) -> int:
         summary += f"; {plan['mode']}: {plan['nodes']} nodes/γ={plan['gamma']} ({plan['reason']})"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _engine(args: argparse.Namespace, model, config: GenerationConfig):
+    """The fast engine ``--engine`` asks for (``None``: the PyTorch reference)."""
+    from linearize.engine import build_engine, resolve_engine
+    from linearize.generation.streaming import encode_prompt
+
+    name = resolve_engine(args.engine, model)
+    if name == "torch":
+        return None
+    prompt = encode_prompt(model.tokenizer, args.prompt, chat=config.chat)
+    context = len(prompt) + config.max_new_tokens
+    # Speculation keeps its guarantee (greedy output = plain greedy output) only when tree passes
+    # and steps compute alike: fp32 arithmetic; plain decoding takes the faster int8 one.
+    accuracy = "int8" if config.speculative == "none" else "fp32"
+    return build_engine(name, model, max_context=context, threads=args.threads, accuracy=accuracy)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``linearize convert`` and ``linearize info``."""
+"""``linearize convert``, ``linearize quantize`` and ``linearize info``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
 from linearize.models import is_new_parameter, linearize, load
 from linearize.models.directory import check_output
+from linearize.models.quantize import QUANTS, quantize, quantized_numel, weight_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     convert.set_defaults(func=run_convert)
 
+    quant = subparsers.add_parser(
+        "quantize",
+        help="quantize a model's weights group-wise (int8 / int4) and save it",
+        description="Every linear layer and the embedding / LM head, groups of 32 along the "
+        "input. The output directory loads like any model (no --quant needed).",
+    )
+    quant.add_argument("--model", required=True, help="fp model: name, HF dir, .gguf or dir")
+    quant.add_argument(
+        "--quant", required=True, choices=[q for q, b in QUANTS.items() if b], help="bit width"
+    )
+    quant.add_argument("--out", required=True, help="output directory (written atomically)")
+    quant.add_argument(
+        "--overwrite", action="store_true", help="replace --out even if it is not our model"
+    )
+    quant.set_defaults(func=run_quantize)
+
     info = subparsers.add_parser("info", help="describe a model: layers, parameters, state size")
     info.add_argument("model", help="name, HF dir, .gguf or saved directory")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -39,6 +56,21 @@ def run_convert(args: argparse.Namespace) -> int:
     model.save(args.out, overwrite=args.overwrite)
     print(f"converted {args.model} with {args.attention} in {time.perf_counter() - start:.1f} s")
     print(f"saved to {args.out}; next: linearize info {args.out}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    check_output(args.out, overwrite=args.overwrite)
+    model = load(args.model)
+    before = weight_bytes(model)
+    quantize(model, args.quant)
+    model.save(args.out, overwrite=args.overwrite)
+    print(
+        f"quantized {args.model} to {args.quant} in {time.perf_counter() - start:.1f} s: "
+        f"weights {before / 2**20:,.1f} MiB -> {weight_bytes(model) / 2**20:,.1f} MiB"
+    )
+    print(f"saved to {args.out}; next: linearize generate --model {args.out} --prompt ...")
     return 0
 
 
@@ -60,7 +92,9 @@ def describe(model) -> dict:
         "heads": f"{c.num_heads} query / {c.num_kv_heads} key-value, head dim {c.head_dim}",
         "vocab_size": c.vocab_size,
         "attention": runs,
-        "parameters": sum(p.numel() for p in params.values()),
+        "parameters": sum(p.numel() for p in params.values()) + quantized_numel(model),
+        "quantization": None if model.quantization is None else model.quantization.quant,
+        "weight_bytes": weight_bytes(model),
         "new_parameters": new,
         "state_bytes_1k": model.state_nbytes(1024),
         "state_bytes_32k": model.state_nbytes(32768),
@@ -79,6 +113,8 @@ def run_info(args: argparse.Namespace) -> int:
     for run in summary["attention"]:
         print(f"layers {run['layers']:<8} {run['attention']}")
     print(f"parameters     {summary['parameters']:,} ({summary['new_parameters']:,} new)")
+    quant = summary["quantization"] or "none (fp)"
+    print(f"weights        {summary['weight_bytes'] / 2**20:,.1f} MiB, quantization {quant}")
     for key, label in (("state_bytes_1k", "1k"), ("state_bytes_32k", "32k")):
         print(f"state at {label:<5} {summary[key] / 2**20:,.2f} MiB")
     return 0

@@ -10,7 +10,9 @@ import typing
 from typing import Any
 
 from linearize.config import parse_options
+from linearize.engine import ENGINES
 from linearize.layers.config import list_attentions
+from linearize.models.quantize import QUANTS
 
 
 def add_attention_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -99,3 +101,22 @@ def config_from_args(args: argparse.Namespace, cls: type, **values: Any) -> Any:
         if field.name not in values and getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)
     return cls(**values).validate()
+
+
+def add_quant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quant",
+        choices=list(QUANTS),
+        help="quantize the weights as the model loads (group-wise, groups of 32); a quantized "
+        "directory loads as it is without this flag",
+    )
+
+
+def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="torch: the PyTorch reference; onnx: the ONNX Runtime step (pip install "
+        "'linearize[fast]'); auto (default): onnx for a quantized model, else torch",
+    )

@@ -27,7 +27,13 @@ import torch
 from linearize.generation.acceptance import Verification, acceptance_rule
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import MedusaHeads
-from linearize.generation.planner import Calibration, Planner, calibrate, fixed_plan
+from linearize.generation.planner import (
+    Calibration,
+    Planner,
+    calibrate,
+    calibrate_engine,
+    fixed_plan,
+)
 from linearize.generation.sampling import Sampler
 from linearize.generation.speculative import (
     DraftProposer,
@@ -208,8 +214,11 @@ class Decoding:
         config: GenerationConfig,
         proposer: Proposer | None,
         calibration: Calibration | None = None,
+        engine: Any = None,
     ) -> None:
         self.model, self.config, self.proposer = model, config, proposer
+        # A fast engine (linearize.engine) runs plain decoding; None: the model itself.
+        self.engine = engine
         self.sampler = Sampler(config.sampling(), device=model.device)
         self.rule = acceptance_rule(config.resolved_acceptance())
         self.options = config.acceptance_options()
@@ -229,13 +238,22 @@ class Decoding:
         """Feed the prompt, sample the first token. ``state``, if given, already holds the
         prompt's first ``state.pos`` tokens (a cached prefix): only the rest is fed."""
         start = time.perf_counter()
-        done = 0 if state is None else state.pos
-        if not 0 <= done < len(prompt):
-            raise ValueError(f"a prefix state of {done} tokens for a {len(prompt)}-token prompt")
-        hidden, self.state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
-        last = hidden[0, -1]
         self.history = list(prompt)
-        self.root = self.sampler.sample(self.sampler.probs(self.model.lm_head(last), prompt))
+        if self.engine is not None:
+            if state is not None:
+                raise ValueError("a cached prefix state is a torch state: use the torch engine")
+            logits = self.engine.prefill(list(prompt))
+            last = self.engine.last_hidden
+        else:
+            done = 0 if state is None else state.pos
+            if not 0 <= done < len(prompt):
+                raise ValueError(
+                    f"a prefix state of {done} tokens for a {len(prompt)}-token prompt"
+                )
+            hidden, self.state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
+            last = hidden[0, -1]
+            logits = self.model.lm_head(last)
+        self.root = self.sampler.sample(self.sampler.probs(logits, prompt))
         self.prefill_s = time.perf_counter() - start
         if self.proposer is not None:
             start = time.perf_counter()
@@ -276,6 +294,10 @@ class Decoding:
                 overhead = lambda: proposer.draft(ids, state=proposer.state)
             else:
                 overhead = lambda: proposer.lookup([*self.history, self.root], 8)
+        if self.engine is not None:
+            return calibrate_engine(
+                self.engine, self.root, sizes, chain=mode != "medusa", overhead=overhead
+            )
         return calibrate(
             self.model, self.state, self.root, sizes, chain=mode != "medusa", overhead=overhead
         )
@@ -288,15 +310,21 @@ class Decoding:
     def step(self) -> list[int]:
         """Feed the root, emit the next token(s)."""
         if self.setting is None:
+            if self.engine is not None:
+                return self.advance(self.engine.step(self.root), None)
             logits, state = self.model(self._ids([self.root]), state=self.state)
             return self.advance(logits[0, -1], state)
         self.passes += 1
         # 1. propose
         proposal = self.proposer.propose(self.root, self.history, self.sampler, self.setting)
         # 2. verify
-        logits, hidden, drafts = self.model.forward_tree(
-            self._ids(proposal.tokens), proposal.tree, self.state
-        )
+        if self.engine is not None:
+            logits, hidden = self.engine.forward_tree(list(proposal.tokens), proposal.tree)
+            logits, hidden = logits[None], hidden[None]
+        else:
+            logits, hidden, drafts = self.model.forward_tree(
+                self._ids(proposal.tokens), proposal.tree, self.state
+            )
         # 3. accept
         verification = Verification(
             proposal.tree,
@@ -308,8 +336,11 @@ class Decoding:
         )
         acceptance = self.rule(verification, self.options)
         # 4. commit
-        path = torch.tensor(acceptance.path, dtype=torch.long)
-        self.state = self.model.commit(self.state, drafts, path)
+        if self.engine is not None:
+            self.engine.commit(acceptance.path)
+        else:
+            path = torch.tensor(acceptance.path, dtype=torch.long)
+            self.state = self.model.commit(self.state, drafts, path)
         self.proposer.observe(proposal, acceptance, hidden[0])
         accepted = [proposal.tokens[i] for i in acceptance.path]
         self.history.extend(accepted)
@@ -327,9 +358,10 @@ class Decoding:
         """Whether the next ``step`` is a speculative one (else a plain step: ``advance``)."""
         return self.setting is not None
 
-    def advance(self, logits: torch.Tensor, state: ModelState) -> list[int]:
+    def advance(self, logits: torch.Tensor, state: ModelState | None) -> list[int]:
         """A plain step whose forward pass ran elsewhere (e.g. batched with other sequences):
-        ``logits: [V]`` after feeding ``self.root``, ``state`` the state after it."""
+        ``logits: [V]`` after feeding ``self.root``, ``state`` the state after it (``None``:
+        a fast engine holds it)."""
         self.passes += 1
         self.state = state
         self.history.append(self.root)
@@ -351,10 +383,12 @@ def iter_generate(
     heads: MedusaHeads | None = None,
     draft: Decoder | None = None,
     calibration: Calibration | None = None,
+    engine: Any = None,
 ) -> Generator[str, None, GenerationResult]:
     """Yield text deltas as they are produced; return the :class:`GenerationResult`.
 
     With no tokenizer (tiny test models) nothing is yielded and ``text`` is ``None``.
+    ``engine`` (from :func:`linearize.engine.build_engine`) runs plain decoding fast.
     """
     config = (config or GenerationConfig()).validate()
     prompt_ids = encode_prompt(model.tokenizer, prompt, chat=config.chat)
@@ -363,7 +397,7 @@ def iter_generate(
     config = check_context(model, len(prompt_ids), config)
     proposer = PROPOSERS[config.speculative](model, config, heads, draft)
     output = Output(model, config)
-    decoding = Decoding(model, config, proposer, calibration)
+    decoding = Decoding(model, config, proposer, calibration, engine)
     start = time.perf_counter()
     chunk = decoding.prefill(prompt_ids)
     while output.reason is None:
@@ -404,9 +438,12 @@ def generate(
     draft: Decoder | None = None,
     calibration: Calibration | None = None,
     on_text: Callable[[str], None] | None = None,
+    engine: Any = None,
 ) -> GenerationResult:
     """Generate from one prompt (text, or token ids); ``on_text`` receives text deltas."""
-    steps = iter_generate(model, prompt, config, heads=heads, draft=draft, calibration=calibration)
+    steps = iter_generate(
+        model, prompt, config, heads=heads, draft=draft, calibration=calibration, engine=engine
+    )
     while True:
         try:
             delta = next(steps)

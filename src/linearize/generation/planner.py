@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -272,3 +273,39 @@ def calibrate(
         verify[len(tree)] = time_call(run, repeats)
     cost = time_call(overhead, repeats) if overhead is not None else 0.0
     return Calibration(step, verify, cost, state.pos)
+
+
+def calibrate_engine(
+    engine: Any,
+    token: int,
+    sizes: Sequence[int],
+    *,
+    chain: bool,
+    overhead: Callable[[], object] | None = None,
+    repeats: int = 2,
+) -> Calibration:
+    """:func:`calibrate` on a fast engine (``linearize.engine``), whose state changes in place:
+    each timed call is undone from a snapshot, and the restore's own time is taken off."""
+    saved = engine.snapshot()
+    undo = time_call(lambda: engine.restore(saved), repeats)
+
+    def step() -> None:
+        engine.step(token)
+        engine.restore(saved)
+
+    verify = {}
+    for n in sorted(set(sizes)):
+        if chain:
+            tree = chain_tree(n)
+        else:
+            tree = build_tree_buffers(tree_from_accuracies(TYPICAL_RANK_ACCURACY, n)).tree
+
+        def run(tree=tree) -> None:
+            engine.forward_tree([token] * len(tree), tree)
+            engine.commit([0])
+            engine.restore(saved)
+
+        verify[len(tree)] = max(time_call(run, repeats) - undo, 1e-6)
+    cost = time_call(overhead, repeats) if overhead is not None else 0.0
+    one = max(time_call(step, repeats) - undo, 1e-6)
+    return Calibration(one, verify, cost, engine.pos)

@@ -35,7 +35,16 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """``x: [B, T, H, K]`` rotated by ``positions: [T]`` (or ``[B, T]``: a position per row)."""
         cos, sin = self._cos_sin(int(positions.max()) + 1, x.dtype, x.device)
-        cos, sin = cos[positions][..., None, :], sin[positions][..., None, :]
+        return self.rotate(x, cos[positions][..., None, :], sin[positions][..., None, :])
+
+    def cos_sin(self, position: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``cos, sin: [K]`` at one position (what a fixed-shape step takes as inputs)."""
+        cos, sin = self._cos_sin(position + 1, dtype, self.inv_freq.device)
+        return cos[position], sin[position]
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x: [..., K]`` rotated by ``cos, sin`` broadcast against it."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rotated * sin

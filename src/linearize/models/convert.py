@@ -17,6 +17,7 @@ from linearize.layers.config import AttentionConfig, attention_config
 from linearize.models.config import ModelConfig
 from linearize.models.decoder import Decoder
 from linearize.models.numerics import check_finite_weights
+from linearize.models.quantize import QuantConfig, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def check_weights(model: Decoder, weights: dict[str, Tensor], source: str) -> No
     meta device, so a config's sizes are checked against the file before anything is allocated."""
     expected = dict(model.state_dict())
     if model.config.tie_embeddings:
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-        expected.pop("lm_head.weight", None)
+        # The head shares the embedding's tensors (quantized or not): they are stored once.
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -93,13 +95,23 @@ def _copy(model: Decoder, weights: dict[str, Tensor]) -> None:
     model.load_state_dict(weights, strict=False)
 
 
-def build_checked(config: ModelConfig, weights: dict[str, Tensor], source: str) -> Decoder:
-    """A :class:`Decoder` for ``config`` holding ``weights``; the weights are checked against the
-    config's shapes on the meta device first, so a crafted config allocates nothing."""
+def build_checked(
+    config: ModelConfig,
+    weights: dict[str, Tensor],
+    source: str,
+    quantization: QuantConfig | None = None,
+) -> Decoder:
+    """A :class:`Decoder` for ``config`` holding ``weights`` (quantized codes when
+    ``quantization`` says so); the weights are checked against the config's shapes on the meta
+    device first, so a crafted config allocates nothing."""
     with torch.device("meta"):
         skeleton = Decoder(config)
+        if quantization is not None:
+            quantize(skeleton, quantization, empty=True)
     check_weights(skeleton, weights, source)
     model = Decoder(config)
+    if quantization is not None:
+        quantize(model, quantization, empty=True)
     _copy(model, weights)
     return model
 

@@ -109,6 +109,8 @@ class Decoder(nn.Module):
         self.apply(self._init_weights)
         self.tie_weights()
         self.tokenizer = None
+        # Set by models.quantize when the weights are quantized (a QuantConfig).
+        self.quantization = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -121,11 +123,12 @@ class Decoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        # The final norm's weight: always a plain tensor, even when the others are quantized.
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     def init_state(self, batch_size: int = 1) -> ModelState:
         return ModelState(

@@ -64,12 +64,15 @@ def write_model(model: nn.Module, folder: Path, extra: dict[str, Any] | None = N
         model.config.attention_config(i).to_dict() for i in range(model.config.num_layers)
     ]
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config}
+    if model.quantization is not None:
+        meta["quantization"] = model.quantization.to_dict()
     meta.update(extra or {})
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     tensors = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
-        if not (model.config.tie_embeddings and k == "lm_head.weight")
+        # A tied head shares the embedding's tensors (quantized or not): stored once.
+        if not (model.config.tie_embeddings and k.startswith("lm_head."))
     }
     safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     if model.tokenizer is not None:

@@ -21,6 +21,7 @@ from linearize.models.config import ModelConfig
 from linearize.models.convert import build_checked, from_hf
 from linearize.models.decoder import Decoder
 from linearize.models.directory import FORMAT, FORMAT_VERSION, HF_MODEL_TYPE
+from linearize.models.quantize import QuantConfig, apply_quant
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
     if meta.get("model_type") == HF_MODEL_TYPE:
         # An export (`linearize export-hf`): LinearizeForCausalLM keeps the decoder in `model.`.
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
-    model = build_checked(config, weights, str(directory))
+    quantization = meta.get("quantization")
+    if quantization is not None:
+        quantization = QuantConfig.from_dict(quantization)
+    model = build_checked(config, weights, str(directory), quantization)
     # Medusa heads saved beside the weights (medusa.*) are read by generation.medusa.load_heads.
     model.tokenizer = _maybe_tokenizer(directory)
     return model
@@ -98,8 +102,16 @@ def _run_model(path: Path) -> Path:
     return path
 
 
-def load(name_or_path: str | os.PathLike) -> Decoder:
-    """A model by built-in name (``"smollm2-135m"``), HF directory, GGUF file or saved dir."""
+def load(name_or_path: str | os.PathLike, quant: str | None = None) -> Decoder:
+    """A model by built-in name (``"smollm2-135m"``), HF directory, GGUF file or saved dir.
+
+    ``quant`` (``"none"``, ``"int8"``, ``"int4"``; see :mod:`linearize.models.quantize`)
+    quantizes an fp model as it loads; a quantized directory loads as it is (``None`` or its
+    own quantization)."""
+    return apply_quant(_load(name_or_path), quant, str(name_or_path))
+
+
+def _load(name_or_path: str | os.PathLike) -> Decoder:
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         hf_config, weights, tokenizer = checkpoint.load_smollm2()

@@ -94,17 +94,24 @@ def tree(v: Tensor, w: Tensor, tail: Tensor, *, tree: Tree) -> tuple[Tensor, Ten
     committed value at time ``L − (j − δ_i)`` (tail slot ``P − 1 − (j − δ_i)``; zero before the
     sequence start). Returns the tail unchanged: commit the accepted path with :func:`parallel`.
     """
-    P = w.shape[1]
-    depths = tree.depths.to(v.device)[:, None]
-    j = torch.arange(P, device=v.device)[None, :]
-    d = depths - j  # [N, P] depth of the node each tap reads (negative: committed)
-    chain = tree.chain.to(v.device)
-    node = chain.gather(1, d.clamp(0, chain.shape[1] - 1))
+    return tree_taps(v, w, tail, tree_index(tree, w.shape[1]).to(v.device)), tail
+
+
+def tree_index(tree: Tree, num_taps: int) -> Tensor:
+    """``[N, P]``: where node ``i``'s tap ``j`` reads in ``cat(tail, v)`` (see :func:`tree`)."""
+    P = num_taps
+    depths = tree.depths[:, None]
+    d = depths - torch.arange(P)[None, :]  # [N, P] depth of the node each tap reads (<0: committed)
+    node = tree.chain.gather(1, d.clamp(0, tree.chain.shape[1] - 1))
     # d >= -(P-1), so committed taps always land inside the tail (zeros before the start).
-    index = torch.where(d >= 0, P - 1 + node, P - 1 + d)
+    return torch.where(d >= 0, P - 1 + node, P - 1 + d)
+
+
+def tree_taps(v: Tensor, w: Tensor, tail: Tensor, index: Tensor) -> Tensor:
+    """The tree outputs ``[B, N, H, V]`` from the taps' source ``index: [N, P]``."""
     source = torch.cat([tail.transpose(1, 2), v], 1)
-    windows = source[:, index.flatten()].unflatten(1, index.shape)  # [B, N, P, Hkv, V]
-    return _apply_taps(windows.permute(0, 1, 3, 4, 2), w), tail
+    windows = source.index_select(1, index.flatten()).unflatten(1, index.shape)  # [B,N,P,Hkv,V]
+    return _apply_taps(windows.permute(0, 1, 3, 4, 2), w)
 
 
 def symmetric(v: Tensor, w: Tensor) -> Tensor:

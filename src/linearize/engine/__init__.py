@@ -1,0 +1,63 @@
+"""Fast decoding engines: the model's fixed-shape one-token step, exported and run fast.
+
+``torch`` is the reference: the PyTorch decoder itself (every feature: speculative decoding,
+any architecture). ``onnx`` exports the model's one-token step to ONNX Runtime with the state as
+fixed-shape ring buffers, quantized linears as 4-/8-bit ``MatMulNBits``
+(:mod:`linearize.engine.onnx`). ``auto`` picks ``onnx`` for a quantized model when onnxruntime
+is installed and nothing needs the reference (speculative decoding), else ``torch``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnx")
+
+
+def resolve_engine(name: str, model: Decoder) -> str:
+    """The engine ``name`` stands for (``auto`` resolved); errors for what cannot run."""
+    if name not in ENGINES:
+        raise ValueError(f"engine={name!r}; allowed: {list(ENGINES)}")
+    if name == "auto":
+        installed = importlib.util.find_spec("onnxruntime") is not None
+        fast = model.quantization is not None and installed
+        name = "onnx" if fast and model.config.architecture == "llama" else "torch"
+        logger.info("engine: %s", name)
+    return name
+
+
+def build_engine(
+    name: str,
+    model: Decoder,
+    *,
+    max_context: int,
+    threads: int | None = None,
+    accuracy: str = "int8",
+):
+    """An engine object (``prefill(ids) -> logits``, ``step(token) -> logits``,
+    ``forward_tree``, ``commit``) or ``None`` for ``torch`` (the decoder itself). ``accuracy``:
+    the onnx engine's matmul arithmetic, ``int8`` (fast) or ``fp32`` (the reference's numbers;
+    see :data:`linearize.engine.onnx.ACCURACY`)."""
+    if name == "torch":
+        return None
+    from linearize.engine.onnx import OnnxEngine
+
+    return OnnxEngine(
+        model, max_context=context_bucket(max_context), threads=threads, accuracy=accuracy
+    )
+
+
+def context_bucket(tokens: int) -> int:
+    """Softmax caches are sized in powers of two (>= 1024), so few graphs are exported."""
+    size = 1024
+    while size < tokens:
+        size *= 2
+    return size
+
+
+__all__ = ["ENGINES", "build_engine", "context_bucket", "resolve_engine"]

@@ -1,0 +1,216 @@
+"""The host side of the fixed-shape state: ring buffers, their ``times``, and the control tensors.
+
+One :class:`RingState` holds every state tensor a :class:`~linearize.engine.step.FixedStep`
+reads, as numpy arrays the engine binds without copying. Before a step, :meth:`prepare` fills the
+control tensors of each layout from its spec (which slots the query sees, which tokens leave for
+``S, z``); after it, :meth:`commit` writes the new token's key/value rows into a free slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from linearize.engine.step import Layout, state_inputs, state_outputs
+from linearize.models.decoder import ModelState
+
+
+class _Control:
+    """The control tensors and slot bookkeeping shared by every layer of one layout."""
+
+    def __init__(self, lay: Layout) -> None:
+        self.lay = lay
+        C = lay.capacity
+        self.times = np.full(C, -1, dtype=np.int64)
+        self.mask = np.zeros(C, dtype=np.float32)
+        self.fold_index = np.zeros(lay.folds, dtype=np.int64)
+        self.fold_weight = np.zeros(lay.folds, dtype=np.float32)
+        self.fold_new = np.zeros(1, dtype=np.float32)
+        self.slot = -1
+
+    def prepare(self, pos: int) -> None:
+        lay, C = self.lay, self.lay.capacity
+        candidates = torch.from_numpy(np.append(self.times, pos))
+        valid = candidates >= 0
+        local_now = lay.spec.is_local(candidates, torch.tensor([pos]))[0]
+        keep = valid & lay.spec.is_local(candidates, torch.tensor([pos + 1]))[0]
+        fold = (valid & ~keep).numpy()
+        self.mask[:] = (valid & local_now)[:C].numpy()
+        leaving = np.flatnonzero(fold[:C])
+        if len(leaving) > lay.folds:
+            raise AssertionError(
+                f"{len(leaving)} tokens leave at once; the graph folds {lay.folds}"
+            )
+        self.fold_weight[:] = 0
+        self.fold_weight[: len(leaving)] = 1
+        self.fold_index[:] = 0
+        self.fold_index[: len(leaving)] = leaving
+        self.fold_new[0] = float(fold[C])
+        self.leaving = leaving
+        self.slot = -1
+        if C and bool(keep[C]):
+            free = np.flatnonzero((self.times < 0) | fold[:C])
+            if not len(free):
+                raise ValueError(
+                    f"context {pos + 1} is past the engine's max context ({C} cached tokens): "
+                    "rebuild the engine with a larger max_context"
+                )
+            self.slot = int(free[0])
+
+    def commit(self, pos: int) -> None:
+        self.times[self.leaving] = -1
+        if self.slot >= 0:
+            self.times[self.slot] = pos
+
+
+class RingState:
+    """All state tensors of a fixed-shape step (batch 1) and the position."""
+
+    def __init__(self, layouts: list[Layout]) -> None:
+        self.layouts = layouts
+        self.controls: dict[tuple, _Control] = {}
+        self.inputs: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+        self.pos = 0
+        for i, lay in enumerate(layouts):
+            control = self.controls.setdefault(lay.key, _Control(lay))
+            shapes = _shapes(lay)
+            for name in state_inputs(i, lay):
+                kind = name.split(".")[0]
+                if kind in ("mask", "fold_index", "fold_weight", "fold_new"):
+                    self.inputs[name] = getattr(control, kind)
+                else:
+                    self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+            for name in state_outputs(i, lay):
+                kind = name.split(".")[0]
+                self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+        # What commit does per step, resolved once: (control, output, ring) row writes and
+        # (output, input) copies of S, z and the conv tails.
+        self._rows: list[tuple[_Control, np.ndarray, np.ndarray]] = []
+        self._copies: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, lay in enumerate(layouts):
+            for name in state_outputs(i, lay):
+                kind = name.split(".")[0]
+                if kind.startswith("new_"):
+                    ring = self.inputs[f"{kind[4:]}.{i}"]
+                    self._rows.append((self.controls[lay.key], self.outputs[name], ring))
+                else:
+                    target = self.inputs[f"{kind.split('_')[0]}.{i}"]
+                    self._copies.append((self.outputs[name], target))
+
+    def nbytes(self) -> int:
+        """Bytes of the state proper: ring buffers and their times, S, z, conv tails."""
+        kinds = ("k", "v", "fk", "S", "z", "conv")
+        arrays = sum(a.nbytes for n, a in self.inputs.items() if n.split(".")[0] in kinds)
+        return arrays + sum(self.controls[lay.key].times.nbytes for lay in self.layouts)
+
+    def prepare(self) -> None:
+        for control in self.controls.values():
+            control.prepare(self.pos)
+
+    def commit(self) -> None:
+        """After a step: new rows into their slots, S/z/tails from the outputs, times."""
+        for control, out, ring in self._rows:
+            if control.slot >= 0:
+                ring[:, :, control.slot] = out
+        for out, target in self._copies:
+            np.copyto(target, out)
+        for control in self.controls.values():
+            control.commit(self.pos)
+        self.pos += 1
+
+    def commit_tree(self, path: list[int], nodes: dict[str, np.ndarray]) -> None:
+        """Append the accepted tree nodes ``path`` (root→node order), one by one as decode
+        steps would: fold what leaves the window into ``S, z``, write the rows, shift the conv
+        tails. ``nodes``: the tree pass's ``node_k.i`` / ``node_v.i`` / ``node_fk.i``
+        ``[1, Hkv, N, ·]``."""
+        for node in path:
+            for control in self.controls.values():
+                control.prepare(self.pos)
+            for i, lay in enumerate(self.layouts):
+                control = self.controls[lay.key]
+                k, v = nodes[f"node_k.{i}"][:, :, node], nodes[f"node_v.{i}"][:, :, node]
+                if lay.use_global:
+                    fk = nodes[f"node_fk.{i}"][:, :, node]
+                    S, z = self.inputs[f"S.{i}"], self.inputs[f"z.{i}"]
+                    for slot in control.leaving:
+                        ring_fk = self.inputs[f"fk.{i}"][:, :, slot]
+                        S += ring_fk[..., :, None] * self.inputs[f"v.{i}"][:, :, slot, None, :]
+                        z += ring_fk
+                    if control.fold_new[0]:
+                        S += fk[..., :, None] * v[..., None, :]
+                        z += fk
+                if control.slot >= 0:
+                    self.inputs[f"k.{i}"][:, :, control.slot] = k
+                    self.inputs[f"v.{i}"][:, :, control.slot] = v
+                    if lay.use_global:
+                        self.inputs[f"fk.{i}"][:, :, control.slot] = fk
+                if lay.conv_taps:
+                    tail = self.inputs[f"conv.{i}"]
+                    if tail.shape[2]:
+                        tail[:, :, :-1] = tail[:, :, 1:].copy()
+                        tail[:, :, -1] = v
+            for control in self.controls.values():
+                control.commit(self.pos)
+            self.pos += 1
+
+    def snapshot(self) -> dict:
+        """A copy of everything a step changes (for :meth:`restore`)."""
+        arrays = {n: a.copy() for n, a in self.inputs.items()}
+        times = {key: c.times.copy() for key, c in self.controls.items()}
+        return {"arrays": arrays, "times": times, "pos": self.pos}
+
+    def restore(self, snapshot: dict) -> None:
+        for name, array in snapshot["arrays"].items():
+            np.copyto(self.inputs[name], array)
+        for key, times in snapshot["times"].items():
+            np.copyto(self.controls[key].times, times)
+        self.pos = snapshot["pos"]
+
+    def load(self, state: ModelState) -> None:
+        """Take over a PyTorch decoding state (after a prefill by the reference model)."""
+        for i, (lay, layer) in enumerate(zip(self.layouts, state.layers, strict=True)):
+            attn = layer.attn
+            control = self.controls[lay.key]
+            if lay.capacity:
+                if hasattr(attn, "S"):
+                    k, fk, v, times = attn.kept()
+                else:
+                    k, v = attn.kept()
+                    fk, times = None, torch.arange(attn.pos)
+                n = k.shape[2]
+                if n > lay.capacity:
+                    raise ValueError(
+                        f"the prompt holds {n} tokens, past the engine's max context "
+                        f"({lay.capacity}): rebuild the engine with a larger max_context"
+                    )
+                for kind, tensor in (("k", k), ("v", v), ("fk", fk)):
+                    if f"{kind}.{i}" in self.inputs:
+                        self.inputs[f"{kind}.{i}"][...] = 0
+                        self.inputs[f"{kind}.{i}"][:, :, :n] = tensor.float().numpy()
+                control.times[:] = -1
+                control.times[:n] = times.numpy()
+            if lay.use_global:
+                self.inputs[f"S.{i}"][...] = attn.S.float().numpy()
+                self.inputs[f"z.{i}"][...] = attn.z.float().numpy()
+            if lay.conv_taps:
+                self.inputs[f"conv.{i}"][...] = layer.conv.float().numpy()
+        self.pos = state.pos
+
+
+def _shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
+    Hkv, C, K, F = lay.kv_heads, lay.capacity, lay.key_dim, lay.feature_dim
+    return {
+        "k": (1, Hkv, C, K),
+        "v": (1, Hkv, C, K),
+        "fk": (1, Hkv, C, F),
+        "S": (1, Hkv, F, K),
+        "z": (1, Hkv, F),
+        "conv": (1, Hkv, max(lay.conv_taps - 1, 0), K),
+        "new_k": (1, Hkv, K),
+        "new_v": (1, Hkv, K),
+        "new_fk": (1, Hkv, F),
+        "S_out": (1, Hkv, F, K),
+        "z_out": (1, Hkv, F),
+        "conv_out": (1, Hkv, max(lay.conv_taps - 1, 0), K),
+    }

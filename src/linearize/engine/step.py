@@ -1,0 +1,237 @@
+"""The model's one-token step with a fixed-shape state: what a fast engine exports and runs.
+
+Every layer's state becomes explicit tensors of fixed shape. The exact part (a linear layer's
+kept tokens, a softmax layer's KV cache) is a **ring buffer** of ``C`` slots with a ``times``
+array (−1 = empty): the host writes the new token's key/value into a free slot after the step,
+so nothing is concatenated or re-allocated per token, and the graph reads the buffer in place.
+Which slots a query sees and which tokens leave for ``S, z`` come from the layer's own
+:class:`~linearize.ops.linear_attn.LinearAttnSpec` (``is_local``), computed on the host and passed
+in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``), shared by
+every layer with the same layout. A softmax layer is the spec "everything is local" over a
+cache of ``max_context`` slots.
+
+The projections, RoPE, feature maps, convolution, output norm, MLP and norms are the model's own
+modules; the attention readout is the fixed-shape twin of :func:`linear_attn.step` (scores of
+the buffer and of the new token concatenated, never the buffer itself). The PyTorch decoder stays
+the reference this step is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from linearize.layers.attention import Attention
+from linearize.models.decoder import Decoder
+from linearize.ops import linear_attn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One layer's fixed-shape state: ring capacity ``C``, fold width ``J``, which parts."""
+
+    spec: linear_attn.LinearAttnSpec
+    capacity: int
+    folds: int
+    use_global: bool
+    conv_taps: int
+    kv_heads: int
+    key_dim: int
+    feature_dim: int
+    self_global: bool
+
+    @property
+    def key(self) -> tuple:
+        """Layers with equal keys share their control tensors."""
+        return (self.spec, self.capacity)
+
+
+def layout(attn: Attention, max_context: int) -> Layout:
+    c = attn.config
+    if c.kind == "softmax":
+        # Every token stays local (a window longer than any context): the cache never folds.
+        spec = linear_attn.LinearAttnSpec(
+            local="softmax", window="sliding", size=2**40, use_global=False
+        )
+        capacity = max_context
+    elif c.kind == "linear":
+        spec, capacity = attn.spec, attn.spec.capacity
+    else:
+        raise ValueError(f"attention {c.name!r} ({c.kind}) has no decoding step")
+    # Sliding windows lose at most one token per step; a completed group leaves all at once.
+    folds = (
+        0 if not spec.use_global or capacity == 0 else 1 if spec.window == "sliding" else capacity
+    )
+    far = torch.tensor([10**9])
+    self_global = not bool(spec.is_local(far, far)[0, 0])
+    feature_dim = attn.feature_map.feature_dim if attn.feature_map is not None else c.head_dim
+    return Layout(
+        spec,
+        capacity,
+        folds,
+        spec.use_global,
+        c.conv_size if c.conv == "causal" else 0,
+        c.num_kv_heads,
+        c.head_dim,
+        feature_dim,
+        self_global,
+    )
+
+
+def state_inputs(i: int, lay: Layout) -> list[str]:
+    """Names of layer ``i``'s state and control inputs, in the step's argument order."""
+    names = []
+    if lay.capacity:
+        names += [f"k.{i}", f"v.{i}", f"mask.{i}"]
+        if lay.use_global:
+            names.append(f"fk.{i}")
+    if lay.use_global:
+        names += [f"S.{i}", f"z.{i}", f"fold_new.{i}"]
+        if lay.folds:
+            names += [f"fold_index.{i}", f"fold_weight.{i}"]
+    if lay.conv_taps:
+        names.append(f"conv.{i}")
+    return names
+
+
+def state_outputs(i: int, lay: Layout) -> list[str]:
+    names = []
+    if lay.capacity:
+        names += [f"new_k.{i}", f"new_v.{i}"]
+        if lay.use_global:
+            names.append(f"new_fk.{i}")
+    if lay.use_global:
+        names += [f"S_out.{i}", f"z_out.{i}"]
+    if lay.conv_taps:
+        names.append(f"conv_out.{i}")
+    return names
+
+
+class FixedStep(nn.Module):
+    """``step(x, cos, sin, *state) -> (logits, *new_state)`` for one token, batch 1.
+
+    ``x: [1, 1, D]`` the token's embedding (the host looks it up), ``cos, sin: [1, K]`` its
+    rotary angles; the state tensors as named by :func:`state_inputs` / :func:`state_outputs`.
+    """
+
+    def __init__(self, model: Decoder, max_context: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+
+    def input_names(self) -> list[str]:
+        names = ["x", "cos", "sin"]
+        for i, lay in enumerate(self.layouts):
+            names += state_inputs(i, lay)
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i, lay in enumerate(self.layouts):
+            names += state_outputs(i, lay)
+        return names
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        outputs: list[Tensor] = []
+        rest = list(state)
+        for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
+            names = state_inputs(i, lay)
+            taken = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
+            rest = rest[len(names) :]
+            h, new = _attention_step(
+                layer.self_attn, lay, layer.input_layernorm(x), cos, sin, taken
+            )
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
+        logits = self.model.lm_head(self.model.norm(x))
+        return (logits[:, 0], *outputs)
+
+
+def _attention_step(
+    attn: Attention, lay: Layout, x: Tensor, cos: Tensor, sin: Tensor, s: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    c = attn.config
+    B, H, Hkv, K = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+    R = H // Hkv
+    q = attn.q_proj(x).view(B, H, K)
+    k = attn.k_proj(x).view(B, Hkv, K)
+    v = attn.v_proj(x).view(B, Hkv, K)
+    if attn.rope is not None:
+        q, k = attn.rope.rotate(q, cos, sin), attn.rope.rotate(k, cos, sin)
+    q5 = q.view(B, Hkv, R, K)
+    new: dict[str, Tensor] = {}
+    spec = lay.spec
+    o = None
+    if spec.local != "none":
+        o = _local(spec, q5, k, v, s["k"], s["v"], s["mask"])
+    if lay.use_global:
+        fk = attn.feature_map(k[:, None])[:, 0] if attn.feature_map is not None else k
+        fq = attn.feature_map(q[:, None])[:, 0] if attn.feature_map is not None else q
+        fq5 = fq.view(B, Hkv, R, -1)
+        S, z = s["S"], s["z"]
+        num = torch.matmul(fq5, S)
+        den = torch.matmul(fq5, z[..., None])[..., 0]
+        if lay.self_global:
+            score = (fq5 * fk[:, :, None]).sum(-1)
+            num = num + score[..., None] * v[:, :, None]
+            den = den + score
+        if spec.normalize:
+            num = num / (den[..., None] + spec.eps)
+        o = attn.alpha * num if o is None else o + attn.alpha * num
+        S, z = _fold(lay, s, fk, v, S, z)
+        new.update(S_out=S, z_out=z)
+        if lay.capacity:
+            new["new_fk"] = fk
+    o = o.reshape(B, 1, H, K)
+    if lay.conv_taps:
+        conv, tail = _conv_step(attn, v, s["conv"])
+        o = o + conv
+        new["conv_out"] = tail
+    if lay.capacity:
+        new.update(new_k=k, new_v=v)
+    return attn._output(o), new
+
+
+def _local(spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor) -> Tensor:
+    """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``) and itself."""
+    if spec.local == "softmax":
+        scale = 1 / math.sqrt(q5.shape[-1])
+        scores = torch.matmul(q5, kb.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(mask <= 0, float("-inf"))
+        own = (q5 * k[:, :, None]).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([scores, own], -1), -1)
+    else:
+        qn = linear_attn._unit(q5)
+        scores = torch.relu(torch.matmul(qn, linear_attn._unit(kb).transpose(-1, -2))) ** 2
+        own = torch.relu((qn * linear_attn._unit(k)[:, :, None]).sum(-1, keepdim=True)) ** 2
+        weights = torch.cat([scores * mask, own], -1)
+    C = kb.shape[2]
+    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v[:, :, None]
+
+
+def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):
+    """``S, z`` after the leaving tokens: ring slots ``fold_index`` (weights 0/1) and the new
+    token (``fold_new``)."""
+    w = s["fold_new"]
+    S = S + w * fk[..., :, None] * v[..., None, :]
+    z = z + w * fk
+    if lay.folds:
+        index, weight = s["fold_index"], s["fold_weight"]
+        gk = s["fk"].index_select(2, index) * weight[:, None]
+        gv = s["v"].index_select(2, index)
+        S = S + torch.matmul(gk.transpose(-1, -2), gv)
+        z = z + gk.sum(2)
+    return S, z
+
+
+def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """The causal convolution's newest output and tail, ``tail: [B, Hkv, P-1, V]``."""
+    window = torch.cat([tail, v[:, :, None]], 2)  # [B, Hkv, P, V], oldest first
+    B, Hkv, P, V = window.shape
+    taps = attn.conv.flip(-1).view(Hkv, -1, P)
+    out = torch.einsum("bhpv,hrp->bhrv", window, taps).reshape(B, 1, -1, V)
+    return out, window[:, :, 1:]

@@ -1,0 +1,145 @@
+"""The tree step (speculative verification) on the fixed-shape state, and its commit.
+
+``TreeStep`` verifies up to ``max_nodes`` candidate tokens at once on top of the ring-buffer
+state without changing it, through the shared core of every linear attention
+(:func:`linear_attn.attend`: explicit keys with their times and a visibility mask) and the
+unfolded tree convolution (:func:`causal_conv.tree_taps`). Smaller trees are padded with nodes
+that see only themselves (their outputs are ignored). The host builds the visibility and tap
+index from the :class:`~linearize.ops.tree.Tree`; the accepted path is committed on the host
+(:meth:`RingState.commit_tree`), from the nodes' keys, features and values the pass returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from linearize.engine.step import Layout, layout
+from linearize.models.decoder import Decoder
+from linearize.ops import causal_conv, linear_attn
+from linearize.ops.tree import Tree
+
+
+def tree_inputs(i: int, lay: Layout) -> list[str]:
+    names = []
+    if lay.capacity:
+        names += [f"k.{i}", f"v.{i}", f"times.{i}"]
+        if lay.use_global:
+            names.append(f"fk.{i}")
+    if lay.use_global:
+        names += [f"S.{i}", f"z.{i}"]
+    if lay.conv_taps:
+        names += [f"conv.{i}", f"conv_index.{i}"]
+    return names
+
+
+def tree_outputs(i: int, lay: Layout) -> list[str]:
+    names = [f"node_k.{i}", f"node_v.{i}"]
+    return names + ([f"node_fk.{i}"] if lay.use_global else [])
+
+
+class TreeStep(nn.Module):
+    """``tree(x, cos, sin, t_nodes, visible, *state) -> (logits, hidden, *node k/v/fk)``.
+
+    ``x: [1, N, D]`` the nodes' embeddings, ``cos, sin: [N, K]``, ``t_nodes: [N]`` their times,
+    ``visible: [N, C + N]`` (ring slots, then nodes: ancestors and self) per layout capacity.
+    """
+
+    def __init__(self, model: Decoder, max_context: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+
+        # One visibility input per distinct layout (they share the ring's times).
+        self.keys = list(dict.fromkeys(lay.key for lay in self.layouts))
+
+    def input_names(self) -> list[str]:
+        names = ["x", "cos", "sin", "t_nodes", *(f"visible.{j}" for j in range(len(self.keys)))]
+        for i, lay in enumerate(self.layouts):
+            names += tree_inputs(i, lay)
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits", "hidden"]
+        for i, lay in enumerate(self.layouts):
+            names += tree_outputs(i, lay)
+        return names
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, t_nodes: Tensor, *rest: Tensor):
+        visible = dict(zip(self.keys, rest[: len(self.keys)], strict=True))
+        rest = list(rest[len(self.keys) :])
+        outputs: list[Tensor] = []
+        for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
+            names = tree_inputs(i, lay)
+            s = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
+            rest = rest[len(names) :]
+            h = layer.input_layernorm(x)
+            h, node = _attention_tree(layer.self_attn, lay, h, cos, sin, t_nodes, visible, s)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            outputs += [node[name.split(".")[0]] for name in tree_outputs(i, lay)]
+        hidden = self.model.norm(x)
+        return (self.model.lm_head(hidden), hidden, *outputs)
+
+
+def _attention_tree(attn, lay: Layout, x: Tensor, cos, sin, t_nodes, visible, s):
+    c = attn.config
+    B, N, _ = x.shape
+    H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
+    q = attn.q_proj(x).view(B, N, H, K)
+    k = attn.k_proj(x).view(B, N, Hkv, K)
+    v = attn.v_proj(x).view(B, N, Hkv, K)
+    if attn.rope is not None:
+        q, k = (
+            attn.rope.rotate(q, cos[:, None], sin[:, None]),
+            attn.rope.rotate(k, cos[:, None], sin[:, None]),
+        )
+    fq, fk = (attn.feature_map(q), attn.feature_map(k)) if attn.feature_map is not None else (q, k)
+    kn, fkn, vn = (t.transpose(1, 2) for t in (k, fk, v))  # [B, Hkv, N, ·]
+    if lay.capacity:
+        keys = torch.cat([s["k"], kn], 2)
+        values = torch.cat([s["v"], vn], 2)
+        feats = torch.cat([s["fk"], fkn], 2) if lay.use_global else keys
+        t_keys = torch.cat([s["times"], t_nodes])
+    else:
+        keys, values, feats, t_keys = kn, vn, fkn, t_nodes
+    S = s["S"] if lay.use_global else None
+    z = s["z"] if lay.use_global else None
+    R = H // Hkv
+    group = lambda t: t.transpose(1, 2).reshape(B, Hkv, R, N, t.shape[-1])  # noqa: E731
+    o = linear_attn.attend(
+        lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
+        visible[lay.key] > 0, S, z, attn.alpha,
+    )  # fmt: skip
+    o = o.reshape(B, H, N, K).transpose(1, 2)
+    if lay.conv_taps:
+        o = o + causal_conv.tree_taps(v, attn.conv, s["conv"], s["conv_index"])
+    node = {"node_k": kn, "node_v": vn, "node_fk": fkn}
+    return attn._output(o), node
+
+
+def tree_controls(
+    tree: Tree, max_nodes: int, pos: int, rings: list[np.ndarray], taps: set[int]
+) -> dict[str, np.ndarray]:
+    """The host-side tree inputs: node times, visibility per distinct layout (``rings``: each
+    one's ``times``), conv tap indices per tap count, all padded to ``max_nodes`` (a padded node
+    sees only itself)."""
+    N = len(tree)
+    if max_nodes < N:
+        raise ValueError(
+            f"a tree of {N} nodes is past what the exported tree graph takes ({max_nodes}); "
+            "use a smaller tree or rebuild the engine with a larger max_tree"
+        )
+    depths = np.zeros(max_nodes, dtype=np.int64)
+    depths[:N] = tree.depths.numpy()
+    ancestors = np.eye(max_nodes, dtype=bool)
+    ancestors[:N, :N] = tree.ancestors.numpy()
+    out = {"t_nodes": pos + depths}
+    for j, times in enumerate(rings):
+        ring = np.broadcast_to(times >= 0, (max_nodes, len(times)))
+        out[f"visible.{j}"] = np.concatenate([ring, ancestors], 1).astype(np.float32)
+    padded = Tree.from_parents([*tree.parents.tolist(), *([-1] * (max_nodes - N))])
+    for P in taps:
+        out[f"conv_index.{P}"] = causal_conv.tree_index(padded, P).numpy().astype(np.int64)
+    return out

@@ -1,0 +1,96 @@
+"""Generation on the fast engine: the same tokens as the PyTorch reference, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from linearize.cli import main
+from linearize.engine import build_engine, resolve_engine
+from linearize.generation import MedusaHeads
+from linearize.generation.config import GenerationConfig
+from linearize.generation.decode import generate
+from linearize.models.quantize import quantize
+from linearize.ops.tree import Tree
+from tests.generation.conftest import text_model, tiny_model
+
+pytest.importorskip("onnxruntime")
+
+from linearize.engine.onnx import OnnxEngine  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("kind", ["augmented", "hybrid", "softmax"])
+def test_greedy_on_engine_equals_reference(kind):
+    model = quantize(text_model(kind).eval(), "int4")
+    config = GenerationConfig(max_new_tokens=40)
+    reference = generate(model, "It is a truth universally acknowledged", config)
+    assert resolve_engine("auto", model) == "onnx"
+    engine = build_engine("onnx", model, max_context=64, threads=1, accuracy="fp32")
+    fast = generate(model, "It is a truth universally acknowledged", config, engine=engine)
+    assert fast.token_ids == reference.token_ids
+    assert fast.forward_passes == reference.forward_passes
+
+
+def test_cli_engines_agree(tmp_path, capsys):
+    path = tmp_path / "q4"
+    quantize(text_model("augmented"), "int4").save(path)
+    outputs = {}
+    for engine in ("torch", "onnx", "auto"):
+        argv = ["generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "24"]
+        assert main([*argv, "--engine", engine, "--json"]) == 0
+        outputs[engine] = json.loads(capsys.readouterr().out)["token_ids"]
+    # auto picks the onnx engine for a quantized model; the reference ran too (its tokens may
+    # differ in near-ties: the engine's default arithmetic rounds activations to int8).
+    assert outputs["onnx"] == outputs["auto"] and outputs["torch"]
+
+
+def test_refusals(tmp_path):
+    model = text_model("augmented")
+    assert resolve_engine("auto", model) == "torch"  # fp32 weights: the reference
+    with pytest.raises(ValueError, match="allowed"):
+        resolve_engine("tensorrt", model)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, max_tree=8)
+    engine.prefill([1, 2, 3])
+    with pytest.raises(ValueError, match="past what the engine's tree graphs take"):
+        engine.forward_tree([5] * 9, Tree.from_parents(list(range(-1, 8))))
+
+
+NEW = 24
+
+
+@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+def test_speculative_on_engine_equals_plain_on_engine(kind):
+    """Greedy Medusa / lookup / draft on the fast path give the tokens of greedy plain decoding
+    on the same fast path (both with the same int4 weights)."""
+    model = quantize(tiny_model(kind).float().eval(), "int4")
+    # fp32 arithmetic: with int8 activations (the plain-decoding default) a tree pass and a step
+    # round differently, and greedy near-ties may then break differently.
+    engine = build_engine("onnx", model, max_context=128, threads=1, accuracy="fp32")
+    heads = MedusaHeads.from_model(model, num_heads=3)
+    with torch.no_grad():
+        for head in heads.heads:
+            head.blocks[0].linear.weight.normal_(0, 0.05)
+    prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
+    plain = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=engine)
+    cases = [
+        (
+            GenerationConfig(max_new_tokens=NEW, speculative="medusa", tree="tree-8"),
+            {"heads": heads},
+        ),
+        (GenerationConfig(max_new_tokens=NEW, speculative="medusa"), {"heads": heads}),
+        (GenerationConfig(max_new_tokens=NEW, speculative="lookup", gamma=3), {}),
+        (GenerationConfig(max_new_tokens=NEW, speculative="draft", draft_layers=1, gamma=2), {}),
+        (GenerationConfig(max_new_tokens=NEW, speculative="draft", gamma=3), {"draft": model}),
+    ]
+    for config, options in cases:
+        result = generate(model, prompt, config, engine=engine, **options)
+        assert result.token_ids == plain.token_ids, (config.speculative, config.tree)
+    # The target drafting for itself: every draft accepted, so the tree step really ran.
+    assert result.mean_accepted == 4

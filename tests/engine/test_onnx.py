@@ -1,0 +1,138 @@
+"""The ONNX Runtime engine ≡ the PyTorch reference, step by step, with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import linearize
+from linearize.models.quantize import quantize
+from linearize.ops.tree import Tree
+from tests.generation.conftest import tiny_model
+from tests.helpers import assert_close, random_parents
+
+pytest.importorskip("onnxruntime")
+
+from linearize.engine.onnx import OnnxEngine  # noqa: E402
+
+STEPS = 1000
+# fp32 through two different runtimes (and, quantized, the same codes dequantized by each):
+# measured ~1e-6 relative over 1,000 steps; 1e-4 leaves room for summation-order noise.
+TOLERANCE = 1e-4
+# MatMulNBits in fp32 on the dequantized weights: the reference's arithmetic.
+EXACT = "fp32"
+
+
+def _model(kind: str) -> linearize.Decoder:
+    if kind == "group":
+        # FLASH-style groups: a whole group folds into S at once (the engine's wide fold).
+        model = tiny_model("softmax").float()
+        options = {"name": "augmented", "window": "group", "size": 4, "sinks": 0, "conv_size": 4}
+        linearize.linearize(model, options)
+        return model.eval()
+    return tiny_model(kind).float().eval()
+
+
+@pytest.mark.parametrize("quant", [None, "int4", "int8"])
+@pytest.mark.parametrize("kind", ["softmax", "augmented", "elu", "hybrid", "group"])
+def test_engine_matches_reference(kind, quant, tmp_path):
+    model = _model(kind)
+    if quant is not None:
+        quantize(model, quant)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (1, STEPS + 5))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(model, max_context=STEPS + 8, threads=1, cache=tmp_path, accuracy=EXACT)
+    first = engine.prefill(ids[0, :5].tolist())
+    assert_close("prefill", reference[0, 4], first, TOLERANCE)
+    nbytes = engine.nbytes()
+    steps = [engine.step(int(t)).clone() for t in ids[0, 5:]]
+    assert_close(f"{kind}/{quant} steps", reference[0, 5:], torch.stack(steps), TOLERANCE)
+    assert engine.nbytes() == nbytes
+    assert engine.pos == STEPS + 5
+
+
+def test_engine_state_equals_reference_state_size(tmp_path):
+    """A linear model's engine state is the reference state: same bytes at 10 and 1,000 tokens."""
+    model = _model("augmented")
+    engine = OnnxEngine(model, max_context=16, threads=1, cache=tmp_path)
+    engine.prefill([1, 2, 3])
+    assert engine.nbytes() == model.init_state().nbytes()
+
+
+def test_export_is_cached(tmp_path):
+    model = _model("elu")
+    OnnxEngine(model, max_context=16, cache=tmp_path)
+    (graph,) = (tmp_path / "engines").glob("*/step/graph.onnx")
+    stamp = graph.stat().st_mtime_ns
+    OnnxEngine(model, max_context=16, cache=tmp_path)
+    assert graph.stat().st_mtime_ns == stamp
+
+
+def test_context_past_the_engine(tmp_path):
+    engine = OnnxEngine(_model("softmax"), max_context=6, cache=tmp_path)
+    engine.prefill([1, 2, 3, 4])
+    engine.step(5)
+    engine.step(6)
+    with pytest.raises(ValueError, match="max context"):
+        engine.step(7)
+    with pytest.raises(ValueError, match="max context"):
+        engine.prefill(list(range(9)))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "augmented", "elu", "hybrid", "group"])
+def test_tree_step_and_commit_match_reference(kind, tmp_path):
+    """Tree verification and the commit of an accepted path ≡ the reference's forward_tree and
+    commit, over trees that cross window and group boundaries (window / group 4, conv 4 taps)."""
+    model = _model(kind)
+    quantize(model, "int4")
+    engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path, accuracy=EXACT)
+    ids = torch.randint(0, 128, (1, 40))
+    engine.prefill(ids[0, :6].tolist())
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        for step in range(6):
+            tree = Tree.from_parents(random_parents(7 + step, 1 + step % 4, seed=step))
+            tokens = torch.randint(0, 128, (len(tree),))
+            reference, hidden, drafts = model.forward_tree(tokens[None], tree, state)
+            logits, fast_hidden = engine.forward_tree(tokens.tolist(), tree)
+            assert_close(f"tree {step}", reference[0], logits, TOLERANCE)
+            assert_close(f"hidden {step}", hidden[0], fast_hidden, TOLERANCE)
+            path = tree.path(len(tree) - 1)
+            state = model.commit(state, drafts, path)
+            engine.commit(path.tolist())
+            token = int(ids[0, 10 + step])
+            reference, state = model(torch.tensor([[token]]), state=state)
+            assert_close(
+                f"step after commit {step}", reference[0, 0], engine.step(token), TOLERANCE
+            )
+    assert engine.pos == state.pos
+
+
+@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+def test_chunked_prefill_on_the_engine(kind, tmp_path):
+    model = _model(kind)
+    ids = torch.randint(0, 128, (1, 45))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, prefill_chunk=16)
+    assert_close("prefill", reference[0, 39], engine.prefill(ids[0, :40].tolist()), TOLERANCE)
+    steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 40:]])
+    assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
+
+
+def test_int8_arithmetic_stays_close(tmp_path):
+    """The default, fast arithmetic (activations quantized to int8 per block of 32) against the
+    reference: close, not equal (measured: see the assertion's message)."""
+    model = _model("augmented")
+    quantize(model, "int4")
+    ids = torch.randint(0, 128, (1, 205))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(model, max_context=256, threads=1, cache=tmp_path)
+    engine.prefill(ids[0, :5].tolist())
+    steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 5:]])
+    assert_close("int8 arithmetic", reference[0, 5:], steps, 0.15)
+    agree = (steps.argmax(-1) == reference[0, 5:].argmax(-1)).float().mean().item()
+    assert agree > 0.9, f"greedy tokens agree on {agree:.0%} of the steps"

@@ -1,0 +1,115 @@
+"""Group-wise weight quantization: codes, the reference path, save → load, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.cli import main
+from linearize.models.quantize import (
+    QuantConfig,
+    dequantize,
+    pack,
+    quantize,
+    quantize_weight,
+    unpack,
+)
+from tests.generation.conftest import tiny_model
+
+
+@pytest.mark.parametrize("quant, bound", [("int8", 0.01), ("int4", 0.15)])
+def test_dequantized_weight_is_close(quant, bound):
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    config = QuantConfig(quant)
+    codes, scale, zero = quantize_weight(w, config)
+    assert codes.shape == (48, 96 * config.bits // 8) and scale.shape == (48, 3)
+    error = (dequantize(codes, scale, zero, config.bits) - w).norm() / w.norm()
+    assert error < bound, f"{quant}: relative error {error:.3e}"
+
+
+def test_pack_round_trips():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, 4), 4), codes)
+    # MatMulNBits' layout: element 2i in the low nibble of byte i.
+    assert int(pack(codes, 4)[0, 0]) == int(codes[0, 0]) | int(codes[0, 1]) << 4
+
+
+@pytest.mark.parametrize("kind", ["softmax", "augmented"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantize_save_load_same_logits(kind, quant, tmp_path):
+    model = tiny_model(kind).float().eval()
+    ids = torch.randint(0, 128, (1, 23))
+    quantize(model, quant)
+    with torch.no_grad():
+        logits, _ = model(ids)
+    model.save(tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert meta["quantization"] == {"quant": quant, "group_size": 32, "head_quant": "int8"}
+    loaded = linearize.load(tmp_path / "q").eval()
+    assert loaded.quantization.quant == quant
+    with torch.no_grad():
+        again, _ = loaded(ids)
+    assert torch.equal(logits, again)
+
+
+def test_reference_path_runs_every_form():
+    """Decode token by token on the quantized model ≡ one forward (the state path works)."""
+    model = tiny_model("augmented").float().eval()
+    quantize(model, "int4")
+    ids = torch.randint(0, 128, (1, 11))
+    with torch.no_grad():
+        full, _ = model(ids)
+        _, state = model(ids[:, :5])
+        steps = []
+        for t in range(5, 11):
+            logits, state = model(ids[:, t : t + 1], state=state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input(tmp_path):
+    model = tiny_model("softmax").float()
+    with pytest.raises(ValueError, match="not a supported bit width"):
+        quantize(model, "int3")
+    with pytest.raises(ValueError, match="head_quant='none' is not a supported bit width"):
+        quantize(model, QuantConfig("int4", head_quant="none"))
+    quantize(model, "int4")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(model, "int8")
+    model.save(tmp_path / "q")
+    with pytest.raises(ValueError, match="already quantized"):
+        linearize.load(tmp_path / "q", quant="int8")
+    assert linearize.load(tmp_path / "q", quant="int4").quantization.quant == "int4"
+    odd = linearize.Decoder(
+        linearize.ModelConfig(
+            vocab_size=64, hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=96
+        )
+    )
+    with pytest.raises(ValueError, match="not a multiple of the quantization group"):
+        quantize(odd, "int4")
+
+
+def test_cli_quantize(tmp_path, capsys):
+    source = tmp_path / "fp"
+    tiny_model("augmented").float().save(source)
+    out = tmp_path / "q4"
+    assert main(["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]) == 0
+    assert linearize.load(out).quantization.quant == "int4"
+    # Quantizing the quantized directory again fails and leaves no directory behind.
+    again = tmp_path / "again"
+    assert main(["quantize", "--model", str(out), "--quant", "int8", "--out", str(again)]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert not again.exists() and not list(tmp_path.glob(".again*"))
+
+
+def test_info_counts_quantized_weights(tmp_path, capsys):
+    model = tiny_model("augmented").float()
+    before = sum(p.numel() for p in model.parameters())
+    quantize(model, "int4").save(tmp_path / "q")
+    assert main(["info", str(tmp_path / "q"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parameters"] == before and summary["quantization"] == "int4"
