@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     model = linearize.load(config.model)
     if args.attention is not None:
         linearize.linearize(model, attention_from_args(args))
+    from linearize.models.quantize import apply_quant
+
+    apply_quant(model, None if config.quant == "none" else config.quant, config.model)
     heads = load_heads(config.model) if Path(config.model).is_dir() else None
     app = build_app(model, config, heads)
     print(f"serving {config.model!r} on http://{config.host}:{config.port}/v1", flush=True)

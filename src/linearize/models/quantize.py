@@ -314,6 +314,10 @@ def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -
         if not tied and not empty:
             head.qweight.set(model.lm_head.weight, config.head())
     model.embed_tokens, model.lm_head = embedding, head
+    # Scales and zero points in the model's dtype, so dequantized weights match its activations.
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            module.to(model.dtype)
     model.quantization = config
     logger.info(
         "quantized the model's weights to %s (groups of %d)", config.quant, config.group_size

@@ -7,10 +7,10 @@ from typing import Literal
 
 from linearize.config import Config, option
 
-# Weight formats the server can run. Only the model's own weights today: a quantized engine adds
-# its name here (and its loading in ``cli/serve.py``).
-QUANTS = ("none",)
-Quant = Literal["none"]
+# Weight formats the server can run: the model as loaded ("none"), or its weights quantized as it
+# loads (models/quantize.py; the server's batched rows run the PyTorch path on them).
+QUANTS = ("none", "int8", "int4")
+Quant = Literal["none", "int8", "int4"]
 
 
 @dataclass
@@ -23,7 +23,9 @@ class ServeConfig(Config):
     host: str = option("address to bind (127.0.0.1: this machine only)", "127.0.0.1")
     port: int = option("TCP port", 8000)
     api_key: str | None = option("require 'Authorization: Bearer KEY' (unset: open)", None)
-    quant: Quant = option("weight format", "none")
+    quant: Quant = option(
+        "weights: as loaded (none; a quantized directory stays quantized) or int8 / int4", "none"
+    )
     max_prompt_tokens: int = option("longest prompt accepted, in tokens", 8192)
     max_tokens: int = option("most new tokens one request may ask for", 2048)
     max_sessions: int = option("requests decoded together (rows of the batch)", 16)
