@@ -134,6 +134,7 @@ def _dequantize_8bit(graph) -> None:
     for node in graph.graph.node:
         if node.op_type == "Constant" and node.attribute[0].name == "value":
             inits[node.output[0]] = node.attribute[0].t
+    gone: set[str] = set()
     for node in list(graph.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type != "MatMulNBits" or attrs["bits"] != 8:
@@ -150,6 +151,14 @@ def _dequantize_8bit(graph) -> None:
         matmul = helper.make_node("MatMul", [node.input[0], name], list(node.output), node.name)
         graph.graph.node.insert(list(graph.graph.node).index(node), matmul)
         graph.graph.node.remove(node)
+        gone.update(node.input[1:])
+    # The codes, scales and zero points nothing reads any more (onnxruntime would warn on each).
+    used = {name for node in graph.graph.node for name in node.input}
+    for init in [i for i in graph.graph.initializer if i.name in gone - used]:
+        graph.graph.initializer.remove(init)
+    for const in [n for n in graph.graph.node if n.op_type == "Constant"]:
+        if const.output[0] in gone - used:
+            graph.graph.node.remove(const)
 
 
 def _step_example(model: Decoder, step: FixedStep, state: RingState) -> list[torch.Tensor]:
