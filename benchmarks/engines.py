@@ -1,7 +1,8 @@
 """Decode-step engines side by side: ``python benchmarks/engines.py [--context N] [--steps N]``.
 
-One model (default: SmolLM2-135M linearized with the augmented attention, untrained: speed does
-not depend on training), one context, 1 thread. Rows: the PyTorch reference step (the decoder,
+One model (default: SmolLM2-135M linearized with the paper's augmented attention, sinks at
+absolute positions — the layer the engine runs; untrained: speed does not depend on training),
+one context, 1 thread. Rows: the PyTorch reference step (the decoder,
 fp32), the fixed-shape step (``linearize.engine.step.FixedStep``) in PyTorch eager and under
 ``torch.compile`` (inductor), fp32, and the ONNX Runtime engine with fp32, int8 and int4 weights;
 then the prompt's prefill, int4, in the PyTorch reference and in the engine's chained tree graph.
@@ -65,13 +66,21 @@ def _fixed_step_runner(model, state, context: int, compiled: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--attention", default="augmented")
+    parser.add_argument("--attention", default="augmented_paper")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=["sink_positions=absolute"],
+        help="attention option KEY=VALUE (repeatable; default: sink_positions=absolute, which "
+        "the onnx engine needs)",
+    )
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = linearize.load(args.model)
-    linearize.linearize(model, args.attention)
+    options = dict(pair.split("=", 1) for pair in args.option)
+    linearize.linearize(model, {"name": args.attention, **options})
     model.eval()
     ids = torch.randint(model.config.vocab_size, (1, args.context - args.steps - 3))
     with torch.no_grad():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from linearize.cli import main
-from tests.generation.conftest import tiny_model
+from tests.engine.conftest import engine_model
 
 pytest.importorskip("onnxruntime")
 
@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 def test_bench_decode_quant_and_engine(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = tmp_path / "augmented"
-    tiny_model("augmented").float().save(model)
+    engine_model("augmented").save(model)
     argv = ["bench", "decode", "--model", str(model), "--contexts", "24,72", "--steps", "4"]
     argv += ["--quant", "none", "--quant", "int4", "--json", "--no-isolate"]
     argv += ["--llama-cpp", "off", "--out", str(tmp_path / "results")]

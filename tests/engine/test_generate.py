@@ -14,7 +14,8 @@ from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import generate
 from linearize.models.quantize import quantize
 from linearize.ops.tree import Tree
-from tests.generation.conftest import text_model, tiny_model
+from tests.engine.conftest import engine_model
+from tests.generation.conftest import tiny_model
 
 pytest.importorskip("onnxruntime")
 
@@ -28,7 +29,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["augmented", "hybrid", "softmax"])
 def test_greedy_on_engine_equals_reference(kind):
-    model = quantize(text_model(kind).eval(), "int4")
+    model = quantize(engine_model(kind, text=True).eval(), "int4")
     config = GenerationConfig(max_new_tokens=40)
     reference = generate(model, "It is a truth universally acknowledged", config)
     assert resolve_engine("auto", model) == "onnx"
@@ -40,7 +41,7 @@ def test_greedy_on_engine_equals_reference(kind):
 
 def test_cli_engines_agree(tmp_path, capsys):
     path = tmp_path / "q4"
-    quantize(text_model("augmented"), "int4").save(path)
+    quantize(engine_model("augmented", text=True), "int4").save(path)
     outputs = {}
     for engine in ("torch", "onnx", "auto"):
         argv = ["generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "24"]
@@ -52,7 +53,9 @@ def test_cli_engines_agree(tmp_path, capsys):
 
 
 def test_refusals(tmp_path):
-    model = text_model("augmented")
+    issue12 = quantize(tiny_model("augmented").float(), "int4")
+    assert resolve_engine("auto", issue12) == "torch"  # a layer the engine does not run yet
+    model = engine_model("augmented", text=True)
     assert resolve_engine("auto", model) == "torch"  # fp32 weights: the reference
     with pytest.raises(ValueError, match="allowed"):
         resolve_engine("tensorrt", model)
@@ -69,7 +72,7 @@ NEW = 24
 def test_speculative_on_engine_equals_plain_on_engine(kind):
     """Greedy Medusa / lookup / draft on the fast path give the tokens of greedy plain decoding
     on the same fast path (both with the same int4 weights)."""
-    model = quantize(tiny_model(kind).float().eval(), "int4")
+    model = quantize(engine_model(kind), "int4")
     # fp32 arithmetic: with int8 activations (the plain-decoding default) a tree pass and a step
     # round differently, and greedy near-ties may then break differently.
     engine = build_engine("onnx", model, max_context=128, threads=1, accuracy="fp32")

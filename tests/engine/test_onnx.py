@@ -8,6 +8,7 @@ import torch
 import linearize
 from linearize.models.quantize import quantize
 from linearize.ops.tree import Tree
+from tests.engine.conftest import engine_model
 from tests.generation.conftest import tiny_model
 from tests.helpers import assert_close, random_parents
 
@@ -24,13 +25,7 @@ EXACT = "fp32"
 
 
 def _model(kind: str) -> linearize.Decoder:
-    if kind == "group":
-        # FLASH-style groups: a whole group folds into S at once (the engine's wide fold).
-        model = tiny_model("softmax").float()
-        options = {"name": "augmented", "window": "group", "size": 4, "sinks": 0, "conv_size": 4}
-        linearize.linearize(model, options)
-        return model.eval()
-    return tiny_model(kind).float().eval()
+    return engine_model(kind)
 
 
 @pytest.mark.parametrize("quant", [None, "int4", "int8"])
@@ -136,3 +131,9 @@ def test_int8_arithmetic_stays_close(tmp_path):
     assert_close("int8 arithmetic", reference[0, 5:], steps, 0.15)
     agree = (steps.argmax(-1) == reference[0, 5:].argmax(-1)).float().mean().item()
     assert agree > 0.9, f"greedy tokens agree on {agree:.0%} of the steps"
+
+
+def test_issue12_layer_is_refused_clearly(tmp_path):
+    model = tiny_model("augmented").float()
+    with pytest.raises(ValueError, match="does not run attention 'augmented' yet"):
+        OnnxEngine(model, max_context=16, cache=tmp_path)

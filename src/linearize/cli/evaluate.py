@@ -192,7 +192,8 @@ def _stem_label(args: argparse.Namespace) -> str:
 
 def _label(args: argparse.Namespace) -> str:
     """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``."""
-    quant = f"+{args.quant}" if args.quant not in (None, "none") else ""
+    quant = getattr(args, "quant", None)
+    quant = f"+{quant}" if quant not in (None, "none") else ""
     if not args.attention:
         return args.model + quant
     options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
@@ -213,7 +214,7 @@ def _command(args: argparse.Namespace) -> str:
     words = [
         f"linearize eval ppl --model {args.model}",
         f" --attention {args.attention}" if args.attention else "",
-        f" --quant {args.quant}" if args.quant else "",
+        f" --quant {args.quant}" if getattr(args, "quant", None) else "",
         "".join(f" --option {pair}" for pair in args.option) if args.attention else "",
         f" --group-size {args.group_size}" if args.attention and args.group_size else "",
         f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",

@@ -1,10 +1,11 @@
 """Fast decoding engines: the model's fixed-shape one-token step, exported and run fast.
 
-``torch`` is the reference: the PyTorch decoder itself (every feature: speculative decoding,
-any architecture). ``onnx`` exports the model's one-token step to ONNX Runtime with the state as
+``torch`` is the reference: the PyTorch decoder itself (every attention, any architecture).
+``onnx`` exports the model's one-token step and tree step to ONNX Runtime with the state as
 fixed-shape ring buffers, quantized linears as 4-/8-bit ``MatMulNBits``
-(:mod:`linearize.engine.onnx`). ``auto`` picks ``onnx`` for a quantized model when onnxruntime
-is installed and nothing needs the reference (speculative decoding), else ``torch``.
+(:mod:`linearize.engine.onnx`); it runs plain and speculative decoding. ``auto`` picks ``onnx``
+for a quantized model when onnxruntime is installed and the engine runs every layer (not yet
+issue 12's shared-denominator / decay / cache-sink layer: :func:`supports`), else ``torch``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ def resolve_engine(name: str, model: Decoder) -> str:
         raise ValueError(f"engine={name!r}; allowed: {list(ENGINES)}")
     if name == "auto":
         installed = importlib.util.find_spec("onnxruntime") is not None
-        fast = model.quantization is not None and installed
-        name = "onnx" if fast and model.config.architecture == "llama" else "torch"
+        fast = model.quantization is not None and installed and supports(model)
+        name = "onnx" if fast else "torch"
         logger.info("engine: %s", name)
     return name
+
+
+def supports(model: Decoder) -> bool:
+    """Whether the onnx engine runs every layer of ``model`` (see ``engine.step.unsupported``)."""
+    from linearize.engine.step import unsupported
+
+    if model.config.architecture != "llama":
+        return False
+    return all(unsupported(layer.self_attn) is None for layer in model.layers)
 
 
 def build_engine(

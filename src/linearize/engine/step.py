@@ -49,18 +49,42 @@ class Layout:
         return (self.spec, self.capacity)
 
 
+def unsupported(attn: Attention) -> str | None:
+    """Why the fixed-shape step cannot run this attention yet (``None``: it can)."""
+    c = attn.config
+    if c.kind == "softmax":
+        return None
+    if c.kind != "linear":
+        return f"{c.kind} attention has no decoding step"
+    reasons = []
+    if c.combine != "sum":
+        reasons.append(f"combine={c.combine!r}")
+    if c.decay != 1:
+        reasons.append(f"decay={c.decay}")
+    if c.sinks and c.sink_positions == "cache":
+        reasons.append("sinks at cache positions")
+    if attn.feature_map is not None and not c.global_rope:
+        reasons.append("features before RoPE (global_rope=False)")
+    return ", ".join(reasons) or None
+
+
 def layout(attn: Attention, max_context: int) -> Layout:
     c = attn.config
+    reason = unsupported(attn)
+    if reason is not None:
+        raise ValueError(
+            f"the onnx engine does not run attention {c.name!r} yet ({reason}; issue 12's "
+            "layer): use --engine torch, or an attention with combine='sum', decay=1, "
+            "sink_positions='absolute' (e.g. augmented_paper)"
+        )
     if c.kind == "softmax":
         # Every token stays local (a window longer than any context): the cache never folds.
         spec = linear_attn.LinearAttnSpec(
             local="softmax", window="sliding", size=2**40, use_global=False
         )
         capacity = max_context
-    elif c.kind == "linear":
-        spec, capacity = attn.spec, attn.spec.capacity
     else:
-        raise ValueError(f"attention {c.name!r} ({c.kind}) has no decoding step")
+        spec, capacity = attn.spec, attn.spec.capacity
     # Sliding windows lose at most one token per step; a completed group leaves all at once.
     folds = (
         0 if not spec.use_global or capacity == 0 else 1 if spec.window == "sliding" else capacity
