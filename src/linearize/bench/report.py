@@ -13,7 +13,8 @@ import datetime
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,65 +187,58 @@ def _line_plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, s
     plt.close(fig)
 
 
-def _bar_plot(rows: list[dict[str, Any]], path: Path) -> None:
+@contextmanager
+def _figure(path: Path, figsize: tuple[float, float]) -> Iterator[Any]:
+    """One off-screen matplotlib axes, saved to ``path`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+    finally:
+        plt.close(fig)
+
+
+def _bar_plot(rows: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in rows if r.get("ppl") is not None]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    names = [r["variant"] for r in rows]
-    colors = ["tab:gray" if r["attention"] == "softmax" else "tab:blue" for r in rows]
-    ax.bar(names, [r["ppl"] for r in rows], color=colors)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity (log)")
-    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with _figure(path, (8, 3.6)) as ax:
+        names = [r["variant"] for r in rows]
+        colors = ["tab:gray" if r["attention"] == "softmax" else "tab:blue" for r in rows]
+        ax.bar(names, [r["ppl"] for r in rows], color=colors)
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log)")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
 
 
 def _speedup_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    names = [f"{r['method']} {r['setting']}".replace(" -", "") for r in rows]
-    ax.barh(names, [r["tokens_per_s"] for r in rows], color="tab:blue")
-    ax.set_xlabel("tokens/s (prefill included)")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.invert_yaxis()
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with _figure(path, (7, 3.2)) as ax:
+        names = [f"{r['method']} {r['setting']}".replace(" -", "") for r in rows]
+        ax.barh(names, [r["tokens_per_s"] for r in rows], color="tab:blue")
+        ax.set_xlabel("tokens/s (prefill included)")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
 
 
 def _position_plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Perplexity against position: one line per model, a point per bucket (at its middle)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for r in rows:
-        buckets = r["buckets"]
-        xs = [max((b["from"] + b["to"]) / 2, 1) for b in buckets]
-        ax.plot(xs, [b["ppl"] for b in buckets], marker="o", label=f"{r['model']}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("position in the text (tokens)")
-    ax.set_ylabel("perplexity (log)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    with _figure(path, (6.5, 3.6)) as ax:
+        for r in rows:
+            buckets = r["buckets"]
+            xs = [max((b["from"] + b["to"]) / 2, 1) for b in buckets]
+            ax.plot(xs, [b["ppl"] for b in buckets], marker="o", label=f"{r['model']}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("position in the text (tokens)")
+        ax.set_ylabel("perplexity (log)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
 
 
 PLOTS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
