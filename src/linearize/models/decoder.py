@@ -9,6 +9,7 @@ LLaMA-family checkpoints map one to one; GPT-2's fused and transposed weights ar
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -200,8 +201,17 @@ class Decoder(nn.Module):
                     "it comes from another model"
                 )
 
-    def _layer_names(self) -> list[str]:
-        return [f"layer {i} ({name})" for i, name in enumerate(self.attention_names())]
+    def _raise_if_non_finite(self, flags: list[Tensor], positions: Callable[[], str]) -> None:
+        """``flags``: one per layer, then (optionally) the logits'. One sync; the names of the
+        layers are built only when one broke."""
+        raise_if_non_finite(
+            flags,
+            lambda: [
+                *(f"layer {i} ({name})" for i, name in enumerate(self.attention_names())),
+                "the LM head (logits)",
+            ],
+            positions,
+        )
 
     def _run_layers(
         self, input_ids: Tensor, state: ModelState | None, form: str
@@ -232,7 +242,7 @@ class Decoder(nn.Module):
 
         Raises :class:`NonFiniteError` naming the first layer whose output holds NaN or inf."""
         h, new_state, flags = self._run_layers(input_ids, state, form)
-        raise_if_non_finite(flags, self._layer_names(), self._positions(input_ids, state))
+        self._raise_if_non_finite(flags, lambda: self._positions(input_ids, state))
         return h, new_state
 
     def forward(
@@ -240,8 +250,8 @@ class Decoder(nn.Module):
     ) -> tuple[Tensor, ModelState]:
         h, new_state, flags = self._run_layers(input_ids, state, form)
         logits = self.lm_head(h)
-        names = [*self._layer_names(), "the LM head (logits)"]
-        raise_if_non_finite([*flags, finite_flag(logits)], names, self._positions(input_ids, state))
+        flags.append(finite_flag(logits))
+        self._raise_if_non_finite(flags, lambda: self._positions(input_ids, state))
         return logits, new_state
 
     def forward_rows(
@@ -268,8 +278,8 @@ class Decoder(nn.Module):
                 new.append(layer_state)
             flags.append(finite_flag(x, normalized=True))
         logits = self.lm_head(self.norm(x))
-        names = [*self._layer_names(), "the LM head (logits)"]
-        raise_if_non_finite([*flags, finite_flag(logits)], names, "rows")
+        flags.append(finite_flag(logits))
+        self._raise_if_non_finite(flags, lambda: "rows")
         return logits, [ModelState(layers) for layers in new_rows]
 
     def forward_tree(
@@ -288,8 +298,8 @@ class Decoder(nn.Module):
             flags.append(finite_flag(x, normalized=True))
         h = self.norm(x)
         logits = self.lm_head(h)
-        names = [*self._layer_names(), "the LM head (logits)"]
-        raise_if_non_finite([*flags, finite_flag(logits)], names, f"tree at {state.pos}")
+        flags.append(finite_flag(logits))
+        self._raise_if_non_finite(flags, lambda: f"tree at {state.pos}")
         return logits, h, drafts
 
     def commit(self, state: ModelState, drafts: list[TreeKV], path: Tensor) -> ModelState:

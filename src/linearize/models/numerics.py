@@ -9,7 +9,7 @@ output and the logits, naming the first layer that broke. Training's divergence 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -45,15 +45,18 @@ def finite_flag(x: Tensor, normalized: bool = False) -> Tensor:
     return x.detach().abs().amax() < limit
 
 
-def raise_if_non_finite(flags: Sequence[Tensor], names: Sequence[str], positions: str) -> None:
-    """One sync for a whole forward pass: ``flags[i]`` says whether step ``names[i]`` of it
-    produced finite values; raise :class:`NonFiniteError` naming the first that did not."""
+def raise_if_non_finite(
+    flags: Sequence[Tensor], names: Callable[[], Sequence[str]], positions: Callable[[], str]
+) -> None:
+    """One sync for a whole forward pass: ``flags[i]`` says whether step ``names()[i]`` of it
+    produced finite values; raise :class:`NonFiniteError` naming the first that did not. The
+    names and positions are only built then (this runs at every decode step)."""
     ok = torch.stack(list(flags))
     if bool(ok.all()):
         return
     first = int((~ok).nonzero()[0])
     raise NonFiniteError(
         f"non-finite values (NaN, inf, or too large to normalize) in the output of "
-        f"{names[first]} at positions {positions}: the model's weights (or its state) are "
+        f"{names()[first]} at positions {positions()}: the model's weights (or its state) are "
         "broken, so its output would be garbage"
     )
