@@ -37,6 +37,7 @@ from linearize.generation.trees import (
     tree_from_accuracies,
 )
 from linearize.models.decoder import Decoder, ModelState
+from linearize.ops.tree import Tree
 
 
 def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -244,6 +245,17 @@ def _reach(paths: Sequence[Path], rank_accuracy: Sequence[Sequence[float]], dept
     return expected_accepted([p for p in paths if len(p) == depth], rank_accuracy) - 1.0
 
 
+def _calibration_trees(sizes: Sequence[int], chain: bool) -> list[Tree]:
+    """The trees whose verification cost is timed: chains (a draft model's guesses) or
+    typical-accuracy Medusa trees of each size."""
+    if chain:
+        return [chain_tree(n) for n in sorted(set(sizes))]
+    return [
+        build_tree_buffers(tree_from_accuracies(TYPICAL_RANK_ACCURACY, n)).tree
+        for n in sorted(set(sizes))
+    ]
+
+
 def calibrate(
     model: Decoder,
     state: ModelState,
@@ -259,11 +271,7 @@ def calibrate(
     root = torch.zeros(1, dtype=torch.long)
     step = time_call(lambda: model(one, state=state), repeats)
     verify = {}
-    for n in sorted(set(sizes)):
-        if chain:
-            tree = chain_tree(n)
-        else:
-            tree = build_tree_buffers(tree_from_accuracies(TYPICAL_RANK_ACCURACY, n)).tree
+    for tree in _calibration_trees(sizes, chain):
         ids = one.expand(1, len(tree))
 
         def run(tree=tree, ids=ids) -> None:
@@ -294,11 +302,7 @@ def calibrate_engine(
         engine.restore(saved)
 
     verify = {}
-    for n in sorted(set(sizes)):
-        if chain:
-            tree = chain_tree(n)
-        else:
-            tree = build_tree_buffers(tree_from_accuracies(TYPICAL_RANK_ACCURACY, n)).tree
+    for tree in _calibration_trees(sizes, chain):
 
         def run(tree=tree) -> None:
             engine.forward_tree([token] * len(tree), tree)
