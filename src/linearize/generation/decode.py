@@ -361,7 +361,7 @@ class Decoding:
     def advance(self, logits: torch.Tensor, state: ModelState | None) -> list[int]:
         """A plain step whose forward pass ran elsewhere (e.g. batched with other sequences):
         ``logits: [V]`` after feeding ``self.root``, ``state`` the state after it (``None``:
-        a fast engine holds it)."""
+        held elsewhere: a fast engine, or a server's batch of rows)."""
         self.passes += 1
         self.state = state
         self.history.append(self.root)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from linearize.layers.config import FORMS, AttentionConfig, Form, attention_config
 from linearize.layers.feature_maps import build_feature_map
 from linearize.layers.rope import RotaryEmbedding
-from linearize.ops import causal_conv, linear_attn, linformer, softmax
+from linearize.ops import causal_conv, linear_attn, linear_attn_rows, linformer, softmax
 from linearize.ops.tree import Tree
 
 
@@ -30,6 +30,71 @@ class AttentionState:
     def nbytes(self) -> int:
         conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
         return self.attn.nbytes() + conv
+
+
+@dataclass
+class AttentionRows:
+    """One layer's states of the sequences decoded together (rows ``0..n-1`` in use), written
+    in place by :meth:`Attention.step_rows`: one batched ring state and conv tails
+    ``[R, Hkv, P-1, V]`` where the attention has a batched step, else one state per row."""
+
+    spec: linear_attn.LinearAttnSpec | None
+    attn: linear_attn_rows.LinearAttnRows | None
+    conv: Tensor | None = None
+    states: list[AttentionState] = field(default_factory=list)
+
+    @property
+    def batched(self) -> bool:
+        return self.attn is not None
+
+    def put(self, i: int, state: AttentionState) -> None:
+        """Row ``i`` (at most one past the last) becomes ``state`` (batch 1)."""
+        if not self.batched:
+            self.states[i : i + 1] = [state]
+            return
+        linear_attn_rows.write_row(self.spec, self.attn, i, state.attn)
+        if self.conv is not None:
+            self.conv[i] = state.conv[0]
+
+    def get(self, i: int) -> AttentionState:
+        """Row ``i`` as a batch-1 state (a copy where the rows are batched)."""
+        if not self.batched:
+            return self.states[i]
+        conv = None if self.conv is None else self.conv[i : i + 1].clone()
+        return AttentionState(linear_attn_rows.read_row(self.spec, self.attn, i), conv)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row ``dst`` becomes row ``src`` (a row leaving makes room this way)."""
+        if not self.batched:
+            self.states[dst] = self.states[src]
+            return
+        linear_attn_rows.copy_row(self.attn, src, dst)
+        if self.conv is not None:
+            self.conv[dst] = self.conv[src]
+
+    def truncate(self, n: int) -> None:
+        """Rows ``n..`` are no longer in use."""
+        del self.states[n:]
+
+    @property
+    def capacity(self) -> int:
+        return self.attn.capacity if self.batched else len(self.states)
+
+    def resize(self, capacity: int) -> None:
+        """Room for ``capacity`` rows (the first rows kept)."""
+        if self.batched:
+            self.attn = linear_attn_rows.resize_rows(self.attn, capacity)
+            if self.conv is not None:
+                conv = self.conv.new_zeros(capacity, *self.conv.shape[1:])
+                n = min(capacity, self.conv.shape[0])
+                conv[:n] = self.conv[:n]
+                self.conv = conv
+
+    def row_nbytes(self, i: int) -> int:
+        if not self.batched:
+            return self.states[i].nbytes()
+        conv = 0 if self.conv is None else self.conv[0].numel() * self.conv.element_size()
+        return self.attn.row_nbytes() + conv
 
 
 @dataclass
@@ -127,6 +192,61 @@ class Attention(nn.Module):
                 batch_size, Hkv, K, c.conv_size, dtype=dtype, device=device
             )
         return AttentionState(attn, conv)
+
+    @property
+    def batches_rows(self) -> bool:
+        """Whether rows decode in one batched step (:mod:`linearize.ops.linear_attn_rows`);
+        otherwise :meth:`step_rows` runs each row on its own state."""
+        c = self.config
+        return c.kind == "linear" and self.is_causal and linear_attn_rows.supports_rows(self.spec)
+
+    def init_rows(
+        self,
+        capacity: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> AttentionRows:
+        """Empty states for up to ``capacity`` rows decoded together (see :meth:`step_rows`)."""
+        self.init_state(1)  # refuses a non-causal attention
+        if not self.batches_rows:
+            return AttentionRows(None, None)
+        c = self.config
+        Hkv, K = c.num_kv_heads, c.head_dim
+        F = self.feature_map.feature_dim if self.feature_map is not None else K
+        zeros = dict(dtype=dtype, device=device)
+        attn = linear_attn_rows.init_rows(self.spec, capacity, Hkv, K, F, K, **zeros)
+        conv = None
+        if c.conv == "causal":
+            conv = causal_conv.init_state(capacity, Hkv, K, c.conv_size, **zeros)
+        return AttentionRows(self.spec, attn, conv)
+
+    def step_rows(self, x: Tensor, rows: AttentionRows, positions: Tensor) -> Tensor:
+        """One token for each of rows ``0..B-1`` of ``rows``, which are advanced in place:
+        ``x: [B, 1, D]``, ``positions: [B, 1]`` (each row's). The same as ``forward`` on each
+        row alone; one batched attention step where :attr:`batches_rows`."""
+        B = x.shape[0]
+        if not rows.batched:
+            y, rows.states[:B] = self.forward_rows(x, rows.states[:B])
+            return y
+        q, k, v, fq, fk, q_sink = self._project(x, positions)
+        o, _ = linear_attn_rows.step_rows(
+            self.spec,
+            q[:, 0],
+            k[:, 0],
+            v[:, 0],
+            fq[:, 0],
+            fk[:, 0],
+            rows.attn,
+            self._alpha(),
+            q_sink=None if q_sink is None else q_sink[:, 0],
+        )
+        o = o[:, None]
+        if rows.conv is not None:
+            c, tail = causal_conv.parallel(v, self.conv, rows.conv[:B])
+            rows.conv[:B] = tail
+            o = o + c
+        return self._output(o)
 
     def commit(self, state: AttentionState, draft: TreeKV, path: Tensor) -> AttentionState:
         """The state after the tree nodes ``path`` (a root→node chain), as if decoded one by one."""

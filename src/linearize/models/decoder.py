@@ -9,14 +9,14 @@ LLaMA-family checkpoints map one to one; GPT-2's fused and transposed weights ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearize.layers.attention import Attention, AttentionState, TreeKV
+from linearize.layers.attention import Attention, AttentionRows, AttentionState, TreeKV
 from linearize.models.config import ModelConfig
 from linearize.models.directory import save
 from linearize.models.numerics import finite_flag, raise_if_non_finite
@@ -77,17 +77,75 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), state
 
-    def forward_rows(
-        self, x: Tensor, states: list[AttentionState]
-    ) -> tuple[Tensor, list[AttentionState]]:
-        h, states = self.self_attn.forward_rows(self.input_layernorm(x), states)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), states
+    def step_rows(self, x: Tensor, rows: AttentionRows, positions: Tensor) -> Tensor:
+        x = x + self.self_attn.step_rows(self.input_layernorm(x), rows, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def tree_step(self, x: Tensor, tree: Tree, state: AttentionState) -> tuple[Tensor, TreeKV]:
         h, draft = self.self_attn.tree_step(self.input_layernorm(x), tree, state)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), draft
+
+
+class DecodeRows:
+    """The states of sequences decoded together (continuous batching), owned by one caller and
+    advanced in place by :meth:`Decoder.step_rows`. Each row has a key; rows join and leave
+    between steps (a leaving row's place goes to the last row, so rows stay ``0..n-1``).
+    Capacity doubles as rows join; a row's memory is fixed whatever its position."""
+
+    def __init__(self, model: Decoder, capacity: int = 8) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1 row, got {capacity}")
+        self.model = model
+        self.layers = [
+            layer.self_attn.init_rows(capacity, dtype=model.dtype, device=model.device)
+            for layer in model.layers
+        ]
+        self.capacity = capacity
+        self.keys: list[Hashable] = []
+        self.positions: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.keys
+
+    def join(self, key: Hashable, state: ModelState) -> None:
+        """A new row ``key`` continuing ``state`` (batch 1; copied where rows are batched)."""
+        if key in self.keys:
+            raise ValueError(f"row {key!r} is already decoding")
+        self.model._check_state(state, 1)
+        i = len(self.keys)
+        if i == self.capacity:
+            self.capacity *= 2
+            for layer_rows in self.layers:
+                layer_rows.resize(self.capacity)
+        for layer_rows, layer_state in zip(self.layers, state.layers, strict=True):
+            layer_rows.put(i, layer_state)
+        self.keys.append(key)
+        self.positions.append(state.pos)
+
+    def leave(self, key: Hashable) -> None:
+        """Row ``key`` stops decoding; its state is dropped (read it first with :meth:`state`)."""
+        i, last = self.keys.index(key), len(self.keys) - 1
+        for layer_rows in self.layers:
+            if i != last:
+                layer_rows.move(last, i)
+            layer_rows.truncate(last)
+        self.keys[i], self.positions[i] = self.keys[last], self.positions[last]
+        self.keys.pop()
+        self.positions.pop()
+
+    def state(self, key: Hashable) -> ModelState:
+        """Row ``key``'s state as a batch-1 :class:`ModelState` (a copy where batched)."""
+        i = self.keys.index(key)
+        return ModelState([layer_rows.get(i) for layer_rows in self.layers])
+
+    def nbytes(self) -> int:
+        """Bytes of the rows' states (not of the unused capacity)."""
+        rows = range(len(self.keys))
+        return sum(layer_rows.row_nbytes(i) for layer_rows in self.layers for i in rows)
 
 
 class Decoder(nn.Module):
@@ -257,30 +315,43 @@ class Decoder(nn.Module):
     def forward_rows(
         self, input_ids: Tensor, states: list[ModelState]
     ) -> tuple[Tensor, list[ModelState]]:
-        """One token for each of ``B`` independent sequences (continuous batching):
-        ``input_ids: [B, 1]``, row ``i`` continuing ``states[i]``, a batch-1 state at its own
-        position. Returns logits ``[B, 1, V]`` and each row's new state, the same as ``B``
-        separate ``forward`` calls (the weight matmuls run once for all rows)."""
+        """One token for each of ``B`` independent sequences: ``input_ids: [B, 1]``, row ``i``
+        continuing ``states[i]``, a batch-1 state at its own position. Returns logits
+        ``[B, 1, V]`` and each row's new state, the same as ``B`` separate ``forward`` calls.
+        (:meth:`step_rows` on a :class:`DecodeRows` does this in place, without copies.)"""
         self._check_ids(input_ids)
         if input_ids.shape != (len(states), 1):
             raise ValueError(
                 f"forward_rows takes input_ids [{len(states)}, 1] (one token per state), "
                 f"got {tuple(input_ids.shape)}"
             )
-        positions = torch.tensor([[s.pos] for s in states], device=input_ids.device)
+        rows = DecodeRows(self, max(len(states), 1))
+        for i, state in enumerate(states):
+            rows.join(i, state)
+        logits = self.step_rows(input_ids, rows)
+        return logits, [rows.state(i) for i in range(len(states))]
+
+    def step_rows(self, input_ids: Tensor, rows: DecodeRows) -> Tensor:
+        """One token for each row of ``rows`` (continuous batching), advanced in place:
+        ``input_ids: [len(rows), 1]`` in row order → logits ``[len(rows), 1, V]``, the same as
+        a separate ``forward`` per row (the weight matmuls run once for all rows)."""
+        self._check_ids(input_ids)
+        if input_ids.shape != (len(rows), 1):
+            raise ValueError(
+                f"step_rows takes input_ids [{len(rows)}, 1] (one token per row), "
+                f"got {tuple(input_ids.shape)}"
+            )
+        positions = torch.tensor(rows.positions, device=input_ids.device)[:, None]
         x = self._embed(input_ids, positions)
-        rows = [s.layers for s in states]
-        new_rows: list[list[AttentionState]] = [[] for _ in states]
         flags = []
-        for i, layer in enumerate(self.layers):
-            x, layer_states = layer.forward_rows(x, [row[i] for row in rows])
-            for new, layer_state in zip(new_rows, layer_states, strict=True):
-                new.append(layer_state)
+        for layer, layer_rows in zip(self.layers, rows.layers, strict=True):
+            x = layer.step_rows(x, layer_rows, positions)
             flags.append(finite_flag(x, normalized=True))
+        rows.positions = [p + 1 for p in rows.positions]
         logits = self.lm_head(self.norm(x))
         flags.append(finite_flag(logits))
         self._raise_if_non_finite(flags, lambda: "rows")
-        return logits, [ModelState(layers) for layers in new_rows]
+        return logits
 
     def forward_tree(
         self, input_ids: Tensor, tree: Tree, state: ModelState

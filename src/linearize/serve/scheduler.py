@@ -3,11 +3,14 @@
 Each request is a row with its own :class:`~linearize.generation.decode.Decoding` (sampler,
 position, state, proposer). Between steps, queued requests join (their prompt is prefilled on
 top of the longest cached prefix state) and finished or cancelled ones leave, dropping their
-state. A step feeds every plain row's last token through one ``model.forward_rows`` call (the
-weight matmuls run once for all rows, each row attends on its own state at its own position);
-rows decoding speculatively take their own ``Decoding.step`` (propose → verify → accept →
-commit). The sampler, stop rules and speculative pipeline are the generation package's, so a
-request yields exactly what ``linearize generate`` yields for it alone.
+state. Plain rows keep their states in one :class:`~linearize.models.decoder.DecodeRows` the
+scheduler owns: a request joins it with its prefilled state, a step feeds every plain row's
+last token through one ``model.step_rows`` call (the weight matmuls run once for all rows, and
+sliding-window linear attention attends for all rows at once, each at its own position, updating
+the rows in place), and a finished or cancelled request leaves it. Rows decoding speculatively
+keep their own state and take their own ``Decoding.step`` (propose → verify → accept → commit).
+The sampler, stop rules and speculative pipeline are the generation package's, so a request
+yields exactly what ``linearize generate`` yields for it alone.
 
 The model only ever runs on this thread; the event loop talks to it through :meth:`submit` and
 the ``emit`` callback of each job.
@@ -28,7 +31,7 @@ import torch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
 from linearize.generation.medusa import MedusaHeads
-from linearize.models.decoder import Decoder, ModelState
+from linearize.models.decoder import Decoder, DecodeRows, ModelState
 from linearize.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         # One calibration per speculative mode, measured by the first request that needs it.
         self._calibrations: dict[str, Any] = {}
+        # The states of the plain rows (created by the worker on first use) and their bytes.
+        self._batch: DecodeRows | None = None
+        self._batch_bytes = 0
         self.steps = 0  # batched decode steps
         self.row_steps = 0  # rows over those steps (row_steps / steps: the mean batch)
         self.completed = 0
@@ -162,7 +168,7 @@ class Scheduler:
             "queued": queued,
             "max_sessions": self.max_sessions,
             "max_queue": self.max_queue,
-            "state_bytes": sum(r.nbytes() for r in rows),
+            "state_bytes": sum(r.nbytes() for r in rows) + self._batch_bytes,
             "steps": self.steps,
             "row_steps": self.row_steps,
             "completed": self.completed,
@@ -194,6 +200,7 @@ class Scheduler:
             self._finish(row, "cancelled")
         self._rows.clear()
         self._joining.clear()
+        self._batch, self._batch_bytes = None, 0
 
     def _prefill(self, row: _Row) -> None:
         """Feed the next chunk of ``row``'s prompt (up to a cacheable boundary); with the last
@@ -252,16 +259,17 @@ class Scheduler:
         rows = [r for r in self._rows if r.output.reason is None and not r.job.cancelled.is_set()]
         plain = [r for r in rows if not r.decoding.speculating]
         if plain:
+            batch = self._plain_rows(plain)
             self.steps += 1
-            self.row_steps += len(plain)
+            self.row_steps += len(batch)
             try:
-                ids = torch.tensor([[r.decoding.root] for r in plain], device=self.model.device)
-                logits, states = self.model.forward_rows(ids, [r.decoding.state for r in plain])
-                for i, row in enumerate(plain):
-                    self._emit(row, row.decoding.advance(logits[i, -1], states[i]))
+                ids = [[row.decoding.root] for row in batch.keys]
+                logits = self.model.step_rows(torch.tensor(ids, device=self.model.device), batch)
+                for i, row in enumerate(list(batch.keys)):
+                    self._emit(row, row.decoding.advance(logits[i, -1], None))
             except Exception as e:
                 logger.exception("a batched decode step failed")
-                for row in plain:
+                for row in batch.keys:
                     self._fail(row, e)
         for row in rows:
             if row.decoding.speculating:
@@ -270,6 +278,21 @@ class Scheduler:
                 except Exception as e:
                     logger.exception("request %s failed in a speculative step", row.job.request_id)
                     self._fail(row, e)
+
+    def _plain_rows(self, plain: list[_Row]) -> DecodeRows:
+        """The batch holding exactly the ``plain`` rows: rows new to plain decoding join it
+        with their state (the batch owns it from then on), others leave."""
+        if self._batch is None:
+            self._batch = DecodeRows(self.model, min(self.max_sessions, 4))
+        batch = self._batch
+        for row in [r for r in batch.keys if r not in plain]:
+            batch.leave(row)
+        for row in plain:
+            if row not in batch:
+                batch.join(row, row.decoding.state)
+                row.decoding.state = None
+        self._batch_bytes = batch.nbytes()
+        return batch
 
     def _emit(self, row: _Row, tokens: list[int]) -> None:
         output, ids, text = row.output, [], ""
@@ -295,7 +318,9 @@ class Scheduler:
         if reason in ("eos", "stop", "length"):
             # The conversation so far, for a follow-up turn that starts with it (kept before
             # the client hears that the request is done).
-            self.cache.put(decoding.history, decoding.state)
+            batch = self._batch
+            in_batch = batch is not None and row in batch
+            self.cache.put(decoding.history, batch.state(row) if in_batch else decoding.state)
         now = time.perf_counter()
         new = len(row.output.tokens)
         first = row.first_token or now
@@ -335,5 +360,11 @@ class Scheduler:
         for row in leaving:
             if row.output.reason is None:
                 self._finish(row, "cancelled")
+        batch = self._batch
+        if batch is not None and leaving:
+            for row in leaving:
+                if row in batch:
+                    batch.leave(row)
+            self._batch_bytes = batch.nbytes()
         with self._wakeup:
             self._rows = [r for r in self._rows if r not in leaving]
