@@ -185,7 +185,8 @@ def step_rows(
     S, z, pos = rows.S[:B], rows.z[:B], rows.pos[:B]
     if not ring_size(spec):
         # Pure linear attention: the token is global to itself (as in linear_attn.step).
-        S.add_(_outer(fk, v))
+        Fdim, V = S.shape[-2:]
+        S.view(-1, Fdim, V).baddbmm_(fk.reshape(-1, Fdim, 1), v.reshape(-1, 1, V))
         z.add_(fk)
         o = alpha * linear_attn._global_readout(spec, fq, S, z)
         if spec.decay < 1:
@@ -215,21 +216,17 @@ def step_rows(
     gone = leaving >= spec.sinks
     out = ring_slot(spec, leaving.clamp_min(spec.sinks))
     if spec.use_global:
-        if spec.decay < 1:
-            S.mul_(spec.decay)
-            z.mul_(spec.decay)
-        # It is ``size`` tokens before the next one: it joins S aged decay^size.
+        # S, z age by one step; the leaving token is ``size`` tokens before the next one, so
+        # it joins them aged decay^size. One pass over S: S ← decay·S + f vᵀ.
         f = rows.fk[b, :, out] * (gone.to(S.dtype) * spec.decay**spec.size)[:, None, None]
-        S.add_(_outer(f, rows.v[b, :, out]))
-        z.add_(f)
+        Fdim, V = S.shape[-2:]
+        S.view(-1, Fdim, V).baddbmm_(
+            f.reshape(-1, Fdim, 1), rows.v[b, :, out].reshape(-1, 1, V), beta=spec.decay
+        )
+        z.mul_(spec.decay).add_(f)
     rows.times[b, out] = torch.where(gone, -1, rows.times[b, out])
     pos.add_(1)
     return o.reshape(B, H, -1), rows
-
-
-def _outer(fk: Tensor, v: Tensor) -> Tensor:
-    """``fk: [B, Hkv, F]``, ``v: [B, Hkv, V]`` → ``[B, Hkv, F, V]``."""
-    return fk[..., :, None] * v[..., None, :]
 
 
 def _ring_readout(
