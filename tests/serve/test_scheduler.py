@@ -75,3 +75,38 @@ def test_speculative_and_plain_rows_together():
         scheduler.stop()
     for i, config in enumerate(configs):
         assert got[i] == generate(model, prompt[: 10 - i], config).token_ids
+
+
+def test_prompts_arriving_together_are_prefilled_together():
+    """Four equal-length prompts queued at once share one prefill pass, then decode as rows
+    joining the batch (one leaves early): each yields what `generate` yields alone."""
+    import threading
+
+    from linearize.generation import generate
+
+    model = tiny_model("hybrid")
+    prompts = [[3 + i, 9, 4 + 2 * i, 7, 1 + i] for i in range(4)] + [[5, 6]]
+    configs = [GenerationConfig(max_new_tokens=n) for n in (6, 2, 9, 7, 5)]
+    scheduler = Scheduler(model, PrefixCache(10**8), max_sessions=5, max_queue=0)
+    done = threading.Semaphore(0)
+    got: list[list[int]] = [[] for _ in configs]
+
+    def emit(i):
+        def receive(event):
+            got[i].extend(event.token_ids)
+            if event.kind != "delta":
+                done.release()
+
+        return receive
+
+    for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
+        scheduler.submit(Job(str(i), prompt, config, emit(i)))
+    scheduler.start()
+    try:
+        for _ in configs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    assert scheduler.stats()["prefilled_together"] == 4
+    for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
+        assert got[i] == generate(model, prompt, config).token_ids

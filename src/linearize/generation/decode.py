@@ -238,20 +238,35 @@ class Decoding:
         """Feed the prompt, sample the first token. ``state``, if given, already holds the
         prompt's first ``state.pos`` tokens (a cached prefix): only the rest is fed."""
         start = time.perf_counter()
-        self.history = list(prompt)
         if self.engine is not None:
             if state is not None:
                 raise ValueError("a cached prefix state is a torch state: use the torch engine")
             logits = self.engine.prefill(list(prompt))
-            last = self.engine.last_hidden
-        else:
-            done = 0 if state is None else state.pos
-            if not 0 <= done < len(prompt):
-                raise ValueError(
-                    f"a prefix state of {done} tokens for a {len(prompt)}-token prompt"
-                )
-            hidden, self.state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
-            last = hidden[0, -1]
+            return self.prefilled(prompt, self.engine.last_hidden, None, logits, start=start)
+        done = 0 if state is None else state.pos
+        if not 0 <= done < len(prompt):
+            raise ValueError(f"a prefix state of {done} tokens for a {len(prompt)}-token prompt")
+        hidden, state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
+        return self.prefilled(prompt, hidden[0, -1], state, start=start)
+
+    @torch.no_grad()
+    def prefilled(
+        self,
+        prompt: list[int],
+        last: torch.Tensor,
+        state: ModelState | None,
+        logits: torch.Tensor | None = None,
+        *,
+        start: float | None = None,
+    ) -> list[int]:
+        """Sample the first token of a prompt fed elsewhere (e.g. batched with other prompts):
+        ``last: [D]`` its last hidden state, ``state`` the state after it (``None``: an engine
+        holds it), ``logits`` (``[V]``) the LM head's on ``last`` unless given; ``start``: when
+        feeding began (for ``prefill_s``)."""
+        start = time.perf_counter() if start is None else start
+        self.history = list(prompt)
+        self.state = state
+        if logits is None:
             logits = self.model.lm_head(last)
         self.root = self.sampler.sample(self.sampler.probs(logits, prompt))
         self.prefill_s = time.perf_counter() - start

@@ -90,11 +90,12 @@ class AttentionRows:
                 conv[:n] = self.conv[:n]
                 self.conv = conv
 
-    def row_nbytes(self, i: int) -> int:
+    def nbytes(self, n: int) -> int:
+        """Bytes of the states of rows ``0..n-1``."""
         if not self.batched:
-            return self.states[i].nbytes()
+            return sum(state.nbytes() for state in self.states[:n])
         conv = 0 if self.conv is None else self.conv[0].numel() * self.conv.element_size()
-        return self.attn.row_nbytes() + conv
+        return n * (self.attn.row_nbytes() + conv)
 
 
 @dataclass

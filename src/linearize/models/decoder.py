@@ -144,8 +144,7 @@ class DecodeRows:
 
     def nbytes(self) -> int:
         """Bytes of the rows' states (not of the unused capacity)."""
-        rows = range(len(self.keys))
-        return sum(layer_rows.row_nbytes(i) for layer_rows in self.layers for i in rows)
+        return sum(layer_rows.nbytes(len(self.keys)) for layer_rows in self.layers)
 
 
 class Decoder(nn.Module):

@@ -32,6 +32,7 @@ from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
 from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder, DecodeRows, ModelState
+from linearize.models.state import select_rows
 from linearize.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Scheduler:
         self.row_steps = 0  # rows over those steps (row_steps / steps: the mean batch)
         self.completed = 0
         self.cancelled = 0
+        self.prefilled_together = 0  # rows whose prompt was fed in a pass shared with others
 
     # --- the event loop's side ----------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Scheduler:
             "row_steps": self.row_steps,
             "completed": self.completed,
             "cancelled": self.cancelled,
+            "prefilled_together": self.prefilled_together,
             "prefix_cache": self.cache.stats(),
         }
 
@@ -192,6 +195,7 @@ class Scheduler:
                             self._joining.append(_Row(job))
                 # A chunk of each new prompt, then a step of every row: a long prompt delays
                 # the others by one chunk per step, not by its whole prefill.
+                self._prefill_together()
                 for row in list(self._joining):
                     self._prefill(row)
                 self._step()
@@ -221,6 +225,10 @@ class Scheduler:
         except Exception as e:  # the model failed: tell this client, keep serving the others
             logger.exception("request %s failed in prefill", job.request_id)
             job.emit(Event("error", info={"status": 500, "message": f"prefill failed: {e}"}))
+        self._joined(row, tokens)
+
+    def _joined(self, row: _Row, tokens: list[int] | None) -> None:
+        """``row`` is prefilled (``tokens``: its first) or failed (``None``): it stops joining."""
         with self._wakeup:
             self._joining.remove(row)
             if tokens is not None:
@@ -229,21 +237,60 @@ class Scheduler:
             return
         decoding = row.decoding
         if decoding.calibration is not None:
-            self._calibrations.setdefault(job.config.speculative, decoding.calibration)
+            self._calibrations.setdefault(row.job.config.speculative, decoding.calibration)
         row.prefill_s = time.perf_counter() - row.started
         self._emit(row, tokens)
+
+    def _prefill_together(self) -> None:
+        """New rows whose whole prompt is one chunk with no cached prefix, fed in one pass per
+        prompt length: prompts that arrive together share the weight matmuls. (Any row this
+        leaves out, or whose pass fails, is prefilled alone by ``_prefill``.)"""
+        groups: dict[int, list[_Row]] = collections.defaultdict(list)
+        for row in self._joining:
+            prompt = row.job.prompt
+            if row.job.cancelled.is_set() or len(prompt) > self.prefill_chunk:
+                continue
+            if any(0 < b < len(prompt) for b in row.job.boundaries):
+                continue
+            try:
+                self._start(row)
+            except ValueError:
+                continue
+            if row.done == 0:
+                groups[len(prompt)].append(row)
+        for rows in groups.values():
+            if len(rows) < 2:
+                continue
+            ids = torch.tensor([r.job.prompt for r in rows], device=self.model.device)
+            try:
+                hidden, state = self.model.forward_hidden(ids)
+            except Exception:
+                logger.exception("a batched prefill failed: prefilling its rows one by one")
+                continue
+            self.prefilled_together += len(rows)
+            for i, row in enumerate(rows):
+                index = torch.tensor([i], device=self.model.device)
+                row_state = select_rows(state, index)
+                self._joined(row, row.decoding.prefilled(row.job.prompt, hidden[i, -1], row_state))
+
+    def _start(self, row: _Row) -> None:
+        """On the row's first chunk: its decoding, its output, the longest cached prefix."""
+        if row.decoding is not None:
+            return
+        model, config, prompt = self.model, row.job.config, row.job.prompt
+        proposer = PROPOSERS[config.speculative](model, config, self.heads, None)
+        calibration = self._calibrations.get(config.speculative)
+        decoding = Decoding(model, config, proposer, calibration)
+        row.output = Output(model, config)
+        row.state, row.cached = self.cache.lookup(prompt)
+        row.done = row.cached
+        row.decoding = decoding
 
     def _prefill_chunk(self, row: _Row) -> bool:
         """Start the row's decoding (from the longest cached prefix) on first call; feed one
         chunk of the prompt unless only the last one is left. Returns whether it fed one."""
-        job, model, config, prompt = row.job, self.model, row.job.config, row.job.prompt
-        if row.decoding is None:
-            proposer = PROPOSERS[config.speculative](model, config, self.heads, None)
-            calibration = self._calibrations.get(config.speculative)
-            row.decoding = Decoding(model, config, proposer, calibration)
-            row.output = Output(model, config)
-            row.state, row.cached = self.cache.lookup(prompt)
-            row.done = row.cached
+        job, model, prompt = row.job, self.model, row.job.prompt
+        self._start(row)
         ahead = [b for b in job.boundaries if b > row.done]
         end = min(row.done + self.prefill_chunk, len(prompt), *ahead)
         if end == len(prompt):
