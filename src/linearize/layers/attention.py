@@ -76,10 +76,6 @@ class AttentionRows:
         """Rows ``n..`` are no longer in use."""
         del self.states[n:]
 
-    @property
-    def capacity(self) -> int:
-        return self.attn.capacity if self.batched else len(self.states)
-
     def resize(self, capacity: int) -> None:
         """Room for ``capacity`` rows (the first rows kept)."""
         if self.batched:
