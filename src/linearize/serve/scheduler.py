@@ -220,12 +220,18 @@ class Scheduler:
                 # The last chunk, fed by the decoding itself: it samples the first token.
                 tokens = row.decoding.prefill(job.prompt, row.state)
                 row.state = None
-        except ValueError as e:
-            job.emit(Event("error", info={"status": 400, "message": str(e)}))
-        except Exception as e:  # the model failed: tell this client, keep serving the others
-            logger.exception("request %s failed in prefill", job.request_id)
-            job.emit(Event("error", info={"status": 500, "message": f"prefill failed: {e}"}))
+        except Exception as e:
+            self._prefill_failed(row, e)
         self._joined(row, tokens)
+
+    def _prefill_failed(self, row: _Row, error: Exception) -> None:
+        """Tell the client (400 for what it caused); the others keep being served."""
+        if isinstance(error, ValueError):
+            row.job.emit(Event("error", info={"status": 400, "message": str(error)}))
+            return
+        logger.exception("request %s failed in prefill", row.job.request_id)
+        message = f"prefill failed: {error}"
+        row.job.emit(Event("error", info={"status": 500, "message": message}))
 
     def _joined(self, row: _Row, tokens: list[int] | None) -> None:
         """``row`` is prefilled (``tokens``: its first) or failed (``None``): it stops joining."""
@@ -254,7 +260,7 @@ class Scheduler:
                 continue
             try:
                 self._start(row)
-            except ValueError:
+            except Exception:  # reported when the row is prefilled alone
                 continue
             if row.done == 0:
                 groups[len(prompt)].append(row)
@@ -269,9 +275,13 @@ class Scheduler:
                 continue
             self.prefilled_together += len(rows)
             for i, row in enumerate(rows):
-                index = torch.tensor([i], device=self.model.device)
-                row_state = select_rows(state, index)
-                self._joined(row, row.decoding.prefilled(row.job.prompt, hidden[i, -1], row_state))
+                tokens = None
+                try:
+                    row_state = select_rows(state, torch.tensor([i], device=self.model.device))
+                    tokens = row.decoding.prefilled(row.job.prompt, hidden[i, -1], row_state)
+                except Exception as e:
+                    self._prefill_failed(row, e)
+                self._joined(row, tokens)
 
     def _start(self, row: _Row) -> None:
         """On the row's first chunk: its decoding, its output, the longest cached prefix."""
