@@ -254,3 +254,25 @@ def test_sinks_stay_at_cache_positions(sink_positions, form):
         outputs.append(y[:, -tail + GROUP :])
     same = torch.allclose(outputs[0], outputs[1], rtol=1e-10, atol=1e-12)
     assert same == (sink_positions == "cache")
+
+
+@pytest.mark.parametrize(("name", "options"), CAUSAL_CASES)
+def test_step_rows_matches_decoding_alone(name, options):
+    """Rows at different positions (inside and past the window) stepped together in place ≡
+    each row decoded alone; batched where the op has a rows step, row by row otherwise."""
+    layer = tiny_layer(name, **options)
+    lengths = [0, 3, GROUP + 4, 2 * GROUP + 1]
+    alone = [_committed(layer, n) for n in lengths]
+    rows = layer.init_rows(2, dtype=torch.float64)  # grows to 4
+    for i, state in enumerate(alone):
+        if i == 2:
+            rows.resize(4)
+        rows.put(i, state)
+    for step in range(GROUP + 2):
+        x = _x(1, seed=10 + step, batch=len(lengths))
+        positions = torch.tensor([[s.pos] for s in alone])
+        y = layer.step_rows(x, rows, positions)
+        for i in range(len(lengths)):
+            ref, alone[i] = layer(x[i : i + 1], state=alone[i], form="recurrent")
+            assert_close(f"{name} step {step} row {i}", ref, y[i : i + 1], 1e-12)
+    assert rows.batched == (layer.config.kind == "linear" and layer.config.window == "sliding")
