@@ -185,8 +185,7 @@ def step_rows(
     S, z, pos = rows.S[:B], rows.z[:B], rows.pos[:B]
     if not ring_size(spec):
         # Pure linear attention: the token is global to itself (as in linear_attn.step).
-        Fdim, V = S.shape[-2:]
-        S.view(-1, Fdim, V).baddbmm_(fk.reshape(-1, Fdim, 1), v.reshape(-1, 1, V))
+        _add_outer(S, fk, v)
         z.add_(fk)
         o = alpha * linear_attn._global_readout(spec, fq, S, z)
         if spec.decay < 1:
@@ -211,22 +210,32 @@ def step_rows(
         o = num if den is None else num / den[..., None]
         if spec.use_global:
             o = o + alpha * linear_attn._global_readout(spec, fq, S, z)
-    # 3. the token at τ + 1 − size leaves the window (unless a sink): into S, z, out of the ring
+    # 3. the token at τ + 1 − size leaves the window
+    _leave_window(spec, rows, b)
+    pos.add_(1)
+    return o.reshape(B, H, -1), rows
+
+
+def _leave_window(spec: LinearAttnSpec, rows: LinearAttnRows, b: Tensor) -> None:
+    """Rows ``b`` (``[B]``, at time ``τ = pos``): the token at ``τ + 1 − size`` (unless a sink)
+    folds into ``S, z`` and its slot empties; ``S, z`` age by one step."""
+    S, z, pos = rows.S[: len(b)], rows.z[: len(b)], rows.pos[: len(b)]
     leaving = pos + 1 - spec.size
     gone = leaving >= spec.sinks
     out = ring_slot(spec, leaving.clamp_min(spec.sinks))
     if spec.use_global:
-        # S, z age by one step; the leaving token is ``size`` tokens before the next one, so
-        # it joins them aged decay^size. One pass over S: S ← decay·S + f vᵀ.
+        # It is ``size`` tokens before the next one: it joins S, z aged decay^size.
         f = rows.fk[b, :, out] * (gone.to(S.dtype) * spec.decay**spec.size)[:, None, None]
-        Fdim, V = S.shape[-2:]
-        S.view(-1, Fdim, V).baddbmm_(
-            f.reshape(-1, Fdim, 1), rows.v[b, :, out].reshape(-1, 1, V), beta=spec.decay
-        )
+        _add_outer(S, f, rows.v[b, :, out], decay=spec.decay)
         z.mul_(spec.decay).add_(f)
     rows.times[b, out] = torch.where(gone, -1, rows.times[b, out])
-    pos.add_(1)
-    return o.reshape(B, H, -1), rows
+
+
+def _add_outer(S: Tensor, f: Tensor, v: Tensor, decay: float = 1.0) -> None:
+    """``S ← decay·S + f vᵀ`` in one pass, in place: ``S: [B, Hkv, F, V]``, ``f: [B, Hkv, F]``,
+    ``v: [B, Hkv, V]``."""
+    Fdim, V = S.shape[-2:]
+    S.view(-1, Fdim, V).baddbmm_(f.reshape(-1, Fdim, 1), v.reshape(-1, 1, V), beta=decay)
 
 
 def _ring_readout(
