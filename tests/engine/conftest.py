@@ -1,5 +1,6 @@
-"""Tiny models the onnx engine runs: issue 12's augmented layer (shared denominator, decay, sinks
-at cache positions) is not in the engine yet, so "augmented" here is the paper's layer."""
+"""Tiny models the onnx engine runs: the default ``augmented`` layer (shared denominator, decay,
+sinks at cache positions, Hedgehog features before RoPE), the paper's layer, plain linear,
+hybrid, grouped and softmax."""
 
 from __future__ import annotations
 
@@ -8,31 +9,34 @@ import torch
 import linearize
 from tests.generation.conftest import CONV, GROUP, byte_tokenizer, tiny_model
 
+# A decay of 0.9 (not the preset's 1 − 1/1024) so that aging S, z is visible within 1,000 steps.
+AUGMENTED = {"name": "augmented", "size": GROUP, "conv_size": CONV, "decay": 0.9}
 PAPER = {"name": "augmented_paper", "size": GROUP, "conv_size": CONV, "sink_positions": "absolute"}
+GROUPED = {"name": "augmented_paper", "window": "group", "size": 4, "sinks": 0, "conv_size": CONV}
+OPTIONS = {"augmented": AUGMENTED, "paper": PAPER, "hybrid": AUGMENTED, "group": GROUPED}
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
-    """A float32 tiny model (``kind``: softmax, elu, augmented, hybrid, group) the engine runs;
-    ``text``: with the byte tokenizer (vocabulary 258)."""
+    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group) the engine
+    runs, with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
+    (vocabulary 258)."""
     if text:
         vocab_size = 258
     if kind in ("softmax", "elu"):
         model = tiny_model(kind, vocab_size=vocab_size)
     else:
         model = tiny_model("softmax", vocab_size=vocab_size)
-        options = {"augmented": PAPER, "hybrid": PAPER}.get(kind)
-        if kind == "group":
-            options = {"name": "augmented_paper", "window": "group", "size": 4, "sinks": 0}
-            options["conv_size"] = CONV
         layers = [1] if kind == "hybrid" else None
-        linearize.linearize(model, options, layers=layers)
+        linearize.linearize(model, OPTIONS[kind], layers=layers)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("conv"):
                     p.normal_(0, 0.3)
                 elif name.endswith("alpha"):
                     p.fill_(0.7)
-                elif p.dim() == 2 and "self_attn" in name and "feature_map" not in name:
+                elif "feature_map" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+                elif p.dim() == 2 and "self_attn" in name:
                     p.normal_(0, 0.2)
     model = model.float().eval()
     if text:

@@ -27,7 +27,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("kind", ["augmented", "hybrid", "softmax"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "softmax"])
 def test_greedy_on_engine_equals_reference(kind):
     model = quantize(engine_model(kind, text=True).eval(), "int4")
     config = GenerationConfig(max_new_tokens=40)
@@ -53,8 +53,8 @@ def test_cli_engines_agree(tmp_path, capsys):
 
 
 def test_refusals(tmp_path):
-    issue12 = quantize(tiny_model("augmented").float(), "int4")
-    assert resolve_engine("auto", issue12) == "torch"  # a layer the engine does not run yet
+    default = quantize(tiny_model("augmented").float(), "int4")
+    assert resolve_engine("auto", default) == "onnx"  # the default layer runs on the engine
     model = engine_model("augmented", text=True)
     assert resolve_engine("auto", model) == "torch"  # fp32 weights: the reference
     with pytest.raises(ValueError, match="allowed"):
@@ -68,7 +68,7 @@ def test_refusals(tmp_path):
 NEW = 24
 
 
-@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid"])
 def test_speculative_on_engine_equals_plain_on_engine(kind):
     """Greedy Medusa / lookup / draft on the fast path give the tokens of greedy plain decoding
     on the same fast path (both with the same int4 weights)."""

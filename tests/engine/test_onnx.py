@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from linearize.engine.onnx import OnnxEngine  # noqa: E402
 
+KINDS = ["softmax", "augmented", "paper", "elu", "hybrid", "group"]
 STEPS = 1000
 # fp32 through two different runtimes (and, quantized, the same codes dequantized by each):
 # measured ~1e-6 relative over 1,000 steps; 1e-4 leaves room for summation-order noise.
@@ -29,7 +30,7 @@ def _model(kind: str) -> linearize.Decoder:
 
 
 @pytest.mark.parametrize("quant", [None, "int4", "int8"])
-@pytest.mark.parametrize("kind", ["softmax", "augmented", "elu", "hybrid", "group"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_engine_matches_reference(kind, quant, tmp_path):
     model = _model(kind)
     if quant is not None:
@@ -76,7 +77,7 @@ def test_context_past_the_engine(tmp_path):
         engine.prefill(list(range(9)))
 
 
-@pytest.mark.parametrize("kind", ["softmax", "augmented", "elu", "hybrid", "group"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_tree_step_and_commit_match_reference(kind, tmp_path):
     """Tree verification and the commit of an accepted path ≡ the reference's forward_tree and
     commit, over trees that cross window and group boundaries (window / group 4, conv 4 taps)."""
@@ -105,7 +106,7 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
     assert engine.pos == state.pos
 
 
-@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid"])
 def test_chunked_prefill_on_the_engine(kind, tmp_path):
     model = _model(kind)
     ids = torch.randint(0, 128, (1, 45))
@@ -133,7 +134,13 @@ def test_int8_arithmetic_stays_close(tmp_path):
     assert agree > 0.9, f"greedy tokens agree on {agree:.0%} of the steps"
 
 
-def test_issue12_layer_is_refused_clearly(tmp_path):
+def test_default_layer_runs_on_the_engine(tmp_path):
+    """The preset as converted (α = 0, zero taps, Hedgehog at identity) runs too."""
     model = tiny_model("augmented").float()
-    with pytest.raises(ValueError, match="does not run attention 'augmented' yet"):
-        OnnxEngine(model, max_context=16, cache=tmp_path)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
+    engine.prefill(ids[0, :3].tolist())
+    steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 3:]])
+    assert_close("default layer", reference[0, 3:], steps, TOLERANCE)

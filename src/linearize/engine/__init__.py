@@ -4,8 +4,9 @@
 ``onnx`` exports the model's one-token step and tree step to ONNX Runtime with the state as
 fixed-shape ring buffers, quantized linears as 4-/8-bit ``MatMulNBits``
 (:mod:`linearize.engine.onnx`); it runs plain and speculative decoding. ``auto`` picks ``onnx``
-for a quantized model when onnxruntime is installed and the engine runs every layer (not yet
-issue 12's shared-denominator / decay / cache-sink layer: :func:`supports`), else ``torch``.
+for a quantized model when onnxruntime is installed and the engine runs every layer
+(:func:`supports`: softmax and every linear attention, the default ``augmented`` included),
+else ``torch``.
 """
 
 from __future__ import annotations

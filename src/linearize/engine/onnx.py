@@ -221,6 +221,11 @@ class OnnxEngine:
             (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
             None,
         )
+        # Per layout with sinks at cache positions, an attention that computes where they sit.
+        self.sink_layers = {}
+        for layer, lay in zip(model.layers, self.layouts, strict=True):
+            if lay.cache_sinks:
+                self.sink_layers.setdefault(lay.key, layer.self_attn)
         K = model.layers[0].self_attn.config.head_dim
         self.x = np.zeros((1, 1, model.config.hidden_size), dtype=np.float32)
         self.cos = np.ones((1, K), dtype=np.float32)
@@ -289,9 +294,19 @@ class OnnxEngine:
             cos, sin = self.rope.cos_sin(pos)
             self.cos[0], self.sin[0] = cos.numpy(), sin.numpy()
         self.state.prepare()
+        for key, attn in self.sink_layers.items():
+            control = self.state.controls[key]
+            cos, sin = self._sink_rotation(attn, torch.tensor([pos]))
+            control.sink_cos[...], control.sink_sin[...] = cos, sin
         self.session.run_with_iobinding(self.binding)
         self.state.commit()
         return torch.from_numpy(self.logits[0])
+
+    def _sink_rotation(self, attn, positions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``cos, sin: [N, K]`` of the sink query at each of ``positions`` (``attn``'s layout)."""
+        sink_positions = attn._sink_positions(positions)
+        cos, sin = zip(*(self.rope.cos_sin(int(p)) for p in sink_positions), strict=True)
+        return torch.stack(cos).numpy(), torch.stack(sin).numpy()
 
     # --- speculative decoding: the tree step and the commit ------------------------------------
 
@@ -324,7 +339,10 @@ class OnnxEngine:
             for n, d in enumerate(depths):
                 c, s = self.rope.cos_sin(pos + int(d))
                 cos[n], sin[n] = c.numpy(), s.numpy()
-        feeds.update(cos=cos, sin=sin)
+        feeds.update(cos=cos, sin=sin, pos=np.array(pos, dtype=np.int64))
+        for j, key in enumerate(module.sink_keys):
+            rotation = self._sink_rotation(self.sink_layers[key], torch.from_numpy(pos + depths))
+            feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = rotation
         rings = [self.state.controls[key].times for key in module.keys]
         taps = {lay.conv_taps for lay in module.layouts if lay.conv_taps}
         controls = tree_controls(tree, size, pos, rings, taps)

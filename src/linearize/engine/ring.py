@@ -14,6 +14,9 @@ import torch
 from linearize.engine.step import Layout, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
 
+# The step's inputs that are a layout's control tensors (shared by its layers), not state.
+CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_cos", "sink_sin")
+
 
 class _Control:
     """The control tensors and slot bookkeeping shared by every layer of one layout."""
@@ -26,6 +29,9 @@ class _Control:
         self.fold_index = np.zeros(lay.folds, dtype=np.int64)
         self.fold_weight = np.zeros(lay.folds, dtype=np.float32)
         self.fold_new = np.zeros(1, dtype=np.float32)
+        # The sink query's rotation (sinks at cache positions), filled by the engine.
+        self.sink_cos = np.ones((1, lay.key_dim), dtype=np.float32)
+        self.sink_sin = np.zeros((1, lay.key_dim), dtype=np.float32)
         self.slot = -1
 
     def prepare(self, pos: int) -> None:
@@ -41,11 +47,13 @@ class _Control:
             raise AssertionError(
                 f"{len(leaving)} tokens leave at once; the graph folds {lay.folds}"
             )
+        # A token joins S, z aged to the next token's time: decay^(pos + 1 - time).
+        decay = lay.spec.decay
         self.fold_weight[:] = 0
-        self.fold_weight[: len(leaving)] = 1
+        self.fold_weight[: len(leaving)] = decay ** (pos + 1 - self.times[leaving])
         self.fold_index[:] = 0
         self.fold_index[: len(leaving)] = leaving
-        self.fold_new[0] = float(fold[C])
+        self.fold_new[0] = decay * float(fold[C])
         self.leaving = leaving
         self.slot = -1
         if C and bool(keep[C]):
@@ -56,6 +64,8 @@ class _Control:
                     "rebuild the engine with a larger max_context"
                 )
             self.slot = int(free[0])
+            # The step scores the sinks as the ring's first slots (they never leave).
+            assert self.slot >= lay.spec.sinks or self.slot == pos, (self.slot, pos)
 
     def commit(self, pos: int) -> None:
         self.times[self.leaving] = -1
@@ -77,7 +87,7 @@ class RingState:
             shapes = _shapes(lay)
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
-                if kind in ("mask", "fold_index", "fold_weight", "fold_new"):
+                if kind in CONTROLS:
                     self.inputs[name] = getattr(control, kind)
                 else:
                     self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
@@ -133,13 +143,16 @@ class RingState:
                 if lay.use_global:
                     fk = nodes[f"node_fk.{i}"][:, :, node]
                     S, z = self.inputs[f"S.{i}"], self.inputs[f"z.{i}"]
-                    for slot in control.leaving:
-                        ring_fk = self.inputs[f"fk.{i}"][:, :, slot]
+                    if lay.spec.decay < 1:
+                        S *= lay.spec.decay
+                        z *= lay.spec.decay
+                    for slot, weight in zip(control.leaving, control.fold_weight, strict=False):
+                        ring_fk = weight * self.inputs[f"fk.{i}"][:, :, slot]
                         S += ring_fk[..., :, None] * self.inputs[f"v.{i}"][:, :, slot, None, :]
                         z += ring_fk
                     if control.fold_new[0]:
-                        S += fk[..., :, None] * v[..., None, :]
-                        z += fk
+                        S += control.fold_new[0] * fk[..., :, None] * v[..., None, :]
+                        z += control.fold_new[0] * fk
                 if control.slot >= 0:
                     self.inputs[f"k.{i}"][:, :, control.slot] = k
                     self.inputs[f"v.{i}"][:, :, control.slot] = v

@@ -4,11 +4,12 @@ Every layer's state becomes explicit tensors of fixed shape. The exact part (a l
 kept tokens, a softmax layer's KV cache) is a **ring buffer** of ``C`` slots with a ``times``
 array (−1 = empty): the host writes the new token's key/value into a free slot after the step,
 so nothing is concatenated or re-allocated per token, and the graph reads the buffer in place.
-Which slots a query sees and which tokens leave for ``S, z`` come from the layer's own
+Which slots a query sees and which tokens leave for ``S, z`` (with the weight
+``decay^age`` each joins them with) come from the layer's own
 :class:`~linearize.ops.linear_attn.LinearAttnSpec` (``is_local``), computed on the host and passed
-in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``), shared by
-every layer with the same layout. A softmax layer is the spec "everything is local" over a
-cache of ``max_context`` slots.
+in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``, and the
+rotation of the sink query ``sink_cos, sink_sin``), shared by every layer with the same layout.
+A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots.
 
 The projections, RoPE, feature maps, convolution, output norm, MLP and norms are the model's own
 modules; the attention readout is the fixed-shape twin of :func:`linear_attn.step` (scores of
@@ -42,6 +43,9 @@ class Layout:
     key_dim: int
     feature_dim: int
     self_global: bool
+    # Sink keys scored by the query rotated at its position inside the kept cache
+    # (``sink_positions="cache"``); the sinks always sit in the ring's first slots.
+    cache_sinks: bool = False
 
     @property
     def key(self) -> tuple:
@@ -50,22 +54,11 @@ class Layout:
 
 
 def unsupported(attn: Attention) -> str | None:
-    """Why the fixed-shape step cannot run this attention yet (``None``: it can)."""
-    c = attn.config
-    if c.kind == "softmax":
+    """Why the fixed-shape step cannot run this attention (``None``: it can)."""
+    kind = attn.config.kind
+    if kind in ("softmax", "linear"):
         return None
-    if c.kind != "linear":
-        return f"{c.kind} attention has no decoding step"
-    reasons = []
-    if c.combine != "sum":
-        reasons.append(f"combine={c.combine!r}")
-    if c.decay != 1:
-        reasons.append(f"decay={c.decay}")
-    if c.sinks and c.sink_positions == "cache":
-        reasons.append("sinks at cache positions")
-    if attn.feature_map is not None and not c.global_rope:
-        reasons.append("features before RoPE (global_rope=False)")
-    return ", ".join(reasons) or None
+    return f"{kind} attention has no decoding step"
 
 
 def layout(attn: Attention, max_context: int) -> Layout:
@@ -73,9 +66,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
     reason = unsupported(attn)
     if reason is not None:
         raise ValueError(
-            f"the onnx engine does not run attention {c.name!r} yet ({reason}; issue 12's "
-            "layer): use --engine torch, or an attention with combine='sum', decay=1, "
-            "sink_positions='absolute' (e.g. augmented_paper)"
+            f"the onnx engine does not run attention {c.name!r} ({reason}): use --engine torch"
         )
     if c.kind == "softmax":
         # Every token stays local (a window longer than any context): the cache never folds.
@@ -92,6 +83,12 @@ def layout(attn: Attention, max_context: int) -> Layout:
     far = torch.tensor([10**9])
     self_global = not bool(spec.is_local(far, far)[0, 0])
     feature_dim = attn.feature_map.feature_dim if attn.feature_map is not None else c.head_dim
+    cache_sinks = (
+        c.kind == "linear"
+        and spec.sinks > 0
+        and c.sink_positions == "cache"
+        and attn.rope is not None
+    )
     return Layout(
         spec,
         capacity,
@@ -102,6 +99,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         c.head_dim,
         feature_dim,
         self_global,
+        cache_sinks,
     )
 
 
@@ -112,6 +110,8 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
         names += [f"k.{i}", f"v.{i}", f"mask.{i}"]
         if lay.use_global:
             names.append(f"fk.{i}")
+        if lay.cache_sinks:
+            names += [f"sink_cos.{i}", f"sink_sin.{i}"]
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}", f"fold_new.{i}"]
         if lay.folds:
@@ -184,32 +184,45 @@ def _attention_step(
     q = attn.q_proj(x).view(B, H, K)
     k = attn.k_proj(x).view(B, Hkv, K)
     v = attn.v_proj(x).view(B, Hkv, K)
+    fq = fk = q_sink = None
+    if attn.feature_map is not None and not c.global_rope:
+        fq, fk = _features(attn, q), _features(attn, k)
     if attn.rope is not None:
+        if lay.cache_sinks:
+            q_sink = attn.rope.rotate(q, s["sink_cos"], s["sink_sin"]).view(B, Hkv, R, K)
         q, k = attn.rope.rotate(q, cos, sin), attn.rope.rotate(k, cos, sin)
+    if fq is None:
+        has_map = attn.feature_map is not None
+        fq, fk = (_features(attn, q), _features(attn, k)) if has_map else (q, k)
     q5 = q.view(B, Hkv, R, K)
     new: dict[str, Tensor] = {}
     spec = lay.spec
-    o = None
+    num = den = None
     if spec.local != "none":
-        o = _local(spec, q5, k, v, s["k"], s["v"], s["mask"])
+        num, den = _local(spec, q5, k, v, s["k"], s["v"], s["mask"], q_sink)
     if lay.use_global:
-        fk = attn.feature_map(k[:, None])[:, 0] if attn.feature_map is not None else k
-        fq = attn.feature_map(q[:, None])[:, 0] if attn.feature_map is not None else q
         fq5 = fq.view(B, Hkv, R, -1)
         S, z = s["S"], s["z"]
-        num = torch.matmul(fq5, S)
-        den = torch.matmul(fq5, z[..., None])[..., 0]
+        g_num = torch.matmul(fq5, S)
+        g_den = torch.matmul(fq5, z[..., None])[..., 0]
         if lay.self_global:
             score = (fq5 * fk[:, :, None]).sum(-1)
-            num = num + score[..., None] * v[:, :, None]
-            den = den + score
-        if spec.normalize:
-            num = num / (den[..., None] + spec.eps)
-        o = attn.alpha * num if o is None else o + attn.alpha * num
+            g_num = g_num + score[..., None] * v[:, :, None]
+            g_den = g_den + score
+        alpha = attn._alpha()
+        if spec.combine == "shared":
+            # One denominator for the window and the global part (linear_attn.step).
+            o = (num + alpha * g_num) / (den + alpha * g_den)[..., None]
+        else:
+            if spec.normalize:
+                g_num = g_num / (g_den[..., None] + spec.eps)
+            o = alpha * g_num if num is None else _normalized(num, den) + alpha * g_num
         S, z = _fold(lay, s, fk, v, S, z)
         new.update(S_out=S, z_out=z)
         if lay.capacity:
             new["new_fk"] = fk
+    else:
+        o = _normalized(num, den)
     o = o.reshape(B, 1, H, K)
     if lay.conv_taps:
         conv, tail = _conv_step(attn, v, s["conv"])
@@ -220,26 +233,46 @@ def _attention_step(
     return attn._output(o), new
 
 
-def _local(spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor) -> Tensor:
-    """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``) and itself."""
+def _features(attn: Attention, x: Tensor) -> Tensor:
+    """The feature map of one token's heads ``x: [B, H, K]``."""
+    return attn.feature_map(x[:, None])[:, 0]
+
+
+def _normalized(num: Tensor, den: Tensor | None) -> Tensor:
+    return num if den is None else num / den[..., None]
+
+
+def _local(
+    spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, q_sink
+) -> tuple[Tensor, Tensor | None]:
+    """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``) and itself:
+    numerator ``[B,Hkv,R,V]`` and, for softmax, denominator ``[B,Hkv,R]`` (weights ``e^{s−m}``).
+    ``q_sink`` (like ``q5``) scores the sinks, which sit in the ring's first slots."""
+    C = kb.shape[2]
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
-        scores = torch.matmul(q5, kb.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(mask <= 0, float("-inf"))
+        scores = torch.matmul(q5, kb.transpose(-1, -2))
+        if q_sink is not None:
+            sinks = torch.matmul(q_sink, kb[:, :, : spec.sinks].transpose(-1, -2))
+            scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
+        scores = (scores * scale).masked_fill(mask <= 0, float("-inf"))
         own = (q5 * k[:, :, None]).sum(-1, keepdim=True) * scale
-        weights = torch.softmax(torch.cat([scores, own], -1), -1)
+        scores = torch.cat([scores, own], -1)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        den = weights.sum(-1)
     else:
         qn = linear_attn._unit(q5)
         scores = torch.relu(torch.matmul(qn, linear_attn._unit(kb).transpose(-1, -2))) ** 2
         own = torch.relu((qn * linear_attn._unit(k)[:, :, None]).sum(-1, keepdim=True)) ** 2
-        weights = torch.cat([scores * mask, own], -1)
-    C = kb.shape[2]
-    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v[:, :, None]
+        weights, den = torch.cat([scores * mask, own], -1), None
+    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v[:, :, None], den
 
 
 def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):
-    """``S, z`` after the leaving tokens: ring slots ``fold_index`` (weights 0/1) and the new
-    token (``fold_new``)."""
+    """``S, z`` after the leaving tokens: aged by ``decay``, then ring slots ``fold_index`` and
+    the new token join with the host's weights (``decay^age``; 0 for padding)."""
+    if lay.spec.decay < 1:
+        S, z = S * lay.spec.decay, z * lay.spec.decay
     w = s["fold_new"]
     S = S + w * fk[..., :, None] * v[..., None, :]
     z = z + w * fk

@@ -40,10 +40,13 @@ def tree_outputs(i: int, lay: Layout) -> list[str]:
 
 
 class TreeStep(nn.Module):
-    """``tree(x, cos, sin, t_nodes, visible, *state) -> (logits, hidden, *node k/v/fk)``.
+    """``tree(x, cos, sin, t_nodes, pos, visible, sink_cos, sink_sin, *state)
+    -> (logits, hidden, *node k/v/fk)``.
 
     ``x: [1, N, D]`` the nodes' embeddings, ``cos, sin: [N, K]``, ``t_nodes: [N]`` their times,
-    ``visible: [N, C + N]`` (ring slots, then nodes: ancestors and self) per layout capacity.
+    ``pos: []`` the committed length (the time ``S, z`` are decayed to), per distinct layout
+    ``visible: [N, C + N]`` (ring slots, then nodes: ancestors and self) and, for sinks at
+    cache positions, the sink query's rotation ``sink_cos, sink_sin: [N, K]``.
     """
 
     def __init__(self, model: Decoder, max_context: int) -> None:
@@ -51,11 +54,16 @@ class TreeStep(nn.Module):
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
 
-        # One visibility input per distinct layout (they share the ring's times).
+        # One visibility input per distinct layout (they share the ring's times), and one sink
+        # rotation per distinct layout with sinks at cache positions.
         self.keys = list(dict.fromkeys(lay.key for lay in self.layouts))
+        self.sink_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.cache_sinks))
 
     def input_names(self) -> list[str]:
-        names = ["x", "cos", "sin", "t_nodes", *(f"visible.{j}" for j in range(len(self.keys)))]
+        names = ["x", "cos", "sin", "t_nodes", "pos"]
+        names += [f"visible.{j}" for j in range(len(self.keys))]
+        for j in range(len(self.sink_keys)):
+            names += [f"sink_cos.{j}", f"sink_sin.{j}"]
         for i, lay in enumerate(self.layouts):
             names += tree_inputs(i, lay)
         return names
@@ -66,16 +74,21 @@ class TreeStep(nn.Module):
             names += tree_outputs(i, lay)
         return names
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, t_nodes: Tensor, *rest: Tensor):
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, t_nodes: Tensor, pos: Tensor, *rest: Tensor
+    ):
         visible = dict(zip(self.keys, rest[: len(self.keys)], strict=True))
         rest = list(rest[len(self.keys) :])
+        sinks = {key: (rest[2 * j], rest[2 * j + 1]) for j, key in enumerate(self.sink_keys)}
+        rest = rest[2 * len(self.sink_keys) :]
+        controls = (t_nodes, pos, visible, sinks)
         outputs: list[Tensor] = []
         for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
             names = tree_inputs(i, lay)
             s = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
             h = layer.input_layernorm(x)
-            h, node = _attention_tree(layer.self_attn, lay, h, cos, sin, t_nodes, visible, s)
+            h, node = _attention_tree(layer.self_attn, lay, h, cos, sin, controls, s)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             outputs += [node[name.split(".")[0]] for name in tree_outputs(i, lay)]
@@ -83,19 +96,29 @@ class TreeStep(nn.Module):
         return (self.model.lm_head(hidden), hidden, *outputs)
 
 
-def _attention_tree(attn, lay: Layout, x: Tensor, cos, sin, t_nodes, visible, s):
+def _attention_tree(attn, lay: Layout, x: Tensor, cos, sin, controls, s):
+    t_nodes, pos, visible, sinks = controls
     c = attn.config
     B, N, _ = x.shape
     H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
     q = attn.q_proj(x).view(B, N, H, K)
     k = attn.k_proj(x).view(B, N, Hkv, K)
     v = attn.v_proj(x).view(B, N, Hkv, K)
+    # As Attention._project: features before or after RoPE, the sink query rotated apart.
+    has_map = attn.feature_map is not None
+    early = has_map and not c.global_rope
+    fq, fk = (attn.feature_map(q), attn.feature_map(k)) if early else (None, None)
+    q_sink = None
     if attn.rope is not None:
+        if lay.cache_sinks:
+            sink_cos, sink_sin = sinks[lay.key]
+            q_sink = attn.rope.rotate(q, sink_cos[:, None], sink_sin[:, None])
         q, k = (
             attn.rope.rotate(q, cos[:, None], sin[:, None]),
             attn.rope.rotate(k, cos[:, None], sin[:, None]),
         )
-    fq, fk = (attn.feature_map(q), attn.feature_map(k)) if attn.feature_map is not None else (q, k)
+    if not early:
+        fq, fk = (attn.feature_map(q), attn.feature_map(k)) if has_map else (q, k)
     kn, fkn, vn = (t.transpose(1, 2) for t in (k, fk, v))  # [B, Hkv, N, ·]
     if lay.capacity:
         keys = torch.cat([s["k"], kn], 2)
@@ -110,7 +133,8 @@ def _attention_tree(attn, lay: Layout, x: Tensor, cos, sin, t_nodes, visible, s)
     group = lambda t: t.transpose(1, 2).reshape(B, Hkv, R, N, t.shape[-1])  # noqa: E731
     o = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
-        visible[lay.key] > 0, S, z, attn.alpha,
+        visible[lay.key] > 0, S, z, attn._alpha(), s_time=pos,
+        q_sink=None if q_sink is None else group(q_sink),
     )  # fmt: skip
     o = o.reshape(B, H, N, K).transpose(1, 2)
     if lay.conv_taps:
