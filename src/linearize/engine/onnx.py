@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from linearize.engine.ring import RingState
-from linearize.engine.step import FixedStep
+from linearize.engine.step import FixedStep, rotation_matrix
 from linearize.engine.tree import TreeStep, tree_controls, tree_inputs
 from linearize.models.decoder import Decoder, ModelState
 from linearize.ops.tree import Tree
@@ -30,7 +30,7 @@ from linearize.paths import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -165,8 +165,8 @@ def _step_example(model: Decoder, step: FixedStep, state: RingState) -> list[tor
     D = model.config.hidden_size
     K = model.layers[0].self_attn.config.head_dim
     state.prepare()
-    inputs = [torch.zeros(1, 1, D), torch.ones(1, K), torch.zeros(1, K)]
-    return inputs + [torch.from_numpy(state.inputs[n]) for n in step.input_names()[3:]]
+    inputs = [torch.zeros(1, 1, D), torch.eye(K)]
+    return inputs + [torch.from_numpy(state.inputs[n]) for n in step.input_names()[2:]]
 
 
 class OnnxEngine:
@@ -228,8 +228,9 @@ class OnnxEngine:
                 self.sink_layers.setdefault(lay.key, layer.self_attn)
         K = model.layers[0].self_attn.config.head_dim
         self.x = np.zeros((1, 1, model.config.hidden_size), dtype=np.float32)
-        self.cos = np.ones((1, K), dtype=np.float32)
-        self.sin = np.zeros((1, K), dtype=np.float32)
+        self.rotation = np.eye(K, dtype=np.float32)
+        # The embedding table, dequantized once: a lookup per step is a row copy.
+        self.embedding = model.embed_tokens.weight.detach().float().numpy()
         self.logits = np.zeros((1, model.config.vocab_size), dtype=np.float32)
         self.reset()
 
@@ -247,7 +248,7 @@ class OnnxEngine:
     def reset(self) -> None:
         self.state = RingState(self.layouts)
         self.binding = self.session.io_binding()
-        inputs = {"x": self.x, "cos": self.cos, "sin": self.sin, **self.state.inputs}
+        inputs = {"x": self.x, "rotation": self.rotation, **self.state.inputs}
         for name in self.step_module.input_names():
             _bind(self.binding.bind_input, name, inputs[name])
         outputs = {"logits": self.logits, **self.state.outputs}
@@ -289,18 +290,20 @@ class OnnxEngine:
         """Feed one token; the logits of the next, ``[V]`` (a view of the engine's buffer:
         read it before the next step)."""
         pos = self.state.pos
-        self.x[...] = self.model.embed_tokens(torch.tensor([[token]])).numpy()
+        self.x[0, 0] = self.embedding[token]
         if self.rope is not None:
-            cos, sin = self.rope.cos_sin(pos)
-            self.cos[0], self.sin[0] = cos.numpy(), sin.numpy()
+            self.rotation[...] = self._rotation(pos)
         self.state.prepare()
         for key, attn in self.sink_layers.items():
-            control = self.state.controls[key]
-            cos, sin = self._sink_rotation(attn, torch.tensor([pos]))
-            control.sink_cos[...], control.sink_sin[...] = cos, sin
+            sink_position = int(attn._sink_positions(torch.tensor(pos)))
+            self.state.controls[key].sink_rotation[...] = self._rotation(sink_position)
         self.session.run_with_iobinding(self.binding)
         self.state.commit()
         return torch.from_numpy(self.logits[0])
+
+    def _rotation(self, position: int) -> np.ndarray:
+        cos, sin = self.rope.cos_sin(position)
+        return rotation_matrix(cos.numpy(), sin.numpy())
 
     def _sink_rotation(self, attn, positions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin: [N, K]`` of the sink query at each of ``positions`` (``attn``'s layout)."""
@@ -333,7 +336,7 @@ class OnnxEngine:
         feeds = {"x": self.model.embed_tokens(ids).detach().numpy()}
         depths = np.zeros(size, dtype=np.int64)
         depths[: len(tree)] = tree.depths.numpy()
-        K = self.cos.shape[1]
+        K = self.rotation.shape[0]
         cos, sin = np.ones((size, K), np.float32), np.zeros((size, K), np.float32)
         if self.rope is not None:
             for n, d in enumerate(depths):

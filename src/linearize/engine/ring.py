@@ -15,7 +15,7 @@ from linearize.engine.step import Layout, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
 
 # The step's inputs that are a layout's control tensors (shared by its layers), not state.
-CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_cos", "sink_sin")
+CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation")
 
 
 class _Control:
@@ -25,23 +25,30 @@ class _Control:
         self.lay = lay
         C = lay.capacity
         self.times = np.full(C, -1, dtype=np.int64)
+        # Which slots the query sees: added to softmax scores (0 or −inf), else multiplied (1 / 0).
+        self.additive = lay.spec.local == "softmax"
         self.mask = np.zeros(C, dtype=np.float32)
         self.fold_index = np.zeros(lay.folds, dtype=np.int64)
         self.fold_weight = np.zeros(lay.folds, dtype=np.float32)
         self.fold_new = np.zeros(1, dtype=np.float32)
         # The sink query's rotation (sinks at cache positions), filled by the engine.
-        self.sink_cos = np.ones((1, lay.key_dim), dtype=np.float32)
-        self.sink_sin = np.zeros((1, lay.key_dim), dtype=np.float32)
+        self.sink_rotation = np.eye(lay.key_dim, dtype=np.float32)
         self.slot = -1
 
     def prepare(self, pos: int) -> None:
         lay, C = self.lay, self.lay.capacity
-        candidates = torch.from_numpy(np.append(self.times, pos))
+        candidates = np.append(self.times, pos)
         valid = candidates >= 0
-        local_now = lay.spec.is_local(candidates, torch.tensor([pos]))[0]
-        keep = valid & lay.spec.is_local(candidates, torch.tensor([pos + 1]))[0]
-        fold = (valid & ~keep).numpy()
-        self.mask[:] = (valid & local_now)[:C].numpy()
+        # Local to this query (pos) and to the next one (pos + 1): what stays in the ring.
+        local = lay.spec.is_local(torch.from_numpy(candidates), torch.tensor([pos, pos + 1]))
+        local = local.numpy()
+        keep = valid & local[1]
+        fold = valid & ~keep
+        seen = valid[:C] & local[0, :C]
+        if self.additive:
+            self.mask[:] = np.where(seen, 0, -np.inf)
+        else:
+            self.mask[:] = seen
         leaving = np.flatnonzero(fold[:C])
         if len(leaving) > lay.folds:
             raise AssertionError(

@@ -8,7 +8,7 @@ Which slots a query sees and which tokens leave for ``S, z`` (with the weight
 ``decay^age`` each joins them with) come from the layer's own
 :class:`~linearize.ops.linear_attn.LinearAttnSpec` (``is_local``), computed on the host and passed
 in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``, and the
-rotation of the sink query ``sink_cos, sink_sin``), shared by every layer with the same layout.
+rotation of the sink query ``sink_rotation``), shared by every layer with the same layout.
 A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots.
 
 The projections, RoPE, feature maps, convolution, output norm, MLP and norms are the model's own
@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linearize.engine.fuse import fuse_linears
 from linearize.layers.attention import Attention
 from linearize.models.decoder import Decoder
 from linearize.ops import linear_attn
@@ -111,7 +114,7 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
         if lay.use_global:
             names.append(f"fk.{i}")
         if lay.cache_sinks:
-            names += [f"sink_cos.{i}", f"sink_sin.{i}"]
+            names.append(f"sink_rotation.{i}")
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}", f"fold_new.{i}"]
         if lay.folds:
@@ -135,19 +138,28 @@ def state_outputs(i: int, lay: Layout) -> list[str]:
 
 
 class FixedStep(nn.Module):
-    """``step(x, cos, sin, *state) -> (logits, *new_state)`` for one token, batch 1.
+    """``step(x, rotation, *state) -> (logits, *new_state)`` for one token, batch 1.
 
-    ``x: [1, 1, D]`` the token's embedding (the host looks it up), ``cos, sin: [1, K]`` its
-    rotary angles; the state tensors as named by :func:`state_inputs` / :func:`state_outputs`.
+    ``x: [1, 1, D]`` the token's embedding (the host looks it up), ``rotation: [K, K]`` its
+    rotary embedding as a matrix (:func:`rotation_matrix`); the state tensors as named by
+    :func:`state_inputs` / :func:`state_outputs`.
     """
 
     def __init__(self, model: Decoder, max_context: int) -> None:
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+        # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up.
+        self.qkv = nn.ModuleList(
+            fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+            for a in (layer.self_attn for layer in model.layers)
+        )
+        self.gate_up = nn.ModuleList(
+            fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in model.layers
+        )
 
     def input_names(self) -> list[str]:
-        names = ["x", "cos", "sin"]
+        names = ["x", "rotation"]
         for i, lay in enumerate(self.layouts):
             names += state_inputs(i, lay)
         return names
@@ -158,39 +170,38 @@ class FixedStep(nn.Module):
             names += state_outputs(i, lay)
         return names
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, rotation: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         outputs: list[Tensor] = []
         rest = list(state)
         for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
             names = state_inputs(i, lay)
             taken = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
-            h, new = _attention_step(
-                layer.self_attn, lay, layer.input_layernorm(x), cos, sin, taken
-            )
+            qkv = self.qkv[i](layer.input_layernorm(x))
+            h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken)
             x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
             outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
         logits = self.model.lm_head(self.model.norm(x))
         return (logits[:, 0], *outputs)
 
 
 def _attention_step(
-    attn: Attention, lay: Layout, x: Tensor, cos: Tensor, sin: Tensor, s: dict[str, Tensor]
+    attn: Attention, lay: Layout, qkv: Tensor, rotation: Tensor, s: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``qkv: [B, 1, (H + 2·Hkv)·K]`` the token's projections, side by side."""
     c = attn.config
-    B, H, Hkv, K = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+    B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
-    q = attn.q_proj(x).view(B, H, K)
-    k = attn.k_proj(x).view(B, Hkv, K)
-    v = attn.v_proj(x).view(B, Hkv, K)
+    q, k, v = qkv.view(B, H + 2 * Hkv, K).split([H, Hkv, Hkv], 1)
     fq = fk = q_sink = None
     if attn.feature_map is not None and not c.global_rope:
         fq, fk = _features(attn, q), _features(attn, k)
     if attn.rope is not None:
         if lay.cache_sinks:
-            q_sink = attn.rope.rotate(q, s["sink_cos"], s["sink_sin"]).view(B, Hkv, R, K)
-        q, k = attn.rope.rotate(q, cos, sin), attn.rope.rotate(k, cos, sin)
+            q_sink = torch.matmul(q, s["sink_rotation"]).view(B, Hkv, R, K)
+        q, k = torch.matmul(q, rotation), torch.matmul(k, rotation)
     if fq is None:
         has_map = attn.feature_map is not None
         fq, fk = (_features(attn, q), _features(attn, k)) if has_map else (q, k)
@@ -233,6 +244,19 @@ def _attention_step(
     return attn._output(o), new
 
 
+def rotation_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """``R: [K, K]`` with ``x @ R == RotaryEmbedding.rotate(x, cos, sin)`` (``cos, sin: [K]``):
+    rotating is ``x·cos + rotate_half(x)·sin``, and ``rotate_half`` is a signed permutation.
+    One matmul in the graph instead of the six nodes of slicing, negating and concatenating;
+    each output sums the same two products, so the numbers are the same."""
+    K = cos.shape[-1]
+    half = K // 2
+    R = np.diag(cos).astype(np.float32)
+    R[np.arange(half, K), np.arange(half)] = -sin[:half]
+    R[np.arange(half), np.arange(half, K)] = sin[half:]
+    return R
+
+
 def _features(attn: Attention, x: Tensor) -> Tensor:
     """The feature map of one token's heads ``x: [B, H, K]``."""
     return attn.feature_map(x[:, None])[:, 0]
@@ -245,19 +269,20 @@ def _normalized(num: Tensor, den: Tensor | None) -> Tensor:
 def _local(
     spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, q_sink
 ) -> tuple[Tensor, Tensor | None]:
-    """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``) and itself:
-    numerator ``[B,Hkv,R,V]`` and, for softmax, denominator ``[B,Hkv,R]`` (weights ``e^{s−m}``).
-    ``q_sink`` (like ``q5``) scores the sinks, which sit in the ring's first slots."""
+    """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``: added to
+    softmax scores, multiplied into relu2 weights) and itself: numerator ``[B,Hkv,R,V]`` and,
+    for softmax, denominator ``[B,Hkv,R]`` (weights ``e^{s−m}``). ``q_sink`` (like ``q5``)
+    scores the sinks, which sit in the ring's first slots."""
     C = kb.shape[2]
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
+        q5 = q5 * scale
         scores = torch.matmul(q5, kb.transpose(-1, -2))
         if q_sink is not None:
-            sinks = torch.matmul(q_sink, kb[:, :, : spec.sinks].transpose(-1, -2))
+            sinks = torch.matmul(q_sink * scale, kb[:, :, : spec.sinks].transpose(-1, -2))
             scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
-        scores = (scores * scale).masked_fill(mask <= 0, float("-inf"))
-        own = (q5 * k[:, :, None]).sum(-1, keepdim=True) * scale
-        scores = torch.cat([scores, own], -1)
+        own = (q5 * k[:, :, None]).sum(-1, keepdim=True)
+        scores = torch.cat([scores + mask, own], -1)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
         den = weights.sum(-1)
     else:
@@ -290,5 +315,5 @@ def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor
     window = torch.cat([tail, v[:, :, None]], 2)  # [B, Hkv, P, V], oldest first
     B, Hkv, P, V = window.shape
     taps = attn.conv.flip(-1).view(Hkv, -1, P)
-    out = torch.einsum("bhpv,hrp->bhrv", window, taps).reshape(B, 1, -1, V)
+    out = torch.matmul(taps, window).reshape(B, 1, -1, V)  # [B, Hkv, R, V]
     return out, window[:, :, 1:]

@@ -186,8 +186,8 @@ class _NBitsLinear(torch.autograd.Function):
             # The engine's graphs have fixed shapes: ``sizes`` is x's shape at export.
             shape = torch.tensor([*sizes[:-1], blocks, group_size], dtype=torch.long)
             grouped = g.op("Reshape", x, g.op("Constant", value_t=shape))
-            sums = g.op("ReduceSum", grouped, g.op("Constant", value_t=torch.tensor([-1])))
-            sums = g.op("Squeeze", sums, g.op("Constant", value_t=torch.tensor([-1])))
+            axis = g.op("Constant", value_t=torch.tensor([-1]))
+            sums = g.op("ReduceSum", grouped, axis, keepdims_i=0)
             out = g.op("Add", out, g.op("MatMul", sums, offset_t))
             out.setType(x.type().with_sizes([*sizes[:-1], N]))
         return out
