@@ -49,6 +49,9 @@ class Layout:
     # Sink keys scored by the query rotated at its position inside the kept cache
     # (``sink_positions="cache"``); the sinks always sit in the ring's first slots.
     cache_sinks: bool = False
+    # Whether the new token can leave for S, z in its own step (groups, windows of one, pure
+    # linear attention); a sliding window of W >= 2 keeps it, so the graph skips that term.
+    new_folds: bool = True
 
     @property
     def key(self) -> tuple:
@@ -92,6 +95,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         and c.sink_positions == "cache"
         and attn.rope is not None
     )
+    new_folds = spec.use_global and (spec.window == "group" or spec.size < 2)
     return Layout(
         spec,
         capacity,
@@ -103,6 +107,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         feature_dim,
         self_global,
         cache_sinks,
+        new_folds,
     )
 
 
@@ -116,7 +121,9 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
         if lay.cache_sinks:
             names.append(f"sink_rotation.{i}")
     if lay.use_global:
-        names += [f"S.{i}", f"z.{i}", f"fold_new.{i}"]
+        names += [f"S.{i}", f"z.{i}"]
+        if lay.new_folds:
+            names.append(f"fold_new.{i}")
         if lay.folds:
             names += [f"fold_index.{i}", f"fold_weight.{i}"]
     if lay.conv_taps:
@@ -173,6 +180,9 @@ class FixedStep(nn.Module):
     def forward(self, x: Tensor, rotation: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         outputs: list[Tensor] = []
         rest = list(state)
+        # Activations as [1, D]: onnxruntime fuses the 4-bit offset term (MatMul + Add) into
+        # one Gemm on 2-D tensors only.
+        x = x[:, 0]
         for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
             names = state_inputs(i, lay)
             taken = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
@@ -184,13 +194,14 @@ class FixedStep(nn.Module):
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
             outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
         logits = self.model.lm_head(self.model.norm(x))
-        return (logits[:, 0], *outputs)
+        return (logits, *outputs)
 
 
 def _attention_step(
     attn: Attention, lay: Layout, qkv: Tensor, rotation: Tensor, s: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``qkv: [B, 1, (H + 2·Hkv)·K]`` the token's projections, side by side."""
+    """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections, side by side → the layer's output
+    ``[B, D]`` and its new state."""
     c = attn.config
     B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
@@ -234,14 +245,16 @@ def _attention_step(
             new["new_fk"] = fk
     else:
         o = _normalized(num, den)
-    o = o.reshape(B, 1, H, K)
     if lay.conv_taps:
         conv, tail = _conv_step(attn, v, s["conv"])
         o = o + conv
         new["conv_out"] = tail
     if lay.capacity:
         new.update(new_k=k, new_v=v)
-    return attn._output(o), new
+    # As Attention._output, on [B, Hkv, R, V].
+    if attn.output_norm is not None:
+        o = attn.output_norm(o)
+    return attn.o_proj(o.reshape(B, H * K)), new
 
 
 def rotation_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -298,9 +311,10 @@ def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z
     the new token join with the host's weights (``decay^age``; 0 for padding)."""
     if lay.spec.decay < 1:
         S, z = S * lay.spec.decay, z * lay.spec.decay
-    w = s["fold_new"]
-    S = S + w * fk[..., :, None] * v[..., None, :]
-    z = z + w * fk
+    if lay.new_folds:
+        w = s["fold_new"]
+        S = S + w * fk[..., :, None] * v[..., None, :]
+        z = z + w * fk
     if lay.folds:
         index, weight = s["fold_index"], s["fold_weight"]
         gk = s["fk"].index_select(2, index) * weight[:, None]
@@ -315,5 +329,4 @@ def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor
     window = torch.cat([tail, v[:, :, None]], 2)  # [B, Hkv, P, V], oldest first
     B, Hkv, P, V = window.shape
     taps = attn.conv.flip(-1).view(Hkv, -1, P)
-    out = torch.matmul(taps, window).reshape(B, 1, -1, V)  # [B, Hkv, R, V]
-    return out, window[:, :, 1:]
+    return torch.matmul(taps, window), window[:, :, 1:]  # [B, Hkv, R, V]
