@@ -129,7 +129,7 @@ class RingState:
         """After a step: new rows into their slots, S/z/tails from the outputs, times."""
         for control, out, ring in self._rows:
             if control.slot >= 0:
-                ring[:, :, control.slot] = out
+                ring[:, :, control.slot] = out[:, :, 0]
         for out, target in self._copies:
             np.copyto(target, out)
         for control in self.controls.values():
@@ -227,9 +227,9 @@ def _shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
         "S": (1, Hkv, F, K),
         "z": (1, Hkv, F),
         "conv": (1, Hkv, max(lay.conv_taps - 1, 0), K),
-        "new_k": (1, Hkv, K),
-        "new_v": (1, Hkv, K),
-        "new_fk": (1, Hkv, F),
+        "new_k": (1, Hkv, 1, K),
+        "new_v": (1, Hkv, 1, K),
+        "new_fk": (1, Hkv, 1, F),
         "S_out": (1, Hkv, F, K),
         "z_out": (1, Hkv, F),
         "conv_out": (1, Hkv, max(lay.conv_taps - 1, 0), K),

@@ -158,7 +158,10 @@ class FixedStep(nn.Module):
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up.
         self.qkv = nn.ModuleList(
-            fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+            fuse_linears(
+                [a.q_proj, a.k_proj, a.v_proj],
+                qkv_order(a.config.num_heads, a.config.num_kv_heads, a.config.head_dim),
+            )
             for a in (layer.self_attn for layer in model.layers)
         )
         self.gate_up = nn.ModuleList(
@@ -200,44 +203,47 @@ class FixedStep(nn.Module):
 def _attention_step(
     attn: Attention, lay: Layout, qkv: Tensor, rotation: Tensor, s: dict[str, Tensor]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections, side by side → the layer's output
-    ``[B, D]`` and its new state."""
+    """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections in :func:`qkv_order` → the layer's
+    output ``[B, D]`` and its new state. Each key head sits after its ``R`` query heads, so
+    RoPE and the feature map run once on the ``Hkv·(R+1)`` heads (``per_head`` repeats each
+    map's weights ``R+1`` times: right for the queries and the key alike)."""
     c = attn.config
     B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
-    q, k, v = qkv.view(B, H + 2 * Hkv, K).split([H, Hkv, Hkv], 1)
-    fq = fk = q_sink = None
-    if attn.feature_map is not None and not c.global_rope:
-        fq, fk = _features(attn, q), _features(attn, k)
+    qk, v = qkv.split([H * K + Hkv * K, Hkv * K], -1)
+    qk, v = qk.view(B, Hkv * (R + 1), K), v.view(B, Hkv, 1, K)
+    features = q_sink = None
+    has_map = attn.feature_map is not None
+    if has_map and not c.global_rope:
+        features = _features(attn, qk)
     if attn.rope is not None:
         if lay.cache_sinks:
-            q_sink = torch.matmul(q, s["sink_rotation"]).view(B, Hkv, R, K)
-        q, k = torch.matmul(q, rotation), torch.matmul(k, rotation)
-    if fq is None:
-        has_map = attn.feature_map is not None
-        fq, fk = (_features(attn, q), _features(attn, k)) if has_map else (q, k)
-    q5 = q.view(B, Hkv, R, K)
+            q_sink = torch.matmul(qk, s["sink_rotation"]).view(B, Hkv, R + 1, K)[:, :, :R]
+        qk = torch.matmul(qk, rotation)
+    if features is None:
+        features = _features(attn, qk) if has_map else qk
+    q5, k = qk.view(B, Hkv, R + 1, K).split([R, 1], 2)  # [B, Hkv, R, K], [B, Hkv, 1, K]
+    fq5, fk = features.view(B, Hkv, R + 1, -1).split([R, 1], 2)
     new: dict[str, Tensor] = {}
     spec = lay.spec
     num = den = None
     if spec.local != "none":
         num, den = _local(spec, q5, k, v, s["k"], s["v"], s["mask"], q_sink)
     if lay.use_global:
-        fq5 = fq.view(B, Hkv, R, -1)
         S, z = s["S"], s["z"]
         g_num = torch.matmul(fq5, S)
-        g_den = torch.matmul(fq5, z[..., None])[..., 0]
+        g_den = torch.matmul(fq5, z.unsqueeze(-1))  # [B, Hkv, R, 1]
         if lay.self_global:
-            score = (fq5 * fk[:, :, None]).sum(-1)
-            g_num = g_num + score[..., None] * v[:, :, None]
+            score = (fq5 * fk).sum(-1, keepdim=True)
+            g_num = g_num + score * v
             g_den = g_den + score
         alpha = attn._alpha()
         if spec.combine == "shared":
             # One denominator for the window and the global part (linear_attn.step).
-            o = (num + alpha * g_num) / (den + alpha * g_den)[..., None]
+            o = (num + alpha * g_num) / (den + alpha * g_den)
         else:
             if spec.normalize:
-                g_num = g_num / (g_den[..., None] + spec.eps)
+                g_num = g_num / (g_den + spec.eps)
             o = alpha * g_num if num is None else _normalized(num, den) + alpha * g_num
         S, z = _fold(lay, s, fk, v, S, z)
         new.update(S_out=S, z_out=z)
@@ -271,21 +277,31 @@ def rotation_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def _features(attn: Attention, x: Tensor) -> Tensor:
-    """The feature map of one token's heads ``x: [B, H, K]``."""
-    return attn.feature_map(x[:, None])[:, 0]
+    """The feature map of one token's heads ``x: [B, n, K]`` → ``[B, n, F]``."""
+    B, n, K = x.shape
+    return attn.feature_map(x.view(B, 1, n, K)).view(B, n, -1)
 
 
 def _normalized(num: Tensor, den: Tensor | None) -> Tensor:
-    return num if den is None else num / den[..., None]
+    return num if den is None else num / den
+
+
+def qkv_order(H: int, Hkv: int, K: int) -> Tensor:
+    """Rows of ``cat([q_proj, k_proj, v_proj])`` in the step's order: per key head ``g``, its
+    ``R = H / Hkv`` query heads then the key head; then the value heads."""
+    R = H // Hkv
+    heads = [h for g in range(Hkv) for h in (*range(g * R, (g + 1) * R), H + g)]
+    heads += range(H + Hkv, H + 2 * Hkv)
+    return (torch.tensor(heads)[:, None] * K + torch.arange(K)).flatten()
 
 
 def _local(
     spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, q_sink
 ) -> tuple[Tensor, Tensor | None]:
     """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``: added to
-    softmax scores, multiplied into relu2 weights) and itself: numerator ``[B,Hkv,R,V]`` and,
-    for softmax, denominator ``[B,Hkv,R]`` (weights ``e^{s−m}``). ``q_sink`` (like ``q5``)
-    scores the sinks, which sit in the ring's first slots."""
+    softmax scores, multiplied into relu2 weights) and itself (``k, v: [B,Hkv,1,·]``):
+    numerator ``[B,Hkv,R,V]`` and, for softmax, denominator ``[B,Hkv,R,1]`` (weights
+    ``e^{s−m}``). ``q_sink`` (like ``q5``) scores the sinks, in the ring's first slots."""
     C = kb.shape[2]
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
@@ -294,16 +310,16 @@ def _local(
         if q_sink is not None:
             sinks = torch.matmul(q_sink * scale, kb[:, :, : spec.sinks].transpose(-1, -2))
             scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
-        own = (q5 * k[:, :, None]).sum(-1, keepdim=True)
+        own = (q5 * k).sum(-1, keepdim=True)
         scores = torch.cat([scores + mask, own], -1)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-        den = weights.sum(-1)
+        den = weights.sum(-1, keepdim=True)
     else:
         qn = linear_attn._unit(q5)
         scores = torch.relu(torch.matmul(qn, linear_attn._unit(kb).transpose(-1, -2))) ** 2
-        own = torch.relu((qn * linear_attn._unit(k)[:, :, None]).sum(-1, keepdim=True)) ** 2
+        own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
         weights, den = torch.cat([scores * mask, own], -1), None
-    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v[:, :, None], den
+    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v, den
 
 
 def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):
@@ -313,8 +329,8 @@ def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z
         S, z = S * lay.spec.decay, z * lay.spec.decay
     if lay.new_folds:
         w = s["fold_new"]
-        S = S + w * fk[..., :, None] * v[..., None, :]
-        z = z + w * fk
+        S = S + w * torch.matmul(fk.transpose(-1, -2), v)
+        z = z + w * fk[:, :, 0]
     if lay.folds:
         index, weight = s["fold_index"], s["fold_weight"]
         gk = s["fk"].index_select(2, index) * weight[:, None]
@@ -326,7 +342,7 @@ def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z
 
 def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
     """The causal convolution's newest output and tail, ``tail: [B, Hkv, P-1, V]``."""
-    window = torch.cat([tail, v[:, :, None]], 2)  # [B, Hkv, P, V], oldest first
+    window = torch.cat([tail, v], 2)  # [B, Hkv, P, V], oldest first
     B, Hkv, P, V = window.shape
     taps = attn.conv.flip(-1).view(Hkv, -1, P)
     return torch.matmul(taps, window), window[:, :, 1:]  # [B, Hkv, R, V]
