@@ -211,19 +211,19 @@ def _attention_step(
     B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
     qk, v = qkv.split([H * K + Hkv * K, Hkv * K], -1)
-    qk, v = qk.view(B, Hkv * (R + 1), K), v.view(B, Hkv, 1, K)
+    qk, v = qk.view(B, Hkv, R + 1, K), v.view(B, Hkv, 1, K)
     features = q_sink = None
     has_map = attn.feature_map is not None
     if has_map and not c.global_rope:
-        features = _features(attn, qk)
+        features = attn.feature_map.grouped(qk)
     if attn.rope is not None:
         if lay.cache_sinks:
-            q_sink = torch.matmul(qk, s["sink_rotation"]).view(B, Hkv, R + 1, K)[:, :, :R]
+            q_sink = torch.matmul(qk, s["sink_rotation"])[:, :, :R]
         qk = torch.matmul(qk, rotation)
     if features is None:
-        features = _features(attn, qk) if has_map else qk
-    q5, k = qk.view(B, Hkv, R + 1, K).split([R, 1], 2)  # [B, Hkv, R, K], [B, Hkv, 1, K]
-    fq5, fk = features.view(B, Hkv, R + 1, -1).split([R, 1], 2)
+        features = attn.feature_map.grouped(qk) if has_map else qk
+    q5, k = qk.split([R, 1], 2)  # [B, Hkv, R, K], [B, Hkv, 1, K]
+    fq5, fk = features.split([R, 1], 2)
     new: dict[str, Tensor] = {}
     spec = lay.spec
     num = den = None
@@ -274,12 +274,6 @@ def rotation_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     R[np.arange(half, K), np.arange(half)] = -sin[:half]
     R[np.arange(half), np.arange(half, K)] = sin[half:]
     return R
-
-
-def _features(attn: Attention, x: Tensor) -> Tensor:
-    """The feature map of one token's heads ``x: [B, n, K]`` → ``[B, n, F]``."""
-    B, n, K = x.shape
-    return attn.feature_map(x.view(B, 1, n, K)).view(B, n, -1)
 
 
 def _normalized(num: Tensor, den: Tensor | None) -> Tensor:

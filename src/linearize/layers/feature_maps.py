@@ -35,6 +35,14 @@ class FeatureMap(nn.Module):
         heads = self.per_head(weight, x.shape[2])
         return torch.matmul(x.transpose(1, 2), heads).transpose(1, 2)
 
+    def grouped(self, x: Tensor) -> Tensor:
+        """``x: [B, Hkv, n, K]``, ``n`` heads per key/value head (the head order ``per_head``
+        assumes: a query group, or a query group and its key) → ``[B, Hkv, n, F]``, the same
+        numbers as ``forward`` on those heads. Maps with per-head weights override it with one
+        matmul on the ``Hkv`` weights (a decode step's fast path)."""
+        B, Hkv, n, K = x.shape
+        return self(x.reshape(B, 1, Hkv * n, K)).view(B, Hkv, n, -1)
+
 
 class Unit(FeatureMap):
     """``x / ‖x‖``: FLASH's global part (identity map on normalised q and k)."""
@@ -110,7 +118,13 @@ class Hedgehog(FeatureMap):
         self.weight = nn.Parameter(weight)  # [Hkv, K, F/2]
 
     def forward(self, x: Tensor) -> Tensor:
-        proj = self.project(x, self.weight)
+        return self._features(self.project(x, self.weight))
+
+    def grouped(self, x: Tensor) -> Tensor:
+        return self._features(torch.matmul(x, self.weight))
+
+    @staticmethod
+    def _features(proj: Tensor) -> Tensor:
         return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1)
 
 
@@ -127,6 +141,9 @@ class T2R(FeatureMap):
         H = x.shape[2]
         proj = self.project(x, self.weight)
         return F.relu(proj + self.per_head(self.bias, H))
+
+    def grouped(self, x: Tensor) -> Tensor:
+        return F.relu(torch.matmul(x, self.weight) + self.bias[:, None])
 
 
 class Yoso(FeatureMap):
