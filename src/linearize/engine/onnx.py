@@ -30,7 +30,7 @@ from linearize.paths import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -247,13 +247,18 @@ class OnnxEngine:
 
     def reset(self) -> None:
         self.state = RingState(self.layouts)
-        self.binding = self.session.io_binding()
-        inputs = {"x": self.x, "rotation": self.rotation, **self.state.inputs}
-        for name in self.step_module.input_names():
-            _bind(self.binding.bind_input, name, inputs[name])
-        outputs = {"logits": self.logits, **self.state.outputs}
-        for name in self.step_module.output_names():
-            _bind(self.binding.bind_output, name, outputs[name])
+        # One binding per arrangement of the ping-pong buffers (RingState.swap).
+        self.bindings = []
+        for _ in range(2):
+            binding = self.session.io_binding()
+            inputs = {"x": self.x, "rotation": self.rotation, **self.state.inputs}
+            for name in self.step_module.input_names():
+                _bind(binding.bind_input, name, inputs[name])
+            outputs = {"logits": self.logits, **self.state.outputs}
+            for name in self.step_module.output_names():
+                _bind(binding.bind_output, name, outputs[name])
+            self.bindings.append(binding)
+            self.state.swap()
 
     @property
     def pos(self) -> int:
@@ -297,7 +302,7 @@ class OnnxEngine:
         for key, attn in self.sink_layers.items():
             sink_position = int(attn._sink_positions(torch.tensor(pos)))
             self.state.controls[key].sink_rotation[...] = self._rotation(sink_position)
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.bindings[self.state.parity])
         self.state.commit()
         return torch.from_numpy(self.logits[0])
 

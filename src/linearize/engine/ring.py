@@ -101,10 +101,13 @@ class RingState:
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
-        # What commit does per step, resolved once: (control, output, ring) row writes and
-        # (output, input) copies of S, z and the conv tails.
+        # What commit does per step, resolved once: (control, output, ring) row writes, and
+        # the (input, output) names of S, z and the conv tails, whose buffers trade places
+        # (ping-pong: the step's outputs become the next step's inputs without a copy; the
+        # engine binds both arrangements once, ``parity`` says which one is current).
         self._rows: list[tuple[_Control, np.ndarray, np.ndarray]] = []
-        self._copies: list[tuple[np.ndarray, np.ndarray]] = []
+        self._swaps: list[tuple[str, str]] = []
+        self.parity = 0
         for i, lay in enumerate(layouts):
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
@@ -112,8 +115,7 @@ class RingState:
                     ring = self.inputs[f"{kind[4:]}.{i}"]
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
                 else:
-                    target = self.inputs[f"{kind.split('_')[0]}.{i}"]
-                    self._copies.append((self.outputs[name], target))
+                    self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
 
     def nbytes(self) -> int:
         """Bytes of the state proper: ring buffers and their times, S, z, conv tails."""
@@ -125,13 +127,19 @@ class RingState:
         for control in self.controls.values():
             control.prepare(self.pos)
 
+    def swap(self) -> None:
+        """The S / z / tail outputs become the inputs (and the old inputs the next outputs)."""
+        inputs, outputs = self.inputs, self.outputs
+        for i, o in self._swaps:
+            inputs[i], outputs[o] = outputs[o], inputs[i]
+        self.parity ^= 1
+
     def commit(self) -> None:
         """After a step: new rows into their slots, S/z/tails from the outputs, times."""
         for control, out, ring in self._rows:
             if control.slot >= 0:
                 ring[:, :, control.slot] = out[:, :, 0]
-        for out, target in self._copies:
-            np.copyto(target, out)
+        self.swap()
         for control in self.controls.values():
             control.commit(self.pos)
         self.pos += 1
