@@ -11,10 +11,13 @@ in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_n
 rotation of the sink query ``sink_rotation``), shared by every layer with the same layout.
 A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots.
 
-The projections, RoPE, feature maps, convolution, output norm, MLP and norms are the model's own
-modules; the attention readout is the fixed-shape twin of :func:`linear_attn.step` (scores of
-the buffer and of the new token concatenated, never the buffer itself). The PyTorch decoder stays
-the reference this step is tested against.
+The norms, feature maps (their ``grouped`` form), output norm, down / o projections and the
+head are the model's own modules; q/k/v and gate/up are the model's weights stacked into one
+linear each (:mod:`linearize.engine.fuse`), RoPE a ``[K, K]`` rotation matrix built on the host;
+the attention readout is the fixed-shape twin of :func:`linear_attn.step` (scores of the buffer
+and of the new token concatenated, never the buffer itself). The graph is shaped for few nodes
+(onnxruntime pays a few µs per node on one token). The PyTorch decoder stays the reference this
+step is tested against.
 """
 
 from __future__ import annotations
@@ -205,8 +208,8 @@ def _attention_step(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections in :func:`qkv_order` → the layer's
     output ``[B, D]`` and its new state. Each key head sits after its ``R`` query heads, so
-    RoPE and the feature map run once on the ``Hkv·(R+1)`` heads (``per_head`` repeats each
-    map's weights ``R+1`` times: right for the queries and the key alike)."""
+    RoPE and the feature map (``grouped``: ``[B, Hkv, R+1, K]``, each group reading its key /
+    value head's weights) run once on the query and key heads together."""
     c = attn.config
     B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
