@@ -302,3 +302,21 @@ def test_bench_report_builds_the_page(tiny_dirs, capsys, tmp_path):
     assert (tmp_path / "docs" / "results" / "decode.png").exists()
     assert "](results/decode.png)" in text
     assert main(["bench", "report", "--results", str(tmp_path / "empty"), "--page", str(page)]) == 2
+
+
+def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
+    pytest.importorskip("onnxruntime")
+    rows = {}
+    for engine in ("torch", "onnx"):
+        argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
+        argv += ["--window", "32", "--tokens", "72", "--quant", "int4", "--engine", engine]
+        assert main([*argv, "--json"]) == 0
+        (rows[engine],) = _json_lines(capsys.readouterr().out)
+    assert rows["onnx"]["form"] == "engine" and rows["torch"]["form"] == "chunk"
+    assert rows["onnx"]["tokens"] == rows["torch"]["tokens"]
+    # Same int4 weights; the engine's int8 arithmetic moves the score a little, not more.
+    assert math.isclose(rows["onnx"]["nll"], rows["torch"]["nll"], rel_tol=0.05)
+    argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
+    code = main([*argv, "--quant", "int4", "--engine", "onnx", "--stream", "--buckets", "0,16"])
+    assert code != 0
+    assert "--stream (perplexity by position) runs on the PyTorch" in capsys.readouterr().err

@@ -14,12 +14,14 @@ from linearize.cli import harness
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
+    add_engine_argument,
     add_quant_argument,
     attention_from_args,
     config_from_args,
 )
 from linearize.data import source_tokens
 from linearize.eval import long_context
+from linearize.eval.engine_perplexity import engine_perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
 from linearize.train.perplexity import PerplexityConfig, perplexity
 
@@ -32,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
     add_attention_arguments(ppl, required=False)
     add_quant_argument(ppl)
+    add_engine_argument(ppl)
     ppl.add_argument(
         "--data",
         default="austen:eval",
@@ -96,6 +99,7 @@ def run_ppl(args: argparse.Namespace) -> int:
             if args.tokens > len(tokens):
                 raise ValueError(f"--tokens {args.tokens} asked; the data has {len(tokens)} tokens")
             tokens = tokens[: args.tokens]
+    engine = _ppl_engine(args, model, len(tokens) if args.stream else args.window)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -104,7 +108,10 @@ def run_ppl(args: argparse.Namespace) -> int:
 
         if args.stream:
             return _report_stream(args, model, tokens, edges, progress)
-        result = perplexity(model, tokens, config, progress)
+        if engine is not None:
+            result = engine_perplexity(engine, tokens, config, progress)
+        else:
+            result = perplexity(model, tokens, config, progress)
     row = result.to_dict()
     if args.out:
         command = _command(args)
@@ -119,6 +126,22 @@ def run_ppl(args: argparse.Namespace) -> int:
             f"{result.seconds:.1f} s"
         )
     return 0
+
+
+def _ppl_engine(args: argparse.Namespace, model, context: int):
+    """The engine ``--engine`` asks for (``None``: the PyTorch reference). Perplexity by
+    position (``--stream``) runs on the reference."""
+    from linearize.engine import build_engine, resolve_engine
+
+    name = resolve_engine(args.engine, model)
+    if name == "torch" or (args.stream and args.engine == "auto"):
+        return None
+    if args.stream:
+        raise ValueError(
+            f"--engine {name} scores windows; --stream (perplexity by position) runs on the "
+            "PyTorch reference: use --engine torch"
+        )
+    return build_engine(name, model, max_context=context)
 
 
 def _report_stream(args, model, tokens, edges, progress) -> int:
@@ -215,6 +238,7 @@ def _command(args: argparse.Namespace) -> str:
         f"linearize eval ppl --model {args.model}",
         f" --attention {args.attention}" if args.attention else "",
         f" --quant {args.quant}" if getattr(args, "quant", None) else "",
+        f" --engine {args.engine}" if getattr(args, "engine", "auto") != "auto" else "",
         "".join(f" --option {pair}" for pair in args.option) if args.attention else "",
         f" --group-size {args.group_size}" if args.attention and args.group_size else "",
         f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",
