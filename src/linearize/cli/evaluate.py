@@ -23,7 +23,7 @@ from linearize.data import source_tokens
 from linearize.eval import long_context
 from linearize.eval.engine_perplexity import engine_perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
-from linearize.train.perplexity import PerplexityConfig, perplexity
+from linearize.train.perplexity import PerplexityConfig, perplexity, scored_tokens
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,10 +95,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     tokens = source_tokens(args.data, model.tokenizer)
     if args.stream:
         edges = long_context.check_buckets(long_context.parse_ints(args.buckets, "--buckets"))
-        if args.tokens:
-            if args.tokens > len(tokens):
-                raise ValueError(f"--tokens {args.tokens} asked; the data has {len(tokens)} tokens")
-            tokens = tokens[: args.tokens]
+        tokens = scored_tokens(tokens, config)
     engine = _ppl_engine(args, model, len(tokens) if args.stream else args.window)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 

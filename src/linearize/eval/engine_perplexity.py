@@ -22,6 +22,7 @@ from linearize.train.perplexity import (
     Progress,
     Span,
     exp_mean,
+    scored_tokens,
     window_spans,
 )
 
@@ -53,12 +54,7 @@ def engine_perplexity(
     OnnxEngine`) on ``tokens: [T]``; ``config.form`` does not apply (the result's form is
     ``"engine"``)."""
     config = (config or PerplexityConfig()).validate()
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-    if config.tokens is not None:
-        if config.tokens > len(tokens):
-            raise ValueError(f"--tokens {config.tokens} asked; the data has {len(tokens)} tokens")
-        tokens = tokens[: config.tokens]
+    tokens = scored_tokens(tokens, config)
     N = len(tokens)
     if config.stream:
         if N < 2:

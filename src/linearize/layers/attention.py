@@ -162,6 +162,13 @@ class Attention(nn.Module):
 
     # --- state ------------------------------------------------------------------------------
 
+    def _require_state(self) -> None:
+        if not self.is_causal:
+            raise ValueError(
+                f"attention {self.config.name!r} is not causal: it has no decoding state "
+                "(parallel form only, not usable in a decoder)"
+            )
+
     def init_state(
         self,
         batch_size: int,
@@ -169,11 +176,7 @@ class Attention(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> AttentionState:
-        if not self.is_causal:
-            raise ValueError(
-                f"attention {self.config.name!r} is not causal: it has no decoding state "
-                "(parallel form only, not usable in a decoder)"
-            )
+        self._require_state()
         c = self.config
         Hkv, K = c.num_kv_heads, c.head_dim
         if c.kind == "softmax":
@@ -205,7 +208,7 @@ class Attention(nn.Module):
         device: torch.device | str | None = None,
     ) -> AttentionRows:
         """Empty states for up to ``capacity`` rows decoded together (see :meth:`step_rows`)."""
-        self.init_state(1)  # refuses a non-causal attention
+        self._require_state()
         if not self.batches_rows:
             return AttentionRows(None, None)
         c = self.config

@@ -497,13 +497,7 @@ def step(
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
     num, den = _local_readout(spec, q, keys, values, q_sink, min(spec.sinks, pos + 1))
-    if spec.combine == "shared" and spec.use_global:
-        g_num, g_den = _global_parts(fq, S, z)
-        o = (num + alpha * g_num) / (den + alpha * g_den)[..., None]
-    else:
-        o = num if den is None else num / den[..., None]
-        if spec.use_global:
-            o = o + alpha * _global_readout(spec, fq, S, z)
+    o = _combine(spec, num, den, fq, S, z, alpha)
     if spec.window == "sliding":
         return o.reshape(B, H, -1), _slide(spec, state, keys, values, fk)
     if spec.use_global and spec.decay < 1:
@@ -553,22 +547,49 @@ def _local_readout(
     values: Tensor,
     q_sink: Tensor | None = None,
     num_sinks: int = 0,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``q: [B, Hkv, R, K]`` over every key of ``keys: [B, Hkv, n, K]`` (the first ``num_sinks``
-    of them scored by ``q_sink``) → numerator ``[B, Hkv, R, V]`` and, for softmax, denominator
-    ``[B, Hkv, R]`` (the weights are ``e^{s−m}``, ``m`` the largest score)."""
+    """``q: [B, Hkv, R, K]`` over the keys of ``keys: [B, Hkv, n, K]`` (every one, or those
+    ``valid: [B, n]`` marks; the first ``num_sinks`` scored by ``q_sink``) → numerator
+    ``[B, Hkv, R, V]`` and, for softmax, denominator ``[B, Hkv, R]`` (the weights are
+    ``e^{s−m}``, ``m`` the largest score)."""
+    mask = None if valid is None else valid[:, None, None, :]
     if spec.local == "softmax":
         scores = torch.matmul(q, keys.transpose(-1, -2))
         if q_sink is not None and num_sinks:
             sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
             scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
         scores = scores / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
         return torch.matmul(weights, values), weights.sum(-1)
     if spec.local == "relu2":
         weights = torch.relu(torch.matmul(_unit(q), _unit(keys).transpose(-1, -2))) ** 2
+        if mask is not None:
+            weights = weights * mask
         return torch.matmul(weights, values), None
     return q.new_zeros(*q.shape[:-1], values.shape[-1]), None
+
+
+def _combine(
+    spec: LinearAttnSpec,
+    num: Tensor,
+    den: Tensor | None,
+    fq: Tensor,
+    S: Tensor,
+    z: Tensor,
+    alpha: Tensor | float,
+) -> Tensor:
+    """One decoding step's output from its local readout (``num``, ``den``) and the global
+    summary ``S, z`` read by ``fq: [B, Hkv, R, F]``: one shared denominator, or local + α·global."""
+    if spec.combine == "shared" and spec.use_global:
+        g_num, g_den = _global_parts(fq, S, z)
+        return (num + alpha * g_num) / (den + alpha * g_den)[..., None]
+    o = num if den is None else num / den[..., None]
+    if spec.use_global:
+        o = o + alpha * _global_readout(spec, fq, S, z)
+    return o
 
 
 def tree(

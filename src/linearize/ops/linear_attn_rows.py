@@ -25,7 +25,6 @@ attention (no buffer); :func:`supports_rows` says which specs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -202,14 +201,10 @@ def step_rows(
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
     valid = rows.times[:B] >= 0
-    num, den = _ring_readout(spec, q, rows.k[:B], rows.v[:B], valid, q_sink)
-    if spec.combine == "shared" and spec.use_global:
-        g_num, g_den = linear_attn._global_parts(fq, S, z)
-        o = (num + alpha * g_num) / (den + alpha * g_den)[..., None]
-    else:
-        o = num if den is None else num / den[..., None]
-        if spec.use_global:
-            o = o + alpha * linear_attn._global_readout(spec, fq, S, z)
+    num, den = linear_attn._local_readout(
+        spec, q, rows.k[:B], rows.v[:B], q_sink, spec.sinks, valid
+    )
+    o = linear_attn._combine(spec, num, den, fq, S, z, alpha)
     # 3. the token at τ + 1 − size leaves the window
     _leave_window(spec, rows, b)
     pos.add_(1)
@@ -236,31 +231,6 @@ def _add_outer(S: Tensor, f: Tensor, v: Tensor, decay: float = 1.0) -> None:
     ``v: [B, Hkv, V]``."""
     Fdim, V = S.shape[-2:]
     S.view(-1, Fdim, V).baddbmm_(f.reshape(-1, Fdim, 1), v.reshape(-1, 1, V), beta=decay)
-
-
-def _ring_readout(
-    spec: LinearAttnSpec,
-    q: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    valid: Tensor,
-    q_sink: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """``q: [B, Hkv, R, K]`` over the valid slots (``valid: [B, C]``) of ``keys: [B, Hkv, C, K]``
-    (sink slots ``0..sinks-1`` scored by ``q_sink``) → numerator ``[B, Hkv, R, V]`` and, for
-    softmax, denominator ``[B, Hkv, R]`` (weights ``e^{s−m}``, ``m`` the largest score)."""
-    mask = valid[:, None, None, :]
-    if spec.local == "softmax":
-        scores = torch.matmul(q, keys.transpose(-1, -2))
-        if q_sink is not None and spec.sinks:
-            sinks = torch.matmul(q_sink, keys[:, :, : spec.sinks].transpose(-1, -2))
-            scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
-        scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
-        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-        return torch.matmul(weights, values), weights.sum(-1)
-    unit = linear_attn._unit
-    weights = torch.relu(torch.matmul(unit(q), unit(keys).transpose(-1, -2))) ** 2 * mask
-    return torch.matmul(weights, values), None
 
 
 def step_rows_reference(

@@ -342,13 +342,15 @@ class Scheduler:
         if self._batch is None:
             self._batch = DecodeRows(self.model, min(self.max_sessions, 4))
         batch = self._batch
-        for row in [r for r in batch.keys if r not in plain]:
+        leaving = [r for r in batch.keys if r not in plain]
+        joining = [r for r in plain if r not in batch]
+        for row in leaving:
             batch.leave(row)
-        for row in plain:
-            if row not in batch:
-                batch.join(row, row.decoding.state)
-                row.decoding.state = None
-        self._batch_bytes = batch.nbytes()
+        for row in joining:
+            batch.join(row, row.decoding.state)
+            row.decoding.state = None
+        if leaving or joining:  # the bytes change only with the rows
+            self._batch_bytes = batch.nbytes()
         return batch
 
     def _emit(self, row: _Row, tokens: list[int]) -> None:

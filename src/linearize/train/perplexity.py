@@ -226,12 +226,7 @@ def perplexity(
 ) -> PerplexityResult:
     """The perplexity of ``model`` on ``tokens: [T]`` under ``config`` (see the module doc)."""
     config = (config or PerplexityConfig()).validate()
-    if tokens.dim() != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-    if config.tokens is not None:
-        if config.tokens > len(tokens):
-            raise ValueError(f"--tokens {config.tokens} asked; the data has {len(tokens)} tokens")
-        tokens = tokens[: config.tokens]
+    tokens = scored_tokens(tokens, config)
     _check_context(model, config, len(tokens))
     was_training = model.training
     model.eval()
@@ -249,6 +244,17 @@ def perplexity(
     return PerplexityResult(
         exp_mean(total, count), total / count, count, config.window, config.form, seconds
     )
+
+
+def scored_tokens(tokens: Tensor, config: PerplexityConfig) -> Tensor:
+    """``tokens: [T]`` cut to the ``config.tokens`` the protocol scores (errors for bad input)."""
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if config.tokens is None:
+        return tokens
+    if config.tokens > len(tokens):
+        raise ValueError(f"--tokens {config.tokens} asked; the data has {len(tokens)} tokens")
+    return tokens[: config.tokens]
 
 
 def exp_mean(nll_sum: float, count: int) -> float:
