@@ -106,6 +106,50 @@ def test_cli_quantize(tmp_path, capsys):
     assert not again.exists() and not list(tmp_path.glob(".again*"))
 
 
+@pytest.mark.parametrize("kind", ["softmax", "augmented"])
+def test_bf16_weights_save_load_and_decode(kind, tmp_path):
+    """bf16: every linear, the embedding and the tied head in bfloat16, activations in fp32;
+    logits near fp32's, bit for bit the same after save → load, decoding ≡ one forward."""
+    model = tiny_model(kind).float().eval()
+    ids = torch.randint(0, 128, (1, 23))
+    with torch.no_grad():
+        fp32, _ = model(ids)
+    quantize(model, "bf16")
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits, _ = model(ids)
+        _, state = model(ids[:, :15])
+        steps = []
+        for t in range(15, 23):
+            step, state = model(ids[:, t : t + 1], state=state)
+            steps.append(step)
+    assert logits.dtype == torch.float32 and not torch.equal(logits, fp32)
+    error = (logits - fp32).norm() / fp32.norm()
+    assert error < 2e-2, f"bf16 logits off fp32 by {error:.3e}"
+    torch.testing.assert_close(torch.cat(steps, 1), logits[:, 15:], rtol=1e-4, atol=1e-4)
+    model.save(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert meta["quantization"] == {"quant": "bf16", "group_size": 32, "head_quant": "bf16"}
+    loaded = linearize.load(tmp_path / "b").eval()
+    with torch.no_grad():
+        again, _ = loaded(ids)
+    assert torch.equal(logits, again)
+    with pytest.raises(ValueError, match="already quantized"):
+        linearize.load(tmp_path / "b", quant="int4")
+
+
+def test_bf16_is_not_mixed_with_coded_heads_and_runs_on_torch():
+    from linearize.engine import resolve_engine
+
+    with pytest.raises(ValueError, match="bf16 goes with bf16"):
+        QuantConfig("bf16").validate()
+    with pytest.raises(ValueError, match="bf16 goes with bf16"):
+        QuantConfig("int4", head_quant="bf16").validate()
+    model = quantize(tiny_model("augmented").float(), "bf16")
+    assert resolve_engine("auto", model) == "torch"
+
+
 def test_info_counts_quantized_weights(tmp_path, capsys):
     model = tiny_model("augmented").float()
     before = sum(p.numel() for p in model.parameters())

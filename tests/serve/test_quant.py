@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from linearize.generation import GenerationConfig, generate
 from linearize.models.quantize import quantize
@@ -10,11 +11,12 @@ from linearize.serve import ServeConfig, build_app, serve_in_thread
 from tests.serve.conftest import KEY, LIMITS, serving_model
 
 
-def test_quantized_model_serves_what_generate_gives():
+@pytest.mark.parametrize("quant", ["int4", "bf16"])
+def test_quantized_model_serves_what_generate_gives(quant):
     # float64 like the other serving tests: batched rows then match generate exactly.
-    model = quantize(serving_model(), "int4")
+    model = quantize(serving_model(), quant)
     want = generate(model, "It is a truth", GenerationConfig(max_new_tokens=12))
-    config = ServeConfig(model="q4", api_key=KEY, quant="int4", **LIMITS)
+    config = ServeConfig(model="q4", api_key=KEY, quant=quant, **LIMITS)
     with (
         serve_in_thread(build_app(model, config, None)) as url,
         openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as client,

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from linearize.config import Config, option
+from linearize.models.quantize import QUANTS
 
 SENTENCE = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -198,6 +199,9 @@ class ServeBenchConfig(Config):
     softmax_context: int = option("context of the softmax original's streams (0: skip)", 4096)
     softmax_streams: int = option("streams of the softmax original", 8)
     threads: int = option("torch threads of the server", 1)
+    quant: str = option(
+        "weights of the served models (serve --quant): none, int8, int4, bf16", "none"
+    )
     server_log: str | None = option("append the servers' logs to this file", None)
 
     def validate(self) -> ServeBenchConfig:
@@ -206,6 +210,8 @@ class ServeBenchConfig(Config):
         for name in ("max_tokens", "prompt_tokens", "system_tokens", "softmax_streams", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant={self.quant!r}; allowed: {list(QUANTS)}")
         if self.sessions < 0 or self.softmax_context < 0:
             raise ValueError("sessions and softmax_context must be >= 0")
         return self
@@ -231,7 +237,11 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     config.validate()
     attention = None if config.attention == "none" else config.attention
     label = config.model if attention is None else f"{config.model}+{attention}"
+    if config.quant != "none":
+        label += f"+{config.quant}"
     limits = [
+        "--quant",
+        config.quant,
         "--max-sessions",
         str(max([*config.streams, config.softmax_streams])),
         "--max-tokens",
@@ -300,6 +310,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     finally:
         server.close()
     if config.softmax_context:
+        quant_note = "" if config.quant == "none" else f", {config.quant}"
         progress(f"softmax original, {config.softmax_streams} streams at {config.softmax_context}")
         server = Server(config.model, None, config.threads, config.server_log, *limits)
         try:
@@ -308,7 +319,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
             rows.append(
                 _row(
                     "aggregate tokens/s",
-                    f"{config.model} (softmax)",
+                    f"{config.model} (softmax{quant_note})",
                     f"{config.softmax_streams} streams at {config.softmax_context} tokens",
                     f"{r['tokens_per_s']:.2f} tokens/s, states {_mb(r['peak_state_bytes'])}",
                     "report",
@@ -317,4 +328,6 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
             )
         finally:
             server.close()
+    for row in rows:
+        row["quant"] = config.quant
     return rows

@@ -107,8 +107,8 @@ def add_quant_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quant",
         choices=list(QUANTS),
-        help="quantize the weights as the model loads (group-wise, groups of 32); a quantized "
-        "directory loads as it is without this flag",
+        help="quantize the weights as the model loads (int8 / int4: group-wise, groups of 32; "
+        "bf16: bfloat16 matmuls); a quantized directory loads as it is without this flag",
     )
 
 

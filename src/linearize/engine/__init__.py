@@ -4,9 +4,9 @@
 ``onnx`` exports the model's one-token step and tree step to ONNX Runtime with the state as
 fixed-shape ring buffers, quantized linears as 4-/8-bit ``MatMulNBits``
 (:mod:`linearize.engine.onnx`); it runs plain and speculative decoding. ``auto`` picks ``onnx``
-for a quantized model when onnxruntime is installed and the engine runs every layer
+for an int8 / int4 model when onnxruntime is installed and the engine runs every layer
 (:func:`supports`: softmax and every linear attention, the default ``augmented`` included),
-else ``torch``.
+else ``torch`` (bf16 weights run on ``torch``: oneDNN's bf16 matmul).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def supports(model: Decoder) -> bool:
     from linearize.engine.step import unsupported
 
     if model.config.architecture != "llama":
+        return False
+    if model.quantization is not None and model.quantization.quant == "bf16":
         return False
     return all(unsupported(layer.self_attn) is None for layer in model.layers)
 

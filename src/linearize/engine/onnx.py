@@ -194,6 +194,11 @@ class OnnxEngine:
         if model.config.architecture != "llama":
             architecture = model.config.architecture
             raise ValueError(f"the onnx engine runs LLaMA-family decoders, not {architecture!r}")
+        if model.quantization is not None and model.quantization.quant == "bf16":
+            raise ValueError(
+                "the onnx engine runs fp32, int8 or int4 weights, not bf16: use --engine torch "
+                "(bf16 matmuls run on oneDNN there)"
+            )
         self.model = model.float().eval()
         self.max_context = max_context
         self.step_module = FixedStep(self.model, max_context)

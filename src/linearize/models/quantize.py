@@ -8,6 +8,12 @@ and a float32 ``zero`` point; a code ``q`` stands for ``(q − zero) · scale``:
   ``zero = −min / scale`` (weights that came from a Q4_1 GGUF land back on their own grid);
 - ``int8``: symmetric, codes 1..255 around ``zero = 128``, ``scale = max|w| / 127`` (Q8_0).
 
+``bf16`` is the one format without codes: every weight rounded to bfloat16 (embedding and head
+included), each matmul run in bfloat16 with fp32 accumulation on the fp32 activations. On CPUs
+with AVX512-BF16 (and on GPUs) oneDNN's bf16 matmul reads half the bytes of fp32 and is not
+compute bound at a few rows: what a server decoding many streams together wants
+(:class:`BF16Linear`).
+
 Codes are stored packed the way ``MatMulNBits`` reads them (``[N, K · bits / 8]`` uint8; for 4 bits
 the even element in the low nibble), so the fast engine uses the very codes the PyTorch reference
 dequantizes. The reference path (:class:`QuantizedLinear`, :class:`QuantizedEmbedding`)
@@ -31,7 +37,9 @@ from linearize.models.decoder import Decoder
 logger = logging.getLogger(__name__)
 
 # --quant values and their bit widths; "none" keeps fp32 weights.
-QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
+QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "bf16": 16}
+# Formats stored as codes + scales + zero points (bf16 is stored as plain bfloat16 tensors).
+CODED = ("int8", "int4")
 GROUP_SIZE = 32
 
 
@@ -41,11 +49,16 @@ class QuantConfig(Config):
 
     keys_name: ClassVar[str] = "quantization keys"
 
-    quant: str = option("bit width of the linear layers: int8 or int4", "int4")
+    quant: str = option("weights of the linear layers: int8, int4 or bf16", "int4")
     group_size: int = option("weights per scale / zero point, along the input", GROUP_SIZE)
     # 8 bits by default, like GGUF's Q4_1 files (Q8_0 embeddings): at 4 bits the tied head
     # costs SmolLM2 +7 % perplexity, at 8 bits nothing measurable.
     head_quant: str = option("bit width of the embedding / LM head: int8 or int4", "int8")
+
+    @classmethod
+    def named(cls, quant: str) -> QuantConfig:
+        """The default config of ``--quant quant`` (bf16: the head in bf16 as well)."""
+        return cls(quant, head_quant="bf16" if quant == "bf16" else "int8")
 
     def validate(self) -> QuantConfig:
         allowed = [name for name, bits in QUANTS.items() if bits is not None]
@@ -55,6 +68,11 @@ class QuantConfig(Config):
                 raise ValueError(
                     f"{key}={value!r} is not a supported bit width; allowed: {allowed}"
                 )
+        if (self.quant == "bf16") != (self.head_quant == "bf16"):
+            raise ValueError(
+                f"quant={self.quant!r} with head_quant={self.head_quant!r}: bf16 goes with bf16 "
+                "(the whole model in bfloat16), int8 / int4 with an int8 / int4 head"
+            )
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size must be an even number >= 2, got {self.group_size}")
         return self
@@ -235,6 +253,38 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
+class BF16Linear(nn.Module):
+    """``nn.Linear`` with bfloat16 weights: ``x`` is rounded to bf16 for the matmul (fp32
+    accumulation) and the output comes back in ``x``'s dtype; the bias stays as it was."""
+
+    def __init__(self, linear: nn.Linear, weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if weight is None:
+            weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.weight = weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (the weight's own dtype: a model moved to another dtype as a whole computes in that)
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class BF16Embedding(nn.Module):
+    """``nn.Embedding`` with a bfloat16 table; lookups come back in the original table's dtype."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.dtype = embedding.weight.dtype
+        table = embedding.weight.detach().to(torch.bfloat16)
+        self.weight = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
+
+
 class QuantizedEmbedding(nn.Module):
     """``nn.Embedding`` with a quantized table; a lookup dequantizes only the rows it reads."""
 
@@ -291,13 +341,15 @@ def _check_shapes(model: Decoder, config: QuantConfig) -> None:
 def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -> Decoder:
     """Quantize ``model``'s linears (at ``quant``), embedding and LM head (at ``head_quant``) in
     place (``empty``: only build the quantized modules, for loading saved codes). Returns it."""
-    config = QuantConfig(quant) if isinstance(quant, str) else quant
+    config = QuantConfig.named(quant) if isinstance(quant, str) else quant
     config.validate()
     if quant_config(model) is not None:
         raise ValueError(
             f"this model is already quantized ({quant_config(model).quant}); quantize its fp32 "
             "original instead"
         )
+    if config.quant == "bf16":
+        return _to_bf16(model, config)
     _check_shapes(model, config)
     with torch.no_grad():
         for parent, name, linear in _linears(model):
@@ -325,10 +377,24 @@ def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -
     return model
 
 
+def _to_bf16(model: Decoder, config: QuantConfig) -> Decoder:
+    """Every linear, the embedding and the head in bfloat16 (the rest stays as it is)."""
+    with torch.no_grad():
+        for parent, name, linear in _linears(model):
+            setattr(parent, name, BF16Linear(linear))
+        embedding = BF16Embedding(model.embed_tokens)
+        tied = model.config.tie_embeddings
+        head = BF16Linear(model.lm_head, embedding.weight if tied else None)
+    model.embed_tokens, model.lm_head = embedding, head
+    model.quantization = config
+    logger.info("rounded the model's weights to bfloat16")
+    return model
+
+
 def apply_quant(model: Decoder, quant: str | None, source: str = "this model") -> Decoder:
     """``--quant`` on a loaded model: ``None`` keeps it as it is, ``"none"`` keeps fp weights,
-    ``"int8"`` / ``"int4"`` quantize fp weights; an already-quantized model passes only when
-    asked for its own quantization."""
+    ``"int8"`` / ``"int4"`` / ``"bf16"`` quantize fp weights; an already-quantized model passes
+    only when asked for its own quantization."""
     if quant is None:
         return model
     if quant not in QUANTS:

@@ -8,9 +8,10 @@ from typing import Literal
 from linearize.config import Config, option
 
 # Weight formats the server can run: the model as loaded ("none"), or its weights quantized as it
-# loads (models/quantize.py; the server's batched rows run the PyTorch path on them).
-QUANTS = ("none", "int8", "int4")
-Quant = Literal["none", "int8", "int4"]
+# loads (models/quantize.py; the server's batched rows run the PyTorch path on them: bf16 is the
+# fast one for many streams on a CPU with AVX512-BF16, docs/results.md "Serving").
+QUANTS = ("none", "int8", "int4", "bf16")
+Quant = Literal["none", "int8", "int4", "bf16"]
 
 
 @dataclass
@@ -24,7 +25,8 @@ class ServeConfig(Config):
     port: int = option("TCP port", 8000)
     api_key: str | None = option("require 'Authorization: Bearer KEY' (unset: open)", None)
     quant: Quant = option(
-        "weights: as loaded (none; a quantized directory stays quantized) or int8 / int4", "none"
+        "weights: as loaded (none; a quantized directory stays quantized) or int8 / int4 / bf16",
+        "none",
     )
     max_prompt_tokens: int = option("longest prompt accepted, in tokens", 8192)
     max_tokens: int = option("most new tokens one request may ask for", 2048)
