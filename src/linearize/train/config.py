@@ -40,6 +40,14 @@ class TrainConfig(Config):
         "options of the attention config (size, conv_size, feature_map, ...)", factory=dict
     )
     layers: list[int] | None = option("layers to linearize (default: all)", None)
+    wide_layers: int = option(
+        "sliding-window layers given a wide window, chosen by recall probes (0: none)", 6
+    )
+    wide_size: int = option(
+        "window of the wide layers in tokens (with 4 sinks: a 4,096-token cache; 0: the "
+        "model's trained positions minus the sinks)",
+        4092,
+    )
     stage: Stage = option("transfer, finetune or both (transfer, then finetune)", "both")
     data: str = option("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
     text_field: str = option("the text field of JSONL records", "text")
@@ -92,7 +100,15 @@ class TrainConfig(Config):
         for name in ("tokens", "block_size", "batch_size", "micro_batch_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_tokens", "checkpoint_every", "ce_weight", "mse_weight"):
+        for name in (
+            "eval_every",
+            "eval_tokens",
+            "checkpoint_every",
+            "ce_weight",
+            "mse_weight",
+            "wide_layers",
+            "wide_size",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.micro_batch_size:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from linearize.data import split_tokens
 from linearize.models import Decoder, linearize, load
+from linearize.models.wide import choose_wide_layers, wide_candidates, wide_window, widen
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
 from linearize.train.trainer import Callback, Trainer, TrainResult
@@ -22,11 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: TrainConfig) -> Decoder:
-    """The base model of ``config``, linearized (untrained new parameters)."""
+    """The base model of ``config``, linearized (untrained new parameters), with its
+    ``wide_layers`` widened (see :mod:`linearize.models.wide`)."""
     model = load(config.model)
     spec = config.attention_spec()
     if spec is not None:
         linearize(model, spec, layers=config.layers)
+    size = wide_window(model, config.wide_size)
+    count = 0 if size is None else min(config.wide_layers, len(wide_candidates(model, size)))
+    if count:
+        widen(model, choose_wide_layers(model, count, size), size)
     return model
 
 

@@ -1,0 +1,221 @@
+"""Wide layers: a few sliding-window layers whose window spans the original's trained positions.
+
+A linearized model recalls exact tokens only inside its windows (256 tokens by default); its
+global part keeps a summary of the rest, not the tokens. A pretrained LLM fetches a far-back
+token (a pass key, a name) through a few of its layers. Giving those layers a window as wide as
+the original's trained positions (SmolLM2: 8,188 + 4 sinks = 8,192) brings exact recall back up
+to that distance, and the state stays fixed: it grows with the window, never with the text.
+
+Which layers: :func:`choose_wide_layers` widens each sliding-window layer alone on recall probes
+(a number stated once inside unrelated filler text, asked for at the end; text of its own, not
+the passkey evaluation's) and keeps the layers whose widening lowers the number's loss the most.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from linearize.layers.attention import Attention
+from linearize.models.decoder import Decoder
+
+logger = logging.getLogger(__name__)
+
+_FILLER = "Rain fell on the old town all day. The river ran past the mill and on to the sea. "
+_NEEDLE = "Write this down: the secret code is {key}. "
+_QUESTION = "\nQuestion: what is the secret code? Answer: the secret code is"
+
+
+def can_widen(model: Decoder, layer: int) -> bool:
+    """Whether ``layer`` has a sliding window that :func:`widen` can widen."""
+    config = model.config.attention_config(layer)
+    return config.kind == "linear" and config.window == "sliding" and config.size > 0
+
+
+def wide_candidates(model: Decoder, size: int | None = None) -> list[int]:
+    """The layers a window of ``size`` (default :func:`wide_size`) would widen."""
+    return [
+        i
+        for i in range(len(model.layers))
+        if can_widen(model, i)
+        and (size or wide_size(model, i)) > model.config.attention_config(i).size
+    ]
+
+
+def wide_window(model: Decoder, requested: int = 0) -> int | None:
+    """The wide layers' window for ``requested`` tokens (0: the widest), kept inside the trained
+    positions; ``None`` when the model has no sliding-window layer."""
+    layers = [i for i in range(len(model.layers)) if can_widen(model, i)]
+    if not layers:
+        return None
+    widest = min(wide_size(model, i) for i in layers)
+    return widest if requested == 0 else min(requested, widest)
+
+
+def wide_size(model: Decoder, layer: int) -> int:
+    """The widest window whose sinks + tokens stay inside the model's trained positions."""
+    config = model.config.attention_config(layer)
+    return model.config.max_position_embeddings - config.sinks
+
+
+def widen(model: Decoder, layers: list[int], size: int) -> Decoder:
+    """Give ``layers`` a sliding window of ``size`` tokens, in place, keeping every parameter
+    (pretrained and trained); returns ``model``."""
+    for i in layers:
+        if not 0 <= i < len(model.layers) or not can_widen(model, i):
+            raise ValueError(
+                f"layer {i} cannot be widened: only linear attentions with a sliding window can "
+                f"(this model has {len(model.layers)} layers)"
+            )
+        if size < model.config.attention_config(i).size:
+            raise ValueError(f"a wide window must not be narrower than the layer's, got {size}")
+    for i in layers:
+        _swap(model, i, size)
+    if layers:
+        logger.info("widened the windows of layers %s to %d tokens", layers, size)
+    return model
+
+
+def _swap(model: Decoder, i: int, size: int) -> tuple[Attention, dict]:
+    """Layer ``i`` with window ``size`` (same parameters); returns the module and the options
+    it replaced."""
+    old = model.layers[i].self_attn
+    options = dict(model.config.attention[i])
+    options["size"] = size
+    previous = model.config.attention[i]
+    model.config.attention[i] = options
+    try:
+        new = Attention(model.config.attention_config(i))
+    except (TypeError, ValueError):
+        model.config.attention[i] = previous
+        raise
+    new.to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    model.layers[i].self_attn = new
+    return old, previous
+
+
+def recall_probes(tokenizer, length: int, count: int, seed: int = 0) -> list[tuple[Tensor, int]]:
+    """``count`` probes of about ``length`` tokens: ``(ids, n)``, the last ``n`` ids the number."""
+    rng = random.Random(seed)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    unit, question = encode(_FILLER), encode(_QUESTION)
+    probes = []
+    for j in range(count):
+        key = str(rng.randrange(10_000, 100_000))
+        needle, answer = encode(_NEEDLE.format(key=key)), encode(f" {key}")
+        room = max(len(unit), length - len(needle) - len(question) - len(answer))
+        filler = (unit * (room // len(unit) + 1))[:room]
+        # Spread over the first half: the needle always lies beyond a narrow window.
+        cut = round((j + 0.5) / (2 * count) * (room // len(unit))) * len(unit)
+        ids = filler[:cut] + needle + filler[cut:] + question + answer
+        probes.append((torch.tensor(ids), len(answer)))
+    return probes
+
+
+@torch.no_grad()
+def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0, inputs=None):
+    """Mean negative log-likelihood of the probes' numbers (summed over each number's tokens).
+    With ``inputs`` (each probe's input to every layer, from :func:`_layer_inputs`) only the
+    layers from ``start`` on run again."""
+    total = 0.0
+    for j, (ids, n) in enumerate(probes):
+        if inputs is None:
+            hidden, _ = model.forward_hidden(ids[None].to(model.device))
+        else:
+            x = inputs[j][start]
+            for layer in model.layers[start:]:
+                x, _ = layer(x, None, "auto")
+            hidden = model.norm(x)
+        logp = model.lm_head(hidden[0, -n - 1 : -1]).float().log_softmax(-1)
+        total -= float(logp.gather(-1, ids[-n:, None].to(logp.device)).sum())
+    return total / len(probes)
+
+
+@torch.no_grad()
+def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]]) -> list[list[Tensor]]:
+    """Each probe's input to every layer."""
+    out = []
+    for ids, _ in probes:
+        seen: list[Tensor] = []
+        hooks = [
+            layer.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+            for layer in model.layers
+        ]
+        try:
+            model.forward_hidden(ids[None].to(model.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        out.append(seen)
+    return out
+
+
+def choose_wide_layers(
+    model: Decoder,
+    count: int,
+    size: int | None = None,
+    *,
+    length: int | None = None,
+    probes: int = 2,
+    seed: int = 0,
+) -> list[int]:
+    """``count`` sliding-window layers chosen greedily: each round adds the layer whose widening
+    (to ``size``; default :func:`wide_size`), on top of those already chosen, lowers the recall
+    probes' loss the most (layers recall together: one may help only once another is wide).
+    Returns them in layer order; ``model`` is left as it was. The probes are ``length`` tokens
+    long (default: 512, or 2.5 windows for windows wider than 204)."""
+    if model.tokenizer is None:
+        raise ValueError("choosing wide layers needs the model's tokenizer (recall probes)")
+    candidates = wide_candidates(model, size)
+    if count < 0 or count > len(candidates):
+        raise ValueError(
+            f"wide layers: asked for {count}, this model has {len(candidates)} sliding-window "
+            "layers to choose from"
+        )
+    if count == 0:
+        return []
+    widest = max(model.config.attention_config(i).size for i in candidates)
+    length = max(512, int(2.5 * widest)) if length is None else length
+    if length <= 2 * widest:
+        raise ValueError(f"recall probes of {length} tokens do not reach past the windows")
+    was_training = model.training
+    model.eval()
+    texts = recall_probes(model.tokenizer, length, probes, seed)
+    chosen: list[int] = []
+    replaced: list[tuple[int, Attention, dict]] = []
+    losses = [recall_loss(model, texts)]
+    rounds = sum(len(candidates) - r for r in range(count))
+    progress = tqdm(total=rounds, desc="choosing wide layers", leave=False)
+    try:
+        for _ in range(count):
+            inputs = _layer_inputs(model, texts)
+            trial = {}
+            for i in (i for i in candidates if i not in chosen):
+                old, options = _swap(model, i, size or wide_size(model, i))
+                trial[i] = recall_loss(model, texts, i, inputs)
+                model.layers[i].self_attn, model.config.attention[i] = old, options
+                progress.update()
+            best = min(trial, key=trial.__getitem__)
+            chosen.append(best)
+            replaced.append((best, *_swap(model, best, size or wide_size(model, best))))
+            losses.append(trial[best])
+    finally:
+        progress.close()
+        for i, old, options in reversed(replaced):
+            model.layers[i].self_attn, model.config.attention[i] = old, options
+        model.train(was_training)
+    logger.info(
+        "wide layers %s (in the order chosen): recall loss %s",
+        chosen,
+        " → ".join(f"{loss:.2f}" for loss in losses),
+    )
+    return sorted(chosen)

@@ -1,0 +1,120 @@
+"""Wide layers: widening keeps every parameter, changes only what lies past the old window,
+keeps the state fixed, saves and loads; the greedy choice leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import linearize
+from linearize.models.wide import (
+    can_widen,
+    choose_wide_layers,
+    recall_loss,
+    recall_probes,
+    wide_size,
+    wide_window,
+    widen,
+)
+from linearize.train.config import TrainConfig
+from tests.generation.conftest import GROUP, tiny_model
+
+
+class CharTokenizer:
+    """One id per character (ids < 128), enough for the recall probes."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+def test_widen_keeps_parameters_and_changes_only_the_far_past():
+    model = tiny_model("augmented", layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    short = torch.randint(0, 128, (1, GROUP))
+    long = torch.randint(0, 128, (1, 4 * GROUP))
+    short_before, long_before = _logits(model, short), _logits(model, long)
+    widen(model, [1], 6 * GROUP)
+    assert model.config.attention_config(1).size == 6 * GROUP
+    assert model.config.attention_config(0).size == GROUP
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # Inside the old window nothing changes; past it, layer 1 now sees more.
+    torch.testing.assert_close(_logits(model, short), short_before, rtol=0, atol=1e-12)
+    assert not torch.allclose(_logits(model, long), long_before)
+
+
+def test_wide_model_decodes_with_a_fixed_state_and_saves(tmp_path):
+    model = tiny_model("augmented", layers=3)
+    widen(model, [0, 2], 3 * GROUP)
+    ids = torch.randint(0, 128, (1, 8 * GROUP))
+    full = _logits(model, ids)
+    with torch.no_grad():
+        _, state = model(ids[:, : 4 * GROUP])
+        nbytes = state.nbytes()
+        steps = []
+        for t in range(4 * GROUP, 8 * GROUP):
+            logits, state = model(ids[:, t : t + 1], state=state)
+            steps.append(logits)
+    assert state.nbytes() == nbytes
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 4 * GROUP :], rtol=1e-9, atol=1e-9)
+    model.save(tmp_path / "wide")
+    loaded = linearize.load(tmp_path / "wide").double().eval()
+    assert [loaded.config.attention_config(i).size for i in range(3)] == [
+        3 * GROUP,
+        GROUP,
+        3 * GROUP,
+    ]
+    assert torch.equal(_logits(loaded, ids), full)
+
+
+def test_greedy_choice_leaves_the_model_as_it_was():
+    model = tiny_model("augmented", layers=3)
+    model.tokenizer = CharTokenizer()
+    options = [dict(a) for a in model.config.attention]
+    modules = [layer.self_attn for layer in model.layers]
+    ids = torch.randint(0, 128, (1, 3 * GROUP))
+    before = _logits(model, ids)
+    chosen = choose_wide_layers(model, 2, 6 * GROUP, length=4 * GROUP + 8, probes=2)
+    again = choose_wide_layers(model, 2, 6 * GROUP, length=4 * GROUP + 8, probes=2)
+    assert chosen == again == sorted(chosen) and len(set(chosen)) == 2
+    assert model.config.attention == options
+    assert all(a is layer.self_attn for a, layer in zip(modules, model.layers, strict=True))
+    assert torch.equal(_logits(model, ids), before)
+    # One layer: the one whose widening gives the probes the lowest loss.
+    (best,) = choose_wide_layers(model, 1, 6 * GROUP, length=4 * GROUP + 8, probes=2)
+    probes = recall_probes(model.tokenizer, 4 * GROUP + 8, 2)
+    losses = {}
+    for i in range(3):
+        wide = tiny_model("augmented", layers=3)
+        losses[i] = recall_loss(widen(wide, [i], 6 * GROUP), probes)
+    assert best == min(losses, key=losses.__getitem__), losses
+
+
+def test_bad_input():
+    softmax = tiny_model("softmax")
+    assert not can_widen(softmax, 0)
+    with pytest.raises(ValueError, match="cannot be widened"):
+        widen(softmax, [0], 64)
+    model = tiny_model("augmented")
+    with pytest.raises(ValueError, match="cannot be widened"):
+        widen(model, [5], 64)
+    with pytest.raises(ValueError, match="narrower"):
+        widen(model, [0], GROUP - 1)
+    with pytest.raises(ValueError, match="tokenizer"):
+        choose_wide_layers(model, 1)
+    model.tokenizer = CharTokenizer()
+    with pytest.raises(ValueError, match="asked for 3"):
+        choose_wide_layers(model, 3)
+    with pytest.raises(ValueError, match="do not reach past the windows"):
+        choose_wide_layers(model, 1, length=GROUP)
+    assert wide_size(model, 0) == model.config.max_position_embeddings - 4
+    assert wide_window(model) == wide_window(model, 10**9) == wide_size(model, 0)
+    assert wide_window(model, 64) == 64 and wide_window(softmax) is None
+    with pytest.raises(ValueError, match="wide_layers must be >= 0"):
+        TrainConfig(wide_layers=-1).validate()
