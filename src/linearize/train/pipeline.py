@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from linearize.data import split_tokens
+from linearize.data import pack_blocks, split_tokens
 from linearize.models import Decoder, linearize, load
 from linearize.models.wide import choose_wide_layers, wide_candidates, wide_window, widen
 from linearize.train import checkpointing as ckpt
@@ -25,10 +25,20 @@ logger = logging.getLogger(__name__)
 def build_model(config: TrainConfig) -> Decoder:
     """The base model of ``config``, linearized (untrained new parameters), with its
     ``wide_layers`` widened (see :mod:`linearize.models.wide`)."""
+    return widen_layers(_linearized(config), config)
+
+
+def _linearized(config: TrainConfig) -> Decoder:
     model = load(config.model)
     spec = config.attention_spec()
     if spec is not None:
         linearize(model, spec, layers=config.layers)
+    return model
+
+
+def widen_layers(model: Decoder, config: TrainConfig) -> Decoder:
+    """``config.wide_layers`` sliding-window layers of ``model`` widened to ``config.wide_size``
+    (chosen by recall probes: a few minutes on a CPU for SmolLM2)."""
     size = wide_window(model, config.wide_size)
     count = 0 if size is None else min(config.wide_layers, len(wide_candidates(model, size)))
     if count:
@@ -55,8 +65,11 @@ def run(
     config.validate()
     out = Path(out)
     ckpt.check_run_dir(out, config, resume, overwrite=overwrite)
-    model = build_model(config)
+    model = _linearized(config)
+    # The data is checked before the wide layers are chosen (minutes): a bad corpus fails at once.
     train, held_out = load_data(config, model.tokenizer)
+    pack_blocks(train, config.block_size)
+    widen_layers(model, config)
     if overwrite and not resume:
         ckpt.clear_run_dir(out)
     trainer = Trainer(model, config, train, held_out, out=out, callback=callback)
