@@ -39,7 +39,7 @@ def supports(model: Decoder) -> bool:
 
     if model.config.architecture != "llama":
         return False
-    if model.quantization is not None and model.quantization.quant == "bf16":
+    if model.quantization is not None and not model.quantization.coded:
         return False
     return all(unsupported(layer.self_attn) is None for layer in model.layers)
 

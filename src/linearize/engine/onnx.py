@@ -194,7 +194,7 @@ class OnnxEngine:
         if model.config.architecture != "llama":
             architecture = model.config.architecture
             raise ValueError(f"the onnx engine runs LLaMA-family decoders, not {architecture!r}")
-        if model.quantization is not None and model.quantization.quant == "bf16":
+        if model.quantization is not None and not model.quantization.coded:
             raise ValueError(
                 "the onnx engine runs fp32, int8 or int4 weights, not bf16: use --engine torch "
                 "(bf16 matmuls run on oneDNN there)"

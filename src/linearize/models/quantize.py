@@ -38,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 # --quant values and their bit widths; "none" keeps fp32 weights.
 QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "bf16": 16}
-# Formats stored as codes + scales + zero points (bf16 is stored as plain bfloat16 tensors).
-CODED = ("int8", "int4")
 GROUP_SIZE = 32
 
 
@@ -76,6 +74,11 @@ class QuantConfig(Config):
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size must be an even number >= 2, got {self.group_size}")
         return self
+
+    @property
+    def coded(self) -> bool:
+        """Stored as codes + scales + zero points (int8 / int4), not as bfloat16 tensors."""
+        return self.quant != "bf16"
 
     @property
     def bits(self) -> int:

@@ -36,13 +36,12 @@ def can_widen(model: Decoder, layer: int) -> bool:
     return config.kind == "linear" and config.window == "sliding" and config.size > 0
 
 
-def wide_candidates(model: Decoder, size: int | None = None) -> list[int]:
-    """The layers a window of ``size`` (default :func:`wide_size`) would widen."""
+def wide_candidates(model: Decoder, size: int) -> list[int]:
+    """The layers a window of ``size`` would widen."""
     return [
         i
         for i in range(len(model.layers))
-        if can_widen(model, i)
-        and (size or wide_size(model, i)) > model.config.attention_config(i).size
+        if can_widen(model, i) and size > model.config.attention_config(i).size
     ]
 
 
@@ -142,7 +141,7 @@ def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0
 
 @torch.no_grad()
 def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]]) -> list[list[Tensor]]:
-    """Each probe's input to every layer."""
+    """Each probe's input to every layer, then the last layer's output."""
     out = []
     for ids, _ in probes:
         seen: list[Tensor] = []
@@ -150,6 +149,11 @@ def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]]) -> list[list
             layer.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
             for layer in model.layers
         ]
+        hooks.append(
+            model.layers[-1].register_forward_hook(
+                lambda m, args, output, seen=seen: seen.append(output[0])
+            )
+        )
         try:
             model.forward_hidden(ids[None].to(model.device))
         finally:
@@ -169,13 +173,14 @@ def choose_wide_layers(
     seed: int = 0,
 ) -> list[int]:
     """``count`` sliding-window layers chosen greedily: each round adds the layer whose widening
-    (to ``size``; default :func:`wide_size`), on top of those already chosen, lowers the recall
+    (to ``size``; default :func:`wide_window`), on top of those already chosen, lowers the recall
     probes' loss the most (layers recall together: one may help only once another is wide).
     Returns them in layer order; ``model`` is left as it was. The probes are ``length`` tokens
     long (default: 512, or 2.5 windows for windows wider than 204)."""
     if model.tokenizer is None:
         raise ValueError("choosing wide layers needs the model's tokenizer (recall probes)")
-    candidates = wide_candidates(model, size)
+    size = wide_window(model) if size is None else size
+    candidates = [] if size is None else wide_candidates(model, size)
     if count < 0 or count > len(candidates):
         raise ValueError(
             f"wide layers: asked for {count}, this model has {len(candidates)} sliding-window "
@@ -192,21 +197,23 @@ def choose_wide_layers(
     texts = recall_probes(model.tokenizer, length, probes, seed)
     chosen: list[int] = []
     replaced: list[tuple[int, Attention, dict]] = []
-    losses = [recall_loss(model, texts)]
+    losses: list[float] = []
     rounds = sum(len(candidates) - r for r in range(count))
     progress = tqdm(total=rounds, desc="choosing wide layers", leave=False)
     try:
         for _ in range(count):
             inputs = _layer_inputs(model, texts)
+            if not losses:  # before any widening: the head on the last layer's output
+                losses.append(recall_loss(model, texts, len(model.layers), inputs))
             trial = {}
             for i in (i for i in candidates if i not in chosen):
-                old, options = _swap(model, i, size or wide_size(model, i))
+                old, options = _swap(model, i, size)
                 trial[i] = recall_loss(model, texts, i, inputs)
                 model.layers[i].self_attn, model.config.attention[i] = old, options
                 progress.update()
             best = min(trial, key=trial.__getitem__)
             chosen.append(best)
-            replaced.append((best, *_swap(model, best, size or wide_size(model, best))))
+            replaced.append((best, *_swap(model, best, size)))
             losses.append(trial[best])
     finally:
         progress.close()

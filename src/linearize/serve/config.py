@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from linearize.config import Config, option
+from linearize.models.quantize import QUANTS as WEIGHT_FORMATS
 
 # Weight formats the server can run: the model as loaded ("none"), or its weights quantized as it
 # loads (models/quantize.py; the server's batched rows run the PyTorch path on them: bf16 is the
 # fast one for many streams on a CPU with AVX512-BF16, docs/results.md "Serving").
-QUANTS = ("none", "int8", "int4", "bf16")
+QUANTS = tuple(WEIGHT_FORMATS)
 Quant = Literal["none", "int8", "int4", "bf16"]
 
 
