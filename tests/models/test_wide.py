@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import linearize
+from linearize.cli import main
 from linearize.models.wide import (
     can_widen,
     choose_wide_layers,
@@ -15,8 +16,10 @@ from linearize.models.wide import (
     wide_size,
     wide_window,
     widen,
+    widen_best,
 )
 from linearize.train.config import TrainConfig
+from tests.eval.conftest import tiny_config, tiny_tokenizer
 from tests.generation.conftest import GROUP, tiny_model
 
 
@@ -118,3 +121,43 @@ def test_bad_input():
     assert wide_window(model, 64) == 64 and wide_window(softmax) is None
     with pytest.raises(ValueError, match="wide_layers must be >= 0"):
         TrainConfig(wide_layers=-1).validate()
+
+
+def test_widen_best_widens_the_greedy_choice_at_most_as_many_as_there_are():
+    model = tiny_model("augmented", layers=3)
+    model.tokenizer = CharTokenizer()
+    (expected,) = choose_wide_layers(model, 1, 6 * GROUP)
+    assert widen_best(model, 1, 6 * GROUP) == [expected]
+    sizes = [model.config.attention_config(i).size for i in range(3)]
+    assert sizes == [6 * GROUP if i == expected else GROUP for i in range(3)]
+    # Asked for more than are left: the two still narrow ones.
+    assert sorted(widen_best(model, 10, 6 * GROUP)) == [i for i in range(3) if i != expected]
+    assert widen_best(model, 1, 6 * GROUP) == []  # nothing narrower left
+    assert widen_best(tiny_model("softmax"), 2) == []
+    with pytest.raises(ValueError, match="must be >= 0"):
+        widen_best(model, -1)
+
+
+def test_convert_wide_layers(tmp_path, capsys):
+    source = linearize.Decoder(tiny_config())
+    source.tokenizer = tiny_tokenizer()
+    source.save(tmp_path / "model")
+    argv = ["convert", "--model", str(tmp_path / "model")]
+    out = tmp_path / "wide"
+    wide = [*argv, "--attention", "augmented", "--group-size", "8", "--wide-layers", "1"]
+    wide += ["--wide-size", "24"]
+    assert main([*wide, "--out", str(out)]) == 0
+    (layer,) = [
+        int(i) for i in capsys.readouterr().out.split("wide layers: ")[1].split()[0].split(",")
+    ]
+    loaded = linearize.load(out)
+    assert [loaded.config.attention_config(i).size for i in range(2)] == [
+        24 if i == layer else 8 for i in range(2)
+    ]
+    for bad, message in (
+        ([*argv, "--attention", "elu", "--wide-layers", "1"], "no layer of this elu model"),
+        ([*argv, "--attention", "augmented", "--wide-layers", "-1"], "--wide-layers must be >= 0"),
+    ):
+        assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

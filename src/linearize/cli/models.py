@@ -11,6 +11,7 @@ from linearize.cli.options import add_attention_arguments, attention_from_args, 
 from linearize.models import is_new_parameter, linearize, load
 from linearize.models.directory import check_output
 from linearize.models.quantize import QUANTS, quantize, quantized_numel, weight_bytes
+from linearize.models.wide import widen_best
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--out", required=True, help="output directory")
     convert.add_argument(
         "--overwrite", action="store_true", help="replace --out even if it is not our model"
+    )
+    convert.add_argument(
+        "--wide-layers",
+        type=int,
+        default=0,
+        help="sliding-window layers given a wide window, chosen by recall probes (a few "
+        "minutes for SmolLM2; `linearize train` does this by default) (default: 0)",
+    )
+    convert.add_argument(
+        "--wide-size",
+        type=int,
+        default=4092,
+        help="window of the wide layers in tokens (0: the model's trained positions minus the "
+        "sinks) (default: 4092)",
     )
     convert.set_defaults(func=run_convert)
 
@@ -52,7 +67,18 @@ def run_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     check_output(args.out, overwrite=args.overwrite)
     model = load(args.model)
+    for name in ("wide_layers", "wide_size"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
+    if args.wide_layers:
+        wide = widen_best(model, args.wide_layers, args.wide_size)
+        if not wide:
+            raise ValueError(
+                f"--wide-layers {args.wide_layers}: no layer of this {args.attention} model has "
+                f"a sliding window that --wide-size {args.wide_size} widens"
+            )
+        print(f"wide layers: {','.join(map(str, wide))}")
     model.save(args.out, overwrite=args.overwrite)
     print(f"converted {args.model} with {args.attention} in {time.perf_counter() - start:.1f} s")
     print(f"saved to {args.out}; next: linearize info {args.out}")

@@ -226,3 +226,19 @@ def choose_wide_layers(
         " → ".join(f"{loss:.2f}" for loss in losses),
     )
     return sorted(chosen)
+
+
+def widen_best(model: Decoder, count: int, size: int = 0) -> list[int]:
+    """Widen the ``count`` sliding-window layers that recall best (:func:`choose_wide_layers`)
+    to ``size`` tokens (0: the widest inside the trained positions, see :func:`wide_window`), at
+    most as many as the model has; returns the layers widened (none for a model without a
+    sliding window)."""
+    if count < 0 or size < 0:
+        raise ValueError(f"wide layers: count and size must be >= 0, got {count} and {size}")
+    window = wide_window(model, size)
+    count = 0 if window is None else min(count, len(wide_candidates(model, window)))
+    if not count:
+        return []
+    layers = choose_wide_layers(model, count, window)
+    widen(model, layers, window)
+    return layers

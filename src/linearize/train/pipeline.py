@@ -14,7 +14,7 @@ from torch import Tensor
 
 from linearize.data import pack_blocks, split_tokens
 from linearize.models import Decoder, linearize, load
-from linearize.models.wide import choose_wide_layers, wide_candidates, wide_window, widen
+from linearize.models.wide import widen_best
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
 from linearize.train.trainer import Callback, Trainer, TrainResult
@@ -39,10 +39,7 @@ def _linearized(config: TrainConfig) -> Decoder:
 def widen_layers(model: Decoder, config: TrainConfig) -> Decoder:
     """``config.wide_layers`` sliding-window layers of ``model`` widened to ``config.wide_size``
     (chosen by recall probes: a few minutes on a CPU for SmolLM2)."""
-    size = wide_window(model, config.wide_size)
-    count = 0 if size is None else min(config.wide_layers, len(wide_candidates(model, size)))
-    if count:
-        widen(model, choose_wide_layers(model, count, size), size)
+    widen_best(model, config.wide_layers, config.wide_size)
     return model
 
 
