@@ -65,11 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    check_output(args.out, overwrite=args.overwrite)
-    model = load(args.model)
-    for name in ("wide_layers", "wide_size"):
+    for name in ("wide_layers", "wide_size"):  # before the model loads
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_output(args.out, overwrite=args.overwrite)
+    model = load(args.model)
     linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
     if args.wide_layers:
         wide = widen_best(model, args.wide_layers, args.wide_size)
