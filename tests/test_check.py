@@ -30,7 +30,7 @@ def test_causal_attentions_pass_in_every_form(form):
 
 
 def test_options_shrink_windows_unless_given():
-    shrunk = check_causality("augmented", length=32)
+    shrunk = check_causality("augmented", length=32, conv="causal")
     assert shrunk.options["size"] == 4 and shrunk.options["conv_size"] == 8
     given = check_causality("augmented", length=32, size=16)
     assert given.options["size"] == 16 and not given.leaks
@@ -59,7 +59,7 @@ def test_random_layer_activates_zero_initialised_parts_and_keeps_the_global_seed
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    layer = random_layer("augmented", size=4, conv_size=3)
+    layer = random_layer("augmented", size=4, conv="causal", conv_size=3)
     assert torch.equal(torch.rand(1), expected)
     assert layer.alpha.item() != 0 and layer.conv.abs().min() > 0
     assert layer.q_proj.weight.dtype == torch.float64

@@ -70,7 +70,9 @@ def build_world(root: Path) -> dict[str, Path]:
     bare = Decoder(tiny_config())
     bare.save(root / "bare")
     augmented = Decoder(tiny_config())
-    linearize.linearize(augmented, {"name": "augmented", "size": 8, "conv_size": 4})
+    linearize.linearize(
+        augmented, {"name": "augmented", "size": 8, "conv": "causal", "conv_size": 4}
+    )
     augmented.tokenizer = tokenizer
     augmented.save(root / "augmented")
     (root / "text.txt").write_text(TEXT * 4)

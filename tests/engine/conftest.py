@@ -10,7 +10,7 @@ import linearize
 from tests.generation.conftest import CONV, GROUP, byte_tokenizer, tiny_model
 
 # A decay of 0.9 (not the preset's 1 − 1/1024) so that aging S, z is visible within 1,000 steps.
-AUGMENTED = {"name": "augmented", "size": GROUP, "conv_size": CONV, "decay": 0.9}
+AUGMENTED = {"name": "augmented", "size": GROUP, "conv": "causal", "conv_size": CONV, "decay": 0.9}
 PAPER = {"name": "augmented_paper", "size": GROUP, "conv_size": CONV, "sink_positions": "absolute"}
 GROUPED = {"name": "augmented_paper", "window": "group", "size": 4, "sinks": 0, "conv_size": CONV}
 OPTIONS = {"augmented": AUGMENTED, "paper": PAPER, "hybrid": AUGMENTED, "group": GROUPED}

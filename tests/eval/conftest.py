@@ -39,7 +39,14 @@ def randomise_new_parameters(model: Decoder) -> Decoder:
 
 def tiny_augmented(dtype: torch.dtype = torch.float64, **options) -> Decoder:
     model = Decoder(tiny_config())
-    spec = {"name": "augmented", "size": 8, "conv_size": 4, "chunk_size": 8, **options}
+    spec = {
+        "name": "augmented",
+        "size": 8,
+        "conv": "causal",
+        "conv_size": 4,
+        "chunk_size": 8,
+        **options,
+    }
     linearize(model, spec)
     return randomise_new_parameters(model).to(dtype).eval()
 

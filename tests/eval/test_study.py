@@ -70,7 +70,7 @@ def test_study_runs_resumes_and_writes_its_table(tiny_dirs, tmp_path, capsys):
     assert rows[0]["ratio"] == 1.0 and rows[0]["train_tokens"] == 0
     for r in rows[1:]:
         assert r["train_tokens"] == 96 and r["ppl"] > 1 and r["ratio"] > 0
-    assert rows[3]["options"] == {"use_global": False}
+    assert rows[3]["options"] == {"use_global": False, "conv": "causal"}
     with (out / "study.csv").open() as f:
         assert [r["variant"] for r in csv.DictReader(f)] == [r["variant"] for r in rows]
     assert (out / "study.md").exists() and (out / "study.png").exists()

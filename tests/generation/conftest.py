@@ -31,9 +31,11 @@ def tiny_model(kind: str, *, seed: int = 0, vocab_size: int = 128, layers: int =
         )
     )
     if kind == "augmented":
-        linearize.linearize(model, {"name": "augmented", "size": GROUP, "conv_size": CONV})
+        linearize.linearize(
+            model, {"name": "augmented", "size": GROUP, "conv": "causal", "conv_size": CONV}
+        )
     elif kind == "hybrid":
-        options = {"name": "augmented", "size": GROUP, "conv_size": CONV}
+        options = {"name": "augmented", "size": GROUP, "conv": "causal", "conv_size": CONV}
         linearize.linearize(model, options, layers=list(range(1, layers)))
     elif kind == "elu":
         linearize.linearize(model, "elu")

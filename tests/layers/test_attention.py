@@ -217,7 +217,7 @@ def test_zero_initialised_augmented_layer_is_local_attention():
     """α = 0 and zero taps: a freshly built augmented layer is its local part alone."""
     kwargs = dict(hidden_size=D, num_heads=4, num_kv_heads=2, size=GROUP, conv_size=4)
     torch.manual_seed(0)
-    fresh = build_attention("augmented", **kwargs).double()
+    fresh = build_attention("augmented", conv="causal", **kwargs).double()
     torch.manual_seed(0)
     local = build_attention("augmented", use_global=False, conv="none", **kwargs).double()
     x = _x(13)
@@ -227,9 +227,9 @@ def test_zero_initialised_augmented_layer_is_local_attention():
 @pytest.mark.parametrize(
     "options, new",
     [
-        ({}, {"alpha", "conv", "feature_map.weight"}),
-        ({"use_global": False}, {"conv"}),
-        ({"conv": "none"}, {"alpha", "feature_map.weight"}),
+        ({}, {"alpha", "feature_map.weight"}),
+        ({"conv": "causal"}, {"alpha", "conv", "feature_map.weight"}),
+        ({"use_global": False, "conv": "causal"}, {"conv"}),
         ({"use_global": False, "conv": "none"}, set()),
     ],
 )

@@ -44,7 +44,7 @@ BAD_OPTIONS = {
     "group-size-0": ("flash_local", {"size": 0}, "group size must be >= 1, got 0"),
     "group-size-negative": ("augmented", {"size": -3}, "got -3"),
     "window-size-0": ("sliding_window", {"size": 0}, "size >= 1, got 0"),
-    "conv-size-0": ("augmented", {"conv_size": 0}, "conv_size.*got 0"),
+    "conv-size-0": ("augmented", {"conv": "causal", "conv_size": 0}, "conv_size.*got 0"),
     "heads-not-multiple": ("elu", {"num_kv_heads": 3}, "num_heads=4.*num_kv_heads=3"),
     "unknown-option": ("elu", {"group_size": 8}, "'group_size'"),
     "unknown-feature-map": ("elu", {"feature_map": "cosine"}, "'cosine'"),

@@ -11,7 +11,7 @@ from linearize.models import Decoder, ModelConfig, linearize
 from linearize.models.convert import from_hf
 
 CAUSAL = [name for name in ATTENTIONS if name != "linformer"]
-SMALL = {"size": 5, "conv_size": 4}
+SMALL = {"size": 5, "conv": "causal", "conv_size": 4}
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -139,7 +139,7 @@ def test_hybrid_model_keeps_unlisted_layers_softmax():
 
 def test_linearized_state_size_is_constant():
     model = Decoder(tiny_config()).eval()
-    linearize(model, {"name": "augmented", "size": 8, "conv_size": 4})
+    linearize(model, {"name": "augmented", "size": 8, "conv": "causal", "conv_size": 4})
     with torch.no_grad():
         _, short = model(torch.randint(0, 128, (1, 16)))
         _, long = model(torch.randint(0, 128, (1, 2048)), form="chunk")
@@ -158,7 +158,7 @@ def test_softmax_state_grows():
 def test_linearize_keeps_pretrained_weights_and_zero_inits_new_parts():
     model = Decoder(tiny_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    linearize(model, "augmented")
+    linearize(model, {"name": "augmented", "conv": "causal"})
     after = model.state_dict()
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name

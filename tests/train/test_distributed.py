@@ -43,14 +43,16 @@ def tiny_model() -> Decoder:
     model = Decoder(config)
     with torch.no_grad():
         model.embed_tokens.weight.mul_(0.1)
-    return linearize.linearize(model, {"name": "augmented", "size": 8, "conv_size": 4})
+    return linearize.linearize(
+        model, {"name": "augmented", "size": 8, "conv": "causal", "conv_size": 4}
+    )
 
 
 def run_config(name: str) -> TrainConfig:
     values = dict(
         model="tiny",
         attention="augmented",
-        attention_options={"size": 8, "conv_size": 4},
+        attention_options={"size": 8, "conv": "causal", "conv_size": 4},
         block_size=32,
         batch_size=4,
         micro_batch_size=1,

@@ -24,7 +24,9 @@ def tiny_model(attention="augmented") -> Decoder:
         intermediate_size=128,
     )
     model = Decoder(config)
-    return linearize.linearize(model, {"name": attention, "size": 8, "conv_size": 4})
+    return linearize.linearize(
+        model, {"name": attention, "size": 8, "conv": "causal", "conv_size": 4}
+    )
 
 
 def ids(seed: int = 1) -> torch.Tensor:

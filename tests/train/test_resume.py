@@ -31,7 +31,9 @@ def tiny_model() -> Decoder:
     model = Decoder(config)
     with torch.no_grad():
         model.embed_tokens.weight.mul_(0.1)
-    return linearize.linearize(model, {"name": "augmented", "size": 8, "conv_size": 4})
+    return linearize.linearize(
+        model, {"name": "augmented", "size": 8, "conv": "causal", "conv_size": 4}
+    )
 
 
 def config(**overrides) -> TrainConfig:
@@ -39,7 +41,7 @@ def config(**overrides) -> TrainConfig:
     values = dict(
         model="tiny",
         attention="augmented",
-        attention_options={"size": 8, "conv_size": 4},
+        attention_options={"size": 8, "conv": "causal", "conv_size": 4},
         stage="both",
         tokens=10 * 64,
         transfer_tokens=4 * 64,

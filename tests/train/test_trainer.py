@@ -18,7 +18,7 @@ from linearize.train.schedule import WarmupCosine
 from linearize.train.stages import StageSetup
 from linearize.train.trainer import Trainer, TrainingDiverged
 
-AUGMENTED = {"name": "augmented", "size": 8, "conv_size": 4}
+AUGMENTED = {"name": "augmented", "size": 8, "conv": "causal", "conv_size": 4}
 
 
 def tiny_model(attention=AUGMENTED, seed: int = 0) -> Decoder:
@@ -41,7 +41,7 @@ def tiny_config(**overrides) -> TrainConfig:
     values = dict(
         model="tiny",
         attention="augmented",
-        attention_options={"size": 8, "conv_size": 4},
+        attention_options={"size": 8, "conv": "causal", "conv_size": 4},
         stage="finetune",
         tokens=8 * 32 * 4,
         block_size=32,
@@ -236,8 +236,6 @@ def cli(tiny_dir, tmp_path, monkeypatch, capsys):
         "augmented",
         "--group-size",
         "8",
-        "--conv-size",
-        "4",
         "--block-size",
         "32",
         "--batch-size",
@@ -260,13 +258,21 @@ def cli(tiny_dir, tmp_path, monkeypatch, capsys):
 def test_cli_trains_and_says_where_things_went(cli, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("It is a truth universally acknowledged. " * 40)
-    code, out = cli("--data", str(corpus), "--out", str(tmp_path / "run"), "--lora")
+    run = tmp_path / "run"
+    code, out = cli("--data", str(corpus), "--out", str(run), "--lora", "--conv-size", "4")
     assert code == 0, out.err
     assert f"model: {tmp_path / 'run' / 'model'}" in out.out
     assert f"metrics: {tmp_path / 'run' / 'metrics.jsonl'}" in out.out
-    assert linearize.load(tmp_path / "run" / "model").attention_names() == ["augmented"] * 2
+    trained = linearize.load(tmp_path / "run" / "model")
+    assert trained.attention_names() == ["augmented"] * 2
+    # --conv-size turns the conv on V on (the preset has none)
+    assert trained.layers[0].self_attn.conv.shape[-1] == 4
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["lora"] and saved["attention_options"] == {"size": 8, "conv_size": 4}
+    assert saved["lora"] and saved["attention_options"] == {
+        "size": 8,
+        "conv": "causal",
+        "conv_size": 4,
+    }
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,11 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, required: bool =
         help=f"registry attention: {', '.join(list_attentions())}",
     )
     parser.add_argument("--group-size", type=int, help="group / window size (attention 'size')")
-    parser.add_argument("--conv-size", type=int, help="causal conv taps per head")
+    parser.add_argument(
+        "--conv-size",
+        type=int,
+        help="causal conv taps per head (turns the conv on V on unless --option conv=... says)",
+    )
     parser.add_argument(
         "--option",
         action="append",
@@ -39,6 +43,7 @@ def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
         options["size"] = args.group_size
     if args.conv_size is not None:
         options["conv_size"] = args.conv_size
+        options.setdefault("conv", "causal")
     return {"name": args.attention, **options}
 
 

@@ -160,7 +160,7 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
         "combine": "shared",
         "decay": 1 - 1 / 1024,
         "global_rope": False,
-        "conv": "causal",
+        "conv": "none",
         "conv_size": 32,
         "alpha": 0.0,
         "learn_alpha": True,
@@ -186,9 +186,9 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
 # The paper's ablations of the augmented layer, as option sets.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "local": {"use_global": False, "conv": "none"},
-    "local+global": {"conv": "none"},
-    "local+conv": {"use_global": False},
-    "full": {},
+    "local+global": {"use_global": True, "conv": "none"},
+    "local+conv": {"use_global": False, "conv": "causal"},
+    "full": {"use_global": True, "conv": "causal"},
 }
 
 
