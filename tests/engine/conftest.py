@@ -13,12 +13,20 @@ from tests.generation.conftest import CONV, GROUP, byte_tokenizer, tiny_model
 AUGMENTED = {"name": "augmented", "size": GROUP, "conv": "causal", "conv_size": CONV, "decay": 0.9}
 PAPER = {"name": "augmented_paper", "size": GROUP, "conv_size": CONV, "sink_positions": "absolute"}
 GROUPED = {"name": "augmented_paper", "window": "group", "size": 4, "sinks": 0, "conv_size": CONV}
-OPTIONS = {"augmented": AUGMENTED, "paper": PAPER, "hybrid": AUGMENTED, "group": GROUPED}
+# A window longer than the engine's first reach (reach_step 16 in the tests): its rings grow.
+WIDE = {**AUGMENTED, "size": 60}
+OPTIONS = {
+    "augmented": AUGMENTED,
+    "paper": PAPER,
+    "hybrid": AUGMENTED,
+    "group": GROUPED,
+    "wide": WIDE,
+}
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
-    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group) the engine
-    runs, with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
+    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group, wide) the
+    engine runs, with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
     (vocabulary 258)."""
     if text:
         vocab_size = 258

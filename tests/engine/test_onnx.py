@@ -49,6 +49,63 @@ def test_engine_matches_reference(kind, quant, tmp_path):
     assert engine.pos == STEPS + 5
 
 
+@pytest.mark.parametrize("kind", ["softmax", "wide"])
+def test_rings_grow_with_the_context(kind, tmp_path):
+    """A step reads the filled part of a long ring: the state starts at a short reach and grows
+    by ``2 · reach_step`` slots until its rings are whole (a softmax cache of 200, a window of
+    60 + sinks), with the logits of the reference all along and a fixed ``nbytes``."""
+    model = _model(kind)
+    quantize(model, "int4")
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (1, 200))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(
+        model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=16
+    )
+    whole = OnnxEngine(model, max_context=200, threads=1, cache=tmp_path, reach_step=0)
+    assert whole.state.reach is None and whole.nbytes() == engine.nbytes()
+    engine.prefill(ids[0, :5].tolist())
+    reaches, steps = [engine.state.reach], []
+    for t in ids[0, 5:]:
+        steps.append(engine.step(int(t)).clone())
+        reaches.append(engine.state.reach)
+    assert_close(f"{kind} steps", reference[0, 5:], torch.stack(steps), TOLERANCE)
+    grown = list(dict.fromkeys(reaches))
+    assert grown == ([32, 64, 96, 128, 160, 192, None] if kind == "softmax" else [32, None])
+    assert engine.nbytes() == whole.nbytes()
+    # A prompt loads at the reach of its length.
+    engine.prefill(ids[0, :100].tolist())
+    assert engine.state.reach == (128 if kind == "softmax" else None)
+    after = engine.step(int(ids[0, 100]))
+    assert_close("after a long prefill", reference[0, 100], after, TOLERANCE)
+
+
+def test_snapshots_and_trees_across_a_growth(tmp_path):
+    """restore() returns to the reach of its snapshot; a tree makes the rings whole first."""
+    model = _model("wide")
+    quantize(model, "int4")
+    ids = torch.randint(0, 128, (1, 60)).tolist()[0]
+    engine = OnnxEngine(
+        model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=8
+    )
+    engine.prefill(ids[:5])
+    saved = engine.snapshot()
+    first = [engine.step(t).clone() for t in ids[5:30]]
+    assert engine.state.reach == 32
+    engine.restore(saved)
+    assert engine.state.reach == 16 and engine.pos == 5
+    again = [engine.step(t).clone() for t in ids[5:30]]
+    assert_close("replayed", torch.stack(first), torch.stack(again), 0)
+    with torch.no_grad():
+        _, state = model(torch.tensor([ids[:30]]))
+        tree = Tree.from_parents([-1, 0, 0, 1])
+        reference, _, _ = model.forward_tree(torch.tensor([ids[30:34]]), tree, state)
+    logits, _ = engine.forward_tree(ids[30:34], tree)
+    assert engine.state.reach is None
+    assert_close("tree on a grown state", reference[0], logits, TOLERANCE)
+
+
 def test_engine_state_equals_reference_state_size(tmp_path):
     """A linear model's engine state is the reference state: same bytes at 10 and 1,000 tokens."""
     model = _model("augmented")

@@ -30,7 +30,7 @@ from linearize.paths import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 4
+EXPORT_VERSION = 5
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -84,10 +84,15 @@ def _rms_norm(g, x, shape, weight, eps):
 
 
 def export(
-    module: nn.Module, example: list[torch.Tensor], path: Path, accuracy_level: int = 0
+    module: nn.Module,
+    example: list[torch.Tensor],
+    path: Path,
+    accuracy_level: int = 0,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     """Write ``module``'s graph to ``path`` (``graph.onnx`` + ``graph.onnx.data``), atomically;
-    ``module`` has ``input_names()`` and ``output_names()``. ``accuracy_level`` is
+    ``module`` has ``input_names()`` and ``output_names()``; ``dynamic_axes``: the inputs' axes
+    whose length may change from run to run (torch.onnx's format). ``accuracy_level`` is
     ``MatMulNBits``' (0: fp32 arithmetic on the dequantized weights, the reference's numbers;
     4: the activations quantized to int8 per block, integer dot products — several times faster
     on CPUs, and the only fast 8-bit path)."""
@@ -107,6 +112,7 @@ def export(
                 dynamo=False,
                 do_constant_folding=True,
                 custom_opsets={"com.microsoft": 1},
+                dynamic_axes=dynamic_axes,
             )
         import onnx
 
@@ -177,6 +183,12 @@ class OnnxEngine:
     runs the exported step graph; ``forward_tree`` / ``commit`` verify and append speculative
     candidates (trees up to ``max_tree`` nodes). ``max_context`` bounds softmax layers' caches
     (linear layers' state does not depend on it).
+
+    A decode step reads the filled part of its long rings (a wide window, a softmax cache), not
+    their whole capacity: the state holds the first ``reach`` slots of each ring, at most
+    ``2 · reach_step`` past the context, and grows by ``2 · reach_step`` (a copy) when the
+    context gets there, until the rings are whole; the step graph takes rings of any length.
+    ``reach_step=0``: always whole rings. A tree first makes the rings whole.
     """
 
     def __init__(
@@ -189,6 +201,7 @@ class OnnxEngine:
         max_tree: int = 64,
         prefill_chunk: int = 0,
         accuracy: str = "int8",
+        reach_step: int = 256,
     ) -> None:
         ort = _require_onnxruntime()
         if model.config.architecture != "llama":
@@ -206,15 +219,24 @@ class OnnxEngine:
         if accuracy not in ACCURACY:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
         self.accuracy_level = ACCURACY[accuracy]
+        if reach_step < 0:
+            raise ValueError(f"reach_step must be >= 0 (0: whole rings), got {reach_step}")
+        # Rings longer than the shortest reach grow with the context; the others are whole.
+        self.reach_step = reach_step
+        self.longest = max((lay.capacity for lay in self.layouts), default=0)
+        self.growing = {
+            lay.key for lay in self.layouts if reach_step and lay.capacity > 2 * reach_step
+        }
         name = model_hash(self.model, max_context)
-        self.directory = _cache_root(cache) / f"{name}-{accuracy}"
+        growing = f"-reach{reach_step}" if self.growing else ""
+        self.directory = _cache_root(cache) / f"{name}-{accuracy}{growing}"
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             self.options.intra_op_num_threads = threads
             self.options.inter_op_num_threads = 1
         example = _step_example(model, self.step_module, RingState(self.layouts))
-        self.session = self._session("step", self.step_module, example)
+        self.session = self._session("step", self.step_module, example, self._dynamic_axes())
         self.max_tree = max_tree
         if not 0 <= prefill_chunk <= max_tree:
             raise ValueError(
@@ -239,19 +261,46 @@ class OnnxEngine:
         self.logits = np.zeros((1, model.config.vocab_size), dtype=np.float32)
         self.reset()
 
-    def _session(self, name: str, module: nn.Module, example: list[torch.Tensor]):
+    def _dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """The step's ring inputs whose length follows the state's reach."""
+        keys = sorted(self.growing, key=str)
+        axes = {}
+        for i, lay in enumerate(self.layouts):
+            if lay.key not in self.growing:
+                continue
+            slots = f"slots{keys.index(lay.key)}"
+            for name in self.step_module.input_names():
+                kind, _, layer = name.partition(".")
+                if layer == str(i) and kind in ("k", "v", "fk"):
+                    axes[name] = {2: slots}
+                elif layer == str(i) and kind == "mask":
+                    axes[name] = {0: slots}
+        return axes
+
+    def _reach(self, pos: int) -> int | None:
+        """The ring slots a state at position ``pos`` holds (``None``: whole rings)."""
+        if not self.growing:
+            return None
+        reach = (pos // self.reach_step + 2) * self.reach_step
+        return None if reach >= self.longest else reach
+
+    def _session(self, name, module: nn.Module, example: list[torch.Tensor], dynamic_axes=None):
         import onnxruntime as ort
 
         path = self.directory / name
         if not (path / GRAPH).is_file():
             logger.info("exporting the %s graph to %s (once per model)", name, path)
-            export(module, example, path, self.accuracy_level)
+            export(module, example, path, self.accuracy_level, dynamic_axes)
         return ort.InferenceSession(
             str(path / GRAPH), self.options, providers=["CPUExecutionProvider"]
         )
 
     def reset(self) -> None:
-        self.state = RingState(self.layouts)
+        self._use(RingState(self.layouts, self._reach(0)))
+
+    def _use(self, state: RingState) -> None:
+        """Run on ``state`` from now on: bind its arrays to the step."""
+        self.state = state
         # One binding per arrangement of the ping-pong buffers (RingState.swap).
         self.bindings = []
         for _ in range(2):
@@ -293,13 +342,17 @@ class OnnxEngine:
         return self.model.lm_head(self.last_hidden)
 
     def load_state(self, state: ModelState) -> None:
-        self.state.load(state)
+        ring = RingState(self.layouts, self._reach(state.pos))
+        ring.load(state)
+        self._use(ring)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; the logits of the next, ``[V]`` (a view of the engine's buffer:
         read it before the next step)."""
         pos = self.state.pos
+        if self.state.reach is not None and pos >= self.state.reach:
+            self._use(self.state.grown(self._reach(pos)))
         self.x[0, 0] = self.embedding[token]
         if self.rope is not None:
             self.rotation[...] = self._rotation(pos)
@@ -376,6 +429,8 @@ class OnnxEngine:
     def forward_tree(self, tokens: list[int], tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify tree nodes on top of the state (left untouched): logits ``[N, V]`` and final
         hidden states ``[N, D]``; :meth:`commit` appends an accepted path."""
+        if self.state.reach is not None:  # the tree graphs read whole rings
+            self._use(self.state.grown(None))
         session, module, size = self._tree(len(tree))
         feeds = self._tree_feeds(module, tree, list(tokens), size)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
@@ -394,6 +449,8 @@ class OnnxEngine:
         return self.state.snapshot()
 
     def restore(self, snapshot: dict) -> None:
+        if snapshot["reach"] != self.state.reach:
+            self._use(RingState(self.layouts, snapshot["reach"]))
         self.state.restore(snapshot)
 
 

@@ -4,6 +4,11 @@ One :class:`RingState` holds every state tensor a :class:`~linearize.engine.step
 reads, as numpy arrays the engine binds without copying. Before a step, :meth:`prepare` fills the
 control tensors of each layout from its spec (which slots the query sees, which tokens leave for
 ``S, z``); after it, :meth:`commit` writes the new token's key/value rows into a free slot.
+
+A ring is filled from its first slot, so while a context is shorter than a ring only a prefix of
+it holds tokens. ``reach`` bounds the slots a state holds per ring (its arrays are that long);
+the engine starts short and moves to a longer reach (:meth:`RingState.grown`) as the context
+grows, so a step reads the filled part of a wide ring (or of a softmax cache), not all of it.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation")
 class _Control:
     """The control tensors and slot bookkeeping shared by every layer of one layout."""
 
-    def __init__(self, lay: Layout) -> None:
+    def __init__(self, lay: Layout, size: int) -> None:
         self.lay = lay
-        C = lay.capacity
+        self.size = C = size
         self.times = np.full(C, -1, dtype=np.int64)
         # Which slots the query sees: added to softmax scores (0 or −inf), else multiplied (1 / 0).
         self.additive = lay.spec.local == "softmax"
@@ -36,7 +41,7 @@ class _Control:
         self.slot = -1
 
     def prepare(self, pos: int) -> None:
-        lay, C = self.lay, self.lay.capacity
+        lay, C = self.lay, self.size
         candidates = np.append(self.times, pos)
         valid = candidates >= 0
         # Local to this query (pos) and to the next one (pos + 1): what stays in the ring.
@@ -65,6 +70,8 @@ class _Control:
         self.slot = -1
         if C and bool(keep[C]):
             free = np.flatnonzero((self.times < 0) | fold[:C])
+            if not len(free) and lay.capacity > C:
+                raise AssertionError(f"position {pos} is past the state's reach ({C} slots)")
             if not len(free):
                 raise ValueError(
                     f"context {pos + 1} is past the engine's max context ({C} cached tokens): "
@@ -81,17 +88,20 @@ class _Control:
 
 
 class RingState:
-    """All state tensors of a fixed-shape step (batch 1) and the position."""
+    """All state tensors of a fixed-shape step (batch 1) and the position; each ring holds
+    ``min(capacity, reach)`` slots (``reach=None``: its whole capacity)."""
 
-    def __init__(self, layouts: list[Layout]) -> None:
+    def __init__(self, layouts: list[Layout], reach: int | None = None) -> None:
         self.layouts = layouts
+        self.reach = reach
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
         self.pos = 0
         for i, lay in enumerate(layouts):
-            control = self.controls.setdefault(lay.key, _Control(lay))
-            shapes = _shapes(lay)
+            size = lay.capacity if reach is None else min(lay.capacity, reach)
+            control = self.controls.setdefault(lay.key, _Control(lay, size))
+            shapes = _shapes(lay, size)
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
                 if kind in CONTROLS:
@@ -118,10 +128,33 @@ class RingState:
                     self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
 
     def nbytes(self) -> int:
-        """Bytes of the state proper: ring buffers and their times, S, z, conv tails."""
+        """Bytes of the state at its full reach (what it grows to and never passes): ring
+        buffers and their times, S, z, conv tails."""
         kinds = ("k", "v", "fk", "S", "z", "conv")
-        arrays = sum(a.nbytes for n, a in self.inputs.items() if n.split(".")[0] in kinds)
-        return arrays + sum(self.controls[lay.key].times.nbytes for lay in self.layouts)
+        total = 0
+        for i, lay in enumerate(self.layouts):
+            shapes = _shapes(lay, lay.capacity)
+            for name in state_inputs(i, lay):
+                if name.split(".")[0] in kinds:
+                    total += 4 * int(np.prod(shapes[name.split(".")[0]]))
+            total += 8 * lay.capacity  # times (int64)
+        return total
+
+    def grown(self, reach: int | None) -> RingState:
+        """A state holding this one's tokens with a longer ``reach`` (a ring's filled slots
+        are kept in place; the slots beyond are empty)."""
+        if reach is not None and self.reach is not None and reach < self.reach:
+            raise ValueError(f"a state grows; reach {reach} < {self.reach}")
+        new = RingState(self.layouts, reach)
+        for name, array in self.inputs.items():
+            if name.split(".")[0] in ("k", "v", "fk"):
+                new.inputs[name][:, :, : array.shape[2]] = array
+            elif name.split(".")[0] not in CONTROLS:
+                np.copyto(new.inputs[name], array)
+        for key, control in self.controls.items():
+            new.controls[key].times[: control.size] = control.times
+        new.pos = self.pos
+        return new
 
     def prepare(self) -> None:
         for control in self.controls.values():
@@ -183,12 +216,15 @@ class RingState:
             self.pos += 1
 
     def snapshot(self) -> dict:
-        """A copy of everything a step changes (for :meth:`restore`)."""
+        """A copy of everything a step changes (for :meth:`restore`, on a state of the same
+        ``reach``)."""
         arrays = {n: a.copy() for n, a in self.inputs.items()}
         times = {key: c.times.copy() for key, c in self.controls.items()}
-        return {"arrays": arrays, "times": times, "pos": self.pos}
+        return {"arrays": arrays, "times": times, "pos": self.pos, "reach": self.reach}
 
     def restore(self, snapshot: dict) -> None:
+        if snapshot["reach"] != self.reach:
+            raise ValueError(f"a snapshot of reach {snapshot['reach']} on a state of {self.reach}")
         for name, array in snapshot["arrays"].items():
             np.copyto(self.inputs[name], array)
         for key, times in snapshot["times"].items():
@@ -212,6 +248,8 @@ class RingState:
                         f"the prompt holds {n} tokens, past the engine's max context "
                         f"({lay.capacity}): rebuild the engine with a larger max_context"
                     )
+                if n > control.size:
+                    raise AssertionError(f"{n} kept tokens past the state's reach ({control.size})")
                 for kind, tensor in (("k", k), ("v", v), ("fk", fk)):
                     if f"{kind}.{i}" in self.inputs:
                         self.inputs[f"{kind}.{i}"][...] = 0
@@ -226,8 +264,8 @@ class RingState:
         self.pos = state.pos
 
 
-def _shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
-    Hkv, C, K, F = lay.kv_heads, lay.capacity, lay.key_dim, lay.feature_dim
+def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
+    Hkv, C, K, F = lay.kv_heads, size, lay.key_dim, lay.feature_dim
     return {
         "k": (1, Hkv, C, K),
         "v": (1, Hkv, C, K),

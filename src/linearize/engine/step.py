@@ -298,8 +298,8 @@ def _local(
     """``q5: [B,Hkv,R,K]`` over the ring (``kb, vb: [B,Hkv,C,·]``, ``mask: [C]``: added to
     softmax scores, multiplied into relu2 weights) and itself (``k, v: [B,Hkv,1,·]``):
     numerator ``[B,Hkv,R,V]`` and, for softmax, denominator ``[B,Hkv,R,1]`` (weights
-    ``e^{s−m}``). ``q_sink`` (like ``q5``) scores the sinks, in the ring's first slots."""
-    C = kb.shape[2]
+    ``e^{s−m}``). ``q_sink`` (like ``q5``) scores the sinks, in the ring's first slots. Nothing
+    here reads the ring's length ``C``: the exported graph takes rings of any length."""
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
         q5 = q5 * scale
@@ -316,7 +316,7 @@ def _local(
         scores = torch.relu(torch.matmul(qn, linear_attn._unit(kb).transpose(-1, -2))) ** 2
         own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
         weights, den = torch.cat([scores * mask, own], -1), None
-    return torch.matmul(weights[..., :C], vb) + weights[..., C:] * v, den
+    return torch.matmul(weights[..., :-1], vb) + weights[..., -1:] * v, den
 
 
 def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):
