@@ -261,13 +261,13 @@ def test_cli_trains_and_says_where_things_went(cli, tmp_path):
     run = tmp_path / "run"
     code, out = cli("--data", str(corpus), "--out", str(run), "--lora", "--conv-size", "4")
     assert code == 0, out.err
-    assert f"model: {tmp_path / 'run' / 'model'}" in out.out
-    assert f"metrics: {tmp_path / 'run' / 'metrics.jsonl'}" in out.out
-    trained = linearize.load(tmp_path / "run" / "model")
+    assert f"model: {run / 'model'}" in out.out
+    assert f"metrics: {run / 'metrics.jsonl'}" in out.out
+    trained = linearize.load(run / "model")
     assert trained.attention_names() == ["augmented"] * 2
     # --conv-size turns the conv on V on (the preset has none)
     assert trained.layers[0].self_attn.conv.shape[-1] == 4
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
     assert saved["lora"] and saved["attention_options"] == {
         "size": 8,
         "conv": "causal",
