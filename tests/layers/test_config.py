@@ -63,3 +63,27 @@ def test_unknown_form_names_the_value():
     layer = tiny_layer("elu")
     with pytest.raises(ValueError, match="'sequential'.*allowed"):
         layer(torch.randn(1, 3, TINY["hidden_size"], dtype=torch.float64), form="sequential")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {"name": "augmented"}),
+        (["--conv-size", "8"], {"name": "augmented", "conv": "causal", "conv_size": 8}),
+        (
+            ["--conv-size", "8", "--option", "conv=none"],
+            {"name": "augmented", "conv": "none", "conv_size": 8},
+        ),
+    ],
+)
+def test_conv_size_turns_the_conv_on_unless_an_option_says(argv, expected):
+    """The preset has no conv on V: giving its taps asks for it; an explicit option wins."""
+    import argparse
+
+    from linearize.cli.options import add_attention_arguments, attention_from_args
+
+    parser = argparse.ArgumentParser()
+    add_attention_arguments(parser)
+    spec = attention_from_args(parser.parse_args(["--attention", "augmented", *argv]))
+    assert spec == expected
+    assert attention_config(**spec).conv == expected.get("conv", "none")
