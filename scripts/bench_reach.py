@@ -18,6 +18,7 @@ import time
 import torch
 
 import linearize
+from linearize.bench.speed import _prefill, _random_ids
 from linearize.engine.onnx import OnnxEngine
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     model = linearize.load(args.model)
     contexts = [int(c) for c in args.contexts.split(",")]
     n = args.warmup + args.steps
-    ids = torch.randint(100, model.config.vocab_size, (1, max(contexts) + n))
+    ids = _random_ids(model, max(contexts) + n)
     engines = {
         step: OnnxEngine(model, max_context=max(contexts) + n, threads=1, reach_step=step)
         for step in (0, args.reach_step)
@@ -42,7 +43,7 @@ def main() -> None:
     rows = []
     for context in contexts:
         with torch.no_grad():
-            _, state = model.forward_hidden(ids[:, :context], form="chunk")
+            _, state = _prefill(model, ids[:, :context])  # in pieces: 128k contexts fit
         for repeat in range(args.repeats):
             for step, engine in engines.items():
                 engine.load_state(state)

@@ -265,16 +265,11 @@ class OnnxEngine:
         """The step's ring inputs whose length follows the state's reach."""
         keys = sorted(self.growing, key=str)
         axes = {}
-        for i, lay in enumerate(self.layouts):
-            if lay.key not in self.growing:
-                continue
-            slots = f"slots{keys.index(lay.key)}"
-            for name in self.step_module.input_names():
-                kind, _, layer = name.partition(".")
-                if layer == str(i) and kind in ("k", "v", "fk"):
-                    axes[name] = {2: slots}
-                elif layer == str(i) and kind == "mask":
-                    axes[name] = {0: slots}
+        for name in self.step_module.input_names()[2:]:  # after x, rotation
+            kind, _, layer = name.partition(".")
+            key = self.layouts[int(layer)].key
+            if key in self.growing and kind in ("k", "v", "fk", "mask"):
+                axes[name] = {0 if kind == "mask" else 2: f"slots{keys.index(key)}"}
         return axes
 
     def _reach(self, pos: int) -> int | None:
@@ -284,7 +279,9 @@ class OnnxEngine:
         reach = (pos // self.reach_step + 2) * self.reach_step
         return None if reach >= self.longest else reach
 
-    def _session(self, name, module: nn.Module, example: list[torch.Tensor], dynamic_axes=None):
+    def _session(
+        self, name: str, module: nn.Module, example: list[torch.Tensor], dynamic_axes=None
+    ):
         import onnxruntime as ort
 
         path = self.directory / name
@@ -326,8 +323,8 @@ class OnnxEngine:
         """Run the prompt, the last token's logits: in chunks of ``prefill_chunk`` tokens
         through the tree graph (a chain), or, with ``prefill_chunk=0``, in the PyTorch
         reference (chunk form) whose state the engine takes over."""
-        self.reset()
         if self.prefill_chunk:
+            self._use(RingState(self.layouts))  # the tree graph reads whole rings
             for start in range(0, len(ids), self.prefill_chunk):
                 piece = list(ids[start : start + self.prefill_chunk])
                 chain = Tree.from_parents([-1, *range(len(piece) - 1)])
@@ -342,9 +339,10 @@ class OnnxEngine:
         return self.model.lm_head(self.last_hidden)
 
     def load_state(self, state: ModelState) -> None:
-        ring = RingState(self.layouts, self._reach(state.pos))
-        ring.load(state)
-        self._use(ring)
+        reach = self._reach(state.pos)
+        if reach != self.state.reach:
+            self._use(RingState(self.layouts, reach))
+        self.state.load(state)
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ grows, so a step reads the filled part of a wide ring (or of a softmax cache), n
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -134,9 +136,8 @@ class RingState:
         total = 0
         for i, lay in enumerate(self.layouts):
             shapes = _shapes(lay, lay.capacity)
-            for name in state_inputs(i, lay):
-                if name.split(".")[0] in kinds:
-                    total += 4 * int(np.prod(shapes[name.split(".")[0]]))
+            parts = [name.split(".")[0] for name in state_inputs(i, lay)]
+            total += sum(4 * math.prod(shapes[kind]) for kind in parts if kind in kinds)
             total += 8 * lay.capacity  # times (int64)
         return total
 
