@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from linearize.engine.ring import RingState
-from linearize.engine.step import FixedStep, rotation_matrix
+from linearize.engine.step import FixedStep, fill_rotation
 from linearize.engine.tree import TreeStep, tree_controls, tree_inputs
 from linearize.models.decoder import Decoder, ModelState
 from linearize.ops.tree import Tree
@@ -30,12 +30,14 @@ from linearize.paths import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 5
+EXPORT_VERSION = 6
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 GRAPH = "graph.onnx"
+# onnxruntime's transpose optimizer runs once generic and once per execution provider.
+NO_TRANSPOSE_PUSHING = ["TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider"]
 INSTALL = "pip install 'linearize[fast]'  (or: pip install onnxruntime onnx)"
 
 
@@ -256,6 +258,7 @@ class OnnxEngine:
         K = model.layers[0].self_attn.config.head_dim
         self.x = np.zeros((1, 1, model.config.hidden_size), dtype=np.float32)
         self.rotation = np.eye(K, dtype=np.float32)
+        self._table = None
         # The embedding table, dequantized once: a lookup per step is a row copy.
         self.embedding = model.embed_tokens.weight.detach().float().numpy()
         self.logits = np.zeros((1, model.config.vocab_size), dtype=np.float32)
@@ -269,7 +272,9 @@ class OnnxEngine:
             kind, _, layer = name.partition(".")
             key = self.layouts[int(layer)].key
             if key in self.growing and kind in ("k", "v", "fk", "mask"):
-                axes[name] = {0 if kind == "mask" else 2: f"slots{keys.index(key)}"}
+                # Slots: the mask's rows, the rings' axis 2 (values are slot-minor: axis 3).
+                axis = {"mask": 0, "v": 3}.get(kind, 2)
+                axes[name] = {axis: f"slots{keys.index(key)}"}
         return axes
 
     def _reach(self, pos: int) -> int | None:
@@ -288,8 +293,13 @@ class OnnxEngine:
         if not (path / GRAPH).is_file():
             logger.info("exporting the %s graph to %s (once per model)", name, path)
             export(module, example, path, self.accuracy_level, dynamic_axes)
+        # The transpose optimizer would push the step's one transpose of the scores (engine.step
+        # _local) down past the softmax, which then broadcasts along strided columns (~10x).
         return ort.InferenceSession(
-            str(path / GRAPH), self.options, providers=["CPUExecutionProvider"]
+            str(path / GRAPH),
+            self.options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=NO_TRANSPOSE_PUSHING,
         )
 
     def reset(self) -> None:
@@ -353,18 +363,32 @@ class OnnxEngine:
             self._use(self.state.grown(self._reach(pos)))
         self.x[0, 0] = self.embedding[token]
         if self.rope is not None:
-            self.rotation[...] = self._rotation(pos)
+            cos, sin, sinks = self._tables(pos)
+            fill_rotation(self.rotation, cos[pos], sin[pos])
+            for key, positions in sinks.items():
+                control = self.state.controls[key]
+                # Constant once the window is full: rewritten only when it moves.
+                if control.sink_position != positions[pos]:
+                    control.sink_position = p = positions[pos]
+                    fill_rotation(control.sink_rotation, cos[p], sin[p])
         self.state.prepare()
-        for key, attn in self.sink_layers.items():
-            sink_position = int(attn._sink_positions(torch.tensor(pos)))
-            self.state.controls[key].sink_rotation[...] = self._rotation(sink_position)
         self.session.run_with_iobinding(self.bindings[self.state.parity])
         self.state.commit()
         return torch.from_numpy(self.logits[0])
 
-    def _rotation(self, position: int) -> np.ndarray:
-        cos, sin = self.rope.cos_sin(position)
-        return rotation_matrix(cos.numpy(), sin.numpy())
+    def _tables(self, pos: int) -> tuple[np.ndarray, np.ndarray, dict[tuple, np.ndarray]]:
+        """RoPE's ``cos, sin: [P, K]`` and each sink layout's sink positions ``[P]``, as numpy
+        tables covering ``pos`` (doubled when a position past them is asked for)."""
+        if self._table is None or self._table[0].shape[0] <= pos:
+            end = max(2 * pos, 4096)
+            cos, sin = self.rope._cos_sin(end, torch.float32, torch.device("cpu"))
+            positions = torch.arange(end)
+            sinks = {
+                key: attn._sink_positions(positions).numpy()
+                for key, attn in self.sink_layers.items()
+            }
+            self._table = (cos[:end].numpy(), sin[:end].numpy(), sinks)
+        return self._table
 
     def _sink_rotation(self, attn, positions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin: [N, K]`` of the sink query at each of ``positions`` (``attn``'s layout)."""

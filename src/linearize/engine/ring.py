@@ -23,6 +23,8 @@ from linearize.models.decoder import ModelState
 
 # The step's inputs that are a layout's control tensors (shared by its layers), not state.
 CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation")
+# The ring buffers, one slot per kept token.
+RINGS = ("k", "v", "fk")
 
 
 class _Control:
@@ -40,6 +42,7 @@ class _Control:
         self.fold_new = np.zeros(1, dtype=np.float32)
         # The sink query's rotation (sinks at cache positions), filled by the engine.
         self.sink_rotation = np.eye(lay.key_dim, dtype=np.float32)
+        self.sink_position = -1
         self.slot = -1
 
     def prepare(self, pos: int) -> None:
@@ -47,8 +50,7 @@ class _Control:
         candidates = np.append(self.times, pos)
         valid = candidates >= 0
         # Local to this query (pos) and to the next one (pos + 1): what stays in the ring.
-        local = lay.spec.is_local(torch.from_numpy(candidates), torch.tensor([pos, pos + 1]))
-        local = local.numpy()
+        local = lay.spec.is_local(candidates, np.array([pos, pos + 1]))
         keep = valid & local[1]
         fold = valid & ~keep
         seen = valid[:C] & local[0, :C]
@@ -99,6 +101,9 @@ class RingState:
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
+        # Every ring (k, v, fk) as a view with its slots on axis 2 (values are stored
+        # slot-minor, [1, Hkv, V, C]: see engine.step._local).
+        self.rings: dict[str, np.ndarray] = {}
         self.pos = 0
         for i, lay in enumerate(layouts):
             size = lay.capacity if reach is None else min(lay.capacity, reach)
@@ -110,6 +115,9 @@ class RingState:
                     self.inputs[name] = getattr(control, kind)
                 else:
                     self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+                if kind in RINGS:
+                    array = self.inputs[name]
+                    self.rings[name] = array.swapaxes(2, 3) if kind == "v" else array
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
@@ -124,7 +132,7 @@ class RingState:
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 if kind.startswith("new_"):
-                    ring = self.inputs[f"{kind[4:]}.{i}"]
+                    ring = self.rings[f"{kind[4:]}.{i}"]
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
                 else:
                     self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
@@ -148,8 +156,9 @@ class RingState:
             raise ValueError(f"a state grows; reach {reach} < {self.reach}")
         new = RingState(self.layouts, reach)
         for name, array in self.inputs.items():
-            if name.split(".")[0] in ("k", "v", "fk"):
-                new.inputs[name][:, :, : array.shape[2]] = array
+            if name in self.rings:
+                ring = self.rings[name]
+                new.rings[name][:, :, : ring.shape[2]] = ring
             elif name.split(".")[0] not in CONTROLS:
                 np.copyto(new.inputs[name], array)
         for key, control in self.controls.items():
@@ -196,17 +205,17 @@ class RingState:
                         S *= lay.spec.decay
                         z *= lay.spec.decay
                     for slot, weight in zip(control.leaving, control.fold_weight, strict=False):
-                        ring_fk = weight * self.inputs[f"fk.{i}"][:, :, slot]
-                        S += ring_fk[..., :, None] * self.inputs[f"v.{i}"][:, :, slot, None, :]
+                        ring_fk = weight * self.rings[f"fk.{i}"][:, :, slot]
+                        S += ring_fk[..., :, None] * self.rings[f"v.{i}"][:, :, slot, None, :]
                         z += ring_fk
                     if control.fold_new[0]:
                         S += control.fold_new[0] * fk[..., :, None] * v[..., None, :]
                         z += control.fold_new[0] * fk
                 if control.slot >= 0:
-                    self.inputs[f"k.{i}"][:, :, control.slot] = k
-                    self.inputs[f"v.{i}"][:, :, control.slot] = v
+                    self.rings[f"k.{i}"][:, :, control.slot] = k
+                    self.rings[f"v.{i}"][:, :, control.slot] = v
                     if lay.use_global:
-                        self.inputs[f"fk.{i}"][:, :, control.slot] = fk
+                        self.rings[f"fk.{i}"][:, :, control.slot] = fk
                 if lay.conv_taps:
                     tail = self.inputs[f"conv.{i}"]
                     if tail.shape[2]:
@@ -230,6 +239,7 @@ class RingState:
             np.copyto(self.inputs[name], array)
         for key, times in snapshot["times"].items():
             np.copyto(self.controls[key].times, times)
+            self.controls[key].sink_position = -1  # its rotation came back with the arrays
         self.pos = snapshot["pos"]
 
     def load(self, state: ModelState) -> None:
@@ -252,9 +262,9 @@ class RingState:
                 if n > control.size:
                     raise AssertionError(f"{n} kept tokens past the state's reach ({control.size})")
                 for kind, tensor in (("k", k), ("v", v), ("fk", fk)):
-                    if f"{kind}.{i}" in self.inputs:
-                        self.inputs[f"{kind}.{i}"][...] = 0
-                        self.inputs[f"{kind}.{i}"][:, :, :n] = tensor.float().numpy()
+                    if f"{kind}.{i}" in self.rings:
+                        self.rings[f"{kind}.{i}"][...] = 0
+                        self.rings[f"{kind}.{i}"][:, :, :n] = tensor.float().numpy()
                 control.times[:] = -1
                 control.times[:n] = times.numpy()
             if lay.use_global:
@@ -269,7 +279,7 @@ def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
     Hkv, C, K, F = lay.kv_heads, size, lay.key_dim, lay.feature_dim
     return {
         "k": (1, Hkv, C, K),
-        "v": (1, Hkv, C, K),
+        "v": (1, Hkv, K, C),  # slot-minor
         "fk": (1, Hkv, C, F),
         "S": (1, Hkv, F, K),
         "z": (1, Hkv, F),

@@ -89,12 +89,11 @@ class LinearAttnSpec:
         return self.sinks + max(self.size - 1, 0)
 
     def is_local(self, t_k: Tensor, t_q: Tensor) -> Tensor:
-        """``[Nq, Nk]``: key time σ lies in query time τ's local set (σ ≤ τ assumed elsewhere)."""
+        """``[Nq, Nk]``: key time σ lies in query time τ's local set (σ ≤ τ assumed elsewhere).
+        Integer tensors or numpy arrays (the engine's host side asks with numpy)."""
         s, t = t_k[None, :], t_q[:, None]
         if self.window == "group":
-            near = torch.div(s, self.size, rounding_mode="floor") == torch.div(
-                t, self.size, rounding_mode="floor"
-            )
+            near = s // self.size == t // self.size  # floor division, for both
         else:
             near = s > t - self.size
         return near | (s < self.sinks)
