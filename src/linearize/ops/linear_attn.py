@@ -92,10 +92,8 @@ class LinearAttnSpec:
         """``[Nq, Nk]``: key time σ lies in query time τ's local set (σ ≤ τ assumed elsewhere).
         Integer tensors or numpy arrays (the engine's host side asks with numpy)."""
         s, t = t_k[None, :], t_q[:, None]
-        if self.window == "group":
-            near = s // self.size == t // self.size  # floor division, for both
-        else:
-            near = s > t - self.size
+        # ``//`` floors for both.
+        near = s // self.size == t // self.size if self.window == "group" else s > t - self.size
         return near | (s < self.sinks)
 
 
