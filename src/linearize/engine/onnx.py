@@ -294,12 +294,13 @@ class OnnxEngine:
             logger.info("exporting the %s graph to %s (once per model)", name, path)
             export(module, example, path, self.accuracy_level, dynamic_axes)
         # The transpose optimizer would push the step's one transpose of the scores (engine.step
-        # _local) down past the softmax, which then broadcasts along strided columns (~10x).
+        # _local) down past the softmax, which then broadcasts along strided columns (~10x);
+        # the tree graphs gain from it.
         return ort.InferenceSession(
             str(path / GRAPH),
             self.options,
             providers=["CPUExecutionProvider"],
-            disabled_optimizers=NO_TRANSPOSE_PUSHING,
+            disabled_optimizers=NO_TRANSPOSE_PUSHING if name == "step" else [],
         )
 
     def reset(self) -> None:
