@@ -167,6 +167,19 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [r["step"] for r in losses(tmp_path / "metrics.jsonl")] == [1]
 
 
+def test_both_stages_split_the_budget():
+    """By default the transfer stage gets a twelfth of the tokens, and at least one step."""
+    assert TrainConfig(tokens=24_576).validate().stage_tokens() == {
+        "transfer": 2048,
+        "finetune": 22_528,
+    }
+    small = TrainConfig(tokens=3 * 1024, block_size=1024, batch_size=1).validate()
+    assert small.stage_steps() == {"transfer": 1, "finetune": 2}
+    assert TrainConfig(stage="finetune", tokens=4096).validate().stage_tokens() == {
+        "finetune": 4096
+    }
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
