@@ -17,12 +17,13 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 
 import linearize
 from linearize.engine.onnx import OnnxEngine
 from linearize.engine.ring import RingState
-from linearize.engine.step import FixedStep, rotation_matrix
+from linearize.engine.step import FixedStep, fill_rotation
 from linearize.models.quantize import quantize
 
 
@@ -48,11 +49,14 @@ def _fixed_step_runner(model, state, context: int, compiled: bool):
     ring.load(state)
     outputs = module.output_names()
 
+    matrix = np.zeros((rope.inv_freq.numel() * 2,) * 2, dtype=np.float32)
+
     @torch.no_grad()
     def step(token: int) -> int:
         x = model.embed_tokens(torch.tensor([[token]]))
         cos, sin = rope.cos_sin(ring.pos)
-        rotation = torch.from_numpy(rotation_matrix(cos.numpy(), sin.numpy()))
+        fill_rotation(matrix, cos.numpy(), sin.numpy())
+        rotation = torch.from_numpy(matrix)
         ring.prepare()
         # The current buffers (S, z and the tails trade places every step); a timing row: the
         # sink query's rotation stays the identity here (the engine sets it).
