@@ -161,9 +161,11 @@ class TrainConfig(Config):
         """Training tokens of each stage."""
         if self.stage != "both":
             return {self.stage: self.tokens}
-        # Attention transfer levels off within two steps of 1,024 tokens (held-out 20.641 after
-        # 2 steps, 20.637 after 8); the rest of the budget buys more as fine-tuning: at 24,576
-        # tokens a third on transfer gave 20.065, a twelfth 19.832 (docs/results.md).
+        # With a window (augmented), attention transfer levels off within two steps of 1,024
+        # tokens (held-out 20.641 after 2 steps, 20.637 after 8) and the rest of the budget buys
+        # more as fine-tuning: at 24,576 tokens a third on transfer gave 20.065, a twelfth
+        # 19.832. A pure linear attention (hedgehog) still gains from transfer (a third 1,042,
+        # a twelfth 1,100), at a perplexity no user keeps; --transfer-tokens sets it.
         transfer = self.transfer_tokens or max(self.tokens // 12, self.tokens_per_step)
         return {"transfer": transfer, "finetune": self.tokens - transfer}
 
