@@ -168,11 +168,17 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_both_stages_split_the_budget():
-    """By default the transfer stage gets a twelfth of the tokens, and at least one step."""
+    """By default the transfer stage gets a twelfth of the tokens with a windowed attention, a
+    third with a pure linear one (or an attention the config does not name), at least a step."""
     assert TrainConfig(tokens=24_576).validate().stage_tokens() == {
         "transfer": 2048,
         "finetune": 22_528,
     }
+    for attention in ("hedgehog", "elu", None):
+        config = TrainConfig(tokens=24_576, attention=attention).validate()
+        assert config.stage_tokens() == {"transfer": 8192, "finetune": 16_384}, attention
+    paper = TrainConfig(tokens=24_576, attention="augmented_paper").validate()
+    assert paper.stage_tokens()["transfer"] == 2048
     small = TrainConfig(tokens=3 * 1024, block_size=1024, batch_size=1).validate()
     assert small.stage_steps() == {"transfer": 1, "finetune": 2}
     assert TrainConfig(stage="finetune", tokens=4096).validate().stage_tokens() == {

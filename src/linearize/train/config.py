@@ -53,8 +53,8 @@ class TrainConfig(Config):
     text_field: str = option("the text field of JSONL records", "text")
     tokens: int = option("training tokens of the whole run (all stages)", 24_576)
     transfer_tokens: int | None = option(
-        "training tokens of the transfer stage when --stage both (default: a twelfth, at least "
-        "one step)",
+        "training tokens of the transfer stage when --stage both (default: a twelfth for an "
+        "attention with an exact window, like augmented; a third otherwise; at least one step)",
         None,
     )
     # Blocks past the window (256) and up to the decay's horizon (1024), so that the global
@@ -161,13 +161,24 @@ class TrainConfig(Config):
         """Training tokens of each stage."""
         if self.stage != "both":
             return {self.stage: self.tokens}
-        # With a window (augmented), attention transfer levels off within two steps of 1,024
-        # tokens (held-out 20.641 after 2 steps, 20.637 after 8) and the rest of the budget buys
-        # more as fine-tuning: at 24,576 tokens a third on transfer gave 20.065, a twelfth
-        # 19.832. A pure linear attention (hedgehog) still gains from transfer (a third 1,042,
-        # a twelfth 1,100), at a perplexity no user keeps; --transfer-tokens sets it.
-        transfer = self.transfer_tokens or max(self.tokens // 12, self.tokens_per_step)
+        transfer = self.transfer_tokens or max(
+            self.tokens // (12 if self._windowed() else 3), self.tokens_per_step
+        )
         return {"transfer": transfer, "finetune": self.tokens - transfer}
+
+    def _windowed(self) -> bool:
+        """Whether the attention keeps an exact local window (``augmented`` and its kin).
+
+        With one, attention transfer levels off within two steps of 1,024 tokens (held-out
+        20.641 after 2 steps, 20.637 after 8) and the rest of the budget buys more as
+        fine-tuning: at 24,576 tokens a third on transfer gave 20.065, a twelfth 19.832. A pure
+        linear attention still gains from transfer (hedgehog: a third 1,042, a twelfth 1,100;
+        docs/results.md), and so does a model whose attention the config does not name."""
+        if self.attention is None:
+            return False
+        from linearize.layers.config import attention_config
+
+        return attention_config(self.attention, **self.attention_options).local != "none"
 
     def stage_steps(self) -> dict[str, int]:
         """Optimizer steps of each stage (whole steps of ``batch_size`` blocks)."""
