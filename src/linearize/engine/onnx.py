@@ -382,7 +382,7 @@ class OnnxEngine:
         tables covering ``pos`` (doubled when a position past them is asked for)."""
         if self._table is None or self._table[0].shape[0] <= pos:
             end = max(2 * pos, 4096)
-            cos, sin = self.rope._cos_sin(end, torch.float32, torch.device("cpu"))
+            cos, sin = self.rope._cos_sin(end, torch.float32, self.rope.inv_freq.device)
             positions = torch.arange(end)
             sinks = {
                 key: attn._sink_positions(positions).numpy()
@@ -390,12 +390,6 @@ class OnnxEngine:
             }
             self._table = (cos[:end].numpy(), sin[:end].numpy(), sinks)
         return self._table
-
-    def _sink_rotation(self, attn, positions: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``cos, sin: [N, K]`` of the sink query at each of ``positions`` (``attn``'s layout)."""
-        sink_positions = attn._sink_positions(positions)
-        cos, sin = zip(*(self.rope.cos_sin(int(p)) for p in sink_positions), strict=True)
-        return torch.stack(cos).numpy(), torch.stack(sin).numpy()
 
     # --- speculative decoding: the tree step and the commit ------------------------------------
 
@@ -425,13 +419,13 @@ class OnnxEngine:
         K = self.rotation.shape[0]
         cos, sin = np.ones((size, K), np.float32), np.zeros((size, K), np.float32)
         if self.rope is not None:
-            for n, d in enumerate(depths):
-                c, s = self.rope.cos_sin(pos + int(d))
-                cos[n], sin[n] = c.numpy(), s.numpy()
+            table_cos, table_sin, sinks = self._tables(pos + size)
+            positions = pos + depths
+            cos, sin = table_cos[positions], table_sin[positions]
+            for j, key in enumerate(module.sink_keys):
+                at = sinks[key][positions]
+                feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = table_cos[at], table_sin[at]
         feeds.update(cos=cos, sin=sin, pos=np.array(pos, dtype=np.int64))
-        for j, key in enumerate(module.sink_keys):
-            rotation = self._sink_rotation(self.sink_layers[key], torch.from_numpy(pos + depths))
-            feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = rotation
         rings = [self.state.controls[key].times for key in module.keys]
         taps = {lay.conv_taps for lay in module.layouts if lay.conv_taps}
         controls = tree_controls(tree, size, pos, rings, taps)

@@ -227,8 +227,9 @@ class RingState:
 
     def snapshot(self) -> dict:
         """A copy of everything a step changes (for :meth:`restore`, on a state of the same
-        ``reach``)."""
-        arrays = {n: a.copy() for n, a in self.inputs.items()}
+        ``reach``): the state arrays and times; the control tensors are derived from those
+        before every step."""
+        arrays = {n: a.copy() for n, a in self.inputs.items() if n.split(".")[0] not in CONTROLS}
         times = {key: c.times.copy() for key, c in self.controls.items()}
         return {"arrays": arrays, "times": times, "pos": self.pos, "reach": self.reach}
 
@@ -239,7 +240,6 @@ class RingState:
             np.copyto(self.inputs[name], array)
         for key, times in snapshot["times"].items():
             np.copyto(self.controls[key].times, times)
-            self.controls[key].sink_position = -1  # its rotation came back with the arrays
         self.pos = snapshot["pos"]
 
     def load(self, state: ModelState) -> None:

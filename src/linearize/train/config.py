@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from linearize.config import Config, option
+from linearize.layers.config import attention_config
 
 Stage = Literal["transfer", "finetune", "both"]
 STAGES = ("transfer", "finetune", "both")
@@ -176,8 +177,6 @@ class TrainConfig(Config):
         docs/results.md), and so does a model whose attention the config does not name."""
         if self.attention is None:
             return False
-        from linearize.layers.config import attention_config
-
         return attention_config(self.attention, **self.attention_options).local != "none"
 
     def stage_steps(self) -> dict[str, int]:
