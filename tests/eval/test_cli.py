@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from linearize.bench import report
 from linearize.cli import main
 
 DECODE_KEYS = {
@@ -302,6 +303,15 @@ def test_bench_report_builds_the_page(tiny_dirs, capsys, tmp_path):
     assert (tmp_path / "docs" / "results" / "decode.png").exists()
     assert "](results/decode.png)" in text
     assert main(["bench", "report", "--results", str(tmp_path / "empty"), "--page", str(page)]) == 2
+    # Notes written by hand after the marker survive a rebuild (once, before the commands);
+    # text before the marker does not.
+    notes = f"{report.NOTES_MARKER}\n\n## A hand-written run\n\nmeasured by hand\n\n"
+    page.write_text(text.replace("## Commands", "stray edit\n\n" + notes + "## Commands"))
+    for _ in range(2):
+        assert main(["bench", "report", "--results", str(results), "--page", str(page)]) == 0
+        rebuilt = page.read_text()
+        assert rebuilt.count("measured by hand") == 1 and "stray edit" not in rebuilt
+        assert rebuilt.index("## A hand-written run") < rebuilt.index("## Commands")
 
 
 def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
