@@ -171,6 +171,29 @@ def test_linearize_keeps_pretrained_weights_and_zero_inits_new_parts():
     assert all(float(after[n].abs().sum()) == 0 for n in zeroed)
 
 
+def test_linearize_keep_trained_leaves_layers_already_linearized():
+    model = linearize(Decoder(tiny_config()), {"name": "augmented", "size": 8}, layers=[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained"
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    # Layer 0 is kept as it is (the options asked for match it); softmax layer 1 is linearized.
+    linearize(model, {"name": "augmented", "size": 8}, keep_trained=True)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trained.items())
+    assert model.config.attention_config(1).name == "augmented"
+    assert float(after["layers.1.self_attn.alpha"].abs().sum()) == 0
+    # Options that differ from the kept layer's: an error naming them, nothing changed.
+    with pytest.raises(ValueError, match=r"layer 0 already uses augmented with size=8, not 16"):
+        linearize(model, {"name": "augmented", "size": 16}, keep_trained=True)
+    assert torch.equal(
+        model.state_dict()["layers.0.self_attn.alpha"], trained["layers.0.self_attn.alpha"]
+    )
+    # Another attention, or keep_trained off: linearized afresh.
+    linearize(model, "augmented", layers=[0])
+    assert float(model.state_dict()["layers.0.self_attn.alpha"].abs().sum()) == 0
+
+
 @pytest.mark.parametrize(
     "layers, attention, message",
     [

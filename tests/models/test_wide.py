@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import linearize
+from linearize import Decoder
 from linearize.cli import main
 from linearize.models.wide import (
     can_widen,
@@ -130,9 +131,15 @@ def test_widen_best_widens_the_greedy_choice_at_most_as_many_as_there_are():
     assert widen_best(model, 1, 6 * GROUP) == [expected]
     sizes = [model.config.attention_config(i).size for i in range(3)]
     assert sizes == [6 * GROUP if i == expected else GROUP for i in range(3)]
-    # Asked for more than are left: the two still narrow ones.
-    assert sorted(widen_best(model, 10, 6 * GROUP)) == [i for i in range(3) if i != expected]
-    assert widen_best(model, 1, 6 * GROUP) == []  # nothing narrower left
+    # A layer already wide counts: asked for one again, nothing changes (no probes run: a model
+    # without a tokenizer would fail them).
+    model.tokenizer = None
+    assert widen_best(model, 1, 6 * GROUP) == [expected]
+    assert [model.config.attention_config(i).size for i in range(3)] == sizes
+    # Asked for more than there are: all of them.
+    model.tokenizer = CharTokenizer()
+    assert widen_best(model, 10, 6 * GROUP) == [0, 1, 2]
+    assert widen_best(model, 2, 6 * GROUP) == [0, 1, 2]  # never narrowed
     assert widen_best(tiny_model("softmax"), 2) == []
     with pytest.raises(ValueError, match="must be >= 0"):
         widen_best(model, -1)
@@ -161,3 +168,26 @@ def test_convert_wide_layers(tmp_path, capsys):
         assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_trained_model_trains_on_with_its_attention_and_wide_layers(tmp_path):
+    from linearize.train.pipeline import build_model
+
+    model = linearize.linearize(Decoder(tiny_config()), {"name": "augmented", "size": 8})
+    widen(model, [1], 24)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained"
+    model.save(tmp_path / "trained")
+    trained = linearize.load(tmp_path / "trained").state_dict()
+    # The command that trained it, run again on it: nothing is re-initialised or re-chosen (the
+    # model has no tokenizer, so running the recall probes would fail).
+    config = TrainConfig(
+        model=str(tmp_path / "trained"),
+        attention_options={"size": 8},
+        wide_layers=1,
+        wide_size=24,
+    )
+    built = build_model(config)
+    assert [built.config.attention_config(i).size for i in range(2)] == [8, 24]
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in trained.items())

@@ -70,7 +70,7 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_output(args.out, overwrite=args.overwrite)
     model = load(args.model)
-    linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
+    linearize(model, attention_from_args(args), layers=parse_layers(args.layers), keep_trained=True)
     if args.wide_layers:
         wide = widen_best(model, args.wide_layers, args.wide_size)
         if not wide:

@@ -147,12 +147,16 @@ def linearize(
     model: Decoder,
     attention: str | AttentionConfig | dict[str, Any],
     layers: list[int] | None = None,
+    *,
+    keep_trained: bool = False,
 ) -> Decoder:
     """Replace the attention of ``layers`` (all by default) in place; return ``model``.
 
     Every pretrained weight is kept (q/k/v/o projections move over); new parameters get the
     method's initialisation (α = 0, conv taps = 0, identity feature maps). Layers not listed
-    keep their attention, so hybrids are allowed.
+    keep their attention, so hybrids are allowed. With ``keep_trained``, layers that already
+    use this attention are left as they are, trained parameters and window included (a trained
+    model trains on); an option asked for that differs from theirs is an error.
     """
     config = model.config
     if isinstance(attention, AttentionConfig):
@@ -172,6 +176,13 @@ def linearize(
             f"attention {name!r} is not causal (it reads future tokens): it cannot be used in "
             "a decoder"
         )
+    if keep_trained:
+        kept = [i for i in indices if config.attention[i].get("name", "softmax") == name]
+        for i in kept:
+            _check_kept(config.attention_config(i), options, i)
+        if kept:
+            logger.info("layers %s already use %s: kept with their parameters", kept, name)
+        indices = [i for i in indices if i not in kept]
     for i in indices:
         old = model.layers[i].self_attn
         config.attention[i] = options
@@ -183,5 +194,19 @@ def linearize(
         if result.unexpected_keys or any(not is_new_parameter(k) for k in result.missing_keys):
             raise AssertionError(f"layer {i}: projections did not carry over: {result}")
         model.layers[i].self_attn = new
-    logger.info("linearized layers %s with %s", indices, name)
+    if indices:
+        logger.info("linearized layers %s with %s", indices, name)
     return model
+
+
+def _check_kept(current: AttentionConfig, options: dict[str, Any], layer: int) -> None:
+    """A kept layer must already have every option asked for (a wide layer's window may be wider
+    than the ``size`` asked for: see :mod:`linearize.models.wide`)."""
+    for key, value in options.items():
+        widened = key == "size" and current.window == "sliding" and current.size >= value
+        if key != "name" and getattr(current, key) != value and not widened:
+            raise ValueError(
+                f"layer {layer} already uses {current.name} with {key}={getattr(current, key)!r}, "
+                f"not {value!r}: linearizing it again would discard its trained parameters "
+                "(start from the pretrained model to change it)"
+            )

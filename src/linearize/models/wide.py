@@ -229,16 +229,26 @@ def choose_wide_layers(
 
 
 def widen_best(model: Decoder, count: int, size: int = 0) -> list[int]:
-    """Widen the ``count`` sliding-window layers that recall best (:func:`choose_wide_layers`)
-    to ``size`` tokens (0: the widest inside the trained positions, see :func:`wide_window`), at
-    most as many as the model has; returns the layers widened (none for a model without a
-    sliding window)."""
+    """Make ``count`` sliding-window layers wide (``size`` tokens; 0: the widest inside the
+    trained positions, see :func:`wide_window`), at most as many as the model has: layers whose
+    window is already that wide count (a trained model keeps its wide layers), the others are
+    the narrow ones that recall best (:func:`choose_wide_layers`). Returns the model's wide
+    layers (none for a model without a sliding window)."""
     if count < 0 or size < 0:
         raise ValueError(f"wide layers: count and size must be >= 0, got {count} and {size}")
     window = wide_window(model, size)
-    count = 0 if window is None else min(count, len(wide_candidates(model, window)))
-    if not count:
+    if window is None:
         return []
-    layers = choose_wide_layers(model, count, window)
-    widen(model, layers, window)
-    return layers
+    wide = [
+        i
+        for i in range(len(model.layers))
+        if can_widen(model, i) and model.config.attention_config(i).size >= window
+    ]
+    more = min(count - len(wide), len(wide_candidates(model, window)))
+    if wide and count:
+        logger.info("layers %s already have windows of >= %d tokens", wide, window)
+    if more > 0:
+        chosen = choose_wide_layers(model, more, window)
+        widen(model, chosen, window)
+        wide += chosen
+    return sorted(wide)

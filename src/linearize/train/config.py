@@ -42,7 +42,9 @@ class TrainConfig(Config):
     )
     layers: list[int] | None = option("layers to linearize (default: all)", None)
     wide_layers: int = option(
-        "sliding-window layers given a wide window, chosen by recall probes (0: none)", 6
+        "sliding-window layers with a wide window: those already that wide count, the others "
+        "are chosen by recall probes (0: none)",
+        6,
     )
     wide_size: int = option(
         "window of the wide layers in tokens (with 4 sinks: a 4,096-token cache; 0: the "

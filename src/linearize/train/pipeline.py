@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: TrainConfig) -> Decoder:
-    """The base model of ``config``, linearized (untrained new parameters), with its
-    ``wide_layers`` widened (see :mod:`linearize.models.wide`)."""
+    """The base model of ``config``, linearized (new parameters untrained; layers that already
+    use the attention keep theirs), with ``wide_layers`` wide (see :mod:`linearize.models.wide`)."""
     return widen_layers(_linearized(config), config)
 
 
@@ -32,7 +32,9 @@ def _linearized(config: TrainConfig) -> Decoder:
     model = load(config.model)
     spec = config.attention_spec()
     if spec is not None:
-        linearize(model, spec, layers=config.layers)
+        # A model trained before trains on: its layers already linearized keep their
+        # parameters (and wide windows).
+        linearize(model, spec, layers=config.layers, keep_trained=True)
     return model
 
 
