@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from linearize.layers.attention import Attention, AttentionRows, AttentionState, TreeKV
 from linearize.models.config import ModelConfig
@@ -169,6 +170,9 @@ class Decoder(nn.Module):
         self.tokenizer = None
         # Set by models.quantize when the weights are quantized (a QuantConfig).
         self.quantization = None
+        # Training: each layer's activations are recomputed in backward instead of kept, so
+        # long blocks fit in memory (set by the trainer from TrainConfig).
+        self.gradient_checkpointing = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -282,8 +286,12 @@ class Decoder(nn.Module):
         x = self._embed(input_ids, positions)
         states = [None] * len(self.layers) if state is None else state.layers
         new_states, flags = [], []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, layer_state in zip(self.layers, states, strict=True):
-            x, layer_state = layer(x, layer_state, form)
+            if recompute:
+                x, layer_state = checkpoint(layer, x, layer_state, form, use_reentrant=False)
+            else:
+                x, layer_state = layer(x, layer_state, form)
             new_states.append(layer_state)
             flags.append(finite_flag(x, normalized=True))
         return self.norm(x), ModelState(new_states), flags

@@ -99,6 +99,7 @@ class Trainer:
         self.config = config.validate()
         self.ctx = ctx or init_distributed(config.device)
         self.model = model.to(self.ctx.device)
+        self.model.gradient_checkpointing = config.gradient_checkpointing
         self.blocks = pack_blocks(train_tokens, config.block_size)
         self.eval_tokens = eval_tokens
         self.out = None if out is None else Path(out)
