@@ -14,7 +14,7 @@ import pytest
 from linearize.generation import GenerationConfig, generate
 from linearize.generation.streaming import encode_chat
 from linearize.serve import ServeConfig, build_app, serve_in_thread
-from tests.serve.conftest import MODEL
+from tests.serve.conftest import KEY, MODEL
 
 PROMPTS = ["It is a truth", "Hello there, how", "x", "Emma Woodhouse, handsome, clever"]
 
@@ -225,6 +225,17 @@ def test_disconnect_frees_the_row(http):
         assert json.loads(first[6:])["choices"]
     # The client hung up after one chunk: the request is cancelled and its row leaves, its
     # state with it.
+    health = _idle(http)
+    assert health["active"] == 0 and health["queued"] == 0 and health["state_bytes"] == 0
+    assert health["cancelled"] == cancelled + 1
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(server, http):
+    cancelled = http.get("/health").json()["cancelled"]
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4000, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while tokens keep coming
+        httpx.post(f"{server}/v1/completions", json=body, headers=headers, timeout=1.0)
     health = _idle(http)
     assert health["active"] == 0 and health["queued"] == 0 and health["state_bytes"] == 0
     assert health["cancelled"] == cancelled + 1

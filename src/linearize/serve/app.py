@@ -175,13 +175,19 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
                 code="rate_limit_exceeded",
             ) from None
 
+        checked = time.monotonic()
+
         async def next_event() -> Event:
+            # The client is checked every DISCONNECT_POLL_S, also while tokens keep coming (a
+            # non-streaming client that left would otherwise be noticed only at the end).
+            nonlocal checked
             while True:
-                try:
-                    return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        raise _ClientGone from None
+                        raise _ClientGone
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
 
         def cancel() -> None:
             job.cancel()
