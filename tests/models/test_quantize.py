@@ -104,6 +104,34 @@ def test_cli_quantize(tmp_path, capsys):
     assert main(["quantize", "--model", str(out), "--quant", "int8", "--out", str(again)]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert not again.exists() and not list(tmp_path.glob(".again*"))
+    # --out naming the model being read would replace the fp original: refused, source intact.
+    before = (source / "model.safetensors").read_bytes()
+    assert main(["quantize", "--model", str(source), "--quant", "int4", "--out", str(source)]) == 2
+    assert "is the model being read" in capsys.readouterr().err
+    assert (source / "model.safetensors").read_bytes() == before
+    assert linearize.load(source).quantization is None
+
+
+def test_export_hf_of_a_quantized_model_holds_its_weights_dequantized(tmp_path, capsys):
+    model = tiny_model("augmented").float().eval()
+    quantize(model, "int4")
+    model.save(tmp_path / "q4")
+    assert main(["export-hf", "--model", str(tmp_path / "q4"), "--out", str(tmp_path / "hf")]) == 0
+    assert "int4 weights exported dequantized to float32" in capsys.readouterr().out
+    exported = linearize.load(tmp_path / "hf")
+    assert exported.quantization is None
+    ids = torch.randint(0, 128, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+    # An existing folder is replaced only with --overwrite; never the model being read.
+    argv = ["export-hf", "--model", str(tmp_path / "q4"), "--out", str(tmp_path / "hf")]
+    assert main(argv) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "q4"), "--overwrite"]) == 2
+    assert "is the model being read" in capsys.readouterr().err
+    assert linearize.load(tmp_path / "q4").quantization.quant == "int4"
 
 
 @pytest.mark.parametrize("kind", ["softmax", "augmented"])

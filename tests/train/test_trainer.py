@@ -138,19 +138,19 @@ def test_micro_batches_do_not_change_the_update(tmp_path):
         torch.testing.assert_close(runs[1][name], value, rtol=1e-10, atol=1e-12, msg=name)
 
 
-
 @pytest.mark.parametrize("form", ["parallel", "chunk"])
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_update(tmp_path, form):
     runs, calls = [], []
     for recompute in (False, True):
         config = tiny_config(gradient_checkpointing=recompute, form=form, tokens=2 * 32 * 4)
         model = tiny_model().double()
-        model.layers[0].register_forward_pre_hook(lambda *args: calls.append(recompute))
+        model.layers[0].register_forward_pre_hook(lambda *args, r=recompute: calls.append(r))
         runs.append(Trainer(model, config, tokens()).fit().model.state_dict())
     # Each layer runs again in backward (once per micro-batch), and the weights end the same.
     assert calls.count(True) > calls.count(False) > 0
     for name, value in runs[0].items():
         torch.testing.assert_close(runs[1][name], value, rtol=1e-10, atol=1e-12, msg=name)
+
 
 class NaNAtStep(Trainer):
     """Turns the loss into NaN from call ``at`` on (a divergence, on demand)."""

@@ -16,7 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before export
     add_attention_arguments(parser, required=False)
     parser.add_argument("--layers", help="with --attention: comma-separated layer indices")
-    parser.add_argument("--out", required=True, help="output directory (replaced if present)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (new or empty; an existing one only with --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out, deleting what it holds"
+    )
     parser.add_argument(
         "--drop-medusa",
         action="store_true",
@@ -29,7 +36,11 @@ def run_export(args: argparse.Namespace) -> int:
     from linearize.generation.medusa import load_heads
     from linearize.hf import export_hf
     from linearize.models import linearize, load
+    from linearize.models.directory import check_not_source
+    from linearize.paths import check_target
 
+    check_not_source(args.out, args.model)  # before any work
+    check_target(args.out, overwrite=args.overwrite)
     heads = load_heads(args.model)
     if heads is not None and not args.drop_medusa:
         raise ValueError(
@@ -42,7 +53,9 @@ def run_export(args: argparse.Namespace) -> int:
         linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
     elif args.layers:
         raise ValueError("--layers needs --attention")
-    export_hf(model, args.out)
+    if model.quantization is not None and model.quantization.coded:
+        print(f"{model.quantization.quant} weights exported dequantized to float32")
+    export_hf(model, args.out, overwrite=args.overwrite)
     if heads is not None:
         print(f"left out {len(heads)} Medusa heads (they stay in {args.model})")
     print(f"exported {args.model} to {args.out}")

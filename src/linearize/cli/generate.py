@@ -175,7 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
     from linearize.generation.medusa_train import train_medusa
 
     config = config_from_args(args, MedusaTrainConfig)
-    out = check_output(args.out, overwrite=args.overwrite)
+    out = check_output(args.out, overwrite=args.overwrite, source=args.model)
     model = _load(args)
     train, held_out = split_tokens(args.corpus, model.tokenizer, args.eval_tokens)
     with tqdm(desc="medusa", unit="step", file=sys.stderr) as bar:

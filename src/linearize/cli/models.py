@@ -68,7 +68,7 @@ def run_convert(args: argparse.Namespace) -> int:
     for name in ("wide_layers", "wide_size"):  # before the model loads
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check_output(args.out, overwrite=args.overwrite)
+    check_output(args.out, overwrite=args.overwrite, source=args.model)
     model = load(args.model)
     linearize(model, attention_from_args(args), layers=parse_layers(args.layers), keep_trained=True)
     if args.wide_layers:
@@ -87,7 +87,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    check_output(args.out, overwrite=args.overwrite)
+    check_output(args.out, overwrite=args.overwrite, source=args.model)
     model = load(args.model)
     before = weight_bytes(model)
     quantize(model, args.quant)

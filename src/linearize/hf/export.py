@@ -19,15 +19,17 @@ from linearize.paths import atomic_dir
 logger = logging.getLogger(__name__)
 
 
-def export_hf(model: Decoder, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` as a transformers model directory."""
+def export_hf(model: Decoder, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``model`` to ``directory`` as a transformers model directory (atomically; an
+    existing non-empty ``directory`` is replaced only with ``overwrite``). Quantized weights are
+    written dequantized to float32."""
     noncausal = [a.self_attn.config.name for a in model.layers if not a.self_attn.is_causal]
     if noncausal:
         raise ValueError(
             f"attention {noncausal[0]!r} is not causal: it cannot decode, so it cannot be "
             "exported for transformers' generate()"
         )
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
         tmp.chmod(0o755)
         LinearizeForCausalLM.from_decoder(model).save_pretrained(tmp, safe_serialization=True)
         if model.tokenizer is not None:

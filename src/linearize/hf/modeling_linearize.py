@@ -66,10 +66,13 @@ class LinearizeForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_decoder(cls, decoder: Decoder) -> LinearizeForCausalLM:
-        """A transformers model holding a copy of ``decoder``'s weights."""
+        """A transformers model holding a copy of ``decoder``'s weights (int8 / int4 weights
+        dequantized to float32: transformers cannot read our codes)."""
+        from linearize.models.quantize import dequantized_state_dict
+
         config = LinearizeConfig(model=decoder.config.to_dict())
         model = cls(config).to(dtype=decoder.dtype)
-        model.model.load_state_dict(decoder.state_dict(), strict=True)
+        model.model.load_state_dict(dequantized_state_dict(decoder), strict=True)
         return model.to(decoder.device).eval()
 
     @classmethod

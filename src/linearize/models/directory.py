@@ -17,7 +17,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from linearize.paths import atomic_dir, check_target
+from linearize.paths import OutputError, atomic_dir, check_target
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,43 @@ def is_saved_model(directory: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def check_output(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+# A training run directory (``linearize train --out R``) keeps its model in ``R/model``.
+RUN_MODEL = "model"
+
+
+def check_output(
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    source: str | os.PathLike | None = None,
+) -> Path:
     """Raise ``OutputError`` (a ``ValueError``) now, before any work, if :func:`save` would
-    refuse ``directory``: a file, or a non-empty folder that is not one of our models."""
+    refuse ``directory``: a file, or a non-empty folder that is not one of our models; or, unless
+    ``overwrite``, the model being read (``source``, a path or a built-in name): a quantized or
+    converted copy saved there would replace its original."""
+    if source is not None and not overwrite:
+        check_not_source(directory, source, hint=" or pass --overwrite")
     return check_target(directory, overwrite=overwrite, replaceable=is_saved_model)
+
+
+def check_not_source(
+    directory: str | os.PathLike, source: str | os.PathLike, *, hint: str = ""
+) -> None:
+    """Raise ``OutputError`` if ``directory`` is the model being read: ``source`` (a path or a
+    built-in name; a training run directory stands for its model)."""
+    read = [Path(source), Path(source) / RUN_MODEL]
+    if any(_same_file(directory, path) for path in read):
+        raise OutputError(
+            f"output {directory} is the model being read ({source}): saving there would replace "
+            f"it; choose another path{hint}"
+        )
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def save(

@@ -20,7 +20,7 @@ from linearize.models import checkpoint
 from linearize.models.config import ModelConfig
 from linearize.models.convert import build_checked, from_hf
 from linearize.models.decoder import Decoder
-from linearize.models.directory import FORMAT, FORMAT_VERSION, HF_MODEL_TYPE
+from linearize.models.directory import FORMAT, FORMAT_VERSION, HF_MODEL_TYPE, RUN_MODEL
 from linearize.models.quantize import QuantConfig, apply_quant
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,6 @@ def _maybe_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)
-
-
-RUN_MODEL = "model"
 
 
 def _run_model(path: Path) -> Path:

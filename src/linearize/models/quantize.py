@@ -413,6 +413,16 @@ def apply_quant(model: Decoder, quant: str | None, source: str = "this model") -
     return model
 
 
+def dequantized_state_dict(model: Decoder) -> dict[str, Tensor]:
+    """``model``'s state dict with every int8 / int4 weight dequantized to float32 (what an fp
+    model of the same architecture loads; bf16 weights stay as they are)."""
+    state = {k: v for k, v in model.state_dict().items() if ".qweight." not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear | QuantizedEmbedding):
+            state[f"{name}.weight"] = module.weight.detach().float()
+    return state
+
+
 def quantized_numel(model: nn.Module) -> int:
     """Weights stored quantized (not parameters any more), each tied tensor once."""
     weights = {id(m): m for m in model.modules() if isinstance(m, QuantizedWeight)}
