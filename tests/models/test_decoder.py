@@ -201,6 +201,10 @@ def test_linearize_keep_trained_leaves_layers_already_linearized():
         ([-1], "elu", "out of range"),
         (None, "linformer", "not causal"),
         (None, "nope", "valid"),
+        (None, {"name": "augmented", "hidden_size": 100}, "'hidden_size' is the model's own"),
+        (None, {"name": "augmented", "num_heads": 3}, "'num_heads' is the model's own"),
+        (None, {"name": "augmented", "kind": "softmax"}, "comes with the attention's name"),
+        (None, {"name": "augmented", "feature_dim": 0}, "feature_dim must be >= 1"),
     ],
 )
 def test_linearize_bad_input(layers, attention, message):

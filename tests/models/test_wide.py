@@ -164,6 +164,7 @@ def test_convert_wide_layers(tmp_path, capsys):
     for bad, message in (
         ([*argv, "--attention", "elu", "--wide-layers", "1"], "no layer of this elu model"),
         ([*argv, "--attention", "augmented", "--wide-layers", "-1"], "--wide-layers must be >= 0"),
+        ([*argv, "--attention", "augmented", "--option", "name=elu"], "pass --attention instead"),
     ):
         assert main([*bad, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err

@@ -39,6 +39,8 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, required: bool =
 def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The attention spec (name + options) the arguments describe."""
     options = parse_options(args.option)
+    if "name" in options:
+        raise ValueError("--option name=... is what --attention sets: pass --attention instead")
     if args.group_size is not None:
         options["size"] = args.group_size
     if args.conv_size is not None:

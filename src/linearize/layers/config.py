@@ -67,6 +67,10 @@ class AttentionConfig(Config):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise ValueError(
+                f"feature_dim must be >= 1 (or None: the map's own), got {self.feature_dim}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"

@@ -166,6 +166,8 @@ def linearize(
     else:
         options = dict(attention)
     name = options.get("name", "softmax")
+    if not isinstance(attention, AttentionConfig):
+        _check_options(options)
     indices = list(range(config.num_layers)) if layers is None else list(layers)
     for i in indices:
         if not isinstance(i, int) or not 0 <= i < config.num_layers:
@@ -197,6 +199,32 @@ def linearize(
     if indices:
         logger.info("linearized layers %s with %s", indices, name)
     return model
+
+
+# Attention config fields the model decides (its shapes) or the attention's name does.
+MODEL_FIELDS = (
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "qkv_bias",
+    "o_bias",
+)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key in options:
+        if key in MODEL_FIELDS:
+            raise ValueError(
+                f"option {key!r} is the model's own (it comes from its config, not the "
+                f"attention's); options the attention takes exclude {list(MODEL_FIELDS)}"
+            )
+        if key == "kind":
+            raise ValueError(
+                "option 'kind' comes with the attention's name (softmax, linear, ...): choose "
+                "another attention instead"
+            )
 
 
 def _check_kept(current: AttentionConfig, options: dict[str, Any], layer: int) -> None:
