@@ -330,3 +330,16 @@ def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
     code = main([*argv, "--quant", "int4", "--engine", "onnx", "--stream", "--buckets", "0,16"])
     assert code != 0
     assert "--stream (perplexity by position) runs on the PyTorch" in capsys.readouterr().err
+
+
+def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, monkeypatch):
+    from linearize.bench import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    argv = ["bench", "decode", "--model", tiny_dirs["augmented"], "--contexts", "32"]
+    argv += ["--steps", "2", "--llama-cpp", "on", "--out", str(tmp_path)]
+    # Refused before measuring: a saved directory has no GGUF for llama.cpp to run.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no GGUF" in err and "add --model smollm2-135m" in err
+    assert not (tmp_path / "decode.json").exists()

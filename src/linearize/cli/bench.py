@@ -227,16 +227,34 @@ def _gguf_for(source: str):
     return Path(source) if source.endswith(".gguf") else None
 
 
-def _llama_cpp_rows(args: argparse.Namespace, models: dict[str, Any]) -> list[speed.DecodeRow]:
+def _llama_cpp_ggufs(args: argparse.Namespace) -> list:
+    """The GGUF files llama.cpp runs for ``args`` (checked before any measuring)."""
     if args.llama_cpp == "off" or (args.llama_cpp == "auto" and not llama_cpp.available()):
         return []
     if not llama_cpp.available():
         raise RuntimeError("--llama-cpp on: llama-cpp-python is not installed")
-    rows = []
+    ggufs = {}
     for source in args.model or ["smollm2-135m"]:
         gguf = _gguf_for(source)
         if gguf is None:
-            continue
+            print(
+                f"llama.cpp: {source} has no GGUF (a built-in name or a .gguf has)", file=sys.stderr
+            )
+        else:
+            ggufs[str(gguf)] = gguf
+    if not ggufs and args.llama_cpp == "on":
+        raise ValueError(
+            "--llama-cpp on: no --model has a GGUF for llama.cpp to run (a built-in name such as "
+            "smollm2-135m, or a .gguf path); add --model smollm2-135m to compare with its GGUF"
+        )
+    return list(ggufs.values())
+
+
+def _llama_cpp_rows(
+    args: argparse.Namespace, ggufs: list, models: dict[str, Any]
+) -> list[speed.DecodeRow]:
+    rows = []
+    for gguf in ggufs:
         label = f"llama.cpp:{gguf.name}"
         models[label] = {
             "family": "llama.cpp",
@@ -267,6 +285,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     _set_threads(args)
+    ggufs = _llama_cpp_ggufs(args)  # a bad --llama-cpp fails before minutes of measuring
     models: dict[str, Any] = {}
     record = lambda spec, model: models.__setitem__(spec.label, speed.describe(model))
     rows = speed.bench_decode(
@@ -277,7 +296,7 @@ def run_decode(args: argparse.Namespace) -> int:
         progress=_progress,
         on_model=record,
     )
-    rows += _llama_cpp_rows(args, models)
+    rows += _llama_cpp_rows(args, ggufs, models)
     bandwidth = measure_bandwidth()
     notes = [f"memory bandwidth (best tensor copy, read + write): {bandwidth / 1e9:.1f} GB/s"]
     notes += _bound_notes(rows, models, bandwidth)
