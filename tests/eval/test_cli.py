@@ -343,3 +343,12 @@ def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert "has no GGUF" in err and "add --model smollm2-135m" in err
     assert not (tmp_path / "decode.json").exists()
+
+
+def test_eval_ppl_buckets_need_stream_and_a_short_text_names_them(tiny_dirs, capsys, tmp_path):
+    base = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
+    assert main([*base, "--buckets", "0,8"]) == 2
+    assert "add --stream" in capsys.readouterr().err
+    # The default buckets start with 0–1024: a shorter text says which buckets it was given.
+    assert main([*base, "--stream", "--window", "16"]) == 2
+    assert "of --buckets 0,1024,4096" in capsys.readouterr().err

@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(ppl, PerplexityConfig)
     ppl.add_argument(
         "--buckets",
-        default=",".join(map(str, long_context.DEFAULT_BUCKETS)),
-        help="with --stream: increasing position edges of the buckets (the last runs to the end)",
+        help="with --stream: increasing position edges of the buckets (the last runs to the "
+        f"end) (default: {','.join(map(str, long_context.DEFAULT_BUCKETS))})",
     )
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
@@ -93,8 +93,11 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     apply_quant(model, args.quant, args.model)
     tokens = source_tokens(args.data, model.tokenizer)
+    if args.buckets is not None and not args.stream:
+        raise ValueError("--buckets groups a --stream run's positions: add --stream")
     if args.stream:
-        edges = long_context.check_buckets(long_context.parse_ints(args.buckets, "--buckets"))
+        buckets = args.buckets or ",".join(map(str, long_context.DEFAULT_BUCKETS))
+        edges = long_context.check_buckets(long_context.parse_ints(buckets, "--buckets"))
         tokens = scored_tokens(tokens, config)
     engine = _ppl_engine(args, model, len(tokens) if args.stream else args.window)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
@@ -243,7 +246,8 @@ def _command(args: argparse.Namespace) -> str:
         f" --stride {args.stride}" if args.stride else "",
         f" --tokens {args.tokens}" if args.tokens else "",
         f" --form {args.form}",
-        f" --stream --buckets {args.buckets}" if args.stream else "",
+        " --stream" if args.stream else "",
+        f" --buckets {args.buckets}" if args.stream and args.buckets else "",
     ]
     return "".join(words)
 

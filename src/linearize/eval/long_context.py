@@ -119,16 +119,20 @@ def token_nlls(
     return torch.cat(positions), torch.cat(nlls)
 
 
+def _short(tokens: int, edges: tuple[int, ...]) -> str:
+    first = f"{edges[0]}–{edges[1] if len(edges) > 1 else 'end'}"
+    return (
+        f"the text ({tokens} tokens) is shorter than the first bucket ({first}) of --buckets "
+        f"{','.join(map(str, edges))}: give a longer text or smaller --buckets"
+    )
+
+
 def bucket_perplexity(positions: Tensor, nll: Tensor, edges: Sequence[int]) -> list[Bucket]:
     """Group per-target NLLs by position: every scored target lands in exactly one bucket."""
     edges = check_buckets(edges)
     end = int(positions.max()) + 1
     if end <= edges[0] or (len(edges) > 1 and end < edges[1]):
-        first = f"{edges[0]}–{edges[1] if len(edges) > 1 else 'end'}"
-        raise ValueError(
-            f"the text ({end} tokens) is shorter than the first bucket ({first}): give more "
-            "tokens or smaller --buckets"
-        )
+        raise ValueError(_short(end, edges))
     buckets = []
     bounds = list(zip(edges, [*edges[1:], max(end, edges[-1] + 1)], strict=True))
     for lo, hi in bounds:
@@ -170,10 +174,7 @@ def stream_perplexity(
     if segment < 1:
         raise ValueError(f"segment must be >= 1, got {segment}")
     if len(tokens) < (edges[1] if len(edges) > 1 else edges[0] + 2):
-        raise ValueError(
-            f"the text ({len(tokens)} tokens) is shorter than the first bucket "
-            f"({edges[0]}–{edges[1] if len(edges) > 1 else 'end'})"
-        )
+        raise ValueError(_short(len(tokens), edges))
     was_training = model.training
     model.eval()
     try:
