@@ -3,6 +3,8 @@ keeps the state fixed, saves and loads; the greedy choice leaves the model as it
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -160,6 +162,13 @@ def test_convert_wide_layers(tmp_path, capsys):
     loaded = linearize.load(out)
     assert [loaded.config.attention_config(i).size for i in range(2)] == [
         24 if i == layer else 8 for i in range(2)
+    ]
+    # `info` shows each layer's window: the wide one stands out.
+    assert main(["info", str(out), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["attention"]
+    assert runs == [
+        {"layers": str(i), "attention": "augmented", "window": 24 if i == layer else 8}
+        for i in range(2)
     ]
     for bad, message in (
         ([*argv, "--attention", "elu", "--wide-layers", "1"], "no layer of this elu model"),

@@ -100,14 +100,23 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_kind(model, i: int) -> dict:
+    """Layer ``i``'s attention name, and its window when it has a sliding one (wide layers show)."""
+    config = model.config.attention_config(i)
+    if config.window == "sliding" and config.size > 0:
+        return {"attention": config.name, "window": config.size}
+    return {"attention": config.name}
+
+
 def describe(model) -> dict:
-    names = model.attention_names()
+    kinds = [_layer_kind(model, i) for i in range(model.config.num_layers)]
     runs = []
     index = 0
-    for name, group in itertools.groupby(names):
-        count = len(list(group))
-        runs.append({"layers": f"{index}-{index + count - 1}", "attention": name})
-        index += count
+    for _, group in itertools.groupby(kinds, key=lambda kind: tuple(kind.items())):
+        group = list(group)
+        last = index + len(group) - 1
+        runs.append({"layers": f"{index}-{last}" if last > index else f"{index}", **group[0]})
+        index += len(group)
     params = dict(model.named_parameters())
     new = sum(p.numel() for n, p in params.items() if is_new_parameter(n))
     c = model.config
@@ -137,7 +146,8 @@ def run_info(args: argparse.Namespace) -> int:
         f"hidden {summary['hidden_size']}, {summary['heads']}, vocab {summary['vocab_size']}"
     )
     for run in summary["attention"]:
-        print(f"layers {run['layers']:<8} {run['attention']}")
+        window = f" (window {run['window']:,})" if "window" in run else ""
+        print(f"layers {run['layers']:<8} {run['attention']}{window}")
     print(f"parameters     {summary['parameters']:,} ({summary['new_parameters']:,} new)")
     quant = summary["quantization"] or "none (fp)"
     print(f"weights        {summary['weight_bytes'] / 2**20:,.1f} MiB, quantization {quant}")
