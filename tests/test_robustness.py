@@ -464,6 +464,13 @@ def test_second_writer_fails_clearly(tmp_path):
         Decoder(tiny_config()).save(tmp_path / "m")
 
 
+def test_a_saved_model_is_readable_by_others(tmp_path):
+    Decoder(tiny_config()).save(tmp_path / "m")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
 def test_interrupted_write_leaves_the_old_model_and_no_temp(tmp_path):
     model = Decoder(tiny_config())
     model.save(tmp_path / "m")

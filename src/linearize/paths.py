@@ -198,6 +198,10 @@ def atomic_dir(
             # mkdtemp makes the folder private (0700); an output is an ordinary folder.
             tmp.chmod(0o755)
             yield tmp
+            # Some writers (safetensors) make their files private (0600): outputs are ordinary.
+            for path in tmp.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    path.chmod(0o644)
             if directory.exists() or directory.is_symlink():
                 os.replace(directory, _old(directory))
             os.replace(tmp, directory)

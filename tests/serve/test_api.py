@@ -261,3 +261,19 @@ def test_busy_server_answers_429(model):
         assert _idle(http)["active"] == 0
         ok = http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": False})
         assert ok.status_code == 200
+
+
+def test_medusa_without_heads_is_a_bad_request(model):
+    config = ServeConfig(model=MODEL, max_tokens=8)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4, "speculative": "medusa"}
+    with (
+        serve_in_thread(build_app(copy.deepcopy(model), config)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert "no Medusa heads" in error["message"] and "load_heads" not in error["message"]
+        assert (
+            http.post("/v1/completions", json={**body, "speculative": "lookup"}).status_code == 200
+        )

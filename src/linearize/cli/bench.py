@@ -29,7 +29,12 @@ from linearize.bench.speculative import (
     train_heads,
 )
 from linearize.cli import bench_forms, bench_forward, bench_train
-from linearize.cli.options import add_config_arguments, add_engine_argument, config_from_args
+from linearize.cli.options import (
+    add_config_arguments,
+    add_engine_argument,
+    config_from_args,
+    parsed_by,
+)
 from linearize.models.quantize import QUANTS, apply_quant
 
 
@@ -98,7 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spec.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts")
     spec.add_argument("--threads", type=int, help="CPU threads for torch")
     spec.add_argument("--json", action="store_true", help="one JSON object per line")
-    spec.add_argument("--out", default="results", help="results folder (default: results/)")
+    spec.add_argument(
+        "--out", default="results", type=_results_folder, help="results folder (default: results/)"
+    )
     spec.add_argument("--name", help="file name stem of the saved record (default: the kind)")
     spec.set_defaults(func=run_speculative, name="speculative")
 
@@ -107,7 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(serve, ServeBenchConfig)
     serve.add_argument("--json", action="store_true", help="one JSON object per line")
-    serve.add_argument("--out", default="results", help="results folder (default: results/)")
+    serve.add_argument(
+        "--out", default="results", type=_results_folder, help="results folder (default: results/)"
+    )
     serve.add_argument("--name", help="file name stem of the saved record (default: the kind)")
     serve.set_defaults(func=run_serve, name="serve")
 
@@ -135,12 +144,14 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
     )
     parser.add_argument(
         "--contexts",
-        type=speed.parse_contexts,
+        type=parsed_by(speed.parse_contexts),
         default=contexts,
         help=f"comma-separated token counts, 8k allowed (default {','.join(map(str, contexts))})",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--out", default="results", help="results folder (default: results/)")
+    parser.add_argument(
+        "--out", default="results", type=_results_folder, help="results folder (default: results/)"
+    )
     parser.add_argument("--name", help="file name stem of the saved record (default: the kind)")
     parser.add_argument(
         "--threads", type=int, help="CPU threads for torch and llama.cpp (default: torch's)"
@@ -274,6 +285,14 @@ def _llama_cpp_rows(
             row.quant, row.engine = "gguf", "llama.cpp"
         rows += measured
     return rows
+
+
+def _results_folder(text: str) -> str:
+    """``--out``: a folder (or a ``.json`` record path), checked before any measuring."""
+    path = Path(text)
+    if path.suffix != ".json" and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; --out names a results folder")
+    return text
 
 
 def _set_threads(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from linearize.config import parse_options
@@ -49,8 +50,21 @@ def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"name": args.attention, **options}
 
 
+def parsed_by(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a parser raising ``ValueError``: argparse shows its message
+    (for a plain ``ValueError`` it would print only the function's name)."""
+
+    def parse_argument(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse_argument
+
+
 def parse_layers(text: str | None) -> list[int] | None:
-    if not text:
+    if text is None:
         return None
     try:
         return [int(part) for part in text.split(",")]

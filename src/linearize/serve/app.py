@@ -86,6 +86,8 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         heads=heads,
     )
     created = int(time.time())
+    # Medusa only where the served model has heads (a request asking for it gets a 400).
+    speculative = tuple(m for m in config.speculative if m != "medusa" or heads is not None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,7 +148,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        req = parse(body, served, config.max_tokens, config.speculative)
+        req = parse(body, served, config.max_tokens, speculative)
         ids, boundaries = prompt_ids(model, req)
         if len(ids) > config.max_prompt_tokens:
             raise APIError(

@@ -129,7 +129,8 @@ def _config(
         raise _bad(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
     mode = body.get("speculative", "none")
     if mode not in speculative:
-        raise _bad(f"speculative={mode!r}; allowed: {list(speculative)}", "speculative")
+        hint = " (this model has no Medusa heads)" if mode == "medusa" else ""
+        raise _bad(f"speculative={mode!r}; allowed{hint}: {list(speculative)}", "speculative")
     config = GenerationConfig(
         max_new_tokens=_max_tokens(body, default_max_tokens, limit),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),

@@ -149,6 +149,12 @@ class TrainConfig(Config):
                     f"transfer_tokens must be in (0, tokens={self.tokens}), "
                     f"got {self.transfer_tokens}"
                 )
+        need = len(self.stages()) * self.tokens_per_step
+        if self.tokens < need:
+            raise ValueError(
+                f"tokens={self.tokens} is less than one step per stage ({len(self.stages())} x "
+                f"batch_size x block_size = {need}); raise --tokens"
+            )
         for name, tokens in self.stage_tokens().items():
             if tokens < self.tokens_per_step:
                 raise ValueError(
