@@ -145,3 +145,11 @@ def test_stage1_optionally_adds_cross_entropy():
     )
     assert set(parts) == {"mse", "ce"}
     torch.testing.assert_close(loss, 0.5 * parts["mse"] + 2.0 * parts["ce"])
+
+
+def test_windows_that_cover_the_block_leave_transfer_nothing_to_learn():
+    from linearize.train.transfer import windows_cover
+
+    model = linearize.linearize(softmax_model(), {"name": "augmented", "size": 8})
+    assert windows_cover(model, 12) and not windows_cover(model, 13)  # 8 + 4 sinks
+    assert not windows_cover(linearize.linearize(softmax_model(), "hedgehog"), 4)

@@ -374,9 +374,10 @@ def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -
         if isinstance(module, QuantizedWeight):
             module.to(model.dtype)
     model.quantization = config
-    logger.info(
-        "quantized the model's weights to %s (groups of %d)", config.quant, config.group_size
-    )
+    if not empty:  # (empty: the layout of a quantized directory being loaded)
+        logger.info(
+            "quantized the model's weights to %s (groups of %d)", config.quant, config.group_size
+        )
     return model
 
 

@@ -35,7 +35,7 @@ from linearize.train.finetune import merge_lora
 from linearize.train.perplexity import exp_mean, windowed_nll
 from linearize.train.schedule import WarmupCosine
 from linearize.train.stages import STAGE_SETUPS, StageSetup
-from linearize.train.transfer import transfer_parameters
+from linearize.train.transfer import transfer_parameters, windows_cover
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,13 @@ class Trainer:
         self.strategy = STRATEGIES[config.parallel if self.ctx.active else "ddp"](self.ctx)
         if "transfer" in config.stages():
             transfer_parameters(self.model)  # raises when stage 1 has nothing to train
+            if windows_cover(self.model, config.block_size):
+                logger.warning(
+                    "every linearized layer's window covers a whole block of %d tokens: on these "
+                    "blocks each equals softmax attention and attention transfer learns nothing "
+                    "(use longer --block-size, or --stage finetune)",
+                    config.block_size,
+                )
         self.ctx.share(config.batch_size)
         if (config.batch_size // self.ctx.world_size) % config.micro_batch_size:
             raise ValueError(

@@ -61,6 +61,19 @@ def transfer_parameters(model: Decoder) -> dict[str, nn.Parameter]:
     return params
 
 
+def windows_cover(model: Decoder, block_size: int) -> bool:
+    """Whether every linearized layer attends exactly (softmax window + sinks) over a whole
+    block of ``block_size`` tokens: it then equals its teacher on every training block, and
+    attention transfer has nothing to learn."""
+    for i in linearized_layers(model):
+        config = model.config.attention_config(i)
+        if not (config.local == "softmax" and config.window == "sliding"):
+            return False
+        if config.size + config.sinks < block_size:
+            return False
+    return True
+
+
 def build_teacher(model: Decoder) -> Decoder:
     """A softmax-attention :class:`Decoder` that shares every module of ``model`` (embeddings,
     norms, MLPs, LM head, the q/k/v/o projections and RoPE): no weight is copied."""
