@@ -309,6 +309,12 @@ class Decoding:
                 overhead = lambda: proposer.draft(ids, state=proposer.state)
             else:
                 overhead = lambda: proposer.lookup([*self.history, self.root], 8)
+        logger.info(
+            "timing plain steps against %s verification of %s tokens on this machine (once; "
+            "the first time on an engine also builds its tree graphs)",
+            mode,
+            "/".join(map(str, sizes)),
+        )
         if self.engine is not None:
             return calibrate_engine(
                 self.engine, self.root, sizes, chain=mode != "medusa", overhead=overhead
