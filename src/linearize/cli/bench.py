@@ -249,7 +249,8 @@ def _llama_cpp_ggufs(args: argparse.Namespace) -> list:
         gguf = _gguf_for(source)
         if gguf is None:
             print(
-                f"llama.cpp: {source} has no GGUF (a built-in name or a .gguf has)", file=sys.stderr
+                f"llama.cpp: {source} has no GGUF (only a built-in name or a .gguf path has one)",
+                file=sys.stderr,
             )
         else:
             ggufs[str(gguf)] = gguf

@@ -96,8 +96,11 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.buckets is not None and not args.stream:
         raise ValueError("--buckets groups a --stream run's positions: add --stream")
     if args.stream:
-        buckets = args.buckets or ",".join(map(str, long_context.DEFAULT_BUCKETS))
-        edges = long_context.check_buckets(long_context.parse_ints(buckets, "--buckets"))
+        edges = long_context.check_buckets(
+            long_context.DEFAULT_BUCKETS
+            if args.buckets is None
+            else long_context.parse_ints(args.buckets, "--buckets")
+        )
         tokens = scored_tokens(tokens, config)
     engine = _ppl_engine(args, model, len(tokens) if args.stream else args.window)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:

@@ -22,6 +22,7 @@ from linearize.hf.cache import LinearizeCache
 from linearize.hf.configuration_linearize import LinearizeConfig
 from linearize.layers.rope import RotaryEmbedding
 from linearize.models.decoder import Decoder
+from linearize.models.quantize import dequantized_state_dict
 
 # transformers 5 calls the cache ``cache``; 4.x called it ``past_key_values``.
 _CACHE_FIELD = (
@@ -68,8 +69,6 @@ class LinearizeForCausalLM(PreTrainedModel, GenerationMixin):
     def from_decoder(cls, decoder: Decoder) -> LinearizeForCausalLM:
         """A transformers model holding a copy of ``decoder``'s weights (int8 / int4 weights
         dequantized to float32: transformers cannot read our codes)."""
-        from linearize.models.quantize import dequantized_state_dict
-
         config = LinearizeConfig(model=decoder.config.to_dict())
         model = cls(config).to(dtype=decoder.dtype)
         model.model.load_state_dict(dequantized_state_dict(decoder), strict=True)

@@ -74,7 +74,12 @@ class ModelConfig(Config):
             raise ValueError(
                 f"layer {layer}: unknown attention {name!r}; valid: {list(ATTENTIONS)}"
             )
-        shapes = {
+        shapes = self.attention_shapes()
+        return AttentionConfig.from_dict({**ATTENTIONS[name], **options, **shapes, "name": name})
+
+    def attention_shapes(self) -> dict[str, Any]:
+        """The attention config fields this model decides (they override any option)."""
+        return {
             "hidden_size": self.hidden_size,
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
@@ -83,7 +88,6 @@ class ModelConfig(Config):
             "qkv_bias": self.qkv_bias,
             "o_bias": self.o_bias,
         }
-        return AttentionConfig.from_dict({**ATTENTIONS[name], **options, **shapes, "name": name})
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:

@@ -167,7 +167,7 @@ def linearize(
         options = dict(attention)
     name = options.get("name", "softmax")
     if not isinstance(attention, AttentionConfig):
-        _check_options(options)
+        _check_options(options, list(config.attention_shapes()))
     indices = list(range(config.num_layers)) if layers is None else list(layers)
     for i in indices:
         if not isinstance(i, int) or not 0 <= i < config.num_layers:
@@ -201,24 +201,13 @@ def linearize(
     return model
 
 
-# Attention config fields the model decides (its shapes) or the attention's name does.
-MODEL_FIELDS = (
-    "hidden_size",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "rope_theta",
-    "qkv_bias",
-    "o_bias",
-)
-
-
-def _check_options(options: dict[str, Any]) -> None:
+def _check_options(options: dict[str, Any], model_fields: list[str]) -> None:
+    """No option may set what the model decides (its shapes) or the attention's name does."""
     for key in options:
-        if key in MODEL_FIELDS:
+        if key in model_fields:
             raise ValueError(
                 f"option {key!r} is the model's own (it comes from its config, not the "
-                f"attention's); options the attention takes exclude {list(MODEL_FIELDS)}"
+                f"attention's); options the attention takes exclude {model_fields}"
             )
         if key == "kind":
             raise ValueError(
