@@ -116,6 +116,64 @@ def test_form_matches_naive(spec_id, T, form):
             assert_close(f"{form} d{name}", ref_grads[name], grad, 1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "spec_id",
+    [
+        "sliding64-sinks2-shared-decay",
+        "sliding64-sinks2-softmax+global-norm",
+        "group8-softmax+global",
+    ],
+)
+def test_pruned_columns_give_the_same_attention(spec_id):
+    """``attend(prune=True)`` (the eager forms) scores sinks and global keys only on the columns
+    they use: the same output and gradients as the dense computation the graphs trace."""
+    spec = SPECS[spec_id]
+    g = torch.Generator().manual_seed(3)
+    Nq, Nk, R = 9, 150, H // HKV
+    t_k = torch.arange(Nk)
+    t_q = t_k[-Nq:]
+    visible = t_k[None, :] <= t_q[:, None]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    q, q_sink = randn(B, HKV, R, Nq, K), randn(B, HKV, R, Nq, K)
+    k, v = randn(B, HKV, Nk, K), randn(B, HKV, Nk, V)
+    fq = (1 + F.elu(randn(B, HKV, R, Nq, FEAT))).detach().requires_grad_()
+    fk = (1 + F.elu(randn(B, HKV, Nk, FEAT))).detach().requires_grad_()
+    S, z = randn(B, HKV, FEAT, V), (1 + F.elu(randn(B, HKV, FEAT))).detach()
+    leaves = [q, q_sink, k, v, fq, fk, S]
+    outs = {}
+    for prune in (False, True):
+        o = linear_attn.attend(
+            spec, q, k, v, fq, fk, t_q, t_k, visible, S, z, 0.7,
+            s_time=int(t_q[0]), q_sink=q_sink, prune=prune,
+        )  # fmt: skip
+        grads = torch.autograd.grad(o.square().sum(), leaves, materialize_grads=True)
+        outs[prune] = (o, grads)
+    assert_close("o", outs[False][0], outs[True][0], 1e-12, atol=1e-14)
+    for i, (dense, pruned) in enumerate(zip(outs[False][1], outs[True][1], strict=True)):
+        assert_close(f"grad {i}", dense, pruned, 1e-11, atol=1e-13)
+
+
+def test_chunks_on_a_long_window_prune_and_match_recurrent_decoding():
+    """A window longer than ``PRUNE_FROM``: the chunk form prunes, and agrees with the token
+    by token form (forward and gradients)."""
+    size = linear_attn.PRUNE_FROM + 4
+    spec = LinearAttnSpec(size=size, sinks=2, local="softmax", combine="shared", decay=0.99)
+    T = 2 * size + 40
+    results = {}
+    for form in ("chunk64", "recurrent"):
+        inputs = _inputs(T, seed=5)
+        o, _ = FORMS[form](
+            spec, *_args(inputs), _state(spec), inputs["alpha"], q_sink=inputs["q_sink"]
+        )
+        results[form] = (o, _grads(o, inputs))
+    assert_close("o", results["recurrent"][0], results["chunk64"][0], 1e-10, atol=1e-13)
+    for name, grad in results["chunk64"][1].items():
+        assert_close(f"d{name}", results["recurrent"][1][name], grad, 1e-9, atol=1e-12)
+
+
 def _assert_same_state(name, ref: linear_attn.LinearAttnState, out: linear_attn.LinearAttnState):
     assert (out.pos, out.n) == (ref.pos, ref.n), name
     assert torch.equal(out.times, ref.times), name

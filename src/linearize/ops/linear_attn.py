@@ -159,6 +159,11 @@ def _group_queries(x: Tensor, num_kv_heads: int) -> Tensor:
     return x.transpose(1, 2).reshape(B, num_kv_heads, H // num_kv_heads, T, D)  # [B,Hkv,R,T,D]
 
 
+# The eager forms prune (``attend``) from this many keys on: below, the few extra small ops cost
+# more than the columns they save (tiny models; a real model's chunk reads a window of 260+).
+PRUNE_FROM = 256
+
+
 def attend(
     spec: LinearAttnSpec,
     q: Tensor,
@@ -175,6 +180,7 @@ def attend(
     *,
     s_time: int = 0,
     q_sink: Tensor | None = None,
+    prune: bool = False,
 ) -> Tensor:
     """Attend queries to an explicit key list plus the folded summary ``S, z``.
 
@@ -182,14 +188,24 @@ def attend(
     ``v: [B,Hkv,Nk,V]``, times ``t_q: [Nq]``, ``t_k: [Nk]``, ``visible: [Nq, Nk]`` (which keys
     are in each query's past); ``S, z`` hold the folded tokens decayed to time ``s_time``;
     ``q_sink`` (like ``q``) scores the sink keys. Returns ``[B,Hkv,R,Nq,V]``.
+
+    ``prune`` scores the sink keys and the explicit global part only on the key columns they
+    use: a chunk attends to a long window buffer, of which the sinks are a few columns and the
+    tokens that leave the window within the chunk a few more. The same numbers, with shapes that
+    depend on the times (eager forms; a traced graph keeps ``prune=False``).
     """
     local_mask = visible & spec.is_local(t_k, t_q)
     out = num = den = None
     if spec.local == "softmax":
         scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k)
         if q_sink is not None and spec.sinks:
-            sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k)
-            scores = torch.where(t_k < spec.sinks, sink_scores, scores)
+            if prune:
+                cols = (t_k < spec.sinks).nonzero()[:, 0]
+                sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k[:, :, cols])
+                scores = scores.index_copy(-1, cols, sink_scores)
+            else:
+                sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k)
+                scores = torch.where(t_k < spec.sinks, sink_scores, scores)
         scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~local_mask, float("-inf"))
         if spec.combine == "shared":
             weights = torch.exp(scores - scores.amax(-1, keepdim=True))
@@ -203,12 +219,21 @@ def attend(
         out = torch.einsum("bhrqn,bhnv->bhrqv", weights * local_mask, v)
     if spec.use_global:
         global_mask = visible & ~local_mask
-        weights = torch.einsum("bhrqf,bhnf->bhrqn", fq, fk) * global_mask
+        g_fk, g_v, g_t = fk, v, t_k
+        if prune:  # only the keys some query reaches through the global part
+            cols = global_mask.any(0).nonzero()[:, 0]
+            g_fk, g_v, g_t, global_mask = (
+                fk[:, :, cols],
+                v[:, :, cols],
+                t_k[cols],
+                global_mask[:, cols],
+            )
+        weights = torch.einsum("bhrqf,bhnf->bhrqn", fq, g_fk) * global_mask
         folded = fq
         if spec.decay < 1:
-            weights = weights * _decay(spec, t_q[:, None] - t_k[None, :], fq.dtype)
+            weights = weights * _decay(spec, t_q[:, None] - g_t[None, :], fq.dtype)
             folded = fq * _decay(spec, t_q - s_time, fq.dtype)[:, None]
-        g_num = torch.einsum("bhrqn,bhnv->bhrqv", weights, v) + torch.einsum(
+        g_num = torch.einsum("bhrqn,bhnv->bhrqv", weights, g_v) + torch.einsum(
             "bhrqf,bhfv->bhrqv", folded, S
         )
         if spec.normalize or spec.combine == "shared":
@@ -353,6 +378,7 @@ def _attend_on_state(
         alpha,
         s_time=state.pos,
         q_sink=None if q_sink is None else _group_queries(q_sink, Hkv),
+        prune=keys.shape[2] >= PRUNE_FROM,
     )
     return o.reshape(B, H, N, v.shape[-1]).transpose(1, 2), (keys, feats, vals, t_kept)
 
