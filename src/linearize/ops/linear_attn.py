@@ -199,13 +199,14 @@ def attend(
     if spec.local == "softmax":
         scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k)
         if q_sink is not None and spec.sinks:
-            if prune:
-                cols = (t_k < spec.sinks).nonzero()[:, 0]
-                sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k[:, :, cols])
-                scores = scores.index_copy(-1, cols, sink_scores)
+            is_sink = t_k < spec.sinks
+            if prune:  # only the sink columns
+                cols = is_sink.nonzero()[:, 0]
+                scores = scores.index_copy(
+                    -1, cols, torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k[:, :, cols])
+                )
             else:
-                sink_scores = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k)
-                scores = torch.where(t_k < spec.sinks, sink_scores, scores)
+                scores = torch.where(is_sink, torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k), scores)
         scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~local_mask, float("-inf"))
         if spec.combine == "shared":
             weights = torch.exp(scores - scores.amax(-1, keepdim=True))
