@@ -181,6 +181,18 @@ def test_bench_decode_measures_in_a_fresh_process(tiny_dirs, capsys, tmp_path):
     assert row["peak_rss_bytes"] > 50e6
 
 
+def test_bench_decode_warmup_is_recorded_and_checked(tiny_dirs, capsys, tmp_path):
+    argv = ["bench", "decode", "--model", tiny_dirs["augmented"], "--steps", "3"]
+    argv += ["--no-isolate", "--llama-cpp", "off", "--json", "--out", str(tmp_path)]
+    assert main([*argv, "--contexts", "32", "--warmup", "6"]) == 0
+    (row,) = _json_lines(capsys.readouterr().out)
+    assert row["tokens_per_s"] > 0
+    assert "--warmup 6" in json.loads((tmp_path / "decode.json").read_text())["command"]
+    # The prompt is context - warmup - steps tokens: a context that leaves none is refused.
+    assert main([*argv, "--contexts", "9", "--warmup", "6"]) == 2
+    assert "9" in capsys.readouterr().err
+
+
 def test_bench_decode_refuses_a_context_memory_cannot_hold(tiny_dirs, capsys, tmp_path):
     argv = [
         "bench",

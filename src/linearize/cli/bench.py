@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(decode, speed.DEFAULT_DECODE_CONTEXTS)
     decode.add_argument("--steps", type=int, default=32, help="timed decode steps (median)")
     decode.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="decode steps run before the timed ones (a step right after a long prefill runs "
+        "slower for a few dozen steps: use ~128 to time the steady step)",
+    )
+    decode.add_argument(
         "--quant",
         action="append",
         choices=list(QUANTS),
@@ -189,6 +196,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--contexts", ",".join(map(str, args.contexts))]
     if hasattr(args, "steps"):
         words += ["--steps", str(args.steps)]
+    if getattr(args, "warmup", 2) != 2:
+        words += ["--warmup", str(args.warmup)]
     for quant in getattr(args, "quant", None) or []:
         words += ["--quant", quant]
     if getattr(args, "engine", "auto") != "auto":
@@ -279,6 +288,7 @@ def _llama_cpp_rows(
             label,
             args.contexts,
             steps=args.steps,
+            warmup=args.warmup,
             threads=torch.get_num_threads(),
             progress=_progress,
         )
@@ -312,6 +322,7 @@ def run_decode(args: argparse.Namespace) -> int:
         _specs(args),
         args.contexts,
         steps=args.steps,
+        warmup=args.warmup,
         isolate=not args.no_isolate,
         progress=_progress,
         on_model=record,
