@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from linearize.bench.memory import run_isolated
-from linearize.bench.speed import DecodeRow, Progress
+from linearize.bench.speed import DEFAULT_DECODE_WARMUP, DecodeRow, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def bench_decode(
     contexts: tuple[int, ...],
     *,
     steps: int = 32,
-    warmup: int = 2,
+    warmup: int = DEFAULT_DECODE_WARMUP,
     threads: int = 2,
     progress: Progress | None = None,
 ) -> list[DecodeRow]:

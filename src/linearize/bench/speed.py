@@ -39,6 +39,8 @@ from linearize.models.decoder import Decoder
 logger = logging.getLogger(__name__)
 
 DEFAULT_DECODE_CONTEXTS = (1024, 4096, 8192, 16384, 32768)
+# Untimed decode steps before the timed ones (`bench decode --warmup`).
+DEFAULT_DECODE_WARMUP = 2
 DEFAULT_PREFILL_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 # Fraction of the available memory a run may plan to use.
 MEMORY_HEADROOM = 0.85
@@ -197,7 +199,11 @@ def _prefill(model: Decoder, ids: torch.Tensor):
 
 @torch.no_grad()
 def time_decode(
-    model: Decoder, context: int, steps: int = 32, warmup: int = 2, engine: str = "torch"
+    model: Decoder,
+    context: int,
+    steps: int = 32,
+    warmup: int = DEFAULT_DECODE_WARMUP,
+    engine: str = "torch",
 ) -> dict[str, Any]:
     """Step times (s) of greedy recurrent decoding ending at ``context``, the state bytes, and
     the engine that ran (``auto`` resolved; see :mod:`linearize.engine`)."""
@@ -328,7 +334,7 @@ def bench_decode(
     contexts: tuple[int, ...] = DEFAULT_DECODE_CONTEXTS,
     *,
     steps: int = 32,
-    warmup: int = 2,
+    warmup: int = DEFAULT_DECODE_WARMUP,
     isolate: bool = True,
     progress: Progress | None = None,
     on_model: OnModel | None = None,

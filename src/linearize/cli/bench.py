@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decode.add_argument(
         "--warmup",
         type=int,
-        default=2,
+        default=speed.DEFAULT_DECODE_WARMUP,
         help="decode steps run before the timed ones (a step right after a long prefill runs "
         "slower for a few dozen steps: use ~128 to time the steady step)",
     )
@@ -196,7 +196,7 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--contexts", ",".join(map(str, args.contexts))]
     if hasattr(args, "steps"):
         words += ["--steps", str(args.steps)]
-    if getattr(args, "warmup", 2) != 2:
+    if hasattr(args, "warmup"):
         words += ["--warmup", str(args.warmup)]
     for quant in getattr(args, "quant", None) or []:
         words += ["--quant", quant]
