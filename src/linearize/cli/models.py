@@ -11,7 +11,7 @@ from linearize.cli.options import add_attention_arguments, attention_from_args, 
 from linearize.models import is_new_parameter, linearize, load
 from linearize.models.directory import check_output
 from linearize.models.quantize import QUANTS, quantize, quantized_numel, weight_bytes
-from linearize.models.wide import widen_best
+from linearize.models.wide import DEFAULT_WIDE_SIZE, widen_best
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--wide-size",
         type=int,
-        default=4092,
+        default=DEFAULT_WIDE_SIZE,
         help="window of the wide layers in tokens (0: the model's trained positions minus the "
-        "sinks) (default: 4092)",
+        f"sinks) (default: {DEFAULT_WIDE_SIZE})",
     )
     convert.set_defaults(func=run_convert)
 

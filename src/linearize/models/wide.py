@@ -1,6 +1,6 @@
 """Wide layers: a few sliding-window layers whose window spans the original's trained positions.
 
-A linearized model recalls exact tokens only inside its windows (256 tokens by default); its
+A linearized model recalls exact tokens only inside its windows (512 tokens by default); its
 global part keeps a summary of the rest, not the tokens. A pretrained LLM fetches a far-back
 token (a pass key, a name) through a few of its layers. Giving those layers a window as wide as
 the original's trained positions (SmolLM2: 8,188 + 4 sinks = 8,192) brings exact recall back up
@@ -24,6 +24,11 @@ from linearize.layers.attention import Attention
 from linearize.models.decoder import Decoder
 
 logger = logging.getLogger(__name__)
+
+# The wide layers' window by default: SmolLM2's 8,192 trained positions less 4 sinks (kept inside
+# each model's trained positions by :func:`wide_window`). Passkey at 8,000 tokens, trained by the
+# default recipe: 9/10 like the original; with 4,092 a needle more than ~4.4k tokens back is lost.
+DEFAULT_WIDE_SIZE = 8188
 
 _FILLER = "Rain fell on the old town all day. The river ran past the mill and on to the sea. "
 _NEEDLE = "Write this down: the secret code is {key}. "

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from linearize.config import Config, option
 from linearize.layers.config import attention_config
+from linearize.models.wide import DEFAULT_WIDE_SIZE
 
 Stage = Literal["transfer", "finetune", "both"]
 STAGES = ("transfer", "finetune", "both")
@@ -47,9 +48,9 @@ class TrainConfig(Config):
         6,
     )
     wide_size: int = option(
-        "window of the wide layers in tokens (with 4 sinks: a 4,096-token cache; 0: the "
+        "window of the wide layers in tokens (with 4 sinks: an 8,192-token cache; 0: the "
         "model's trained positions minus the sinks)",
-        4092,
+        DEFAULT_WIDE_SIZE,
     )
     stage: Stage = option("transfer, finetune or both (transfer, then finetune)", "both")
     data: str = option("training text: 'austen' or a .txt/.md/.jsonl file or folder", "austen")
@@ -60,7 +61,7 @@ class TrainConfig(Config):
         "attention with an exact window, like augmented; a third otherwise; at least one step)",
         None,
     )
-    # Blocks past the window (256) and up to the decay's horizon (1024), so that the global
+    # Blocks past the window (512) and up to the decay's horizon (1024), so that the global
     # part and the sinks train at the distances they meet on long texts; the chunk form keeps
     # it O(T).
     block_size: int = option("tokens per training sequence", 1024)
