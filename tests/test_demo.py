@@ -13,7 +13,7 @@ from linearize.demo.pipeline import check_config
 
 def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    assert main(["demo", "--smoke", "--out", str(out), "--quant", "none"]) == 0
     printed = capsys.readouterr().out
     assert "perplexity: augmented" in printed and "next:" in printed
     report = json.loads((out / "report.json").read_text())
@@ -33,11 +33,28 @@ def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     assert (out / "augmented" / "model" / "medusa.safetensors").exists()
     # a rerun reuses every finished step
     steps = sorted(p.name for p in (out / "steps").iterdir())
-    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    assert main(["demo", "--smoke", "--out", str(out), "--quant", "none"]) == 0
     assert sorted(p.name for p in (out / "steps").iterdir()) == steps
     # the time of the steps is kept over reruns, not the few seconds of the rerun
     assert json.loads((out / "report.json").read_text())["seconds"] == report["seconds"]
     assert "done earlier" not in capsys.readouterr().out  # library logs, it does not print
+    timed = [r for rows in report["decode"].values() for r in rows if r["supported"]]
+    assert timed and {(r["quant"], r["engine"]) for r in timed} == {("none", "torch")}
+    # the decode timing on quantized weights and the fast engine (int4 by default): only it
+    # runs again
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = [r for rows in report["decode"].values() for r in rows if r["supported"]]
+    assert rows and {(r["quant"], r["engine"]) for r in rows} == {("int4", "onnx")}
+    assert "(int4, onnx engine)" in (out / "report.md").read_text()
+    assert len(list((out / "steps").iterdir())) == len(steps) + 2
+
+
+def test_demo_refuses_an_unknown_quant_or_engine():
+    with pytest.raises(ValueError, match="quant='int3'"):
+        DemoConfig(quant="int3").validate()
+    with pytest.raises(ValueError, match="engine='tensorrt'"):
+        DemoConfig(engine="tensorrt").validate()
 
 
 def test_demo_refuses_a_directory_started_with_other_options(tmp_path):

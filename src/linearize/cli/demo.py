@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         config = prepare(out)
-        config.device = args.device
+        config.device, config.quant, config.engine = args.device, args.quant, args.engine
+        config.validate()
     else:
         config = config_from_args(args, DemoConfig)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ resume from their own checkpoints.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ PROMPTS = (
 
 @dataclass
 class DemoConfig(Config):
-    """What the demo runs; the defaults finish in about 20 minutes on a 2-core CPU."""
+    """What the demo runs; the defaults take about an hour on a 2-core CPU (70 min on an AVX2
+    one, most of it choosing the wide layers and training)."""
 
     model: str = option("base model: a name, HF dir, .gguf or saved dir", "smollm2-135m")
     attention: str = option("the attention to linearize to", "augmented")
@@ -54,6 +56,16 @@ class DemoConfig(Config):
     )
     contexts: list[int] = option("decode contexts to time", factory=lambda: [1024, 8192, 32768])
     decode_steps: int = option("decode steps timed at each context", 8)
+    # The decode timing only: perplexity and training stay in fp32 on torch. A finished demo
+    # takes other values on a rerun (only the decode timing runs again). int4 on the fast
+    # engine by default: how a user decodes (SmolLM2 on 2 AVX2 cores, 1k / 8k: augmented 33.7 /
+    # 21.5 tok/s, fp32 on torch 4.3 / 3.7).
+    quant: str = option(
+        "weights of the decode timing: int4 or int8 (quantized copies of both models; with "
+        "--engine auto they run on the onnx engine) or none (fp32)",
+        "int4",
+    )
+    engine: str = option("engine of the decode timing: auto, torch or onnx", "auto")
     new_tokens: int = option("tokens generated per prompt for the speed comparison", 48)
     data: str = option("training data", "austen")
     eval_data: str = option("evaluation data", "austen:eval")
@@ -68,6 +80,13 @@ class DemoConfig(Config):
                 f"budget={self.budget} tokens is less than three optimizer steps of "
                 f"{self.batch_size} x {self.block_size} tokens"
             )
+        from linearize.engine import ENGINES
+        from linearize.models.quantize import QUANTS
+
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant={self.quant!r}; allowed: {list(QUANTS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}; allowed: {list(ENGINES)}")
         if self.eval_tokens < self.eval_window:
             raise ValueError(f"eval_tokens={self.eval_tokens} < eval_window={self.eval_window}")
         return self
@@ -132,13 +151,23 @@ def check_out(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     return out
 
 
+# Options that only choose how the decode timing runs: a finished demo reruns with others (its
+# decode steps are named after them, so each is timed once).
+DECODE_OPTIONS = ("quant", "engine")
+
+
 def check_config(out: Path, config: DemoConfig) -> None:
-    """Refuse to continue a demo directory that was started with different options."""
+    """Refuse to continue a demo directory that was started with different options (except
+    :data:`DECODE_OPTIONS`)."""
     path = out / "demo.json"
     current = asdict(config)
     if path.exists():
         saved = json.loads(path.read_text())
-        diffs = {k: (v, saved.get(k)) for k, v in current.items() if saved.get(k) != v}
+        diffs = {
+            k: (v, saved.get(k))
+            for k, v in current.items()
+            if k not in DECODE_OPTIONS and saved.get(k) != v
+        }
         if diffs:
             listed = ", ".join(f"{k}={a!r} (saved: {b!r})" for k, (a, b) in diffs.items())
             raise ValueError(
@@ -234,16 +263,29 @@ def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None)
     return {k: v for k, v in metrics.items() if not k.startswith("rank_")}
 
 
-def _decode_speed(model, contexts: list[int], steps: int) -> list[dict[str, Any]]:
-    from linearize.bench.speed import supports_context, time_decode
+def _decode_step(label: str, config: DemoConfig) -> str:
+    """The step name of a model's decode timing: fp32 on ``auto`` keeps the plain name."""
+    if (config.quant, config.engine) == ("none", "auto"):
+        return f"decode_{label}"
+    return f"decode_{label}-{config.quant}-{config.engine}"
 
+
+def _decode_speed(model, contexts: list[int], config: DemoConfig) -> list[dict[str, Any]]:
+    """Decode tokens/s at each context (``config.quant``: timed on a quantized copy)."""
+    from linearize.bench.speed import supports_context, time_decode
+    from linearize.engine import resolve_engine
+    from linearize.models.quantize import apply_quant
+
+    if config.quant != "none":
+        model = apply_quant(copy.deepcopy(model), config.quant)
+    engine = resolve_engine(config.engine, model)
     rows = []
     for context in contexts:
         if not supports_context(model, context):
             rows.append({"context": context, "supported": False})
             continue
         with torch.no_grad():
-            timing = time_decode(model, context, steps=steps)
+            timing = time_decode(model, context, steps=config.decode_steps, engine=engine)
         ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
         rows.append(
             {
@@ -252,6 +294,8 @@ def _decode_speed(model, contexts: list[int], steps: int) -> list[dict[str, Any]
                 "ms_per_token": ms,
                 "tokens_per_s": 1000 / ms,
                 "state_bytes": timing["state_bytes"],
+                "engine": timing["engine"],
+                "quant": timing["quant"],
             }
         )
     return rows
@@ -343,7 +387,7 @@ def run_demo(
     contexts = config.contexts
     decode = {
         "original": steps.run(
-            "decode_original", lambda: _decode_speed(original, contexts, config.decode_steps)
+            _decode_step("original", config), lambda: _decode_speed(original, contexts, config)
         )
     }
     samples = {"original": steps.run("sample_original", lambda: _sample(original, PROMPTS[0], 32))}
@@ -368,7 +412,7 @@ def run_demo(
         samples[label] = steps.run(f"sample_{label}", lambda m=model: _sample(m, PROMPTS[0], 32))
         if label == "augmented":
             decode[label] = steps.run(
-                "decode_augmented", lambda m=model: _decode_speed(m, contexts, config.decode_steps)
+                _decode_step(label, config), lambda m=model: _decode_speed(m, contexts, config)
             )
         model = None
     # 5. Medusa heads on the augmented model, then speculative decoding against plain decoding

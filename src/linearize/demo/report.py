@@ -37,8 +37,15 @@ def summary_rows(report) -> list[tuple[str, str]]:
             if not r["supported"]:
                 rows.append((key, "context beyond the model's positions"))
                 continue
+            # Rows of an older report carry no engine: fp32 on torch.
+            quant, engine = r.get("quant", "none"), r.get("engine", "torch")
+            weights = "fp32" if quant == "none" else quant
             rows.append(
-                (key, f"{r['tokens_per_s']:.1f} tok/s, state {r['state_bytes'] / MIB:.2f} MiB")
+                (
+                    key,
+                    f"{r['tokens_per_s']:.1f} tok/s, state {r['state_bytes'] / MIB:.2f} MiB "
+                    f"({weights}, {engine} engine)",
+                )
             )
     spec = report.speculative
     if spec:
