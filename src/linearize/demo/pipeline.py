@@ -62,7 +62,7 @@ class DemoConfig(Config):
     # 21.5 tok/s, fp32 on torch 4.3 / 3.7).
     quant: str = option(
         "weights of the decode timing: int4 or int8 (quantized copies of both models; with "
-        "--engine auto they run on the onnx engine) or none (fp32)",
+        "--engine auto they run on the onnx engine), bf16, or none (fp32)",
         "int4",
     )
     engine: str = option("engine of the decode timing: auto, torch or onnx", "auto")
