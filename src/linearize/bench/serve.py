@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from linearize.config import Config, option
-from linearize.models.quantize import QUANTS
+from linearize.models.quantize import check_quant
 
 SENTENCE = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -210,8 +210,7 @@ class ServeBenchConfig(Config):
         for name in ("max_tokens", "prompt_tokens", "system_tokens", "softmax_streams", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.quant not in QUANTS:
-            raise ValueError(f"quant={self.quant!r}; allowed: {list(QUANTS)}")
+        check_quant(self.quant)
         if self.sessions < 0 or self.softmax_context < 0:
             raise ValueError("sessions and softmax_context must be >= 0")
         return self

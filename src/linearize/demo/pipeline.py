@@ -80,13 +80,11 @@ class DemoConfig(Config):
                 f"budget={self.budget} tokens is less than three optimizer steps of "
                 f"{self.batch_size} x {self.block_size} tokens"
             )
-        from linearize.engine import ENGINES
-        from linearize.models.quantize import QUANTS
+        from linearize.engine import check_engine
+        from linearize.models.quantize import check_quant
 
-        if self.quant not in QUANTS:
-            raise ValueError(f"quant={self.quant!r}; allowed: {list(QUANTS)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r}; allowed: {list(ENGINES)}")
+        check_quant(self.quant)
+        check_engine(self.engine)
         if self.eval_tokens < self.eval_window:
             raise ValueError(f"eval_tokens={self.eval_tokens} < eval_window={self.eval_window}")
         return self

@@ -21,10 +21,16 @@ logger = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnx")
 
 
-def resolve_engine(name: str, model: Decoder) -> str:
-    """The engine ``name`` stands for (``auto`` resolved); errors for what cannot run."""
+def check_engine(name: str) -> str:
+    """``name`` if it is an ``--engine`` value, else a ``ValueError`` naming the allowed ones."""
     if name not in ENGINES:
         raise ValueError(f"engine={name!r}; allowed: {list(ENGINES)}")
+    return name
+
+
+def resolve_engine(name: str, model: Decoder) -> str:
+    """The engine ``name`` stands for (``auto`` resolved); errors for what cannot run."""
+    check_engine(name)
     if name == "auto":
         installed = importlib.util.find_spec("onnxruntime") is not None
         fast = model.quantization is not None and installed and supports(model)
@@ -73,4 +79,4 @@ def context_bucket(tokens: int) -> int:
     return size
 
 
-__all__ = ["ENGINES", "build_engine", "context_bucket", "resolve_engine"]
+__all__ = ["ENGINES", "build_engine", "check_engine", "context_bucket", "resolve_engine"]

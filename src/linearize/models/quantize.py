@@ -41,6 +41,13 @@ QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "bf16": 16}
 GROUP_SIZE = 32
 
 
+def check_quant(quant: str) -> str:
+    """``quant`` if it is a ``--quant`` value, else a ``ValueError`` naming the allowed ones."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant={quant!r}; allowed: {list(QUANTS)}")
+    return quant
+
+
 @dataclass
 class QuantConfig(Config):
     """How a model's weights are quantized; recorded in a quantized directory's config.json."""
@@ -401,8 +408,7 @@ def apply_quant(model: Decoder, quant: str | None, source: str = "this model") -
     only when asked for its own quantization."""
     if quant is None:
         return model
-    if quant not in QUANTS:
-        raise ValueError(f"quant={quant!r}; allowed: {list(QUANTS)}")
+    check_quant(quant)
     current = quant_config(model)
     if current is None:
         return model if quant == "none" else quantize(model, quant)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from linearize.config import Config, option
 from linearize.models.quantize import QUANTS as WEIGHT_FORMATS
+from linearize.models.quantize import check_quant
 
 # Weight formats the server can run: the model as loaded ("none"), or its weights quantized as it
 # loads (models/quantize.py; the server's batched rows run the PyTorch path on them: bf16 is the
@@ -42,8 +43,7 @@ class ServeConfig(Config):
     )
 
     def validate(self) -> ServeConfig:
-        if self.quant not in QUANTS:
-            raise ValueError(f"quant={self.quant!r}; allowed: {list(QUANTS)}")
+        check_quant(self.quant)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must lie in [0, 65535] (0: any free port), got {self.port}")
         if self.api_key is not None and not self.api_key:
