@@ -222,6 +222,32 @@ def test_final_state_agrees_across_forms(spec_id):
         _assert_same_state(form, ref, state)
 
 
+@pytest.mark.parametrize("spec_id", SPECS)
+def test_decoding_in_place_matches_and_keeps_the_input_state(spec_id):
+    """Without autograd a step writes the token into the buffer's next slot in place: the same
+    outputs and final state as the copying step autograd takes, across every window / group
+    boundary, and each state stepped from still holds exactly what it held."""
+    spec = SPECS[spec_id]
+    T = 65
+    inputs = _inputs(T)
+    ref, ref_state = linear_attn.recurrent(
+        spec, *_args(inputs), _state(spec), inputs["alpha"], q_sink=inputs["q_sink"]
+    )
+    args = [x.detach() for x in _args(inputs)]
+    alpha, sink = inputs["alpha"].detach(), inputs["q_sink"].detach()
+    state, outputs = _state(spec), []
+    for t in range(T):
+        held = [x.clone() for x in (*state.kept(), state.S, state.z)]
+        token = [x[:, t : t + 1] for x in args]
+        o, new = linear_attn.recurrent(spec, *token, state, alpha, q_sink=sink[:, t : t + 1])
+        for before, after in zip(held, (*state.kept(), state.S, state.z), strict=True):
+            assert torch.equal(before, after), f"step {t} changed its input state"
+        outputs.append(o)
+        state = new
+    assert_close("in place o", ref.detach(), torch.cat(outputs, 1), 1e-12, atol=1e-14)
+    _assert_same_state("in place", ref_state, state)
+
+
 @pytest.mark.parametrize("tree_id", TREES)
 @pytest.mark.parametrize("L", [0, 3, 6, 11])
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Whole-model state operations: copying a state and selecting or repeating its batch rows.
 
-A :class:`ModelState` is a value, but the softmax KV cache is written in place when there is
-room, so reusing a state twice (scoring several continuations of one prefill) needs a copy.
+A :class:`ModelState` is a value, but the softmax KV cache and a linear attention's window buffer
+are written in place when there is room, so reusing a state twice (scoring several continuations
+of one prefill) needs a copy.
 Beam search reorders rows; both are exact for recurrent states and KV caches alike.
 """
 

@@ -30,7 +30,9 @@ reads key/value head ``h // (H // Hkv)``). Output ``o: [B, T, H, V]``.
 
 The state keeps the tokens that some future query may still see locally (a fixed-capacity buffer)
 and folds every other token into ``S = Σ fk vᵀ`` and ``z = Σ fk``: its size never depends on how
-many tokens were seen. All forms return ``(o, final_state)`` and never modify their input state.
+many tokens were seen. All forms return ``(o, final_state)`` and never change what their input
+state holds: the decoding step writes a token into the buffer's next free slot in place, past the
+``n`` slots the input state reads (as a KV cache appends; see :class:`LinearAttnState`).
 Derivations: docs/forms.md.
 """
 
@@ -101,7 +103,13 @@ class LinearAttnSpec:
 class LinearAttnState:
     """Fixed-size decoding state: ``S [B,Hkv,F,V]``, ``z [B,Hkv,F]`` and a buffer of ``n`` kept
     tokens (keys ``[B,Hkv,C,K]``, features ``[B,Hkv,C,F]``, values ``[B,Hkv,C,V]``, times ``[C]``)
-    out of a capacity ``C``; ``pos`` tokens seen so far."""
+    out of a capacity ``C``; ``pos`` tokens seen so far.
+
+    A state reads only its first ``n`` buffer slots. While the buffer has room, ``step`` writes
+    the next token into slot ``n`` of the same tensors (no copy of the window per token), so
+    advancing a state never changes what it holds, but advancing the *same* state twice makes
+    the second step overwrite the slot of the first one's result: to continue one state two ways,
+    continue a copy (``models.state.copy_state``), as with a KV cache."""
 
     S: Tensor
     z: Tensor
@@ -443,38 +451,82 @@ def _has_fast_step(spec: LinearAttnSpec) -> bool:
     return spec.sinks == 0
 
 
-def _slide(
-    spec: LinearAttnSpec, state: LinearAttnState, keys: Tensor, values: Tensor, fk: Tensor
-) -> LinearAttnState:
-    """The sliding-window state after the token at ``pos``: it joins the buffer, and the token
-    at ``pos + 1 - W`` (unless a sink) leaves it for ``S, z``. The buffer stays in time order:
-    kept sinks first, then the window, so the leaving token sits right after the sinks.
-    ``keys, values: [B, Hkv, n + 1, ·]`` are the buffer plus the token (built by ``step``),
-    ``fk: [B, Hkv, F]`` the token's features."""
-    n, pos = state.n, state.pos
-    feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
-    times = torch.cat([state.times[:n], state.times.new_tensor([pos])])
-    leaving = pos + 1 - spec.size
-    S, z = state.S, state.z
-    if spec.use_global and spec.decay < 1:
+def _append(
+    state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The buffer (keys, features, values, times) with the token at ``pos`` in slot ``n``, a
+    slot ``state`` does not read: written in place (O(1) per token), or into a copy where autograd
+    needs the old buffer as it was."""
+    n = state.n
+    if any(t.requires_grad for t in (k, fk, v, state.k, state.fk, state.v)):
+        buffers = [x.clone() for x in (state.k, state.fk, state.v, state.times)]
+    else:
+        buffers = [state.k, state.fk, state.v, state.times]
+    for buffer, x in zip(buffers, (k, fk, v)):
+        buffer[:, :, n] = x
+    buffers[3][n] = state.pos
+    return tuple(buffers)
+
+
+def _fold_one(spec: LinearAttnSpec, S: Tensor, z: Tensor, fk: Tensor, v: Tensor):
+    """``S, z`` aged by one token, then the token that leaves the window (``fk: [B, Hkv, F]``,
+    ``v``; ``W`` tokens before the next one, so aged ``decay^W``) folded in."""
+    if spec.decay < 1:
         S, z = S * spec.decay, z * spec.decay
-    if leaving >= spec.sinks:
-        i = min(spec.sinks, pos)
-        if spec.use_global:
-            # The leaving token is W tokens before the next one: it joins S aged decay^W.
-            f = feats[:, :, i] * spec.decay**spec.size
-            S = S + _outer(f, values[:, :, i])
-            z = z + f
-        keys, feats, values = (
-            torch.cat([x[:, :, :i], x[:, :, i + 1 :]], 2) for x in (keys, feats, values)
-        )
-        times = torch.cat([times[:i], times[i + 1 :]])
-    m = keys.shape[2]
-    pad = spec.capacity - m
-    if pad:  # only while the window fills; a full buffer is already the right size
-        keys, feats, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values))
-        times = F.pad(times, (0, pad), value=-1)
-    return LinearAttnState(S, z, keys, feats, values, times, m, pos + 1)
+    f = fk * spec.decay**spec.size if spec.decay < 1 else fk
+    return S + _outer(f, v), z + f
+
+
+def _sliding_step(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    state: LinearAttnState,
+    alpha: Tensor | float,
+    q_sink: Tensor | None,
+) -> tuple[Tensor, LinearAttnState]:
+    """One token on a sliding window. While the window fills, the token takes the next free
+    slot (in place: no copy). Once full, the token at ``pos + 1 − W`` (the first after the sinks)
+    leaves for ``S, z``: the buffer, kept in time order (sinks, then the window), is rebuilt once
+    without it, and the leaving token is read as one extra column, so the buffer is copied once
+    per token and never concatenated for the readout."""
+    n, pos = state.n, state.pos
+    S, z = state.S, state.z
+    if pos + 1 - spec.size < spec.sinks:  # nothing leaves yet
+        keys, feats, values, times = _append(state, k, fk, v)
+        m, extra = n + 1, None
+    else:
+        i = min(spec.sinks, pos)  # the leaving token's place among the buffer and the token
+        new = (k, fk, v, state.times.new_tensor([pos]))
+        old = (state.k, state.fk, state.v)
+        if i < n:
+            keys, feats, values = (
+                torch.cat([x[:, :, :i], x[:, :, i + 1 : n], t[:, :, None]], 2)
+                for x, t in zip(old, new)
+            )
+            times = torch.cat([state.times[:i], state.times[i + 1 : n], new[3]])
+            leaving = tuple(x[:, :, i] for x in old)
+        else:  # a window of one: the token itself leaves
+            keys, feats, values = (x[:, :, :n].clone() for x in old)
+            times = state.times[:n].clone()
+            leaving = (k, fk, v)
+        m, extra = n, (leaving[0][:, :, None], leaving[2][:, :, None])
+        pad = spec.capacity - m
+        if pad:  # a buffer built short of its capacity (not by our forms)
+            keys, feats, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values))
+            times = F.pad(times, (0, pad), value=-1)
+    local = keys[:, :, :m], values[:, :, :m]
+    num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1), extra=extra)
+    o = _combine(spec, num, den, fq, S, z, alpha)
+    if spec.use_global:
+        if extra is not None:
+            S, z = _fold_one(spec, S, z, leaving[1], leaving[2])
+        elif spec.decay < 1:
+            S, z = S * spec.decay, z * spec.decay
+    return o, LinearAttnState(S, z, keys, feats, values, times, m, pos + 1)
 
 
 def _outer(fk: Tensor, v: Tensor) -> Tensor:
@@ -500,7 +552,8 @@ def step(
     (that is what "kept" means), so no masks are built: local attention over the buffer plus
     the token, global attention through ``S, z`` alone. For pure linear attention, group
     windows without sinks and sliding windows with or without sinks (``recurrent`` falls back
-    to the general form otherwise).
+    to the general form otherwise). The token is written into the buffer's next free slot in
+    place where it fits (see :class:`LinearAttnState`).
     """
     B, H, K = q.shape
     Hkv = k.shape[1]
@@ -516,40 +569,47 @@ def step(
             S, z = S * spec.decay, z * spec.decay
         new = LinearAttnState(S, z, state.k, state.fk, state.v, state.times, 0, pos + 1)
         return o.reshape(B, H, -1), new
-    keys = torch.cat([state.k[:, :, :n], k[:, :, None]], 2)
-    values = torch.cat([state.v[:, :, :n], v[:, :, None]], 2)
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
-    num, den = _local_readout(spec, q, keys, values, q_sink, min(spec.sinks, pos + 1))
-    o = _combine(spec, num, den, fq, S, z, alpha)
     if spec.window == "sliding":
-        return o.reshape(B, H, -1), _slide(spec, state, keys, values, fk)
+        o, new = _sliding_step(spec, q, k, v, fq, fk, state, alpha, q_sink)
+        return o.reshape(B, H, -1), new
+    if (pos + 1) % spec.size != 0:
+        # Inside a group: the token joins the buffer.
+        keys, feats, values, times = _append(state, k, fk, v)
+        local = keys[:, :, : n + 1], values[:, :, : n + 1]
+        num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1))
+        o = _combine(spec, num, den, fq, S, z, alpha)
+        if spec.use_global and spec.decay < 1:
+            S, z = S * spec.decay, z * spec.decay
+        return o.reshape(B, H, -1), LinearAttnState(S, z, keys, feats, values, times, n + 1, pos + 1)
+    # The group is complete with this token: read it as one extra column, then fold the whole
+    # group into S and empty the buffer.
+    extra = k[:, :, None], v[:, :, None]
+    local = state.k[:, :, :n], state.v[:, :, :n]
+    num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1), extra=extra)
+    o = _combine(spec, num, den, fq, S, z, alpha)
     if spec.use_global and spec.decay < 1:
         S, z = S * spec.decay, z * spec.decay
-    if (pos + 1) % spec.size == 0:
-        # The group is complete: fold it into S and empty the buffer.
-        if spec.use_global:
-            feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
-            if spec.decay < 1:
-                ages = torch.arange(n + 1, 0, -1, device=feats.device)
-                feats = feats * _decay(spec, ages, feats.dtype)[:, None]
-            S = S + torch.einsum("bhnf,bhnv->bhfv", feats, values)
-            z = z + feats.sum(2)
-        new = LinearAttnState(
-            S,
-            z,
-            torch.zeros_like(state.k),
-            torch.zeros_like(state.fk),
-            torch.zeros_like(state.v),
-            torch.full_like(state.times, -1),
-            0,
-            pos + 1,
-        )
-        return o.reshape(B, H, -1), new
-    new_k, new_fk, new_v, new_t = (x.clone() for x in (state.k, state.fk, state.v, state.times))
-    new_k[:, :, n], new_fk[:, :, n], new_v[:, :, n] = k, fk, v
-    new_t[n] = pos
-    return o.reshape(B, H, -1), LinearAttnState(S, z, new_k, new_fk, new_v, new_t, n + 1, pos + 1)
+    if spec.use_global:
+        feats = torch.cat([state.fk[:, :, :n], fk[:, :, None]], 2)
+        values = torch.cat([state.v[:, :, :n], v[:, :, None]], 2)
+        if spec.decay < 1:
+            ages = torch.arange(n + 1, 0, -1, device=feats.device)
+            feats = feats * _decay(spec, ages, feats.dtype)[:, None]
+        S = S + torch.einsum("bhnf,bhnv->bhfv", feats, values)
+        z = z + feats.sum(2)
+    new = LinearAttnState(
+        S,
+        z,
+        torch.zeros_like(state.k),
+        torch.zeros_like(state.fk),
+        torch.zeros_like(state.v),
+        torch.full_like(state.times, -1),
+        0,
+        pos + 1,
+    )
+    return o.reshape(B, H, -1), new
 
 
 def _global_parts(fq: Tensor, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -572,27 +632,39 @@ def _local_readout(
     q_sink: Tensor | None = None,
     num_sinks: int = 0,
     valid: Tensor | None = None,
+    extra: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``q: [B, Hkv, R, K]`` over the keys of ``keys: [B, Hkv, n, K]`` (every one, or those
-    ``valid: [B, n]`` marks; the first ``num_sinks`` scored by ``q_sink``) → numerator
-    ``[B, Hkv, R, V]`` and, for softmax, denominator ``[B, Hkv, R]`` (the weights are
-    ``e^{s−m}``, ``m`` the largest score)."""
+    ``valid: [B, n]`` marks; the first ``num_sinks`` scored by ``q_sink``) and the ``extra``
+    keys and values (``[B, Hkv, e, ·]``, never sinks: a column read beside the buffer instead of
+    concatenated to it) → numerator ``[B, Hkv, R, V]`` and, for softmax, denominator
+    ``[B, Hkv, R]`` (the weights are ``e^{s−m}``, ``m`` the largest score)."""
     mask = None if valid is None else valid[:, None, None, :]
     if spec.local == "softmax":
         scores = torch.matmul(q, keys.transpose(-1, -2))
         if q_sink is not None and num_sinks:
             sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
             scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
-        scores = scores / math.sqrt(q.shape[-1])
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
+        n = scores.shape[-1]
+        if extra is not None:
+            scores = torch.cat([scores, torch.matmul(q, extra[0].transpose(-1, -2))], -1)
+        scores = scores / math.sqrt(q.shape[-1])
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-        return torch.matmul(weights, values), weights.sum(-1)
+        num = torch.matmul(weights[..., :n], values)
+        if extra is not None:
+            num = num + torch.matmul(weights[..., n:], extra[1])
+        return num, weights.sum(-1)
     if spec.local == "relu2":
         weights = torch.relu(torch.matmul(_unit(q), _unit(keys).transpose(-1, -2))) ** 2
         if mask is not None:
             weights = weights * mask
-        return torch.matmul(weights, values), None
+        num = torch.matmul(weights, values)
+        if extra is not None:
+            more = torch.relu(torch.matmul(_unit(q), _unit(extra[0]).transpose(-1, -2))) ** 2
+            num = num + torch.matmul(more, extra[1])
+        return num, None
     return q.new_zeros(*q.shape[:-1], values.shape[-1]), None
 
 

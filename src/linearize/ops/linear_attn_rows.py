@@ -14,7 +14,7 @@ rows is one vectorised computation with no per-row Python loop and no copy of th
   :func:`~linearize.ops.linear_attn.step` does over its buffer (softmax is permutation invariant,
   so ring order is fine; sinks, identified by their time, are scored with ``q_sink``), then folds
   the token at ``τ + 1 − size`` (unless a sink) into ``S, z`` with the decay as
-  ``linear_attn._slide`` does, and empties its slot.
+  ``linear_attn.step`` does, and empties its slot.
 
 Between steps a row holds exactly the tokens of the :class:`LinearAttnState` it stands for
 (:func:`write_row` / :func:`read_row` convert, :func:`step_rows_reference` is the per-row
