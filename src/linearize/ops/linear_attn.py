@@ -462,7 +462,7 @@ def _append(
         buffers = [x.clone() for x in (state.k, state.fk, state.v, state.times)]
     else:
         buffers = [state.k, state.fk, state.v, state.times]
-    for buffer, x in zip(buffers, (k, fk, v)):
+    for buffer, x in zip(buffers[:3], (k, fk, v), strict=True):
         buffer[:, :, n] = x
     buffers[3][n] = state.pos
     return tuple(buffers)
@@ -500,14 +500,15 @@ def _sliding_step(
         m, extra = n + 1, None
     else:
         i = min(spec.sinks, pos)  # the leaving token's place among the buffer and the token
-        new = (k, fk, v, state.times.new_tensor([pos]))
         old = (state.k, state.fk, state.v)
         if i < n:
             keys, feats, values = (
                 torch.cat([x[:, :, :i], x[:, :, i + 1 : n], t[:, :, None]], 2)
-                for x, t in zip(old, new)
+                for x, t in zip(old, (k, fk, v), strict=True)
             )
-            times = torch.cat([state.times[:i], state.times[i + 1 : n], new[3]])
+            times = torch.cat(
+                [state.times[:i], state.times[i + 1 : n], state.times.new_tensor([pos])]
+            )
             leaving = tuple(x[:, :, i] for x in old)
         else:  # a window of one: the token itself leaves
             keys, feats, values = (x[:, :, :n].clone() for x in old)
@@ -582,7 +583,8 @@ def step(
         o = _combine(spec, num, den, fq, S, z, alpha)
         if spec.use_global and spec.decay < 1:
             S, z = S * spec.decay, z * spec.decay
-        return o.reshape(B, H, -1), LinearAttnState(S, z, keys, feats, values, times, n + 1, pos + 1)
+        new = LinearAttnState(S, z, keys, feats, values, times, n + 1, pos + 1)
+        return o.reshape(B, H, -1), new
     # The group is complete with this token: read it as one extra column, then fold the whole
     # group into S and empty the buffer.
     extra = k[:, :, None], v[:, :, None]
