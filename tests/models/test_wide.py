@@ -12,6 +12,8 @@ import linearize
 from linearize import Decoder
 from linearize.cli import main
 from linearize.models.wide import (
+    _layer_inputs,
+    _unchanged_prefix,
     can_widen,
     choose_wide_layers,
     recall_loss,
@@ -100,6 +102,25 @@ def test_greedy_choice_leaves_the_model_as_it_was():
         wide = tiny_model("augmented", layers=3)
         losses[i] = recall_loss(widen(wide, [i], 6 * GROUP), probes)
     assert best == min(losses, key=losses.__getitem__), losses
+
+
+def test_recall_loss_runs_only_past_the_unchanged_prefix():
+    """The choice reruns layer ``i`` on, and only on the tokens past the first ``size + sinks``
+    (which no widening changes), from states recorded before widening: the same loss as the
+    whole widened model on the whole probe."""
+    tokenizer = CharTokenizer()
+    probes = recall_probes(tokenizer, 4 * GROUP + 8, 2)
+    for i in range(3):
+        model = tiny_model("augmented", layers=3)
+        prefix = _unchanged_prefix(model, [0, 1, 2])
+        assert prefix == GROUP + model.config.attention_config(0).sinks
+        inputs = _layer_inputs(model, probes, prefix)
+        too_long = _layer_inputs(model, probes, 3 * GROUP)
+        widen(model, [i], 6 * GROUP)
+        full = recall_loss(model, probes)
+        assert recall_loss(model, probes, i, inputs) == pytest.approx(full, rel=1e-9)
+        if i < 2:  # later layers' recorded states past the narrow window are stale: it shows
+            assert recall_loss(model, probes, i, too_long) != pytest.approx(full, rel=1e-6)
 
 
 def test_bad_input():

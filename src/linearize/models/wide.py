@@ -128,16 +128,26 @@ def recall_probes(tokenizer, length: int, count: int, seed: int = 0) -> list[tup
 @torch.no_grad()
 def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0, inputs=None):
     """Mean negative log-likelihood of the probes' numbers (summed over each number's tokens).
-    With ``inputs`` (each probe's input to every layer, from :func:`_layer_inputs`) only the
-    layers from ``start`` on run again."""
+    With ``inputs`` (:func:`_layer_inputs`: each probe's input to every layer, and every layer's
+    state after the first tokens, which no widening changes) only the layers from ``start`` on
+    run again, and only on the tokens after those."""
     total = 0.0
     for j, (ids, n) in enumerate(probes):
         if inputs is None:
             hidden, _ = model.forward_hidden(ids[None].to(model.device))
         else:
-            x = inputs[j][start]
-            for layer in model.layers[start:]:
-                x, _ = layer(x, None, "auto")
+            seen, states, prefix = inputs[j]
+            x = seen[start]
+            if start < len(model.layers):
+                # Layer ``start`` (perhaps just widened) builds its own state on the prefix; the
+                # later layers' states there are the ones recorded.
+                layer = model.layers[start]
+                state = layer(x[:, :prefix], None, "auto")[1] if prefix else None
+                x, _ = layer(x[:, prefix:], state, "auto")
+                for layer, state in zip(
+                    model.layers[start + 1 :], states[start + 1 :], strict=True
+                ):
+                    x, _ = layer(x, state, "auto")
             hidden = model.norm(x)
         logp = model.lm_head(hidden[0, -n - 1 : -1]).float().log_softmax(-1)
         total -= float(logp.gather(-1, ids[-n:, None].to(logp.device)).sum())
@@ -145,8 +155,9 @@ def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0
 
 
 @torch.no_grad()
-def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]]) -> list[list[Tensor]]:
-    """Each probe's input to every layer, then the last layer's output."""
+def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]], prefix: int) -> list[tuple]:
+    """Each probe's input to every layer (then the last layer's output), every layer's state
+    after the first ``prefix`` tokens, and ``prefix``."""
     out = []
     for ids, _ in probes:
         seen: list[Tensor] = []
@@ -164,8 +175,19 @@ def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]]) -> list[list
         finally:
             for hook in hooks:
                 hook.remove()
-        out.append(seen)
+        states = [
+            layer(x[:, :prefix], None, "auto")[1] if prefix else None
+            for layer, x in zip(model.layers, seen[:-1], strict=True)
+        ]
+        out.append((seen, states, prefix))
     return out
+
+
+def _unchanged_prefix(model: Decoder, candidates: list[int]) -> int:
+    """How many first tokens no candidate's widening changes, in any layer: a query at ``t``
+    sees every earlier token exactly while ``t < size + sinks`` of its sliding window."""
+    configs = [model.config.attention_config(i) for i in candidates]
+    return min(c.size + c.sinks for c in configs)
 
 
 def choose_wide_layers(
@@ -200,6 +222,7 @@ def choose_wide_layers(
     was_training = model.training
     model.eval()
     texts = recall_probes(model.tokenizer, length, probes, seed)
+    prefix = min(_unchanged_prefix(model, candidates), min(len(ids) - n - 1 for ids, n in texts))
     chosen: list[int] = []
     replaced: list[tuple[int, Attention, dict]] = []
     losses: list[float] = []
@@ -207,7 +230,7 @@ def choose_wide_layers(
     progress = tqdm(total=rounds, desc="choosing wide layers", leave=False)
     try:
         for _ in range(count):
-            inputs = _layer_inputs(model, texts)
+            inputs = _layer_inputs(model, texts, prefix)
             if not losses:  # before any widening: the head on the last layer's output
                 losses.append(recall_loss(model, texts, len(model.layers), inputs))
             trial = {}
