@@ -35,8 +35,8 @@ PROMPTS = (
 
 @dataclass
 class DemoConfig(Config):
-    """What the demo runs; the defaults take about an hour on a 2-core CPU (70 min on an AVX2
-    one, most of it choosing the wide layers and training)."""
+    """What the demo runs; the defaults take about 35 minutes on a 2-core CPU with the install
+    (2026-12-02; most of it training, the wide-layer choice ~10 minutes of that)."""
 
     model: str = option("base model: a name, HF dir, .gguf or saved dir", "smollm2-135m")
     attention: str = option("the attention to linearize to", "augmented")

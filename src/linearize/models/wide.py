@@ -157,28 +157,34 @@ def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0
 @torch.no_grad()
 def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]], prefix: int) -> list[tuple]:
     """Each probe's input to every layer (then the last layer's output), every layer's state
-    after the first ``prefix`` tokens, and ``prefix``."""
+    after the first ``prefix`` tokens, and ``prefix``: one pass, in two pieces."""
     out = []
     for ids, _ in probes:
-        seen: list[Tensor] = []
+        pieces: list[list[Tensor]] = []
         hooks = [
-            layer.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+            layer.register_forward_pre_hook(
+                lambda m, args, pieces=pieces: pieces[-1].append(args[0])
+            )
             for layer in model.layers
         ]
         hooks.append(
             model.layers[-1].register_forward_hook(
-                lambda m, args, output, seen=seen: seen.append(output[0])
+                lambda m, args, output, pieces=pieces: pieces[-1].append(output[0])
             )
         )
+        ids = ids[None].to(model.device)
         try:
-            model.forward_hidden(ids[None].to(model.device))
+            state = None
+            if prefix:
+                pieces.append([])
+                _, state = model.forward_hidden(ids[:, :prefix])
+            pieces.append([])
+            model.forward_hidden(ids[:, prefix:], state=state)
         finally:
             for hook in hooks:
                 hook.remove()
-        states = [
-            layer(x[:, :prefix], None, "auto")[1] if prefix else None
-            for layer, x in zip(model.layers, seen[:-1], strict=True)
-        ]
+        seen = [torch.cat(xs, 1) for xs in zip(*pieces, strict=True)]
+        states = [None] * len(model.layers) if state is None else state.layers
         out.append((seen, states, prefix))
     return out
 

@@ -515,10 +515,6 @@ def _sliding_step(
             times = state.times[:n].clone()
             leaving = (k, fk, v)
         m, extra = n, (leaving[0][:, :, None], leaving[2][:, :, None])
-        pad = spec.capacity - m
-        if pad:  # a buffer built short of its capacity (not by our forms)
-            keys, feats, values = (F.pad(x, (0, 0, 0, pad)) for x in (keys, feats, values))
-            times = F.pad(times, (0, pad), value=-1)
     local = keys[:, :, :m], values[:, :, :m]
     num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1), extra=extra)
     o = _combine(spec, num, den, fq, S, z, alpha)
