@@ -128,22 +128,22 @@ def recall_probes(tokenizer, length: int, count: int, seed: int = 0) -> list[tup
 @torch.no_grad()
 def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0, inputs=None):
     """Mean negative log-likelihood of the probes' numbers (summed over each number's tokens).
-    With ``inputs`` (:func:`_layer_inputs`: each probe's input to every layer, and every layer's
-    state after the first tokens, which no widening changes) only the layers from ``start`` on
-    run again, and only on the tokens after those."""
+    With ``inputs`` (:func:`_layer_inputs`: each probe's input to every layer on the first
+    tokens and on the rest, and every layer's state after the first tokens, which no widening
+    changes) only the layers from ``start`` on run again, and only on the rest."""
     total = 0.0
     for j, (ids, n) in enumerate(probes):
         if inputs is None:
             hidden, _ = model.forward_hidden(ids[None].to(model.device))
         else:
-            seen, states, prefix = inputs[j]
-            x = seen[start]
+            heads, tails, states = inputs[j]
+            x = tails[start]
             if start < len(model.layers):
                 # Layer ``start`` (perhaps just widened) builds its own state on the prefix; the
                 # later layers' states there are the ones recorded.
                 layer = model.layers[start]
-                state = layer(x[:, :prefix], None, "auto")[1] if prefix else None
-                x, _ = layer(x[:, prefix:], state, "auto")
+                state = None if heads is None else layer(heads[start], None, "auto")[1]
+                x, _ = layer(x, state, "auto")
                 for layer, state in zip(
                     model.layers[start + 1 :], states[start + 1 :], strict=True
                 ):
@@ -156,8 +156,9 @@ def recall_loss(model: Decoder, probes: list[tuple[Tensor, int]], start: int = 0
 
 @torch.no_grad()
 def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]], prefix: int) -> list[tuple]:
-    """Each probe's input to every layer (then the last layer's output), every layer's state
-    after the first ``prefix`` tokens, and ``prefix``: one pass, in two pieces."""
+    """Each probe's input to every layer (then the last layer's output) on its first ``prefix``
+    tokens (``None`` when ``prefix`` is 0) and on the rest, and every layer's state after the
+    first ``prefix`` tokens: one pass, in two pieces."""
     out = []
     for ids, _ in probes:
         pieces: list[list[Tensor]] = []
@@ -183,9 +184,9 @@ def _layer_inputs(model: Decoder, probes: list[tuple[Tensor, int]], prefix: int)
         finally:
             for hook in hooks:
                 hook.remove()
-        seen = [torch.cat(xs, 1) for xs in zip(*pieces, strict=True)]
+        heads = pieces[0] if prefix else None
         states = [None] * len(model.layers) if state is None else state.layers
-        out.append((seen, states, prefix))
+        out.append((heads, pieces[-1], states))
     return out
 
 
