@@ -81,11 +81,11 @@ class StopsAtCall(Trainer):
         stage = super().setup_stage(name)
         loss, calls = stage.loss, []
 
-        def stopping(ids):
+        def stopping(ids, state):
             calls.append(1)
             if len(calls) == 5:  # step 3 of 4, after the checkpoint of step 2
                 raise Interrupted
-            return loss(ids)
+            return loss(ids, state)
 
         stage.loss = stopping
         return stage

@@ -161,10 +161,10 @@ class NaNAtStep(Trainer):
         stage = super().setup_stage(name)
         loss, calls = stage.loss, []
 
-        def poisoned(ids):
+        def poisoned(ids, state):
             calls.append(1)
-            value, parts = loss(ids)
-            return (value * math.nan, parts) if len(calls) >= self.at else (value, parts)
+            value, parts, state = loss(ids, state)
+            return (value * (math.nan if len(calls) >= self.at else 1), parts, state)
 
         stage.loss = poisoned
         return stage

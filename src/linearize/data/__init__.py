@@ -1,7 +1,7 @@
 """Data: the corpora and user text (`corpora`, `rdata`), token ids and their cache (`tokens`),
 training blocks and their order (`blocks`)."""
 
-from linearize.data.blocks import BlockSampler, block_order, pack_blocks
+from linearize.data.blocks import BlockSampler, StreamSampler, block_order, pack_blocks
 from linearize.data.corpora import CORPORA, TEXT_SUFFIXES, Corpus, fetch_deb, load_text
 from linearize.data.rdata import read_rdata, unserialize_r
 from linearize.data.tokens import (
@@ -19,6 +19,7 @@ __all__ = [
     "EVAL_TOKENS",
     "TEXT_SUFFIXES",
     "BlockSampler",
+    "StreamSampler",
     "Corpus",
     "TokenCache",
     "block_order",

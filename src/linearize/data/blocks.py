@@ -54,3 +54,40 @@ class BlockSampler:
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return self.positions()
+
+
+@dataclass
+class StreamSampler:
+    """Blocks read in order by ``streams`` sequences side by side, for training that carries
+    each sequence's recurrent state into its next block.
+
+    The blocks are cut into ``streams`` contiguous spans of ``n_blocks // streams`` blocks;
+    at step ``s`` stream ``j`` reads block ``j * span + s % span``, so consecutive steps give
+    each stream consecutive text. Every stream starts over (with a fresh state) when
+    ``s % span == 0``; the tail blocks past ``streams * span`` are not read."""
+
+    n_blocks: int
+    streams: int
+
+    def __post_init__(self) -> None:
+        if self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
+        if self.n_blocks < self.streams:
+            raise ValueError(
+                f"{self.n_blocks} blocks cannot feed {self.streams} streams read in order; "
+                "use more training text or a smaller batch"
+            )
+
+    @property
+    def span(self) -> int:
+        return self.n_blocks // self.streams
+
+    def blocks(self, step: int) -> list[int]:
+        """The block of each stream at ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return [j * self.span + step % self.span for j in range(self.streams)]
+
+    def starts(self, step: int) -> bool:
+        """Whether every stream starts over at ``step`` (its state reset)."""
+        return step % self.span == 0

@@ -1,4 +1,5 @@
-"""Whole-model state operations: copying a state and selecting or repeating its batch rows.
+"""Whole-model state operations: copying a state and selecting or repeating its batch rows,
+detaching it from autograd, and writing it as plain tensors (for a training checkpoint).
 
 A :class:`ModelState` is a value, but the softmax KV cache and a linear attention's window buffer
 are written in place when there is room, so reusing a state twice (scoring several continuations
@@ -9,7 +10,8 @@ Beam search reorders rows; both are exact for recurrent states and KV caches ali
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
+from typing import Any
 
 from torch import Tensor
 
@@ -49,3 +51,29 @@ def select_rows(state: ModelState, index: Tensor) -> ModelState:
 def batch_size(state: ModelState) -> int:
     attn = state.layers[0].attn
     return getattr(attn, _BATCHED[type(attn)][0]).shape[0]
+
+
+def detach_state(state: ModelState) -> ModelState:
+    """The same values cut from autograd: training carries a state into the next block without
+    backpropagating into the blocks before it (truncated backpropagation through time)."""
+    return map_batch(state, Tensor.detach)
+
+
+_KINDS = {"linear": LinearAttnState, "softmax": KVCache}
+
+
+def state_to_dict(state: ModelState) -> list[dict[str, Any]]:
+    """One dict of tensors and ints per layer, loadable with ``torch.load(weights_only=True)``."""
+    layers = []
+    for layer in state.layers:
+        kind = next(name for name, cls in _KINDS.items() if isinstance(layer.attn, cls))
+        attn = {f.name: getattr(layer.attn, f.name) for f in fields(layer.attn)}
+        layers.append({"kind": kind, "attn": attn, "conv": layer.conv})
+    return layers
+
+
+def state_from_dict(layers: list[dict[str, Any]]) -> ModelState:
+    """The inverse of :func:`state_to_dict`."""
+    return ModelState(
+        [AttentionState(_KINDS[layer["kind"]](**layer["attn"]), layer["conv"]) for layer in layers]
+    )

@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraModel
 from torch import Tensor, nn
 
 from linearize.models.convert import is_new_parameter
-from linearize.models.decoder import Decoder
+from linearize.models.decoder import Decoder, ModelState
 from linearize.train.losses import next_token_nll
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,15 @@ def finetune_parameters(model: Decoder, lora: bool) -> dict[str, nn.Parameter]:
 def finetune_loss(
     model: nn.Module,
     input_ids: Tensor,
+    state: ModelState | None = None,
     *,
     denominator: float,
     form: str = "auto",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Next-token NLL of one micro-batch divided by the step's global number of predictions."""
+) -> tuple[Tensor, dict[str, Tensor], ModelState]:
+    """Next-token NLL of one micro-batch divided by the step's global number of predictions,
+    and the state the micro-batch leaves (``state``: the one it continues, or None)."""
     with autocast():
-        logits, _ = model(input_ids, form=form)
+        logits, new_state = model(input_ids, state=state, form=form)
     ce = next_token_nll(logits, input_ids) / denominator
-    return ce, {"ce": ce}
+    return ce, {"ce": ce}, new_state

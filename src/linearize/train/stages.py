@@ -1,8 +1,10 @@
 """What each stage trains and how: a registry of stage set-ups used by the one trainer loop.
 
 A set-up freezes and unfreezes parameters, adds adapters where the stage wants them, and binds
-the stage's loss (a function of one micro-batch ``[b, T]``, already divided by the step's global
-counts) and its AdamW parameter groups.
+the stage's loss and its AdamW parameter groups. A loss takes one micro-batch ``[b, T]`` and the
+state it continues (None: a fresh start) and returns the loss, already divided by the step's
+global counts, its parts, and the state the micro-batch leaves (None where the stage does not
+carry one).
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ from typing import Any
 from torch import Tensor, nn
 
 from linearize.models.convert import is_new_parameter
-from linearize.models.decoder import Decoder
+from linearize.models.decoder import Decoder, ModelState
 from linearize.train.config import TrainConfig
 from linearize.train.finetune import add_lora, finetune_loss, finetune_parameters
 from linearize.train.transfer import build_teacher, transfer_loss, transfer_parameters
 
-LossFn = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
+LossFn = Callable[[Tensor, ModelState | None], tuple[Tensor, dict[str, Tensor], ModelState | None]]
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass
 class StageSetup:
     """One stage: its name and steps, the trained parameters by name, AdamW groups, the loss,
-    and peft's handle when LoRA adapters were added (merged at the end of the stage)."""
+    peft's handle when LoRA adapters were added (merged at the end of the stage), and whether
+    it reads the text in order, carrying each sequence's state into its next block."""
 
     name: str
     steps: int
@@ -36,6 +39,7 @@ class StageSetup:
     groups: list[dict[str, Any]]
     loss: LossFn
     lora: Any = None
+    carry_state: bool = False
 
 
 def setup_transfer(
@@ -50,7 +54,7 @@ def setup_transfer(
     for p in params.values():
         p.requires_grad_(True)
     tokens = config.batch_size * config.block_size
-    loss = functools.partial(
+    parts = functools.partial(
         transfer_loss,
         model,
         build_teacher(model),
@@ -61,6 +65,12 @@ def setup_transfer(
         form=config.form,
         autocast=autocast,
     )
+
+    def loss(input_ids: Tensor, state: ModelState | None) -> tuple[Tensor, dict, None]:
+        if state is not None:
+            raise ValueError("the transfer stage reads independent blocks; it carries no state")
+        return *parts(input_ids), None
+
     groups = [{"params": list(params.values()), "lr": config.transfer_lr, "weight_decay": 0.0}]
     return StageSetup("transfer", config.stage_steps()["transfer"], params, groups, loss)
 
@@ -88,6 +98,7 @@ def setup_finetune(
         param_groups(params, config),
         loss,
         lora,
+        carry_state=config.carry_state,
     )
 
 

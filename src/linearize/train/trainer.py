@@ -3,9 +3,11 @@
 AdamW with linear warm-up and a cosine schedule per stage, gradient accumulation over
 micro-batches, gradient clipping, fp32 on CPU and bf16 autocast on GPU, periodic held-out
 perplexity, metrics as JSONL, a NaN/inf guard, atomic checkpoints and exact resume (model,
-optimizer, schedule, data position and RNG: an interrupted run resumed from its last checkpoint
-reaches bit-identical weights). Under ``torchrun`` / ``accelerate launch`` every process takes its
-share of each global batch (see ``distributed.py``); nothing else changes.
+optimizer, schedule, data position, RNG and carried states: an interrupted run resumed from its
+last checkpoint reaches bit-identical weights). With ``carry_state`` the finetune stage reads the
+text in order and each sequence continues the state its previous block left (detached). Under
+``torchrun`` / ``accelerate launch`` every process takes its share of each global batch (see
+``distributed.py``); nothing else changes.
 
 Progress goes to an optional ``callback(event: dict)``, called on the main process only (the CLI
 draws a progress bar with it); the library only logs.
@@ -25,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from linearize.data import BlockSampler, pack_blocks
-from linearize.models.decoder import Decoder
+from linearize.data import BlockSampler, StreamSampler, pack_blocks
+from linearize.models.decoder import Decoder, ModelState
 from linearize.models.numerics import NonFiniteError
+from linearize.models.state import detach_state, state_from_dict, state_to_dict
 from linearize.train import checkpointing as ckpt
 from linearize.train.config import TrainConfig
 from linearize.train.distributed import STRATEGIES, DistContext, init_distributed
@@ -108,6 +111,8 @@ class Trainer:
         self.evals: dict[str, float] = {}
         self.speeds: dict[str, float] = {}
         self.position = 0  # blocks of the training order consumed so far
+        # With carry_state: the state each micro-batch of this process's rows left, or None.
+        self.carried: list[ModelState | None] = []
         self.last_checkpoint: Path | None = None
         if config.parallel == "fsdp" and "transfer" in config.stages():
             raise ValueError("parallel='fsdp' shards the finetune stage only; use ddp for transfer")
@@ -121,12 +126,46 @@ class Trainer:
                     "(use longer --block-size, or --stage finetune)",
                     config.block_size,
                 )
+        if config.carry_state:
+            self._check_carry()
         self.ctx.share(config.batch_size)
         if (config.batch_size // self.ctx.world_size) % config.micro_batch_size:
             raise ValueError(
                 f"each of {self.ctx.world_size} processes gets "
                 f"{config.batch_size // self.ctx.world_size} sequences per step, not a multiple "
                 f"of micro_batch_size={config.micro_batch_size}"
+            )
+
+    def _check_carry(self) -> None:
+        grows = [
+            i
+            for i, layer in enumerate(self.model.layers)
+            if layer.self_attn.config.kind == "softmax"
+        ]
+        if grows:
+            raise ValueError(
+                f"carry_state needs a fixed-size state in every layer; layers {grows} are softmax "
+                "attention, whose KV cache would grow with every block"
+            )
+        if self.ctx.world_size > 1:
+            raise ValueError(
+                f"carry_state trains on one process ({self.ctx.world_size} here): checkpoints "
+                "hold the main process's carried states only"
+            )
+        StreamSampler(len(self.blocks), self.config.batch_size)  # enough blocks for the streams
+        long = {
+            i: layer.self_attn.spec.capacity
+            for i, layer in enumerate(self.model.layers)
+            if getattr(layer.self_attn, "spec", None) is not None
+            and layer.self_attn.spec.capacity > self.config.block_size
+        }
+        if long and not self.config.gradient_checkpointing:
+            logger.warning(
+                "layers %s carry windows of up to %d tokens into every block, each chunk "
+                "keeping a copy for backward (SmolLM2 with 8k-token windows passed 24 GB): "
+                "consider --gradient-checkpointing",
+                sorted(long),
+                max(long.values()),
             )
 
     # --- precision ----------------------------------------------------------------------------
@@ -157,6 +196,18 @@ class Trainer:
         while True:
             indices = [next(order)[1] for _ in range(c.batch_size)]
             yield self.blocks[indices[mine]].to(self.ctx.device)
+
+    def streams(self, first: int) -> Iterator[tuple[bool, Tensor]]:
+        """With ``carry_state``: from stage step ``first`` on, whether the streams start over at
+        this step, and this process's share ``[b, block_size]`` of the streams' blocks."""
+        c = self.config
+        sampler = StreamSampler(len(self.blocks), c.batch_size)
+        mine = self.ctx.share(c.batch_size)
+        step = first
+        while True:
+            indices = sampler.blocks(step)
+            yield sampler.starts(step), self.blocks[indices[mine]].to(self.ctx.device)
+            step += 1
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -193,6 +244,8 @@ class Trainer:
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(),
             }
+            if stage.carry_state:
+                state["carried"] = [None if s is None else state_to_dict(s) for s in self.carried]
             path = ckpt.save_checkpoint(
                 self.out,
                 stage_index=index,
@@ -216,6 +269,10 @@ class Trainer:
         self.strategy.load(
             self.model, stage.params, checkpoint.params, optimizer, checkpoint.state["optimizer"]
         )
+        if stage.carry_state:
+            self.carried = [
+                None if s is None else state_from_dict(s) for s in checkpoint.state["carried"]
+            ]
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -281,18 +338,24 @@ class Trainer:
             self.strategy.start(params)
         if self.ctx.is_main:
             self.callback({"event": "stage", "stage": name, "steps": stage.steps, "first": first})
-        batches = self.batches(self.position)
+        if stage.carry_state:
+            batches = self.streams(first)
+        else:
+            batches = ((False, batch) for batch in self.batches(self.position))
         tokens_per_step = c.batch_size * c.block_size
         stage_time, stage_steps = 0.0, 0
         for step in range(first, stage.steps):
             started = time.perf_counter()
             # 2. this process's share of the global batch, in micro-batches
-            batch = next(batches)
+            starts, batch = next(batches)
             self.position += c.batch_size
+            micros = batch.split(c.micro_batch_size)
+            if starts or not self.carried:
+                self.carried = [None] * len(micros)
             parts: dict[str, float] = {}
-            for micro in batch.split(c.micro_batch_size):
+            for i, micro in enumerate(micros):
                 try:
-                    loss, terms = stage.loss(micro)
+                    loss, terms, state = stage.loss(micro, self.carried[i])
                 except NonFiniteError as e:
                     optimizer.zero_grad(set_to_none=True)
                     raise TrainingDiverged(
@@ -300,6 +363,8 @@ class Trainer:
                         f"checkpoint is {self.last_checkpoint or 'none (nothing was saved)'}"
                     ) from None
                 loss.backward()
+                if stage.carry_state:
+                    self.carried[i] = detach_state(state)
                 for key, value in terms.items():
                     parts[key] = parts.get(key, 0.0) + float(value.detach())
             # 3. gradients summed over processes; stop on NaN/inf; clip
