@@ -69,9 +69,7 @@ def check_context(model: Any, prompt_tokens: int, config: GenerationConfig) -> G
     needed = prompt_tokens + config.max_new_tokens
     if needed <= limit:
         return config
-    softmax_layers = [
-        i for i, layer in enumerate(model.layers) if layer.self_attn.config.kind == "softmax"
-    ]
+    softmax_layers = model.softmax_layers()
     if softmax_layers and not config.allow_long_context:
         if prompt_tokens < limit:
             logger.warning(

@@ -192,6 +192,12 @@ class Decoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
+    def softmax_layers(self) -> list[int]:
+        """Indices of the layers with softmax attention (a KV cache that grows with the text)."""
+        return [
+            i for i, layer in enumerate(self.layers) if layer.self_attn.config.kind == "softmax"
+        ]
+
     def init_state(self, batch_size: int = 1) -> ModelState:
         return ModelState(
             [

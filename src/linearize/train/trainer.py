@@ -137,11 +137,7 @@ class Trainer:
             )
 
     def _check_carry(self) -> None:
-        grows = [
-            i
-            for i, layer in enumerate(self.model.layers)
-            if layer.self_attn.config.kind == "softmax"
-        ]
+        grows = self.model.softmax_layers()
         if grows:
             raise ValueError(
                 f"carry_state needs a fixed-size state in every layer; layers {grows} are softmax "
