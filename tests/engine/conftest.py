@@ -13,6 +13,10 @@ from tests.generation.conftest import CONV, GROUP, byte_tokenizer, tiny_model
 AUGMENTED = {"name": "augmented", "size": GROUP, "conv": "causal", "conv_size": CONV, "decay": 0.9}
 PAPER = {"name": "augmented_paper", "size": GROUP, "conv_size": CONV, "sink_positions": "absolute"}
 GROUPED = {"name": "augmented_paper", "window": "group", "size": 4, "sinks": 0, "conv_size": CONV}
+# The window alone (`--option use_global=false`): tokens leaving the window are dropped.
+LOCAL = {**AUGMENTED, "use_global": False}
+# Groups of relu² attention, no global part (FLASH's local half): a whole group drops at once.
+FLASH_LOCAL = {"name": "flash_local", "size": 4}
 # A window longer than the engine's first reach (reach_step 16 in the tests): its rings grow.
 WIDE = {**AUGMENTED, "size": 60}
 OPTIONS = {
@@ -20,12 +24,15 @@ OPTIONS = {
     "paper": PAPER,
     "hybrid": AUGMENTED,
     "group": GROUPED,
+    "local": LOCAL,
+    "flash_local": FLASH_LOCAL,
     "wide": WIDE,
 }
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
-    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group, wide) the
+    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group, local, flash_local,
+    wide) the
     engine runs, with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
     (vocabulary 258)."""
     if text:
