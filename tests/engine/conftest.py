@@ -31,10 +31,9 @@ OPTIONS = {
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
-    """A float32 tiny model (``kind``: softmax, elu, augmented, paper, hybrid, group, local, flash_local,
-    wide) the
-    engine runs, with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
-    (vocabulary 258)."""
+    """A float32 tiny model the engine runs (``kind``: softmax, elu, augmented, paper, hybrid,
+    group, local, flash_local, wide), with α > 0, random conv taps and feature maps; ``text``:
+    with the byte tokenizer (vocabulary 258)."""
     if text:
         vocab_size = 258
     if kind in ("softmax", "elu"):

@@ -62,9 +62,7 @@ class _Control:
         leaving = np.flatnonzero(fold[:C])
         folded = leaving if lay.use_global else leaving[:0]
         if len(folded) > lay.folds:
-            raise AssertionError(
-                f"{len(folded)} tokens leave at once; the graph folds {lay.folds}"
-            )
+            raise AssertionError(f"{len(folded)} tokens leave at once; the graph folds {lay.folds}")
         # A token joins S, z aged to the next token's time: decay^(pos + 1 - time).
         decay = lay.spec.decay
         self.fold_weight[:] = 0
