@@ -201,3 +201,29 @@ def test_default_layer_runs_on_the_engine(tmp_path):
     engine.prefill(ids[0, :3].tolist())
     steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 3:]])
     assert_close("default layer", reference[0, 3:], steps, TOLERANCE)
+
+
+def test_layers_whose_alpha_is_zero_run_the_window_alone(tmp_path):
+    """A layer whose global part is weighted 0 (converted, or a wide layer after training on
+    blocks shorter than its window) steps without S, z and the feature ring, with the logits
+    of the reference (which computes the part and weights it 0); a layer with α > 0 beside it,
+    same window, keeps its part, through steps, a tree and its commit."""
+    model = _model("augmented")
+    with torch.no_grad():
+        model.layers[0].self_attn.alpha.fill_(0.0)
+    ids = torch.randint(0, 128, (1, 60))
+    with torch.no_grad():
+        reference, state = model(ids[:, :50])
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
+    assert [lay.use_global for lay in engine.layouts] == [False, True]
+    assert "S.0" not in engine.state.inputs and "fk.0" not in engine.state.inputs
+    assert "S.1" in engine.state.inputs and "fk.1" in engine.state.inputs
+    engine.prefill(ids[0, :5].tolist())
+    steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 5:50]])
+    assert_close("α = 0 beside α > 0", reference[0, 5:], steps, TOLERANCE)
+    tree = Tree.from_parents(random_parents(7, 3, seed=0))
+    tokens = torch.randint(0, 128, (len(tree),))
+    with torch.no_grad():
+        expected, _, _ = model.forward_tree(tokens[None], tree, state)
+    logits, _ = engine.forward_tree(tokens.tolist(), tree)
+    assert_close("tree", expected[0], logits, TOLERANCE)

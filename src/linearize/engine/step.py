@@ -23,7 +23,7 @@ step is tested against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -85,6 +85,12 @@ def layout(attn: Attention, max_context: int) -> Layout:
         capacity = max_context
     else:
         spec, capacity = attn.spec, attn.spec.capacity
+        if spec.use_global and spec.local != "none" and _global_off(attn):
+            # α = 0: the window's output is (num + 0·g) / (den + 0·g) = num / den (or
+            # num / den + 0·g), exactly what the window alone computes, so the step skips the
+            # feature map, S, z and the feature ring (a converted model; the wide layers,
+            # whose global part never runs on training blocks shorter than their window).
+            spec = replace(spec, use_global=False)
     # Sliding windows lose at most one token per step; a completed group leaves all at once.
     folds = (
         0 if not spec.use_global or capacity == 0 else 1 if spec.window == "sliding" else capacity
@@ -112,6 +118,11 @@ def layout(attn: Attention, max_context: int) -> Layout:
         cache_sinks,
         new_folds,
     )
+
+
+def _global_off(attn: Attention) -> bool:
+    """Whether the layer's global part is weighted 0 (as its forward clamps α)."""
+    return bool(torch.as_tensor(attn._alpha()).eq(0).all())
 
 
 def state_inputs(i: int, lay: Layout) -> list[str]:
