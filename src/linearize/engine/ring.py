@@ -58,19 +58,20 @@ class _Control:
             self.mask[:] = np.where(seen, 0, -np.inf)
         else:
             self.mask[:] = seen
-        # Tokens leaving the window: folded into S, z, or dropped when there is no global part.
-        leaving = np.flatnonzero(fold[:C])
-        folded = leaving if lay.use_global else leaving[:0]
-        if len(folded) > lay.folds:
-            raise AssertionError(f"{len(folded)} tokens leave at once; the graph folds {lay.folds}")
-        # A token joins S, z aged to the next token's time: decay^(pos + 1 - time).
-        decay = lay.spec.decay
-        self.fold_weight[:] = 0
-        self.fold_weight[: len(folded)] = decay ** (pos + 1 - self.times[folded])
-        self.fold_index[:] = 0
-        self.fold_index[: len(folded)] = folded
-        self.fold_new[0] = decay * float(fold[C])
-        self.leaving = leaving
+        # Tokens leaving the window free their slots; without a global part they are dropped.
+        self.leaving = leaving = np.flatnonzero(fold[:C])
+        if lay.use_global:
+            if len(leaving) > lay.folds:
+                raise AssertionError(
+                    f"{len(leaving)} tokens leave at once; the graph folds {lay.folds}"
+                )
+            # A token joins S, z aged to the next token's time: decay^(pos + 1 - time).
+            decay = lay.spec.decay
+            self.fold_weight[:] = 0
+            self.fold_weight[: len(leaving)] = decay ** (pos + 1 - self.times[leaving])
+            self.fold_index[:] = 0
+            self.fold_index[: len(leaving)] = leaving
+            self.fold_new[0] = decay * float(fold[C])
         self.slot = -1
         if C and bool(keep[C]):
             free = np.flatnonzero((self.times < 0) | fold[:C])
