@@ -97,3 +97,45 @@ def test_speculative_on_engine_equals_plain_on_engine(kind):
         assert result.token_ids == plain.token_ids, (config.speculative, config.tree)
     # The target drafting for itself: every draft accepted, so the tree step really ran.
     assert result.mean_accepted == 4
+
+
+def test_speculative_benchmark_on_engine_after_a_document(tmp_path, capsys):
+    """``bench speculative --engine onnx --context N``: every method on the engine, speculation
+    exact against plain decoding with the same (fp32) arithmetic, the int8 plain row beside."""
+    model = quantize(engine_model("augmented", text=True), "int4")
+    path = tmp_path / "q4"
+    model.save(path)
+    document = tmp_path / "document.txt"
+    document.write_text("It is a truth universally acknowledged, that a single man. " * 8)
+    record = tmp_path / "results" / "spec.json"
+    argv = [
+        "bench", "speculative", "--model", str(path), "--prompts", "2", "--max-new-tokens", "8",
+        "--draft-layers", "1", "--no-chat", "--engine", "onnx", "--threads", "1",
+        "--context", "64", "--context-data", str(document), "--out", str(record),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "every method identical" in out and "| onnx, fp32 |" in out
+    data = json.loads(record.read_text())
+    rows = data["rows"]
+    assert [(r["method"], r["arithmetic"]) for r in rows] == [
+        ("plain", "fp32"),
+        ("plain", "int8"),
+        ("lookup", "fp32"),
+        ("draft", "fp32"),
+    ]
+    assert all(r["engine"] == "onnx" and r["quant"] == "int4" for r in rows)
+    assert all(r["identical"] for r in rows if r["arithmetic"] == "fp32")
+    assert data["extra"]["setup"]["context"] == 64
+    # The document goes before each prompt (byte tokens: 64 of them, a blank line, the prompt).
+    assert all(r["prompt_tokens"] > 64 + 2 for r in rows)
+    assert main([*argv[:-2], "--context", "10000"]) == 2
+    assert "has only" in capsys.readouterr().err
+
+
+def test_speculative_benchmark_engine_refusals(tmp_path, capsys):
+    path = tmp_path / "tiny"
+    engine_model("augmented", text=True).save(path)
+    argv = ["bench", "speculative", "--model", str(path), "--prompts", "1", "--no-chat"]
+    assert main([*argv, "--context", "-1"]) == 2
+    assert "--context must be >= 0" in capsys.readouterr().err

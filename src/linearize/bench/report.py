@@ -114,6 +114,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("model", lambda r: r["model"]),
         ("method", lambda r: r["method"]),
         ("setting", lambda r: r["setting"]),
+        ("engine", lambda r: engine_label(r)),
         ("tokens/s", lambda r: _num(r["tokens_per_s"], 2)),
         ("decode tokens/s", lambda r: _num(r["decode_tokens_per_s"], 2)),
         ("speedup", lambda r: _num(r["speedup"], 2) + "×"),
@@ -137,6 +138,12 @@ COLUMNS: dict[str, list[Column]] = {
         ("train seconds", lambda r: _num(r["train_seconds"])),
     ],
 }
+
+
+def engine_label(row: dict[str, Any]) -> str:
+    """``torch``, or ``onnx, fp32`` / ``onnx, int8``: the engine and its matmul arithmetic."""
+    engine = row.get("engine", "torch")
+    return engine if engine == "torch" else f"{engine}, {row.get('arithmetic', 'fp32')}"
 
 
 def markdown_table(kind: str, rows: list[dict[str, Any]]) -> str:

@@ -5,6 +5,13 @@ second with and without speculation. Every method's output is checked against pl
 token for token (greedy speculation must not change it); ``identical`` reports the check. Timings
 include the prefill; each method's calibration (hardware-aware choice) is measured once on a
 warm-up call and reused, and reported separately. Methods take turns prompt by prompt.
+
+On the onnx engine (``engine="onnx"``) every method runs on one engine with fp32 arithmetic, the
+arithmetic under which a tree pass and a step compute alike (so greedy speculation is exact);
+a second row of plain decoding on the engine's faster int8 arithmetic (what ``generate`` uses
+without speculation) shows what speculation must beat there. ``context`` puts a document before
+every prompt: decoding at long context, where a step reads long rings or caches and a tree pass
+reads them once for all its nodes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 import torch
 
+from linearize.bench.report import engine_label
 from linearize.data import eval_tokens, source_tokens
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import GenerationResult, generate
@@ -47,6 +55,8 @@ class Method:
     setting: str
     config: dict[str, Any]
     options: dict[str, Any]
+    # The engine's matmul arithmetic ("fp32" on the torch reference).
+    arithmetic: str = "fp32"
 
 
 def _methods(
@@ -55,18 +65,29 @@ def _methods(
     trees: Sequence[str],
     draft_layers: Sequence[int],
     lookup: bool,
+    engines: dict[str, Any],
 ) -> list[Method]:
-    methods = [Method("plain", "-", {}, {})]
+    """``engines``: by arithmetic, the engine each method runs on (``{}``: the torch reference);
+    speculation runs on the fp32 one."""
+    on = {"engine": engines["fp32"]} if engines else {}
+    methods = [Method("plain", "-", {}, dict(on))]
+    if "int8" in engines:
+        methods.append(Method("plain", "int8 arithmetic", {}, {"engine": engines["int8"]}, "int8"))
     if heads is not None:
         for tree in trees:
             config = {"speculative": "medusa", "tree": tree}
-            methods.append(Method("medusa", tree, config, {"heads": heads}))
+            methods.append(Method("medusa", tree, config, {"heads": heads, **on}))
     if lookup:
-        methods.append(Method("lookup", "auto γ", {"speculative": "lookup"}, {}))
+        methods.append(Method("lookup", "auto γ", {"speculative": "lookup"}, dict(on)))
     for layers in draft_layers:
         draft = truncated_draft(model, layers)
         methods.append(
-            Method("draft", f"{layers} layers, auto γ", {"speculative": "draft"}, {"draft": draft})
+            Method(
+                "draft",
+                f"{layers} layers, auto γ",
+                {"speculative": "draft"},
+                {"draft": draft, **on},
+            )
         )
     return methods
 
@@ -141,6 +162,7 @@ def _row(method: Method, results: list[GenerationResult], reference, calibration
     return {
         "method": method.method,
         "setting": method.setting,
+        "prompt_tokens": sum(len(r.prompt_ids) for r in results) / len(results),
         "tokens": sum(len(o) for o in outputs),
         "tokens_per_s": sum(len(o) for o in outputs)
         / sum(r.seconds - r.calibration_s for r in results),
@@ -150,6 +172,7 @@ def _row(method: Method, results: list[GenerationResult], reference, calibration
         "mean_accepted": sum(len(o) - 1 for o in outputs) / max(1, passes),
         "draft_passes": sum(r.draft_passes for r in results),
         "identical": outputs == reference,
+        "arithmetic": method.arithmetic,
         "chosen": sorted({_chosen(r) for r in results}),
         "calibration_s": calibration_s,
     }
@@ -182,6 +205,9 @@ def run_speculative_benchmark(
     heads: MedusaHeads | None = None,
     attention: str | dict | None = None,
     chat: bool | None = None,
+    engine: str = "torch",
+    context: str = "",
+    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per method: tokens/s (prefill included, calibration excluded), decode tokens/s,
@@ -189,7 +215,12 @@ def run_speculative_benchmark(
     plain decoding. ``model`` may be a name or path (loaded, then linearized with ``attention``
     if given); Medusa rows need ``heads`` (else heads saved in the path).
     ``draft_layers``: truncated drafts to try (default: a quarter of the layers); ``chat``:
-    format prompts with the chat template (default: when the tokenizer has one)."""
+    format prompts with the chat template (default: when the tokenizer has one); ``engine``:
+    ``torch``, ``onnx`` or ``auto`` (:func:`linearize.engine.resolve_engine`), its ``threads``;
+    ``context``: a document put before every prompt (a blank line between)."""
+    from linearize.engine import build_engine, resolve_engine
+    from linearize.generation.streaming import encode_prompt
+
     source = model
     model = load_target(model, attention)
     if heads is None and isinstance(source, str):
@@ -197,11 +228,22 @@ def run_speculative_benchmark(
     if draft_layers is None:
         total = model.config.num_layers
         draft_layers = (max(1, total // 4),) if total >= 4 else ()
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    prompts = [f"{context}\n\n{p}" if context else p for p in prompts or DEFAULT_PROMPTS]
     if chat is None:
         chat = getattr(model.tokenizer, "chat_template", None) is not None
     base = GenerationConfig(max_new_tokens=max_new_tokens, chat=chat)
-    methods = _methods(model, heads, trees, draft_layers, lookup)
+    engines = {}
+    if resolve_engine(engine, model) != "torch":
+        longest = max(len(encode_prompt(model.tokenizer, p, chat=chat)) for p in prompts)
+        # Room for the new tokens and a tree's nodes past the last one.
+        room = longest + max_new_tokens + 64
+        engines = {
+            arithmetic: build_engine(
+                "onnx", model, max_context=room, threads=threads, accuracy=arithmetic
+            )
+            for arithmetic in ("fp32", "int8")
+        }
+    methods = _methods(model, heads, trees, draft_layers, lookup, engines)
     prepared = [_prepare(model, m, prompts[0], base) for m in methods]
     results: list[list[GenerationResult]] = [[] for _ in methods]
     # Methods take turns on each prompt, so a machine whose load drifts (a shared CPU) biases
@@ -218,19 +260,20 @@ def run_speculative_benchmark(
     plain = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain
+        row["engine"] = "torch" if not engines else "onnx"
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| method | setting | tokens/s | decode tok/s | speedup | mean accepted | passes | "
-        "identical to plain | chosen |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| method | setting | engine | tokens/s | decode tok/s | speedup | mean accepted | "
+        "passes | identical to plain | chosen |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['setting']} | {r['tokens_per_s']:.2f} | "
+            f"| {r['method']} | {r['setting']} | {engine_label(r)} | {r['tokens_per_s']:.2f} | "
             f"{r['decode_tokens_per_s']:.2f} | {r['speedup']:.2f}× | {r['mean_accepted']:.2f} | "
             f"{r['forward_passes']} | {'yes' if r['identical'] else 'NO'} | "
             f"{'; '.join(r['chosen'])} |"

@@ -102,9 +102,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     spec.add_argument("--no-lookup", action="store_true", help="skip n-gram lookup drafting")
     spec.add_argument(
-        "--quant",
-        choices=list(QUANTS),
-        help="quantize the target's weights (measured on the torch engine)",
+        "--quant", choices=list(QUANTS), help="quantize the target's weights as it loads"
+    )
+    add_engine_argument(spec)
+    spec.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="put the first N tokens of --context-data before every prompt (decoding at long "
+        "context; default 0)",
+    )
+    spec.add_argument(
+        "--context-data",
+        default="prideprejudice",
+        help="text the --context tokens come from (a built-in corpus or a file)",
     )
     spec.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     spec.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts")
@@ -394,6 +405,7 @@ def run_speculative(args: argparse.Namespace) -> int:
     target = apply_quant(load_target(models[0], args.attention), args.quant, models[0])
     heads, origin = _medusa_heads(args, target, models[0])
     prompts = list(DEFAULT_PROMPTS[: args.prompts])
+    context = _context_text(target, args.context, args.context_data)
     rows = run_speculative_benchmark(
         target,
         prompts,
@@ -403,21 +415,32 @@ def run_speculative(args: argparse.Namespace) -> int:
         lookup=not args.no_lookup,
         heads=heads,
         chat=args.chat,
+        engine=args.engine,
+        context=context,
+        threads=args.threads,
         progress=_progress,
     )
     label = models[0] if args.attention in (None, "none") else f"{models[0]}+{args.attention}"
     if args.quant not in (None, "none"):
         label += f"+{args.quant}"
-    quant = args.quant or "none"
-    rows = [{"model": label, **row, "quant": quant, "engine": "torch"} for row in rows]
-    same = all(r["identical"] for r in rows)
+    quant = target.quantization.quant if target.quantization is not None else "none"
+    rows = [{"model": label, **row, "quant": quant, "context": args.context} for row in rows]
+    # Speculation is exact against plain decoding with the same arithmetic (the first row's).
+    same = all(r["identical"] for r in rows if r["arithmetic"] == rows[0]["arithmetic"])
     notes = [] if heads is None else heads_summary(heads)
+    context_note = f", after {args.context} tokens of {args.context_data}" if args.context else ""
     notes.append(
-        f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens (EOS stops), greedy, "
-        f"batch 1, chat template {'on' if args.chat else 'off'}, "
-        f"{torch.get_num_threads()} threads. Output equality with plain decoding: "
+        f"{len(prompts)} prompts{context_note}, up to {args.max_new_tokens} new tokens (EOS "
+        f"stops), greedy, batch 1, chat template {'on' if args.chat else 'off'}, "
+        f"{torch.get_num_threads()} threads, engine {rows[0]['engine']}. Output equality with "
+        "plain decoding at the same arithmetic: "
         f"{'every method identical' if same else 'SOME METHODS DIFFER (see identical column)'}."
     )
+    if any(r["arithmetic"] != rows[0]["arithmetic"] for r in rows):
+        notes.append(
+            "The engine's plain decoding with int8 arithmetic (its default without speculation) "
+            "is listed for speed; its tokens may differ from fp32 arithmetic in near-ties."
+        )
     setup = {
         "model": models[0],
         "attention": args.attention,
@@ -428,9 +451,28 @@ def run_speculative(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "chat": args.chat,
         "threads": torch.get_num_threads(),
+        "engine": rows[0]["engine"],
+        "context": args.context,
+        "context_data": args.context_data if args.context else None,
     }
     _emit(args, "speculative", rows, {"models": {}, "setup": setup, "notes": notes})
     return 0
+
+
+def _context_text(model, tokens: int, data: str) -> str:
+    """The first ``tokens`` tokens of ``data`` as text ('' for 0)."""
+    if tokens < 0:
+        raise ValueError(f"--context must be >= 0 tokens, got {tokens}")
+    if tokens == 0:
+        return ""
+    from linearize.data import source_tokens
+
+    if model.tokenizer is None:
+        raise ValueError("--context needs a model with a tokenizer (its text goes before prompts)")
+    ids = source_tokens(data, model.tokenizer)
+    if len(ids) < tokens:
+        raise ValueError(f"--context {tokens}: {data!r} has only {len(ids)} tokens")
+    return model.tokenizer.decode(ids[:tokens].tolist())
 
 
 def _medusa_heads(args: argparse.Namespace, model, source: str) -> tuple[Any, str]:
