@@ -82,7 +82,8 @@ def test_rings_grow_with_the_context(kind, tmp_path):
 
 
 def test_snapshots_and_trees_across_a_growth(tmp_path):
-    """restore() returns to the reach of its snapshot; a tree makes the rings whole first."""
+    """restore() returns to the reach of its snapshot; a tree reads the rings up to the state's
+    reach, grown first when its deepest node would pass it (its commit writes there)."""
     model = _model("wide")
     quantize(model, "int4")
     ids = torch.randint(0, 128, (1, 60)).tolist()[0]
@@ -102,8 +103,16 @@ def test_snapshots_and_trees_across_a_growth(tmp_path):
         tree = Tree.from_parents([-1, 0, 0, 1])
         reference, _, _ = model.forward_tree(torch.tensor([ids[30:34]]), tree, state)
     logits, _ = engine.forward_tree(ids[30:34], tree)
-    assert engine.state.reach is None
+    assert engine.state.reach == 48  # depth 2 from position 30 passes 32: (33 // 8 + 2) · 8
     assert_close("tree on a grown state", reference[0], logits, TOLERANCE)
+    engine.commit([0, 1])
+    short = Tree.from_parents([-1, 0])
+    with torch.no_grad():
+        _, state = model(torch.tensor([ids[:30] + ids[30:32]]))
+        reference, _, _ = model.forward_tree(torch.tensor([ids[40:42]]), short, state)
+    logits, _ = engine.forward_tree(ids[40:42], short)
+    assert engine.state.reach == 48  # within the reach: no growth
+    assert_close("tree within the reach", reference[0], logits, TOLERANCE)
 
 
 def test_engine_state_equals_reference_state_size(tmp_path):

@@ -30,7 +30,8 @@ from linearize.paths import atomic_dir, cache_dir
 
 logger = logging.getLogger(__name__)
 
-EXPORT_VERSION = 7  # 7: layers whose α is 0 export without their global part
+# 7: layers whose α is 0 export without their global part; 8: tree graphs take rings of any reach
+EXPORT_VERSION = 8
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -264,16 +265,25 @@ class OnnxEngine:
         self.logits = np.zeros((1, model.config.vocab_size), dtype=np.float32)
         self.reset()
 
-    def _dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """The step's ring inputs whose length follows the state's reach."""
+    def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
+        """The ring inputs among ``names`` (default: the step's) whose length follows the
+        state's reach: a ring's slots (values are slot-minor), its mask or times; a tree's
+        visibility ``visible.j`` (slots, then nodes) of the ``j``-th distinct layout."""
         keys = sorted(self.growing, key=str)
+        distinct = list(dict.fromkeys(lay.key for lay in self.layouts))
         axes = {}
-        for name in self.step_module.input_names()[2:]:  # after x, rotation
-            kind, _, layer = name.partition(".")
-            key = self.layouts[int(layer)].key
-            if key in self.growing and kind in ("k", "v", "fk", "mask"):
-                # Slots: the mask's rows, the rings' axis 2 (values are slot-minor: axis 3).
-                axis = {"mask": 0, "v": 3}.get(kind, 2)
+        for name in names or self.step_module.input_names():
+            kind, _, index = name.partition(".")
+            if kind == "visible":
+                key = distinct[int(index)]
+                if key in self.growing:
+                    axes[name] = {1: f"visible{keys.index(key)}"}
+                continue
+            if kind not in ("k", "v", "fk", "mask", "times"):
+                continue
+            key = self.layouts[int(index)].key
+            if key in self.growing:
+                axis = {"mask": 0, "times": 0, "v": 3}.get(kind, 2)
                 axes[name] = {axis: f"slots{keys.index(key)}"}
         return axes
 
@@ -406,7 +416,8 @@ class OnnxEngine:
             module = TreeStep(self.model, self.max_context)
             example = self._tree_feeds(module, Tree.from_parents([-1] * size), [0] * size, size)
             tensors = [torch.from_numpy(np.asarray(example[n])) for n in module.input_names()]
-            self.trees[size] = (self._session(f"tree{size}", module, tensors), module)
+            axes = self._dynamic_axes(module.input_names())
+            self.trees[size] = (self._session(f"tree{size}", module, tensors, axes), module)
         session, module = self.trees[size]
         return session, module, size
 
@@ -446,8 +457,11 @@ class OnnxEngine:
     def forward_tree(self, tokens: list[int], tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify tree nodes on top of the state (left untouched): logits ``[N, V]`` and final
         hidden states ``[N, D]``; :meth:`commit` appends an accepted path."""
-        if self.state.reach is not None:  # the tree graphs read whole rings
-            self._use(self.state.grown(None))
+        # The tree graphs read rings up to the state's reach, as a step does; the reach grows
+        # first when the deepest node would pass it (its commit writes there).
+        end = self.state.pos + int(tree.depths.max()) + 1
+        if self.state.reach is not None and end > self.state.reach:
+            self._use(self.state.grown(self._reach(end)))
         session, module, size = self._tree(len(tree))
         feeds = self._tree_feeds(module, tree, list(tokens), size)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
