@@ -226,3 +226,23 @@ def test_planner_replans_from_observed_acceptance():
     for _ in range(chain.replan_every * 3):
         chain.observe(0, chain.plan.gamma or 1)
     assert chain.acceptance < 0.3
+
+
+def test_shared_projection_with_a_quantized_head_dequantizes_once():
+    """A quantized LM head dequantizes its whole weight on every read; heads that share it read
+    it once, and give the same logits."""
+    from linearize.models.quantize import quantize
+
+    model = quantize(tiny_model("augmented").float(), "int4")
+    heads = MedusaHeads.from_model(model, num_heads=2, shared_proj=True)
+    with torch.no_grad():
+        for head in heads.heads:
+            head.blocks[0].linear.weight.normal_(0, 0.05)
+    h = torch.randn(3, model.config.hidden_size)
+    expected = torch.nn.functional.linear(heads.residuals(h), model.lm_head.weight)
+    logits = heads(h, model.lm_head)
+    assert torch.equal(logits, expected)
+    assert heads._shared(model.lm_head) is heads._shared(model.lm_head)
+    # Another model's head is read afresh.
+    other = quantize(tiny_model("augmented", seed=1).float(), "int4")
+    assert torch.equal(heads._shared(other.lm_head), other.lm_head.weight)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linearize.engine.fuse import fuse_linears
 from linearize.engine.step import Layout, layout
 from linearize.models.decoder import Decoder
 from linearize.ops import causal_conv, linear_attn
@@ -53,6 +55,14 @@ class TreeStep(nn.Module):
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+        # As in the step (engine.fuse): q/k/v, and gate/up, as one linear each.
+        self.qkv = nn.ModuleList(
+            fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+            for a in (layer.self_attn for layer in model.layers)
+        )
+        self.gate_up = nn.ModuleList(
+            fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in model.layers
+        )
 
         # One visibility input per distinct layout (they share the ring's times), and one sink
         # rotation per distinct layout with sinks at cache positions.
@@ -87,23 +97,24 @@ class TreeStep(nn.Module):
             names = tree_inputs(i, lay)
             s = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
-            h = layer.input_layernorm(x)
-            h, node = _attention_tree(layer.self_attn, lay, h, cos, sin, controls, s)
+            qkv = self.qkv[i](layer.input_layernorm(x))
+            h, node = _attention_tree(layer.self_attn, lay, qkv, cos, sin, controls, s)
             x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
             outputs += [node[name.split(".")[0]] for name in tree_outputs(i, lay)]
         hidden = self.model.norm(x)
         return (self.model.lm_head(hidden), hidden, *outputs)
 
 
-def _attention_tree(attn, lay: Layout, x: Tensor, cos, sin, controls, s):
+def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
+    """``qkv: [B, N, (H + 2·Hkv)·K]`` the nodes' q, k, v projections, concatenated."""
     t_nodes, pos, visible, sinks = controls
     c = attn.config
-    B, N, _ = x.shape
+    B, N, _ = qkv.shape
     H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
-    q = attn.q_proj(x).view(B, N, H, K)
-    k = attn.k_proj(x).view(B, N, Hkv, K)
-    v = attn.v_proj(x).view(B, N, Hkv, K)
+    q, k, v = qkv.split([H * K, Hkv * K, Hkv * K], -1)
+    q, k, v = q.view(B, N, H, K), k.view(B, N, Hkv, K), v.view(B, N, Hkv, K)
     # As Attention._project: features before or after RoPE, the sink query rotated apart.
     has_map = attn.feature_map is not None
     early = has_map and not c.global_rope

@@ -103,6 +103,8 @@ class MedusaHeads(nn.Module):
         self.heads = nn.ModuleList(MedusaHead(config) for _ in range(config.num_heads))
         self.rank_accuracy: list[list[float]] | None = None
         self.metrics: dict[str, Any] = {}
+        # A quantized LM head's weight, dequantized once (see _shared).
+        self._dequantized: tuple[nn.Module, Tensor] | None = None
 
     @classmethod
     def from_model(
@@ -143,8 +145,15 @@ class MedusaHeads(nn.Module):
     def _shared(self, lm_head: nn.Module | None) -> Tensor:
         if lm_head is None:
             raise ValueError("these Medusa heads share the model's LM head: pass lm_head")
-        # Frozen: gradients reach the residual blocks only.
-        return lm_head.weight.detach()
+        qweight = getattr(lm_head, "qweight", None)
+        if qweight is None:
+            # Frozen: gradients reach the residual blocks only.
+            return lm_head.weight.detach()
+        # A quantized head dequantizes its whole weight on every read (SmolLM2's: 49,152 × 576,
+        # 113 MB in fp32, tens of ms): once per head object here, the same numbers.
+        if self._dequantized is None or self._dequantized[0] is not qweight:
+            self._dequantized = (qweight, qweight.dequantize().detach())
+        return self._dequantized[1]
 
     def check_model(self, model: nn.Module) -> None:
         """Raise unless these heads fit ``model``'s hidden size and vocabulary."""
