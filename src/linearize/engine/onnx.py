@@ -248,6 +248,7 @@ class OnnxEngine:
             )
         self.prefill_chunk = prefill_chunk
         self.trees: dict[int, tuple[object, TreeStep]] = {}
+        self.tree_module: TreeStep | None = None
         self.rope = next(
             (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
             None,
@@ -414,7 +415,10 @@ class OnnxEngine:
         while size < nodes:
             size *= 2
         if size not in self.trees:
-            module = TreeStep(self.model, self.max_context)
+            # One tree module for every size (it holds the fused q/k/v and gate/up weights).
+            if self.tree_module is None:
+                self.tree_module = TreeStep(self.model, self.max_context)
+            module = self.tree_module
             example = self._tree_feeds(module, Tree.from_parents([-1] * size), [0] * size, size)
             tensors = [torch.from_numpy(np.asarray(example[n])) for n in module.input_names()]
             axes = self._dynamic_axes(module.input_names())
