@@ -17,7 +17,7 @@ from linearize.models.quantize import (
     quantize_weight,
     unpack,
 )
-from tests.generation.conftest import tiny_model
+from tests.generation.conftest import text_model, tiny_model
 
 
 @pytest.mark.parametrize("quant, bound", [("int8", 0.01), ("int4", 0.15)])
@@ -110,6 +110,28 @@ def test_cli_quantize(tmp_path, capsys):
     assert "is the model being read" in capsys.readouterr().err
     assert (source / "model.safetensors").read_bytes() == before
     assert linearize.load(source).quantization is None
+
+
+def test_cli_quantize_keeps_the_medusa_heads(tmp_path, capsys):
+    from linearize.generation.medusa import MedusaHeads, load_heads, save_with_heads
+
+    source, out = tmp_path / "fp", tmp_path / "q4"
+    model = text_model("augmented")
+    heads = MedusaHeads.from_model(model)
+    save_with_heads(model, heads, source)
+    assert main(["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]) == 0
+    assert "its 4 Medusa heads kept" in capsys.readouterr().out
+    kept = load_heads(out)
+    for a, b in zip(heads.state_dict().values(), kept.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # The quantized directory speculates with them, and gives plain decoding's tokens.
+    argv = ["generate", "--model", str(out), "--prompt", "Hi", "--max-new-tokens", "8", "--json"]
+    argv += ["--engine", "torch"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    tree = "[[0], [1], [0, 0], [0, 1], [2]]"
+    assert main([*argv, "--speculative", "medusa", "--tree", tree]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == plain["token_ids"]
 
 
 def test_export_hf_of_a_quantized_model_holds_its_weights_dequantized(tmp_path, capsys):

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import time
+from pathlib import Path
 
 from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
 from linearize.models import is_new_parameter, linearize, load
@@ -86,15 +87,22 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from linearize.generation.medusa import load_heads, save_with_heads
+
     start = time.perf_counter()
     check_output(args.out, overwrite=args.overwrite, source=args.model)
     model = load(args.model)
     before = weight_bytes(model)
     quantize(model, args.quant)
-    model.save(args.out, overwrite=args.overwrite)
+    heads = load_heads(args.model) if Path(args.model).is_dir() else None
+    if heads is None:
+        model.save(args.out, overwrite=args.overwrite)
+    else:  # the model's Medusa heads come along as they are (they verify any weights exactly)
+        save_with_heads(model, heads, args.out, overwrite=args.overwrite)
     print(
         f"quantized {args.model} to {args.quant} in {time.perf_counter() - start:.1f} s: "
         f"weights {before / 2**20:,.1f} MiB -> {weight_bytes(model) / 2**20:,.1f} MiB"
+        + (f"; its {len(heads)} Medusa heads kept as they were" if heads is not None else "")
     )
     print(f"saved to {args.out}; next: linearize generate --model {args.out} --prompt ...")
     return 0
