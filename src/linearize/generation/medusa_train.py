@@ -54,8 +54,8 @@ class MedusaTrainConfig(Config):
     head_decay: float = option("loss weight of head m is head_decay ** m", 0.8)
     shared_proj: bool = option(
         "heads project with the model's frozen LM head instead of their own copies "
-        "(M times less vocabulary work per token: the better choice on a CPU)",
-        False,
+        "(M times less vocabulary work per token, and M copies of the head less to save)",
+        True,
     )
     data: Literal["corpus", "model_labels", "self_distill"] = option(
         "labels: the text, the model's argmax on the text, or the model's own generations",
