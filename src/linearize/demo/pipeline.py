@@ -55,7 +55,7 @@ class DemoConfig(Config):
         "position bucket edges", factory=lambda: [0, 1024, 4096, 8192, 12288]
     )
     contexts: list[int] = option("decode contexts to time", factory=lambda: [1024, 8192, 32768])
-    decode_steps: int = option("decode steps timed at each context", 8)
+    decode_steps: int = option("decode steps timed at each context (the median is reported)", 32)
     # The decode timing only: perplexity and training stay in fp32 on torch. A finished demo
     # takes other values on a rerun (only the decode timing runs again). int4 on the fast
     # engine by default: how a user decodes (SmolLM2 on 2 AVX2 cores, 1k / 8k: augmented 33.7 /
@@ -151,7 +151,7 @@ def check_out(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
 
 # Options that only choose how the decode timing runs: a finished demo reruns with others (its
 # decode steps are named after them, so each is timed once).
-DECODE_OPTIONS = ("quant", "engine")
+DECODE_OPTIONS = ("quant", "engine", "decode_steps")
 
 
 def check_config(out: Path, config: DemoConfig) -> None:
@@ -262,10 +262,13 @@ def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None)
 
 
 def _decode_step(label: str, config: DemoConfig) -> str:
-    """The step name of a model's decode timing: fp32 on ``auto`` keeps the plain name."""
-    if (config.quant, config.engine) == ("none", "auto"):
-        return f"decode_{label}"
-    return f"decode_{label}-{config.quant}-{config.engine}"
+    """The step name of a model's decode timing, after the options it ran with."""
+    return f"decode_{label}-{config.quant}-{config.engine}-{config.decode_steps}steps"
+
+
+# Untimed steps before the timed ones: the first steps after a long prefill run slower (the
+# process's memory settles; docs/results.md, "What the rest of the gap is made of").
+DECODE_WARMUP = 16
 
 
 def _decode_speed(model, contexts: list[int], config: DemoConfig) -> list[dict[str, Any]]:
@@ -283,7 +286,9 @@ def _decode_speed(model, contexts: list[int], config: DemoConfig) -> list[dict[s
             rows.append({"context": context, "supported": False})
             continue
         with torch.no_grad():
-            timing = time_decode(model, context, steps=config.decode_steps, engine=engine)
+            timing = time_decode(
+                model, context, steps=config.decode_steps, warmup=DECODE_WARMUP, engine=engine
+            )
         ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
         rows.append(
             {
