@@ -12,6 +12,7 @@ from linearize.engine import build_engine, resolve_engine
 from linearize.generation import MedusaHeads
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import generate
+from linearize.generation.planner import Calibration
 from linearize.models.quantize import quantize
 from linearize.ops.tree import Tree
 from tests.engine.conftest import engine_model
@@ -82,6 +83,9 @@ def test_speculative_on_engine_equals_plain_on_engine(kind):
             head.blocks[0].linear.weight.normal_(0, 0.05)
     prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
     plain = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=engine)
+    fast = build_engine("onnx", model, max_context=128, threads=1, accuracy="int8")
+    plain_int8 = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=fast)
+    references = {"fp32": plain.token_ids, "int8": plain_int8.token_ids}
     cases = [
         (
             GenerationConfig(max_new_tokens=NEW, speculative="medusa", tree="tree-8"),
@@ -94,9 +98,44 @@ def test_speculative_on_engine_equals_plain_on_engine(kind):
     ]
     for config, options in cases:
         result = generate(model, prompt, config, engine=engine, **options)
-        assert result.token_ids == plain.token_ids, (config.speculative, config.tree)
+        # A planner that leaves speculation off decodes plainly with int8 arithmetic.
+        expected = references[result.arithmetic]
+        assert result.token_ids == expected, (config.speculative, config.tree, result.arithmetic)
     # The target drafting for itself: every draft accepted, so the tree step really ran.
     assert result.mean_accepted == 4
+
+
+def test_planner_off_decodes_with_the_faster_arithmetic():
+    """On an engine built for exact speculation (fp32), speculation the planner leaves off from
+    the start decodes with int8 arithmetic: plain ``generate``'s tokens, at its speed. When it
+    speculates, steps and trees stay fp32 (plain decoding at fp32 is the exact fallback)."""
+    model = quantize(engine_model("augmented"), "int4")
+    engine = build_engine("onnx", model, max_context=128, threads=1, accuracy="fp32")
+    fast = build_engine("onnx", model, max_context=128, threads=1, accuracy="int8")
+    prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
+    config = GenerationConfig(max_new_tokens=NEW, speculative="lookup")
+    plain = {
+        "fp32": generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=engine),
+        "int8": generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=fast),
+    }
+    assert plain["fp32"].arithmetic == "fp32" and plain["int8"].arithmetic == "int8"
+    # Trees cost too much against an int8 step (though not against an fp32 one): off, int8.
+    off = Calibration(step=1.0, verify={2: 1.1, 9: 1.2}, fast_step=0.3)
+    result = generate(model, prompt, config, engine=engine, calibration=off)
+    assert result.plan["nodes"] == 1 and "int8 arithmetic" in result.plan["reason"]
+    assert result.arithmetic == "int8" and result.token_ids == plain["int8"].token_ids
+    # The next generation starts from the engine's own arithmetic again.
+    again = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=engine)
+    assert again.arithmetic == "fp32" and again.token_ids == plain["fp32"].token_ids
+    # Cheap trees: speculation on, fp32 throughout, plain fp32's tokens.
+    on = Calibration(step=1.0, verify={2: 0.01, 9: 0.02}, fast_step=0.3)
+    result = generate(model, prompt, config, engine=engine, calibration=on)
+    assert result.plans[0]["nodes"] > 1
+    assert result.arithmetic == "fp32" and result.token_ids == plain["fp32"].token_ids
+    # A calibration on the engine times both steps.
+    measured = generate(model, prompt, GenerationConfig(max_new_tokens=2, speculative="lookup"),
+                        engine=engine).calibration  # fmt: skip
+    assert measured.fast_step is not None and measured.fast_step > 0
 
 
 def test_speculative_benchmark_on_engine_after_a_document(tmp_path, capsys):
@@ -118,14 +157,16 @@ def test_speculative_benchmark_on_engine_after_a_document(tmp_path, capsys):
     assert "every method identical" in out and "| onnx, fp32 |" in out
     data = json.loads(record.read_text())
     rows = data["rows"]
-    assert [(r["method"], r["arithmetic"]) for r in rows] == [
+    assert [(r["method"], r["arithmetic"]) for r in rows[:2]] == [
         ("plain", "fp32"),
         ("plain", "int8"),
-        ("lookup", "fp32"),
-        ("draft", "fp32"),
     ]
+    assert [r["method"] for r in rows[2:]] == ["lookup", "draft"]
+    # Each method against plain decoding at the arithmetic it ran (int8 where the planner left
+    # speculation off from the start).
+    assert all(r["arithmetic"] in ("fp32", "int8") for r in rows)
     assert all(r["engine"] == "onnx" and r["quant"] == "int4" for r in rows)
-    assert all(r["identical"] for r in rows if r["arithmetic"] == "fp32")
+    assert all(r["identical"] for r in rows)
     assert data["extra"]["setup"]["context"] == 64
     # The document goes before each prompt (byte tokens: 64 of them, a blank line, the prompt).
     assert all(r["prompt_tokens"] > 64 + 2 for r in rows)

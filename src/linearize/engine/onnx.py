@@ -222,7 +222,8 @@ class OnnxEngine:
         self.layouts = self.step_module.layouts
         if accuracy not in ACCURACY:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
-        self.accuracy_level = ACCURACY[accuracy]
+        # The arithmetic of tree passes and, unless switched (use_step_arithmetic), of steps.
+        self.accuracy = accuracy
         if reach_step < 0:
             raise ValueError(f"reach_step must be >= 0 (0: whole rings), got {reach_step}")
         # Rings longer than the shortest reach grow with the context; the others are whole.
@@ -233,7 +234,7 @@ class OnnxEngine:
         }
         name = model_hash(self.model, max_context)
         growing = f"-reach{reach_step}" if self.growing else ""
-        self.directory = _cache_root(cache) / f"{name}-{accuracy}{growing}"
+        self._graphs = _cache_root(cache), f"{name}-{{}}{growing}"
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -241,6 +242,9 @@ class OnnxEngine:
             self.options.inter_op_num_threads = 1
         example = _step_example(model, self.step_module, RingState(self.layouts))
         self.session = self._session("step", self.step_module, example, self._dynamic_axes())
+        # Step sessions by arithmetic; the one steps run now.
+        self.steps = {accuracy: self.session}
+        self.step_accuracy = accuracy
         self.max_tree = max_tree
         if not 0 <= prefill_chunk <= max_tree:
             raise ValueError(
@@ -297,14 +301,21 @@ class OnnxEngine:
         return None if reach >= self.longest else reach
 
     def _session(
-        self, name: str, module: nn.Module, example: list[torch.Tensor], dynamic_axes=None
+        self,
+        name: str,
+        module: nn.Module,
+        example: list[torch.Tensor],
+        dynamic_axes=None,
+        accuracy: str | None = None,
     ):
         import onnxruntime as ort
 
-        path = self.directory / name
+        accuracy = accuracy or self.accuracy
+        root, folder = self._graphs
+        path = root / folder.format(accuracy) / name
         if not (path / GRAPH).is_file():
             logger.info("exporting the %s graph to %s (once per model)", name, path)
-            export(module, example, path, self.accuracy_level, dynamic_axes)
+            export(module, example, path, ACCURACY[accuracy], dynamic_axes)
         # The transpose optimizer would push the step's one transpose of the scores (engine.step
         # _local) down past the softmax, which then broadcasts along strided columns (~10x);
         # the tree graphs gain from it.
@@ -316,13 +327,31 @@ class OnnxEngine:
         )
 
     def reset(self) -> None:
+        self.use_step_arithmetic(None)
         self._use(RingState(self.layouts, self._reach(0)))
+
+    def use_step_arithmetic(self, accuracy: str | None) -> None:
+        """Run plain steps with ``accuracy`` (``None``: the engine's own, which tree passes
+        always use) until the next :meth:`reset` or :meth:`prefill`: plain decoding on an
+        engine built for exact speculation (fp32) takes the faster int8 arithmetic when the
+        planner leaves speculation off. Its step graph is exported once, on first use."""
+        accuracy = accuracy or self.accuracy
+        if accuracy not in ACCURACY:
+            raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
+        if accuracy == self.step_accuracy:
+            return
+        if accuracy not in self.steps:
+            example = _step_example(self.model, self.step_module, RingState(self.layouts))
+            axes = self._dynamic_axes()
+            self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
+        self.session, self.step_accuracy = self.steps[accuracy], accuracy
+        self._use(self.state)
 
     def _use(self, state: RingState) -> None:
         """Run on ``state`` from now on: bind its arrays to the step."""
         self.state = state
-        # One binding per arrangement of the ping-pong buffers (RingState.swap).
-        self.bindings = []
+        # One binding per arrangement of the ping-pong buffers (RingState.swap), by parity.
+        self.bindings = [None, None]
         for _ in range(2):
             binding = self.session.io_binding()
             inputs = {"x": self.x, "rotation": self.rotation, **self.state.inputs}
@@ -331,7 +360,7 @@ class OnnxEngine:
             outputs = {"logits": self.logits, **self.state.outputs}
             for name in self.step_module.output_names():
                 _bind(binding.bind_output, name, outputs[name])
-            self.bindings.append(binding)
+            self.bindings[self.state.parity] = binding
             self.state.swap()
 
     @property
@@ -346,6 +375,7 @@ class OnnxEngine:
         """Run the prompt, the last token's logits: in chunks of ``prefill_chunk`` tokens
         through the tree graph (a chain), or, with ``prefill_chunk=0``, in the PyTorch
         reference (chunk form) whose state the engine takes over."""
+        self.use_step_arithmetic(None)
         if self.prefill_chunk:
             self._use(RingState(self.layouts))  # the tree graph reads whole rings
             for start in range(0, len(ids), self.prefill_chunk):

@@ -67,6 +67,8 @@ class GenerationResult:
     plan: dict | None = None
     plans: list[dict] = field(default_factory=list)
     calibration: Calibration | None = None
+    # A fast engine's step arithmetic at the end ("int8", "fp32"; None: the torch reference).
+    arithmetic: str | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -96,6 +98,7 @@ class GenerationResult:
             "speculation": self.plan,
             "plans": self.plans,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "arithmetic": self.arithmetic,
         }
 
 
@@ -295,8 +298,20 @@ class Decoding:
                 logger.warning("Medusa heads carry no measured accuracies: assuming typical ones")
                 accuracy = TYPICAL_RANK_ACCURACY
             accuracy = [list(row) for row in accuracy[: len(proposer.heads)]]
-        self.planner = Planner(mode, self.calibration, accuracy, fixed=fixed)
-        self._use(self.planner.choose())
+        # The first plan weighs speculation against plain decoding at its fastest: on an engine
+        # built for exact speculation (fp32 arithmetic), a step with int8 arithmetic.
+        calibration = self.calibration
+        first = calibration.fastest() if calibration is not None and fixed is None else None
+        self.planner = Planner(mode, first or calibration, accuracy, fixed=fixed)
+        plan = self.planner.choose()
+        if first is not None and first is not calibration:
+            if plan.speculating:  # re-plans: the fallback is a step at the trees' arithmetic
+                self.planner.calibration = calibration
+            elif first.step < calibration.step:
+                self.engine.use_step_arithmetic("int8")
+                plan.reason += "; plain steps with int8 arithmetic"
+                self.planner.history[-1] = plan.to_dict()
+        self._use(plan)
 
     def _calibrate(self, last: torch.Tensor) -> Calibration:
         proposer, mode = self.proposer, self.config.speculative
@@ -447,6 +462,7 @@ def iter_generate(
         plan=None if planner is None else planner.plan.to_dict(),
         plans=[] if planner is None else planner.history,
         calibration=decoding.calibration,
+        arithmetic=getattr(engine, "step_accuracy", None),
     )
 
 

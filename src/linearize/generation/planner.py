@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,12 +54,21 @@ def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
 @dataclass
 class Calibration:
     """Measured seconds: ``step`` one plain decode step; ``verify[n]`` an ``n``-node tree pass
-    with its commit; ``overhead`` the proposer's own cost per step (heads, one draft step)."""
+    with its commit; ``overhead`` the proposer's own cost per step (heads, one draft step);
+    ``fast_step`` one plain step with the engine's faster arithmetic (``None``: it has none),
+    which plain decoding takes when speculation is off from the start."""
 
     step: float
     verify: dict[int, float]
     overhead: float = 0.0
     context: int = 0
+    fast_step: float | None = None
+
+    def fastest(self) -> Calibration:
+        """The same measurements, with plain decoding at its fastest arithmetic."""
+        if self.fast_step is None:
+            return self
+        return replace(self, step=min(self.step, self.fast_step), fast_step=None)
 
     def verify_cost(self, nodes: int) -> float:
         """Linear interpolation between measured sizes (linear extrapolation past the last)."""
@@ -293,7 +302,9 @@ def calibrate_engine(
     repeats: int = 2,
 ) -> Calibration:
     """:func:`calibrate` on a fast engine (``linearize.engine``), whose state changes in place:
-    each timed call is undone from a snapshot, and the restore's own time is taken off."""
+    each timed call is undone from a snapshot, and the restore's own time is taken off. An
+    engine built with fp32 arithmetic (exact speculation) also times a step with int8 arithmetic
+    (``fast_step``)."""
     saved = engine.snapshot()
     undo = time_call(lambda: engine.restore(saved), repeats)
 
@@ -312,4 +323,9 @@ def calibrate_engine(
         verify[len(tree)] = max(time_call(run, repeats) - undo, 1e-6)
     cost = time_call(overhead, repeats) if overhead is not None else 0.0
     one = max(time_call(step, repeats) - undo, 1e-6)
-    return Calibration(one, verify, cost, engine.pos)
+    fast = None
+    if getattr(engine, "accuracy", "int8") != "int8":
+        engine.use_step_arithmetic("int8")
+        fast = max(time_call(step, repeats) - undo, 1e-6)
+        engine.use_step_arithmetic(None)
+    return Calibration(one, verify, cost, engine.pos, fast)
