@@ -16,7 +16,13 @@ from linearize.generation import (
     self_distill_tokens,
     train_medusa,
 )
-from linearize.generation.planner import Planner, chain_tokens, plan_chain, plan_medusa
+from linearize.generation.planner import (
+    Planner,
+    calibrate,
+    chain_tokens,
+    plan_chain,
+    plan_medusa,
+)
 from linearize.generation.trees import TYPICAL_RANK_ACCURACY
 from tests.generation.conftest import tiny_model
 
@@ -214,6 +220,24 @@ def test_planner_picks_big_trees_when_verification_is_free():
     chain = plan_chain(cheap, 0.8, "draft", range(1, 8))
     assert 1 <= chain.gamma <= 4
     assert chain.expected_tokens_per_step == pytest.approx(chain_tokens(0.8, chain.gamma))
+
+
+def test_calibration_stops_at_the_first_size_that_cannot_pay():
+    """Verification costs grow with the tree: once a size costs more than ``ceiling`` plain
+    steps (the most tokens any setting gives per pass), no larger one is timed (on an engine,
+    each size is a graph to build); the plan is the one every size would have given."""
+    model = tiny_model("augmented").float().eval()
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3, 4]]))
+    sizes = (1, 2, 4, 8)
+    every = calibrate(model, state, 5, sizes, chain=False, repeats=1)
+    assert len(every.verify) == len(sizes)
+    hopeless = calibrate(model, state, 5, sizes, chain=False, repeats=1, ceiling=1e-6)
+    assert len(hopeless.verify) == 1
+    assert not plan_medusa(hopeless, ACC, sizes).speculating
+    # A ceiling no pass reaches stops nothing.
+    generous = calibrate(model, state, 5, sizes, chain=True, repeats=1, ceiling=1e6)
+    assert len(generous.verify) == len(sizes)
 
 
 def test_planner_replans_from_observed_acceptance():

@@ -330,13 +330,13 @@ class Decoding:
             mode,
             "/".join(map(str, sizes)),
         )
+        # The most tokens a pass can give: a tree's depth + 1 (Medusa: one node per head and
+        # the root; a chain: its nodes), whatever the accuracies turn out to be.
+        ceiling = 1 + len(proposer.heads) if mode == "medusa" else max(sizes)
+        options = {"chain": mode != "medusa", "overhead": overhead, "ceiling": ceiling}
         if self.engine is not None:
-            return calibrate_engine(
-                self.engine, self.root, sizes, chain=mode != "medusa", overhead=overhead
-            )
-        return calibrate(
-            self.model, self.state, self.root, sizes, chain=mode != "medusa", overhead=overhead
-        )
+            return calibrate_engine(self.engine, self.root, sizes, **options)
+        return calibrate(self.model, self.state, self.root, sizes, **options)
 
     def _use(self, plan) -> None:
         self.setting = plan.setting() if plan.speculating else None

@@ -265,6 +265,14 @@ def _calibration_trees(sizes: Sequence[int], chain: bool) -> list[Tree]:
     ]
 
 
+def _pays(seconds: float, cost: float, plain: float, ceiling: float | None) -> bool:
+    """Whether a verification pass of ``seconds`` (plus the proposer's ``cost``) could beat
+    plain steps of ``plain`` seconds when no setting gives more than ``ceiling`` tokens per pass.
+    Verification costs grow with the tree, so once one size cannot pay, no larger one can: the
+    calibration stops there (each size is a graph to build on an engine, and a pass to time)."""
+    return ceiling is None or seconds + cost < ceiling * plain
+
+
 def calibrate(
     model: Decoder,
     state: ModelState,
@@ -274,11 +282,15 @@ def calibrate(
     chain: bool,
     overhead: Callable[[], object] | None = None,
     repeats: int = 2,
+    ceiling: float | None = None,
 ) -> Calibration:
-    """Time one decode step and ``n``-node verification passes on ``state`` (left usable)."""
+    """Time one decode step and ``n``-node verification passes on ``state`` (left usable), the
+    sizes in increasing order up to the first that cannot pay when no setting gives more than
+    ``ceiling`` tokens per pass (``None``: every size)."""
     one = torch.tensor([[token]], dtype=torch.long, device=model.device)
     root = torch.zeros(1, dtype=torch.long)
     step = time_call(lambda: model(one, state=state), repeats)
+    cost = time_call(overhead, repeats) if overhead is not None else 0.0
     verify = {}
     for tree in _calibration_trees(sizes, chain):
         ids = one.expand(1, len(tree))
@@ -288,7 +300,8 @@ def calibrate(
             model.commit(state, drafts, root)
 
         verify[len(tree)] = time_call(run, repeats)
-    cost = time_call(overhead, repeats) if overhead is not None else 0.0
+        if not _pays(verify[len(tree)], cost, step, ceiling):
+            break
     return Calibration(step, verify, cost, state.pos)
 
 
@@ -300,6 +313,7 @@ def calibrate_engine(
     chain: bool,
     overhead: Callable[[], object] | None = None,
     repeats: int = 2,
+    ceiling: float | None = None,
 ) -> Calibration:
     """:func:`calibrate` on a fast engine (``linearize.engine``), whose state changes in place:
     each timed call is undone from a snapshot, and the restore's own time is taken off. An
@@ -312,6 +326,14 @@ def calibrate_engine(
         engine.step(token)
         engine.restore(saved)
 
+    cost = time_call(overhead, repeats) if overhead is not None else 0.0
+    one = max(time_call(step, repeats) - undo, 1e-6)
+    fast = None
+    if getattr(engine, "accuracy", "int8") != "int8":
+        engine.use_step_arithmetic("int8")
+        fast = max(time_call(step, repeats) - undo, 1e-6)
+        engine.use_step_arithmetic(None)
+    plain = one if fast is None else min(one, fast)
     verify = {}
     for tree in _calibration_trees(sizes, chain):
 
@@ -321,11 +343,6 @@ def calibrate_engine(
             engine.restore(saved)
 
         verify[len(tree)] = max(time_call(run, repeats) - undo, 1e-6)
-    cost = time_call(overhead, repeats) if overhead is not None else 0.0
-    one = max(time_call(step, repeats) - undo, 1e-6)
-    fast = None
-    if getattr(engine, "accuracy", "int8") != "int8":
-        engine.use_step_arithmetic("int8")
-        fast = max(time_call(step, repeats) - undo, 1e-6)
-        engine.use_step_arithmetic(None)
+        if not _pays(verify[len(tree)], cost, plain, ceiling):
+            break
     return Calibration(one, verify, cost, engine.pos, fast)
