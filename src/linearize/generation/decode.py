@@ -301,7 +301,8 @@ class Decoding:
         # The first plan weighs speculation against plain decoding at its fastest: on an engine
         # built for exact speculation (fp32 arithmetic), a step with int8 arithmetic.
         calibration = self.calibration
-        first = calibration.fastest() if calibration is not None and fixed is None else None
+        fastest = calibration is not None and fixed is None and self.engine is not None
+        first = calibration.fastest() if fastest else None
         self.planner = Planner(mode, first or calibration, accuracy, fixed=fixed)
         plan = self.planner.choose()
         if first is not None and first is not calibration:
