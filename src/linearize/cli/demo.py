@@ -9,7 +9,7 @@ from typing import Any
 
 from linearize.cli.options import add_config_arguments, config_from_args
 from linearize.demo import DemoConfig, run_demo, summary_rows
-from linearize.demo.pipeline import DECODE_OPTIONS, check_out
+from linearize.demo.pipeline import check_out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         config = prepare(out)
-        for name in ("device", *DECODE_OPTIONS):  # what the smoke run takes from the flags
+        for name in ("device", "quant", "engine"):  # what the smoke run takes from the flags
             setattr(config, name, getattr(args, name))
         config.validate()
     else:
