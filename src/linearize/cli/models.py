@@ -6,7 +6,6 @@ import argparse
 import itertools
 import json
 import time
-from pathlib import Path
 
 from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
 from linearize.models import is_new_parameter, linearize, load
@@ -94,7 +93,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     model = load(args.model)
     before = weight_bytes(model)
     quantize(model, args.quant)
-    heads = load_heads(args.model) if Path(args.model).is_dir() else None
+    heads = load_heads(args.model)  # None: not a directory, or one without heads
     if heads is None:
         model.save(args.out, overwrite=args.overwrite)
     else:  # the model's Medusa heads come along as they are (they verify any weights exactly)

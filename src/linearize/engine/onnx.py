@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -240,11 +241,9 @@ class OnnxEngine:
         if threads is not None:
             self.options.intra_op_num_threads = threads
             self.options.inter_op_num_threads = 1
-        example = _step_example(model, self.step_module, RingState(self.layouts))
-        self.session = self._session("step", self.step_module, example, self._dynamic_axes())
         # Step sessions by arithmetic; the one steps run now.
-        self.steps = {accuracy: self.session}
-        self.step_accuracy = accuracy
+        self.steps: dict[str, object] = {}
+        self.session, self.step_accuracy = self._step_session(accuracy), accuracy
         self.max_tree = max_tree
         if not 0 <= prefill_chunk <= max_tree:
             raise ValueError(
@@ -300,14 +299,27 @@ class OnnxEngine:
         reach = (pos // self.reach_step + 2) * self.reach_step
         return None if reach >= self.longest else reach
 
+    def _step_session(self, accuracy: str):
+        """The step graph's session with ``accuracy`` (built once per engine)."""
+        if accuracy not in self.steps:
+
+            def example() -> list[torch.Tensor]:
+                return _step_example(self.model, self.step_module, RingState(self.layouts))
+
+            axes = self._dynamic_axes()
+            self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
+        return self.steps[accuracy]
+
     def _session(
         self,
         name: str,
         module: nn.Module,
-        example: list[torch.Tensor],
+        example: Callable[[], list[torch.Tensor]],
         dynamic_axes=None,
         accuracy: str | None = None,
     ):
+        """``name``'s graph (exported once per model, from the inputs ``example()`` makes; with
+        ``accuracy``, default the engine's) as a session."""
         import onnxruntime as ort
 
         accuracy = accuracy or self.accuracy
@@ -315,7 +327,7 @@ class OnnxEngine:
         path = root / folder.format(accuracy) / name
         if not (path / GRAPH).is_file():
             logger.info("exporting the %s graph to %s (once per model)", name, path)
-            export(module, example, path, ACCURACY[accuracy], dynamic_axes)
+            export(module, example(), path, ACCURACY[accuracy], dynamic_axes)
         # The transpose optimizer would push the step's one transpose of the scores (engine.step
         # _local) down past the softmax, which then broadcasts along strided columns (~10x);
         # the tree graphs gain from it.
@@ -340,11 +352,7 @@ class OnnxEngine:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
         if accuracy == self.step_accuracy:
             return
-        if accuracy not in self.steps:
-            example = _step_example(self.model, self.step_module, RingState(self.layouts))
-            axes = self._dynamic_axes()
-            self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
-        self.session, self.step_accuracy = self.steps[accuracy], accuracy
+        self.session, self.step_accuracy = self._step_session(accuracy), accuracy
         self._use(self.state)
 
     def _use(self, state: RingState) -> None:
@@ -449,10 +457,14 @@ class OnnxEngine:
             if self.tree_module is None:
                 self.tree_module = TreeStep(self.model, self.max_context)
             module = self.tree_module
-            example = self._tree_feeds(module, Tree.from_parents([-1] * size), [0] * size, size)
-            tensors = [torch.from_numpy(np.asarray(example[n])) for n in module.input_names()]
+
+            def example() -> list[torch.Tensor]:
+                chain = Tree.from_parents([-1] * size)
+                feeds = self._tree_feeds(module, chain, [0] * size, size)
+                return [torch.from_numpy(np.asarray(feeds[n])) for n in module.input_names()]
+
             axes = self._dynamic_axes(module.input_names())
-            self.trees[size] = (self._session(f"tree{size}", module, tensors, axes), module)
+            self.trees[size] = (self._session(f"tree{size}", module, example, axes), module)
         session, module = self.trees[size]
         return session, module, size
 

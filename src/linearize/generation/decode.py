@@ -301,14 +301,20 @@ class Decoding:
         # The first plan weighs speculation against plain decoding at its fastest: on an engine
         # built for exact speculation (fp32 arithmetic), a step with int8 arithmetic.
         calibration = self.calibration
-        fastest = calibration is not None and fixed is None and self.engine is not None
-        first = calibration.fastest() if fastest else None
-        self.planner = Planner(mode, first or calibration, accuracy, fixed=fixed)
+        faster = (
+            fixed is None
+            and self.engine is not None
+            and calibration.fast_step is not None
+            and calibration.fast_step < calibration.step
+        )
+        self.planner = Planner(
+            mode, calibration.fastest() if faster else calibration, accuracy, fixed=fixed
+        )
         plan = self.planner.choose()
-        if first is not None and first is not calibration:
+        if faster:
             if plan.speculating:  # re-plans: the fallback is a step at the trees' arithmetic
                 self.planner.calibration = calibration
-            elif first.step < calibration.step:
+            else:
                 self.engine.use_step_arithmetic("int8")
                 plan.reason += "; plain steps with int8 arithmetic"
                 self.planner.history[-1] = plan.to_dict()
