@@ -47,7 +47,7 @@ def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     rows = [r for rows in report["decode"].values() for r in rows if r["supported"]]
     assert rows and {(r["quant"], r["engine"]) for r in rows} == {("int4", "onnx")}
     assert "(int4, onnx engine)" in (out / "report.md").read_text()
-    assert len(list((out / "steps").iterdir())) == len(steps) + 2
+    assert len(list((out / "steps").iterdir())) == len(steps) + 1
 
 
 def test_demo_refuses_an_unknown_quant_or_engine():

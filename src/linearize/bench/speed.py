@@ -12,7 +12,9 @@ the model weights and the run. A context the memory cannot hold is refused befor
 allocated, with the estimate. A softmax model's decode stops at its ``max_position_embeddings``:
 past it the row is reported as not supported (``None`` values) rather than measured. The models
 take turns at each context (a shared machine's drifting load then biases none of them), and every
-(model, context) is checked against the memory before the first measurement.
+(model, context) is checked against the memory before the first measurement. In one process
+(``isolate=False``) decode goes further: every (model, context) is prefilled first, then they
+take turns step by step (:func:`time_decodes`), holding all their states at once.
 """
 
 from __future__ import annotations
@@ -197,7 +199,79 @@ def _prefill(model: Decoder, ids: torch.Tensor):
     return hidden, state
 
 
+class _Decoding:
+    """One (model, context) decode run: its prompt prefilled, then one greedy step per
+    :meth:`step` on the engine (or the PyTorch recurrent form), ending at ``context`` after
+    ``span`` steps."""
+
+    def __init__(self, model: Decoder, context: int, span: int, engine: str) -> None:
+        from linearize.engine import build_engine, resolve_engine
+
+        prompt = context - span
+        if prompt < 1:
+            raise ValueError(f"context {context} must exceed warmup + steps = {span}")
+        self.model, self.context = model, context
+        self.engine = resolve_engine(engine, model)
+        self.quant = "none" if model.quantization is None else model.quantization.quant
+        self.fast = build_engine(
+            self.engine, model, max_context=context, threads=torch.get_num_threads()
+        )
+        hidden, self.state = _prefill(model, _random_ids(model, prompt))
+        self.token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+        if self.fast is not None:
+            self.fast.load_state(self.state)
+            self.token, self.state = int(self.token), None
+        self.times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        start = time.perf_counter()
+        if self.fast is not None:
+            self.token = int(self.fast.step(self.token).argmax())
+        else:
+            logits, self.state = self.model(self.token, state=self.state, form="recurrent")
+            self.token = logits[:, -1].argmax(-1, keepdim=True)
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict[str, Any]:
+        state_bytes = self.fast.nbytes() if self.fast is not None else self.state.nbytes()
+        return {
+            "times": self.times,
+            "state_bytes": state_bytes,
+            "engine": self.engine,
+            "quant": self.quant,
+        }
+
+
+# Timed steps each run takes in a turn of :func:`time_decodes`.
+DECODE_TURN = 8
+
+
 @torch.no_grad()
+def time_decodes(
+    runs: list[tuple[Decoder, int, str]],
+    steps: int = 32,
+    warmup: int = DEFAULT_DECODE_WARMUP,
+) -> list[dict[str, Any]]:
+    """:func:`time_decode` of several ``(model, context, engine)`` runs in one process, their steps
+    taken in turns (``warmup`` untimed steps each, then :data:`DECODE_TURN` timed steps each,
+    round after round): a machine whose speed drifts over minutes then biases none of them
+    against the others, as timing one after the other would. Every run is prefilled before
+    the first step (each keeps its state: the memory of all of them at once)."""
+    decodings = []
+    for model, context, engine in runs:
+        decodings.append(_Decoding(model, context, warmup + steps, engine))
+        logger.info("decode @ %d prefilled (%d of %d)", context, len(decodings), len(runs))
+    for _ in range(warmup):
+        for decoding in decodings:
+            decoding.step(timed=False)
+    for done in range(0, steps, DECODE_TURN):
+        for decoding in decodings:
+            for _ in range(min(DECODE_TURN, steps - done)):
+                decoding.step(timed=True)
+    return [decoding.result() for decoding in decodings]
+
+
 def time_decode(
     model: Decoder,
     context: int,
@@ -207,33 +281,7 @@ def time_decode(
 ) -> dict[str, Any]:
     """Step times (s) of greedy recurrent decoding ending at ``context``, the state bytes, and
     the engine that ran (``auto`` resolved; see :mod:`linearize.engine`)."""
-    from linearize.engine import build_engine, resolve_engine
-
-    prompt = context - steps - warmup
-    if prompt < 1:
-        raise ValueError(f"context {context} must exceed warmup + steps = {warmup + steps}")
-    engine = resolve_engine(engine, model)
-    fast = build_engine(engine, model, max_context=context, threads=torch.get_num_threads())
-    hidden, state = _prefill(model, _random_ids(model, prompt))
-    token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
-    quant = "none" if model.quantization is None else model.quantization.quant
-    if fast is not None:
-        fast.load_state(state)
-        token, times = int(token), []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            token = int(fast.step(token).argmax())
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return {"times": times, "state_bytes": fast.nbytes(), "engine": engine, "quant": quant}
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        logits, state = model(token, state=state, form="recurrent")
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"times": times, "state_bytes": state.nbytes(), "engine": engine, "quant": quant}
+    return time_decodes([(model, context, engine)], steps, warmup)[0]
 
 
 class _RssSampler:
@@ -345,7 +393,7 @@ def bench_decode(
     if steps < 1 or warmup < 0:
         raise ValueError(f"decode needs steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     _check_contexts(contexts, minimum=steps + warmup + 1)
-    rows = []
+    rows, together = [], []
     for i, spec, model, context in _grid("decode", specs, contexts, progress, on_model):
         if not supports_context(model, context):
             logger.info(
@@ -353,22 +401,33 @@ def bench_decode(
             )
             row = DecodeRow(spec.label, context, None, None, None, None, spec.quant or "none")
             rows.append((i, row))
-            continue
-        options = {"steps": steps, "warmup": warmup}
-        result, peak = _measure("decode", spec, context, options, None if isolate else model)
-        ms = 1000 * statistics.median(result["times"])
-        row = DecodeRow(
-            spec.label,
-            context,
-            1000 / ms,
-            ms,
-            result["state_bytes"],
-            peak,
-            result["quant"],
-            result["engine"],
-        )
-        rows.append((i, row))
+        elif isolate:
+            options = {"steps": steps, "warmup": warmup}
+            result, peak = _measure("decode", spec, context, options, None)
+            rows.append((i, _decode_row(spec, context, result, peak)))
+        else:
+            together.append((i, spec, model, context))
+    if together:
+        # In this process: every run at once, their steps in turns (see time_decodes).
+        runs = [(model, context, spec.engine) for _, spec, model, context in together]
+        results = time_decodes(runs, steps, warmup)
+        for (i, spec, _, context), result in zip(together, results, strict=True):
+            rows.append((i, _decode_row(spec, context, result, peak_rss_bytes())))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
+
+
+def _decode_row(spec: ModelSpec, context: int, result: dict[str, Any], peak: int) -> DecodeRow:
+    ms = 1000 * statistics.median(result["times"])
+    return DecodeRow(
+        spec.label,
+        context,
+        1000 / ms,
+        ms,
+        result["state_bytes"],
+        peak,
+        result["quant"],
+        result["engine"],
+    )
 
 
 def bench_prefill(

@@ -7,7 +7,6 @@ resume from their own checkpoints.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -261,9 +260,9 @@ def _train_medusa(config: DemoConfig, model_dir: str, progress: Callable | None)
     return {k: v for k, v in metrics.items() if not k.startswith("rank_")}
 
 
-def _decode_step(label: str, config: DemoConfig) -> str:
-    """The step name of a model's decode timing, after the options it ran with."""
-    return f"decode_{label}-{config.quant}-{config.engine}-{config.decode_steps}steps"
+def _decode_step(config: DemoConfig) -> str:
+    """The step name of the decode timing, after the options it ran with."""
+    return f"decode-{config.quant}-{config.engine}-{config.decode_steps}steps"
 
 
 # Untimed steps before the timed ones: the first steps after a long prefill run slower (the
@@ -271,36 +270,40 @@ def _decode_step(label: str, config: DemoConfig) -> str:
 DECODE_WARMUP = 16
 
 
-def _decode_speed(model, contexts: list[int], config: DemoConfig) -> list[dict[str, Any]]:
-    """Decode tokens/s at each context (``config.quant``: timed on a quantized copy)."""
-    from linearize.bench.speed import supports_context, time_decode
+def _decode_speed(sources: dict[str, str], config: DemoConfig) -> dict[str, list[dict[str, Any]]]:
+    """Decode tokens/s of each model (label → where to load it) at each context, all timed
+    together with their steps in turns (``config.quant``: on quantized copies), so that this
+    machine's drifting speed favours no model and no context."""
+    import linearize
+    from linearize.bench.speed import supports_context, time_decodes
     from linearize.engine import resolve_engine
     from linearize.models.quantize import apply_quant
 
-    if config.quant != "none":
-        model = apply_quant(copy.deepcopy(model), config.quant)
-    engine = resolve_engine(config.engine, model)
-    rows = []
-    for context in contexts:
-        if not supports_context(model, context):
-            rows.append({"context": context, "supported": False})
-            continue
-        with torch.no_grad():
-            timing = time_decode(
-                model, context, steps=config.decode_steps, warmup=DECODE_WARMUP, engine=engine
-            )
+    runs, where = [], []
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for label, source in sources.items():
+        model = linearize.load(source).eval()
+        if config.quant != "none":
+            model = apply_quant(model, config.quant)
+        engine = resolve_engine(config.engine, model)
+        rows[label] = []
+        for context in config.contexts:
+            if supports_context(model, context):
+                where.append((label, len(rows[label])))
+                runs.append((model, context, engine))
+            rows[label].append({"context": context, "supported": False})
+    timings = time_decodes(runs, steps=config.decode_steps, warmup=DECODE_WARMUP)
+    for (label, index), timing in zip(where, timings, strict=True):
         ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
-        rows.append(
-            {
-                "context": context,
-                "supported": True,
-                "ms_per_token": ms,
-                "tokens_per_s": 1000 / ms,
-                "state_bytes": timing["state_bytes"],
-                "engine": timing["engine"],
-                "quant": timing["quant"],
-            }
-        )
+        rows[label][index] = {
+            "context": rows[label][index]["context"],
+            "supported": True,
+            "ms_per_token": ms,
+            "tokens_per_s": 1000 / ms,
+            "state_bytes": timing["state_bytes"],
+            "engine": timing["engine"],
+            "quant": timing["quant"],
+        }
     return rows
 
 
@@ -378,19 +381,13 @@ def run_demo(
     out = Path(out)
     check_config(out, config)
     steps = Steps(out)
-    # 1. the original: load it, score it, time it
+    # 1. the original: load it, score it
     announce(f"1/6 loading {config.model} and scoring the original")
     original = linearize.load(config.model).eval()
     ppl = {"original": steps.run("ppl_original", lambda: _perplexity(original, config))}
     by_position = {
         "original": steps.run(
             "position_original", lambda: _perplexity_by_position(original, config)
-        )
-    }
-    contexts = config.contexts
-    decode = {
-        "original": steps.run(
-            _decode_step("original", config), lambda: _decode_speed(original, contexts, config)
         )
     }
     samples = {"original": steps.run("sample_original", lambda: _sample(original, PROMPTS[0], 32))}
@@ -405,7 +402,7 @@ def run_demo(
         )
         models[label] = training[label]["model_dir"]
     # 4. evaluation of both
-    announce("3/6 scoring the linearized models")
+    announce("3/6 scoring the linearized models and timing decoding")
     for label, model_dir in models.items():
         model = linearize.load(model_dir).eval()
         ppl[label] = steps.run(f"ppl_{label}", lambda m=model: _perplexity(m, config))
@@ -413,11 +410,10 @@ def run_demo(
             f"position_{label}", lambda m=model: _perplexity_by_position(m, config)
         )
         samples[label] = steps.run(f"sample_{label}", lambda m=model: _sample(m, PROMPTS[0], 32))
-        if label == "augmented":
-            decode[label] = steps.run(
-                _decode_step(label, config), lambda m=model: _decode_speed(m, contexts, config)
-            )
         model = None
+    # The decode timing of the original and the augmented model, together (see _decode_speed).
+    sources = {"original": config.model, "augmented": models["augmented"]}
+    decode = steps.run(_decode_step(config), lambda: _decode_speed(sources, config))
     # 5. Medusa heads on the augmented model, then speculative decoding against plain decoding
     announce(f"4/6 training Medusa heads ({config.medusa_tokens} tokens)")
     medusa = steps.run(
