@@ -48,6 +48,12 @@ def test_demo_smoke_runs_reports_and_resumes(tmp_path, capsys):
     assert rows and {(r["quant"], r["engine"]) for r in rows} == {("int4", "onnx")}
     assert "(int4, onnx engine)" in (out / "report.md").read_text()
     assert len(list((out / "steps").iterdir())) == len(steps) + 1
+    # the time of all steps counts the new decode timing, not the one it replaced
+    seconds = json.loads((out / "steps" / "seconds.json").read_text())
+    replaced = [name for name in seconds if name.startswith("decode-none-")]
+    assert len(replaced) == 1
+    expected = sum(v for name, v in seconds.items() if name not in replaced)
+    assert report["seconds"] == pytest.approx(expected)
 
 
 def test_demo_refuses_an_unknown_quant_or_engine():

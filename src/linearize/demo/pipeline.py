@@ -98,6 +98,7 @@ class Steps:
     def __init__(self, out: Path) -> None:
         self.dir = out / "steps"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.used: list[str] = []
 
     def get(self, name: str) -> Any | None:
         path = self.dir / f"{name}.json"
@@ -110,6 +111,7 @@ class Steps:
         return value
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.used.append(name)
         done = self.get(name)
         if done is not None:
             logger.info("step %s: done earlier, reusing its result", name)
@@ -123,8 +125,10 @@ class Steps:
         return value
 
     def seconds(self) -> float:
-        """Time spent in the finished steps, over every invocation of the run."""
-        return sum((self.get("seconds") or {}).values())
+        """Time spent in the steps this invocation used, whichever invocation ran them (not
+        the steps of options given up since, e.g. a decode timing with another ``--quant``)."""
+        seconds = self.get("seconds") or {}
+        return sum(seconds.get(name, 0.0) for name in dict.fromkeys(self.used))
 
 
 def check_out(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
