@@ -3,8 +3,9 @@
 It is a source build, so it is never a dependency: the peer runs when ``llama_cpp`` imports. The
 protocol is ours (:mod:`linearize.bench.speed`): prefill ``C − warmup − steps`` random tokens,
 then time greedy one-token steps (``eval`` + argmax over the logits) ending at context ``C``,
-each context in a fresh process. ``state_bytes`` is llama.cpp's KV cache for the ``C`` tokens
-(f16 keys and values, its default), computed from the GGUF metadata.
+each context in a fresh process, or in ours taking turns with our runs (``--no-isolate``).
+``state_bytes`` is llama.cpp's KV cache for the ``C`` tokens (f16 keys and values, its
+default), computed from the GGUF metadata.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from linearize.bench.memory import run_isolated
-from linearize.bench.speed import DEFAULT_DECODE_WARMUP, DecodeRow, Progress
+from linearize.bench.speed import DecodeRow, take_turns
 
 logger = logging.getLogger(__name__)
 
@@ -50,59 +51,70 @@ def gguf_info(path: str | Path) -> dict[str, int]:
     }
 
 
-def _worker(path: str, context: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
-    import numpy as np
-    from llama_cpp import Llama, llama_get_logits_ith
+class LlamaDecoding:
+    """A llama.cpp decode run on the GGUF ``path`` (:class:`linearize.bench.speed.Decoding`):
+    ``context − span`` random tokens evaluated, then one ``eval`` + argmax per step."""
 
-    llm = Llama(
-        model_path=path,
-        n_ctx=context,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=512,
-        verbose=False,
-    )
-    vocab = llm.n_vocab()
+    def __init__(self, path: str, context: int, span: int, threads: int) -> None:
+        import numpy as np
+        from llama_cpp import Llama, llama_get_logits_ith
 
-    def argmax() -> int:
-        logits = np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-        return int(logits.argmax())
+        self.llm = Llama(
+            model_path=path,
+            n_ctx=context,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
+        vocab = self.llm.n_vocab()
+        self._logits = lambda: np.ctypeslib.as_array(
+            llama_get_logits_ith(self.llm.ctx, -1), shape=(vocab,)
+        )
+        prompt = np.random.default_rng(0).integers(0, vocab, context - span)
+        self.llm.eval(prompt.tolist())
+        self.token = int(self._logits().argmax())
+        self.times: list[float] = []
 
-    prompt = np.random.default_rng(0).integers(0, vocab, context - steps - warmup)
-    llm.eval(prompt.tolist())
-    token, times = argmax(), []
-    for i in range(warmup + steps):
+    def step(self, timed: bool) -> None:
         start = time.perf_counter()
-        llm.eval([token])
-        token = argmax()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"times": times}
+        self.llm.eval([self.token])
+        self.token = int(self._logits().argmax())
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict[str, Any]:
+        return {"times": self.times}
 
 
-def bench_decode(
-    path: str | Path,
-    label: str,
-    contexts: tuple[int, ...],
-    *,
-    steps: int = 32,
-    warmup: int = DEFAULT_DECODE_WARMUP,
-    threads: int = 2,
-    progress: Progress | None = None,
-) -> list[DecodeRow]:
-    """One :class:`DecodeRow` per context for llama.cpp on the GGUF file ``path``."""
-    if not available():
-        raise RuntimeError("llama.cpp peer: llama-cpp-python is not installed")
-    info = gguf_info(path)
-    kv_per_token = 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * KV_BYTES
-    rows = []
-    for context in contexts:
-        if progress is not None:
-            progress(f"decode {label} @ {context}")
-        if context > info["context"]:
-            rows.append(DecodeRow(label, context, None, None, None, None))
-            continue
-        result, peak = run_isolated(_worker, str(path), context, steps, warmup, threads)
+def _worker(path: str, context: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+    return take_turns([LlamaDecoding(path, context, steps + warmup, threads)], steps, warmup)[0]
+
+
+class LlamaCppPeer:
+    """llama.cpp on the GGUF ``path`` as a :class:`linearize.bench.speed.Peer` of
+    ``bench decode``: rows labelled ``label``, quant ``gguf``, engine ``llama.cpp``."""
+
+    def __init__(self, path: str | Path, label: str, threads: int) -> None:
+        if not available():
+            raise RuntimeError("llama.cpp peer: llama-cpp-python is not installed")
+        self.path, self.label, self.threads = str(path), label, threads
+        info = gguf_info(path)
+        self.max_context = info["context"]
+        self.kv_per_token = 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * KV_BYTES
+
+    def supports(self, context: int) -> bool:
+        return context <= self.max_context
+
+    def decoding(self, context: int, span: int) -> LlamaDecoding:
+        return LlamaDecoding(self.path, context, span, self.threads)
+
+    def measure(self, context: int, steps: int, warmup: int) -> tuple[dict[str, Any], int]:
+        return run_isolated(_worker, self.path, context, steps, warmup, self.threads)
+
+    def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow:
+        if result is None:
+            return DecodeRow(self.label, context, None, None, None, None, "gguf", "llama.cpp")
         ms = 1000 * statistics.median(result["times"])
-        rows.append(DecodeRow(label, context, 1000 / ms, ms, kv_per_token * context, peak))
-    return rows
+        state = self.kv_per_token * context
+        return DecodeRow(self.label, context, 1000 / ms, ms, state, peak, "gguf", "llama.cpp")

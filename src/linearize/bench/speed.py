@@ -23,9 +23,10 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 
@@ -204,6 +205,7 @@ class _Decoding:
     :meth:`step` on the engine (or the PyTorch recurrent form), ending at ``context`` after
     ``span`` steps."""
 
+    @torch.no_grad()
     def __init__(self, model: Decoder, context: int, span: int, engine: str) -> None:
         from linearize.engine import build_engine, resolve_engine
 
@@ -223,6 +225,7 @@ class _Decoding:
             self.token, self.state = int(self.token), None
         self.times: list[float] = []
 
+    @torch.no_grad()
     def step(self, timed: bool) -> None:
         start = time.perf_counter()
         if self.fast is not None:
@@ -243,25 +246,42 @@ class _Decoding:
         }
 
 
-# Timed steps each run takes in a turn of :func:`time_decodes`.
+class Decoding(Protocol):
+    """A decode run, prefilled when made: one greedy step per :meth:`step` (its time kept when
+    ``timed``), then :meth:`result` (``times`` in s, and what else the row reports)."""
+
+    def step(self, timed: bool) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class Peer(Protocol):
+    """Another program decoding beside ours in ``bench decode`` (llama.cpp): its rows are
+    labelled ``label``."""
+
+    label: str
+
+    def supports(self, context: int) -> bool: ...
+
+    def decoding(self, context: int, span: int) -> Decoding:
+        """A run in this process, prefilled so that ``span`` steps end at ``context``."""
+        ...
+
+    def measure(self, context: int, steps: int, warmup: int) -> tuple[dict[str, Any], int]:
+        """The run's :meth:`Decoding.result` and peak RSS, in a fresh process."""
+        ...
+
+    def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow: ...
+
+
+# Timed steps each run takes in a turn of :func:`take_turns`.
 DECODE_TURN = 8
 
 
-@torch.no_grad()
-def time_decodes(
-    runs: list[tuple[Decoder, int, str]],
-    steps: int = 32,
-    warmup: int = DEFAULT_DECODE_WARMUP,
-) -> list[dict[str, Any]]:
-    """:func:`time_decode` of several ``(model, context, engine)`` runs in one process, their steps
-    taken in turns (``warmup`` untimed steps each, then :data:`DECODE_TURN` timed steps each,
-    round after round): a machine whose speed drifts over minutes then biases none of them
-    against the others, as timing one after the other would. Every run is prefilled before
-    the first step (each keeps its state: the memory of all of them at once)."""
-    decodings = []
-    for model, context, engine in runs:
-        decodings.append(_Decoding(model, context, warmup + steps, engine))
-        logger.info("decode @ %d prefilled (%d of %d)", context, len(decodings), len(runs))
+def take_turns(decodings: list[Decoding], steps: int, warmup: int) -> list[dict[str, Any]]:
+    """Step every run ``warmup`` times untimed, then ``steps`` timed, in turns of
+    :data:`DECODE_TURN` steps each: a machine whose speed drifts over minutes then biases none
+    of the runs against the others, as timing one after the other would."""
     for _ in range(warmup):
         for decoding in decodings:
             decoding.step(timed=False)
@@ -270,6 +290,21 @@ def time_decodes(
             for _ in range(min(DECODE_TURN, steps - done)):
                 decoding.step(timed=True)
     return [decoding.result() for decoding in decodings]
+
+
+def time_decodes(
+    runs: list[tuple[Decoder, int, str]],
+    steps: int = 32,
+    warmup: int = DEFAULT_DECODE_WARMUP,
+) -> list[dict[str, Any]]:
+    """:func:`time_decode` of several ``(model, context, engine)`` runs in one process, their
+    steps taken in turns (:func:`take_turns`). Every run is prefilled before the first step (each
+    keeps its state: the memory of all of them at once)."""
+    decodings = []
+    for model, context, engine in runs:
+        decodings.append(_Decoding(model, context, warmup + steps, engine))
+        logger.info("decode @ %d prefilled (%d of %d)", context, len(decodings), len(runs))
+    return take_turns(decodings, steps, warmup)
 
 
 def time_decode(
@@ -386,33 +421,53 @@ def bench_decode(
     isolate: bool = True,
     progress: Progress | None = None,
     on_model: OnModel | None = None,
+    peers: Sequence[Peer] = (),
 ) -> list[DecodeRow]:
-    """One :class:`DecodeRow` per (model, context), ordered by model then context; see the
-    module doc for the protocol. ``on_model(spec, model)`` is called once per model after
-    loading (to describe it)."""
+    """One :class:`DecodeRow` per (model, context), ordered by model then context, then the
+    ``peers``' rows; see the module doc for the protocol. ``on_model(spec, model)`` is called
+    once per model after loading (to describe it)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"decode needs steps >= 1 and warmup >= 0, got {steps} and {warmup}")
     _check_contexts(contexts, minimum=steps + warmup + 1)
-    rows, together = [], []
+    span = steps + warmup
+    # Runs measured in this process, together: (row order, make the run, its row from a result).
+    together: list[tuple[int, Callable[[], Decoding], Callable[..., DecodeRow]]] = []
+    rows = []
     for i, spec, model, context in _grid("decode", specs, contexts, progress, on_model):
+        row = partial(_decode_row, spec, context)
         if not supports_context(model, context):
             logger.info(
                 "%s: context %d not supported (past its trained positions)", spec.label, context
             )
-            row = DecodeRow(spec.label, context, None, None, None, None, spec.quant or "none")
-            rows.append((i, row))
+            rows.append(
+                (i, DecodeRow(spec.label, context, None, None, None, None, spec.quant or "none"))
+            )
         elif isolate:
             options = {"steps": steps, "warmup": warmup}
-            result, peak = _measure("decode", spec, context, options, None)
-            rows.append((i, _decode_row(spec, context, result, peak)))
+            rows.append((i, row(*_measure("decode", spec, context, options, None))))
         else:
-            together.append((i, spec, model, context))
+            make = partial(_Decoding, model, context, span, spec.engine)
+            together.append((i, make, row))
+    for j, peer in enumerate(peers, start=len(specs)):
+        for context in contexts:
+            if progress is not None:
+                progress(f"decode {peer.label} @ {context}")
+            row = partial(peer.row, context)
+            if not peer.supports(context):
+                rows.append((j, row(None, None)))
+            elif isolate:
+                rows.append((j, row(*peer.measure(context, steps, warmup))))
+            else:
+                together.append((j, partial(peer.decoding, context, span), row))
     if together:
-        # In this process: every run at once, their steps in turns (see time_decodes).
-        runs = [(model, context, spec.engine) for _, spec, model, context in together]
-        results = time_decodes(runs, steps, warmup)
-        for (i, spec, _, context), result in zip(together, results, strict=True):
-            rows.append((i, _decode_row(spec, context, result, peak_rss_bytes())))
+        # In this process: every run prefilled, then their steps in turns (take_turns).
+        decodings = []
+        for _, make, _ in together:
+            decodings.append(make())
+            logger.info("decode: %d of %d runs prefilled", len(decodings), len(together))
+        results = take_turns(decodings, steps, warmup)
+        for (i, _, row), result in zip(together, results, strict=True):
+            rows.append((i, row(result, peak_rss_bytes())))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
 
 

@@ -282,10 +282,8 @@ def _llama_cpp_ggufs(args: argparse.Namespace) -> list:
     return list(ggufs.values())
 
 
-def _llama_cpp_rows(
-    args: argparse.Namespace, ggufs: list, models: dict[str, Any]
-) -> list[speed.DecodeRow]:
-    rows = []
+def _llama_cpp_peers(ggufs: list, models: dict[str, Any]) -> list[llama_cpp.LlamaCppPeer]:
+    peers = []
     for gguf in ggufs:
         label = f"llama.cpp:{gguf.name}"
         models[label] = {
@@ -294,19 +292,8 @@ def _llama_cpp_rows(
             "gguf": str(gguf),
             "weight_bytes": gguf.stat().st_size,
         }
-        measured = llama_cpp.bench_decode(
-            gguf,
-            label,
-            args.contexts,
-            steps=args.steps,
-            warmup=args.warmup,
-            threads=torch.get_num_threads(),
-            progress=_progress,
-        )
-        for row in measured:
-            row.quant, row.engine = "gguf", "llama.cpp"
-        rows += measured
-    return rows
+        peers.append(llama_cpp.LlamaCppPeer(gguf, label, torch.get_num_threads()))
+    return peers
 
 
 def _results_folder(text: str) -> str:
@@ -337,8 +324,8 @@ def run_decode(args: argparse.Namespace) -> int:
         isolate=not args.no_isolate,
         progress=_progress,
         on_model=record,
+        peers=_llama_cpp_peers(ggufs, models),
     )
-    rows += _llama_cpp_rows(args, ggufs, models)
     bandwidth = measure_bandwidth()
     notes = [f"memory bandwidth (best tensor copy, read + write): {bandwidth / 1e9:.1f} GB/s"]
     notes += _bound_notes(rows, models, bandwidth)
