@@ -50,7 +50,11 @@ def summary_rows(report) -> list[tuple[str, str]]:
     spec = report.speculative
     if spec:
         plain = spec["plain"]
-        rows.append(("generation without Medusa", f"{plain['tokens_per_s']:.1f} tok/s"))
+        # Generation runs on the PyTorch reference in fp32, the arithmetic under which Medusa's
+        # tree and plain steps agree (on the engine: `linearize bench speculative --engine onnx`).
+        rows.append(
+            ("generation without Medusa", f"{plain['tokens_per_s']:.1f} tok/s (fp32, torch engine)")
+        )
         for name, label in (("medusa", "auto tree"), ("medusa_tree8", "8-node tree")):
             m = spec.get(name)
             if m is None:
