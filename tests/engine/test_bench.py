@@ -34,13 +34,13 @@ def test_time_decodes_takes_turns_and_keeps_each_run_its_own_state(tmp_path, mon
 
     model = engine_model("augmented").eval()
     seen = []
-    step = speed._Decoding.step
+    step = speed.ModelDecoding.step
 
     def recorded(self, timed):
         step(self, timed)
         seen.append((self.context, self.engine, timed, int(self.token)))
 
-    monkeypatch.setattr(speed._Decoding, "step", recorded)
+    monkeypatch.setattr(speed.ModelDecoding, "step", recorded)
     runs = [(model, 40, "onnx"), (model, 72, "torch")]
     results = speed.time_decodes(runs, steps=12, warmup=2)
     assert [len(r["times"]) for r in results] == [12, 12]

@@ -13,8 +13,9 @@ allocated, with the estimate. A softmax model's decode stops at its ``max_positi
 past it the row is reported as not supported (``None`` values) rather than measured. The models
 take turns at each context (a shared machine's drifting load then biases none of them), and every
 (model, context) is checked against the memory before the first measurement. In one process
-(``isolate=False``) decode goes further: every (model, context) is prefilled first, then they
-take turns step by step (:func:`time_decodes`), holding all their states at once.
+(``isolate=False``) decode goes further: every (model, context), and every peer's run
+(llama.cpp), is prefilled first, then they take turns step by step (:func:`take_turns`),
+holding all their states at once.
 """
 
 from __future__ import annotations
@@ -200,10 +201,10 @@ def _prefill(model: Decoder, ids: torch.Tensor):
     return hidden, state
 
 
-class _Decoding:
-    """One (model, context) decode run: its prompt prefilled, then one greedy step per
-    :meth:`step` on the engine (or the PyTorch recurrent form), ending at ``context`` after
-    ``span`` steps."""
+class ModelDecoding:
+    """One (model, context) decode run (a :class:`Decoding`): its prompt prefilled, then one
+    greedy step per :meth:`step` on the engine (or the PyTorch recurrent form), ending at
+    ``context`` after ``span`` steps."""
 
     @torch.no_grad()
     def __init__(self, model: Decoder, context: int, span: int, engine: str) -> None:
@@ -302,7 +303,7 @@ def time_decodes(
     keeps its state: the memory of all of them at once)."""
     decodings = []
     for model, context, engine in runs:
-        decodings.append(_Decoding(model, context, warmup + steps, engine))
+        decodings.append(ModelDecoding(model, context, warmup + steps, engine))
         logger.info("decode @ %d prefilled (%d of %d)", context, len(decodings), len(runs))
     return take_turns(decodings, steps, warmup)
 
@@ -374,11 +375,11 @@ def _worker(
 def _measure(
     kind: str, spec: ModelSpec, context: int, options: dict[str, Any], model: Decoder | None
 ) -> tuple[dict[str, Any], int]:
+    """The run's result and peak RSS: in a fresh process, or with ``model`` (a prefill) in this
+    one; decode runs in this process take turns instead (:func:`bench_decode`)."""
     if model is None:
         # The fresh process uses as many threads as this one.
         return run_isolated(_worker, kind, spec, context, options, torch.get_num_threads())
-    if kind == "decode":
-        return time_decode(model, context, engine=spec.engine, **options), peak_rss_bytes()
     return time_prefill(model, context, **options), peak_rss_bytes()
 
 
@@ -446,7 +447,7 @@ def bench_decode(
             options = {"steps": steps, "warmup": warmup}
             rows.append((i, row(*_measure("decode", spec, context, options, None))))
         else:
-            make = partial(_Decoding, model, context, span, spec.engine)
+            make = partial(ModelDecoding, model, context, span, spec.engine)
             together.append((i, make, row))
     for j, peer in enumerate(peers, start=len(specs)):
         for context in contexts:
