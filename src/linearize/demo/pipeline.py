@@ -283,31 +283,32 @@ def _decode_speed(sources: dict[str, str], config: DemoConfig) -> dict[str, list
     from linearize.engine import resolve_engine
     from linearize.models.quantize import apply_quant
 
-    runs, where = [], []
-    rows: dict[str, list[dict[str, Any]]] = {}
+    runs, cells = [], []  # cells: (label, context, timed), in the report's order
     for label, source in sources.items():
         model = linearize.load(source).eval()
         if config.quant != "none":
             model = apply_quant(model, config.quant)
         engine = resolve_engine(config.engine, model)
-        rows[label] = []
         for context in config.contexts:
-            if supports_context(model, context):
-                where.append((label, len(rows[label])))
+            timed = supports_context(model, context)
+            cells.append((label, context, timed))
+            if timed:
                 runs.append((model, context, engine))
-            rows[label].append({"context": context, "supported": False})
-    timings = time_decodes(runs, steps=config.decode_steps, warmup=DECODE_WARMUP)
-    for (label, index), timing in zip(where, timings, strict=True):
-        ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
-        rows[label][index] = {
-            "context": rows[label][index]["context"],
-            "supported": True,
-            "ms_per_token": ms,
-            "tokens_per_s": 1000 / ms,
-            "state_bytes": timing["state_bytes"],
-            "engine": timing["engine"],
-            "quant": timing["quant"],
-        }
+    timings = iter(time_decodes(runs, steps=config.decode_steps, warmup=DECODE_WARMUP))
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in sources}
+    for label, context, timed in cells:
+        row: dict[str, Any] = {"context": context, "supported": timed}
+        if timed:
+            timing = next(timings)
+            ms = 1000 * sorted(timing["times"])[len(timing["times"]) // 2]
+            row |= {
+                "ms_per_token": ms,
+                "tokens_per_s": 1000 / ms,
+                "state_bytes": timing["state_bytes"],
+                "engine": timing["engine"],
+                "quant": timing["quant"],
+            }
+        rows[label].append(row)
     return rows
 
 
