@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -59,36 +60,45 @@ def test_time_decodes_takes_turns_and_keeps_each_run_its_own_state(tmp_path, mon
         assert [t for *_, t in seen] == together[context]
 
 
+class _LoggedRun:
+    """A decode run that logs each step (who, context, timed, process id) to a file, so runs
+    in other processes show the order they stepped in."""
+
+    def __init__(self, log: str, label: str, context: int) -> None:
+        if label == "broken":
+            raise ValueError("this run cannot start")
+        self.log, self.label, self.context, self.times = log, label, context, []
+        if label == "peer":  # a peer holding 256 MB, as llama.cpp holds its weights
+            self.held = bytearray(b"x" * (256 << 20))
+
+    def step(self, timed: bool) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{self.label} {self.context} {int(timed)} {os.getpid()}\n")
+        if timed:
+            self.times.append(0.001)
+
+    def result(self) -> dict:
+        return {"times": self.times}
+
+
+def _log(path) -> list[tuple[str, int, bool, int]]:
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [(who, int(c), timed == "1", int(pid)) for who, c, timed, pid in lines]
+
+
 class _Peer:
-    """A stand-in for llama.cpp: a peer whose runs record when they step."""
+    """A stand-in for llama.cpp whose runs log their steps (:class:`_LoggedRun`)."""
 
     label = "peer"
 
-    def __init__(self, seen: list) -> None:
-        self.seen, self.measured = seen, []
+    def __init__(self, log) -> None:
+        self.log = str(log)
 
     def supports(self, context: int) -> bool:
         return context <= 40
 
-    def decoding(self, context: int, span: int):
-        seen = self.seen
-
-        class Run:
-            times: list = []
-
-            def step(self, timed: bool) -> None:
-                seen.append(("peer", context, timed))
-                if timed:
-                    self.times = [*self.times, 0.001]
-
-            def result(self) -> dict:
-                return {"times": self.times}
-
-        return Run()
-
-    def measure(self, context: int, steps: int, warmup: int):
-        self.measured.append(context)
-        return {"times": [0.002] * steps}, 1
+    def run(self, context: int, span: int):
+        return _LoggedRun, (self.log, self.label, context)
 
     def row(self, context, result, peak):
         from linearize.bench.speed import DecodeRow
@@ -99,21 +109,22 @@ class _Peer:
         return DecodeRow(self.label, context, 1000 / ms, ms, 0, peak, "gguf", "llama.cpp")
 
 
-def test_bench_decode_peers_take_turns_in_one_process_or_run_alone(tmp_path, monkeypatch):
+def test_bench_decode_peers_take_turns_in_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from linearize.bench import speed
 
     path = tmp_path / "augmented"
     engine_model("augmented").save(path)
-    seen = []
+    log = tmp_path / "steps.log"
     step = speed.ModelDecoding.step
 
     def recorded(self, timed):
         step(self, timed)
-        seen.append(("ours", self.context, timed))
+        with open(log, "a") as f:
+            f.write(f"ours {self.context} {int(timed)} {os.getpid()}\n")
 
     monkeypatch.setattr(speed.ModelDecoding, "step", recorded)
-    peer = _Peer(seen)
+    peer = _Peer(log)
     spec = speed.ModelSpec(str(path))
     rows = speed.bench_decode([spec], (40, 72), steps=10, warmup=1, isolate=False, peers=[peer])
     assert [(r.model, r.context) for r in rows] == [
@@ -123,11 +134,112 @@ def test_bench_decode_peers_take_turns_in_one_process_or_run_alone(tmp_path, mon
         ("peer", 72),
     ]
     assert rows[3].tokens_per_s is None and rows[2].tokens_per_s == pytest.approx(1000)
-    # one warm-up step each, then turns of 8 timed steps, then the last 2 each
-    order = [(who, c) for who, c, timed in seen if timed]
+    # one warm-up step each, then turns of 8 timed steps, then the last 2 each, all in here
+    steps = _log(log)
+    assert {pid for *_, pid in steps} == {os.getpid()}
+    order = [(who, c) for who, c, timed, _ in steps if timed]
     expected = [("ours", 40)] * 8 + [("ours", 72)] * 8 + [("peer", 40)] * 8
     expected += [("ours", 40)] * 2 + [("ours", 72)] * 2 + [("peer", 40)] * 2
-    assert order == expected and not peer.measured
-    # In fresh processes the peer measures alone, after our rows.
-    rows = speed.bench_decode([spec], (40,), steps=2, warmup=0, isolate=True, peers=[peer])
-    assert peer.measured == [40] and rows[-1].model == "peer" and rows[-1].peak_rss_bytes == 1
+    assert order == expected
+    assert len({r.peak_rss_bytes for r in rows if r.tokens_per_s}) == 1  # this process's
+
+
+def test_isolated_decodings_take_turns_each_in_its_own_process(tmp_path):
+    from linearize.bench.speed import IsolatedDecoding, take_turns
+
+    log = tmp_path / "steps.log"
+    runs = [IsolatedDecoding(_LoggedRun, str(log), who, 40) for who in ("a", "b")]
+    results = take_turns(runs, steps=10, warmup=1)
+    steps = _log(log)
+    order = [(who, timed) for who, _, timed, _ in steps]
+    expected = [("a", False), ("b", False)] + [("a", True)] * 8 + [("b", True)] * 8
+    assert order == expected + [("a", True)] * 2 + [("b", True)] * 2
+    pids = {who: {pid for w, _, _, pid in steps if w == who} for who in ("a", "b")}
+    assert len(pids["a"]) == len(pids["b"]) == 1 and pids["a"] != pids["b"]
+    assert os.getpid() not in pids["a"] | pids["b"]
+    assert [len(r["times"]) for r in results] == [10, 10]
+    assert all(r["peak_rss_bytes"] > 0 for r in results)
+    with pytest.raises(RuntimeError, match="ValueError: this run cannot start"):
+        IsolatedDecoding(_LoggedRun, str(log), "broken", 40)
+
+
+def test_bench_decode_isolated_runs_take_turns_by_context(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from linearize.bench import speed
+
+    path = tmp_path / "augmented"
+    engine_model("augmented").save(path)
+    log = tmp_path / "steps.log"
+    spec = speed.ModelSpec(str(path))
+    seen = []
+    rows = speed.bench_decode(
+        [spec], (40, 72), steps=2, warmup=0, peers=[_Peer(log)], progress=seen.append
+    )
+    assert [(r.model, r.context, r.tokens_per_s is None) for r in rows] == [
+        (str(path), 40, False),
+        (str(path), 72, False),
+        ("peer", 40, False),
+        ("peer", 72, True),
+    ]
+    # Our run and the peer's at 40 tokens took turns; then our run at 72, alone.
+    assert seen == [
+        f"decode @ 40: prefilling {path} (1 of 2)",
+        "decode @ 40: prefilling peer (2 of 2)",
+        "decode: 2 runs taking turns, 0 + 2 steps each",
+        f"decode @ 72: prefilling {path} (1 of 1)",
+        "decode: 1 runs taking turns, 0 + 2 steps each",
+    ]
+    assert {pid for *_, pid in _log(log)} != {os.getpid()}
+    # Each row's peak is its own process's: the peer's 256 MB show in its row only.
+    assert rows[2].peak_rss_bytes > rows[0].peak_rss_bytes + (200 << 20)
+    assert rows[1].peak_rss_bytes < rows[2].peak_rss_bytes - (200 << 20)
+
+
+def test_bench_decode_refuses_runs_that_do_not_fit_together(tmp_path, monkeypatch):
+    from linearize.bench import speed
+
+    path = tmp_path / "augmented"
+    engine_model("augmented").save(path)
+    spec = speed.ModelSpec(str(path))
+    # Each run alone fits; two at once do not.
+    one = sum(speed.memory_estimate(spec.load(), 40, speed.PREFILL_PIECE).values())
+    monkeypatch.setattr(speed, "available_memory_bytes", lambda: int(1.5 * one / 0.85))
+    with pytest.raises(ValueError, match="2 decode runs taking turns at context 40 need about"):
+        speed.bench_decode([spec, spec], (40,), steps=2, warmup=0)
+
+
+def test_bench_decode_repeat_measures_fresh_runs_in_rounds(tmp_path, monkeypatch):
+    from linearize.bench import speed
+
+    path = tmp_path / "augmented"
+    engine_model("augmented").save(path)
+    log = tmp_path / "steps.log"
+    spec = speed.ModelSpec(str(path))
+    rows = speed.bench_decode(
+        [spec], (40,), steps=3, warmup=1, isolate=False, repeat=2, peers=[_Peer(log)]
+    )
+    # Two rounds, each a fresh run of each (the peer's made twice: two warm-up steps).
+    steps = _log(log)
+    assert [timed for *_, timed, _ in steps] == [False, True, True, True] * 2
+    for row in rows:
+        assert len(row.round_ms) == 2 and row.tokens_per_s > 0
+    assert rows[1].round_ms == [1.0, 1.0] and rows[1].ms_per_token == pytest.approx(1.0)
+    assert rows[0].to_dict()["round_ms"] == rows[0].round_ms
+    with pytest.raises(ValueError, match="repeat >= 1"):
+        speed.bench_decode([spec], (40,), steps=3, repeat=0)
+
+
+def test_bench_decode_cli_repeat(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "augmented"
+    engine_model("augmented").save(model)
+    argv = ["bench", "decode", "--model", str(model), "--contexts", "24", "--steps", "2"]
+    argv += ["--repeat", "3", "--no-isolate", "--json", "--llama-cpp", "off"]
+    assert main([*argv, "--out", str(tmp_path / "results")]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(row["round_ms"]) == 3 and row["tokens_per_s"] > 0
+    record = json.loads((tmp_path / "results" / "decode.json").read_text())
+    assert "--repeat 3" in record["command"]
+    table = (tmp_path / "results" / "decode.md").read_text()
+    assert "ms/token by round" in table
+    assert main([*argv[:-6], "--repeat", "0", "--llama-cpp", "off"]) == 2

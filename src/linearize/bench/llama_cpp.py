@@ -3,7 +3,8 @@
 It is a source build, so it is never a dependency: the peer runs when ``llama_cpp`` imports. The
 protocol is ours (:mod:`linearize.bench.speed`): prefill ``C − warmup − steps`` random tokens,
 then time greedy one-token steps (``eval`` + argmax over the logits) ending at context ``C``,
-each context in a fresh process, or in ours taking turns with our runs (``--no-isolate``).
+taking turns with our runs at the same context, each in a fresh process (or all in ours:
+``--no-isolate``).
 ``state_bytes`` is llama.cpp's KV cache for the ``C`` tokens (f16 keys and values, its
 default), computed from the GGUF metadata.
 """
@@ -17,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linearize.bench.memory import run_isolated
-from linearize.bench.speed import DecodeRow, take_turns
+from linearize.bench.speed import DecodeRow
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,6 @@ class LlamaDecoding:
         return {"times": self.times}
 
 
-def _worker(path: str, context: int, steps: int, warmup: int, threads: int) -> dict[str, Any]:
-    return take_turns([LlamaDecoding(path, context, steps + warmup, threads)], steps, warmup)[0]
-
-
 class LlamaCppPeer:
     """llama.cpp on the GGUF ``path`` as a :class:`linearize.bench.speed.Peer` of
     ``bench decode``: rows labelled ``label``, quant ``gguf``, engine ``llama.cpp``."""
@@ -106,11 +102,8 @@ class LlamaCppPeer:
     def supports(self, context: int) -> bool:
         return context <= self.max_context
 
-    def decoding(self, context: int, span: int) -> LlamaDecoding:
-        return LlamaDecoding(self.path, context, span, self.threads)
-
-    def measure(self, context: int, steps: int, warmup: int) -> tuple[dict[str, Any], int]:
-        return run_isolated(_worker, self.path, context, steps, warmup, self.threads)
+    def run(self, context: int, span: int) -> tuple[type[LlamaDecoding], tuple[Any, ...]]:
+        return LlamaDecoding, (self.path, context, span, self.threads)
 
     def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow:
         if result is None:

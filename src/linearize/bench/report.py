@@ -146,12 +146,21 @@ def engine_label(row: dict[str, Any]) -> str:
     return engine if engine == "torch" else f"{engine}, {row.get('arithmetic', 'fp32')}"
 
 
+# Decode rows measured in rounds (``bench decode --repeat``): each round's median step.
+ROUNDS: Column = (
+    "ms/token by round",
+    lambda r: " / ".join(_num(ms) for ms in r.get("round_ms") or []),
+)
+
+
 def markdown_table(kind: str, rows: list[dict[str, Any]]) -> str:
     """The rows of a record as a markdown table (any kind: unknown kinds show every field)."""
     columns = COLUMNS.get(kind)
     if columns is None:
         keys = list(rows[0]) if rows else []
         columns = [(k, lambda r, k=k: str(r.get(k, "—"))) for k in keys]
+    elif kind == "decode" and any(r.get("round_ms") for r in rows):
+        columns = [*columns[:4], ROUNDS, *columns[4:]]
     lines = [
         "| " + " | ".join(h for h, _ in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

@@ -7,20 +7,23 @@ timed steps end exactly at context ``C``. **Prefill** of ``C`` tokens: one pass 
 the LM head on the last token, after a short warm-up pass.
 
 Each (model, context) runs in a fresh process by default (``isolate=True``), so
-``peak_rss_bytes`` is that process's own high-water mark (``getrusage``): interpreter, torch,
-the model weights and the run. A context the memory cannot hold is refused before anything is
-allocated, with the estimate. A softmax model's decode stops at its ``max_position_embeddings``:
-past it the row is reported as not supported (``None`` values) rather than measured. The models
-take turns at each context (a shared machine's drifting load then biases none of them), and every
-(model, context) is checked against the memory before the first measurement. In one process
-(``isolate=False``) decode goes further: every (model, context), and every peer's run
-(llama.cpp), is prefilled first, then they take turns step by step (:func:`take_turns`),
-holding all their states at once.
+``peak_rss_bytes`` is that process's own high-water mark: interpreter, torch, the model weights
+and the run. A context the memory cannot hold is refused before anything is allocated, with the
+estimate. A softmax model's decode stops at its ``max_position_embeddings``: past it the row is
+reported as not supported (``None`` values) rather than measured. Runs that are compared take
+turns (:func:`take_turns`), so a machine whose speed drifts over minutes biases none of them:
+at each context every decode run, each peer's (llama.cpp) included, is prefilled in a process of
+its own (:class:`IsolatedDecoding`), then they step in turns, the others waiting. In one process
+(``isolate=False``) every run of every context is prefilled first, then all take turns, holding
+all their states at once. Every run is checked against the memory before the first measurement,
+and so is every group of runs held at once. Prefill rows run one after another, the models
+taking turns at each context.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import statistics
 import threading
 import time
@@ -92,9 +95,14 @@ class DecodeRow:
     peak_rss_bytes: int | None
     quant: str = "none"
     engine: str = "torch"
+    # The median step of each round (``bench decode --repeat``), in ms; only then a key.
+    round_ms: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        if row["round_ms"] is None:
+            del row["round_ms"]
+        return row
 
 
 @dataclass
@@ -264,15 +272,75 @@ class Peer(Protocol):
 
     def supports(self, context: int) -> bool: ...
 
-    def decoding(self, context: int, span: int) -> Decoding:
-        """A run in this process, prefilled so that ``span`` steps end at ``context``."""
-        ...
-
-    def measure(self, context: int, steps: int, warmup: int) -> tuple[dict[str, Any], int]:
-        """The run's :meth:`Decoding.result` and peak RSS, in a fresh process."""
+    def run(self, context: int, span: int) -> tuple[Callable[..., Decoding], tuple[Any, ...]]:
+        """How to make its run ending at ``context`` after ``span`` steps: ``make(*args)``,
+        ``make`` module-level and ``args`` picklable (it may run in a fresh process)."""
         ...
 
     def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow: ...
+
+
+class IsolatedDecoding:
+    """A :class:`Decoding` made (``make(*args)``: a module-level callable, picklable arguments)
+    and stepped in a fresh (spawned) process of its own, which waits between the steps it is
+    told to take: it takes turns with other runs, and its ``result()`` carries that process's
+    own ``peak_rss_bytes``. An error in the child is raised here as a ``RuntimeError`` with its
+    message; the child exits after ``result()``."""
+
+    def __init__(self, make: Callable[..., Decoding], *args: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_decoding, args=(child, make, args))
+        self._process.start()
+        child.close()
+        self._answer()  # made: its prompt prefilled
+
+    def _answer(self) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(
+                f"the decode run's process died (exit code {self._process.exitcode})"
+            ) from None
+        if status != "ok":
+            self._process.join()
+            raise RuntimeError(value)
+        return value
+
+    def step(self, timed: bool) -> None:
+        self._conn.send(("step", timed))
+        self._answer()
+
+    def result(self) -> dict[str, Any]:
+        self._conn.send(("result",))
+        result, peak = self._answer()
+        self._process.join()
+        return {**result, "peak_rss_bytes": peak}
+
+
+def _serve_decoding(conn: Any, make: Callable[..., Decoding], args: tuple[Any, ...]) -> None:
+    """The child of :class:`IsolatedDecoding`: make the run, then step it when told."""
+    try:
+        decoding = make(*args)
+        conn.send(("ok", None))
+        while True:
+            command, *rest = conn.recv()
+            if command == "step":
+                decoding.step(*rest)
+                conn.send(("ok", None))
+            else:
+                conn.send(("ok", (decoding.result(), peak_rss_bytes())))
+                return
+    except BaseException as e:  # report every failure to the parent, then exit
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _model_decoding(spec: ModelSpec, context: int, span: int, threads: int) -> ModelDecoding:
+    """``spec``'s run in a fresh process (:class:`IsolatedDecoding`), as many threads as ours."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return ModelDecoding(spec.load(), context, span, spec.engine)
 
 
 # Timed steps each run takes in a turn of :func:`take_turns`.
@@ -361,26 +429,20 @@ def time_prefill(model: Decoder, context: int) -> dict[str, Any]:
     }
 
 
-def _worker(
-    kind: str, spec: ModelSpec, context: int, options: dict[str, Any], threads: int
-) -> dict[str, Any]:
+def _prefill_worker(spec: ModelSpec, context: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = spec.load()
-    if kind == "decode":
-        return time_decode(model, context, engine=spec.engine, **options)
-    return time_prefill(model, context, **options)
+    return time_prefill(spec.load(), context)
 
 
-def _measure(
-    kind: str, spec: ModelSpec, context: int, options: dict[str, Any], model: Decoder | None
+def _measure_prefill(
+    spec: ModelSpec, context: int, model: Decoder | None
 ) -> tuple[dict[str, Any], int]:
-    """The run's result and peak RSS: in a fresh process, or with ``model`` (a prefill) in this
-    one; decode runs in this process take turns instead (:func:`bench_decode`)."""
+    """The prefill's result and peak RSS: in a fresh process (as many threads as this one), or
+    with ``model`` in this one."""
     if model is None:
-        # The fresh process uses as many threads as this one.
-        return run_isolated(_worker, kind, spec, context, options, torch.get_num_threads())
-    return time_prefill(model, context, **options), peak_rss_bytes()
+        return run_isolated(_prefill_worker, spec, context, torch.get_num_threads())
+    return time_prefill(model, context), peak_rss_bytes()
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -413,6 +475,10 @@ def _grid(
             yield i, spec, model, context
 
 
+# A run of bench_decode: (row order, label, make the run, its row from a result).
+_Run = tuple[int, str, Callable[[], Decoding], Callable[..., DecodeRow]]
+
+
 def bench_decode(
     specs: list[ModelSpec],
     contexts: tuple[int, ...] = DEFAULT_DECODE_CONTEXTS,
@@ -420,21 +486,29 @@ def bench_decode(
     steps: int = 32,
     warmup: int = DEFAULT_DECODE_WARMUP,
     isolate: bool = True,
+    repeat: int = 1,
     progress: Progress | None = None,
     on_model: OnModel | None = None,
     peers: Sequence[Peer] = (),
 ) -> list[DecodeRow]:
     """One :class:`DecodeRow` per (model, context), ordered by model then context, then the
-    ``peers``' rows; see the module doc for the protocol. ``on_model(spec, model)`` is called
-    once per model after loading (to describe it)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"decode needs steps >= 1 and warmup >= 0, got {steps} and {warmup}")
+    ``peers``' rows; see the module doc for the protocol. With ``repeat`` > 1 every group of
+    runs is measured that many times, in rounds (fresh processes each round when isolated: a
+    process's speed on a shared VM varies from one process to the next), and a row reports the
+    median of all its timed steps and each round's median (``round_ms``). ``on_model(spec,
+    model)`` is called once per model after loading (to describe it)."""
+    if steps < 1 or warmup < 0 or repeat < 1:
+        raise ValueError(
+            f"decode needs steps >= 1, warmup >= 0 and repeat >= 1, got {steps}, {warmup} and "
+            f"{repeat}"
+        )
     _check_contexts(contexts, minimum=steps + warmup + 1)
-    span = steps + warmup
-    # Runs measured in this process, together: (row order, make the run, its row from a result).
-    together: list[tuple[int, Callable[[], Decoding], Callable[..., DecodeRow]]] = []
+    span, threads = steps + warmup, torch.get_num_threads()
+    # The runs that take turns, by context (isolated) or all at once (key None).
+    groups: dict[int | None, list[_Run]] = {}
+    estimates: dict[int | None, list[tuple[str, int]]] = {}
     rows = []
-    for i, spec, model, context in _grid("decode", specs, contexts, progress, on_model):
+    for i, spec, model, context in _grid("decode", specs, contexts, None, on_model):
         row = partial(_decode_row, spec, context)
         if not supports_context(model, context):
             logger.info(
@@ -443,33 +517,70 @@ def bench_decode(
             rows.append(
                 (i, DecodeRow(spec.label, context, None, None, None, None, spec.quant or "none"))
             )
-        elif isolate:
-            options = {"steps": steps, "warmup": warmup}
-            rows.append((i, row(*_measure("decode", spec, context, options, None))))
+            continue
+        if isolate:
+            make = partial(IsolatedDecoding, _model_decoding, spec, context, span, threads)
         else:
             make = partial(ModelDecoding, model, context, span, spec.engine)
-            together.append((i, make, row))
+        group = context if isolate else None
+        groups.setdefault(group, []).append((i, spec.label, make, row))
+        estimate = memory_estimate(model, context, PREFILL_PIECE)
+        if not isolate:  # one process: the weights are loaded once, already
+            estimate["weights"] = 0
+        estimates.setdefault(group, []).append((spec.label, sum(estimate.values())))
     for j, peer in enumerate(peers, start=len(specs)):
         for context in contexts:
-            if progress is not None:
-                progress(f"decode {peer.label} @ {context}")
             row = partial(peer.row, context)
             if not peer.supports(context):
                 rows.append((j, row(None, None)))
-            elif isolate:
-                rows.append((j, row(*peer.measure(context, steps, warmup))))
-            else:
-                together.append((j, partial(peer.decoding, context, span), row))
-    if together:
-        # In this process: every run prefilled, then their steps in turns (take_turns).
-        decodings = []
-        for _, make, _ in together:
-            decodings.append(make())
-            logger.info("decode: %d of %d runs prefilled", len(decodings), len(together))
-        results = take_turns(decodings, steps, warmup)
-        for (i, _, row), result in zip(together, results, strict=True):
-            rows.append((i, row(result, peak_rss_bytes())))
+                continue
+            make, args = peer.run(context, span)
+            make = partial(IsolatedDecoding, make, *args) if isolate else partial(make, *args)
+            groups.setdefault(context if isolate else None, []).append((j, peer.label, make, row))
+    for group, needs in estimates.items():
+        _check_together(needs, group)
+    # Per run (group, index in it): its last result with every round's times, and its peak.
+    measured: dict[tuple[int | None, int], tuple[dict[str, Any], list[list[float]], int]] = {}
+    for round_ in range(repeat):
+        for group, runs in groups.items():
+            decodings = []
+            for _, label, make, _ in runs:
+                if progress is not None:
+                    where = f" @ {group}" if group is not None else ""
+                    rounds = f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
+                    progress(
+                        f"decode{where}: prefilling {label} ({len(decodings) + 1} of "
+                        f"{len(runs)}{rounds})"
+                    )
+                decodings.append(make())
+            if progress is not None:
+                progress(f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each")
+            for k, result in enumerate(take_turns(decodings, steps, warmup)):
+                peak = result.pop("peak_rss_bytes", None) or peak_rss_bytes()
+                _, times, highest = measured.get((group, k), (None, [], 0))
+                measured[group, k] = result, [*times, result["times"]], max(highest, peak)
+    for group, runs in groups.items():
+        for k, (i, _, _, row) in enumerate(runs):
+            result, times, peak = measured[group, k]
+            decode_row = row({**result, "times": [t for ts in times for t in ts]}, peak)
+            if repeat > 1:
+                decode_row.round_ms = [1000 * statistics.median(ts) for ts in times]
+            rows.append((i, decode_row))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
+
+
+def _check_together(needs: list[tuple[str, int]], context: int | None) -> None:
+    """Refuse runs held at once (a context's processes, or every run in this one) that the free
+    memory cannot hold together (each alone is checked by :func:`check_memory`)."""
+    need, free = sum(n for _, n in needs), available_memory_bytes()
+    if len(needs) > 1 and need > MEMORY_HEADROOM * free:
+        where = f"at context {context}" if context is not None else "in one process"
+        runs = ", ".join(f"{label} {format_bytes(n)}" for label, n in needs)
+        raise ValueError(
+            f"{len(needs)} decode runs taking turns {where} need about {format_bytes(need)} "
+            f"together ({runs}); only {format_bytes(free)} is available: use fewer --model or "
+            "smaller --contexts"
+        )
 
 
 def _decode_row(spec: ModelSpec, context: int, result: dict[str, Any], peak: int) -> DecodeRow:
@@ -500,7 +611,7 @@ def bench_prefill(
     _check_contexts(contexts, minimum=1)
     rows = []
     for i, spec, model, context in _grid("prefill", specs, contexts, progress, on_model):
-        result, peak = _measure("prefill", spec, context, {}, None if isolate else model)
+        result, peak = _measure_prefill(spec, context, None if isolate else model)
         seconds = result["seconds"]
         row = PrefillRow(
             spec.label,

@@ -46,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(decode, speed.DEFAULT_DECODE_CONTEXTS)
     decode.add_argument("--steps", type=int, default=32, help="timed decode steps (median)")
     decode.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure every run this many times, in rounds, each round in fresh processes "
+        "(unless --no-isolate); a row reports the median of all its steps and each round's "
+        "median (round_ms: a process's speed on a shared VM varies from one to the next)",
+    )
+    decode.add_argument(
         "--warmup",
         type=int,
         default=speed.DEFAULT_DECODE_WARMUP,
@@ -211,6 +219,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--steps", str(args.steps)]
     if hasattr(args, "warmup"):
         words += ["--warmup", str(args.warmup)]
+    if getattr(args, "repeat", 1) != 1:
+        words += ["--repeat", str(args.repeat)]
     for quant in getattr(args, "quant", None) or []:
         words += ["--quant", quant]
     if getattr(args, "engine", "auto") != "auto":
@@ -324,6 +334,7 @@ def run_decode(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         isolate=not args.no_isolate,
+        repeat=args.repeat,
         progress=_progress,
         on_model=record,
         peers=_llama_cpp_peers(ggufs, models),
