@@ -243,3 +243,18 @@ def test_bench_decode_cli_repeat(tmp_path, capsys, monkeypatch):
     table = (tmp_path / "results" / "decode.md").read_text()
     assert "ms/token by round" in table
     assert main([*argv[:-6], "--repeat", "0", "--llama-cpp", "off"]) == 2
+
+
+def test_bench_decode_failed_run_ends_the_others_processes(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from linearize.bench import speed
+
+    path = tmp_path / "augmented"
+    engine_model("augmented").save(path)
+    peer = _Peer(tmp_path / "steps.log")
+    peer.label = "broken"  # its run raises while our run's process waits for its turn
+    with pytest.raises(RuntimeError, match="this run cannot start"):
+        speed.bench_decode([speed.ModelSpec(str(path))], (40,), steps=2, peers=[peer])
+    assert multiprocessing.active_children() == []

@@ -318,6 +318,14 @@ class IsolatedDecoding:
         self._process.join()
         return {**result, "peak_rss_bytes": peak}
 
+    def close(self) -> None:
+        """End the child if it still runs (a run given up: another failed)."""
+        self._conn.close()  # the child's next read ends it
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
 
 def _serve_decoding(conn: Any, make: Callable[..., Decoding], args: tuple[Any, ...]) -> None:
     """The child of :class:`IsolatedDecoding`: make the run, then step it when told."""
@@ -325,7 +333,10 @@ def _serve_decoding(conn: Any, make: Callable[..., Decoding], args: tuple[Any, .
         decoding = make(*args)
         conn.send(("ok", None))
         while True:
-            command, *rest = conn.recv()
+            try:
+                command, *rest = conn.recv()
+            except EOFError:  # the parent gave the run up
+                return
             if command == "step":
                 decoding.step(*rest)
                 conn.send(("ok", None))
@@ -543,19 +554,28 @@ def bench_decode(
     measured: dict[tuple[int | None, int], tuple[dict[str, Any], list[list[float]], int]] = {}
     for round_ in range(repeat):
         for group, runs in groups.items():
-            decodings = []
-            for _, label, make, _ in runs:
+            decodings: list[Decoding] = []
+            try:
+                for _, label, make, _ in runs:
+                    if progress is not None:
+                        where = f" @ {group}" if group is not None else ""
+                        rounds = f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
+                        progress(
+                            f"decode{where}: prefilling {label} ({len(decodings) + 1} of "
+                            f"{len(runs)}{rounds})"
+                        )
+                    decodings.append(make())
                 if progress is not None:
-                    where = f" @ {group}" if group is not None else ""
-                    rounds = f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
                     progress(
-                        f"decode{where}: prefilling {label} ({len(decodings) + 1} of "
-                        f"{len(runs)}{rounds})"
+                        f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each"
                     )
-                decodings.append(make())
-            if progress is not None:
-                progress(f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each")
-            for k, result in enumerate(take_turns(decodings, steps, warmup)):
+                results = take_turns(decodings, steps, warmup)
+            except BaseException:
+                for decoding in decodings:
+                    if isinstance(decoding, IsolatedDecoding):
+                        decoding.close()
+                raise
+            for k, result in enumerate(results):
                 peak = result.pop("peak_rss_bytes", None) or peak_rss_bytes()
                 _, times, highest = measured.get((group, k), (None, [], 0))
                 measured[group, k] = result, [*times, result["times"]], max(highest, peak)
