@@ -15,9 +15,9 @@ turns (:func:`take_turns`), so a machine whose speed drifts over minutes biases 
 at each context every decode run, each peer's (llama.cpp) included, is prefilled in a process of
 its own (:class:`IsolatedDecoding`), then they step in turns, the others waiting. In one process
 (``isolate=False``) every run of every context is prefilled first, then all take turns, holding
-all their states at once. Every run is checked against the memory before the first measurement,
-and so is every group of runs held at once. Prefill rows run one after another, the models
-taking turns at each context.
+all their states at once. Every run of ours is checked against the memory before the first
+measurement, and so is every group of them held at once. Prefill rows run one after another,
+the models taking turns at each context.
 """
 
 from __future__ import annotations
@@ -554,28 +554,9 @@ def bench_decode(
     measured: dict[tuple[int | None, int], tuple[dict[str, Any], list[list[float]], int]] = {}
     for round_ in range(repeat):
         for group, runs in groups.items():
-            decodings: list[Decoding] = []
-            try:
-                for _, label, make, _ in runs:
-                    if progress is not None:
-                        where = f" @ {group}" if group is not None else ""
-                        rounds = f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
-                        progress(
-                            f"decode{where}: prefilling {label} ({len(decodings) + 1} of "
-                            f"{len(runs)}{rounds})"
-                        )
-                    decodings.append(make())
-                if progress is not None:
-                    progress(
-                        f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each"
-                    )
-                results = take_turns(decodings, steps, warmup)
-            except BaseException:
-                for decoding in decodings:
-                    if isinstance(decoding, IsolatedDecoding):
-                        decoding.close()
-                raise
-            for k, result in enumerate(results):
+            where = f" @ {group}" if group is not None else ""
+            where += f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
+            for k, result in enumerate(_take_turns_of(runs, steps, warmup, where, progress)):
                 peak = result.pop("peak_rss_bytes", None) or peak_rss_bytes()
                 _, times, highest = measured.get((group, k), (None, [], 0))
                 measured[group, k] = result, [*times, result["times"]], max(highest, peak)
@@ -587,6 +568,27 @@ def bench_decode(
                 decode_row.round_ms = [1000 * statistics.median(ts) for ts in times]
             rows.append((i, decode_row))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
+
+
+def _take_turns_of(
+    runs: list[_Run], steps: int, warmup: int, where: str, progress: Progress | None
+) -> list[dict[str, Any]]:
+    """Make ``runs`` one by one (each prefills), then :func:`take_turns`; if one fails, the
+    processes of the others are ended before the error goes on."""
+    decodings: list[Decoding] = []
+    try:
+        for _, label, make, _ in runs:
+            if progress is not None:
+                progress(f"decode{where}: prefilling {label} ({len(decodings) + 1} of {len(runs)})")
+            decodings.append(make())
+        if progress is not None:
+            progress(f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each")
+        return take_turns(decodings, steps, warmup)
+    except BaseException:
+        for decoding in decodings:
+            if isinstance(decoding, IsolatedDecoding):
+                decoding.close()
+        raise
 
 
 def _check_together(needs: list[tuple[str, int]], context: int | None) -> None:
