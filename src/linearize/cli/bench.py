@@ -185,9 +185,9 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
     parser.add_argument(
         "--no-isolate",
         action="store_true",
-        help="measure in this process (faster; decode runs, llama.cpp's too, take turns step "
-        "by step, so a machine whose speed drifts biases none; peak RSS is then this "
-        "process's high-water mark)",
+        help="measure in this process, not one process per run (faster; peak RSS is then this "
+        "process's high-water mark). Decode runs take turns either way, so a machine whose "
+        "speed drifts biases none: by context in their own processes, all at once here",
     )
 
 
