@@ -52,7 +52,7 @@ def test_engine_matches_reference(kind, quant, tmp_path):
 @pytest.mark.parametrize("kind", ["softmax", "wide"])
 def test_rings_grow_with_the_context(kind, tmp_path):
     """A step reads the filled part of a long ring: the state starts at a short reach and grows
-    by ``2 · reach_step`` slots until its rings are whole (a softmax cache of 200, a window of
+    by ``reach_step`` slots until its rings are whole (a softmax cache of 200, a window of
     60 + sinks), with the logits of the reference all along and a fixed ``nbytes``."""
     model = _model(kind)
     quantize(model, "int4")
@@ -72,11 +72,12 @@ def test_rings_grow_with_the_context(kind, tmp_path):
         reaches.append(engine.state.reach)
     assert_close(f"{kind} steps", reference[0, 5:], torch.stack(steps), TOLERANCE)
     grown = list(dict.fromkeys(reaches))
-    assert grown == ([32, 64, 96, 128, 160, 192, None] if kind == "softmax" else [32, None])
+    softmax = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, None]
+    assert grown == (softmax if kind == "softmax" else [16, 32, 48, None])
     assert engine.nbytes() == whole.nbytes()
     # A prompt loads at the reach of its length.
     engine.prefill(ids[0, :100].tolist())
-    assert engine.state.reach == (128 if kind == "softmax" else None)
+    assert engine.state.reach == (112 if kind == "softmax" else None)
     after = engine.step(int(ids[0, 100]))
     assert_close("after a long prefill", reference[0, 100], after, TOLERANCE)
 
@@ -95,7 +96,7 @@ def test_snapshots_and_trees_across_a_growth(tmp_path):
     first = [engine.step(t).clone() for t in ids[5:30]]
     assert engine.state.reach == 32
     engine.restore(saved)
-    assert engine.state.reach == 16 and engine.pos == 5
+    assert engine.state.reach == 8 and engine.pos == 5
     again = [engine.step(t).clone() for t in ids[5:30]]
     assert_close("replayed", torch.stack(first), torch.stack(again), 0)
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_snapshots_and_trees_across_a_growth(tmp_path):
         tree = Tree.from_parents([-1, 0, 0, 1])
         reference, _, _ = model.forward_tree(torch.tensor([ids[30:34]]), tree, state)
     logits, _ = engine.forward_tree(ids[30:34], tree)
-    assert engine.state.reach == 48  # depth 2 from position 30 passes 32: (33 // 8 + 2) · 8
+    assert engine.state.reach == 40  # depth 2 from position 30 passes 32: (33 // 8 + 1) · 8
     assert_close("tree on a grown state", reference[0], logits, TOLERANCE)
     engine.commit([0, 1])
     short = Tree.from_parents([-1, 0])
@@ -111,7 +112,7 @@ def test_snapshots_and_trees_across_a_growth(tmp_path):
         _, state = model(torch.tensor([ids[:30] + ids[30:32]]))
         reference, _, _ = model.forward_tree(torch.tensor([ids[40:42]]), short, state)
     logits, _ = engine.forward_tree(ids[40:42], short)
-    assert engine.state.reach == 48  # within the reach: no growth
+    assert engine.state.reach == 40  # within the reach: no growth
     assert_close("tree within the reach", reference[0], logits, TOLERANCE)
 
 
