@@ -13,10 +13,17 @@ from tests.engine.conftest import engine_model
 pytest.importorskip("onnxruntime")
 
 
-def test_bench_decode_quant_and_engine(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    """A tiny default ``augmented`` model saved to disk (engine graphs cached in ``tmp_path``)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    model = tmp_path / "augmented"
-    engine_model("augmented").save(model)
+    path = tmp_path / "augmented"
+    engine_model("augmented").save(path)
+    return path
+
+
+def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
+    model = saved
     argv = ["bench", "decode", "--model", str(model), "--contexts", "24,72", "--steps", "4"]
     argv += ["--quant", "none", "--quant", "int4", "--json", "--no-isolate"]
     argv += ["--llama-cpp", "off", "--out", str(tmp_path / "results")]
@@ -109,12 +116,10 @@ class _Peer:
         return DecodeRow(self.label, context, 1000 / ms, ms, 0, peak, "gguf", "llama.cpp")
 
 
-def test_bench_decode_peers_take_turns_in_one_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_bench_decode_peers_take_turns_in_one_process(saved, tmp_path, monkeypatch):
     from linearize.bench import speed
 
-    path = tmp_path / "augmented"
-    engine_model("augmented").save(path)
+    path = saved
     log = tmp_path / "steps.log"
     step = speed.ModelDecoding.step
 
@@ -163,12 +168,10 @@ def test_isolated_decodings_take_turns_each_in_its_own_process(tmp_path):
         IsolatedDecoding(_LoggedRun, str(log), "broken", 40)
 
 
-def test_bench_decode_isolated_runs_take_turns_by_context(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_bench_decode_isolated_runs_take_turns_by_context(saved, tmp_path):
     from linearize.bench import speed
 
-    path = tmp_path / "augmented"
-    engine_model("augmented").save(path)
+    path = saved
     log = tmp_path / "steps.log"
     spec = speed.ModelSpec(str(path))
     seen = []
@@ -195,11 +198,10 @@ def test_bench_decode_isolated_runs_take_turns_by_context(tmp_path, monkeypatch)
     assert rows[1].peak_rss_bytes < rows[2].peak_rss_bytes - (200 << 20)
 
 
-def test_bench_decode_refuses_runs_that_do_not_fit_together(tmp_path, monkeypatch):
+def test_bench_decode_refuses_runs_that_do_not_fit_together(saved, monkeypatch):
     from linearize.bench import speed
 
-    path = tmp_path / "augmented"
-    engine_model("augmented").save(path)
+    path = saved
     spec = speed.ModelSpec(str(path))
     # Each run alone fits; two at once do not.
     one = sum(speed.memory_estimate(spec.load(), 40, speed.PREFILL_PIECE).values())
@@ -208,11 +210,10 @@ def test_bench_decode_refuses_runs_that_do_not_fit_together(tmp_path, monkeypatc
         speed.bench_decode([spec, spec], (40,), steps=2, warmup=0)
 
 
-def test_bench_decode_repeat_measures_fresh_runs_in_rounds(tmp_path, monkeypatch):
+def test_bench_decode_repeat_measures_fresh_runs_in_rounds(saved, tmp_path):
     from linearize.bench import speed
 
-    path = tmp_path / "augmented"
-    engine_model("augmented").save(path)
+    path = saved
     log = tmp_path / "steps.log"
     spec = speed.ModelSpec(str(path))
     rows = speed.bench_decode(
@@ -229,10 +230,8 @@ def test_bench_decode_repeat_measures_fresh_runs_in_rounds(tmp_path, monkeypatch
         speed.bench_decode([spec], (40,), steps=3, repeat=0)
 
 
-def test_bench_decode_cli_repeat(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    model = tmp_path / "augmented"
-    engine_model("augmented").save(model)
+def test_bench_decode_cli_repeat(saved, tmp_path, capsys):
+    model = saved
     argv = ["bench", "decode", "--model", str(model), "--contexts", "24", "--steps", "2"]
     argv += ["--repeat", "3", "--no-isolate", "--json", "--llama-cpp", "off"]
     assert main([*argv, "--out", str(tmp_path / "results")]) == 0
@@ -245,14 +244,12 @@ def test_bench_decode_cli_repeat(tmp_path, capsys, monkeypatch):
     assert main([*argv[:-6], "--repeat", "0", "--llama-cpp", "off"]) == 2
 
 
-def test_bench_decode_failed_run_ends_the_others_processes(tmp_path, monkeypatch):
+def test_bench_decode_failed_run_ends_the_others_processes(saved, tmp_path):
     import multiprocessing
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from linearize.bench import speed
 
-    path = tmp_path / "augmented"
-    engine_model("augmented").save(path)
+    path = saved
     peer = _Peer(tmp_path / "steps.log")
     peer.label = "broken"  # its run raises while our run's process waits for its turn
     with pytest.raises(RuntimeError, match="this run cannot start"):

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from linearize.bench.speed import DecodeRow
+from linearize.bench.speed import DecodeRow, decode_row
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +107,6 @@ class LlamaCppPeer:
     def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow:
         if result is None:
             return DecodeRow(self.label, context, None, None, None, None, "gguf", "llama.cpp")
-        ms = 1000 * statistics.median(result["times"])
         state = self.kv_per_token * context
-        return DecodeRow(self.label, context, 1000 / ms, ms, state, peak, "gguf", "llama.cpp")
+        result = {**result, "state_bytes": state, "quant": "gguf", "engine": "llama.cpp"}
+        return decode_row(self.label, context, result, peak)

@@ -347,11 +347,16 @@ def _serve_decoding(conn: Any, make: Callable[..., Decoding], args: tuple[Any, .
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _model_decoding(spec: ModelSpec, context: int, span: int, threads: int) -> ModelDecoding:
-    """``spec``'s run in a fresh process (:class:`IsolatedDecoding`), as many threads as ours."""
+def _load_fresh(spec: ModelSpec, threads: int) -> Decoder:
+    """``spec``'s model in a fresh process, which uses as many threads as ours."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    return ModelDecoding(spec.load(), context, span, spec.engine)
+    return spec.load()
+
+
+def _model_decoding(spec: ModelSpec, context: int, span: int, threads: int) -> ModelDecoding:
+    """``spec``'s run in a fresh process (:class:`IsolatedDecoding`)."""
+    return ModelDecoding(_load_fresh(spec, threads), context, span, spec.engine)
 
 
 # Timed steps each run takes in a turn of :func:`take_turns`.
@@ -441,9 +446,7 @@ def time_prefill(model: Decoder, context: int) -> dict[str, Any]:
 
 
 def _prefill_worker(spec: ModelSpec, context: int, threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    return time_prefill(spec.load(), context)
+    return time_prefill(_load_fresh(spec, threads), context)
 
 
 def _measure_prefill(
@@ -515,12 +518,11 @@ def bench_decode(
         )
     _check_contexts(contexts, minimum=steps + warmup + 1)
     span, threads = steps + warmup, torch.get_num_threads()
-    # The runs that take turns, by context (isolated) or all at once (key None).
+    # The runs that take turns: by context in their own processes, or all at once here (None).
     groups: dict[int | None, list[_Run]] = {}
     estimates: dict[int | None, list[tuple[str, int]]] = {}
     rows = []
     for i, spec, model, context in _grid("decode", specs, contexts, None, on_model):
-        row = partial(_decode_row, spec, context)
         if not supports_context(model, context):
             logger.info(
                 "%s: context %d not supported (past its trained positions)", spec.label, context
@@ -533,6 +535,7 @@ def bench_decode(
             make = partial(IsolatedDecoding, _model_decoding, spec, context, span, threads)
         else:
             make = partial(ModelDecoding, model, context, span, spec.engine)
+        row = partial(decode_row, spec.label, context)
         group = context if isolate else None
         groups.setdefault(group, []).append((i, spec.label, make, row))
         estimate = memory_estimate(model, context, PREFILL_PIECE)
@@ -550,23 +553,25 @@ def bench_decode(
             groups.setdefault(context if isolate else None, []).append((j, peer.label, make, row))
     for group, needs in estimates.items():
         _check_together(needs, group)
-    # Per run (group, index in it): its last result with every round's times, and its peak.
-    measured: dict[tuple[int | None, int], tuple[dict[str, Any], list[list[float]], int]] = {}
+    # Every round's result of each run, by (group, index in it).
+    results: dict[tuple[int | None, int], list[dict[str, Any]]] = {}
     for round_ in range(repeat):
         for group, runs in groups.items():
             where = f" @ {group}" if group is not None else ""
             where += f", round {round_ + 1} of {repeat}" if repeat > 1 else ""
             for k, result in enumerate(_take_turns_of(runs, steps, warmup, where, progress)):
-                peak = result.pop("peak_rss_bytes", None) or peak_rss_bytes()
-                _, times, highest = measured.get((group, k), (None, [], 0))
-                measured[group, k] = result, [*times, result["times"]], max(highest, peak)
+                results.setdefault((group, k), []).append(result)
     for group, runs in groups.items():
         for k, (i, _, _, row) in enumerate(runs):
-            result, times, peak = measured[group, k]
-            decode_row = row({**result, "times": [t for ts in times for t in ts]}, peak)
+            rounds = results[group, k]
+            # A run in its own process reports its peak; here, this process's high-water mark.
+            peak = max(r.get("peak_rss_bytes") or peak_rss_bytes() for r in rounds)
+            decode_row_ = row(
+                {**rounds[-1], "times": [t for r in rounds for t in r["times"]]}, peak
+            )
             if repeat > 1:
-                decode_row.round_ms = [1000 * statistics.median(ts) for ts in times]
-            rows.append((i, decode_row))
+                decode_row_.round_ms = [1000 * statistics.median(r["times"]) for r in rounds]
+            rows.append((i, decode_row_))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
 
 
@@ -605,10 +610,12 @@ def _check_together(needs: list[tuple[str, int]], context: int | None) -> None:
         )
 
 
-def _decode_row(spec: ModelSpec, context: int, result: dict[str, Any], peak: int) -> DecodeRow:
+def decode_row(label: str, context: int, result: dict[str, Any], peak: int) -> DecodeRow:
+    """The row of a timed run: its median step, and the ``state_bytes``, ``quant`` and
+    ``engine`` its result names."""
     ms = 1000 * statistics.median(result["times"])
     return DecodeRow(
-        spec.label,
+        label,
         context,
         1000 / ms,
         ms,
