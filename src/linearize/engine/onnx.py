@@ -32,8 +32,9 @@ from linearize.paths import atomic_dir, cache_dir
 logger = logging.getLogger(__name__)
 
 # 7: layers whose α is 0 export without their global part; 8: tree graphs take rings of any
-# reach; 9: tree graphs run q/k/v and gate/up as one linear each
-EXPORT_VERSION = 9
+# reach; 9: tree graphs run q/k/v and gate/up as one linear each; 10: the step scores each
+# query head against the ring as a one-row product
+EXPORT_VERSION = 10
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
