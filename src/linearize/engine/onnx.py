@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 # 7: layers whose α is 0 export without their global part; 8: tree graphs take rings of any
 # reach; 9: tree graphs run q/k/v and gate/up as one linear each; 10: the step scores each
-# query head against the ring as a one-row product
-EXPORT_VERSION = 10
+# query head against the ring as a one-row product; 11: value rings slot-major, [1, Hkv, C, V]
+EXPORT_VERSION = 11
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -275,7 +275,7 @@ class OnnxEngine:
 
     def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
         """The ring inputs among ``names`` (default: the step's) whose length follows the
-        state's reach: a ring's slots (values are slot-minor), its mask or times; a tree's
+        state's reach: a ring's slots, its mask or times; a tree's
         visibility ``visible.j`` (slots, then nodes) of the ``j``-th distinct layout."""
         keys = sorted(self.growing, key=str)
         distinct = list(dict.fromkeys(lay.key for lay in self.layouts))
@@ -291,7 +291,7 @@ class OnnxEngine:
                 continue
             key = self.layouts[int(index)].key
             if key in self.growing:
-                axis = {"mask": 0, "times": 0, "v": 3}.get(kind, 2)
+                axis = 0 if kind in ("mask", "times") else 2
                 axes[name] = {axis: f"slots{keys.index(key)}"}
         return axes
 

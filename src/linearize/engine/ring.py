@@ -102,8 +102,7 @@ class RingState:
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
-        # Every ring (k, v, fk) as a view with its slots on axis 2 (values are stored
-        # slot-minor, [1, Hkv, V, C]: see engine.step._local).
+        # Every ring (k, v, fk), its slots on axis 2: [1, Hkv, C, ·].
         self.rings: dict[str, np.ndarray] = {}
         self.pos = 0
         for i, lay in enumerate(layouts):
@@ -117,8 +116,7 @@ class RingState:
                 else:
                     self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
                 if kind in RINGS:
-                    array = self.inputs[name]
-                    self.rings[name] = array.swapaxes(2, 3) if kind == "v" else array
+                    self.rings[name] = self.inputs[name]
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
@@ -280,7 +278,7 @@ def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
     Hkv, C, K, F = lay.kv_heads, size, lay.key_dim, lay.feature_dim
     return {
         "k": (1, Hkv, C, K),
-        "v": (1, Hkv, K, C),  # slot-minor
+        "v": (1, Hkv, C, K),
         "fk": (1, Hkv, C, F),
         "S": (1, Hkv, F, K),
         "z": (1, Hkv, F),

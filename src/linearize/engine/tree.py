@@ -133,7 +133,7 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
     kn, fkn, vn = (t.transpose(1, 2) for t in (k, fk, v))  # [B, Hkv, N, ·]
     if lay.capacity:
         keys = torch.cat([s["k"], kn], 2)
-        values = torch.cat([s["v"].transpose(-1, -2), vn], 2)  # the ring is slot-minor
+        values = torch.cat([s["v"], vn], 2)
         feats = torch.cat([s["fk"], fkn], 2) if lay.use_global else keys
         t_keys = torch.cat([s["times"], t_nodes])
     else:
