@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ from linearize.config import matches
 from linearize.generation import GenerationConfig, generate
 from linearize.models.directory import is_saved_model
 from linearize.models.numerics import NonFiniteError
-from linearize.paths import OutputError, atomic_dir
+from linearize.paths import OutputError, atomic_dir, build_once
 from tests.eval.conftest import TEXT, tiny_config, tiny_tokenizer
 
 # --- a small world of files to probe -----------------------------------------------------------
@@ -481,6 +483,49 @@ def writing(directory: Path):
 def test_second_writer_fails_clearly(tmp_path):
     with writing(tmp_path / "m"), pytest.raises(OutputError, match="another process"):
         Decoder(tiny_config()).save(tmp_path / "m")
+
+
+def test_a_cache_folder_is_built_once_and_waited_for(tmp_path):
+    """Two processes wanting the same engine graph: the second waits for the first's build
+    and uses it (before, it failed with "another process is writing")."""
+    entry, built = tmp_path / "graph", []
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(tmp: Path) -> None:
+        built.append("first")
+        (tmp / "half").write_text("1")
+        inside.set()
+        release.wait(10)
+        (tmp / "whole").write_text("2")
+
+    results = {}
+    first = threading.Thread(target=lambda: results.update(first=build_once(entry, slow)))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(
+        target=lambda: results.update(second=build_once(entry, lambda t: built.append("second")))
+    )
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive() and not entry.exists()  # waiting, and nothing half-built shows
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"first": True, "second": False} and built == ["first"]
+    assert sorted(p.name for p in entry.iterdir()) == ["half", "whole"]
+    assert build_once(entry, lambda t: built.append("third")) is False and built == ["first"]
+
+
+def test_a_failed_cache_build_leaves_nothing(tmp_path):
+    def broken(tmp: Path) -> None:
+        (tmp / "half").write_text("1")
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        build_once(tmp_path / "graph", broken)
+    assert list(tmp_path.iterdir()) == []
+    assert build_once(tmp_path / "graph", lambda t: (t / "ok").write_text("1")) is True
+    assert [p.name for p in (tmp_path / "graph").iterdir()] == ["ok"]
 
 
 def test_a_saved_model_is_readable_by_others(tmp_path):

@@ -108,12 +108,13 @@ def _recover(directory: Path) -> None:
             _remove(stale)
 
 
-def _acquire(path: Path, directory: Path):
-    """An open, flocked handle on the lock file ``path`` that is still linked at ``path``."""
+def _acquire(path: Path, directory: Path, wait: bool):
+    """An open, flocked handle on the lock file ``path`` that is still linked at ``path``
+    (``wait``: until the holder lets go, else :class:`OutputError` at once)."""
     while True:
         handle = open(path, "a+")  # noqa: SIM115 (closed by _lock)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:
             handle.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
@@ -133,9 +134,9 @@ def _acquire(path: Path, directory: Path):
 
 
 @contextlib.contextmanager
-def _lock(directory: Path) -> Iterator[None]:
+def _lock(directory: Path, wait: bool = False) -> Iterator[None]:
     path = directory.with_name(f".{directory.name}.lock")
-    handle = _acquire(path, directory)
+    handle = _acquire(path, directory, wait)
     try:
         yield
     finally:
@@ -209,6 +210,30 @@ def atomic_dir(
             _remove(tmp)
             raise
         _remove(_old(directory))
+
+
+def build_once(directory: PathLike, build: Callable[[Path], object]) -> bool:
+    """A cache folder, built once: ``build(tmp)`` writes it into a temp folder renamed to
+    ``directory`` when complete (so a ``directory`` that exists is whole). A process that asks
+    for the same folder while another builds it waits for that build (a blocking lock) and then
+    uses it instead of failing or building it twice. True if this call built it."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return False
+    _make_parent(directory)
+    with _lock(directory, wait=True), _terminate_as_interrupt():
+        _recover(directory)
+        if directory.is_dir():  # built by the process we waited for
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
+        try:
+            tmp.chmod(0o755)
+            build(tmp)
+            os.replace(tmp, directory)
+        except BaseException:
+            _remove(tmp)
+            raise
+    return True
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:

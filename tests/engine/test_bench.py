@@ -188,9 +188,9 @@ def test_bench_decode_isolated_runs_take_turns_by_context(saved, tmp_path):
     assert seen == [
         f"decode @ 40: prefilling {path} (1 of 2)",
         "decode @ 40: prefilling peer (2 of 2)",
-        "decode: 2 runs taking turns, 0 + 2 steps each",
+        "decode @ 40: 2 runs taking turns, 0 + 2 steps each",
         f"decode @ 72: prefilling {path} (1 of 1)",
-        "decode: 1 runs taking turns, 0 + 2 steps each",
+        "decode @ 72: 1 run, 0 + 2 steps each",
     ]
     assert {pid for *_, pid in _log(log)} != {os.getpid()}
     # Each row's peak is its own process's: the peer's 256 MB show in its row only.

@@ -587,7 +587,8 @@ def _take_turns_of(
                 progress(f"decode{where}: prefilling {label} ({len(decodings) + 1} of {len(runs)})")
             decodings.append(make())
         if progress is not None:
-            progress(f"decode: {len(runs)} runs taking turns, {warmup} + {steps} steps each")
+            turns = f"{len(runs)} runs taking turns" if len(runs) > 1 else "1 run"
+            progress(f"decode{where}: {turns}, {warmup} + {steps} steps each")
         return take_turns(decodings, steps, warmup)
     except BaseException:
         for decoding in decodings:

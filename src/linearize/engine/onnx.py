@@ -27,7 +27,7 @@ from linearize.engine.step import FixedStep, fill_rotation
 from linearize.engine.tree import TreeStep, tree_controls, tree_inputs
 from linearize.models.decoder import Decoder, ModelState
 from linearize.ops.tree import Tree
-from linearize.paths import atomic_dir, cache_dir
+from linearize.paths import build_once, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,42 +96,47 @@ def export(
     accuracy_level: int = 0,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
-    """Write ``module``'s graph to ``path`` (``graph.onnx`` + ``graph.onnx.data``), atomically;
-    ``module`` has ``input_names()`` and ``output_names()``; ``dynamic_axes``: the inputs' axes
-    whose length may change from run to run (torch.onnx's format). ``accuracy_level`` is
+    """Write ``module``'s graph to ``path`` (``graph.onnx`` + ``graph.onnx.data``) once: a
+    folder there already is whole and kept, and a second process exporting the same graph
+    waits for the first and uses its file (:func:`~linearize.paths.build_once`). ``module``
+    has ``input_names()`` and ``output_names()``; ``dynamic_axes``: the inputs' axes whose
+    length may change from run to run (torch.onnx's format). ``accuracy_level`` is
     ``MatMulNBits``' (0: fp32 arithmetic on the dequantized weights, the reference's numbers;
     4: the activations quantized to int8 per block, integer dot products — several times faster
     on CPUs, and the only fast 8-bit path)."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 17)
-    with atomic_dir(path) as tmp:
-        # The tracer warns about every constant it records (shapes, the quantized zero points):
-        # all of them are constants of this fixed-shape graph by design.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module.eval(),
-                tuple(example),
-                tmp / "raw.onnx",
-                input_names=module.input_names(),
-                output_names=module.output_names(),
-                opset_version=17,
-                dynamo=False,
-                do_constant_folding=True,
-                custom_opsets={"com.microsoft": 1},
-                dynamic_axes=dynamic_axes,
-            )
-        import onnx
+    build_once(path, lambda tmp: _export_into(tmp, module, example, accuracy_level, dynamic_axes))
 
-        graph = onnx.load(tmp / "raw.onnx")
-        for node in graph.graph.node:
-            if node.op_type == "MatMulNBits":
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
-        if accuracy_level == 0:
-            _dequantize_8bit(graph)
-        onnx.save(graph, tmp / GRAPH, save_as_external_data=True, location=f"{GRAPH}.data")
-        for stale in tmp.glob("*"):
-            if stale.name not in (GRAPH, f"{GRAPH}.data"):
-                stale.unlink()
+
+def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> None:
+    # The tracer warns about every constant it records (shapes, the quantized zero points):
+    # all of them are constants of this fixed-shape graph by design.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            tuple(example),
+            tmp / "raw.onnx",
+            input_names=module.input_names(),
+            output_names=module.output_names(),
+            opset_version=17,
+            dynamo=False,
+            do_constant_folding=True,
+            custom_opsets={"com.microsoft": 1},
+            dynamic_axes=dynamic_axes,
+        )
+    import onnx
+
+    graph = onnx.load(tmp / "raw.onnx")
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
+    if accuracy_level == 0:
+        _dequantize_8bit(graph)
+    onnx.save(graph, tmp / GRAPH, save_as_external_data=True, location=f"{GRAPH}.data")
+    for stale in tmp.glob("*"):
+        if stale.name not in (GRAPH, f"{GRAPH}.data"):
+            stale.unlink()
 
 
 def _dequantize_8bit(graph) -> None:
