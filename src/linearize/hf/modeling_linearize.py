@@ -3,8 +3,9 @@
 
 The wrapped decoder computes everything (the logits are exactly ours); the cache carries our
 per-layer state. A recurrent state cannot be rewound, so transformers' assisted decoding is
-refused (``_is_stateful``); beam search reorders whole rows of the state, which is exact.
-Padding is refused too: a pad token would enter the recurrent state.
+refused (``_is_stateful``, and ``_assisted_decoding`` itself for transformers past 5.24); beam
+search reorders whole rows of the state, which is exact. Padding is refused too: a pad token
+would enter the recurrent state.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ class LinearizeForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = Decoder(config.model_config())
         self.post_init()
+
+    def _assisted_decoding(self, *args: Any, **kwargs: Any):
+        # transformers refuses assisted generation for ``_is_stateful`` models up to 5.24;
+        # 5.25 comes here and fails on a missing cache: refuse it with the reason, everywhere.
+        raise ValueError(
+            "assisted generation is not supported with stateful models, such as "
+            f"{type(self).__name__}: its recurrent state cannot be rewound to an accepted "
+            "prefix; linearize's own speculative decoding is exact on it "
+            "(linearize generate --speculative lookup|draft|medusa)"
+        )
 
     @classmethod
     def from_decoder(cls, decoder: Decoder) -> LinearizeForCausalLM:
