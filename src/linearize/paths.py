@@ -1,6 +1,7 @@
 """Where and how linearize writes its files: the user cache folder (models, Debian packages,
 tokens) and the atomic writers (a reader never sees a half-written file or directory, and an
-output directory that is not ours is never replaced unless asked: ``atomic_dir``)."""
+output directory that is not ours is never replaced unless asked: ``atomic_dir``; a cache folder
+is built once, a second process asking for it meanwhile waiting for it: ``build_once``)."""
 
 import contextlib
 import errno

@@ -280,8 +280,8 @@ class OnnxEngine:
 
     def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
         """The ring inputs among ``names`` (default: the step's) whose length follows the
-        state's reach: a ring's slots, its mask or times; a tree's
-        visibility ``visible.j`` (slots, then nodes) of the ``j``-th distinct layout."""
+        state's reach: a ring's slots, its mask or times; a tree's visibility ``visible.j``
+        (slots, then nodes) of the ``j``-th distinct layout."""
         keys = sorted(self.growing, key=str)
         distinct = list(dict.fromkeys(lay.key for lay in self.layouts))
         axes = {}
@@ -338,9 +338,10 @@ class OnnxEngine:
         if not (path / GRAPH).is_file():
             logger.info("exporting the %s graph to %s (once per model)", name, path)
             export(module, example(), path, ACCURACY[accuracy], dynamic_axes)
-        # The transpose optimizer would push the step's one transpose of the scores (engine.step
-        # _local) down past the softmax, which then broadcasts along strided columns (~10x);
-        # the tree graphs gain from it.
+        # The transpose optimizer stays off for the step: it once pushed a transpose of the
+        # scores past the softmax (~10x slower broadcasts); with the one-row products
+        # (engine.step._local) it gains nothing (15.32 against 15.14 ms a 1k step, the two
+        # sessions alternating in one process). The tree graphs gain from it.
         return ort.InferenceSession(
             str(path / GRAPH),
             self.options,
