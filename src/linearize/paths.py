@@ -195,10 +195,7 @@ def atomic_dir(
         _recover(directory)
         # Checked again under the lock: another writer may have finished in between.
         check_target(directory, overwrite=overwrite, replaceable=replaceable)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
-        try:
-            # mkdtemp makes the folder private (0700); an output is an ordinary folder.
-            tmp.chmod(0o755)
+        with _temp_beside(directory) as tmp:
             yield tmp
             # Some writers (safetensors) make their files private (0600): outputs are ordinary.
             for path in tmp.rglob("*"):
@@ -207,9 +204,6 @@ def atomic_dir(
             if directory.exists() or directory.is_symlink():
                 os.replace(directory, _old(directory))
             os.replace(tmp, directory)
-        except BaseException:
-            _remove(tmp)
-            raise
         _remove(_old(directory))
 
 
@@ -226,15 +220,24 @@ def build_once(directory: PathLike, build: Callable[[Path], object]) -> bool:
         _recover(directory)
         if directory.is_dir():  # built by the process we waited for
             return False
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
-        try:
-            tmp.chmod(0o755)
+        with _temp_beside(directory) as tmp:
             build(tmp)
             os.replace(tmp, directory)
-        except BaseException:
-            _remove(tmp)
-            raise
     return True
+
+
+@contextlib.contextmanager
+def _temp_beside(directory: Path) -> Iterator[Path]:
+    """An empty temp folder beside ``directory`` (we hold its lock), removed if the block fails;
+    the block renames it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
+    try:
+        # mkdtemp makes the folder private (0700); an output is an ordinary folder.
+        tmp.chmod(0o755)
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:

@@ -566,12 +566,10 @@ def bench_decode(
             rounds = results[group, k]
             # A run in its own process reports its peak; here, this process's high-water mark.
             peak = max(r.get("peak_rss_bytes") or peak_rss_bytes() for r in rounds)
-            decode_row_ = row(
-                {**rounds[-1], "times": [t for r in rounds for t in r["times"]]}, peak
-            )
+            timed = row({**rounds[-1], "times": [t for r in rounds for t in r["times"]]}, peak)
             if repeat > 1:
-                decode_row_.round_ms = [1000 * statistics.median(r["times"]) for r in rounds]
-            rows.append((i, decode_row_))
+                timed.round_ms = [1000 * statistics.median(r["times"]) for r in rounds]
+            rows.append((i, timed))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
 
 

@@ -323,10 +323,10 @@ def _local(
     94–102 / 549–705 µs for one ``R``-column product with the ring as the tall operand (its
     kernel pads 3 columns to 16) and more as the wide one (packed, copied, first). The scores
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
-    keys = kb.unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, K, C]: a view, fused into the product
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
         q5 = q5 * scale
+        keys = kb.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,1,K,C]: a view, fused into the product
         scores = torch.matmul(q5.unsqueeze(-2), keys)[..., 0, :]  # [B, Hkv, R, C]
         if q_sink is not None:
             sinks = torch.matmul(q_sink * scale, kb[:, :, : spec.sinks].transpose(-1, -2))
