@@ -18,7 +18,7 @@ import time
 import torch
 
 import linearize
-from linearize.bench.speed import _prefill, _random_ids
+from linearize.bench.speed import _random_ids
 from linearize.engine.onnx import OnnxEngine
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     rows = []
     for context in contexts:
         with torch.no_grad():
-            _, state = _prefill(model, ids[:, :context])  # in pieces: 128k contexts fit
+            _, state = model.prefill(ids[:, :context])  # in segments: 128k contexts fit
         for repeat in range(args.repeats):
             for step, engine in engines.items():
                 engine.load_state(state)

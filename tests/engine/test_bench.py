@@ -8,6 +8,7 @@ import os
 import pytest
 
 from linearize.cli import main
+from linearize.models.decoder import PREFILL_SEGMENT
 from tests.engine.conftest import engine_model
 
 pytest.importorskip("onnxruntime")
@@ -204,7 +205,7 @@ def test_bench_decode_refuses_runs_that_do_not_fit_together(saved, monkeypatch):
     path = saved
     spec = speed.ModelSpec(str(path))
     # Each run alone fits; two at once do not.
-    one = sum(speed.memory_estimate(spec.load(), 40, speed.PREFILL_PIECE).values())
+    one = sum(speed.memory_estimate(spec.load(), 40, PREFILL_SEGMENT).values())
     monkeypatch.setattr(speed, "available_memory_bytes", lambda: int(1.5 * one / 0.85))
     with pytest.raises(ValueError, match="2 decode runs taking turns at context 40 need about"):
         speed.bench_decode([spec, spec], (40,), steps=2, warmup=0)

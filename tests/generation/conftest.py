@@ -135,6 +135,10 @@ class MockModel:
         ]
         return torch.stack(rows)[None], MockState(tokens)
 
+    def prefill(self, input_ids, *, state=None):
+        hidden, state = self.forward_hidden(input_ids, state=state)
+        return hidden[:, -1], state
+
     def __call__(self, input_ids, *, state=None, form="auto"):
         return self.forward_hidden(input_ids, state=state, form=form)
 

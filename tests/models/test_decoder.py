@@ -124,6 +124,39 @@ def test_linearized_forward_equals_prefill_decode_and_uneven_chunks(name):
     assert state.nbytes() == state2.nbytes()
 
 
+@pytest.mark.parametrize("name", ["softmax", "augmented", "elu"])
+def test_prefill_in_segments_is_the_whole_prompt_at_once(name):
+    """``Decoder.prefill`` feeds a prompt in segments, the state carried: the last hidden state
+    and the state it leaves are the whole prompt's, and decoding on from it is the same."""
+    model = Decoder(tiny_config()).double().eval()
+    if name != "softmax":
+        linearize(model, {"name": name, **SMALL, "chunk_size": 4})
+        randomize_new_parameters(model)
+    ids = torch.randint(0, 128, (2, 23))
+    with torch.no_grad():
+        hidden, whole = model.forward_hidden(ids[:, :20])
+        for segment in (1, 6, 20, 64):
+            last, state = model.prefill(ids[:, :20], segment=segment)
+            torch.testing.assert_close(last, hidden[:, -1], rtol=1e-10, atol=1e-10)
+            assert state.pos == 20 and state.nbytes() == whole.nbytes()
+            on, _ = model(ids[:, 20:], state=state)
+            expected, _ = model(ids[:, 20:], state=whole)
+            torch.testing.assert_close(on, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("ids", "segment", "message"),
+    [
+        (torch.zeros(1, 4, dtype=torch.long), 0, "segment=0"),
+        (torch.zeros(1, 0, dtype=torch.long), 8, r"\[B, T\] with T ≥ 1"),
+        (torch.zeros(4, dtype=torch.long), 8, r"\[B, T\] with T ≥ 1"),
+    ],
+)
+def test_prefill_bad_input(ids, segment, message):
+    with pytest.raises(ValueError, match=message):
+        Decoder(tiny_config()).prefill(ids, segment=segment)
+
+
 def test_hybrid_model_keeps_unlisted_layers_softmax():
     model = Decoder(tiny_config(num_layers=3)).double().eval()
     linearize(model, "augmented", layers=[0, 2])

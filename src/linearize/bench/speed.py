@@ -41,7 +41,7 @@ from linearize.bench.memory import (
     peak_rss_bytes,
     run_isolated,
 )
-from linearize.models.decoder import Decoder
+from linearize.models.decoder import PREFILL_SEGMENT, Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +196,6 @@ def _random_ids(model: Decoder, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(model.config.vocab_size, (1, n), generator=g)
 
 
-# The prompt of a decode row is prefilled in pieces of this many tokens (the state carried), so
-# that 128k contexts fit in memory.
-PREFILL_PIECE = 8192
-
-
-def _prefill(model: Decoder, ids: torch.Tensor):
-    state = None
-    for start in range(0, ids.shape[1], PREFILL_PIECE):
-        piece = ids[:, start : start + PREFILL_PIECE]
-        hidden, state = model.forward_hidden(piece, state=state, form="chunk")
-    return hidden, state
-
-
 class ModelDecoding:
     """One (model, context) decode run (a :class:`Decoding`): its prompt prefilled, then one
     greedy step per :meth:`step` on the engine (or the PyTorch recurrent form), ending at
@@ -227,8 +214,9 @@ class ModelDecoding:
         self.fast = build_engine(
             self.engine, model, max_context=context, threads=torch.get_num_threads()
         )
-        hidden, self.state = _prefill(model, _random_ids(model, prompt))
-        self.token = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+        # In segments of PREFILL_SEGMENT tokens, as generate feeds a prompt: 128k contexts fit.
+        last, self.state = model.prefill(_random_ids(model, prompt))
+        self.token = model.lm_head(last).argmax(-1, keepdim=True)
         if self.fast is not None:
             self.fast.load_state(self.state)
             self.token, self.state = int(self.token), None
@@ -481,7 +469,7 @@ def _grid(
                 check_memory(model, spec.label, context)
             elif supports_context(model, context):
                 # A decode row's prompt is prefilled in pieces (see _prefill).
-                check_memory(model, spec.label, context, PREFILL_PIECE)
+                check_memory(model, spec.label, context, PREFILL_SEGMENT)
     for context in contexts:
         for i, (spec, model) in enumerate(zip(specs, models, strict=True)):
             if progress is not None:
@@ -538,7 +526,7 @@ def bench_decode(
         row = partial(decode_row, spec.label, context)
         group = context if isolate else None
         groups.setdefault(group, []).append((i, spec.label, make, row))
-        estimate = memory_estimate(model, context, PREFILL_PIECE)
+        estimate = memory_estimate(model, context, PREFILL_SEGMENT)
         if not isolate:  # one process: the weights are loaded once, already
             estimate["weights"] = 0
         estimates.setdefault(group, []).append((spec.label, sum(estimate.values())))

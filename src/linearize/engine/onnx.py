@@ -404,10 +404,10 @@ class OnnxEngine:
                 self.commit(list(range(len(piece))))
             self.last_hidden = hidden[-1]
             return logits[-1]
-        hidden, state = self.model.forward_hidden(torch.tensor([ids]))
+        last, state = self.model.prefill(torch.tensor([ids]))
         self.load_state(state)
         # The last prompt token's final hidden state (what Medusa heads read).
-        self.last_hidden = hidden[0, -1]
+        self.last_hidden = last[0]
         return self.model.lm_head(self.last_hidden)
 
     def load_state(self, state: ModelState) -> None:

@@ -64,8 +64,8 @@ def _bucket(model: Decoder, config: GenerationConfig, prompts: list[list[int]]):
     start = time.perf_counter()
     # 1. prefill the bucket
     ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
-    hidden, state = model.forward_hidden(ids)
-    logits = model.lm_head(hidden[:, -1])
+    last, state = model.prefill(ids)
+    logits = model.lm_head(last)
     roots = [row.take(logits[i], stops, config.max_new_tokens) for i, row in enumerate(rows)]
     prefill_s = time.perf_counter() - start
     # 2. decode until every row has finished

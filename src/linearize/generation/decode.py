@@ -249,8 +249,8 @@ class Decoding:
         done = 0 if state is None else state.pos
         if not 0 <= done < len(prompt):
             raise ValueError(f"a prefix state of {done} tokens for a {len(prompt)}-token prompt")
-        hidden, state = self.model.forward_hidden(self._ids(prompt[done:]), state=state)
-        return self.prefilled(prompt, hidden[0, -1], state, start=start)
+        last, state = self.model.prefill(self._ids(prompt[done:]), state=state)
+        return self.prefilled(prompt, last[0], state, start=start)
 
     @torch.no_grad()
     def prefilled(

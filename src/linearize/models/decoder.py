@@ -26,6 +26,10 @@ from linearize.ops.tree import Tree
 
 logger = logging.getLogger(__name__)
 
+# Tokens per piece when a prompt is fed for decoding (``Decoder.prefill``): the state is carried
+# from piece to piece, so a prompt's activations take the memory of one piece at any length.
+PREFILL_SEGMENT = 8192
+
 
 @dataclass
 class ModelState:
@@ -315,6 +319,29 @@ class Decoder(nn.Module):
         h, new_state, flags = self._run_layers(input_ids, state, form)
         self._raise_if_non_finite(flags, lambda: self._positions(input_ids, state))
         return h, new_state
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: Tensor,
+        *,
+        state: ModelState | None = None,
+        segment: int = PREFILL_SEGMENT,
+    ) -> tuple[Tensor, ModelState]:
+        """Feed a prompt for decoding: the last position's final hidden state ``[B, D]`` and
+        the state after it. The prompt runs in segments of ``segment`` tokens, the state
+        carried from one to the next, and only the last hidden state is kept, so the memory a
+        prompt takes does not grow with its length (a linear model's state is fixed; a softmax
+        layer's cache still grows)."""
+        if segment < 1:
+            raise ValueError(f"segment={segment}: a prefill segment holds at least one token")
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            shape = tuple(input_ids.shape)
+            raise ValueError(f"prefill takes input_ids [B, T] with T ≥ 1, got {shape}")
+        for start in range(0, input_ids.shape[1], segment):
+            hidden, state = self.forward_hidden(input_ids[:, start : start + segment], state=state)
+            last = hidden[:, -1]
+        return last, state
 
     def forward(
         self, input_ids: Tensor, *, state: ModelState | None = None, form: str = "auto"

@@ -269,7 +269,7 @@ class Scheduler:
                 continue
             ids = torch.tensor([r.job.prompt for r in rows], device=self.model.device)
             try:
-                hidden, state = self.model.forward_hidden(ids)
+                last, state = self.model.prefill(ids)
             except Exception:
                 logger.exception("a batched prefill failed: prefilling its rows one by one")
                 continue
@@ -278,7 +278,7 @@ class Scheduler:
                 tokens = None
                 try:
                     row_state = select_rows(state, torch.tensor([i], device=self.model.device))
-                    tokens = row.decoding.prefilled(row.job.prompt, hidden[i, -1], row_state)
+                    tokens = row.decoding.prefilled(row.job.prompt, last[i], row_state)
                 except Exception as e:
                     self._prefill_failed(row, e)
                 self._joined(row, tokens)
