@@ -98,3 +98,33 @@ def test_labels_give_the_shifted_cross_entropy(exported):
     out = hf(PROMPT, labels=PROMPT)
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], PROMPT[0, 1:])
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["augmented", "hybrid"])
+def test_generates_prefill_runs_in_segments_and_keeps_the_last_logits(exported, kind, monkeypatch):
+    """generate() asks for the last position's logits (``logits_to_keep=1``): the prompt then
+    runs in segments (``Decoder.prefill``), with the same logits and state as in one piece."""
+    from linearize.models.decoder import PREFILL_SEGMENT
+
+    _, hf, _ = exported[kind]
+    ids = torch.randint(0, hf.config.vocab_size, (1, PREFILL_SEGMENT + 37))
+    with torch.no_grad():
+        whole = hf(ids, use_cache=True)
+        lengths, forward_hidden = [], hf.model.forward_hidden
+
+        def spy(input_ids, **kwargs):
+            lengths.append(input_ids.shape[1])
+            return forward_hidden(input_ids, **kwargs)
+
+        monkeypatch.setattr(hf.model, "forward_hidden", spy)
+        last = hf(ids, use_cache=True, logits_to_keep=1)
+        monkeypatch.undo()
+        assert lengths == [PREFILL_SEGMENT, 37]
+        torch.testing.assert_close(last.logits, whole.logits[:, -1:], rtol=1e-4, atol=1e-4)
+        nxt = torch.tensor([[3]])
+        caches = [
+            out.cache if hasattr(out, "cache") else out.past_key_values for out in (whole, last)
+        ]
+        a, b = (hf(nxt, cache=c).logits for c in caches)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert caches[1].get_seq_length() == ids.shape[1] + 1  # the prompt and the next token

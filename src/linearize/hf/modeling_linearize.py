@@ -150,9 +150,14 @@ class LinearizeForCausalLM(PreTrainedModel, GenerationMixin):
             cache = None
         use_cache = self.config.use_cache if use_cache is None else use_cache
         state = None if cache is None else cache.state
-        hidden, state = self.model.forward_hidden(input_ids, state=state)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        if logits_to_keep == 1 and labels is None and not torch.is_grad_enabled():
+            # generate()'s prefill: in segments, only the last position kept (flat memory).
+            last, state = self.model.prefill(input_ids, state=state)
+            hidden = last[:, None]
+        else:
+            hidden, state = self.model.forward_hidden(input_ids, state=state)
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
         logits = self.model.lm_head(hidden)
         loss = None
         if labels is not None:
