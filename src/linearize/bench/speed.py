@@ -416,15 +416,16 @@ class _RssSampler:
 
 @torch.no_grad()
 def time_prefill(model: Decoder, context: int) -> dict[str, Any]:
-    """Seconds to prefill ``context`` tokens (chunk form, LM head on the last one), the state
-    bytes after it and the RSS the pass added."""
-    model.forward_hidden(_random_ids(model, min(context, 64), seed=1), form="chunk")
+    """Seconds to prefill ``context`` tokens as ``generate`` does (:meth:`Decoder.prefill`: the
+    chunk form in segments of ``PREFILL_SEGMENT`` tokens, the LM head on the last one), the
+    state bytes after it and the RSS the pass added."""
+    model.prefill(_random_ids(model, min(context, 64), seed=1))
     ids = _random_ids(model, context)
     before = current_rss_bytes()
     with _RssSampler() as sampler:
         start = time.perf_counter()
-        hidden, state = model.forward_hidden(ids, form="chunk")
-        model.lm_head(hidden[:, -1]).argmax(-1)
+        last, state = model.prefill(ids)
+        model.lm_head(last).argmax(-1)
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
