@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -63,6 +64,35 @@ def test_lookup_and_draft_layers_match_plain(capsys, model_dir):
 def test_bad_inputs(capsys, model_dir, extra, message):
     code, out = _generate(capsys, model_dir, *extra)
     assert code == 2 and message in out.err and out.out == ""
+
+
+def test_prompt_file_and_stdin_give_the_prompts_output(capsys, model_dir, tmp_path, monkeypatch):
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "5", "--json"]
+    assert main([*args, "--prompt", TEXT]) == 0
+    expected = json.loads(capsys.readouterr().out)["token_ids"]
+    (tmp_path / "prompt.txt").write_text(TEXT, encoding="utf-8")
+    assert main([*args, "--prompt-file", str(tmp_path / "prompt.txt")]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO(TEXT))
+    assert main([*args, "--prompt-file", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+def test_bad_prompt_files(capsys, model_dir, tmp_path):
+    args = ["generate", "--model", str(model_dir), "--prompt-file"]
+    assert main([*args, str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+    assert main([*args, str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert main([*args, str(tmp_path / "latin1.txt")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert main([*args, str(tmp_path / "empty.txt")]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one of --prompt / --prompt-file, not both
+        main([*args, str(tmp_path / "empty.txt"), "--prompt", "Hi"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_empty_prompt_and_foreign_draft(capsys, model_dir, tmp_path):

@@ -5,6 +5,7 @@ Examples::
     linearize generate --model smollm2-135m --prompt "Once upon a time" --max-new-tokens 64
     linearize generate --model runs/medusa --prompt "Hello" --chat --speculative medusa --json
     linearize generate --model smollm2-135m --prompt "..." --speculative draft --draft-layers 8
+    linearize generate --model runs/aug-q4 --prompt-file novel.txt --max-new-tokens 64
     linearize train-medusa --model runs/augmented --out runs/medusa --tokens 50000
 
 Text streams to stdout as it is produced (a summary goes to stderr); ``--json`` prints exactly one
@@ -43,7 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("--model", required=True, help="model name or path")
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument(
+        "--prompt-file",
+        help="read the prompt from this UTF-8 text file ('-': standard input): prompts longer "
+        "than a command line takes (one argument holds at most 128 KiB, ~30k tokens)",
+    )
     gen.add_argument("--draft", help="draft model name or path (--speculative draft)")
     gen.add_argument("--heads", help="Medusa heads directory (default: the model directory)")
     gen.add_argument("--json", action="store_true", help="print one JSON object, no stream")
@@ -111,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
     from linearize.generation.decode import generate
 
     config = _config(args)
+    if args.prompt_file is not None:
+        args.prompt = _read_prompt(args.prompt_file)
     if not args.prompt:
-        raise ValueError("the prompt is empty: give some text with --prompt")
+        raise ValueError("the prompt is empty: give some text with --prompt or --prompt-file")
     if args.draft is not None and args.speculative != "draft":
         raise ValueError("--draft is only used with --speculative draft")
     if args.threads is not None:
@@ -151,6 +160,22 @@ def run(args: argparse.Namespace) -> int:
         summary += f"; {plan['mode']}: {plan['nodes']} nodes/γ={plan['gamma']} ({plan['reason']})"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _read_prompt(path: str) -> str:
+    """The text of ``--prompt-file`` (``-``: standard input)."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompt-file {path} is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--prompt-file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
 
 
 def _engine(args: argparse.Namespace, model, config: GenerationConfig):
