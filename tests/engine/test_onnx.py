@@ -243,3 +243,27 @@ def test_layers_whose_alpha_is_zero_run_the_window_alone(tmp_path):
         token = int(ids[0, 50])
         expected, _ = model(torch.tensor([[token]]), state=state)
         assert_close("step after the commit", expected[0, 0], engine.step(token), TOLERANCE)
+
+
+def test_rope_tables_hold_one_block(monkeypatch, tmp_path):
+    """The engine's RoPE tables hold one block of positions, rebuilt as the position moves on
+    (fixed memory at any context): the reference's logits across many blocks, a tree across a
+    block's end, and tables no longer than a block."""
+    import linearize.engine.onnx as onnx_engine
+
+    monkeypatch.setattr(onnx_engine, "ROPE_BLOCK", 16)
+    model = _model("augmented")
+    torch.manual_seed(4)
+    ids = torch.randint(0, 128, (1, 100))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path, accuracy=EXACT)
+    engine.prefill(ids[0, :5].tolist())
+    steps = [engine.step(int(t)).clone() for t in ids[0, 5:90]]
+    assert_close("steps across RoPE blocks", reference[0, 5:90], torch.stack(steps), TOLERANCE)
+    start, cos, _, sinks = engine._table
+    assert 70 <= start <= 89 and cos.shape[0] == 16
+    assert all(len(p) == 16 for p in sinks.values())
+    chain = Tree.from_parents([-1, *range(9)])  # positions 90..99: past the block at 89
+    logits, _ = engine.forward_tree(ids[0, 90:100].tolist(), chain)
+    assert_close("a tree across a block's end", reference[0, 90:100], logits, TOLERANCE)

@@ -276,3 +276,23 @@ def test_step_rows_matches_decoding_alone(name, options):
             ref, alone[i] = layer(x[i : i + 1], state=alone[i], form="recurrent")
             assert_close(f"{name} step {step} row {i}", ref, y[i : i + 1], 1e-12)
     assert rows.batched == (layer.config.kind == "linear" and layer.config.window == "sliding")
+
+
+def test_rope_keeps_no_table_that_grows_with_the_position():
+    """cos / sin are computed for the positions asked for: rotating at position 10⁶ leaves the
+    module's memory as it was, and equals the formula at that position."""
+    from linearize.layers.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 10000.0)
+
+    def nbytes() -> int:
+        tensors = [*rope.buffers(), *(v for v in vars(rope).values() if torch.is_tensor(v))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    before = nbytes()
+    x = torch.randn(1, 2, 3, 64)
+    y = rope(x, torch.tensor([10**6, 10**6 + 1]))
+    assert nbytes() == before
+    angle = torch.tensor([10**6, 10**6 + 1], dtype=torch.float32)[:, None] * rope.inv_freq
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    torch.testing.assert_close(y, rope.rotate(x, cos[:, None], sin[:, None]), rtol=0, atol=0)

@@ -40,6 +40,9 @@ EXPORT_VERSION = 11
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 GRAPH = "graph.onnx"
+# Positions per block of the engine's RoPE tables (cos, sin, the sinks' positions): a step reads
+# its row; a block is rebuilt when the position leaves it, so the tables do not grow with context.
+ROPE_BLOCK = 4096
 # onnxruntime's transpose optimizer runs once generic and once per execution provider.
 NO_TRANSPOSE_PUSHING = ["TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider"]
 INSTALL = "pip install 'linearize[fast]'  (or: pip install onnxruntime onnx)"
@@ -425,32 +428,42 @@ class OnnxEngine:
             self._use(self.state.grown(self._reach(pos)))
         self.x[0, 0] = self.embedding[token]
         if self.rope is not None:
-            cos, sin, sinks = self._tables(pos)
-            fill_rotation(self.rotation, cos[pos], sin[pos])
+            start, cos, sin, sinks = self._tables(pos, pos)
+            i = pos - start
+            fill_rotation(self.rotation, cos[i], sin[i])
             for key, positions in sinks.items():
                 control = self.state.controls[key]
                 # Constant once the window is full: rewritten only when it moves.
-                if control.sink_position != positions[pos]:
-                    control.sink_position = p = positions[pos]
-                    fill_rotation(control.sink_rotation, cos[p], sin[p])
+                if control.sink_position != positions[i]:
+                    control.sink_position = p = int(positions[i])
+                    fill_rotation(control.sink_rotation, *self._rope_at(p))
         self.state.prepare()
         self.session.run_with_iobinding(self.bindings[self.state.parity])
         self.state.commit()
         return torch.from_numpy(self.logits[0])
 
-    def _tables(self, pos: int) -> tuple[np.ndarray, np.ndarray, dict[tuple, np.ndarray]]:
-        """RoPE's ``cos, sin: [P, K]`` and each sink layout's sink positions ``[P]``, as numpy
-        tables covering ``pos`` (doubled when a position past them is asked for)."""
-        if self._table is None or self._table[0].shape[0] <= pos:
-            end = max(2 * pos, 4096)
-            cos, sin = self.rope._cos_sin(end, torch.float32, self.rope.inv_freq.device)
-            positions = torch.arange(end)
+    def _tables(
+        self, first: int, last: int
+    ) -> tuple[int, np.ndarray, np.ndarray, dict[tuple, np.ndarray]]:
+        """``(start, cos, sin, sinks)``: RoPE's ``cos, sin: [n, K]`` and each sink layout's sink
+        positions ``[n]`` for the positions ``start, start + 1, ...``, covering ``first..last``:
+        a block of ``ROPE_BLOCK`` positions, rebuilt when a position leaves it (fixed memory at
+        any context)."""
+        table = self._table
+        if table is None or not table[0] <= first <= last < table[0] + len(table[1]):
+            positions = torch.arange(first, max(last + 1, first + ROPE_BLOCK))
+            cos, sin = self.rope.cos_sin_at(positions)
             sinks = {
                 key: attn._sink_positions(positions).numpy()
                 for key, attn in self.sink_layers.items()
             }
-            self._table = (cos[:end].numpy(), sin[:end].numpy(), sinks)
-        return self._table
+            self._table = table = (first, cos.numpy(), sin.numpy(), sinks)
+        return table
+
+    def _rope_at(self, positions: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE's ``cos, sin`` at ``positions`` (the sinks' positions: anywhere in the cache)."""
+        cos, sin = self.rope.cos_sin_at(torch.as_tensor(positions))
+        return cos.numpy(), sin.numpy()
 
     # --- speculative decoding: the tree step and the commit ------------------------------------
 
@@ -488,12 +501,11 @@ class OnnxEngine:
         K = self.rotation.shape[0]
         cos, sin = np.ones((size, K), np.float32), np.zeros((size, K), np.float32)
         if self.rope is not None:
-            table_cos, table_sin, sinks = self._tables(pos + size)
-            positions = pos + depths
-            cos, sin = table_cos[positions], table_sin[positions]
+            start, table_cos, table_sin, sinks = self._tables(pos, pos + size - 1)
+            index = pos + depths - start
+            cos, sin = table_cos[index], table_sin[index]
             for j, key in enumerate(module.sink_keys):
-                at = sinks[key][positions]
-                feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = table_cos[at], table_sin[at]
+                feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = self._rope_at(sinks[key][index])
         feeds.update(cos=cos, sin=sin, pos=np.array(pos, dtype=np.int64))
         rings = [self.state.controls[key].times for key in module.keys]
         taps = {lay.conv_taps for lay in module.layouts if lay.conv_taps}

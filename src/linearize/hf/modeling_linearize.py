@@ -103,7 +103,6 @@ class LinearizeForCausalLM(PreTrainedModel, GenerationMixin):
             # A non-persistent buffer: rebuilt, never read from the checkpoint.
             fresh = RotaryEmbedding(module.inv_freq.shape[0] * 2, self._rope_theta())
             module.inv_freq.copy_(fresh.inv_freq)
-            module._table.clear()
 
     def _rope_theta(self) -> float:
         return self.model.config.rope_theta

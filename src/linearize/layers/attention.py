@@ -276,7 +276,9 @@ class Attention(nn.Module):
         if self.rope is not None:
             if c.kind == "linear" and c.sinks and c.sink_positions == "cache":
                 q_sink = self.rope(q, self._sink_positions(positions))
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            cos, sin = self.rope.cos_sin_at(positions, q.dtype)
+            cos, sin = cos[..., None, :], sin[..., None, :]
+            q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
         if self.feature_map is not None and c.global_rope:
             fq, fk = self.feature_map(q), self.feature_map(k)
         elif self.feature_map is None:
