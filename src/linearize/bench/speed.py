@@ -469,7 +469,7 @@ def _grid(
             if kind == "prefill":
                 check_memory(model, spec.label, context)
             elif supports_context(model, context):
-                # A decode row's prompt is prefilled in pieces (see _prefill).
+                # A decode row's prompt is prefilled in segments (Decoder.prefill).
                 check_memory(model, spec.label, context, PREFILL_SEGMENT)
     for context in contexts:
         for i, (spec, model) in enumerate(zip(specs, models, strict=True)):

@@ -26,8 +26,8 @@ from linearize.ops.tree import Tree
 
 logger = logging.getLogger(__name__)
 
-# Tokens per piece when a prompt is fed for decoding (``Decoder.prefill``): the state is carried
-# from piece to piece, so a prompt's activations take the memory of one piece at any length.
+# Tokens per segment when a prompt is fed for decoding (``Decoder.prefill``): the state is carried
+# from segment to segment, so a prompt's activations take one segment's memory at any length.
 PREFILL_SEGMENT = 8192
 
 
