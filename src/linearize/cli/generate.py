@@ -29,6 +29,7 @@ from linearize.cli.options import (
     config_from_args,
 )
 from linearize.data import split_tokens
+from linearize.data.corpora import read_utf8
 from linearize.generation.acceptance import list_acceptance_rules
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import save_with_heads
@@ -167,15 +168,11 @@ def _read_prompt(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_utf8(Path(path))
     except FileNotFoundError:
         raise ValueError(f"--prompt-file {path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"--prompt-file {path} is a folder; give a text file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"--prompt-file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from None
 
 
 def _engine(args: argparse.Namespace, model, config: GenerationConfig):

@@ -140,7 +140,8 @@ def _builtin_text(name: str, cache: PathLike | None) -> str:
     return "\n\n".join(texts)
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); anything else: a clear error."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8").lstrip("\ufeff")
@@ -153,7 +154,7 @@ def _read_utf8(path: Path) -> str:
 def _read_jsonl(path: Path, text_field: str) -> str:
     texts = []
     # Split on "\n" only: str.splitlines would also cut at U+2028 inside a JSON string.
-    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -172,7 +173,7 @@ def _read_user_file(path: Path, text_field: str) -> str:
         raise ValueError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {TEXT_SUFFIXES}"
         )
-    return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else _read_utf8(path)
+    return _read_jsonl(path, text_field) if path.suffix == ".jsonl" else read_utf8(path)
 
 
 def check_source(source: PathLike) -> None:

@@ -433,10 +433,14 @@ class OnnxEngine:
             fill_rotation(self.rotation, cos[i], sin[i])
             for key, positions in sinks.items():
                 control = self.state.controls[key]
-                # Constant once the window is full: rewritten only when it moves.
+                # Constant once the window is full: rewritten only when it moves (every step
+                # until then, at a position inside the block).
                 if control.sink_position != positions[i]:
                     control.sink_position = p = int(positions[i])
-                    fill_rotation(control.sink_rotation, *self._rope_at(p))
+                    if start <= p < start + len(cos):
+                        fill_rotation(control.sink_rotation, cos[p - start], sin[p - start])
+                    else:
+                        fill_rotation(control.sink_rotation, *self._rope_at(p))
         self.state.prepare()
         self.session.run_with_iobinding(self.bindings[self.state.parity])
         self.state.commit()
