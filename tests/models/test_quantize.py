@@ -12,6 +12,8 @@ from linearize.cli import main
 from linearize.models.quantize import (
     QuantConfig,
     dequantize,
+    gptq_weight,
+    input_moments,
     pack,
     quantize,
     quantize_weight,
@@ -48,12 +50,76 @@ def test_quantize_save_load_same_logits(kind, quant, tmp_path):
         logits, _ = model(ids)
     model.save(tmp_path / "q")
     meta = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert meta["quantization"] == {"quant": quant, "group_size": 32, "head_quant": "int8"}
+    assert meta["quantization"] == {
+        "quant": quant,
+        "group_size": 32,
+        "head_quant": "int8",
+        "method": "round",
+    }
     loaded = linearize.load(tmp_path / "q").eval()
     assert loaded.quantization.quant == quant
     with torch.no_grad():
         again, _ = loaded(ids)
     assert torch.equal(logits, again)
+
+
+def _correlated_inputs(n: int, k: int) -> torch.Tensor:
+    """Inputs whose features move together (as a layer's do), so carried errors can cancel."""
+    torch.manual_seed(1)
+    return torch.randn(n, k // 4) @ torch.randn(k // 4, k) + 0.1 * torch.randn(n, k)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_gptq_moves_the_outputs_less_than_the_nearest_codes(quant):
+    config = QuantConfig(quant)
+    x = _correlated_inputs(512, 128)
+    codes, scale, zero = quantize_weight(torch.randn(40, 128), config)
+    # The fine-tune case: weights moved off their grid by less than half a code's step, which
+    # the nearest codes undo.
+    step = scale.repeat_interleave(config.group_size, 1)
+    w = dequantize(codes, scale, zero, config.bits) + 0.2 * step * torch.randn(40, 128).clamp(-2, 2)
+
+    def output_error(codes, scale, zero) -> float:
+        return float((x @ (dequantize(codes, scale, zero, config.bits) - w).T).norm())
+
+    nearest = output_error(*quantize_weight(w, config))
+    gptq = output_error(*gptq_weight(w, x.T @ x, config))
+    assert gptq < 0.8 * nearest, f"{quant}: GPTQ {gptq:.4g} against nearest {nearest:.4g}"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_gptq_keeps_weights_already_on_the_grid(quant):
+    config = QuantConfig(quant)
+    x = _correlated_inputs(256, 96)
+    coded = quantize_weight(torch.randn(24, 96), config)
+    w = dequantize(*coded, config.bits)
+    codes, scale, zero = gptq_weight(w, x.T @ x, config)
+    assert torch.equal(codes, coded[0])
+    torch.testing.assert_close(dequantize(codes, scale, zero, config.bits), w)
+
+
+def test_quantize_with_calibration_codes_every_linear_by_gptq(tmp_path):
+    model = tiny_model("augmented").float().eval()
+    calibration = torch.randint(0, 128, (300,))
+    moments = input_moments(model, calibration, block=128)
+    K = model.config.hidden_size
+    assert model.lm_head in moments and moments[model.lm_head].shape == (K, K)
+    assert len(moments) == 1 + 7 * model.config.num_layers  # q, k, v, o, gate, up, down; head
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    nearest = quantize(tiny_model("augmented").float().eval(), "int4")
+    quantize(model, "int4", calibration=calibration)
+    assert model.quantization.method == "gptq"
+    with torch.no_grad():
+        logits, _ = model(ids)
+        assert not torch.equal(logits, nearest(ids)[0])
+    model.save(tmp_path / "q")
+    loaded = linearize.load(tmp_path / "q").eval()
+    assert loaded.quantization.method == "gptq"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], logits)
+    assert torch.isfinite(logits).all()
 
 
 def test_reference_path_runs_every_form():
@@ -77,6 +143,15 @@ def test_bad_input(tmp_path):
         quantize(model, "int3")
     with pytest.raises(ValueError, match="head_quant='none' is not a supported bit width"):
         quantize(model, QuantConfig("int4", head_quant="none"))
+    with pytest.raises(ValueError, match="method='best'; allowed: \\['round', 'gptq'\\]"):
+        quantize(model, QuantConfig("int4", method="best"))
+    with pytest.raises(ValueError, match="pass calibration"):
+        quantize(model, QuantConfig("int4", method="gptq"))
+    with pytest.raises(ValueError, match="bf16 has no codes"):
+        quantize(model, "bf16", calibration=torch.arange(10))
+    with pytest.raises(ValueError, match="1-D with >= 2 tokens"):
+        quantize(model, "int4", calibration=torch.arange(10)[None])
+    assert linearize.models.quantize.quant_config(model) is None  # nothing half-done
     quantize(model, "int4")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model, "int8")
@@ -97,7 +172,14 @@ def test_cli_quantize(tmp_path, capsys):
     source = tmp_path / "fp"
     tiny_model("augmented").float().save(source)
     out = tmp_path / "q4"
-    assert main(["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]) == 0
+    argv = ["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]
+    # GPTQ's calibration text (the default) needs a tokenizer: refused, with what to do.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "--calibration none" in err
+    assert not out.exists()
+    assert main([*argv, "--calibration", "none"]) == 0
+    assert "(round codes)" in capsys.readouterr().out
     assert linearize.load(out).quantization.quant == "int4"
     # Quantizing the quantized directory again fails and leaves no directory behind.
     again = tmp_path / "again"
@@ -119,8 +201,10 @@ def test_cli_quantize_keeps_the_medusa_heads(tmp_path, capsys):
     model = text_model("augmented")
     heads = MedusaHeads.from_model(model)
     save_with_heads(model, heads, source)
-    assert main(["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]) == 0
-    assert "its 4 Medusa heads kept" in capsys.readouterr().out
+    argv = ["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]
+    assert main([*argv, "--calibration-tokens", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "its 4 Medusa heads kept" in printed and "(gptq codes)" in printed
     kept = load_heads(out)
     for a, b in zip(heads.state_dict().values(), kept.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -180,7 +264,12 @@ def test_bf16_weights_save_load_and_decode(kind, tmp_path):
     torch.testing.assert_close(torch.cat(steps, 1), logits[:, 15:], rtol=1e-4, atol=1e-4)
     model.save(tmp_path / "b")
     meta = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert meta["quantization"] == {"quant": "bf16", "group_size": 32, "head_quant": "bf16"}
+    assert meta["quantization"] == {
+        "quant": "bf16",
+        "group_size": 32,
+        "head_quant": "bf16",
+        "method": "round",
+    }
     loaded = linearize.load(tmp_path / "b").eval()
     with torch.no_grad():
         again, _ = loaded(ids)

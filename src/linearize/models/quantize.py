@@ -22,7 +22,9 @@ dequantizes on the fly, so every code path of :class:`Decoder` runs unchanged on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 # --quant values and their bit widths; "none" keeps fp32 weights.
 QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "bf16": 16}
 GROUP_SIZE = 32
+# How codes are chosen: the nearest code of each weight, or GPTQ on calibration text.
+METHODS = ("round", "gptq")
+Progress = Callable[[int, int], None]
 
 
 def check_quant(quant: str) -> str:
@@ -59,6 +64,11 @@ class QuantConfig(Config):
     # 8 bits by default, like GGUF's Q4_1 files (Q8_0 embeddings): at 4 bits the tied head
     # costs SmolLM2 +7 % perplexity, at 8 bits nothing measurable.
     head_quant: str = option("bit width of the embedding / LM head: int8 or int4", "int8")
+    method: str = option(
+        "how the codes are chosen: round (the nearest code of each weight) or gptq (each "
+        "rounding error carried onto the weights not yet coded, weighted by calibration inputs)",
+        "round",
+    )
 
     @classmethod
     def named(cls, quant: str) -> QuantConfig:
@@ -73,6 +83,8 @@ class QuantConfig(Config):
                 raise ValueError(
                     f"{key}={value!r} is not a supported bit width; allowed: {allowed}"
                 )
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; allowed: {list(METHODS)}")
         if (self.quant == "bf16") != (self.head_quant == "bf16"):
             raise ValueError(
                 f"quant={self.quant!r} with head_quant={self.head_quant!r}: bf16 goes with bf16 "
@@ -93,7 +105,7 @@ class QuantConfig(Config):
 
     def head(self) -> QuantConfig:
         """The config of the embedding / LM head."""
-        return QuantConfig(self.head_quant, self.group_size, self.head_quant)
+        return QuantConfig(self.head_quant, self.group_size, self.head_quant, self.method)
 
 
 # --- the codes --------------------------------------------------------------------------------
@@ -109,21 +121,104 @@ def quantize_weight(w: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor, Ten
             "this layer cannot be quantized group-wise"
         )
     groups = w.detach().float().reshape(N, K // g, g)
-    if config.bits == 4:
+    scale, zero, base = group_grid(groups, config.bits)
+    codes = encode(groups, scale[..., None], base[..., None], config.bits)
+    return pack(codes.to(torch.uint8).reshape(N, K), config.bits), scale, zero
+
+
+def group_grid(groups: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``scale, zero`` of each group of ``groups: [..., g]``, and ``base``, the value code 0
+    stands for (int4: the group's minimum)."""
+    if bits == 4:
         # Q4_1's grid (scale and offset per group), with the offset as a float zero point:
         # weights dequantized from a Q4_1 GGUF re-quantize onto their own grid, losslessly.
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = (hi - lo) / 15
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = -lo / scale
-        codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
-    else:
-        scale = groups.abs().amax(-1) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.full_like(scale, 128)
-        codes = torch.round(groups / scale[..., None]).clamp(-127, 127) + 128
-    codes = codes.to(torch.uint8).reshape(N, K)
-    return pack(codes, config.bits), scale, zero
+        return scale, -lo / scale, lo
+    scale = groups.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.full_like(scale, 128), -128 * scale
+
+
+def encode(x: Tensor, scale: Tensor, base: Tensor, bits: int) -> Tensor:
+    """The nearest codes (as floats) of ``x`` on a group's grid (``scale``, ``base`` broadcast)."""
+    if bits == 4:
+        return torch.round((x - base) / scale).clamp(0, 15)
+    return torch.round(x / scale).clamp(-127, 127) + 128
+
+
+def gptq_weight(
+    w: Tensor, moments: Tensor, config: QuantConfig, *, damp: float = 0.01, block: int = 128
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantize_weight` with the codes chosen by GPTQ (Frantar et al., 2023): column by
+    column, each column's rounding error carried onto the columns not yet quantized, weighted
+    by ``moments = Xᵀ X`` (``[K, K]``, the calibration inputs' second moments), so that the
+    layer's outputs ``X wᵀ`` move least. A group's grid is set from its weights as they stand
+    when its first column comes. Weights already on the grid keep their codes (no error to
+    carry); weights a fine-tune moved by less than a code's step keep that move in the outputs,
+    where rounding each to its nearest code would undo it."""
+    N, K = w.shape
+    g = config.group_size
+    quantize_weight(w[:1], config)  # the shape check
+    w = w.detach().double().clone()
+    H = moments.double().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter
+    H[dead, dead] = 1
+    w[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    # Rows of the upper Cholesky factor of H⁻¹: how column j's error spreads to the later ones.
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(N, K)
+    scale, zero, base = (torch.zeros(N, K // g) for _ in range(3))
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        err = torch.zeros(N, b1 - b0, dtype=w.dtype)
+        for c in range(b0, b1):
+            if c % g == 0:
+                s, z, lo = group_grid(w[:, c : c + g].float(), config.bits)
+                scale[:, c // g], zero[:, c // g], base[:, c // g] = s, z, lo
+            s, lo = scale[:, c // g].double(), base[:, c // g].double()
+            codes[:, c] = encode(w[:, c], s, lo, config.bits)
+            e = (w[:, c] - (codes[:, c] * s + lo)) / U[c, c]
+            w[:, c:b1] -= e[:, None] * U[c, c:b1]
+            err[:, c - b0] = e
+        w[:, b1:] -= err @ U[b0:b1, b1:]
+    return pack(codes.to(torch.uint8), config.bits), scale, zero
+
+
+@torch.no_grad()
+def input_moments(
+    model: Decoder, tokens: Tensor, *, block: int = 1024, progress: Progress | None = None
+) -> dict[nn.Module, Tensor]:
+    """``Xᵀ X`` (float64, ``[K, K]``) of the inputs of every linear :func:`quantize` codes and
+    of the LM head, by module, while ``model`` reads ``tokens: [T]`` in blocks of ``block``."""
+    if tokens.dim() != 1 or len(tokens) < 2:
+        raise ValueError(
+            f"calibration tokens must be 1-D with >= 2 tokens, got shape {tuple(tokens.shape)}"
+        )
+    moments: dict[nn.Module, Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        xtx = (x.T @ x).double()
+        moments[module] = moments[module] + xtx if module in moments else xtx
+
+    linears = [linear for _, _, linear in _linears(model)] + [model.lm_head]
+    hooks = [linear.register_forward_hook(hook) for linear in linears]
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(tokens) - 1, block)
+        for i, start in enumerate(starts):
+            model(tokens[start : start + block][None])
+            if progress is not None:
+                progress(i + 1, len(starts))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return moments
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -166,8 +261,12 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups))
 
-    def set(self, w: Tensor, config: QuantConfig) -> None:
-        codes, scale, zero = quantize_weight(w, config)
+    def set(self, w: Tensor, config: QuantConfig, moments: Tensor | None = None) -> None:
+        """Code ``w``: nearest codes, or GPTQ's given its inputs' ``moments`` (``Xᵀ X``)."""
+        if moments is None:
+            codes, scale, zero = quantize_weight(w, config)
+        else:
+            codes, scale, zero = gptq_weight(w, moments, config)
         self.codes.copy_(codes)
         self.scale.copy_(scale)
         self.zero.copy_(zero)
@@ -348,10 +447,23 @@ def _check_shapes(model: Decoder, config: QuantConfig) -> None:
         )
 
 
-def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -> Decoder:
+def quantize(
+    model: Decoder,
+    quant: str | QuantConfig,
+    *,
+    empty: bool = False,
+    calibration: Tensor | None = None,
+    progress: Progress | None = None,
+) -> Decoder:
     """Quantize ``model``'s linears (at ``quant``), embedding and LM head (at ``head_quant``) in
-    place (``empty``: only build the quantized modules, for loading saved codes). Returns it."""
+    place (``empty``: only build the quantized modules, for loading saved codes). Returns it.
+
+    With ``calibration`` tokens (``[T]``) the codes are GPTQ's (``method="gptq"``), fitted to
+    the inputs the model's linears and head meet on them (``progress(i, n)`` per block read);
+    a tied embedding takes the head's codes. Without, each weight takes its nearest code."""
     config = QuantConfig.named(quant) if isinstance(quant, str) else quant
+    if calibration is not None:
+        config = dataclasses.replace(config, method="gptq")
     config.validate()
     if quant_config(model) is not None:
         raise ValueError(
@@ -359,22 +471,28 @@ def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -
             "original instead"
         )
     if config.quant == "bf16":
+        if calibration is not None:
+            raise ValueError("bf16 has no codes to choose: calibration is for int8 / int4")
         return _to_bf16(model, config)
+    if config.method == "gptq" and calibration is None and not empty:
+        raise ValueError("method='gptq' chooses codes on calibration tokens: pass calibration")
     _check_shapes(model, config)
+    moments = {} if calibration is None else input_moments(model, calibration, progress=progress)
     with torch.no_grad():
         for parent, name, linear in _linears(model):
             module = QuantizedLinear(linear, config)
             if not empty:
-                module.qweight.set(linear.weight, config)
+                module.qweight.set(linear.weight, config, moments.get(linear))
             setattr(parent, name, module)
+        tied = model.config.tie_embeddings
         embedding = QuantizedEmbedding(model.embed_tokens, config.head())
         if not empty:
-            embedding.qweight.set(model.embed_tokens.weight, config.head())
-        tied = model.config.tie_embeddings
+            table = moments.get(model.lm_head) if tied else None
+            embedding.qweight.set(model.embed_tokens.weight, config.head(), table)
         shared = embedding.qweight if tied else None
         head = QuantizedLinear(model.lm_head, config.head(), shared)
         if not tied and not empty:
-            head.qweight.set(model.lm_head.weight, config.head())
+            head.qweight.set(model.lm_head.weight, config.head(), moments.get(model.lm_head))
     model.embed_tokens, model.lm_head = embedding, head
     # Scales and zero points in the model's dtype, so dequantized weights match its activations.
     for module in model.modules():
@@ -383,7 +501,10 @@ def quantize(model: Decoder, quant: str | QuantConfig, *, empty: bool = False) -
     model.quantization = config
     if not empty:  # (empty: the layout of a quantized directory being loaded)
         logger.info(
-            "quantized the model's weights to %s (groups of %d)", config.quant, config.group_size
+            "quantized the model's weights to %s (groups of %d, %s codes)",
+            config.quant,
+            config.group_size,
+            config.method,
         )
     return model
 
