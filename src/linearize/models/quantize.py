@@ -114,16 +114,21 @@ class QuantConfig(Config):
 def quantize_weight(w: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor, Tensor]:
     """``w: [N, K]`` → packed codes ``[N, K·bits/8]`` uint8, ``scale, zero: [N, K/group]``."""
     N, K = w.shape
-    g = config.group_size
-    if K % g:
-        raise ValueError(
-            f"in_features={K} is not a multiple of the quantization group ({g}): "
-            "this layer cannot be quantized group-wise"
-        )
+    g = _groups(K, config)
     groups = w.detach().float().reshape(N, K // g, g)
     scale, zero, base = group_grid(groups, config.bits)
     codes = encode(groups, scale[..., None], base[..., None], config.bits)
     return pack(codes.to(torch.uint8).reshape(N, K), config.bits), scale, zero
+
+
+def _groups(K: int, config: QuantConfig) -> int:
+    """The group size, once ``K`` inputs are checked to split into whole groups."""
+    if K % config.group_size:
+        raise ValueError(
+            f"in_features={K} is not a multiple of the quantization group ({config.group_size}): "
+            "this layer cannot be quantized group-wise"
+        )
+    return config.group_size
 
 
 def group_grid(groups: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,8 +164,7 @@ def gptq_weight(
     carry); weights a fine-tune moved by less than a code's step keep that move in the outputs,
     where rounding each to its nearest code would undo it."""
     N, K = w.shape
-    g = config.group_size
-    quantize_weight(w[:1], config)  # the shape check
+    g = _groups(K, config)
     w = w.detach().double().clone()
     H = moments.double().clone()
     dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter
@@ -170,15 +174,15 @@ def gptq_weight(
     # Rows of the upper Cholesky factor of H⁻¹: how column j's error spreads to the later ones.
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros(N, K)
-    scale, zero, base = (torch.zeros(N, K // g) for _ in range(3))
+    scale, zero = torch.zeros(N, K // g), torch.zeros(N, K // g)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         err = torch.zeros(N, b1 - b0, dtype=w.dtype)
         for c in range(b0, b1):
             if c % g == 0:
                 s, z, lo = group_grid(w[:, c : c + g].float(), config.bits)
-                scale[:, c // g], zero[:, c // g], base[:, c // g] = s, z, lo
-            s, lo = scale[:, c // g].double(), base[:, c // g].double()
+                scale[:, c // g], zero[:, c // g] = s, z
+                s, lo = s.double(), lo.double()
             codes[:, c] = encode(w[:, c], s, lo, config.bits)
             e = (w[:, c] - (codes[:, c] * s + lo)) / U[c, c]
             w[:, c:b1] -= e[:, None] * U[c, c:b1]
@@ -198,11 +202,14 @@ def input_moments(
             f"calibration tokens must be 1-D with >= 2 tokens, got shape {tuple(tokens.shape)}"
         )
     moments: dict[nn.Module, Tensor] = {}
+    last: list[Tensor] = []  # [input, its XᵀX]: q/k/v and gate/up read one input in turn
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        xtx = (x.T @ x).double()
-        moments[module] = moments[module] + xtx if module in moments else xtx
+        if not last or last[0] is not inputs[0]:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            last[:] = [inputs[0], (x.T @ x).double()]
+        xtx = last[1]
+        moments[module] = moments[module] + xtx if module in moments else xtx.clone()
 
     linears = [linear for _, _, linear in _linears(model)] + [model.lm_head]
     hooks = [linear.register_forward_hook(hook) for linear in linears]
@@ -217,6 +224,7 @@ def input_moments(
     finally:
         for hook in hooks:
             hook.remove()
+        last.clear()
         model.train(was_training)
     return moments
 
