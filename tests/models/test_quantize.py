@@ -109,8 +109,12 @@ def test_quantize_with_calibration_codes_every_linear_by_gptq(tmp_path):
     with torch.no_grad():
         reference, _ = model(ids)
     nearest = quantize(tiny_model("augmented").float().eval(), "int4")
-    quantize(model, "int4", calibration=calibration)
+    calls = []
+    quantize(model, "int4", calibration=calibration, progress=lambda *a: calls.append(a))
     assert model.quantization.method == "gptq"
+    # Progress: the one block of calibration read, then every linear and the tied table coded.
+    coded = 7 * model.config.num_layers + 1
+    assert calls == [("calibration", 1, 1)] + [("codes", i, coded) for i in range(1, coded + 1)]
     with torch.no_grad():
         logits, _ = model(ids)
         assert not torch.equal(logits, nearest(ids)[0])
@@ -203,7 +207,9 @@ def test_cli_quantize_keeps_the_medusa_heads(tmp_path, capsys):
     save_with_heads(model, heads, source)
     argv = ["quantize", "--model", str(source), "--quant", "int4", "--out", str(out)]
     assert main([*argv, "--calibration-tokens", "300"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "calibration" in captured.err and "codes" in captured.err  # both stages show
     assert "its 4 Medusa heads kept" in printed and "(gptq codes)" in printed
     kept = load_heads(out)
     for a, b in zip(heads.state_dict().values(), kept.state_dict().values(), strict=True):

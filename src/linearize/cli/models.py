@@ -123,10 +123,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     before = weight_bytes(model)
     # (quantize refuses a quantized model before any calibration text is read)
     calibration = None if quant_config(model) is not None else _calibration(args, model)
-    with tqdm(desc="calibration", unit="block", file=sys.stderr, leave=False) as bar:
+    with tqdm(file=sys.stderr, leave=False) as bar:
+        stages: list[str] = []
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
+        def progress(stage: str, done: int, total: int) -> None:
+            if stages[-1:] != [stage]:  # a new stage: calibration blocks, then weights coded
+                stages.append(stage)
+                bar.reset(total)
+                bar.set_description(stage, refresh=False)
             bar.update(done - bar.n)
 
         quantize(model, args.quant, calibration=calibration, progress=progress)

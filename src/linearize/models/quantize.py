@@ -23,6 +23,7 @@ dequantizes on the fly, so every code path of :class:`Decoder` runs unchanged on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ GROUP_SIZE = 32
 # How codes are chosen: the nearest code of each weight, or GPTQ on calibration text.
 METHODS = ("round", "gptq")
 Progress = Callable[[int, int], None]
+# quantize's progress: (stage, done, total), stage "calibration" (blocks read) or "codes"
+# (weights coded; GPTQ's about half of `linearize quantize`).
+StageProgress = Callable[[str, int, int], None]
 
 
 def check_quant(quant: str) -> str:
@@ -461,14 +465,15 @@ def quantize(
     *,
     empty: bool = False,
     calibration: Tensor | None = None,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> Decoder:
     """Quantize ``model``'s linears (at ``quant``), embedding and LM head (at ``head_quant``) in
     place (``empty``: only build the quantized modules, for loading saved codes). Returns it.
 
     With ``calibration`` tokens (``[T]``) the codes are GPTQ's (``method="gptq"``), fitted to
-    the inputs the model's linears and head meet on them (``progress(i, n)`` per block read);
-    a tied embedding takes the head's codes. Without, each weight takes its nearest code."""
+    the inputs the model's linears and head meet on them; a tied embedding takes the head's
+    codes. Without, each weight takes its nearest code. ``progress(stage, i, n)``: per block
+    of calibration read (stage ``"calibration"``), then per weight coded (``"codes"``)."""
     config = QuantConfig.named(quant) if isinstance(quant, str) else quant
     if calibration is not None:
         config = dataclasses.replace(config, method="gptq")
@@ -485,22 +490,36 @@ def quantize(
     if config.method == "gptq" and calibration is None and not empty:
         raise ValueError("method='gptq' chooses codes on calibration tokens: pass calibration")
     _check_shapes(model, config)
-    moments = {} if calibration is None else input_moments(model, calibration, progress=progress)
+    moments = {}
+    if calibration is not None:
+        read = None if progress is None else functools.partial(progress, "calibration")
+        moments = input_moments(model, calibration, progress=read)
+    linears = list(_linears(model))
+    tied = model.config.tie_embeddings
+    total = len(linears) + (1 if tied else 2)
+    coded = 0
+
+    def code(weight: QuantizedWeight, w: Tensor, c: QuantConfig, table: Tensor | None) -> None:
+        nonlocal coded
+        if empty:
+            return
+        weight.set(w, c, table)
+        coded += 1
+        if progress is not None:
+            progress("codes", coded, total)
+
     with torch.no_grad():
-        for parent, name, linear in _linears(model):
+        for parent, name, linear in linears:
             module = QuantizedLinear(linear, config)
-            if not empty:
-                module.qweight.set(linear.weight, config, moments.get(linear))
+            code(module.qweight, linear.weight, config, moments.get(linear))
             setattr(parent, name, module)
-        tied = model.config.tie_embeddings
         embedding = QuantizedEmbedding(model.embed_tokens, config.head())
-        if not empty:
-            table = moments.get(model.lm_head) if tied else None
-            embedding.qweight.set(model.embed_tokens.weight, config.head(), table)
+        table = moments.get(model.lm_head) if tied else None
+        code(embedding.qweight, model.embed_tokens.weight, config.head(), table)
         shared = embedding.qweight if tied else None
         head = QuantizedLinear(model.lm_head, config.head(), shared)
-        if not tied and not empty:
-            head.qweight.set(model.lm_head.weight, config.head(), moments.get(model.lm_head))
+        if not tied:
+            code(head.qweight, model.lm_head.weight, config.head(), moments.get(model.lm_head))
     model.embed_tokens, model.lm_head = embedding, head
     # Scales and zero points in the model's dtype, so dequantized weights match its activations.
     for module in model.modules():
