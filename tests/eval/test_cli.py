@@ -338,10 +338,19 @@ def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
     assert rows["onnx"]["tokens"] == rows["torch"]["tokens"]
     # Same int4 weights; the engine's int8 arithmetic moves the score a little, not more.
     assert math.isclose(rows["onnx"]["nll"], rows["torch"]["nll"], rel_tol=0.05)
+    # Perplexity by position through the engine: its buckets, its arithmetic.
     argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
-    code = main([*argv, "--quant", "int4", "--engine", "onnx", "--stream", "--buckets", "0,16"])
-    assert code != 0
-    assert "--stream (perplexity by position) runs on the PyTorch" in capsys.readouterr().err
+    argv += ["--tokens", "150", "--quant", "int4", "--stream", "--buckets", "0,16,80", "--json"]
+    streams = {}
+    for engine in ("torch", "onnx"):
+        assert main([*argv, "--engine", engine]) == 0
+        (streams[engine],) = _json_lines(capsys.readouterr().out)
+    assert streams["onnx"]["form"] == "engine" and streams["onnx"]["scored_as"] == "stream"
+    ours, reference = streams["onnx"]["buckets"], streams["torch"]["buckets"]
+    assert [(b["from"], b["tokens"]) for b in ours] == [(0, 15), (16, 64), (80, 70)]
+    assert [(b["from"], b["tokens"]) for b in reference] == [(0, 15), (16, 64), (80, 70)]
+    for a, b in zip(ours, reference, strict=True):
+        assert math.isclose(a["ppl"], b["ppl"], rel_tol=0.05)
 
 
 def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from linearize.cli.options import (
 )
 from linearize.data import source_tokens
 from linearize.eval import long_context
-from linearize.eval.engine_perplexity import engine_perplexity
+from linearize.eval.engine_perplexity import engine_perplexity, engine_stream_perplexity
 from linearize.eval.study import StudyConfig, run_study, study_variants, write_outputs
 from linearize.train.perplexity import PerplexityConfig, perplexity, scored_tokens
 
@@ -102,7 +102,11 @@ def run_ppl(args: argparse.Namespace) -> int:
             else long_context.parse_ints(args.buckets, "--buckets")
         )
         tokens = scored_tokens(tokens, config)
-    engine = _ppl_engine(args, model, len(tokens) if args.stream else args.window)
+    context = args.window
+    if args.stream:  # a softmax model streams in windows of its positions (long_context)
+        softmax = long_context.uses_softmax(model)
+        context = min(len(tokens), model.config.max_position_embeddings if softmax else 2**62)
+    engine = _ppl_engine(args, model, context)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -110,7 +114,8 @@ def run_ppl(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         if args.stream:
-            return _report_stream(args, model, tokens, edges, progress)
+            bar.unit = "token"
+            return _report_stream(args, model, engine, tokens, edges, progress)
         if engine is not None:
             result = engine_perplexity(engine, tokens, config, progress)
         else:
@@ -132,25 +137,23 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def _ppl_engine(args: argparse.Namespace, model, context: int):
-    """The engine ``--engine`` asks for (``None``: the PyTorch reference). Perplexity by
-    position (``--stream``) runs on the reference."""
+    """The engine ``--engine`` asks for (``None``: the PyTorch reference)."""
     from linearize.engine import build_engine, resolve_engine
 
     name = resolve_engine(args.engine, model)
-    if name == "torch" or (args.stream and args.engine == "auto"):
-        return None
-    if args.stream:
-        raise ValueError(
-            f"--engine {name} scores windows; --stream (perplexity by position) runs on the "
-            "PyTorch reference: use --engine torch"
-        )
-    return build_engine(name, model, max_context=context)
+    return None if name == "torch" else build_engine(name, model, max_context=context)
 
 
-def _report_stream(args, model, tokens, edges, progress) -> int:
+def _report_stream(args, model, engine, tokens, edges, progress) -> int:
     start = time.perf_counter()
-    result = long_context.stream_perplexity(model, tokens, edges, args.window, args.form, progress)
-    row = {**result.to_dict(), "window": args.window, "form": args.form}
+    if engine is None:
+        result = long_context.stream_perplexity(
+            model, tokens, edges, args.window, args.form, progress
+        )
+        row = {**result.to_dict(), "window": args.window, "form": args.form}
+    else:  # the engine reads the text in chains of its tree size
+        result = engine_stream_perplexity(engine, tokens, edges, progress)
+        row = {**result.to_dict(), "window": result.segment, "form": "engine"}
     row["seconds"] = time.perf_counter() - start
     if args.out:
         record = {"model": _label(args), "data": args.data, **row}

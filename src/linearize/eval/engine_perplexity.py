@@ -4,17 +4,27 @@ The windows (or the one stream) are those of :func:`linearize.train.perplexity.p
 window starts from an empty engine state and runs its tokens through the engine in chains of up
 to ``engine.max_tree`` tokens (the tree graph on a chain: the logits of every position, the
 state committed after each chain). So the score includes everything the engine changes: its
-quantized weights and its arithmetic (``accuracy``).
+quantized weights and its arithmetic (``accuracy``). :func:`engine_stream_perplexity` is
+:func:`linearize.eval.long_context.stream_perplexity` (perplexity by position) through the engine.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from linearize.eval.long_context import (
+    DEFAULT_BUCKETS,
+    StreamResult,
+    bucket_perplexity,
+    check_buckets,
+    check_length,
+    uses_softmax,
+)
 from linearize.ops.tree import Tree
 from linearize.train.perplexity import (
     PerplexityConfig,
@@ -27,20 +37,28 @@ from linearize.train.perplexity import (
 )
 
 
-def _span_nll(engine, tokens: Tensor, span: Span) -> tuple[float, int]:
-    """Summed NLL and count of the targets ``tokens[score_from:end]``, from an empty state."""
+def _span_nlls(engine, tokens: Tensor, span: Span, progress: Progress | None = None) -> Tensor:
+    """Per-target NLLs (float64) of ``tokens[score_from:end]``, from an empty state;
+    ``progress(read, total)`` after each chain. Each chain's logits are scored as they come
+    (a whole novel's logits would not fit in memory)."""
     engine.reset()
     ids = tokens[span.start : span.end - 1].tolist()
-    rows = []
+    skip = span.score_from - span.start - 1  # rows before the first scored target
+    nlls = []
     for s in range(0, len(ids), engine.max_tree):
         piece = ids[s : s + engine.max_tree]
         chain = Tree.from_parents([-1, *range(len(piece) - 1)])
         logits, _ = engine.forward_tree(piece, chain)
-        rows.append(logits.clone())
+        # Row j predicts tokens[span.start + s + j + 1].
+        first = max(skip - s, 0)
+        if first < len(piece):
+            at = span.start + s + 1
+            targets = tokens[at + first : at + len(piece)]
+            nlls.append(F.cross_entropy(logits[first:].double(), targets, reduction="none"))
         engine.commit(list(range(len(piece))))
-    logits = torch.cat(rows)[span.score_from - span.start - 1 :].double()
-    targets = tokens[span.score_from : span.end]
-    return float(F.cross_entropy(logits, targets, reduction="sum")), len(targets)
+        if progress is not None:
+            progress(s + len(piece), len(ids))
+    return torch.cat(nlls)
 
 
 @torch.no_grad()
@@ -65,11 +83,53 @@ def engine_perplexity(
     start = time.perf_counter()
     total, count = 0.0, 0
     for i, span in enumerate(spans):
-        nll, n = _span_nll(engine, tokens, span)
-        total, count = total + nll, count + n
+        nlls = _span_nlls(engine, tokens, span)
+        total, count = total + float(nlls.sum()), count + len(nlls)
         if progress is not None:
             progress(i + 1, len(spans))
     seconds = time.perf_counter() - start
     return PerplexityResult(
         exp_mean(total, count), total / count, count, config.window, "engine", seconds
     )
+
+
+@torch.no_grad()
+def engine_stream_perplexity(
+    engine,
+    tokens: Tensor,
+    edges: tuple[int, ...] = DEFAULT_BUCKETS,
+    progress: Progress | None = None,
+) -> StreamResult:
+    """Perplexity by position of ``tokens: [T]`` through ``engine``: a linear model streams the
+    whole text on one carried state, a model with softmax layers is scored in windows of its
+    ``max_position_embeddings`` (as :func:`~linearize.eval.long_context.stream_perplexity`);
+    ``progress(tokens read, T)``. The result's ``segment`` is the engine's chain length."""
+    edges = check_buckets(edges)
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    T = len(tokens)
+    check_length(T, edges)
+    model = engine.model
+    if uses_softmax(model):
+        window = min(model.config.max_position_embeddings, T)
+        if window > engine.max_context:
+            raise ValueError(
+                f"a softmax model is scored in windows of {window} tokens; this engine's "
+                f"max_context is {engine.max_context}"
+            )
+        spans, scored_as = window_spans(T, window), f"windows of {window}"
+    else:
+        spans, scored_as = [Span(0, T, 1)], "stream"
+    positions, nlls = [], []
+    for span in spans:
+
+        def read(done: int, total: int, start: int = span.start) -> None:
+            if progress is not None:
+                progress(start + done, T - 1)
+
+        nlls.append(_span_nlls(engine, tokens, span, read))
+        positions.append(torch.arange(span.score_from, span.end))
+    position, nll = torch.cat(positions), torch.cat(nlls)
+    mean = float(nll.mean())
+    buckets = bucket_perplexity(position, nll, edges)
+    return StreamResult(math.exp(mean), mean, len(nll), engine.max_tree, scored_as, buckets)

@@ -127,6 +127,12 @@ def _short(tokens: int, edges: tuple[int, ...]) -> str:
     )
 
 
+def check_length(tokens: int, edges: tuple[int, ...]) -> None:
+    """A ValueError if a text of ``tokens`` tokens does not reach past the first bucket."""
+    if tokens < (edges[1] if len(edges) > 1 else edges[0] + 2):
+        raise ValueError(_short(tokens, edges))
+
+
 def bucket_perplexity(positions: Tensor, nll: Tensor, edges: Sequence[int]) -> list[Bucket]:
     """Group per-target NLLs by position: every scored target lands in exactly one bucket."""
     edges = check_buckets(edges)
@@ -173,8 +179,7 @@ def stream_perplexity(
     edges = check_buckets(edges)
     if segment < 1:
         raise ValueError(f"segment must be >= 1, got {segment}")
-    if len(tokens) < (edges[1] if len(edges) > 1 else edges[0] + 2):
-        raise ValueError(_short(len(tokens), edges))
+    check_length(len(tokens), edges)
     was_training = model.training
     model.eval()
     try:
