@@ -141,5 +141,10 @@ def test_cli_eval_harness(tmp_path, capsys):
     assert rows[1]["acc_norm"] is None and rows[1]["perplexity"] > 0
     (record,) = out.glob("harness-*.json")
     assert json.loads(record.read_text())["rows"] == rows
+    # --quant: the same tasks on int4 weights, named in the rows.
+    assert main([*args, "--tasks", tasks, "--limit", "2", "--json", "--quant", "int4"]) == 0
+    quantized = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert all(r["model"].endswith("+int4") for r in quantized)
+    assert quantized[1]["perplexity"] != rows[1]["perplexity"]
     assert main([*args, "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval tasks" in capsys.readouterr().err

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
+import linearize
 from linearize import Decoder
 from linearize.cli import main
 from linearize.eval import long_context
+from linearize.models.quantize import quantize
 from linearize.train.perplexity import PerplexityConfig, perplexity
 from tests.eval.conftest import tiny_augmented, tiny_config
 
@@ -82,7 +84,7 @@ def test_passkey_prompt_hides_the_key_at_its_depth():
         long_context.passkey_prompt(tokenizer, 3000, 1.5, "12345")
 
 
-def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys):
+def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys, tmp_path):
     argv = ["eval", "passkey", "--lengths", "300,400", "--trials", "2", "--json"]
     assert main(argv + ["--model", tiny_dirs["softmax"]]) == 0
     captured = capsys.readouterr()
@@ -97,6 +99,14 @@ def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys
     bad = ["eval", "passkey", "--model", tiny_dirs["augmented"], "--depths", "0.5,2"]
     assert main(bad) == 2
     assert "[0, 1]" in capsys.readouterr().err
+    # --quant quantizes as the model loads, named in the row; a quantized model keeps its own.
+    assert main(argv + ["--model", tiny_dirs["augmented"], "--quant", "int4"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"].endswith("+int4")
+    quantized = linearize.load(tiny_dirs["augmented"])
+    quantize(quantized, "int4")
+    quantized.save(tmp_path / "q4")
+    assert main(argv + ["--model", str(tmp_path / "q4"), "--quant", "int8"]) == 2
+    assert "already quantized (int4)" in capsys.readouterr().err
 
 
 def test_eval_ppl_stream_json_has_buckets(tiny_dirs, capsys, tmp_path):

@@ -18,6 +18,7 @@ from linearize.cli.options import (
     add_quant_argument,
     attention_from_args,
     config_from_args,
+    model_label,
 )
 from linearize.data import source_tokens
 from linearize.eval import long_context
@@ -27,9 +28,13 @@ from linearize.train.perplexity import PerplexityConfig, perplexity, scored_toke
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a model (perplexity)")
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a model: perplexity (windows or by position), harness tasks, passkey"
+    )
     sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
-    ppl = sub.add_parser("ppl", help="perplexity on a corpus (no BOS, non-overlapping windows)")
+    ppl = sub.add_parser(
+        "ppl", help="perplexity on a corpus (no BOS): in windows, or by position with --stream"
+    )
     ppl.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
     # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
     add_attention_arguments(ppl, required=False)
@@ -55,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     key = sub.add_parser("passkey", help="passkey retrieval: a number hidden in filler text")
     key.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
     add_attention_arguments(key, required=False)
+    add_quant_argument(key)
     key.add_argument(
         "--lengths",
         default=",".join(map(str, long_context.PASSKEY_LENGTHS)),
@@ -123,7 +129,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     row = result.to_dict()
     if args.out:
         command = _command(args)
-        record = {"model": _label(args), "data": args.data, **row}
+        record = {"model": model_label(args), "data": args.data, **row}
         report.save_results(args.out, _stem(args), "ppl", [record], command)
     if args.json:
         print(json.dumps(row))
@@ -156,7 +162,7 @@ def _report_stream(args, model, engine, tokens, edges, progress) -> int:
         row = {**result.to_dict(), "window": result.segment, "form": "engine"}
     row["seconds"] = time.perf_counter() - start
     if args.out:
-        record = {"model": _label(args), "data": args.data, **row}
+        record = {"model": model_label(args), "data": args.data, **row}
         report.save_results(args.out, _stem(args), "ppl_position", [record], _command(args))
     if args.json:
         print(json.dumps(row))
@@ -186,6 +192,9 @@ def run_passkey(args: argparse.Namespace) -> int:
         from linearize.models import linearize
 
         linearize(model, attention_from_args(args))
+    from linearize.models.quantize import apply_quant
+
+    apply_quant(model, args.quant, args.model)
 
     def on_trial(t: long_context.PasskeyTrial) -> None:
         mark = "found" if t.found else "missed"
@@ -199,13 +208,14 @@ def run_passkey(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     row = {
-        "model": _label(args),
+        "model": model_label(args),
         "accuracy": {str(n): a for n, a in accuracy.items()},
         "trials": len(depths),
         "skipped": skipped,
     }
     if args.out:
         command = f"linearize eval passkey --model {args.model} --lengths {args.lengths}"
+        command += f" --quant {args.quant}" if args.quant else ""
         report.save_results(args.out, f"passkey-{_stem_label(args)}", "passkey", [row], command)
     if args.json:
         print(json.dumps(row))
@@ -216,22 +226,11 @@ def run_passkey(args: argparse.Namespace) -> int:
 
 
 def _stem_label(args: argparse.Namespace) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in _label(args)).strip("_")
-
-
-def _label(args: argparse.Namespace) -> str:
-    """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``."""
-    quant = getattr(args, "quant", None)
-    quant = f"+{quant}" if quant not in (None, "none") else ""
-    if not args.attention:
-        return args.model + quant
-    options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
-    listed = ",".join(f"{k}={v}" for k, v in options.items())
-    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "") + quant
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_label(args)).strip("_")
 
 
 def _stem(args: argparse.Namespace) -> str:
-    parts = [_label(args), args.data, f"w{args.window}", args.form]
+    parts = [model_label(args), args.data, f"w{args.window}", args.form]
     parts += [f"t{args.tokens}"] if args.tokens else []
     parts += [f"s{args.stride}"] if args.stride else []
     parts += ["stream"] if args.stream else []

@@ -7,7 +7,12 @@ import json
 import time
 from typing import Any
 
-from linearize.cli.options import add_attention_arguments, attention_from_args
+from linearize.cli.options import (
+    add_attention_arguments,
+    add_quant_argument,
+    attention_from_args,
+    model_label,
+)
 
 METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -20,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="name, HF dir, .gguf or saved dir")
     # --attention (+ --group-size, --conv-size, --option): linearize, untrained, before scoring
     add_attention_arguments(parser, required=False)
+    add_quant_argument(parser)
     parser.add_argument(
         "--tasks",
         help="comma-separated lm-eval tasks or tags (ours: the tag 'linearize' runs all four)",
@@ -63,12 +69,13 @@ def run_harness(args: argparse.Namespace) -> int:
         args.model,
         [t for t in args.tasks.split(",") if t],
         attention=attention_from_args(args) if args.attention else None,
+        quant=args.quant,
         limit=args.limit,
         num_fewshot=args.num_fewshot,
         data_dir=args.data_dir,
     )
     seconds = time.perf_counter() - start
-    rows = [_row(_label(args), task, out, seconds) for task in sorted(out["results"])]
+    rows = [_row(model_label(args), task, out, seconds) for task in sorted(out["results"])]
     if args.out:
         from linearize.bench import report
 
@@ -93,16 +100,8 @@ def _row(model: str, task: str, out: dict[str, Any], seconds: float) -> dict[str
     return row | {"seconds": round(seconds, 1)}
 
 
-def _label(args: argparse.Namespace) -> str:
-    if not args.attention:
-        return args.model
-    options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
-    listed = ",".join(f"{k}={v}" for k, v in options.items())
-    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "")
-
-
 def _stem(args: argparse.Namespace) -> str:
-    parts = [_label(args), args.tasks.replace(",", "+")]
+    parts = [model_label(args), args.tasks.replace(",", "+")]
     parts += [f"l{args.limit}"] if args.limit else []
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(parts))
     return f"harness-{safe.strip('_')}"
@@ -110,6 +109,7 @@ def _stem(args: argparse.Namespace) -> str:
 
 def _command(args: argparse.Namespace) -> str:
     words = [f"linearize eval harness --model {args.model} --tasks {args.tasks}"]
+    words += [f" --quant {args.quant}"] if args.quant else []
     if args.attention:
         words.append(f" --attention {args.attention}")
         words += [f" --option {pair}" for pair in args.option]

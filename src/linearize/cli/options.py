@@ -50,6 +50,18 @@ def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"name": args.attention, **options}
 
 
+def model_label(args: argparse.Namespace) -> str:
+    """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``, then ``+int4``
+    when ``--quant`` quantized it: a result row's name for what was measured."""
+    quant = getattr(args, "quant", None)
+    quant = f"+{quant}" if quant not in (None, "none") else ""
+    if not args.attention:
+        return args.model + quant
+    options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
+    listed = ",".join(f"{k}={v}" for k, v in options.items())
+    return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "") + quant
+
+
 def parsed_by(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An argparse ``type`` from a parser raising ``ValueError``: argparse shows its message
     (for a plain ``ValueError`` it would print only the function's name)."""

@@ -30,6 +30,7 @@ from linearize.eval.tasks import TAG, TASKS, TASKS_DIR
 from linearize.generation import GenerationConfig, generate
 from linearize.models import linearize, load
 from linearize.models.decoder import Decoder
+from linearize.models.quantize import apply_quant
 from linearize.models.state import copy_state
 from linearize.train.perplexity import streaming_nll
 
@@ -41,13 +42,16 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 @register_model("linearize")
 class LinearizeLM(TemplateLM):
-    """``--model_args pretrained=NAME_OR_DIR[,attention=NAME][,device=cpu][,dtype=float32]
-    [,max_length=N][,reuse_state=True]`` (``attention`` linearizes, untrained, after loading)."""
+    """``--model_args pretrained=NAME_OR_DIR[,attention=NAME][,quant=int4][,device=cpu]
+    [,dtype=float32][,max_length=N][,reuse_state=True]`` (``attention`` linearizes, untrained,
+    after loading; ``quant`` quantizes as ``--quant`` does; a quantized directory loads as it
+    is)."""
 
     def __init__(
         self,
         pretrained: str | Decoder = "smollm2-135m",
         attention: str | dict[str, Any] | None = None,
+        quant: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         max_length: int | None = None,
@@ -60,6 +64,7 @@ class LinearizeLM(TemplateLM):
         model = pretrained if isinstance(pretrained, Decoder) else load(pretrained)
         if attention:
             linearize(model, attention)
+        apply_quant(model, quant, str(pretrained))
         if model.tokenizer is None:
             raise ValueError(f"{pretrained}: lm-eval needs a model with a tokenizer")
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -182,6 +187,7 @@ def evaluate(
     tasks: list[str],
     *,
     attention: str | dict[str, Any] | None = None,
+    quant: str | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
     data_dir: str | None = None,
@@ -201,7 +207,7 @@ def evaluate(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval tasks {unknown}; ours: {ours}")
-    lm = LinearizeLM(model, attention=attention, reuse_state=reuse_state)
+    lm = LinearizeLM(model, attention=attention, quant=quant, reuse_state=reuse_state)
     return simple_evaluate(
         model=lm,
         tasks=tasks,
