@@ -103,7 +103,7 @@ def engine_stream_perplexity(
     """Perplexity by position of ``tokens: [T]`` through ``engine``: a linear model streams the
     whole text on one carried state, a model with softmax layers is scored in windows of its
     ``max_position_embeddings`` (as :func:`~linearize.eval.long_context.stream_perplexity`);
-    ``progress(tokens read, T)``. The result's ``segment`` is the engine's chain length."""
+    ``progress(tokens read, T − 1)``. The result's ``segment`` is the engine's chain length."""
     edges = check_buckets(edges)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
@@ -111,16 +111,17 @@ def engine_stream_perplexity(
     check_length(T, edges)
     model = engine.model
     if uses_softmax(model):
-        window = min(model.config.max_position_embeddings, T)
+        positions = model.config.max_position_embeddings
+        window = min(positions, T)
         if window > engine.max_context:
             raise ValueError(
                 f"a softmax model is scored in windows of {window} tokens; this engine's "
                 f"max_context is {engine.max_context}"
             )
-        spans, scored_as = window_spans(T, window), f"windows of {window}"
+        spans, scored_as = window_spans(T, window), f"windows of {positions}"
     else:
         spans, scored_as = [Span(0, T, 1)], "stream"
-    positions, nlls = [], []
+    targets, nlls = [], []
     for span in spans:
 
         def read(done: int, total: int, start: int = span.start) -> None:
@@ -128,8 +129,8 @@ def engine_stream_perplexity(
                 progress(start + done, T - 1)
 
         nlls.append(_span_nlls(engine, tokens, span, read))
-        positions.append(torch.arange(span.score_from, span.end))
-    position, nll = torch.cat(positions), torch.cat(nlls)
+        targets.append(torch.arange(span.score_from, span.end))
+    position, nll = torch.cat(targets), torch.cat(nlls)
     mean = float(nll.mean())
     buckets = bucket_perplexity(position, nll, edges)
     return StreamResult(math.exp(mean), mean, len(nll), engine.max_tree, scored_as, buckets)
