@@ -129,8 +129,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         def progress(stage: str, done: int, total: int) -> None:
             if stages[-1:] != [stage]:  # a new stage: calibration blocks, then weights coded
                 stages.append(stage)
-                bar.reset(total)
                 bar.set_description(stage, refresh=False)
+                bar.reset(total)  # (redraws the bar, with its new name)
             bar.update(done - bar.n)
 
         quantize(model, args.quant, calibration=calibration, progress=progress)
