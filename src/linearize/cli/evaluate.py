@@ -108,10 +108,9 @@ def run_ppl(args: argparse.Namespace) -> int:
             else long_context.parse_ints(args.buckets, "--buckets")
         )
         tokens = scored_tokens(tokens, config)
-    context = args.window
-    if args.stream:  # a softmax model streams in windows of its positions (long_context)
-        softmax = long_context.uses_softmax(model)
-        context = min(len(tokens), model.config.max_position_embeddings if softmax else 2**62)
+    # A stream's softmax layers read windows of the model's positions (long_context); a linear
+    # layer's state does not depend on the engine's context.
+    context = min(len(tokens), model.config.max_position_embeddings) if args.stream else args.window
     engine = _ppl_engine(args, model, context)
     with tqdm(desc="perplexity", unit="window", file=sys.stderr, leave=False) as bar:
 

@@ -23,7 +23,8 @@ from linearize.eval.long_context import (
     bucket_perplexity,
     check_buckets,
     check_length,
-    uses_softmax,
+    scored_as,
+    softmax_windows,
 )
 from linearize.ops.tree import Tree
 from linearize.train.perplexity import (
@@ -109,20 +110,14 @@ def engine_stream_perplexity(
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
     T = len(tokens)
     check_length(T, edges)
-    model = engine.model
-    if uses_softmax(model):
-        positions = model.config.max_position_embeddings
-        window = min(positions, T)
-        if window > engine.max_context:
-            raise ValueError(
-                f"a softmax model is scored in windows of {window} tokens; this engine's "
-                f"max_context is {engine.max_context}"
-            )
-        spans, scored_as = window_spans(T, window), f"windows of {positions}"
-    else:
-        spans, scored_as = [Span(0, T, 1)], "stream"
+    spans = softmax_windows(engine.model, T)
+    if spans is not None and spans[0].end > engine.max_context:
+        raise ValueError(
+            f"a softmax model is scored in windows of {spans[0].end} tokens; this engine's "
+            f"max_context is {engine.max_context}"
+        )
     targets, nlls = [], []
-    for span in spans:
+    for span in spans or [Span(0, T, 1)]:
 
         def read(done: int, total: int, start: int = span.start) -> None:
             if progress is not None:
@@ -133,4 +128,5 @@ def engine_stream_perplexity(
     position, nll = torch.cat(targets), torch.cat(nlls)
     mean = float(nll.mean())
     buckets = bucket_perplexity(position, nll, edges)
-    return StreamResult(math.exp(mean), mean, len(nll), engine.max_tree, scored_as, buckets)
+    how = scored_as(engine.model)
+    return StreamResult(math.exp(mean), mean, len(nll), engine.max_tree, how, buckets)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.models.decoder import Decoder
-from linearize.train.perplexity import LOGIT_ROWS, window_spans
+from linearize.train.perplexity import LOGIT_ROWS, Span, window_spans
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,21 @@ def uses_softmax(model: Decoder) -> bool:
     return "softmax" in model.attention_names()
 
 
+def softmax_windows(model: Decoder, T: int) -> list[Span] | None:
+    """How a stream of ``T`` tokens is scored: a model with softmax layers in non-overlapping
+    windows of its positions (these spans), a linear model on one carried state (``None``)."""
+    if not uses_softmax(model):
+        return None
+    return window_spans(T, min(model.config.max_position_embeddings, T))
+
+
+def scored_as(model: Decoder) -> str:
+    """A stream result's ``scored_as``: ``"stream"`` or ``"windows of N"`` (see above)."""
+    if uses_softmax(model):
+        return f"windows of {model.config.max_position_embeddings}"
+    return "stream"
+
+
 @torch.no_grad()
 def token_nlls(
     model: Decoder,
@@ -95,10 +110,10 @@ def token_nlls(
     T = len(tokens)
     if T < 2:
         raise ValueError(f"need at least 2 tokens to score one, got {T}")
-    if uses_softmax(model):
-        window = min(model.config.max_position_embeddings, T)
+    windows = softmax_windows(model, T)
+    if windows is not None:
         # A fresh window every max positions: each scores all but its first token.
-        pieces = [(s.start, s.end, s.score_from) for s in window_spans(T, window)]
+        pieces = [(s.start, s.end, s.score_from) for s in windows]
     else:
         # One stream: segment [s, e) on the state after tokens[:s] scores tokens[s+1 : e+1].
         pieces = [(s, min(s + segment, T - 1), s + 1) for s in range(0, T - 1, segment)]
@@ -187,11 +202,8 @@ def stream_perplexity(
     finally:
         model.train(was_training)
     mean = float(nll.mean())
-    scored_as = (
-        f"windows of {model.config.max_position_embeddings}" if uses_softmax(model) else "stream"
-    )
     buckets = bucket_perplexity(positions, nll, edges)
-    return StreamResult(math.exp(mean), mean, len(nll), segment, scored_as, buckets)
+    return StreamResult(math.exp(mean), mean, len(nll), segment, scored_as(model), buckets)
 
 
 # --- passkey --------------------------------------------------------------------------------
