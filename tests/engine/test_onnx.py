@@ -201,6 +201,25 @@ def test_int8_arithmetic_stays_close(tmp_path):
     assert agree > 0.9, f"greedy tokens agree on {agree:.0%} of the steps"
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_matmuls_take_their_default_zero_points(quant, tmp_path):
+    """No zero-point input (onnxruntime's faster kernel; 4 bits: the zero points in the offset
+    term, 8 bits: 128 is the default), in the step and the tree graphs."""
+    import onnx
+
+    model = _model("augmented")
+    quantize(model, quant)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    engine.prefill([3, 4, 5])
+    engine.forward_tree([6, 7], Tree.from_parents([-1, 0]))
+    graphs = sorted(tmp_path.glob("**/graph.onnx"))
+    assert len(graphs) == 2  # the step's and a tree's
+    for graph in graphs:
+        nodes = onnx.load(graph, load_external_data=False).graph.node
+        inputs = {len(node.input) for node in nodes if node.op_type == "MatMulNBits"}
+        assert inputs == {3}, f"{graph.parent.name}: MatMulNBits with {inputs} inputs"
+
+
 def test_default_layer_runs_on_the_engine(tmp_path):
     """The preset as converted (α = 0, zero taps, Hedgehog at identity) runs too."""
     model = tiny_model("augmented").float()
