@@ -163,11 +163,8 @@ def _dequantize_8bit(graph) -> None:
         codes = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         scale = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         N, blocks, size = codes.shape
-        # Without a zero-point input MatMulNBits' default, 128, is meant.
-        zero = np.full((N, blocks, 1), 128, dtype=np.float32)
-        if len(node.input) > 3 and node.input[3]:
-            zero = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
-        weight = (codes - zero.reshape(N, blocks, 1)) * scale.reshape(N, blocks, 1)
+        # No zero-point input: MatMulNBits' default, 128 (quantize.QuantizedLinear's export).
+        weight = (codes - 128) * scale.reshape(N, blocks, 1)
         name = f"{node.name}_dequantized"
         graph.graph.initializer.append(
             numpy_helper.from_array(np.ascontiguousarray(weight.reshape(N, -1).T), name)
