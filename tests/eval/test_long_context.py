@@ -52,6 +52,23 @@ def test_softmax_model_is_scored_in_windows_of_its_positions():
     _close(result.buckets[0].ppl, first.ppl)
 
 
+@pytest.mark.parametrize("kind", ["augmented", "softmax"])
+def test_progress_counts_tokens_up_to_the_last_target(kind):
+    """Progress is in tokens, as the engine's stream reports it: increasing, ending at T − 1."""
+    if kind == "augmented":
+        model = tiny_augmented()
+    else:
+        model = Decoder(tiny_config(max_position_embeddings=32)).double().eval()
+    calls = []
+    long_context.stream_perplexity(
+        model, _tokens(80), (0, 16), 24, progress=lambda *a: calls.append(a)
+    )
+    assert len(calls) == (4 if kind == "augmented" else 3)
+    assert all(total == 79 for _, total in calls)
+    done = [d for d, _ in calls]
+    assert done == sorted(set(done)) and done[-1] == 79
+
+
 def test_bad_buckets_and_short_texts():
     model = tiny_augmented()
     for edges in ([0, 16, 16], [0, 32, 8], [-1, 8], []):

@@ -106,7 +106,8 @@ def token_nlls(
     form: str = "chunk",
     progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(positions [N], nll [N])`` of every scored target (see the module doc for which)."""
+    """``(positions [N], nll [N])`` of every scored target (see the module doc for which);
+    ``progress(position of the last target scored, T − 1)`` after each segment or window."""
     T = len(tokens)
     if T < 2:
         raise ValueError(f"need at least 2 tokens to score one, got {T}")
@@ -119,7 +120,7 @@ def token_nlls(
         pieces = [(s, min(s + segment, T - 1), s + 1) for s in range(0, T - 1, segment)]
     carry = not uses_softmax(model)
     positions, nlls, state = [], [], None
-    for i, (start, end, score_from) in enumerate(pieces):
+    for start, end, score_from in pieces:
         ids = tokens[start:end][None].to(model.device)
         hidden, new_state = model.forward_hidden(ids, state=state, form=form)
         state = new_state if carry else None
@@ -130,7 +131,7 @@ def token_nlls(
         nlls.append(_nll_rows(model, hidden[0, first : first + len(targets)], targets))
         positions.append(torch.arange(score_from, last))
         if progress is not None:
-            progress(i + 1, len(pieces))
+            progress(last - 1, T - 1)
     return torch.cat(positions), torch.cat(nlls)
 
 
