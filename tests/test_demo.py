@@ -72,3 +72,29 @@ def test_demo_refuses_a_directory_started_with_other_options(tmp_path):
 def test_demo_config_rejects_tiny_budget():
     with pytest.raises(ValueError, match="budget"):
         DemoConfig(budget=10).validate()
+
+
+def test_summary_shows_no_speedup_when_the_planner_chose_plain_decoding():
+    from types import SimpleNamespace
+
+    from linearize.demo.report import summary_rows
+
+    def row(tokens_per_s, nodes, reason):
+        plan = {"nodes": nodes, "reason": reason}
+        return {"tokens_per_s": tokens_per_s, "mean_accepted": 1.4, "identical": True, "plan": plan}
+
+    report = SimpleNamespace(
+        config={"budget": 1024, "attention": "augmented", "plain": "elu"},
+        ppl={},
+        decode={},
+        speculative={
+            "plain": {"tokens_per_s": 10.0},
+            "medusa": row(34.3, 1, "no tree pays here"),
+            "medusa_tree8": row(15.0, 9, "set by the user"),
+        },
+        seconds=60.0,
+    )
+    rows = dict(summary_rows(report))
+    auto = rows["generation with Medusa (auto tree)"]
+    assert "plain decoding chosen (no tree pays here)" in auto and "x)" not in auto
+    assert rows["generation with Medusa (8-node tree)"].startswith("15.0 tok/s (1.50x)")

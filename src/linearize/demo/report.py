@@ -59,8 +59,20 @@ def summary_rows(report) -> list[tuple[str, str]]:
             m = spec.get(name)
             if m is None:
                 continue
+            plan = m.get("plan") or {}
+            chosen = plan.get("reason", "")
+            if plan.get("nodes") == 1:
+                # The planner chose plain decoding: a ratio would compare two timings of the
+                # same decoding, which says only how the machine's load moved between them.
+                rows.append(
+                    (
+                        f"generation with Medusa ({label})",
+                        f"plain decoding chosen ({chosen}): {m['tokens_per_s']:.1f} tok/s, "
+                        "the row above timed again",
+                    )
+                )
+                continue
             speedup = m["tokens_per_s"] / plain["tokens_per_s"]
-            chosen = (m.get("plan") or {}).get("reason", "")
             rows.append(
                 (
                     f"generation with Medusa ({label})",
