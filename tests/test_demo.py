@@ -81,7 +81,13 @@ def test_summary_shows_no_speedup_when_the_planner_chose_plain_decoding():
 
     def row(tokens_per_s, nodes, reason):
         plan = {"nodes": nodes, "reason": reason}
-        return {"tokens_per_s": tokens_per_s, "mean_accepted": 1.4, "identical": True, "plan": plan}
+        return {
+            "tokens_per_s": tokens_per_s,
+            "mean_accepted": 1.4,
+            "identical": True,
+            "plan": plan,
+            "speculated": nodes > 1,
+        }
 
     report = SimpleNamespace(
         config={"budget": 1024, "attention": "augmented", "plain": "elu"},
