@@ -343,7 +343,7 @@ def _speculative(model_dir: str, config: DemoConfig) -> dict[str, Any]:
             "mean_accepted": sum(accepted) / len(accepted) if accepted else 1.0,
             "plan": rows[0].plan,
             # Whether any prompt's planner chose a tree (it may re-plan while decoding).
-            "speculated": any(p.get("nodes", 1) > 1 for r in rows for p in r.plans),
+            "speculated": any(p["nodes"] > 1 for r in rows for p in r.plans),
             "identical": all(
                 r.token_ids == p.token_ids for r, p in zip(rows, results["plain"], strict=True)
             ),
