@@ -61,6 +61,11 @@ def _cases() -> list[Any]:
         for ablation, options in ABLATIONS.items()
         if options
     ]
+    # The retained cache (ops/retain.py) in the shared-denominator layer and the paper's.
+    cases += [
+        pytest.param("augmented", {"retain": 3}, id="augmented[retain=3]"),
+        pytest.param("augmented_paper", {"retain": 2}, id="augmented_paper[retain=2]"),
+    ]
     return cases
 
 

@@ -46,16 +46,33 @@ def _specs() -> dict[str, LinearAttnSpec]:
                 **group, local="softmax", normalize=False, decay=0.8
             ),
         }
+    # The retained cache (ops/retain.py): a few exact tokens past the window.
+    retained = dict(local="softmax", retain=3)
+    specs |= {
+        "sliding5-sinks2-shared-decay-retain3": LinearAttnSpec(
+            size=5, sinks=2, combine="shared", decay=0.9, **retained
+        ),
+        "sliding8-retain3": LinearAttnSpec(size=8, use_global=False, **retained),
+        "sliding64-sinks2-softmax+global-retain3": LinearAttnSpec(size=64, sinks=2, **retained),
+        "group5-softmax+global-retain3": LinearAttnSpec(
+            window="group", size=5, normalize=False, **retained
+        ),
+    }
     return specs
 
 
 SPECS = _specs()
+# RoPE frequencies: retained keys are stored un-rotated (ignored by specs without retain).
+ROPE = {"inv_freq": 1.0 / 10000 ** (torch.arange(0, K, 2).float() / K)}
+parallel = functools.partial(linear_attn.parallel, **ROPE)
+chunk = functools.partial(linear_attn.chunk, **ROPE)
+recurrent = functools.partial(linear_attn.recurrent, **ROPE)
 FORMS = {
-    "parallel": linear_attn.parallel,
-    "chunk3": functools.partial(linear_attn.chunk, chunk_size=3),
-    "chunk16": functools.partial(linear_attn.chunk, chunk_size=16),
-    "chunk64": functools.partial(linear_attn.chunk, chunk_size=64),
-    "recurrent": linear_attn.recurrent,
+    "parallel": parallel,
+    "chunk3": functools.partial(chunk, chunk_size=3),
+    "chunk16": functools.partial(chunk, chunk_size=16),
+    "chunk64": functools.partial(chunk, chunk_size=64),
+    "recurrent": recurrent,
 }
 
 
@@ -91,7 +108,7 @@ def _grads(o: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.
 @functools.cache
 def _reference(spec_id: str, T: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     inputs = _inputs(T)
-    o = linear_attn.naive(SPECS[spec_id], **inputs)
+    o = linear_attn.naive(SPECS[spec_id], **inputs, **ROPE)
     return o.detach(), _grads(o, inputs)
 
 
@@ -145,7 +162,7 @@ def test_pruned_columns_give_the_same_attention(spec_id):
     leaves = [q, q_sink, k, v, fq, fk, S]
     outs = {}
     for prune in (False, True):
-        o = linear_attn.attend(
+        o, _ = linear_attn.attend(
             spec, q, k, v, fq, fk, t_q, t_k, visible, S, z, 0.7,
             s_time=int(t_q[0]), q_sink=q_sink, prune=prune,
         )  # fmt: skip
@@ -178,8 +195,16 @@ def _assert_same_state(name, ref: linear_attn.LinearAttnState, out: linear_attn.
     assert (out.pos, out.n) == (ref.pos, ref.n), name
     assert torch.equal(out.times, ref.times), name
     assert out.nbytes() == ref.nbytes(), name
-    for field in ("S", "z", "k", "fk", "v"):
+    for field in ("S", "z", "k", "fk", "v", "score", "rk", "rv"):
+        if getattr(ref, field) is None:
+            assert getattr(out, field) is None, name
+            continue
         assert_close(f"{name} state.{field}", getattr(ref, field), getattr(out, field), 1e-10)
+    if ref.rtimes is not None:  # the same tokens retained, with the same scores (−inf: empty)
+        assert torch.equal(out.rtimes, ref.rtimes), name
+        empty = ref.rtimes < 0
+        assert torch.equal(out.rscore[empty], ref.rscore[empty]), name
+        assert_close(f"{name} state.rscore", ref.rscore[~empty], out.rscore[~empty], 1e-10)
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunk3", "recurrent"])
@@ -216,7 +241,7 @@ def test_final_state_agrees_across_forms(spec_id):
     spec = SPECS[spec_id]
     inputs = _inputs(65)
     args, alpha, sink = _args(inputs), inputs["alpha"], inputs["q_sink"]
-    _, ref = linear_attn.parallel(spec, *args, _state(spec), alpha, q_sink=sink)
+    _, ref = parallel(spec, *args, _state(spec), alpha, q_sink=sink)
     for form in ("chunk16", "recurrent"):
         _, state = FORMS[form](spec, *args, _state(spec), alpha, q_sink=sink)
         _assert_same_state(form, ref, state)
@@ -230,7 +255,7 @@ def test_decoding_in_place_matches_and_keeps_the_input_state(spec_id):
     spec = SPECS[spec_id]
     T = 65
     inputs = _inputs(T)
-    ref, ref_state = linear_attn.recurrent(
+    ref, ref_state = recurrent(
         spec, *_args(inputs), _state(spec), inputs["alpha"], q_sink=inputs["q_sink"]
     )
     args = [x.detach() for x in _args(inputs)]
@@ -239,7 +264,7 @@ def test_decoding_in_place_matches_and_keeps_the_input_state(spec_id):
     for t in range(T):
         held = [x.clone() for x in (*state.kept(), state.S, state.z)]
         token = [x[:, t : t + 1] for x in args]
-        o, new = linear_attn.recurrent(spec, *token, state, alpha, q_sink=sink[:, t : t + 1])
+        o, new = recurrent(spec, *token, state, alpha, q_sink=sink[:, t : t + 1])
         for before, after in zip(held, (*state.kept(), state.S, state.z), strict=True):
             assert torch.equal(before, after), f"step {t} changed its input state"
         outputs.append(o)
@@ -260,6 +285,8 @@ def test_decoding_in_place_matches_and_keeps_the_input_state(spec_id):
         "group5-softmax+global-decay",
         "sliding5-sinks2-softmax+global-norm",
         "sliding5-sinks2-shared-decay",
+        "sliding5-sinks2-shared-decay-retain3",
+        "group5-softmax+global-retain3",
     ],
 )
 def test_tree_matches_path_decoding(spec_id, L, tree_id):
@@ -272,16 +299,18 @@ def test_tree_matches_path_decoding(spec_id, L, tree_id):
     with torch.no_grad():
         state = _state(spec)
         if L:
-            _, state = linear_attn.chunk(
+            _, state = chunk(
                 spec, *_args(prompt), state, alpha, chunk_size=4, q_sink=prompt["q_sink"]
             )
         sink = nodes["q_sink"]
-        o, same = linear_attn.tree(spec, *_args(nodes), state, alpha, tree=tree, q_sink=sink)
+        o, same = linear_attn.tree(
+            spec, *_args(nodes), state, alpha, tree=tree, q_sink=sink, **ROPE
+        )
         assert same is state
         for i in range(N):
             path = [x[:, tree.path(i)] for x in _args(nodes)]
             path_sink = sink[:, tree.path(i)]
-            ref, _ = linear_attn.recurrent(spec, *path, state, alpha, q_sink=path_sink)
+            ref, _ = recurrent(spec, *path, state, alpha, q_sink=path_sink)
             assert_close(f"node {i}", ref[:, -1], o[:, i], 1e-10, atol=1e-13)
 
 
@@ -306,7 +335,7 @@ def test_pure_linear_attention_matches_fla(normalize):
     fq, fk = 1 + F.elu(q), 1 + F.elu(k)
     ref, _ = naive_fla.naive_recurrent_linear_attn(fq, fk, v, scale=1.0, normalize=normalize)
     state = linear_attn.init_state(spec, B, Hs, K, K, V)
-    o, _ = linear_attn.chunk(spec, q, k, v, fq, fk, state, 1.0, chunk_size=8)
+    o, _ = chunk(spec, q, k, v, fq, fk, state, 1.0, chunk_size=8)
     assert_close("chunk vs fla", ref, o, 1e-5)
     assert_close("naive vs fla", ref, linear_attn.naive(spec, q, k, v, fq, fk), 1e-5)
 
@@ -333,7 +362,51 @@ def test_spec_rejects_bad_values():
         LinearAttnSpec(local="softmax", window="sliding", size=0)
     with pytest.raises(ValueError, match="chunk_size"):
         spec = LinearAttnSpec()
-        linear_attn.chunk(spec, *_args(_inputs(4)), _state(spec), 1.0, chunk_size=0)
+        chunk(spec, *_args(_inputs(4)), _state(spec), 1.0, chunk_size=0)
+    with pytest.raises(ValueError, match="retain.*>= 0: -1"):
+        LinearAttnSpec(size=4, local="softmax", retain=-1)
+    with pytest.raises(ValueError, match="retain=2 needs a softmax window.*local='relu2'"):
+        LinearAttnSpec(size=4, local="relu2", retain=2)
+    spec = SPECS["sliding8-retain3"]
+    with pytest.raises(ValueError, match="use parallel"):
+        linear_attn.advance(spec, _state(spec), *(torch.zeros(B, HKV, 1, d) for d in (K, FEAT, V)))
+
+
+def _one_loud_key(T: int, loud: int) -> dict[str, torch.Tensor]:
+    """Inputs where every query attends mostly to the key at time ``loud``."""
+    inputs = {name: x.detach() for name, x in _inputs(T, seed=7).items()}
+    inputs["q"][:, loud:] = 3.0
+    inputs["k"][:, loud] = 3.0
+    return inputs
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunk3", "recurrent"])
+def test_retained_cache_keeps_the_key_the_window_attended_to(form):
+    """The key that drew the most attention inside the window is retained when it leaves, and
+    the queries after read it: their outputs change from the window alone's."""
+    spec = LinearAttnSpec(size=4, local="softmax", use_global=False, retain=1)
+    T, loud = 20, 5
+    inputs = _one_loud_key(T, loud)
+    o, state = FORMS[form](spec, *_args(inputs), _state(spec), q_sink=None)
+    assert (state.rtimes == loud).all(), state.rtimes
+    window_only, _ = FORMS[form](
+        LinearAttnSpec(size=4, local="softmax", use_global=False), *_args(inputs), _state(spec)
+    )
+    # The same as the window alone until the first token leaves (τ = size), not after.
+    assert_close("before any token left", window_only[:, :4], o[:, :4], 1e-12)
+    assert (o[:, loud + 4 :] - window_only[:, loud + 4 :]).abs().amax(-1).gt(1e-3).all()
+
+
+def test_retained_cache_breaks_ties_by_the_later_token():
+    from linearize.ops import retain
+
+    rk, rv = torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3)
+    rtimes, rscore = torch.tensor([[[4, -1]]]), torch.tensor([[[1.0, float("-inf")]]])
+    k = v = torch.arange(9.0).view(1, 1, 3, 3)
+    times, score = torch.tensor([6, 7, 8]), torch.tensor([[[1.0, 0.5, 2.0]]])
+    merged = retain.merge(rk, rv, rtimes, rscore, k, v, times, score)
+    assert merged[2].tolist() == [[[8, 6]]]  # 2.0 first, then 1.0 of the later token (6 > 4)
+    assert merged[3].tolist() == [[[2.0, 1.0]]]
 
 
 def _global_output_norms(spec: LinearAttnSpec, lengths: list[int]) -> list[float]:

@@ -16,7 +16,7 @@ from linearize.cli.options import (
     add_config_arguments,
     add_engine_argument,
     add_quant_argument,
-    attention_from_args,
+    apply_attention_args,
     config_from_args,
     model_label,
 )
@@ -91,10 +91,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, PerplexityConfig)
     model = load(args.model)
-    if args.attention:
-        from linearize.models import linearize
-
-        linearize(model, attention_from_args(args))
+    apply_attention_args(model, args)
     from linearize.models.quantize import apply_quant
 
     apply_quant(model, args.quant, args.model)
@@ -187,10 +184,7 @@ def run_passkey(args: argparse.Namespace) -> int:
         if not 0 <= d <= 1:
             raise ValueError(f"--depths: every depth must be in [0, 1], got {d}")
     model = load(args.model)
-    if args.attention:
-        from linearize.models import linearize
-
-        linearize(model, attention_from_args(args))
+    apply_attention_args(model, args)
     from linearize.models.quantize import apply_quant
 
     apply_quant(model, args.quant, args.model)
@@ -243,7 +237,7 @@ def _command(args: argparse.Namespace) -> str:
         f" --attention {args.attention}" if args.attention else "",
         f" --quant {args.quant}" if getattr(args, "quant", None) else "",
         f" --engine {args.engine}" if getattr(args, "engine", "auto") != "auto" else "",
-        "".join(f" --option {pair}" for pair in args.option) if args.attention else "",
+        "".join(f" --option {pair}" for pair in args.option),
         f" --group-size {args.group_size}" if args.attention and args.group_size else "",
         f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",
         f" --data {args.data} --window {args.window}",

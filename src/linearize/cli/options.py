@@ -33,7 +33,9 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, required: bool =
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any attention config field, e.g. --option local=relu2 (repeatable)",
+        help="any attention config field, e.g. --option local=relu2 (repeatable); without "
+        "--attention, where a command reads a converted model: set on its linear layers, for "
+        "options that keep its parameters (retain=32, use_global=false)",
     )
 
 
@@ -50,13 +52,28 @@ def attention_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"name": args.attention, **options}
 
 
+def apply_attention_args(model: Any, args: argparse.Namespace) -> None:
+    """``--attention`` linearizes ``model`` (untrained); ``--option`` alone sets options on its
+    linear layers, keeping their parameters (``linearize.models.reconfigure``)."""
+    from linearize.models import linearize, reconfigure
+
+    if args.attention:
+        linearize(model, attention_from_args(args))
+    elif args.option or args.group_size is not None or args.conv_size is not None:
+        if args.group_size is not None or args.conv_size is not None:
+            raise ValueError("--group-size and --conv-size go with --attention; on a converted "
+                             "model set --option size=... instead")  # fmt: skip
+        reconfigure(model, parse_options(args.option))
+
+
 def model_label(args: argparse.Namespace) -> str:
     """``model``, ``model+attention`` or ``model+attention(size=128,sinks=0)``, then ``+int4``
     when ``--quant`` quantized it: a result row's name for what was measured."""
     quant = getattr(args, "quant", None)
     quant = f"+{quant}" if quant not in (None, "none") else ""
     if not args.attention:
-        return args.model + quant
+        options = ",".join(getattr(args, "option", None) or [])
+        return args.model + (f"({options})" if options else "") + quant
     options = {k: v for k, v in attention_from_args(args).items() if k != "name"}
     listed = ",".join(f"{k}={v}" for k, v in options.items())
     return f"{args.model}+{args.attention}" + (f"({listed})" if listed else "") + quant

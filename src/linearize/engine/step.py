@@ -65,6 +65,8 @@ class Layout:
 def unsupported(attn: Attention) -> str | None:
     """Why the fixed-shape step cannot run this attention (``None``: it can)."""
     kind = attn.config.kind
+    if kind == "linear" and attn.config.retain:
+        return "a retained cache (retain > 0) has no fixed-shape step yet"
     if kind in ("softmax", "linear"):
         return None
     return f"{kind} attention has no decoding step"

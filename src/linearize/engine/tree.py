@@ -142,7 +142,7 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
     z = s["z"] if lay.use_global else None
     R = H // Hkv
     group = lambda t: t.transpose(1, 2).reshape(B, Hkv, R, N, t.shape[-1])  # noqa: E731
-    o = linear_attn.attend(
+    o, _ = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
         visible[lay.key] > 0, S, z, attn._alpha(), s_time=pos,
         q_sink=None if q_sink is None else group(q_sink),

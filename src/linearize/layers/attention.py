@@ -103,6 +103,10 @@ class TreeKV:
     k: Tensor
     fk: Tensor
     v: Tensor
+    # With a retained cache the committed state depends on the queries too ([B, N, H, ·]).
+    q: Tensor | None = None
+    fq: Tensor | None = None
+    q_sink: Tensor | None = None
 
 
 # The parameters a conversion adds to a softmax layer (attributes set in ``Attention.__init__``
@@ -254,6 +258,13 @@ class Attention(nn.Module):
         k, fk, v = draft.k[:, :, path], draft.fk[:, :, path], draft.v[:, :, path]
         if self.config.kind == "softmax":
             attn = softmax.advance(state.attn, k, v)
+        elif self.spec.retain:  # the path's queries decide what is retained: run the path
+            q_sink = None if draft.q_sink is None else draft.q_sink[:, path]
+            tokens = [x.transpose(1, 2) for x in (k, v, fk)]  # [B, N, Hkv, ·]
+            _, attn = linear_attn.parallel(
+                self.spec, draft.q[:, path], *tokens[:2], draft.fq[:, path], tokens[2],
+                state.attn, self._alpha(), q_sink=q_sink, inv_freq=self._inv_freq(q_sink),
+            )  # fmt: skip
         else:
             attn = linear_attn.advance(self.spec, state.attn, k, fk, v)
         conv = state.conv
@@ -293,6 +304,13 @@ class Attention(nn.Module):
         c = self.config
         start = positions - c.size + 1 if c.window == "sliding" else positions - positions % c.size
         return positions - (start - c.sinks).clamp_min(0)
+
+    def _inv_freq(self, q_sink: Tensor | None) -> Tensor | None:
+        """The RoPE frequencies that store retained keys un-rotated, read by the sink queries
+        (``None``: retained keys keep their rotation and are read by ``q``)."""
+        if not self.spec.retain or q_sink is None:
+            return None
+        return self.rope.inv_freq
 
     def _alpha(self) -> Tensor | float:
         # A shared denominator needs a non-negative global weight.
@@ -356,11 +374,15 @@ class Attention(nn.Module):
         elif form == "chunk":
             chunk_size, alpha = self.config.chunk_size, self._alpha()
             o, attn = linear_attn.chunk(
-                self.spec, q, k, v, fq, fk, state.attn, alpha, chunk_size, q_sink=q_sink
-            )
+                self.spec, q, k, v, fq, fk, state.attn, alpha, chunk_size,
+                q_sink=q_sink, inv_freq=self._inv_freq(q_sink),
+            )  # fmt: skip
         else:
             op = linear_attn.parallel if form == "parallel" else linear_attn.recurrent
-            o, attn = op(self.spec, q, k, v, fq, fk, state.attn, self._alpha(), q_sink=q_sink)
+            o, attn = op(
+                self.spec, q, k, v, fq, fk, state.attn, self._alpha(),
+                q_sink=q_sink, inv_freq=self._inv_freq(q_sink),
+            )  # fmt: skip
         conv = state.conv
         if conv is not None:
             step = causal_conv.recurrent if form == "recurrent" else causal_conv.parallel
@@ -400,8 +422,9 @@ class Attention(nn.Module):
             o = linformer.parallel(q, k, v, self.seq_proj_k, self.seq_proj_v)
         else:
             o, _ = linear_attn.parallel(
-                self.spec, q, k, v, fq, fk, self._unused_state(x), self._alpha(), q_sink=q_sink
-            )
+                self.spec, q, k, v, fq, fk, self._unused_state(x), self._alpha(),
+                q_sink=q_sink, inv_freq=self._inv_freq(q_sink),
+            )  # fmt: skip
         if self.config.conv == "symmetric":
             o = o + causal_conv.symmetric(v, self.conv)
         return self._output(o)
@@ -430,12 +453,15 @@ class Attention(nn.Module):
             o, _ = softmax.tree(q, k, v, state.attn, tree=tree)
         else:
             o, _ = linear_attn.tree(
-                self.spec, q, k, v, fq, fk, state.attn, self._alpha(), tree=tree, q_sink=q_sink
-            )
+                self.spec, q, k, v, fq, fk, state.attn, self._alpha(),
+                tree=tree, q_sink=q_sink, inv_freq=self._inv_freq(q_sink),
+            )  # fmt: skip
         if state.conv is not None:
             c, _ = causal_conv.tree(v, self.conv, state.conv, tree=tree)
             o = o + c
         draft = TreeKV(k.transpose(1, 2), fk.transpose(1, 2), v.transpose(1, 2))
+        if self.config.kind == "linear" and self.spec.retain:
+            draft = TreeKV(draft.k, draft.fk, draft.v, q, fq, q_sink)
         return self._output(o), draft
 
     def attend_tree(

@@ -41,6 +41,9 @@ class AttentionConfig(Config):
     combine: Literal["sum", "shared"] = "sum"
     # Global token σ weighs decay^(τ−σ) for query τ: the global mass stays bounded in length.
     decay: float = 1.0
+    # Tokens per key head kept exactly past the window, those that drew the most attention
+    # inside it (ops/retain.py): a fixed-size cache of far tokens, one softmax with the window.
+    retain: int = 0
     # Sink keys seen from the query's position inside the kept cache (StreamingLLM) or from
     # its absolute position (past the trained range on long sequences).
     sink_positions: Literal["cache", "absolute"] = "cache"
@@ -78,7 +81,11 @@ class AttentionConfig(Config):
         if self.kind not in ("softmax", "linear", "linformer"):
             raise ValueError(f"kind={self.kind!r}; allowed: softmax, linear, linformer")
         if self.kind == "linear":
-            self.linear_spec()  # the op validates its window, local part and sizes
+            self.linear_spec()  # the op validates its window, local part, sizes and retain
+        elif self.retain:
+            raise ValueError(
+                f"retain={self.retain} needs a linear attention, got kind={self.kind!r}"
+            )
         if self.conv != "none" and self.conv_size < 1:
             raise ValueError(f"conv_size (causal taps) must be >= 1, got {self.conv_size}")
         if self.feature_map not in FEATURE_MAPS:
@@ -114,6 +121,7 @@ class AttentionConfig(Config):
             normalize=self.normalize,
             combine=self.combine,
             decay=self.decay,
+            retain=self.retain,
         )
 
     @property
@@ -191,7 +199,7 @@ ATTENTIONS: dict[str, dict[str, Any]] = {
 
 # The paper's ablations of the augmented layer, as option sets.
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "local": {"use_global": False, "conv": "none"},
+    "local": {"use_global": False, "retain": 0, "conv": "none"},
     "local+global": {"use_global": True, "conv": "none"},
     "local+conv": {"use_global": False, "conv": "causal"},
     "full": {"use_global": True, "conv": "causal"},

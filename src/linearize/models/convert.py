@@ -201,6 +201,52 @@ def linearize(
     return model
 
 
+def reconfigure(model: Decoder, options: dict[str, Any]) -> Decoder:
+    """Set attention ``options`` on every linear layer of ``model``, in place, keeping every
+    parameter (pretrained and trained): for options that add or reshape none, such as
+    ``retain``, ``use_global``, ``decay`` or ``sinks`` (an ablation of a trained model, or its
+    retained cache, without training again); returns ``model``."""
+    if "name" in options or "kind" in options:
+        raise ValueError("reconfigure keeps each layer's attention: options 'name' and 'kind' "
+                         "belong to linearize (--attention)")  # fmt: skip
+    _check_options(options, list(model.config.attention_shapes()))
+    n = model.config.num_layers
+    layers = [i for i in range(n) if model.config.attention_config(i).kind == "linear"]
+    if not layers:
+        raise ValueError("this model has no linear attention layer whose options could change")
+    for i in layers:
+        set_layer_options(model, i, options)
+    logger.info("set %s on layers %s", options, layers)
+    return model
+
+
+def set_layer_options(
+    model: Decoder, i: int, options: dict[str, Any]
+) -> tuple[Attention, dict[str, Any]]:
+    """Layer ``i`` rebuilt with ``options`` over its own, the same parameters loaded into it, in
+    place; returns the module and the options it replaced. Options that would add or reshape a
+    parameter are a ``ValueError`` (and the layer is left as it was)."""
+    old = model.layers[i].self_attn
+    previous = model.config.attention[i]
+    model.config.attention[i] = {**previous, **options}
+    try:
+        new = Attention(model.config.attention_config(i))
+        new.load_state_dict(old.state_dict())
+    except RuntimeError as error:  # the parameters do not fit
+        model.config.attention[i] = previous
+        raise ValueError(
+            f"options {options} cannot be set on layer {i} of a converted model: they add or "
+            f"reshape parameters, which needs linearize and training ({error})"
+        ) from error
+    except (TypeError, ValueError):  # not a valid attention
+        model.config.attention[i] = previous
+        raise
+    new.to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
+    new.train(old.training)
+    model.layers[i].self_attn = new
+    return old, previous
+
+
 def _check_options(options: dict[str, Any], model_fields: list[str]) -> None:
     """No option may set what the model decides (its shapes) or the attention's name does."""
     for key in options:

@@ -20,8 +20,10 @@ from linearize.models.decoder import ModelState
 from linearize.ops.linear_attn import LinearAttnState
 from linearize.ops.softmax import KVCache
 
-# The tensors with a leading batch dimension, per state type (``times`` is shared by the batch).
-_BATCHED = {LinearAttnState: ("S", "z", "k", "fk", "v"), KVCache: ("k", "v")}
+# The tensors with a leading batch dimension, per state type (``times`` is shared by the batch;
+# the retained cache's are ``None`` without one).
+_RETAINED = ("score", "rk", "rv", "rtimes", "rscore")
+_BATCHED = {LinearAttnState: ("S", "z", "k", "fk", "v", *_RETAINED), KVCache: ("k", "v")}
 
 
 def map_batch(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:
@@ -30,7 +32,8 @@ def map_batch(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:
     for layer in state.layers:
         attn = layer.attn
         names = _BATCHED[type(attn)]
-        changed = {name: fn(getattr(attn, name)) for name in names}
+        tensors = {name: getattr(attn, name) for name in names}
+        changed = {name: fn(t) for name, t in tensors.items() if t is not None}
         if isinstance(attn, LinearAttnState):
             changed["times"] = attn.times.clone()
         conv = None if layer.conv is None else fn(layer.conv)

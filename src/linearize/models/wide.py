@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from linearize.layers.attention import Attention
+from linearize.models.convert import set_layer_options
 from linearize.models.decoder import Decoder
 
 logger = logging.getLogger(__name__)
@@ -87,21 +88,7 @@ def widen(model: Decoder, layers: list[int], size: int) -> Decoder:
 def _swap(model: Decoder, i: int, size: int) -> tuple[Attention, dict]:
     """Layer ``i`` with window ``size`` (same parameters); returns the module and the options
     it replaced."""
-    old = model.layers[i].self_attn
-    options = dict(model.config.attention[i])
-    options["size"] = size
-    previous = model.config.attention[i]
-    model.config.attention[i] = options
-    try:
-        new = Attention(model.config.attention_config(i))
-    except (TypeError, ValueError):
-        model.config.attention[i] = previous
-        raise
-    new.to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)
-    new.load_state_dict(old.state_dict())
-    new.train(old.training)
-    model.layers[i].self_attn = new
-    return old, previous
+    return set_layer_options(model, i, {"size": size})
 
 
 def recall_probes(tokenizer, length: int, count: int, seed: int = 0) -> list[tuple[Tensor, int]]:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from linearize.ops import retain
 from linearize.ops.tree import Tree
 
 LocalKind = Literal["none", "softmax", "relu2"]
@@ -65,6 +66,7 @@ class LinearAttnSpec:
     normalize: bool = True
     combine: CombineKind = "sum"
     decay: float = 1.0
+    retain: int = 0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -84,6 +86,13 @@ class LinearAttnSpec:
             raise ValueError(f"combine='shared' needs local='softmax', got local={self.local!r}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.retain < 0:
+            raise ValueError(f"retain (tokens kept past the window) must be >= 0: {self.retain}")
+        if self.retain and (self.local != "softmax" or self.size < 1):
+            raise ValueError(
+                f"retain={self.retain} needs a softmax window (local='softmax', size >= 1), got "
+                f"local={self.local!r}, size={self.size}"
+            )
 
     @property
     def capacity(self) -> int:
@@ -109,7 +118,12 @@ class LinearAttnState:
     the next token into slot ``n`` of the same tensors (no copy of the window per token), so
     advancing a state never changes what it holds, but advancing the *same* state twice makes
     the second step overwrite the slot of the first one's result: to continue one state two ways,
-    continue a copy (``models.state.copy_state``), as with a KV cache."""
+    continue a copy (``models.state.copy_state``), as with a KV cache.
+
+    With ``spec.retain = M`` (:mod:`~linearize.ops.retain`) the state also holds each buffered
+    token's in-window attention so far, ``score [B,Hkv,C]``, and the retained cache: keys ``rk
+    [B,Hkv,M,K]``, values ``rv``, times ``rtimes [B,Hkv,M]`` and scores ``rscore``; ``None``
+    otherwise."""
 
     S: Tensor
     z: Tensor
@@ -119,10 +133,19 @@ class LinearAttnState:
     times: Tensor
     n: int
     pos: int
+    score: Tensor | None = None
+    rk: Tensor | None = None
+    rv: Tensor | None = None
+    rtimes: Tensor | None = None
+    rscore: Tensor | None = None
 
     def nbytes(self) -> int:
-        tensors = (self.S, self.z, self.k, self.fk, self.v, self.times)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self.S, self.z, self.k, self.fk, self.v, self.times, *self.retained())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def retained(self) -> tuple[Tensor | None, ...]:
+        """``score`` and the retained cache ``rk, rv, rtimes, rscore`` (``None`` without)."""
+        return self.score, self.rk, self.rv, self.rtimes, self.rscore
 
     def kept(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The buffered tokens, in time order: keys, features, values ``[B,Hkv,n,·]``, times."""
@@ -141,8 +164,17 @@ def init_state(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> LinearAttnState:
-    B, Hkv, C = batch_size, num_kv_heads, spec.capacity
+    B, Hkv, C, M = batch_size, num_kv_heads, spec.capacity, spec.retain
     zeros = dict(dtype=dtype, device=device)
+    retained = {}
+    if M:
+        retained = dict(
+            score=torch.zeros(B, Hkv, C, **zeros),
+            rk=torch.zeros(B, Hkv, M, key_dim, **zeros),
+            rv=torch.zeros(B, Hkv, M, value_dim, **zeros),
+            rtimes=torch.full((B, Hkv, M), -1, dtype=torch.long, device=device),
+            rscore=torch.full((B, Hkv, M), float("-inf"), **zeros),
+        )
     return LinearAttnState(
         S=torch.zeros(B, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(B, Hkv, feature_dim, **zeros),
@@ -152,6 +184,7 @@ def init_state(
         times=torch.full((C,), -1, dtype=torch.long, device=device),
         n=0,
         pos=0,
+        **retained,
     )
 
 
@@ -189,7 +222,8 @@ def attend(
     s_time: int = 0,
     q_sink: Tensor | None = None,
     prune: bool = False,
-) -> Tensor:
+    retaining: Retaining | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Attend queries to an explicit key list plus the folded summary ``S, z``.
 
     ``q: [B,Hkv,R,Nq,K]``, ``fq: [B,Hkv,R,Nq,F]``, ``k: [B,Hkv,Nk,K]``, ``fk: [B,Hkv,Nk,F]``,
@@ -201,9 +235,13 @@ def attend(
     use: a chunk attends to a long window buffer, of which the sinks are a few columns and the
     tokens that leave the window within the chunk a few more. The same numbers, with shapes that
     depend on the times (eager forms; a traced graph keeps ``prune=False``).
+
+    ``retaining`` (with ``spec.retain``) adds the retained cache to the window's softmax; the
+    second output is then each key column's in-window attention so far (``[B,Hkv,Nk]``, for the
+    state), else ``None``.
     """
     local_mask = visible & spec.is_local(t_k, t_q)
-    out = num = den = None
+    out = num = den = window = None
     if spec.local == "softmax":
         scores = torch.einsum("bhrqk,bhnk->bhrqn", q, k)
         if q_sink is not None and spec.sinks:
@@ -216,7 +254,13 @@ def attend(
             else:
                 scores = torch.where(is_sink, torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k), scores)
         scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~local_mask, float("-inf"))
-        if spec.combine == "shared":
+        if retaining is not None:
+            num, den, window = _retained_readout(
+                spec, q, k, v, t_q, t_k, visible, scores, retaining, q_sink
+            )
+            if spec.combine != "shared":
+                out, num = num / den[..., None], None
+        elif spec.combine == "shared":
             weights = torch.exp(scores - scores.amax(-1, keepdim=True))
             num = torch.einsum("bhrqn,bhnv->bhrqv", weights, v)
             den = weights.sum(-1)
@@ -248,7 +292,7 @@ def attend(
         if spec.normalize or spec.combine == "shared":
             g_den = weights.sum(-1) + torch.einsum("bhrqf,bhf->bhrq", folded, z)
         if spec.combine == "shared":
-            return (num + alpha * g_num) / (den + alpha * g_den)[..., None]
+            return (num + alpha * g_num) / (den + alpha * g_den)[..., None], window
         if spec.normalize:
             g_num = g_num / (g_den[..., None] + spec.eps)
         out = alpha * g_num if out is None else out + alpha * g_num
@@ -256,7 +300,71 @@ def attend(
         out = num / den[..., None]
     if out is None:
         raise ValueError("this configuration attends to nothing: enable a local kernel or global")
-    return out
+    return out, window
+
+
+@dataclass(frozen=True)
+class Retaining:
+    """What :func:`attend` needs for the retained cache (:mod:`~linearize.ops.retain`): the
+    cache ``rk, rv, rtimes, rscore``, the in-window attention each key column received before
+    these queries (``base: [B,Hkv,Nk]``), the RoPE frequencies to un-rotate keys that leave
+    (``None``: kept rotated) and whether the queries are consecutive tokens (else tree nodes,
+    each with its own past)."""
+
+    rk: Tensor
+    rv: Tensor
+    rtimes: Tensor
+    rscore: Tensor
+    base: Tensor
+    inv_freq: Tensor | None
+    causal: bool
+
+
+def _retained_readout(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    t_q: Tensor,
+    t_k: Tensor,
+    visible: Tensor,
+    scores: Tensor,
+    r: Retaining,
+    q_sink: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The window's softmax (``scores``, masked) with the retained cache in its denominator →
+    numerator, denominator and each key column's in-window attention so far.
+
+    The tokens that leave the window during these queries join the cache for the queries after
+    they leave (each query: the ``M`` best of everything that left before it)."""
+    m = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - m)
+    den = weights.sum(-1, keepdim=True)
+    # The attention each key received inside the window (sinks score nothing), for ranking only.
+    attention = (weights / den).detach() * (t_k >= spec.sinks)
+    by_query = attention.sum(2)  # [B, Hkv, Nq, Nk]: summed over the query heads
+    window = r.base + by_query.sum(2)
+    leaving = visible & ~spec.is_local(t_k, t_q) & (t_k >= spec.sinks)
+    cols = leaving.any(0).nonzero()[:, 0]
+    eligible = leaving[:, cols]
+    if r.causal:  # a left token's score is final: the totals rank it
+        chosen = retain.select_causal(
+            r.rtimes, r.rscore, window[..., cols], t_k[cols], t_q, eligible, spec.retain
+        )
+    else:  # a node counts the attention of its own ancestors only
+        ancestors = visible[:, -len(t_q) :].to(by_query.dtype)
+        from_ancestors = torch.einsum("ij,bhjc->bhic", ancestors, by_query[..., cols])
+        own = r.base[..., None, cols] + from_ancestors
+        chosen = retain.select_per_query(r.rtimes, r.rscore, own, t_k[cols], eligible, spec.retain)
+    rk = torch.cat([r.rk, retain.unrotate(k[:, :, cols], t_k[cols], r.inv_freq)], 2)
+    rv = torch.cat([r.rv, v[:, :, cols]], 2)
+    reader = q if q_sink is None else q_sink
+    far = torch.einsum("bhrqk,bhnk->bhrqn", reader, rk) / math.sqrt(q.shape[-1])
+    # Weighed e^{s−m} as the window is, m its largest score: the global part's weights in a
+    # shared denominator are relative to that m.
+    far = torch.exp(far.masked_fill(~chosen[:, :, None], float("-inf")) - m)
+    num = torch.einsum("bhrqn,bhnv->bhrqv", weights, v) + torch.einsum("bhrqn,bhnv->bhrqv", far, rv)
+    return num, den[..., 0] + far.sum(-1), window
 
 
 def _decay(spec: LinearAttnSpec, distance: Tensor, dtype: torch.dtype) -> Tensor:
@@ -271,7 +379,12 @@ def _unit(x: Tensor) -> Tensor:
 def advance(
     spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor
 ) -> LinearAttnState:
-    """The state after the tokens ``k: [B,Hkv,T,K]``, ``fk``, ``v`` (times ``pos..pos+T-1``)."""
+    """The state after the tokens ``k: [B,Hkv,T,K]``, ``fk``, ``v`` (times ``pos..pos+T-1``).
+
+    Not with ``spec.retain``: which tokens are retained depends on the queries (run
+    :func:`parallel` on the tokens instead)."""
+    if spec.retain:
+        raise ValueError("with a retained cache the state depends on the queries: use parallel")
     if k.shape[2] == 0:
         return state
     all_k, all_fk, all_v, t0 = _with_state_keys(state, k, fk, v)
@@ -279,13 +392,22 @@ def advance(
 
 
 def _fold(
-    spec: LinearAttnSpec, state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor, t0: Tensor
+    spec: LinearAttnSpec,
+    state: LinearAttnState,
+    k: Tensor,
+    fk: Tensor,
+    v: Tensor,
+    t0: Tensor,
+    window: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> LinearAttnState:
     """Keep what future queries may still see locally, fold the rest into ``S, z``.
 
     ``k, fk, v: [B, Hkv, n + T, ·]`` are the state's kept tokens followed by ``T`` new ones.
     Without sinks the kept tokens are consecutive in time, so what leaves is a prefix and the
-    fold is a slice; with sinks the general mask is used.
+    fold is a slice; with sinks the general mask is used. With ``spec.retain``, ``window: [B,
+    Hkv, n + T]`` is each token's in-window attention: the tokens that leave compete for the
+    retained cache, the kept ones carry their score on.
     """
     T = k.shape[2] - state.n
     pos = state.pos + T
@@ -294,17 +416,19 @@ def _fold(
         keep = spec.is_local(all_t, torch.tensor([pos], device=t0.device))[0]
         order = torch.cat([(~keep).nonzero()[:, 0], keep.nonzero()[:, 0]])
         k, fk, v, all_t = k[:, :, order], fk[:, :, order], v[:, :, order], all_t[order]
+        window = None if window is None else window[..., order]
         gone = int((~keep).sum())
         times = all_t[gone:]
+        gone_t = all_t[:gone]
     else:
         first = state.pos - state.n  # the time of the oldest kept token
         cutoff = (pos // spec.size) * spec.size if spec.window == "group" else pos - spec.size + 1
         gone = min(max(cutoff - first, 0), k.shape[2])
         times = torch.arange(first + gone, pos, device=t0.device)
+        gone_t = torch.arange(first, first + gone, device=t0.device)
     S, z = state.S, state.z
     if spec.use_global and spec.decay < 1:
         # S and z are kept decayed to the next token's time: age them by the T new tokens.
-        gone_t = all_t[:gone] if spec.sinks else torch.arange(first, first + gone, device=t0.device)
         S, z = S * spec.decay**T, z * spec.decay**T
         fk_gone = fk[:, :, :gone] * _decay(spec, pos - gone_t, fk.dtype)[:, None]
     else:
@@ -316,7 +440,19 @@ def _fold(
     pad = spec.capacity - n
     kept = [F.pad(x[:, :, gone:], (0, 0, 0, pad)) for x in (k, fk, v)]
     times = F.pad(times, (0, pad), value=-1)
-    return LinearAttnState(S, z, *kept, times, n, pos)
+    retained = {}
+    if spec.retain:
+        if window is None:
+            raise ValueError("a retained cache needs each token's in-window attention")
+        cache = retain.merge(
+            state.rk, state.rv, state.rtimes, state.rscore,
+            retain.unrotate(k[:, :, :gone], gone_t, inv_freq), v[:, :, :gone], gone_t,
+            window[..., :gone],
+        )  # fmt: skip
+        score = F.pad(window[..., gone:].detach(), (0, pad))
+        names = ("score", "rk", "rv", "rtimes", "rscore")
+        retained = dict(zip(names, (score, *cache), strict=True))
+    return LinearAttnState(S, z, *kept, times, n, pos, **retained)
 
 
 def _with_state_keys(state: LinearAttnState, k: Tensor, fk: Tensor, v: Tensor):
@@ -338,11 +474,17 @@ def parallel(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
-    """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``."""
+    """All ``T`` queries at once against the state's buffer and each other: ``O(T²)``.
+
+    ``inv_freq`` (with ``spec.retain``): the RoPE frequencies that un-rotate retained keys
+    (:mod:`~linearize.ops.retain`); every form takes it."""
     t_q = torch.arange(state.pos, state.pos + q.shape[1], device=q.device)
-    o, keys = _attend_on_state(spec, q, k, v, fq, fk, state, alpha, t_q, causal=True, q_sink=q_sink)
-    return o, _fold(spec, state, *keys)
+    o, keys = _attend_on_state(
+        spec, q, k, v, fq, fk, state, alpha, t_q, causal=True, q_sink=q_sink, inv_freq=inv_freq
+    )
+    return o, _fold(spec, state, *keys, inv_freq=inv_freq)
 
 
 def _attend_on_state(
@@ -358,10 +500,12 @@ def _attend_on_state(
     causal: bool = False,
     ancestors: Tensor | None = None,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """New tokens at times ``t_q`` attend to the state's kept tokens and to each other (each sees
     the earlier ones when ``causal``, else its ``ancestors``). Returns ``o: [B, N, H, V]`` and
-    the concatenated (kept + new) keys, features, values and kept times."""
+    the concatenated (kept + new) keys, features, values, kept times and (with ``spec.retain``)
+    in-window attention."""
     B, N, H, _ = q.shape
     Hkv = k.shape[2]
     keys, feats, vals, t_kept = _with_state_keys(
@@ -372,7 +516,12 @@ def _attend_on_state(
     else:
         committed = torch.ones(N, state.n, dtype=torch.bool, device=q.device)
         visible = torch.cat([committed, ancestors.to(q.device)], 1)
-    o = attend(
+    retaining = None
+    if spec.retain:
+        base = torch.cat([state.score[:, :, : state.n], state.score.new_zeros(B, Hkv, N)], 2)
+        cache = (state.rk, state.rv, state.rtimes, state.rscore)
+        retaining = Retaining(*cache, base, inv_freq, causal)
+    o, window = attend(
         spec,
         _group_queries(q, Hkv),
         keys,
@@ -388,8 +537,9 @@ def _attend_on_state(
         s_time=state.pos,
         q_sink=None if q_sink is None else _group_queries(q_sink, Hkv),
         prune=keys.shape[2] >= PRUNE_FROM,
+        retaining=retaining,
     )
-    return o.reshape(B, H, N, v.shape[-1]).transpose(1, 2), (keys, feats, vals, t_kept)
+    return o.reshape(B, H, N, v.shape[-1]).transpose(1, 2), (keys, feats, vals, t_kept, window)
 
 
 def chunk(
@@ -404,6 +554,7 @@ def chunk(
     chunk_size: int = 64,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """Parallel inside chunks of ``chunk_size`` tokens, the state carried between: ``O(T)``."""
     if chunk_size < 1:
@@ -413,7 +564,7 @@ def chunk(
         e = s + chunk_size
         piece = (x[:, s:e] for x in (q, k, v, fq, fk))
         sink = None if q_sink is None else q_sink[:, s:e]
-        o, state = parallel(spec, *piece, state, alpha, q_sink=sink)
+        o, state = parallel(spec, *piece, state, alpha, q_sink=sink, inv_freq=inv_freq)
         outputs.append(o)
     return torch.cat(outputs, 1), state
 
@@ -429,10 +580,13 @@ def recurrent(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """One token at a time on the fixed-size state (the decoding form)."""
     if not _has_fast_step(spec):
-        return chunk(spec, q, k, v, fq, fk, state, alpha, chunk_size=1, q_sink=q_sink)
+        return chunk(
+            spec, q, k, v, fq, fk, state, alpha, chunk_size=1, q_sink=q_sink, inv_freq=inv_freq
+        )
     outputs = [v.new_zeros(q.shape[0], 0, q.shape[2], v.shape[-1])]
     for t in range(q.shape[1]):
         token = (x[:, t] for x in (q, k, v, fq, fk))
@@ -445,6 +599,8 @@ def recurrent(
 
 
 def _has_fast_step(spec: LinearAttnSpec) -> bool:
+    if spec.retain:  # the general form, one token at a time
+        return False
     pure = spec.capacity == 0 and spec.local == "none"
     if spec.window == "sliding":
         return pure or spec.size >= 1
@@ -552,6 +708,8 @@ def step(
     to the general form otherwise). The token is written into the buffer's next free slot in
     place where it fits (see :class:`LinearAttnState`).
     """
+    if spec.retain:
+        raise ValueError("a retained cache has no fast step: use recurrent (the general form)")
     B, H, K = q.shape
     Hkv = k.shape[1]
     q, fq = q.view(B, Hkv, H // Hkv, K), fq.view(B, Hkv, H // Hkv, -1)
@@ -698,18 +856,20 @@ def tree(
     *,
     tree: Tree,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """Candidate tokens arranged as a tree on top of the committed state.
 
     Node ``i`` sits at time ``state.pos + depth_i``; its past is the committed sequence followed
     by its ancestors (``tree.ancestors``). Groups are counted in time, so trees crossing group
     boundaries are exact. The state is returned unchanged: commit an accepted path with
-    :func:`advance`.
+    :func:`advance` (with ``spec.retain``: :func:`parallel` on the path).
     """
     t_q = state.pos + tree.depths.to(q.device)
     o, _ = _attend_on_state(
-        spec, q, k, v, fq, fk, state, alpha, t_q, ancestors=tree.ancestors, q_sink=q_sink
-    )
+        spec, q, k, v, fq, fk, state, alpha, t_q,
+        ancestors=tree.ancestors, q_sink=q_sink, inv_freq=inv_freq,
+    )  # fmt: skip
     return o, state
 
 
@@ -723,14 +883,20 @@ def naive(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> Tensor:
     """The definition, token by token over the full history, from the start of the sequence.
 
-    The reference the other forms are tested against; ``O(T²)`` in time, no state.
+    The reference the other forms are tested against; ``O(T²)`` in time, no state. The retained
+    cache (``spec.retain``) is chosen here by sorting, per batch row and key head, every token
+    that left the window by its total in-window attention.
     """
     B, T, H, K = q.shape
-    R = H // k.shape[2]
+    Hkv = k.shape[2]
+    R = H // Hkv
     kr, fkr, vr = (x.repeat_interleave(R, dim=2) for x in (k, fk, v))
+    far_keys = retain.unrotate(k.transpose(1, 2), torch.arange(T), inv_freq).transpose(1, 2)
+    received = torch.zeros(B, T, Hkv, dtype=q.dtype)  # in-window attention, per key head
     outputs = []
     for t in range(T):
         s = torch.arange(t + 1)
@@ -744,6 +910,18 @@ def naive(
             scores = scores.masked_fill(~local[None, :, None], float("-inf")) / math.sqrt(K)
             weights = torch.exp(scores - scores.amax(1, keepdim=True))
             local_num, local_den = (weights[..., None] * vr[:, : t + 1]).sum(1), weights.sum(1)
+            if spec.retain:
+                probs = (weights / local_den[:, None]).detach() * (s >= spec.sinks)[None, :, None]
+                received[:, : t + 1] += probs.view(B, t + 1, Hkv, R).sum(-1)
+                kept = _retained_naive(spec, received[:, : t + 1], local)  # [B, t+1, Hkv]
+                reader = q if q_sink is None else q_sink
+                far = (reader[:, t, None] * far_keys[:, : t + 1].repeat_interleave(R, 2)).sum(-1)
+                far = far / math.sqrt(K)
+                far = far.masked_fill(~kept.repeat_interleave(R, 2), float("-inf"))
+                # One softmax over the window and the retained tokens (the max cancels).
+                far_w = torch.exp(far - scores.amax(1, keepdim=True))
+                local_num = local_num + (far_w[..., None] * vr[:, : t + 1]).sum(1)
+                local_den = local_den + far_w.sum(1)
             o = o + local_num / local_den[..., None]
         elif spec.local == "relu2":
             cos = (_unit(q[:, t, None]) * _unit(kr[:, : t + 1])).sum(-1)
@@ -762,3 +940,17 @@ def naive(
                 o = o + alpha * g
         outputs.append(o)
     return torch.stack(outputs, 1)
+
+
+def _retained_naive(spec: LinearAttnSpec, received: Tensor, local: Tensor) -> Tensor:
+    """``[B, t+1, Hkv]``: the ``spec.retain`` tokens with the most in-window attention
+    (``received``, final once a token left) among those that left the window (not ``local``,
+    not sinks); ties go to the later token."""
+    B, n, Hkv = received.shape
+    kept = torch.zeros(B, n, Hkv, dtype=torch.bool)
+    left = [s for s in range(n) if not local[s] and s >= spec.sinks]
+    for b in range(B):
+        for h in range(Hkv):
+            best = sorted(left, key=lambda s: (float(received[b, s, h]), s), reverse=True)
+            kept[b, best[: spec.retain], h] = True
+    return kept

@@ -64,8 +64,9 @@ class LinearAttnRows:
 
 def supports_rows(spec: LinearAttnSpec) -> bool:
     """Whether :func:`step_rows` covers ``spec``: sliding windows of ``size >= 2`` with a local
-    kernel, or pure linear attention (the others decode row by row with ``linear_attn.step``)."""
-    if spec.window != "sliding":
+    kernel, or pure linear attention, without a retained cache (the others decode row by row
+    with ``linear_attn.recurrent``)."""
+    if spec.window != "sliding" or spec.retain:
         return False
     if spec.capacity == 0:
         return spec.local == "none"
