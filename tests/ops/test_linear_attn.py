@@ -53,6 +53,9 @@ def _specs() -> dict[str, LinearAttnSpec]:
             size=5, sinks=2, combine="shared", decay=0.9, **retained
         ),
         "sliding8-retain3": LinearAttnSpec(size=8, use_global=False, **retained),
+        "sliding5-sinks2-retain3-halflife8": LinearAttnSpec(
+            size=5, sinks=2, use_global=False, retain_halflife=8, **retained
+        ),
         "sliding64-sinks2-softmax+global-retain3": LinearAttnSpec(size=64, sinks=2, **retained),
         "group5-softmax+global-retain3": LinearAttnSpec(
             window="group", size=5, normalize=False, **retained
@@ -286,6 +289,7 @@ def test_decoding_in_place_matches_and_keeps_the_input_state(spec_id):
         "sliding5-sinks2-softmax+global-norm",
         "sliding5-sinks2-shared-decay",
         "sliding5-sinks2-shared-decay-retain3",
+        "sliding5-sinks2-retain3-halflife8",
         "group5-softmax+global-retain3",
     ],
 )

@@ -44,6 +44,9 @@ class AttentionConfig(Config):
     # Tokens per key head kept exactly past the window, those that drew the most attention
     # inside it (ops/retain.py): a fixed-size cache of far tokens, one softmax with the window.
     retain: int = 0
+    # Their attention halves every this many tokens of age when ranked (0: never): the cache
+    # follows the text instead of keeping its beginning's strongest tokens.
+    retain_halflife: float = 0.0
     # Sink keys seen from the query's position inside the kept cache (StreamingLLM) or from
     # its absolute position (past the trained range on long sequences).
     sink_positions: Literal["cache", "absolute"] = "cache"
@@ -122,6 +125,7 @@ class AttentionConfig(Config):
             combine=self.combine,
             decay=self.decay,
             retain=self.retain,
+            retain_halflife=self.retain_halflife,
         )
 
     @property

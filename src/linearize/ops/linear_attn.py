@@ -67,6 +67,7 @@ class LinearAttnSpec:
     combine: CombineKind = "sum"
     decay: float = 1.0
     retain: int = 0
+    retain_halflife: float = 0.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class LinearAttnSpec:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.retain < 0:
             raise ValueError(f"retain (tokens kept past the window) must be >= 0: {self.retain}")
+        if self.retain_halflife < 0:
+            raise ValueError(f"retain_halflife must be >= 0 (0: no ageing): {self.retain_halflife}")
         if self.retain and (self.local != "softmax" or self.size < 1):
             raise ValueError(
                 f"retain={self.retain} needs a softmax window (local='softmax', size >= 1), got "
@@ -348,14 +351,18 @@ def _retained_readout(
     cols = leaving.any(0).nonzero()[:, 0]
     eligible = leaving[:, cols]
     if r.causal:  # a left token's score is final: the totals rank it
+        priority = retain.priority(window[..., cols], t_k[cols], spec.retain_halflife)
         chosen = retain.select_causal(
-            r.rtimes, r.rscore, window[..., cols], t_k[cols], t_q, eligible, spec.retain
+            r.rtimes, r.rscore, priority, t_k[cols], t_q, eligible, spec.retain
         )
     else:  # a node counts the attention of its own ancestors only
         ancestors = visible[:, -len(t_q) :].to(by_query.dtype)
         from_ancestors = torch.einsum("ij,bhjc->bhic", ancestors, by_query[..., cols])
         own = r.base[..., None, cols] + from_ancestors
-        chosen = retain.select_per_query(r.rtimes, r.rscore, own, t_k[cols], eligible, spec.retain)
+        priority = retain.priority(own, t_k[cols], spec.retain_halflife)
+        chosen = retain.select_per_query(
+            r.rtimes, r.rscore, priority, t_k[cols], eligible, spec.retain
+        )
     rk = torch.cat([r.rk, retain.unrotate(k[:, :, cols], t_k[cols], r.inv_freq)], 2)
     rv = torch.cat([r.rv, v[:, :, cols]], 2)
     reader = q if q_sink is None else q_sink
@@ -447,7 +454,7 @@ def _fold(
         cache = retain.merge(
             state.rk, state.rv, state.rtimes, state.rscore,
             retain.unrotate(k[:, :, :gone], gone_t, inv_freq), v[:, :, :gone], gone_t,
-            window[..., :gone],
+            retain.priority(window[..., :gone], gone_t, spec.retain_halflife),
         )  # fmt: skip
         score = F.pad(window[..., gone:].detach(), (0, pad))
         names = ("score", "rk", "rv", "rtimes", "rscore")
@@ -949,8 +956,16 @@ def _retained_naive(spec: LinearAttnSpec, received: Tensor, local: Tensor) -> Te
     B, n, Hkv = received.shape
     kept = torch.zeros(B, n, Hkv, dtype=torch.bool)
     left = [s for s in range(n) if not local[s] and s >= spec.sinks]
+    h = spec.retain_halflife
+
+    def rank(b: int, s: int, head: int) -> tuple[float, int]:
+        a = float(received[b, s, head])
+        if not h:
+            return a, s
+        return (math.log2(a) if a > 0 else float("-inf")) + s / h, s
+
     for b in range(B):
-        for h in range(Hkv):
-            best = sorted(left, key=lambda s: (float(received[b, s, h]), s), reverse=True)
-            kept[b, best[: spec.retain], h] = True
+        for head in range(Hkv):
+            best = sorted(left, key=lambda s: rank(b, s, head), reverse=True)
+            kept[b, best[: spec.retain], head] = True
     return kept

@@ -42,6 +42,18 @@ def unrotate(k: Tensor, times: Tensor, inv_freq: Tensor | None) -> Tensor:
     return k * cos - rotated * sin  # the rotation by −angle
 
 
+def priority(score: Tensor, times: Tensor, halflife: float) -> Tensor:
+    """What ranks a token that left: its in-window attention ``score: [..., N]``, or with a
+    ``halflife`` (tokens) that attention halved every ``halflife`` tokens of age,
+    ``log2(score) + time / halflife``. Every cached score ages at the same rate, so the ranking
+    at any later time is this fixed number's: a newer token displaces an older one that drew
+    less than twice its attention per ``halflife`` between them, and the cache follows the text
+    instead of holding the strongest tokens of its beginning forever."""
+    if not halflife:
+        return score
+    return torch.log2(score) + times.to(score.dtype) / halflife
+
+
 def _beats(score: Tensor, times: Tensor) -> Tensor:
     """``[..., N, N]``: entry ``[i, j]`` says token ``i`` ranks above token ``j``."""
     s_i, s_j = score[..., :, None], score[..., None, :]
