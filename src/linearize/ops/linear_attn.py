@@ -598,7 +598,7 @@ def recurrent(
     for t in range(q.shape[1]):
         token = (x[:, t] for x in (q, k, v, fq, fk))
         sink = None if q_sink is None else q_sink[:, t]
-        o, state = step(spec, *token, state, alpha, q_sink=sink)
+        o, state = step(spec, *token, state, alpha, q_sink=sink, inv_freq=inv_freq)
         if q.shape[1] == 1:  # the decoding hot path: no concatenation
             return o[:, None], state
         outputs.append(o[:, None])
@@ -606,8 +606,8 @@ def recurrent(
 
 
 def _has_fast_step(spec: LinearAttnSpec) -> bool:
-    if spec.retain:  # the general form, one token at a time
-        return False
+    if spec.retain:  # sliding windows of 2 or more; else the general form, a token at a time
+        return spec.window == "sliding" and spec.size >= 2
     pure = spec.capacity == 0 and spec.local == "none"
     if spec.window == "sliding":
         return pure or spec.size >= 1
@@ -650,6 +650,7 @@ def _sliding_step(
     state: LinearAttnState,
     alpha: Tensor | float,
     q_sink: Tensor | None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """One token on a sliding window. While the window fills, the token takes the next free
     slot (in place: no copy). Once full, the token at ``pos + 1 − W`` (the first after the sinks)
@@ -658,6 +659,7 @@ def _sliding_step(
     per token and never concatenated for the readout."""
     n, pos = state.n, state.pos
     S, z = state.S, state.z
+    i = None
     if pos + 1 - spec.size < spec.sinks:  # nothing leaves yet
         keys, feats, values, times = _append(state, k, fk, v)
         m, extra = n + 1, None
@@ -679,14 +681,77 @@ def _sliding_step(
             leaving = (k, fk, v)
         m, extra = n, (leaving[0][:, :, None], leaving[2][:, :, None])
     local = keys[:, :, :m], values[:, :, :m]
-    num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1), extra=extra)
+    retained = {}
+    if spec.retain:
+        num, den, retained = _retaining_readout(
+            spec, q, *local, extra, state, i, q_sink, min(spec.sinks, pos + 1), inv_freq
+        )
+    else:
+        num, den = _local_readout(spec, q, *local, q_sink, min(spec.sinks, pos + 1), extra=extra)
     o = _combine(spec, num, den, fq, S, z, alpha)
     if spec.use_global:
         if extra is not None:
             S, z = _fold_one(spec, S, z, leaving[1], leaving[2])
         elif spec.decay < 1:
             S, z = S * spec.decay, z * spec.decay
-    return o, LinearAttnState(S, z, keys, feats, values, times, m, pos + 1)
+    return o, LinearAttnState(S, z, keys, feats, values, times, m, pos + 1, **retained)
+
+
+def _retaining_readout(
+    spec: LinearAttnSpec,
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    extra: tuple[Tensor, Tensor] | None,
+    state: LinearAttnState,
+    i: int | None,
+    q_sink: Tensor | None,
+    num_sinks: int,
+    inv_freq: Tensor | None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`_local_readout` with the retained cache, for one decoding step: the window (the
+    rebuilt buffer ``keys, values``, and the leaving token as ``extra`` when slot ``i`` of the
+    state's buffer leaves) and the cache in one softmax; returns numerator, denominator and the
+    state's new scores and cache (the leaving token, its score now final, competes for it)."""
+    B, Hkv, R, K = q.shape
+    C = state.score.shape[-1]
+    scores = torch.matmul(q, keys.transpose(-1, -2))
+    if q_sink is not None and num_sinks:
+        sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
+        scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
+    if extra is not None:
+        scores = torch.cat([scores, torch.matmul(q, extra[0].transpose(-1, -2))], -1)
+    scores = scores / math.sqrt(K)
+    m = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - m)
+    den = weights.sum(-1)
+    n = keys.shape[2]
+    num = torch.matmul(weights[..., :n], values)
+    if extra is not None:
+        num = num + torch.matmul(weights[..., n:], extra[1])
+    reader = q if q_sink is None else q_sink
+    far = torch.matmul(reader, state.rk.transpose(-1, -2)) / math.sqrt(K)
+    far = torch.exp(far.masked_fill((state.rtimes < 0)[:, :, None], float("-inf")) - m)
+    num = num + torch.matmul(far, state.rv)
+    # In-window attention: the buffer's scores (rebuilt as the buffer was), plus this query's.
+    attention = (weights / den[..., None]).detach().sum(2)  # [B, Hkv, n (+1)]
+    attention[..., :num_sinks] = 0
+    old = state.score
+    if i is None:  # the token took slot n
+        score = torch.cat([old[..., : n - 1], old.new_zeros(B, Hkv, 1)], -1)
+    else:
+        score = torch.cat([old[..., :i], old[..., i + 1 : n], old.new_zeros(B, Hkv, 1)], -1)
+    score = score + attention[..., :n]
+    cache = (state.rk, state.rv, state.rtimes, state.rscore)
+    if extra is not None:
+        t = state.times[i : i + 1]
+        final = old[..., i : i + 1] + attention[..., n:]
+        priority = retain.priority(final, t, spec.retain_halflife)
+        key = retain.unrotate(extra[0], t, inv_freq)
+        cache = retain.merge(*cache, key, extra[1], t, priority)
+    names = ("score", "rk", "rv", "rtimes", "rscore")
+    retained = dict(zip(names, (F.pad(score, (0, C - n)), *cache), strict=True))
+    return num, den + far.sum(-1), retained
 
 
 def _outer(fk: Tensor, v: Tensor) -> Tensor:
@@ -705,6 +770,7 @@ def step(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnState]:
     """One decoding step, ``q: [B, H, K]``, ``k: [B, Hkv, K]``, ... → ``o: [B, H, V]``.
 
@@ -715,8 +781,8 @@ def step(
     to the general form otherwise). The token is written into the buffer's next free slot in
     place where it fits (see :class:`LinearAttnState`).
     """
-    if spec.retain:
-        raise ValueError("a retained cache has no fast step: use recurrent (the general form)")
+    if spec.retain and not _has_fast_step(spec):
+        raise ValueError("this retained cache has no fast step: use recurrent (the general form)")
     B, H, K = q.shape
     Hkv = k.shape[1]
     q, fq = q.view(B, Hkv, H // Hkv, K), fq.view(B, Hkv, H // Hkv, -1)
@@ -734,7 +800,7 @@ def step(
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
     if spec.window == "sliding":
-        o, new = _sliding_step(spec, q, k, v, fq, fk, state, alpha, q_sink)
+        o, new = _sliding_step(spec, q, k, v, fq, fk, state, alpha, q_sink, inv_freq)
         return o.reshape(B, H, -1), new
     if (pos + 1) % spec.size != 0:
         # Inside a group: the token joins the buffer.
