@@ -51,6 +51,15 @@ def test_reconfigure_refuses_what_would_change_parameters():
     assert model.config.attention == before
     with pytest.raises(ValueError, match="no linear attention layer"):
         reconfigure(tiny_model("softmax"), {"retain": 2})
+    # All or none: the hybrid's layer 1 takes the window, layer 0 (softmax) is not touched; a
+    # refusal on the last layer undoes the first.
+    hybrid = tiny_model("augmented", layers=3)
+    linearize.linearize(hybrid, "elu", layers=[2])
+    modules = [layer.self_attn for layer in hybrid.layers]
+    with pytest.raises(ValueError, match="retain=2 needs a softmax window"):
+        reconfigure(hybrid, {"retain": 2})
+    assert [layer.self_attn for layer in hybrid.layers] == modules
+    assert hybrid.config.attention_config(0).retain == 0
 
 
 def test_eval_option_on_a_converted_model(tmp_path, capsys):

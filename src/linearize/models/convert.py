@@ -205,17 +205,26 @@ def reconfigure(model: Decoder, options: dict[str, Any]) -> Decoder:
     """Set attention ``options`` on every linear layer of ``model``, in place, keeping every
     parameter (pretrained and trained): for options that add or reshape none, such as
     ``retain``, ``use_global``, ``decay`` or ``sinks`` (an ablation of a trained model, or its
-    retained cache, without training again); returns ``model``."""
+    retained cache, without training again); returns ``model``. All layers or none: a layer
+    that refuses leaves every layer as it was."""
     if "name" in options or "kind" in options:
         raise ValueError("reconfigure keeps each layer's attention: options 'name' and 'kind' "
                          "belong to linearize (--attention)")  # fmt: skip
+    if model.quantization is not None:
+        raise ValueError("set attention options on the fp model, then quantize it")
     _check_options(options, list(model.config.attention_shapes()))
     n = model.config.num_layers
     layers = [i for i in range(n) if model.config.attention_config(i).kind == "linear"]
     if not layers:
         raise ValueError("this model has no linear attention layer whose options could change")
-    for i in layers:
-        set_layer_options(model, i, options)
+    done = []
+    try:
+        for i in layers:
+            done.append((i, *set_layer_options(model, i, options)))
+    except ValueError:
+        for i, module, previous in reversed(done):
+            model.layers[i].self_attn, model.config.attention[i] = module, previous
+        raise
     logger.info("set %s on layers %s", options, layers)
     return model
 
