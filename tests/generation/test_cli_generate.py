@@ -135,3 +135,13 @@ def test_train_medusa_bad_input_leaves_no_files(capsys, model_dir, tmp_path):
     )  # fmt: skip
     assert code == 2 and not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_option_on_the_saved_model(capsys, model_dir):
+    """``--option`` without ``--attention`` sets options on the saved model's layers (the
+    retained cache here); an option that would change its parameters is refused."""
+    flags = ("--max-new-tokens", "6", "--json")
+    code, out = _generate(capsys, model_dir, *flags, "--option", "retain=2")
+    assert code == 0 and len(json.loads(out.out)["token_ids"]) == 6
+    code, out = _generate(capsys, model_dir, *flags, "--option", "feature_dim=3")
+    assert code == 2 and "add or reshape parameters" in out.err

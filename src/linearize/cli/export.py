@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from linearize.cli.options import add_attention_arguments, attention_from_args, parse_layers
+from linearize.cli.options import (
+    add_attention_arguments,
+    apply_attention_args,
+    attention_from_args,
+    parse_layers,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
         linearize(model, attention_from_args(args), layers=parse_layers(args.layers))
     elif args.layers:
         raise ValueError("--layers needs --attention")
+    else:  # --option alone: set on the converted model's layers (e.g. retain=32)
+        apply_attention_args(model, args)
     if model.quantization is not None and model.quantization.coded:
         print(f"{model.quantization.quant} weights exported dequantized to float32")
     export_hf(model, args.out, overwrite=args.overwrite)

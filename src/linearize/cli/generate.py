@@ -25,7 +25,7 @@ from linearize.cli.options import (
     add_config_arguments,
     add_engine_argument,
     add_quant_argument,
-    attention_from_args,
+    apply_attention_args,
     config_from_args,
 )
 from linearize.data import split_tokens
@@ -85,8 +85,7 @@ def _load(args: argparse.Namespace):
     import linearize
 
     model = linearize.load(args.model)
-    if args.attention is not None:
-        linearize.linearize(model, attention_from_args(args))
+    apply_attention_args(model, args)
     from linearize.models.quantize import apply_quant
 
     apply_quant(model, getattr(args, "quant", None), args.model)

@@ -64,6 +64,11 @@ def run_harness(args: argparse.Namespace) -> int:
             raise
         raise RuntimeError("lm-eval is not installed: pip install 'linearize[harness]'") from None
 
+    if args.option and not args.attention:
+        raise ValueError(
+            "--option on a converted model: save it with the options first (linearize export "
+            "--model M --option ... --out D, or linearize.models.reconfigure), then evaluate D"
+        )
     start = time.perf_counter()
     out = evaluate(
         args.model,

@@ -18,7 +18,7 @@ from pathlib import Path
 from linearize.cli.options import (
     add_attention_arguments,
     add_config_arguments,
-    attention_from_args,
+    apply_attention_args,
     config_from_args,
 )
 from linearize.serve.config import ServeConfig
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model = linearize.load(config.model)
-    if args.attention is not None:
-        linearize.linearize(model, attention_from_args(args))
+    apply_attention_args(model, args)
     from linearize.models.quantize import apply_quant
 
     apply_quant(model, None if config.quant == "none" else config.quant, config.model)
