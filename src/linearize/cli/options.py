@@ -59,10 +59,10 @@ def apply_attention_args(model: Any, args: argparse.Namespace) -> None:
 
     if args.attention:
         linearize(model, attention_from_args(args))
-    elif args.option or args.group_size is not None or args.conv_size is not None:
-        if args.group_size is not None or args.conv_size is not None:
-            raise ValueError("--group-size and --conv-size go with --attention; on a converted "
-                             "model set --option size=... instead")  # fmt: skip
+    elif args.group_size is not None or args.conv_size is not None:
+        raise ValueError("--group-size and --conv-size go with --attention; on a converted "
+                         "model set --option size=... instead")  # fmt: skip
+    elif args.option:
         reconfigure(model, parse_options(args.option))
 
 

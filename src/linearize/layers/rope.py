@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from linearize.ops import rope
+
 
 class RotaryEmbedding(nn.Module):
     """LLaMA-style RoPE (``rotate_half`` layout), matching transformers' float32 arithmetic.
@@ -26,10 +28,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``cos, sin: [..., K]`` at ``positions`` (any shape): the positions in float32 times
         the inverse frequencies, as transformers computes them."""
-        positions = positions.to(device=self.inv_freq.device, dtype=torch.float32)
-        freqs = positions[..., None] * self.inv_freq
-        emb = torch.cat([freqs, freqs], -1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope.cos_sin(positions, self.inv_freq, dtype)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """``x: [B, T, H, K]`` rotated by ``positions: [T]`` (or ``[B, T]``: a position per row)."""
@@ -43,6 +42,4 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """``x: [..., K]`` rotated by ``cos, sin`` broadcast against it."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rotated * sin
+        return rope.rotate(x, cos, sin)

@@ -17,13 +17,12 @@ from torch import Tensor
 
 from linearize.layers.attention import AttentionState
 from linearize.models.decoder import ModelState
-from linearize.ops.linear_attn import LinearAttnState
+from linearize.ops.linear_attn import RETAINED, LinearAttnState
 from linearize.ops.softmax import KVCache
 
 # The tensors with a leading batch dimension, per state type (``times`` is shared by the batch;
 # the retained cache's are ``None`` without one).
-_RETAINED = ("score", "rk", "rv", "rtimes", "rscore")
-_BATCHED = {LinearAttnState: ("S", "z", "k", "fk", "v", *_RETAINED), KVCache: ("k", "v")}
+_BATCHED = {LinearAttnState: ("S", "z", "k", "fk", "v", *RETAINED), KVCache: ("k", "v")}
 
 
 def map_batch(state: ModelState, fn: Callable[[Tensor], Tensor]) -> ModelState:

@@ -79,16 +79,10 @@ def widen(model: Decoder, layers: list[int], size: int) -> Decoder:
         if size < model.config.attention_config(i).size:
             raise ValueError(f"a wide window must not be narrower than the layer's, got {size}")
     for i in layers:
-        _swap(model, i, size)
+        set_layer_options(model, i, {"size": size})
     if layers:
         logger.info("widened the windows of layers %s to %d tokens", layers, size)
     return model
-
-
-def _swap(model: Decoder, i: int, size: int) -> tuple[Attention, dict]:
-    """Layer ``i`` with window ``size`` (same parameters); returns the module and the options
-    it replaced."""
-    return set_layer_options(model, i, {"size": size})
 
 
 def recall_probes(tokenizer, length: int, count: int, seed: int = 0) -> list[tuple[Tensor, int]]:
@@ -229,13 +223,13 @@ def choose_wide_layers(
                 losses.append(recall_loss(model, texts, len(model.layers), inputs))
             trial = {}
             for i in (i for i in candidates if i not in chosen):
-                old, options = _swap(model, i, size)
+                old, options = set_layer_options(model, i, {"size": size})
                 trial[i] = recall_loss(model, texts, i, inputs)
                 model.layers[i].self_attn, model.config.attention[i] = old, options
                 progress.update()
             best = min(trial, key=trial.__getitem__)
             chosen.append(best)
-            replaced.append((best, *_swap(model, best, size)))
+            replaced.append((best, *set_layer_options(model, best, {"size": size})))
             losses.append(trial[best])
     finally:
         progress.close()

@@ -111,6 +111,10 @@ class LinearAttnSpec:
         return near | (s < self.sinks)
 
 
+# The state's fields of the retained cache (``None`` without one), in this order.
+RETAINED = ("score", "rk", "rv", "rtimes", "rscore")
+
+
 @dataclass
 class LinearAttnState:
     """Fixed-size decoding state: ``S [B,Hkv,F,V]``, ``z [B,Hkv,F]`` and a buffer of ``n`` kept
@@ -148,7 +152,7 @@ class LinearAttnState:
 
     def retained(self) -> tuple[Tensor | None, ...]:
         """``score`` and the retained cache ``rk, rv, rtimes, rscore`` (``None`` without)."""
-        return self.score, self.rk, self.rv, self.rtimes, self.rscore
+        return tuple(getattr(self, name) for name in RETAINED)
 
     def kept(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The buffered tokens, in time order: keys, features, values ``[B,Hkv,n,·]``, times."""
@@ -457,8 +461,7 @@ def _fold(
             retain.priority(window[..., :gone], gone_t, spec.retain_halflife),
         )  # fmt: skip
         score = F.pad(window[..., gone:].detach(), (0, pad))
-        names = ("score", "rk", "rv", "rtimes", "rscore")
-        retained = dict(zip(names, (score, *cache), strict=True))
+        retained = dict(zip(RETAINED, (score, *cache), strict=True))
     return LinearAttnState(S, z, *kept, times, n, pos, **retained)
 
 
@@ -683,7 +686,7 @@ def _sliding_step(
     local = keys[:, :, :m], values[:, :, :m]
     retained = {}
     if spec.retain:
-        num, den, retained = _retaining_readout(
+        num, den, retained = _step_retained_readout(
             spec, q, *local, extra, state, i, q_sink, min(spec.sinks, pos + 1), inv_freq
         )
     else:
@@ -697,7 +700,7 @@ def _sliding_step(
     return o, LinearAttnState(S, z, keys, feats, values, times, m, pos + 1, **retained)
 
 
-def _retaining_readout(
+def _step_retained_readout(
     spec: LinearAttnSpec,
     q: Tensor,
     keys: Tensor,
@@ -715,20 +718,12 @@ def _retaining_readout(
     state's new scores and cache (the leaving token, its score now final, competes for it)."""
     B, Hkv, R, K = q.shape
     C = state.score.shape[-1]
-    scores = torch.matmul(q, keys.transpose(-1, -2))
-    if q_sink is not None and num_sinks:
-        sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
-        scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
-    if extra is not None:
-        scores = torch.cat([scores, torch.matmul(q, extra[0].transpose(-1, -2))], -1)
-    scores = scores / math.sqrt(K)
+    scores = _window_scores(q, keys, q_sink, num_sinks, None, extra)
     m = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - m)
     den = weights.sum(-1)
     n = keys.shape[2]
-    num = torch.matmul(weights[..., :n], values)
-    if extra is not None:
-        num = num + torch.matmul(weights[..., n:], extra[1])
+    num = _window_values(weights, values, extra)
     reader = q if q_sink is None else q_sink
     far = torch.matmul(reader, state.rk.transpose(-1, -2)) / math.sqrt(K)
     far = torch.exp(far.masked_fill((state.rtimes < 0)[:, :, None], float("-inf")) - m)
@@ -749,8 +744,7 @@ def _retaining_readout(
         priority = retain.priority(final, t, spec.retain_halflife)
         key = retain.unrotate(extra[0], t, inv_freq)
         cache = retain.merge(*cache, key, extra[1], t, priority)
-    names = ("score", "rk", "rv", "rtimes", "rscore")
-    retained = dict(zip(names, (F.pad(score, (0, C - n)), *cache), strict=True))
+    retained = dict(zip(RETAINED, (F.pad(score, (0, C - n)), *cache), strict=True))
     return num, den + far.sum(-1), retained
 
 
@@ -870,21 +864,9 @@ def _local_readout(
     ``[B, Hkv, R]`` (the weights are ``e^{s−m}``, ``m`` the largest score)."""
     mask = None if valid is None else valid[:, None, None, :]
     if spec.local == "softmax":
-        scores = torch.matmul(q, keys.transpose(-1, -2))
-        if q_sink is not None and num_sinks:
-            sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
-            scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        n = scores.shape[-1]
-        if extra is not None:
-            scores = torch.cat([scores, torch.matmul(q, extra[0].transpose(-1, -2))], -1)
-        scores = scores / math.sqrt(q.shape[-1])
+        scores = _window_scores(q, keys, q_sink, num_sinks, mask, extra)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-        num = torch.matmul(weights[..., :n], values)
-        if extra is not None:
-            num = num + torch.matmul(weights[..., n:], extra[1])
-        return num, weights.sum(-1)
+        return _window_values(weights, values, extra), weights.sum(-1)
     if spec.local == "relu2":
         weights = torch.relu(torch.matmul(_unit(q), _unit(keys).transpose(-1, -2))) ** 2
         if mask is not None:
@@ -895,6 +877,36 @@ def _local_readout(
             num = num + torch.matmul(more, extra[1])
         return num, None
     return q.new_zeros(*q.shape[:-1], values.shape[-1]), None
+
+
+def _window_scores(
+    q: Tensor,
+    keys: Tensor,
+    q_sink: Tensor | None,
+    num_sinks: int,
+    mask: Tensor | None,
+    extra: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """A decoding step's scaled window scores ``[B, Hkv, R, n (+ e)]``: the buffer's keys (the
+    first ``num_sinks`` scored by ``q_sink``; ``mask`` off: −inf), then the ``extra`` keys."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))
+    if q_sink is not None and num_sinks:
+        sinks = torch.matmul(q_sink, keys[:, :, :num_sinks].transpose(-1, -2))
+        scores = torch.cat([sinks, scores[..., num_sinks:]], -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if extra is not None:
+        scores = torch.cat([scores, torch.matmul(q, extra[0].transpose(-1, -2))], -1)
+    return scores / math.sqrt(q.shape[-1])
+
+
+def _window_values(weights: Tensor, values: Tensor, extra: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``weights @ [values; extra values]`` without concatenating them."""
+    n = values.shape[2]
+    num = torch.matmul(weights[..., :n], values)
+    if extra is not None:
+        num = num + torch.matmul(weights[..., n:], extra[1])
+    return num
 
 
 def _combine(

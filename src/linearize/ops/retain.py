@@ -28,18 +28,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.ops import rope
+
 
 def unrotate(k: Tensor, times: Tensor, inv_freq: Tensor | None) -> Tensor:
     """``k: [..., N, K]`` rotated by RoPE at ``times: [N]`` (or ``[..., N]``) → the same keys at
     position 0 (``k`` itself without ``inv_freq``)."""
     if inv_freq is None:
         return k
-    angles = times.to(device=k.device, dtype=torch.float32)[..., None] * inv_freq.to(k.device)
-    angles = torch.cat([angles, angles], -1)
-    cos, sin = angles.cos().to(k.dtype), angles.sin().to(k.dtype)
-    half = k.shape[-1] // 2
-    rotated = torch.cat([-k[..., half:], k[..., :half]], -1)
-    return k * cos - rotated * sin  # the rotation by −angle
+    cos, sin = rope.cos_sin(times, inv_freq.to(k.device), k.dtype)
+    return rope.rotate(k, cos, -sin)  # the rotation by −angle
 
 
 def priority(score: Tensor, times: Tensor, halflife: float) -> Tensor:
