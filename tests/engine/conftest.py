@@ -19,6 +19,11 @@ LOCAL = {**AUGMENTED, "use_global": False}
 FLASH_LOCAL = {"name": "flash_local", "size": 4}
 # A window longer than the engine's first reach (reach_step 16 in the tests): its rings grow.
 WIDE = {**AUGMENTED, "size": 60}
+# The retained cache (ops/retain.py): 3 tokens per key head past the window, with a half-life;
+# in the paper's layer (sinks at absolute positions) the retained keys keep their rotation.
+RETAIN = {**AUGMENTED, "retain": 3, "retain_halflife": 8.0}
+RETAIN_PAPER = {**PAPER, "retain": 2}
+WIDE_RETAIN = {**WIDE, "retain": 3, "retain_halflife": 8.0}
 OPTIONS = {
     "augmented": AUGMENTED,
     "paper": PAPER,
@@ -27,13 +32,16 @@ OPTIONS = {
     "local": LOCAL,
     "flash_local": FLASH_LOCAL,
     "wide": WIDE,
+    "retain": RETAIN,
+    "retain_paper": RETAIN_PAPER,
+    "wide_retain": WIDE_RETAIN,
 }
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
     """A float32 tiny model the engine runs (``kind``: softmax, elu, augmented, paper, hybrid,
-    group, local, flash_local, wide), with α > 0, random conv taps and feature maps; ``text``:
-    with the byte tokenizer (vocabulary 258)."""
+    group, local, flash_local, wide, retain, retain_paper, wide_retain), with α > 0, random conv
+    taps and feature maps; ``text``: with the byte tokenizer (vocabulary 258)."""
     if text:
         vocab_size = 258
     if kind in ("softmax", "elu"):

@@ -28,7 +28,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "softmax"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "softmax", "retain"])
 def test_greedy_on_engine_equals_reference(kind):
     model = quantize(engine_model(kind, text=True).eval(), "int4")
     config = GenerationConfig(max_new_tokens=40)
@@ -69,7 +69,7 @@ def test_refusals(tmp_path):
 NEW = 24
 
 
-@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "retain"])
 def test_speculative_on_engine_equals_plain_on_engine(kind):
     """Greedy Medusa / lookup / draft on the fast path give the tokens of greedy plain decoding
     on the same fast path (both with the same int4 weights)."""

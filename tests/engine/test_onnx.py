@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 from linearize.engine.onnx import OnnxEngine  # noqa: E402
 
 KINDS = ["softmax", "augmented", "paper", "elu", "hybrid", "group", "local", "flash_local"]
+KINDS += ["retain", "retain_paper"]
 STEPS = 1000
 # fp32 through two different runtimes (and, quantized, the same codes dequantized by each):
 # measured ~1e-6 relative over 1,000 steps; 1e-4 leaves room for summation-order noise.
@@ -49,7 +50,7 @@ def test_engine_matches_reference(kind, quant, tmp_path):
     assert engine.pos == STEPS + 5
 
 
-@pytest.mark.parametrize("kind", ["softmax", "wide"])
+@pytest.mark.parametrize("kind", ["softmax", "wide", "wide_retain"])
 def test_rings_grow_with_the_context(kind, tmp_path):
     """A step reads the filled part of a long ring: the state starts at a short reach and grows
     by ``reach_step`` slots until its rings are whole (a softmax cache of 200, a window of
@@ -82,10 +83,11 @@ def test_rings_grow_with_the_context(kind, tmp_path):
     assert_close("after a long prefill", reference[0, 100], after, TOLERANCE)
 
 
-def test_snapshots_and_trees_across_a_growth(tmp_path):
+@pytest.mark.parametrize("kind", ["wide", "wide_retain"])
+def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
     """restore() returns to the reach of its snapshot; a tree reads the rings up to the state's
     reach, grown first when its deepest node would pass it (its commit writes there)."""
-    model = _model("wide")
+    model = _model(kind)
     quantize(model, "int4")
     ids = torch.randint(0, 128, (1, 60)).tolist()[0]
     engine = OnnxEngine(
@@ -116,9 +118,10 @@ def test_snapshots_and_trees_across_a_growth(tmp_path):
     assert_close("tree within the reach", reference[0], logits, TOLERANCE)
 
 
-def test_engine_state_equals_reference_state_size(tmp_path):
+@pytest.mark.parametrize("kind", ["augmented", "retain"])
+def test_engine_state_equals_reference_state_size(kind, tmp_path):
     """A linear model's engine state is the reference state: same bytes at 10 and 1,000 tokens."""
-    model = _model("augmented")
+    model = _model(kind)
     engine = OnnxEngine(model, max_context=16, threads=1, cache=tmp_path)
     engine.prefill([1, 2, 3])
     assert engine.nbytes() == model.init_state().nbytes()
@@ -173,7 +176,7 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
     assert engine.pos == state.pos
 
 
-@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid"])
+@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "retain"])
 def test_chunked_prefill_on_the_engine(kind, tmp_path):
     model = _model(kind)
     ids = torch.randint(0, 128, (1, 45))

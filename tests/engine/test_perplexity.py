@@ -34,7 +34,7 @@ def test_engine_perplexity_matches_reference(kind, stream, tmp_path):
     assert math.isclose(ours.nll, reference.nll, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["augmented", "softmax"])
+@pytest.mark.parametrize("kind", ["augmented", "softmax", "retain"])
 def test_engine_perplexity_by_position_matches_reference(kind, tmp_path):
     """Bucket by bucket, through chains of the engine (a linear model on one carried state
     across 3 chains; a softmax model in windows of its positions)."""

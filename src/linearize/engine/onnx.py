@@ -24,7 +24,13 @@ from torch import nn
 
 from linearize.engine.ring import RingState
 from linearize.engine.step import FixedStep, fill_rotation
-from linearize.engine.tree import TreeStep, tree_controls, tree_inputs
+from linearize.engine.tree import (
+    TreeStep,
+    leave_width,
+    leaving_columns,
+    tree_controls,
+    tree_inputs,
+)
 from linearize.models.decoder import Decoder, ModelState
 from linearize.ops.tree import Tree
 from linearize.paths import build_once, cache_dir
@@ -253,6 +259,10 @@ class OnnxEngine:
         if threads is not None:
             self.options.intra_op_num_threads = threads
             self.options.inter_op_num_threads = 1
+        self.rope = next(
+            (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
+            None,
+        )
         # Step sessions by arithmetic; the one steps run now.
         self.steps: dict[str, object] = {}
         self.session, self.step_accuracy = self._step_session(accuracy), accuracy
@@ -264,10 +274,6 @@ class OnnxEngine:
         self.prefill_chunk = prefill_chunk
         self.trees: dict[int, tuple[object, TreeStep]] = {}
         self.tree_module: TreeStep | None = None
-        self.rope = next(
-            (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
-            None,
-        )
         # Per layout with sinks at cache positions, an attention that computes where they sit.
         self.sink_layers = {}
         for layer, lay in zip(model.layers, self.layouts, strict=True):
@@ -296,13 +302,18 @@ class OnnxEngine:
                 if key in self.growing:
                     axes[name] = {1: f"visible{keys.index(key)}"}
                 continue
-            if kind not in ("k", "v", "fk", "mask", "times"):
+            if kind not in ("k", "v", "fk", "mask", "times", "score"):
                 continue
             key = self.layouts[int(index)].key
             if key in self.growing:
                 axis = 0 if kind in ("mask", "times") else 2
                 axes[name] = {axis: f"slots{keys.index(key)}"}
         return axes
+
+    def _ring(self, reach: int | None = None) -> RingState:
+        """An empty state holding ``reach`` slots per ring (``None``: whole rings)."""
+        inv_freq = None if self.rope is None else self.rope.inv_freq
+        return RingState(self.layouts, reach, inv_freq)
 
     def _reach(self, pos: int) -> int | None:
         """The ring slots a state at position ``pos`` holds (``None``: whole rings)."""
@@ -318,7 +329,7 @@ class OnnxEngine:
         if accuracy not in self.steps:
 
             def example() -> list[torch.Tensor]:
-                return _step_example(self.model, self.step_module, RingState(self.layouts))
+                return _step_example(self.model, self.step_module, self._ring())
 
             axes = self._dynamic_axes()
             self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
@@ -355,7 +366,7 @@ class OnnxEngine:
 
     def reset(self) -> None:
         self.use_step_arithmetic(None)
-        self._use(RingState(self.layouts, self._reach(0)))
+        self._use(self._ring(self._reach(0)))
 
     def use_step_arithmetic(self, accuracy: str | None) -> None:
         """Run plain steps with ``accuracy`` (``None``: the engine's own, which tree passes
@@ -400,7 +411,7 @@ class OnnxEngine:
         reference (chunk form) whose state the engine takes over."""
         self.use_step_arithmetic(None)
         if self.prefill_chunk:
-            self._use(RingState(self.layouts))  # the tree graph reads whole rings
+            self._use(self._ring())  # the tree graph reads whole rings
             for start in range(0, len(ids), self.prefill_chunk):
                 piece = list(ids[start : start + self.prefill_chunk])
                 chain = Tree.from_parents([-1, *range(len(piece) - 1)])
@@ -417,7 +428,7 @@ class OnnxEngine:
     def load_state(self, state: ModelState) -> None:
         reach = self._reach(state.pos)
         if reach != self.state.reach:
-            self._use(RingState(self.layouts, reach))
+            self._use(self._ring(reach))
         self.state.load(state)
 
     @torch.no_grad()
@@ -517,11 +528,19 @@ class OnnxEngine:
         controls = tree_controls(tree, size, pos, rings, taps)
         feeds.update(t_nodes=controls["t_nodes"])
         feeds.update({k: v for k, v in controls.items() if k.startswith("visible.")})
+        for j, key in enumerate(module.retain_keys):
+            lay = next(lay for lay in module.layouts if lay.key == key)
+            visible = controls[f"visible.{module.keys.index(key)}"]
+            times = self.state.controls[key].times
+            width = leave_width(lay, size)
+            feeds[f"leave.{j}"] = leaving_columns(lay, times, controls["t_nodes"], visible, width)
         for i, lay in enumerate(module.layouts):
             for name in tree_inputs(i, lay):
                 kind = name.split(".")[0]
                 if kind == "times":
                     feeds[name] = self.state.controls[lay.key].times
+                elif kind in ("rtimes", "rscore"):
+                    feeds[name] = self.state.retained[lay.key].rows(i)[kind]
                 elif kind == "conv_index":
                     feeds[name] = controls[f"conv_index.{lay.conv_taps}"]
                 else:
@@ -556,7 +575,7 @@ class OnnxEngine:
 
     def restore(self, snapshot: dict) -> None:
         if snapshot["reach"] != self.state.reach:
-            self._use(RingState(self.layouts, snapshot["reach"]))
+            self._use(self._ring(snapshot["reach"]))
         self.state.restore(snapshot)
 
 

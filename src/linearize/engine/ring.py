@@ -20,11 +20,14 @@ import torch
 
 from linearize.engine.step import Layout, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
+from linearize.ops import retain
 
 # The step's inputs that are a layout's control tensors (shared by its layers), not state.
-CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation")
+CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation", "rmask")
 # The ring buffers, one slot per kept token.
 RINGS = ("k", "v", "fk")
+# The state arrays with one entry per ring slot on axis 2 (they follow the reach).
+SLOTTED = (*RINGS, "score")
 
 
 class _Control:
@@ -43,6 +46,8 @@ class _Control:
         # The sink query's rotation (sinks at cache positions), filled by the engine.
         self.sink_rotation = np.eye(lay.key_dim, dtype=np.float32)
         self.sink_position = -1
+        # The retained cache's filled entries (0) and empty ones (−inf), shared by its layers.
+        self.rmask = np.full(lay.spec.retain, -np.inf, dtype=np.float32)
         self.slot = -1
 
     def prepare(self, pos: int) -> None:
@@ -92,44 +97,152 @@ class _Control:
             self.times[self.slot] = pos
 
 
+class _Retained:
+    """The retained caches (:mod:`~linearize.ops.retain`) of the layers that share one layout,
+    stacked, so that a token leaving the window joins all of them in a few array operations:
+    keys and values ``[L, 1, Hkv, M, ·]`` (each layer's step inputs are its rows), their times
+    and priorities ``[L, 1, Hkv, M]`` (host only: the step reads ``rmask``, the tree pass the
+    layers' rows), and the ring slots' in-window attention in two stacks ``[L, 1, Hkv, C]``, the
+    step's input and output (trading places as ``S, z`` do), with the new token's own
+    ``new_score [L, 1, Hkv, 1]``. The cache is in no particular order: a leaving token replaces
+    the lowest (priority, time) entry when it ranks above it, which keeps the best ``M`` of
+    everything that left, as :func:`retain.merge` does."""
+
+    def __init__(self, lay: Layout, size: int) -> None:
+        self.lay, self.size = lay, size
+        self.layers: list[int] = []
+
+    def allocate(self) -> None:
+        lay, L = self.lay, len(self.layers)
+        Hkv, M, K = lay.kv_heads, lay.spec.retain, lay.key_dim
+        self.rk = np.zeros((L, 1, Hkv, M, K), dtype=np.float32)
+        self.rv = np.zeros((L, 1, Hkv, M, K), dtype=np.float32)
+        self.rtimes = np.full((L, 1, Hkv, M), -1, dtype=np.int64)
+        self.rscore = np.full((L, 1, Hkv, M), -np.inf, dtype=np.float32)
+        self.scores = [np.zeros((L, 1, Hkv, self.size), dtype=np.float32) for _ in range(2)]
+        self.new_score = np.zeros((L, 1, Hkv, 1), dtype=np.float32)
+
+    def rows(self, i: int) -> dict[str, np.ndarray]:
+        """Layer ``i``'s arrays, views of the stacks, by input / output kind."""
+        j = self.layers.index(i)
+        return {
+            "rk": self.rk[j],
+            "rv": self.rv[j],
+            "rtimes": self.rtimes[j],
+            "rscore": self.rscore[j],
+            "score": self.scores[0][j],
+            "score_out": self.scores[1][j],
+            "new_score": self.new_score[j],
+        }
+
+    def mask(self, rmask: np.ndarray) -> None:
+        """The step's ``rmask``: 0 on filled entries, −inf on empty ones. Every layer and key
+        head fills its cache in the same order (a token that left ranks above an empty entry),
+        so one mask serves them all."""
+        rmask[:] = np.where(self.rtimes[0, 0, 0] >= 0, 0, -np.inf)
+
+    def merge(
+        self,
+        keys: np.ndarray,
+        values: np.ndarray,
+        final: np.ndarray,
+        time: int,
+        inv_freq: torch.Tensor | None,
+    ) -> None:
+        """The token at ``time`` left the window: ``keys, values: [L, Hkv, K]`` (keys rotated
+        at ``time``, un-rotated here with ``inv_freq``), ``final: [L, Hkv]`` its in-window
+        attention."""
+        halflife = self.lay.spec.retain_halflife
+        priority = final
+        if halflife:  # retain.priority, in float32
+            with np.errstate(divide="ignore"):
+                priority = np.log2(final) + np.float32(time) / np.float32(halflife)
+        rscore, rtimes = self.rscore[:, 0], self.rtimes[:, 0]  # [L, Hkv, M]
+        lowest = rscore.min(-1)
+        # The lowest entry: the earliest among equal priorities (empty entries first).
+        evict = np.where(rscore == lowest[..., None], rtimes, np.iinfo(np.int64).max).argmin(-1)
+        layer, head = np.nonzero(priority >= lowest)  # a later token wins a tie
+        if not len(layer):
+            return
+        if inv_freq is not None:
+            keys = retain.unrotate(torch.from_numpy(keys), torch.tensor([time]), inv_freq).numpy()
+        slot = evict[layer, head]
+        self.rk[layer, 0, head, slot] = keys[layer, head]
+        self.rv[layer, 0, head, slot] = values[layer, head]
+        self.rtimes[layer, 0, head, slot] = time
+        self.rscore[layer, 0, head, slot] = priority[layer, head]
+
+    def load(self, i: int, attn, score: np.ndarray) -> None:
+        """Take over layer ``i``'s cache and slot scores from a PyTorch state (``score``: the
+        layer's current input row)."""
+        j = self.layers.index(i)
+        n = attn.n
+        score[...] = 0
+        score[:, :, :n] = attn.score[:, :, :n].float().numpy()
+        self.rk[j] = attn.rk.float().numpy()
+        self.rv[j] = attn.rv.float().numpy()
+        self.rtimes[j] = attn.rtimes.numpy()
+        self.rscore[j] = attn.rscore.float().numpy()
+
+
 class RingState:
     """All state tensors of a fixed-shape step (batch 1) and the position; each ring holds
-    ``min(capacity, reach)`` slots (``reach=None``: its whole capacity)."""
+    ``min(capacity, reach)`` slots (``reach=None``: its whole capacity). ``inv_freq``: the RoPE
+    frequencies that store retained keys un-rotated (layers with sinks at cache positions)."""
 
-    def __init__(self, layouts: list[Layout], reach: int | None = None) -> None:
+    def __init__(
+        self, layouts: list[Layout], reach: int | None = None, inv_freq: torch.Tensor | None = None
+    ) -> None:
         self.layouts = layouts
         self.reach = reach
+        self.inv_freq = inv_freq
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
         # Every ring (k, v, fk), its slots on axis 2: [1, Hkv, C, ·].
         self.rings: dict[str, np.ndarray] = {}
         self.pos = 0
-        for i, lay in enumerate(layouts):
-            size = lay.capacity if reach is None else min(lay.capacity, reach)
+        sizes = [lay.capacity if reach is None else min(lay.capacity, reach) for lay in layouts]
+        # The retained caches, stacked per layout; each layer's arrays are rows of its stack.
+        self.retained: dict[tuple, _Retained] = {}
+        for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
+            if lay.spec.retain:
+                self.retained.setdefault(lay.key, _Retained(lay, size)).layers.append(i)
+        for kept in self.retained.values():
+            kept.allocate()
+        for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
             control = self.controls.setdefault(lay.key, _Control(lay, size))
             shapes = _shapes(lay, size)
+            rows = self.retained[lay.key].rows(i) if lay.spec.retain else {}
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
                 if kind in CONTROLS:
                     self.inputs[name] = getattr(control, kind)
+                elif kind in rows:
+                    self.inputs[name] = rows[kind]
                 else:
                     self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
                 if kind in RINGS:
                     self.rings[name] = self.inputs[name]
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
-                self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+                if kind in rows:
+                    self.outputs[name] = rows[kind]
+                else:
+                    self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
         # What commit does per step, resolved once: (control, output, ring) row writes, and
-        # the (input, output) names of S, z and the conv tails, whose buffers trade places
-        # (ping-pong: the step's outputs become the next step's inputs without a copy; the
-        # engine binds both arrangements once, ``parity`` says which one is current).
+        # the (input, output) names of S, z, the conv tails and the retained scores, whose
+        # buffers trade places (ping-pong: the step's outputs become the next step's inputs
+        # without a copy; the engine binds both arrangements once, ``parity`` says which one is
+        # current).
         self._rows: list[tuple[_Control, np.ndarray, np.ndarray]] = []
         self._swaps: list[tuple[str, str]] = []
         self.parity = 0
         for i, lay in enumerate(layouts):
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
+                if kind == "new_score":  # written by the retained cache's commit
+                    continue
                 if kind.startswith("new_"):
                     ring = self.rings[f"{kind[4:]}.{i}"]
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
@@ -139,13 +252,15 @@ class RingState:
     def nbytes(self) -> int:
         """Bytes of the state at its full reach (what it grows to and never passes): ring
         buffers and their times, S, z, conv tails."""
-        kinds = ("k", "v", "fk", "S", "z", "conv")
+        kinds = ("k", "v", "fk", "S", "z", "conv", "score", "rk", "rv")
         total = 0
         for i, lay in enumerate(self.layouts):
             shapes = _shapes(lay, lay.capacity)
             parts = [name.split(".")[0] for name in state_inputs(i, lay)]
             total += sum(4 * math.prod(shapes[kind]) for kind in parts if kind in kinds)
             total += 8 * lay.capacity  # times (int64)
+            # The retained cache's times (int64) and priorities (float32).
+            total += (8 + 4) * lay.kv_heads * lay.spec.retain
         return total
 
     def grown(self, reach: int | None) -> RingState:
@@ -153,21 +268,26 @@ class RingState:
         are kept in place; the slots beyond are empty)."""
         if reach is not None and self.reach is not None and reach < self.reach:
             raise ValueError(f"a state grows; reach {reach} < {self.reach}")
-        new = RingState(self.layouts, reach)
+        new = RingState(self.layouts, reach, self.inv_freq)
         for name, array in self.inputs.items():
-            if name in self.rings:
-                ring = self.rings[name]
-                new.rings[name][:, :, : ring.shape[2]] = ring
-            elif name.split(".")[0] not in CONTROLS:
+            kind = name.split(".")[0]
+            if kind in SLOTTED:
+                new.inputs[name][:, :, : array.shape[2]] = array
+            elif kind not in CONTROLS:
                 np.copyto(new.inputs[name], array)
         for key, control in self.controls.items():
             new.controls[key].times[: control.size] = control.times
+        for key, kept in self.retained.items():
+            np.copyto(new.retained[key].rtimes, kept.rtimes)
+            np.copyto(new.retained[key].rscore, kept.rscore)
         new.pos = self.pos
         return new
 
     def prepare(self) -> None:
         for control in self.controls.values():
             control.prepare(self.pos)
+        for key, kept in self.retained.items():
+            kept.mask(self.controls[key].rmask)
 
     def swap(self) -> None:
         """The S / z / tail outputs become the inputs (and the old inputs the next outputs)."""
@@ -177,7 +297,15 @@ class RingState:
         self.parity ^= 1
 
     def commit(self) -> None:
-        """After a step: new rows into their slots, S/z/tails from the outputs, times."""
+        """After a step: the tokens that leave the window into the retained caches, new rows
+        into their slots, S/z/tails/scores from the outputs, times."""
+        for key, kept in self.retained.items():
+            control = self.controls[key]
+            scores = kept.scores[1 - self.parity]  # the step's output
+            for slot in control.leaving:
+                self._retain(kept, control, scores, slot)
+            if control.slot >= 0:
+                scores[:, 0, :, control.slot] = kept.new_score[:, 0, :, 0]
         for control, out, ring in self._rows:
             if control.slot >= 0:
                 ring[:, :, control.slot] = out[:, :, 0]
@@ -190,10 +318,35 @@ class RingState:
         """Append the accepted tree nodes ``path`` (root→node order), one by one as decode
         steps would: fold what leaves the window into ``S, z``, write the rows, shift the conv
         tails. ``nodes``: the tree pass's ``node_k.i`` / ``node_v.i`` / ``node_fk.i``
-        ``[1, Hkv, N, ·]``."""
+        ``[1, Hkv, N, ·]``; with a retained cache also ``node_attention.i`` ``[1, Hkv, N, C +
+        N]``, each node's in-window attention on the ring's slots and on the nodes (as the tree
+        pass saw the ring: a slot a node of the path took since holds a token no later node
+        attends to)."""
+        # Per retained layout: the nodes' attention stacked over its layers, and the path's
+        # nodes now in the ring (node, slot), whose scores the later nodes add to.
+        attention = {
+            key: np.stack([nodes[f"node_attention.{i}"][0] for i in kept.layers])
+            for key, kept in self.retained.items()
+        }
+        placed: dict[tuple, list[tuple[int, int]]] = {key: [] for key in self.retained}
         for node in path:
             for control in self.controls.values():
                 control.prepare(self.pos)
+            own = {}
+            for key, kept in self.retained.items():
+                control, seen = self.controls[key], attention[key][:, :, node]
+                scores = kept.scores[self.parity]  # the state's, updated in place
+                C = scores.shape[-1]
+                scores[:, 0] += seen[..., :C]
+                for earlier, slot in placed[key]:
+                    scores[:, 0, :, slot] += seen[..., C + earlier]
+                for slot in control.leaving:
+                    self._retain(kept, control, scores, slot)
+                gone = set(control.leaving.tolist())
+                placed[key] = [(n, s) for n, s in placed[key] if s not in gone]
+                if control.slot >= 0:
+                    own[key] = seen[..., C + node]
+                    placed[key].append((node, control.slot))
             for i, lay in enumerate(self.layouts):
                 control = self.controls[lay.key]
                 k, v = nodes[f"node_k.{i}"][:, :, node], nodes[f"node_v.{i}"][:, :, node]
@@ -220,9 +373,22 @@ class RingState:
                     if tail.shape[2]:
                         tail[:, :, :-1] = tail[:, :, 1:].copy()
                         tail[:, :, -1] = v
+            for key, score in own.items():
+                kept = self.retained[key]
+                kept.scores[self.parity][:, 0, :, self.controls[key].slot] = score
             for control in self.controls.values():
                 control.commit(self.pos)
             self.pos += 1
+
+    def _retain(self, kept: _Retained, control: _Control, scores: np.ndarray, slot: int) -> None:
+        """The token in ``slot`` leaves the window with its final scores (``scores[:, 0, :,
+        slot]``): into the retained caches of ``kept``'s layers."""
+        layers = kept.layers
+        keys = np.stack([self.rings[f"k.{i}"][0, :, slot] for i in layers])
+        values = np.stack([self.rings[f"v.{i}"][0, :, slot] for i in layers])
+        time = int(control.times[slot])
+        inv_freq = self.inv_freq if kept.lay.cache_sinks else None
+        kept.merge(keys, values, scores[:, 0, :, slot], time, inv_freq)
 
     def snapshot(self) -> dict:
         """A copy of everything a step changes (for :meth:`restore`, on a state of the same
@@ -230,7 +396,14 @@ class RingState:
         before every step."""
         arrays = {n: a.copy() for n, a in self.inputs.items() if n.split(".")[0] not in CONTROLS}
         times = {key: c.times.copy() for key, c in self.controls.items()}
-        return {"arrays": arrays, "times": times, "pos": self.pos, "reach": self.reach}
+        retained = {key: (k.rtimes.copy(), k.rscore.copy()) for key, k in self.retained.items()}
+        return {
+            "arrays": arrays,
+            "times": times,
+            "retained": retained,
+            "pos": self.pos,
+            "reach": self.reach,
+        }
 
     def restore(self, snapshot: dict) -> None:
         if snapshot["reach"] != self.reach:
@@ -239,6 +412,9 @@ class RingState:
             np.copyto(self.inputs[name], array)
         for key, times in snapshot["times"].items():
             np.copyto(self.controls[key].times, times)
+        for key, (rtimes, rscore) in snapshot["retained"].items():
+            np.copyto(self.retained[key].rtimes, rtimes)
+            np.copyto(self.retained[key].rscore, rscore)
         self.pos = snapshot["pos"]
 
     def load(self, state: ModelState) -> None:
@@ -266,6 +442,8 @@ class RingState:
                         self.rings[f"{kind}.{i}"][:, :, :n] = tensor.float().numpy()
                 control.times[:] = -1
                 control.times[:n] = times.numpy()
+            if lay.spec.retain:
+                self.retained[lay.key].load(i, attn, self.inputs[f"score.{i}"])
             if lay.use_global:
                 self.inputs[f"S.{i}"][...] = attn.S.float().numpy()
                 self.inputs[f"z.{i}"][...] = attn.z.float().numpy()
@@ -286,6 +464,11 @@ def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
         "new_k": (1, Hkv, 1, K),
         "new_v": (1, Hkv, 1, K),
         "new_fk": (1, Hkv, 1, F),
+        "score": (1, Hkv, C),
+        "score_out": (1, Hkv, C),
+        "new_score": (1, Hkv, 1),
+        "rk": (1, Hkv, lay.spec.retain, K),
+        "rv": (1, Hkv, lay.spec.retain, K),
         "S_out": (1, Hkv, F, K),
         "z_out": (1, Hkv, F),
         "conv_out": (1, Hkv, max(lay.conv_taps - 1, 0), K),

@@ -65,8 +65,6 @@ class Layout:
 def unsupported(attn: Attention) -> str | None:
     """Why the fixed-shape step cannot run this attention (``None``: it can)."""
     kind = attn.config.kind
-    if kind == "linear" and attn.config.retain:
-        return "a retained cache (retain > 0) has no fixed-shape step yet"
     if kind in ("softmax", "linear"):
         return None
     return f"{kind} attention has no decoding step"
@@ -136,6 +134,8 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
             names.append(f"fk.{i}")
         if lay.cache_sinks:
             names.append(f"sink_rotation.{i}")
+    if lay.spec.retain:
+        names += [f"score.{i}", f"rk.{i}", f"rv.{i}", f"rmask.{i}"]
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}"]
         if lay.new_folds:
@@ -153,6 +153,8 @@ def state_outputs(i: int, lay: Layout) -> list[str]:
         names += [f"new_k.{i}", f"new_v.{i}"]
         if lay.use_global:
             names.append(f"new_fk.{i}")
+    if lay.spec.retain:
+        names += [f"score_out.{i}", f"new_score.{i}"]
     if lay.use_global:
         names += [f"S_out.{i}", f"z_out.{i}"]
     if lay.conv_taps:
@@ -244,7 +246,12 @@ def _attention_step(
     spec = lay.spec
     num = den = None
     if spec.local != "none":
-        num, den = _local(spec, q5, k, v, s["k"], s["v"], s["mask"], q_sink)
+        num, den, attention = _local(spec, q5, k, v, s, q_sink)
+        if spec.retain:
+            # Each slot's in-window attention so far; the host reads the leaving token's final
+            # score and writes the new token's own into its slot (engine.ring).
+            C = s["score"].shape[-1]
+            new.update(score_out=s["score"] + attention[..., :C], new_score=attention[..., C:])
     if lay.use_global:
         S, z = s["S"], s["z"]
         g_num = torch.matmul(fq5, S)
@@ -308,14 +315,20 @@ def qkv_order(H: int, Hkv: int, K: int) -> Tensor:
 
 
 def _local(
-    spec, q5: Tensor, k: Tensor, v: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, q_sink
-) -> tuple[Tensor, Tensor | None]:
-    """``q5: [B,Hkv,R,K]`` over the ring (keys ``kb: [B,Hkv,C,K]``, values ``vb: [B,Hkv,C,V]``,
-    ``mask: [C]``: added to softmax scores, multiplied into relu2 weights) and
-    itself (``k, v: [B,Hkv,1,·]``): numerator ``[B,Hkv,R,V]`` and, for softmax, denominator
+    spec, q5: Tensor, k: Tensor, v: Tensor, s: dict[str, Tensor], q_sink
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``q5: [B,Hkv,R,K]`` over the ring (keys ``s["k"]: [B,Hkv,C,K]``, values ``s["v"]:
+    [B,Hkv,C,V]``, ``s["mask"]: [C]``: added to softmax scores, multiplied into relu2 weights)
+    and itself (``k, v: [B,Hkv,1,·]``): numerator ``[B,Hkv,R,V]`` and, for softmax, denominator
     ``[B,Hkv,R,1]`` (weights ``e^{s−m}``). ``q_sink`` (like ``q5``) scores the sinks, in the
     ring's first slots. Nothing here reads the ring's length ``C``: the exported graph takes
     rings of any length.
+
+    With ``spec.retain`` (:mod:`~linearize.ops.retain`) the retained cache ``s["rk"], s["rv"]:
+    [B,Hkv,M,·]`` (``s["rmask"]: [M]`` hides its empty slots) joins the softmax, read by the
+    sink query (keys stored un-rotated) or by ``q5`` (keys kept rotated), weighed ``e^{s−m}``
+    with the window's ``m``; the third output is then each slot's (and, last, the token's own)
+    in-window attention, summed over the ``R`` query heads: ``[B,Hkv,C+1]``.
 
     Each query head is its own one-row product against the ring (``[1,K] @ [K,C]`` and
     ``[1,C] @ [C,V]``, the ring broadcast over the ``R`` heads, never copied): onnxruntime runs a
@@ -325,6 +338,8 @@ def _local(
     94–102 / 549–705 µs for one ``R``-column product with the ring as the tall operand (its
     kernel pads 3 columns to 16) and more as the wide one (packed, copied, first). The scores
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
+    kb, vb, mask = s["k"], s["v"], s["mask"]
+    attention = None
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
         q5 = q5 * scale
@@ -335,8 +350,16 @@ def _local(
             scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
         own = (q5 * k).sum(-1, keepdim=True)
         scores = torch.cat([scores + mask, own], -1)  # [B, Hkv, R, C+1]
-        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        m = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - m)
         den = weights.sum(-1, keepdim=True)
+        if spec.retain:
+            attention = (weights / den).sum(2)
+            reader = q5 if q_sink is None else q_sink * scale
+            far = torch.matmul(reader.unsqueeze(-2), s["rk"].unsqueeze(2).transpose(-1, -2))
+            far = torch.exp(far[..., 0, :] + s["rmask"] - m)  # [B, Hkv, R, M]
+            retained = torch.matmul(far.unsqueeze(-2), s["rv"].unsqueeze(2))[..., 0, :]
+            den = den + far.sum(-1, keepdim=True)
     else:
         qn = linear_attn._unit(q5)
         keys = linear_attn._unit(kb).unsqueeze(2).transpose(-1, -2)
@@ -344,7 +367,10 @@ def _local(
         own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
         weights, den = torch.cat([scores * mask, own], -1), None
     ring = torch.matmul(weights[..., :-1].unsqueeze(-2), vb.unsqueeze(2))[..., 0, :]
-    return ring + weights[..., -1:] * v, den
+    num = ring + weights[..., -1:] * v
+    if attention is not None:
+        num = num + retained
+    return num, den, attention
 
 
 def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):

@@ -29,6 +29,8 @@ def tree_inputs(i: int, lay: Layout) -> list[str]:
         names += [f"k.{i}", f"v.{i}", f"times.{i}"]
         if lay.use_global:
             names.append(f"fk.{i}")
+    if lay.spec.retain:
+        names += [f"score.{i}", f"rk.{i}", f"rv.{i}", f"rtimes.{i}", f"rscore.{i}"]
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}"]
     if lay.conv_taps:
@@ -38,7 +40,8 @@ def tree_inputs(i: int, lay: Layout) -> list[str]:
 
 def tree_outputs(i: int, lay: Layout) -> list[str]:
     names = [f"node_k.{i}", f"node_v.{i}"]
-    return names + ([f"node_fk.{i}"] if lay.use_global else [])
+    names += [f"node_fk.{i}"] if lay.use_global else []
+    return names + ([f"node_attention.{i}"] if lay.spec.retain else [])
 
 
 class TreeStep(nn.Module):
@@ -68,12 +71,15 @@ class TreeStep(nn.Module):
         # rotation per distinct layout with sinks at cache positions.
         self.keys = list(dict.fromkeys(lay.key for lay in self.layouts))
         self.sink_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.cache_sinks))
+        # Per distinct layout with a retained cache, the key columns that may leave the window.
+        self.retain_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.spec.retain))
 
     def input_names(self) -> list[str]:
         names = ["x", "cos", "sin", "t_nodes", "pos"]
         names += [f"visible.{j}" for j in range(len(self.keys))]
         for j in range(len(self.sink_keys)):
             names += [f"sink_cos.{j}", f"sink_sin.{j}"]
+        names += [f"leave.{j}" for j in range(len(self.retain_keys))]
         for i, lay in enumerate(self.layouts):
             names += tree_inputs(i, lay)
         return names
@@ -91,7 +97,9 @@ class TreeStep(nn.Module):
         rest = list(rest[len(self.keys) :])
         sinks = {key: (rest[2 * j], rest[2 * j + 1]) for j, key in enumerate(self.sink_keys)}
         rest = rest[2 * len(self.sink_keys) :]
-        controls = (t_nodes, pos, visible, sinks)
+        leave = dict(zip(self.retain_keys, rest[: len(self.retain_keys)], strict=True))
+        rest = rest[len(self.retain_keys) :]
+        controls = (t_nodes, pos, visible, sinks, leave)
         outputs: list[Tensor] = []
         for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):
             names = tree_inputs(i, lay)
@@ -109,7 +117,7 @@ class TreeStep(nn.Module):
 
 def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
     """``qkv: [B, N, (H + 2·Hkv)·K]`` the nodes' q, k, v projections, concatenated."""
-    t_nodes, pos, visible, sinks = controls
+    t_nodes, pos, visible, sinks, leave = controls
     c = attn.config
     B, N, _ = qkv.shape
     H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
@@ -142,16 +150,47 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
     z = s["z"] if lay.use_global else None
     R = H // Hkv
     group = lambda t: t.transpose(1, 2).reshape(B, Hkv, R, N, t.shape[-1])  # noqa: E731
-    o, _ = linear_attn.attend(
+    retaining = None
+    if lay.spec.retain:
+        # Each node reads the cache and the ring tokens that left before it, ranked by the
+        # attention of its own ancestors (linear_attn._retained_readout).
+        base = torch.cat([s["score"], s["score"].new_zeros(B, Hkv, N)], 2)
+        inv_freq = attn.rope.inv_freq if lay.cache_sinks else None
+        cache = (s["rk"], s["rv"], s["rtimes"], s["rscore"])
+        retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key])
+    o, attention = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
         visible[lay.key] > 0, S, z, attn._alpha(), s_time=pos,
-        q_sink=None if q_sink is None else group(q_sink),
+        q_sink=None if q_sink is None else group(q_sink), retaining=retaining,
     )  # fmt: skip
     o = o.reshape(B, H, N, K).transpose(1, 2)
     if lay.conv_taps:
         o = o + causal_conv.tree_taps(v, attn.conv, s["conv"], s["conv_index"])
-    node = {"node_k": kn, "node_v": vn, "node_fk": fkn}
+    node = {"node_k": kn, "node_v": vn, "node_fk": fkn, "node_attention": attention}
     return attn._output(o), node
+
+
+def leave_width(lay: Layout, nodes: int) -> int:
+    """How many key columns (ring slots, then nodes) may leave a retained layer's window during
+    a tree of ``nodes`` nodes: on a sliding window one ring token per level and the nodes a
+    deeper node no longer sees, at most ``2 · nodes``; a group can empty the ring."""
+    return 2 * nodes if lay.spec.window == "sliding" else lay.capacity + nodes
+
+
+def leaving_columns(
+    lay: Layout, times: np.ndarray, t_nodes: np.ndarray, visible: np.ndarray, width: int
+) -> np.ndarray:
+    """The key columns (ring slots with ``times``, then nodes at ``t_nodes``) that leave the
+    window for some node that sees them, sinks excluded, padded to ``width`` with −1."""
+    t_keys = np.concatenate([times, t_nodes])
+    local = lay.spec.is_local(t_keys, t_nodes)  # [N, C + N]
+    leaving = (visible > 0) & ~local & (t_keys >= lay.spec.sinks)
+    cols = np.flatnonzero(leaving.any(0))
+    if len(cols) > width:
+        raise AssertionError(f"{len(cols)} columns leave the window; the graph takes {width}")
+    out = np.full(width, -1, dtype=np.int64)
+    out[: len(cols)] = cols
+    return out
 
 
 def tree_controls(

@@ -244,8 +244,9 @@ def attend(
     depend on the times (eager forms; a traced graph keeps ``prune=False``).
 
     ``retaining`` (with ``spec.retain``) adds the retained cache to the window's softmax; the
-    second output is then each key column's in-window attention so far (``[B,Hkv,Nk]``, for the
-    state), else ``None``.
+    second output is then, for consecutive queries, each key column's in-window attention so far
+    (``[B,Hkv,Nk]``, for the state), for tree nodes each node's own in-window attention on each
+    key column (``[B,Hkv,Nq,Nk]``, summed over its query heads; for a commit), else ``None``.
     """
     local_mask = visible & spec.is_local(t_k, t_q)
     out = num = den = window = None
@@ -325,6 +326,9 @@ class Retaining:
     base: Tensor
     inv_freq: Tensor | None
     causal: bool
+    # The key columns that may leave the window, padded with −1 (a traced graph, whose shapes
+    # cannot depend on the data); ``None``: found here.
+    cols: Tensor | None = None
 
 
 def _retained_readout(
@@ -340,7 +344,7 @@ def _retained_readout(
     q_sink: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The window's softmax (``scores``, masked) with the retained cache in its denominator →
-    numerator, denominator and each key column's in-window attention so far.
+    numerator, denominator and the in-window attention :func:`attend` returns.
 
     The tokens that leave the window during these queries join the cache for the queries after
     they leave (each query: the ``M`` best of everything that left before it)."""
@@ -350,10 +354,14 @@ def _retained_readout(
     # The attention each key received inside the window (sinks score nothing), for ranking only.
     attention = (weights / den).detach() * (t_k >= spec.sinks)
     by_query = attention.sum(2)  # [B, Hkv, Nq, Nk]: summed over the query heads
-    window = r.base + by_query.sum(2)
+    window = r.base + by_query.sum(2) if r.causal else by_query
     leaving = visible & ~spec.is_local(t_k, t_q) & (t_k >= spec.sinks)
-    cols = leaving.any(0).nonzero()[:, 0]
-    eligible = leaving[:, cols]
+    if r.cols is None:
+        cols = leaving.any(0).nonzero()[:, 0]
+        eligible = leaving[:, cols]
+    else:
+        cols = r.cols.clamp_min(0)
+        eligible = leaving[:, cols] & (r.cols >= 0)
     if r.causal:  # a left token's score is final: the totals rank it
         priority = retain.priority(window[..., cols], t_k[cols], spec.retain_halflife)
         chosen = retain.select_causal(
