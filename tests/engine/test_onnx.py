@@ -74,7 +74,9 @@ def test_rings_grow_with_the_context(kind, tmp_path):
     assert_close(f"{kind} steps", reference[0, 5:], torch.stack(steps), TOLERANCE)
     grown = list(dict.fromkeys(reaches))
     softmax = [16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, None]
-    assert grown == (softmax if kind == "softmax" else [16, 32, 48, None])
+    # A retained cache takes 3 slots after the sinks: the window's tokens sit 3 slots further.
+    windows = {"wide": [16, 32, 48, None], "wide_retain": [16, 32, 48, 64, None]}
+    assert grown == (softmax if kind == "softmax" else windows[kind])
     assert engine.nbytes() == whole.nbytes()
     # A prompt loads at the reach of its length.
     engine.prefill(ids[0, :100].tolist())
@@ -89,6 +91,10 @@ def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
     reach, grown first when its deepest node would pass it (its commit writes there)."""
     model = _model(kind)
     quantize(model, "int4")
+    # The reach after 30 tokens, after the prompt of 5, and after the first tree. With a
+    # retained cache (3 slots before the window) the ring's slots are 3 ahead of the positions:
+    # it grows earlier and its first tree stays within the reach.
+    after_steps, after_prompt, after_tree = (32, 8, 40) if kind == "wide" else (40, 16, 40)
     ids = torch.randint(0, 128, (1, 60)).tolist()[0]
     engine = OnnxEngine(
         model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=8
@@ -96,9 +102,9 @@ def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
     engine.prefill(ids[:5])
     saved = engine.snapshot()
     first = [engine.step(t).clone() for t in ids[5:30]]
-    assert engine.state.reach == 32
+    assert engine.state.reach == after_steps
     engine.restore(saved)
-    assert engine.state.reach == 8 and engine.pos == 5
+    assert engine.state.reach == after_prompt and engine.pos == 5
     again = [engine.step(t).clone() for t in ids[5:30]]
     assert_close("replayed", torch.stack(first), torch.stack(again), 0)
     with torch.no_grad():
@@ -106,7 +112,7 @@ def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
         tree = Tree.from_parents([-1, 0, 0, 1])
         reference, _, _ = model.forward_tree(torch.tensor([ids[30:34]]), tree, state)
     logits, _ = engine.forward_tree(ids[30:34], tree)
-    assert engine.state.reach == 40  # depth 2 from position 30 passes 32: (33 // 8 + 1) · 8
+    assert engine.state.reach == after_tree  # wide: depth 2 from 30 passes 32: (33 // 8 + 1) · 8
     assert_close("tree on a grown state", reference[0], logits, TOLERANCE)
     engine.commit([0, 1])
     short = Tree.from_parents([-1, 0])
@@ -120,11 +126,21 @@ def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["augmented", "retain"])
 def test_engine_state_equals_reference_state_size(kind, tmp_path):
-    """A linear model's engine state is the reference state: same bytes at 10 and 1,000 tokens."""
+    """A linear model's engine state is the reference state: same bytes at 10 and 1,000 tokens.
+    A retained cache's ``M`` entries sit in the engine's rings, whose feature rows and times
+    they leave unused, and its scores have one more entry (the new token's): a fixed extra."""
     model = _model(kind)
     engine = OnnxEngine(model, max_context=16, threads=1, cache=tmp_path)
     engine.prefill([1, 2, 3])
-    assert engine.nbytes() == model.init_state().nbytes()
+    extra = 0
+    for layer in model.layers:
+        attn = layer.self_attn
+        M, Hkv, F = attn.spec.retain, attn.config.num_kv_heads, attn.feature_map.feature_dim
+        extra += (4 * Hkv * F + 8) * M + 4 * Hkv * (M + 1) if M else 0
+    assert engine.nbytes() == model.init_state().nbytes() + extra
+    for token in range(40):
+        engine.step(token)
+    assert engine.nbytes() == model.init_state().nbytes() + extra
 
 
 def test_export_is_cached(tmp_path):

@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 # 7: layers whose α is 0 export without their global part; 8: tree graphs take rings of any
 # reach; 9: tree graphs run q/k/v and gate/up as one linear each; 10: the step scores each
 # query head against the ring as a one-row product; 11: value rings slot-major, [1, Hkv, C, V];
-# 12: MatMulNBits without a zero-point input where its default is meant (a faster kernel)
-EXPORT_VERSION = 12
+# 12: MatMulNBits without a zero-point input where its default is meant (a faster kernel);
+# 13: the retained cache (in the rings, after the sinks)
+EXPORT_VERSION = 13
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -302,12 +303,14 @@ class OnnxEngine:
                 if key in self.growing:
                     axes[name] = {1: f"visible{keys.index(key)}"}
                 continue
-            if kind not in ("k", "v", "fk", "mask", "times", "score"):
+            if kind not in ("k", "v", "fk", "mask", "times", "score", "inwindow", "window_mask"):
                 continue
             key = self.layouts[int(index)].key
             if key in self.growing:
-                axis = 0 if kind in ("mask", "times") else 2
-                axes[name] = {axis: f"slots{keys.index(key)}"}
+                axis = 0 if kind in ("mask", "times", "inwindow", "window_mask") else 2
+                # A retained layer's scores: one per slot and the new token's.
+                slots = "scores" if kind in ("score", "inwindow", "window_mask") else "slots"
+                axes[name] = {axis: f"{slots}{keys.index(key)}"}
         return axes
 
     def _ring(self, reach: int | None = None) -> RingState:
@@ -315,13 +318,18 @@ class OnnxEngine:
         inv_freq = None if self.rope is None else self.rope.inv_freq
         return RingState(self.layouts, reach, inv_freq)
 
+    def _slot(self, pos: int) -> int:
+        """The furthest ring slot the token at ``pos`` can take: its position, past the
+        retained caches' slots (after the sinks)."""
+        return pos + max((lay.retained for lay in self.layouts), default=0)
+
     def _reach(self, pos: int) -> int | None:
         """The ring slots a state at position ``pos`` holds (``None``: whole rings)."""
         if not self.growing:
             return None
         # One step ahead: a step at 1k reads 1,024-1,280 slots of a wide ring (two steps ahead:
         # 1,280-1,536; 1.8 % of the step measured in one process).
-        reach = (pos // self.reach_step + 1) * self.reach_step
+        reach = (self._slot(pos) // self.reach_step + 1) * self.reach_step
         return None if reach >= self.longest else reach
 
     def _step_session(self, accuracy: str):
@@ -436,7 +444,7 @@ class OnnxEngine:
         """Feed one token; the logits of the next, ``[V]`` (a view of the engine's buffer:
         read it before the next step)."""
         pos = self.state.pos
-        if self.state.reach is not None and pos >= self.state.reach:
+        if self.state.reach is not None and self._slot(pos) >= self.state.reach:
             self._use(self.state.grown(self._reach(pos)))
         self.x[0, 0] = self.embedding[token]
         if self.rope is not None:
@@ -553,9 +561,9 @@ class OnnxEngine:
         hidden states ``[N, D]``; :meth:`commit` appends an accepted path."""
         # The tree graphs read rings up to the state's reach, as a step does; the reach grows
         # first when the deepest node would pass it (its commit writes there).
-        end = self.state.pos + int(tree.depths.max()) + 1
-        if self.state.reach is not None and end > self.state.reach:
-            self._use(self.state.grown(self._reach(end)))
+        deepest = self.state.pos + int(tree.depths.max())
+        if self.state.reach is not None and self._slot(deepest) >= self.state.reach:
+            self._use(self.state.grown(self._reach(deepest + 1)))
         session, module, size = self._tree(len(tree))
         feeds = self._tree_feeds(module, tree, list(tokens), size)
         # The exporter drops inputs a graph never reads (z without normalisation, say).

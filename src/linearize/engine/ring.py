@@ -20,14 +20,24 @@ import torch
 
 from linearize.engine.step import Layout, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
-from linearize.ops import retain
 
 # The step's inputs that are a layout's control tensors (shared by its layers), not state.
-CONTROLS = ("mask", "fold_index", "fold_weight", "fold_new", "sink_rotation", "rmask")
+CONTROLS = (
+    "mask",
+    "fold_index",
+    "fold_weight",
+    "fold_new",
+    "sink_rotation",
+    "inwindow",
+    "window_mask",
+)
 # The ring buffers, one slot per kept token.
 RINGS = ("k", "v", "fk")
 # The state arrays with one entry per ring slot on axis 2 (they follow the reach).
 SLOTTED = (*RINGS, "score")
+# ``times`` of a free slot, and of the retained cache's slots (never free, never local).
+EMPTY, RETAINED = -1, -2
+LATEST = np.iinfo(np.int64).max
 
 
 class _Control:
@@ -36,7 +46,10 @@ class _Control:
     def __init__(self, lay: Layout, size: int) -> None:
         self.lay = lay
         self.size = C = size
-        self.times = np.full(C, -1, dtype=np.int64)
+        self.times = np.full(C, EMPTY, dtype=np.int64)
+        if lay.retained and lay.front > C:
+            raise AssertionError(f"a ring of {C} slots cannot hold its first {lay.front}")
+        self.times[lay.spec.sinks : lay.front] = RETAINED
         # Which slots the query sees: added to softmax scores (0 or −inf), else multiplied (1 / 0).
         self.additive = lay.spec.local == "softmax"
         self.mask = np.zeros(C, dtype=np.float32)
@@ -46,9 +59,12 @@ class _Control:
         # The sink query's rotation (sinks at cache positions), filled by the engine.
         self.sink_rotation = np.eye(lay.key_dim, dtype=np.float32)
         self.sink_position = -1
-        # The retained cache's filled entries (0) and empty ones (−inf), shared by its layers.
-        self.rmask = np.full(lay.spec.retain, -np.inf, dtype=np.float32)
+        # The slots whose softmax weights count as the window's (all but the retained).
+        self.inwindow = np.ones((C + 1, 1), dtype=np.float32)
+        self.inwindow[lay.spec.sinks : lay.front] = 0
+        self.window_mask = np.where(self.inwindow[:, 0] > 0, 0, -np.inf).astype(np.float32)
         self.slot = -1
+        self.new_leaves = False
 
     def prepare(self, pos: int) -> None:
         lay, C = self.lay, self.size
@@ -77,9 +93,10 @@ class _Control:
             self.fold_index[:] = 0
             self.fold_index[: len(leaving)] = leaving
             self.fold_new[0] = decay * float(fold[C])
+        self.new_leaves = bool(fold[C])
         self.slot = -1
         if C and bool(keep[C]):
-            free = np.flatnonzero((self.times < 0) | fold[:C])
+            free = np.flatnonzero((self.times == EMPTY) | fold[:C])
             if not len(free) and lay.capacity > C:
                 raise AssertionError(f"position {pos} is past the state's reach ({C} slots)")
             if not len(free):
@@ -89,57 +106,59 @@ class _Control:
                 )
             self.slot = int(free[0])
             # The step scores the sinks as the ring's first slots (they never leave).
-            assert self.slot >= lay.spec.sinks or self.slot == pos, (self.slot, pos)
+            assert self.slot >= lay.front or self.slot == pos, (self.slot, pos)
 
     def commit(self, pos: int) -> None:
-        self.times[self.leaving] = -1
+        self.times[self.leaving] = EMPTY
         if self.slot >= 0:
             self.times[self.slot] = pos
 
 
 class _Retained:
     """The retained caches (:mod:`~linearize.ops.retain`) of the layers that share one layout,
-    stacked, so that a token leaving the window joins all of them in a few array operations:
-    keys and values ``[L, 1, Hkv, M, ·]`` (each layer's step inputs are its rows), their times
-    and priorities ``[L, 1, Hkv, M]`` (host only: the step reads ``rmask``, the tree pass the
-    layers' rows), and the ring slots' in-window attention in two stacks ``[L, 1, Hkv, C]``, the
-    step's input and output (trading places as ``S, z`` do), with the new token's own
-    ``new_score [L, 1, Hkv, 1]``. The cache is in no particular order: a leaving token replaces
-    the lowest (priority, time) entry when it ranks above it, which keeps the best ``M`` of
-    everything that left, as :func:`retain.merge` does."""
+    stacked, so that a token leaving the window joins all of them in a few array operations.
+
+    Each cache lives in its layer's rings, in the ``M`` slots after the sinks (the step reads
+    them with the window); here are the rings ``k, v, fk: [L, 1, Hkv, C, ·]`` (each layer's are
+    views of them), the entries' times and priorities ``[L, 1, Hkv, M]`` (host only; the tree
+    pass reads the layers' rows) and the slots' in-window attention in two stacks ``[L, 1, Hkv,
+    C + 1]`` (the step's input and output, trading places as ``S, z`` do; the last entry is the
+    new token's own). A cache is in no particular order: a leaving token replaces the lowest
+    (priority, time) entry when it ranks above it, which keeps the best ``M`` of everything that
+    left, as :func:`retain.merge` does."""
 
     def __init__(self, lay: Layout, size: int) -> None:
         self.lay, self.size = lay, size
         self.layers: list[int] = []
 
     def allocate(self) -> None:
-        lay, L = self.lay, len(self.layers)
-        Hkv, M, K = lay.kv_heads, lay.spec.retain, lay.key_dim
-        self.rk = np.zeros((L, 1, Hkv, M, K), dtype=np.float32)
-        self.rv = np.zeros((L, 1, Hkv, M, K), dtype=np.float32)
-        self.rtimes = np.full((L, 1, Hkv, M), -1, dtype=np.int64)
+        lay, L, C = self.lay, len(self.layers), self.size
+        Hkv, M, K = lay.kv_heads, lay.retained, lay.key_dim
+        self.k = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
+        self.v = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
+        self.fk = np.zeros((L, 1, Hkv, C, lay.feature_dim), dtype=np.float32)
+        self.rtimes = np.full((L, 1, Hkv, M), EMPTY, dtype=np.int64)
         self.rscore = np.full((L, 1, Hkv, M), -np.inf, dtype=np.float32)
-        self.scores = [np.zeros((L, 1, Hkv, self.size), dtype=np.float32) for _ in range(2)]
-        self.new_score = np.zeros((L, 1, Hkv, 1), dtype=np.float32)
+        self.scores = [np.zeros((L, 1, Hkv, C + 1), dtype=np.float32) for _ in range(2)]
 
     def rows(self, i: int) -> dict[str, np.ndarray]:
         """Layer ``i``'s arrays, views of the stacks, by input / output kind."""
         j = self.layers.index(i)
         return {
-            "rk": self.rk[j],
-            "rv": self.rv[j],
+            "k": self.k[j],
+            "v": self.v[j],
+            "fk": self.fk[j],
             "rtimes": self.rtimes[j],
             "rscore": self.rscore[j],
             "score": self.scores[0][j],
             "score_out": self.scores[1][j],
-            "new_score": self.new_score[j],
         }
 
-    def mask(self, rmask: np.ndarray) -> None:
-        """The step's ``rmask``: 0 on filled entries, −inf on empty ones. Every layer and key
-        head fills its cache in the same order (a token that left ranks above an empty entry),
-        so one mask serves them all."""
-        rmask[:] = np.where(self.rtimes[0, 0, 0] >= 0, 0, -np.inf)
+    def mask(self, mask: np.ndarray) -> None:
+        """The step's ``mask`` on the retained slots: 0 where filled, −inf where empty. Every
+        layer and key head fills its cache in the same order (a token that left ranks above an
+        empty entry), so one mask serves them all."""
+        mask[self.lay.spec.sinks : self.lay.front] = np.where(self.rtimes[0, 0, 0] >= 0, 0, -np.inf)
 
     def merge(
         self,
@@ -147,11 +166,11 @@ class _Retained:
         values: np.ndarray,
         final: np.ndarray,
         time: int,
-        inv_freq: torch.Tensor | None,
+        inv_freq: np.ndarray | None,
     ) -> None:
         """The token at ``time`` left the window: ``keys, values: [L, Hkv, K]`` (keys rotated
-        at ``time``, un-rotated here with ``inv_freq``), ``final: [L, Hkv]`` its in-window
-        attention."""
+        at ``time``, un-rotated here with the RoPE frequencies ``inv_freq: [K/2]``), ``final:
+        [L, Hkv]`` its in-window attention."""
         halflife = self.lay.spec.retain_halflife
         priority = final
         if halflife:  # retain.priority, in float32
@@ -160,27 +179,31 @@ class _Retained:
         rscore, rtimes = self.rscore[:, 0], self.rtimes[:, 0]  # [L, Hkv, M]
         lowest = rscore.min(-1)
         # The lowest entry: the earliest among equal priorities (empty entries first).
-        evict = np.where(rscore == lowest[..., None], rtimes, np.iinfo(np.int64).max).argmin(-1)
+        evict = np.where(rscore == lowest[..., None], rtimes, LATEST).argmin(-1)
         layer, head = np.nonzero(priority >= lowest)  # a later token wins a tie
         if not len(layer):
             return
-        if inv_freq is not None:
-            keys = retain.unrotate(torch.from_numpy(keys), torch.tensor([time]), inv_freq).numpy()
-        slot = evict[layer, head]
-        self.rk[layer, 0, head, slot] = keys[layer, head]
-        self.rv[layer, 0, head, slot] = values[layer, head]
-        self.rtimes[layer, 0, head, slot] = time
-        self.rscore[layer, 0, head, slot] = priority[layer, head]
+        keys = keys[layer, head]
+        if inv_freq is not None:  # retain.unrotate, in numpy (one token: no torch call)
+            angles = np.float32(time) * inv_freq
+            cos, sin = np.cos(angles), np.sin(angles)
+            half = keys.shape[-1] // 2
+            first, second = keys[..., :half], keys[..., half:]
+            keys = np.concatenate([first * cos + second * sin, second * cos - first * sin], -1)
+        entry = evict[layer, head]
+        slot = self.lay.spec.sinks + entry
+        self.k[layer, 0, head, slot] = keys
+        self.v[layer, 0, head, slot] = values[layer, head]
+        self.rtimes[layer, 0, head, entry] = time
+        self.rscore[layer, 0, head, entry] = priority[layer, head]
 
-    def load(self, i: int, attn, score: np.ndarray) -> None:
-        """Take over layer ``i``'s cache and slot scores from a PyTorch state (``score``: the
-        layer's current input row)."""
+    def load(self, i: int, attn) -> None:
+        """Take over layer ``i``'s cache from a PyTorch state (its slots' scores are placed
+        with the window's tokens)."""
         j = self.layers.index(i)
-        n = attn.n
-        score[...] = 0
-        score[:, :, :n] = attn.score[:, :, :n].float().numpy()
-        self.rk[j] = attn.rk.float().numpy()
-        self.rv[j] = attn.rv.float().numpy()
+        front = slice(self.lay.spec.sinks, self.lay.front)
+        self.k[j, :, :, front] = attn.rk.float().numpy()
+        self.v[j, :, :, front] = attn.rv.float().numpy()
         self.rtimes[j] = attn.rtimes.numpy()
         self.rscore[j] = attn.rscore.float().numpy()
 
@@ -196,6 +219,7 @@ class RingState:
         self.layouts = layouts
         self.reach = reach
         self.inv_freq = inv_freq
+        self._frequencies = None if inv_freq is None else inv_freq.float().numpy()
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
@@ -206,14 +230,14 @@ class RingState:
         # The retained caches, stacked per layout; each layer's arrays are rows of its stack.
         self.retained: dict[tuple, _Retained] = {}
         for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
-            if lay.spec.retain:
+            if lay.retained:
                 self.retained.setdefault(lay.key, _Retained(lay, size)).layers.append(i)
         for kept in self.retained.values():
             kept.allocate()
         for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
             control = self.controls.setdefault(lay.key, _Control(lay, size))
             shapes = _shapes(lay, size)
-            rows = self.retained[lay.key].rows(i) if lay.spec.retain else {}
+            rows = self.retained[lay.key].rows(i) if lay.retained else {}
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
                 if kind in CONTROLS:
@@ -241,8 +265,6 @@ class RingState:
         for i, lay in enumerate(layouts):
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
-                if kind == "new_score":  # written by the retained cache's commit
-                    continue
                 if kind.startswith("new_"):
                     ring = self.rings[f"{kind[4:]}.{i}"]
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
@@ -252,7 +274,7 @@ class RingState:
     def nbytes(self) -> int:
         """Bytes of the state at its full reach (what it grows to and never passes): ring
         buffers and their times, S, z, conv tails."""
-        kinds = ("k", "v", "fk", "S", "z", "conv", "score", "rk", "rv")
+        kinds = ("k", "v", "fk", "S", "z", "conv", "score")
         total = 0
         for i, lay in enumerate(self.layouts):
             shapes = _shapes(lay, lay.capacity)
@@ -260,7 +282,7 @@ class RingState:
             total += sum(4 * math.prod(shapes[kind]) for kind in parts if kind in kinds)
             total += 8 * lay.capacity  # times (int64)
             # The retained cache's times (int64) and priorities (float32).
-            total += (8 + 4) * lay.kv_heads * lay.spec.retain
+            total += (8 + 4) * lay.kv_heads * lay.retained
         return total
 
     def grown(self, reach: int | None) -> RingState:
@@ -272,7 +294,8 @@ class RingState:
         for name, array in self.inputs.items():
             kind = name.split(".")[0]
             if kind in SLOTTED:
-                new.inputs[name][:, :, : array.shape[2]] = array
+                n = array.shape[2] - (kind == "score")  # a score's last entry is scratch
+                new.inputs[name][:, :, :n] = array[:, :, :n]
             elif kind not in CONTROLS:
                 np.copyto(new.inputs[name], array)
         for key, control in self.controls.items():
@@ -287,7 +310,7 @@ class RingState:
         for control in self.controls.values():
             control.prepare(self.pos)
         for key, kept in self.retained.items():
-            kept.mask(self.controls[key].rmask)
+            kept.mask(self.controls[key].mask)
 
     def swap(self) -> None:
         """The S / z / tail outputs become the inputs (and the old inputs the next outputs)."""
@@ -301,11 +324,17 @@ class RingState:
         into their slots, S/z/tails/scores from the outputs, times."""
         for key, kept in self.retained.items():
             control = self.controls[key]
-            scores = kept.scores[1 - self.parity]  # the step's output
+            scores = kept.scores[1 - self.parity][:, 0]  # the step's output, [L, Hkv, C + 1]
+            own = scores[..., -1]
             for slot in control.leaving:
-                self._retain(kept, control, scores, slot)
+                self._retain(kept, control, scores[..., slot], slot)
+            if control.new_leaves:  # a group completed by this token: it leaves at once
+                new = [np.stack([self.outputs[f"new_{x}.{i}"][0, :, 0] for i in kept.layers])
+                       for x in ("k", "v")]  # fmt: skip
+                kept.merge(*new, own, self.pos, self._inv_freq(kept))
             if control.slot >= 0:
-                scores[:, 0, :, control.slot] = kept.new_score[:, 0, :, 0]
+                scores[..., control.slot] = own
+            own[...] = 0
         for control, out, ring in self._rows:
             if control.slot >= 0:
                 ring[:, :, control.slot] = out[:, :, 0]
@@ -335,13 +364,17 @@ class RingState:
             own = {}
             for key, kept in self.retained.items():
                 control, seen = self.controls[key], attention[key][:, :, node]
-                scores = kept.scores[self.parity]  # the state's, updated in place
-                C = scores.shape[-1]
-                scores[:, 0] += seen[..., :C]
+                scores = kept.scores[self.parity][:, 0]  # the state's, updated in place
+                C = scores.shape[-1] - 1
+                scores[..., :C] += seen[..., :C]
                 for earlier, slot in placed[key]:
-                    scores[:, 0, :, slot] += seen[..., C + earlier]
+                    scores[..., slot] += seen[..., C + earlier]
                 for slot in control.leaving:
-                    self._retain(kept, control, scores, slot)
+                    self._retain(kept, control, scores[..., slot], slot)
+                if control.new_leaves:  # a group completed by this node: it leaves at once
+                    new = [np.stack([nodes[f"node_{x}.{i}"][0, :, node] for i in kept.layers])
+                           for x in ("k", "v")]  # fmt: skip
+                    kept.merge(*new, seen[..., C + node], self.pos, self._inv_freq(kept))
                 gone = set(control.leaving.tolist())
                 placed[key] = [(n, s) for n, s in placed[key] if s not in gone]
                 if control.slot >= 0:
@@ -380,15 +413,15 @@ class RingState:
                 control.commit(self.pos)
             self.pos += 1
 
-    def _retain(self, kept: _Retained, control: _Control, scores: np.ndarray, slot: int) -> None:
-        """The token in ``slot`` leaves the window with its final scores (``scores[:, 0, :,
-        slot]``): into the retained caches of ``kept``'s layers."""
-        layers = kept.layers
-        keys = np.stack([self.rings[f"k.{i}"][0, :, slot] for i in layers])
-        values = np.stack([self.rings[f"v.{i}"][0, :, slot] for i in layers])
-        time = int(control.times[slot])
-        inv_freq = self.inv_freq if kept.lay.cache_sinks else None
-        kept.merge(keys, values, scores[:, 0, :, slot], time, inv_freq)
+    def _retain(self, kept: _Retained, control: _Control, final: np.ndarray, slot: int) -> None:
+        """The token in ``slot`` leaves the window with its in-window attention ``final: [L,
+        Hkv]``: into the retained caches of ``kept``'s layers."""
+        keys, values = kept.k[:, 0, :, slot], kept.v[:, 0, :, slot]
+        kept.merge(keys, values, final, int(control.times[slot]), self._inv_freq(kept))
+
+    def _inv_freq(self, kept: _Retained) -> np.ndarray | None:
+        """The frequencies that un-rotate ``kept``'s keys (``None``: kept rotated)."""
+        return self._frequencies if kept.lay.cache_sinks else None
 
     def snapshot(self) -> dict:
         """A copy of everything a step changes (for :meth:`restore`, on a state of the same
@@ -429,21 +462,28 @@ class RingState:
                     k, v = attn.kept()
                     fk, times = None, torch.arange(attn.pos)
                 n = k.shape[2]
-                if n > lay.capacity:
+                if n > lay.capacity - lay.retained:
                     raise ValueError(
                         f"the prompt holds {n} tokens, past the engine's max context "
                         f"({lay.capacity}): rebuild the engine with a larger max_context"
                     )
-                if n > control.size:
+                # The sinks first, then the window's tokens, after the retained slots.
+                slots = np.arange(n)
+                slots[lay.spec.sinks :] += lay.retained
+                if n and slots[-1] >= control.size:
                     raise AssertionError(f"{n} kept tokens past the state's reach ({control.size})")
                 for kind, tensor in (("k", k), ("v", v), ("fk", fk)):
                     if f"{kind}.{i}" in self.rings:
                         self.rings[f"{kind}.{i}"][...] = 0
-                        self.rings[f"{kind}.{i}"][:, :, :n] = tensor.float().numpy()
-                control.times[:] = -1
-                control.times[:n] = times.numpy()
-            if lay.spec.retain:
-                self.retained[lay.key].load(i, attn, self.inputs[f"score.{i}"])
+                        self.rings[f"{kind}.{i}"][:, :, slots] = tensor.float().numpy()
+                control.times[:] = EMPTY
+                control.times[lay.spec.sinks : lay.front] = RETAINED
+                control.times[slots] = times.numpy()
+            if lay.retained:
+                score = self.inputs[f"score.{i}"]
+                score[...] = 0
+                score[:, :, slots] = attn.score[:, :, :n].float().numpy()
+                self.retained[lay.key].load(i, attn)
             if lay.use_global:
                 self.inputs[f"S.{i}"][...] = attn.S.float().numpy()
                 self.inputs[f"z.{i}"][...] = attn.z.float().numpy()
@@ -464,11 +504,8 @@ def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
         "new_k": (1, Hkv, 1, K),
         "new_v": (1, Hkv, 1, K),
         "new_fk": (1, Hkv, 1, F),
-        "score": (1, Hkv, C),
-        "score_out": (1, Hkv, C),
-        "new_score": (1, Hkv, 1),
-        "rk": (1, Hkv, lay.spec.retain, K),
-        "rv": (1, Hkv, lay.spec.retain, K),
+        "score": (1, Hkv, C + 1),
+        "score_out": (1, Hkv, C + 1),
         "S_out": (1, Hkv, F, K),
         "z_out": (1, Hkv, F),
         "conv_out": (1, Hkv, max(lay.conv_taps - 1, 0), K),

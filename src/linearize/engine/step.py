@@ -55,6 +55,14 @@ class Layout:
     # Whether the new token can leave for S, z in its own step (groups, windows of one, pure
     # linear attention); a sliding window of W >= 2 keeps it, so the graph skips that term.
     new_folds: bool = True
+    # The retained cache's M slots (ops/retain.py), in the ring right after the sinks: read in
+    # the window's softmax like any slot (by the sink query, with sinks at cache positions).
+    retained: int = 0
+
+    @property
+    def front(self) -> int:
+        """The ring's first slots that never hold window tokens: the sinks, then the retained."""
+        return self.spec.sinks + self.retained
 
     @property
     def key(self) -> tuple:
@@ -107,7 +115,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
     new_folds = spec.use_global and (spec.window == "group" or spec.size < 2)
     return Layout(
         spec,
-        capacity,
+        capacity + spec.retain,
         folds,
         spec.use_global,
         c.conv_size if c.conv == "causal" else 0,
@@ -117,6 +125,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         self_global,
         cache_sinks,
         new_folds,
+        spec.retain,
     )
 
 
@@ -134,8 +143,8 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
             names.append(f"fk.{i}")
         if lay.cache_sinks:
             names.append(f"sink_rotation.{i}")
-    if lay.spec.retain:
-        names += [f"score.{i}", f"rk.{i}", f"rv.{i}", f"rmask.{i}"]
+    if lay.retained:
+        names += [f"score.{i}", f"inwindow.{i}", f"window_mask.{i}"]
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}"]
         if lay.new_folds:
@@ -153,8 +162,8 @@ def state_outputs(i: int, lay: Layout) -> list[str]:
         names += [f"new_k.{i}", f"new_v.{i}"]
         if lay.use_global:
             names.append(f"new_fk.{i}")
-    if lay.spec.retain:
-        names += [f"score_out.{i}", f"new_score.{i}"]
+    if lay.retained:
+        names.append(f"score_out.{i}")
     if lay.use_global:
         names += [f"S_out.{i}", f"z_out.{i}"]
     if lay.conv_taps:
@@ -246,12 +255,11 @@ def _attention_step(
     spec = lay.spec
     num = den = None
     if spec.local != "none":
-        num, den, attention = _local(spec, q5, k, v, s, q_sink)
-        if spec.retain:
-            # Each slot's in-window attention so far; the host reads the leaving token's final
-            # score and writes the new token's own into its slot (engine.ring).
-            C = s["score"].shape[-1]
-            new.update(score_out=s["score"] + attention[..., :C], new_score=attention[..., C:])
+        num, den, attention = _local(lay, q5, k, v, s, q_sink)
+        if attention is not None:
+            # Each slot's in-window attention so far, and last the new token's own: the host
+            # reads a leaving token's final score and moves the new one's into its slot.
+            new["score_out"] = s["score"] + attention
     if lay.use_global:
         S, z = s["S"], s["z"]
         g_num = torch.matmul(fq5, S)
@@ -315,7 +323,7 @@ def qkv_order(H: int, Hkv: int, K: int) -> Tensor:
 
 
 def _local(
-    spec, q5: Tensor, k: Tensor, v: Tensor, s: dict[str, Tensor], q_sink
+    lay: Layout, q5: Tensor, k: Tensor, v: Tensor, s: dict[str, Tensor], q_sink
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``q5: [B,Hkv,R,K]`` over the ring (keys ``s["k"]: [B,Hkv,C,K]``, values ``s["v"]:
     [B,Hkv,C,V]``, ``s["mask"]: [C]``: added to softmax scores, multiplied into relu2 weights)
@@ -324,11 +332,13 @@ def _local(
     ring's first slots. Nothing here reads the ring's length ``C``: the exported graph takes
     rings of any length.
 
-    With ``spec.retain`` (:mod:`~linearize.ops.retain`) the retained cache ``s["rk"], s["rv"]:
-    [B,Hkv,M,·]`` (``s["rmask"]: [M]`` hides its empty slots) joins the softmax, read by the
-    sink query (keys stored un-rotated) or by ``q5`` (keys kept rotated), weighed ``e^{s−m}``
-    with the window's ``m``; the third output is then each slot's (and, last, the token's own)
-    in-window attention, summed over the ``R`` query heads: ``[B,Hkv,C+1]``.
+    With a retained cache (:mod:`~linearize.ops.retain`) its ``M`` tokens sit in the ring's
+    slots after the sinks (``mask`` hides the empty ones), read in the same softmax by the sink
+    query (keys stored un-rotated) or by ``q5`` (keys kept rotated): the readout needs nothing
+    more. The third output is then each slot's and, last, the token's own in-window attention,
+    summed over the ``R`` query heads, ``[B,Hkv,C+1]``: the softmax renormalised over the window
+    (``s["inwindow"]: [C+1, 1]``, 0 on the retained slots; ``s["window_mask"]``: the same, 0 /
+    −inf, for the window's largest score), whose entries on the retained slots mean nothing.
 
     Each query head is its own one-row product against the ring (``[1,K] @ [K,C]`` and
     ``[1,C] @ [C,V]``, the ring broadcast over the ``R`` heads, never copied): onnxruntime runs a
@@ -338,6 +348,7 @@ def _local(
     94–102 / 549–705 µs for one ``R``-column product with the ring as the tall operand (its
     kernel pads 3 columns to 16) and more as the wide one (packed, copied, first). The scores
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
+    spec = lay.spec
     kb, vb, mask = s["k"], s["v"], s["mask"]
     attention = None
     if spec.local == "softmax":
@@ -346,20 +357,21 @@ def _local(
         keys = kb.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,1,K,C]: a view, fused into the product
         scores = torch.matmul(q5.unsqueeze(-2), keys)[..., 0, :]  # [B, Hkv, R, C]
         if q_sink is not None:
-            sinks = torch.matmul(q_sink * scale, kb[:, :, : spec.sinks].transpose(-1, -2))
-            scores = torch.cat([sinks, scores[..., spec.sinks :]], -1)
+            front = lay.front  # the sinks and the retained tokens: read by the sink query
+            sinks = torch.matmul(q_sink * scale, kb[:, :, :front].transpose(-1, -2))
+            scores = torch.cat([sinks, scores[..., front:]], -1)
         own = (q5 * k).sum(-1, keepdim=True)
         scores = torch.cat([scores + mask, own], -1)  # [B, Hkv, R, C+1]
-        m = scores.amax(-1, keepdim=True)
+        if lay.retained:
+            # Weights e^{s−m} with m the window's own largest score, as the reference: a shared
+            # denominator weighs the global part relative to it (linear_attn._retained_readout).
+            m = (scores + s["window_mask"]).amax(-1, keepdim=True)
+        else:
+            m = scores.amax(-1, keepdim=True)
         weights = torch.exp(scores - m)
         den = weights.sum(-1, keepdim=True)
-        if spec.retain:
-            attention = (weights / den).sum(2)
-            reader = q5 if q_sink is None else q_sink * scale
-            far = torch.matmul(reader.unsqueeze(-2), s["rk"].unsqueeze(2).transpose(-1, -2))
-            far = torch.exp(far[..., 0, :] + s["rmask"] - m)  # [B, Hkv, R, M]
-            retained = torch.matmul(far.unsqueeze(-2), s["rv"].unsqueeze(2))[..., 0, :]
-            den = den + far.sum(-1, keepdim=True)
+        if lay.retained:
+            attention = (weights / torch.matmul(weights, s["inwindow"])).sum(2)
     else:
         qn = linear_attn._unit(q5)
         keys = linear_attn._unit(kb).unsqueeze(2).transpose(-1, -2)
@@ -367,10 +379,7 @@ def _local(
         own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
         weights, den = torch.cat([scores * mask, own], -1), None
     ring = torch.matmul(weights[..., :-1].unsqueeze(-2), vb.unsqueeze(2))[..., 0, :]
-    num = ring + weights[..., -1:] * v
-    if attention is not None:
-        num = num + retained
-    return num, den, attention
+    return ring + weights[..., -1:] * v, den, attention
 
 
 def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z: Tensor):

@@ -29,8 +29,8 @@ def tree_inputs(i: int, lay: Layout) -> list[str]:
         names += [f"k.{i}", f"v.{i}", f"times.{i}"]
         if lay.use_global:
             names.append(f"fk.{i}")
-    if lay.spec.retain:
-        names += [f"score.{i}", f"rk.{i}", f"rv.{i}", f"rtimes.{i}", f"rscore.{i}"]
+    if lay.retained:
+        names += [f"score.{i}", f"rtimes.{i}", f"rscore.{i}"]
     if lay.use_global:
         names += [f"S.{i}", f"z.{i}"]
     if lay.conv_taps:
@@ -41,7 +41,7 @@ def tree_inputs(i: int, lay: Layout) -> list[str]:
 def tree_outputs(i: int, lay: Layout) -> list[str]:
     names = [f"node_k.{i}", f"node_v.{i}"]
     names += [f"node_fk.{i}"] if lay.use_global else []
-    return names + ([f"node_attention.{i}"] if lay.spec.retain else [])
+    return names + ([f"node_attention.{i}"] if lay.retained else [])
 
 
 class TreeStep(nn.Module):
@@ -72,7 +72,7 @@ class TreeStep(nn.Module):
         self.keys = list(dict.fromkeys(lay.key for lay in self.layouts))
         self.sink_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.cache_sinks))
         # Per distinct layout with a retained cache, the key columns that may leave the window.
-        self.retain_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.spec.retain))
+        self.retain_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.retained))
 
     def input_names(self) -> list[str]:
         names = ["x", "cos", "sin", "t_nodes", "pos"]
@@ -151,12 +151,14 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
     R = H // Hkv
     group = lambda t: t.transpose(1, 2).reshape(B, Hkv, R, N, t.shape[-1])  # noqa: E731
     retaining = None
-    if lay.spec.retain:
-        # Each node reads the cache and the ring tokens that left before it, ranked by the
-        # attention of its own ancestors (linear_attn._retained_readout).
-        base = torch.cat([s["score"], s["score"].new_zeros(B, Hkv, N)], 2)
+    if lay.retained:
+        # Each node reads the cache (the ring's slots after the sinks, which the ring's own
+        # columns hide: their times say "retained") and the ring tokens that left before it,
+        # ranked by the attention of its own ancestors (linear_attn._retained_readout).
+        base = torch.cat([s["score"][..., :-1], s["score"].new_zeros(B, Hkv, N)], 2)
         inv_freq = attn.rope.inv_freq if lay.cache_sinks else None
-        cache = (s["rk"], s["rv"], s["rtimes"], s["rscore"])
+        front = slice(lay.spec.sinks, lay.front)
+        cache = (s["k"][:, :, front], s["v"][:, :, front], s["rtimes"], s["rscore"])
         retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key])
     o, attention = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
