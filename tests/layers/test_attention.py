@@ -276,7 +276,7 @@ def test_step_rows_matches_decoding_alone(name, options):
             ref, alone[i] = layer(x[i : i + 1], state=alone[i], form="recurrent")
             assert_close(f"{name} step {step} row {i}", ref, y[i : i + 1], 1e-12)
     sliding = layer.config.kind == "linear" and layer.config.window == "sliding"
-    assert rows.batched == (sliding and not layer.config.retain)
+    assert rows.batched == sliding
 
 
 def test_rope_keeps_no_table_that_grows_with_the_position():

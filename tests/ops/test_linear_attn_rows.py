@@ -23,7 +23,18 @@ SPECS = {
     "sliding6-sinks3-softmax": LinearAttnSpec(size=6, sinks=3, local="softmax", use_global=False),
     "sliding5-sinks2-relu2+global": LinearAttnSpec(size=5, sinks=2, local="relu2", decay=0.8),
     "sliding2-shared": LinearAttnSpec(size=2, local="softmax", combine="shared"),
+    # The retained cache (ops/retain.py), with and without a half-life, keys un-rotated.
+    "sliding5-sinks2-shared-retain3": LinearAttnSpec(
+        size=5, sinks=2, local="softmax", combine="shared", decay=0.9, retain=3, retain_halflife=4
+    ),
+    "sliding4-retain2": LinearAttnSpec(size=4, local="softmax", use_global=False, retain=2),
 }
+# RoPE frequencies: a retained key is stored un-rotated (the layer passes its own).
+INV_FREQ = 1.0 / 10000 ** (torch.arange(0, K, 2, dtype=torch.float64) / K)
+
+
+def _inv_freq(spec: LinearAttnSpec) -> torch.Tensor | None:
+    return INV_FREQ if spec.retain else None
 
 
 def _token(B: int, seed: int) -> dict[str, torch.Tensor]:
@@ -51,7 +62,12 @@ def _states(spec: LinearAttnSpec, lengths: list[int]) -> list[linear_attn.Linear
             x = _token(1, 1000 * n + t)
             token = {name: x[name][:, None] for name in ("q", "k", "v", "fq", "fk")}
             _, state = linear_attn.chunk(
-                spec, **token, state=state, alpha=0.7, q_sink=x["q_sink"][:, None]
+                spec,
+                **token,
+                state=state,
+                alpha=0.7,
+                q_sink=x["q_sink"][:, None],
+                inv_freq=_inv_freq(spec),
             )
         states.append(state)
     return states
@@ -60,8 +76,13 @@ def _states(spec: LinearAttnSpec, lengths: list[int]) -> list[linear_attn.Linear
 def _assert_same_state(name, ref: linear_attn.LinearAttnState, out: linear_attn.LinearAttnState):
     assert (out.n, out.pos) == (ref.n, ref.pos), name
     assert torch.equal(out.times, ref.times), f"{name}: {out.times} != {ref.times}"
-    for field in ("S", "z", "k", "fk", "v"):
+    for field in ("S", "z", "k", "fk", "v", "score", "rk", "rv"):
         assert_close(f"{name} {field}", getattr(ref, field), getattr(out, field), 1e-12)
+    if ref.rtimes is not None:  # the retained cache, entry by entry (−inf: empty)
+        assert torch.equal(out.rtimes, ref.rtimes), f"{name}: {out.rtimes} != {ref.rtimes}"
+        empty = ref.rscore.isinf()
+        assert torch.equal(out.rscore.isinf(), empty), name
+        assert_close(f"{name} rscore", ref.rscore[~empty], out.rscore[~empty], 1e-12)
 
 
 @pytest.mark.parametrize("spec_id", SPECS)
@@ -77,10 +98,12 @@ def test_rows_step_equals_per_row_step(spec_id):
     B = len(states)
     for step in range(14):
         x = _token(B, 7 + step)
-        o, rows = step_rows(spec, **x, rows=rows, alpha=0.7)
+        o, rows = step_rows(spec, **x, rows=rows, alpha=0.7, inv_freq=_inv_freq(spec))
         for i in range(B):
             token = {name: t[i : i + 1] for name, t in x.items()}
-            ref, states[i] = linear_attn.step(spec, **token, state=states[i], alpha=0.7)
+            ref, states[i] = linear_attn.step(
+                spec, **token, state=states[i], alpha=0.7, inv_freq=_inv_freq(spec)
+            )
             assert_close(f"{spec_id} step {step} row {i}", ref, o[i : i + 1], 1e-12)
             _assert_same_state(f"{spec_id} step {step} row {i}", states[i], read_row(spec, rows, i))
     # Fixed size, written in place.
@@ -88,7 +111,9 @@ def test_rows_step_equals_per_row_step(spec_id):
     assert [t.data_ptr() for t in rows._tensors()] == pointers
 
 
-@pytest.mark.parametrize("spec_id", ["sliding5-sinks2-shared-decay", "la-norm"])
+@pytest.mark.parametrize(
+    "spec_id", ["sliding5-sinks2-shared-decay", "la-norm", "sliding5-sinks2-shared-retain3"]
+)
 def test_rows_step_equals_naive(spec_id):
     """Two rows decoded from time 0 with a third joining late ≡ the definition on each history."""
     spec = SPECS[spec_id]
@@ -99,12 +124,12 @@ def test_rows_step_equals_naive(spec_id):
     for step in range(T):
         live = [0, 1] if step < 5 else [0, 1, 2]
         x = {n: torch.cat([_token(1, 1000 * r + step)[n] for r in live]) for n in inputs[0]}
-        o, rows = step_rows(spec, **x, rows=rows, alpha=0.7)
+        o, rows = step_rows(spec, **x, rows=rows, alpha=0.7, inv_freq=_inv_freq(spec))
         for j, r in enumerate(live):
             for n in x:
                 history[r][n].append(x[n][j])
             seq = {n: torch.stack(history[r][n])[None] for n in x}
-            ref = linear_attn.naive(spec, **seq, alpha=0.7)[:, -1]
+            ref = linear_attn.naive(spec, **seq, alpha=0.7, inv_freq=_inv_freq(spec))[:, -1]
             assert_close(f"{spec_id} step {step} row {r}", ref[0], o[j], 1e-12)
 
 

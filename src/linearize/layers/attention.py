@@ -244,6 +244,7 @@ class Attention(nn.Module):
             rows.attn,
             self._alpha(),
             q_sink=None if q_sink is None else q_sink[:, 0],
+            inv_freq=self._inv_freq(q_sink),
         )
         o = o[:, None]
         if rows.conv is not None:

@@ -19,27 +19,34 @@ rows is one vectorised computation with no per-row Python loop and no copy of th
 Between steps a row holds exactly the tokens of the :class:`LinearAttnState` it stands for
 (:func:`write_row` / :func:`read_row` convert, :func:`step_rows_reference` is the per-row
 reference), and its size never depends on the sequence length. Covers sliding windows
-(``size >= 2``, with or without sinks, softmax or relu2 locally, any global part) and pure linear
-attention (no buffer); :func:`supports_rows` says which specs.
+(``size >= 2``, with or without sinks, softmax or relu2 locally, any global part, a retained
+cache) and pure linear attention (no buffer); :func:`supports_rows` says which specs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linearize.ops import linear_attn
-from linearize.ops.linear_attn import LinearAttnSpec, LinearAttnState
+from linearize.ops import linear_attn, rope
+from linearize.ops.linear_attn import RETAINED, LinearAttnSpec, LinearAttnState
+
+# What an empty entry holds, by field (else 0).
+_EMPTY = {"times": -1, "rtimes": -1, "rscore": float("-inf")}
 
 
 @dataclass
 class LinearAttnRows:
     """``R`` rows of one layer: ``S [R,Hkv,F,V]``, ``z [R,Hkv,F]``, ring buffers ``k [R,Hkv,C,K]``,
-    ``fk [R,Hkv,C,F]``, ``v [R,Hkv,C,V]``, ``times [R,C]`` (−1: empty slot) and ``pos [R]``.
-    A step of ``B`` rows uses rows ``0..B-1``."""
+    ``fk [R,Hkv,C,F]``, ``v [R,Hkv,C,V]``, ``times [R,C]`` (−1: empty slot) and ``pos [R]``;
+    with a retained cache (``spec.retain = M``, :mod:`~linearize.ops.retain`) also each slot's
+    in-window attention ``score [R,Hkv,C]`` and the cache ``rk [R,Hkv,M,K]``, ``rv``, ``rtimes``
+    and ``rscore [R,Hkv,M]`` (in no particular order; ``None`` without). A step of ``B`` rows uses
+    rows ``0..B-1``."""
 
     S: Tensor
     z: Tensor
@@ -48,9 +55,18 @@ class LinearAttnRows:
     v: Tensor
     times: Tensor
     pos: Tensor
+    score: Tensor | None = None
+    rk: Tensor | None = None
+    rv: Tensor | None = None
+    rtimes: Tensor | None = None
+    rscore: Tensor | None = None
+
+    def _named(self) -> dict[str, Tensor]:
+        named = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: t for name, t in named.items() if t is not None}
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.S, self.z, self.k, self.fk, self.v, self.times, self.pos)
+        return tuple(self._named().values())
 
     @property
     def capacity(self) -> int:
@@ -64,9 +80,9 @@ class LinearAttnRows:
 
 def supports_rows(spec: LinearAttnSpec) -> bool:
     """Whether :func:`step_rows` covers ``spec``: sliding windows of ``size >= 2`` with a local
-    kernel, or pure linear attention, without a retained cache (the others decode row by row
-    with ``linear_attn.recurrent``)."""
-    if spec.window != "sliding" or spec.retain:
+    kernel (and a retained cache or none), or pure linear attention (the others decode row by
+    row with ``linear_attn.recurrent``)."""
+    if spec.window != "sliding":
         return False
     if spec.capacity == 0:
         return spec.local == "none"
@@ -100,8 +116,17 @@ def init_rows(
         raise ValueError(f"{spec} has no batched rows step (see supports_rows)")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 row, got {capacity}")
-    R, Hkv, C = capacity, num_kv_heads, ring_size(spec)
+    R, Hkv, C, M = capacity, num_kv_heads, ring_size(spec), spec.retain
     zeros = dict(dtype=dtype, device=device)
+    retained = {}
+    if M:
+        retained = dict(
+            score=torch.zeros(R, Hkv, C, **zeros),
+            rk=torch.zeros(R, Hkv, M, key_dim, **zeros),
+            rv=torch.zeros(R, Hkv, M, value_dim, **zeros),
+            rtimes=torch.full((R, Hkv, M), -1, dtype=torch.long, device=device),
+            rscore=torch.full((R, Hkv, M), float("-inf"), **zeros),
+        )
     return LinearAttnRows(
         S=torch.zeros(R, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(R, Hkv, feature_dim, **zeros),
@@ -110,18 +135,18 @@ def init_rows(
         v=torch.zeros(R, Hkv, C, value_dim, **zeros),
         times=torch.full((R, C), -1, dtype=torch.long, device=device),
         pos=torch.zeros(R, dtype=torch.long, device=device),
+        **retained,
     )
 
 
 def resize_rows(rows: LinearAttnRows, capacity: int) -> LinearAttnRows:
     """New rows of ``capacity`` holding the first ``min(capacity, rows.capacity)`` rows."""
     n = min(capacity, rows.capacity)
-    out = []
-    for t in rows._tensors():
-        new = t.new_full((capacity, *t.shape[1:]), -1 if t is rows.times else 0)
-        new[:n] = t[:n]
-        out.append(new)
-    return LinearAttnRows(*out)
+    out = {}
+    for name, t in rows._named().items():
+        out[name] = t.new_full((capacity, *t.shape[1:]), _EMPTY.get(name, 0))
+        out[name][:n] = t[:n]
+    return LinearAttnRows(**out)
 
 
 def write_row(spec: LinearAttnSpec, rows: LinearAttnRows, i: int, state: LinearAttnState) -> None:
@@ -140,6 +165,11 @@ def write_row(spec: LinearAttnSpec, rows: LinearAttnRows, i: int, state: LinearA
     for ring, kept in ((rows.k, k), (rows.fk, fk), (rows.v, v)):
         ring[i][:, slots] = kept[0]
     rows.times[i, slots] = times
+    if spec.retain:
+        rows.score[i].zero_()
+        rows.score[i][:, slots] = state.score[0, :, : state.n]
+        for name in RETAINED[1:]:
+            getattr(rows, name)[i] = getattr(state, name)[0]
 
 
 def read_row(spec: LinearAttnSpec, rows: LinearAttnRows, i: int) -> LinearAttnState:
@@ -154,7 +184,23 @@ def read_row(spec: LinearAttnSpec, rows: LinearAttnRows, i: int) -> LinearAttnSt
     slots = slots[times[slots].argsort()]
     n = len(slots)
     k, fk, v = (F.pad(t[i : i + 1, :, slots], (0, 0, 0, C - n)) for t in (rows.k, rows.fk, rows.v))
-    return LinearAttnState(S, z, k, fk, v, F.pad(times[slots], (0, C - n), value=-1), n, pos)
+    retained = {}
+    if spec.retain:
+        # The cache in the state's order: decreasing (score, time), as retain.merge leaves it.
+        rtimes, rscore = rows.rtimes[i : i + 1], rows.rscore[i : i + 1]
+        order = torch.argsort(rtimes, dim=-1, descending=True, stable=True)
+        by_score = torch.argsort(rscore.gather(-1, order), dim=-1, descending=True, stable=True)
+        order = order.gather(-1, by_score)
+        pick = lambda x: x.gather(2, order[..., None].expand_as(x))  # noqa: E731
+        retained = dict(
+            score=F.pad(rows.score[i : i + 1, :, slots], (0, C - n)),
+            rk=pick(rows.rk[i : i + 1]),
+            rv=pick(rows.rv[i : i + 1]),
+            rtimes=rtimes.gather(-1, order),
+            rscore=rscore.gather(-1, order),
+        )
+    times = F.pad(times[slots], (0, C - n), value=-1)
+    return LinearAttnState(S, z, k, fk, v, times, n, pos, **retained)
 
 
 def copy_row(rows: LinearAttnRows, src: int, dst: int) -> None:
@@ -174,11 +220,12 @@ def step_rows(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnRows]:
     """One decoding step of rows ``0..B-1``, each at its own position: ``q: [B, H, K]``,
     ``k: [B, Hkv, K]``, ``v: [B, Hkv, V]``, ``fq: [B, H, F]``, ``fk: [B, Hkv, F]`` →
-    ``o: [B, H, V]``, the same as :func:`linear_attn.step` on each row's state. ``rows`` is
-    updated in place (and returned)."""
+    ``o: [B, H, V]``, the same as :func:`linear_attn.step` on each row's state (``inv_freq``:
+    as there, for a retained cache). ``rows`` is updated in place (and returned)."""
     B, H, K = q.shape
     Hkv = k.shape[1]
     q, fq = q.view(B, Hkv, H // Hkv, K), fq.view(B, Hkv, H // Hkv, -1)
@@ -202,29 +249,95 @@ def step_rows(
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
     valid = rows.times[:B] >= 0
-    num, den = linear_attn._local_readout(
-        spec, q, rows.k[:B], rows.v[:B], q_sink, spec.sinks, valid
-    )
+    if spec.retain:
+        rows.score[b, :, slot] = 0
+        num, den = _retained_readout(spec, q, rows, B, q_sink, valid)
+    else:
+        num, den = linear_attn._local_readout(
+            spec, q, rows.k[:B], rows.v[:B], q_sink, spec.sinks, valid
+        )
     o = linear_attn._combine(spec, num, den, fq, S, z, alpha)
     # 3. the token at τ + 1 − size leaves the window
-    _leave_window(spec, rows, b)
+    _leave_window(spec, rows, b, inv_freq)
     pos.add_(1)
     return o.reshape(B, H, -1), rows
 
 
-def _leave_window(spec: LinearAttnSpec, rows: LinearAttnRows, b: Tensor) -> None:
+def _retained_readout(
+    spec: LinearAttnSpec, q: Tensor, rows: LinearAttnRows, B: int, q_sink: Tensor | None, valid
+) -> tuple[Tensor, Tensor]:
+    """The window's softmax with each row's retained cache in its denominator (weighed
+    ``e^{s−m}``, ``m`` the window's largest score) as ``linear_attn._step_retained_readout``;
+    adds the window's probabilities (summed over the query heads; sinks score nothing) to the
+    slots' scores."""
+    scores = linear_attn._window_scores(
+        q, rows.k[:B], q_sink, spec.sinks, valid[:, None, None, :], None
+    )
+    m = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - m)
+    den = weights.sum(-1)
+    num = torch.matmul(weights, rows.v[:B])
+    reader = q if q_sink is None else q_sink
+    far = torch.matmul(reader, rows.rk[:B].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    far = torch.exp(far.masked_fill((rows.rtimes[:B] < 0)[:, :, None], float("-inf")) - m)
+    attention = (weights / den[..., None]).sum(2) * (rows.times[:B] >= spec.sinks)[:, None]
+    rows.score[:B] += attention
+    return num + torch.matmul(far, rows.rv[:B]), den + far.sum(-1)
+
+
+def _leave_window(
+    spec: LinearAttnSpec, rows: LinearAttnRows, b: Tensor, inv_freq: Tensor | None
+) -> None:
     """Rows ``b`` (``[B]``, at time ``τ = pos``): the token at ``τ + 1 − size`` (unless a sink)
-    folds into ``S, z`` and its slot empties; ``S, z`` age by one step."""
+    folds into ``S, z`` (and competes for the retained cache) and its slot empties; ``S, z``
+    age by one step."""
     S, z, pos = rows.S[: len(b)], rows.z[: len(b)], rows.pos[: len(b)]
     leaving = pos + 1 - spec.size
     gone = leaving >= spec.sinks
     out = ring_slot(spec, leaving.clamp_min(spec.sinks))
+    if spec.retain:
+        _retain(spec, rows, b, out, leaving, gone, inv_freq)
     if spec.use_global:
         # It is ``size`` tokens before the next one: it joins S, z aged decay^size.
         f = rows.fk[b, :, out] * (gone.to(S.dtype) * spec.decay**spec.size)[:, None, None]
         _add_outer(S, f, rows.v[b, :, out], decay=spec.decay)
         z.mul_(spec.decay).add_(f)
     rows.times[b, out] = torch.where(gone, -1, rows.times[b, out])
+
+
+def _retain(
+    spec: LinearAttnSpec,
+    rows: LinearAttnRows,
+    b: Tensor,
+    out: Tensor,
+    leaving: Tensor,
+    gone: Tensor,
+    inv_freq: Tensor | None,
+) -> None:
+    """The tokens leaving rows ``b`` (slots ``out``, times ``leaving``; where ``gone``), their
+    scores now final, each take the place of their row's lowest (priority, time) cache entry
+    when they rank above it (a later token wins ties): each row keeps the best ``M`` of
+    everything that left, as ``retain.merge``."""
+    final = rows.score[b, :, out]  # [B, Hkv]
+    priority = final
+    if spec.retain_halflife:  # retain.priority, per row's time
+        priority = torch.log2(final) + leaving.to(final.dtype)[:, None] / spec.retain_halflife
+    rscore, rtimes = rows.rscore[: len(b)], rows.rtimes[: len(b)]
+    lowest = rscore.min(-1).values
+    latest = torch.iinfo(rtimes.dtype).max
+    evict = torch.where(rscore == lowest[..., None], rtimes, latest).argmin(-1)
+    row, head = ((priority >= lowest) & gone[:, None]).nonzero(as_tuple=True)
+    if not len(row):
+        return
+    key = rows.k[b[row], head, out[row]]  # [n, K], rotated at its time
+    if inv_freq is not None:
+        cos, sin = rope.cos_sin(leaving[row], inv_freq, key.dtype)
+        key = rope.rotate(key, cos, -sin)
+    entry = evict[row, head]
+    rows.rk[row, head, entry] = key
+    rows.rv[row, head, entry] = rows.v[b[row], head, out[row]]
+    rows.rtimes[row, head, entry] = leaving[row]
+    rows.rscore[row, head, entry] = priority[row, head]
 
 
 def _add_outer(S: Tensor, f: Tensor, v: Tensor, decay: float = 1.0) -> None:
@@ -245,6 +358,7 @@ def step_rows_reference(
     alpha: Tensor | float = 1.0,
     *,
     q_sink: Tensor | None = None,
+    inv_freq: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttnRows]:
     """:func:`step_rows` the plain way: each row read out, stepped with ``linear_attn.step``,
     written back. The reference it is tested against."""
@@ -254,7 +368,7 @@ def step_rows_reference(
         sink = None if q_sink is None else q_sink[row]
         state = read_row(spec, rows, i)
         token = (x[row] for x in (q, k, v, fq, fk))
-        o, state = linear_attn.step(spec, *token, state, alpha, q_sink=sink)
+        o, state = linear_attn.step(spec, *token, state, alpha, q_sink=sink, inv_freq=inv_freq)
         write_row(spec, rows, i, state)
         outputs.append(o)
     return torch.cat(outputs), rows
