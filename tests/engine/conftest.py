@@ -18,11 +18,13 @@ LOCAL = {**AUGMENTED, "use_global": False}
 # Groups of relu² attention, no global part (FLASH's local half): a whole group drops at once.
 FLASH_LOCAL = {"name": "flash_local", "size": 4}
 # A window longer than the engine's first reach (reach_step 16 in the tests): its rings grow.
-WIDE = {**AUGMENTED, "size": 60}
+WIDE = {**AUGMENTED, "size": 60, "retain": 0}
 # The retained cache (ops/retain.py): 3 tokens per key head past the window, with a half-life;
 # in the paper's layer (sinks at absolute positions) the retained keys keep their rotation.
 RETAIN = {**AUGMENTED, "retain": 3, "retain_halflife": 8.0}
 RETAIN_PAPER = {**PAPER, "retain": 2}
+# The default layer without its retained cache (32 tokens past the window by default).
+NO_RETAIN = {**AUGMENTED, "retain": 0}
 WIDE_RETAIN = {**WIDE, "retain": 3, "retain_halflife": 8.0}
 OPTIONS = {
     "augmented": AUGMENTED,
@@ -35,13 +37,14 @@ OPTIONS = {
     "retain": RETAIN,
     "retain_paper": RETAIN_PAPER,
     "wide_retain": WIDE_RETAIN,
+    "no_retain": NO_RETAIN,
 }
 
 
 def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
-    """A float32 tiny model the engine runs (``kind``: softmax, elu, augmented, paper, hybrid,
-    group, local, flash_local, wide, retain, retain_paper, wide_retain), with α > 0, random conv
-    taps and feature maps; ``text``: with the byte tokenizer (vocabulary 258)."""
+    """A float32 tiny model the engine runs (``kind``: softmax, elu, or a key of ``OPTIONS``),
+    with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
+    (vocabulary 258)."""
     if text:
         vocab_size = 258
     if kind in ("softmax", "elu"):

@@ -32,8 +32,15 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     engines = {(r["quant"], r["engine"]) for r in rows}
     assert engines == {("none", "torch"), ("int4", "onnx")}
-    # The linear model's state is the same size at every context and on either engine.
-    assert len({r["state_bytes"] for r in rows}) == 1
+    # The linear model's state is the same size at every context on each engine; the onnx
+    # engine's holds the retained cache in its rings, whose feature rows and times it leaves
+    # unused (test_onnx.test_engine_state_equals_reference_state_size counts them).
+    sizes = {
+        engine: {r["state_bytes"] for r in rows if r["engine"] == engine} for _, engine in engines
+    }
+    assert all(len(size) == 1 for size in sizes.values()), sizes
+    (torch_bytes,), (onnx_bytes,) = sizes["torch"], sizes["onnx"]
+    assert torch_bytes <= onnx_bytes
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 

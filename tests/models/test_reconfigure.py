@@ -59,7 +59,7 @@ def test_reconfigure_refuses_what_would_change_parameters():
     with pytest.raises(ValueError, match="retain=2 needs a softmax window"):
         reconfigure(hybrid, {"retain": 2})
     assert [layer.self_attn for layer in hybrid.layers] == modules
-    assert hybrid.config.attention_config(0).retain == 0
+    assert hybrid.config.attention_config(0).retain == 32  # the default, as built
 
 
 def test_eval_option_on_a_converted_model(tmp_path, capsys):
