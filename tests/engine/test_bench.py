@@ -44,6 +44,21 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_bench_decode_option_on_a_saved_model(saved, tmp_path, capsys):
+    """``--option`` sets options on a saved model's linear layers (here: its retained cache
+    off) and names the rows; with ``--attention`` it goes with the linearization."""
+    argv = ["bench", "decode", "--model", str(saved), "--contexts", "24", "--steps", "2"]
+    argv += ["--json", "--no-isolate", "--llama-cpp", "off", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--option", "retain=0"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["model"] == f"{saved}(retain=0)"
+    assert main(argv) == 0
+    (default,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["state_bytes"] < default["state_bytes"]  # no cache: no scores, keys, values
+    assert main([*argv, "--option", "name=elu"]) == 2
+    assert "pass --attention instead" in capsys.readouterr().err
+
+
 def test_time_decodes_takes_turns_and_keeps_each_run_its_own_state(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from linearize.bench import speed

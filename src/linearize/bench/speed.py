@@ -65,21 +65,28 @@ class ModelSpec:
     attention: str | None = None
     quant: str | None = None
     engine: str = "torch"
+    # Attention options (``--option``): with ``attention``, the linearization's; else set on the
+    # model's linear layers, keeping their parameters (``linearize.models.reconfigure``).
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
         label = self.source if self.attention is None else f"{self.source}+{self.attention}"
+        if self.options:
+            label += "(" + ",".join(f"{k}={v}" for k, v in self.options) + ")"
         if self.quant not in (None, "none"):
             label += f"+{self.quant}"
         return label if self.engine in ("torch", "auto") else f"{label}@{self.engine}"
 
     def load(self) -> Decoder:
-        from linearize.models import linearize, load
+        from linearize.models import linearize, load, reconfigure
         from linearize.models.quantize import apply_quant
 
         model = load(self.source)
         if self.attention is not None:
-            linearize(model, self.attention)
+            linearize(model, {"name": self.attention, **dict(self.options)})
+        elif self.options:
+            reconfigure(model, dict(self.options))
         return apply_quant(model, self.quant, self.source).eval()
 
 

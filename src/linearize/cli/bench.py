@@ -35,6 +35,7 @@ from linearize.cli.options import (
     config_from_args,
     parsed_by,
 )
+from linearize.config import parse_options
 from linearize.models.quantize import QUANTS, apply_quant
 
 
@@ -169,6 +170,15 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
         help="also measure each --model linearized (untrained) with this attention (repeatable)",
     )
     parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attention option (repeatable): with --attention, of the linearized rows; without, "
+        "set on each --model's linear layers, for options that keep its parameters "
+        "(retain=0, use_global=false)",
+    )
+    parser.add_argument(
         "--contexts",
         type=parsed_by(speed.parse_contexts),
         default=contexts,
@@ -195,9 +205,17 @@ def _specs(args: argparse.Namespace) -> list[speed.ModelSpec]:
     models = args.model or ["smollm2-135m"]
     quants = getattr(args, "quant", None) or [None]
     engine = getattr(args, "engine", "torch")
-    specs = [speed.ModelSpec(m, None, q, engine) for m in models for q in quants]
+    options = tuple(parse_options(args.option).items())
+    if "name" in dict(options):
+        raise ValueError("--option name=... is what --attention sets: pass --attention instead")
+    # The options go with --attention where it is given (the models as loaded stay as they are).
+    loaded = () if args.attention else options
+    specs = [speed.ModelSpec(m, None, q, engine, loaded) for m in models for q in quants]
     return specs + [
-        speed.ModelSpec(m, a, q, engine) for m in models for a in args.attention for q in quants
+        speed.ModelSpec(m, a, q, engine, options)
+        for m in models
+        for a in args.attention
+        for q in quants
     ]
 
 
@@ -213,6 +231,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
     attentions = getattr(args, "attention", None) or []
     for attention in [attentions] if isinstance(attentions, str) else attentions:
         words += ["--attention", attention]
+    for option in getattr(args, "option", None) or []:
+        words += ["--option", option]
     if hasattr(args, "contexts"):
         words += ["--contexts", ",".join(map(str, args.contexts))]
     if hasattr(args, "steps"):

@@ -5,6 +5,10 @@ reads, as numpy arrays the engine binds without copying. Before a step, :meth:`p
 control tensors of each layout from its spec (which slots the query sees, which tokens leave for
 ``S, z``); after it, :meth:`commit` writes the new token's key/value rows into a free slot.
 
+With a retained cache (``spec.retain = M``) the ``M`` slots after the sinks hold it; when a
+token leaves the window :meth:`commit` reads its final in-window attention from the step's
+``score`` output and lets it replace the cache's lowest entry where it ranks above it.
+
 A ring is filled from its first slot, so while a context is shorter than a ring only a prefix of
 it holds tokens. ``reach`` bounds the slots a state holds per ring (its arrays are that long);
 the engine starts short and moves to a longer reach (:meth:`RingState.grown`) as the context
@@ -136,7 +140,8 @@ class _Retained:
         Hkv, M, K = lay.kv_heads, lay.retained, lay.key_dim
         self.k = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
         self.v = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
-        self.fk = np.zeros((L, 1, Hkv, C, lay.feature_dim), dtype=np.float32)
+        features = lay.feature_dim if lay.use_global else 0  # no feature ring without S, z
+        self.fk = np.zeros((L, 1, Hkv, C, features), dtype=np.float32)
         self.rtimes = np.full((L, 1, Hkv, M), EMPTY, dtype=np.int64)
         self.rscore = np.full((L, 1, Hkv, M), -np.inf, dtype=np.float32)
         self.scores = [np.zeros((L, 1, Hkv, C + 1), dtype=np.float32) for _ in range(2)]

@@ -9,7 +9,10 @@ Which slots a query sees and which tokens leave for ``S, z`` (with the weight
 :class:`~linearize.ops.linear_attn.LinearAttnSpec` (``is_local``), computed on the host and passed
 in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``, and the
 rotation of the sink query ``sink_rotation``), shared by every layer with the same layout.
-A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots.
+A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots. A
+retained cache (``spec.retain = M``) takes the ``M`` ring slots after the sinks: the graph reads
+them with the window and returns each slot's in-window attention (``score``); which tokens
+they hold the host decides (:class:`~linearize.engine.ring.RingState`).
 
 The norms, feature maps (their ``grouped`` form), output norm, down / o projections and the
 head are the model's own modules; q/k/v and gate/up are the model's weights stacked into one
