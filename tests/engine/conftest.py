@@ -26,6 +26,8 @@ RETAIN_PAPER = {**PAPER, "retain": 2}
 # The default layer without its retained cache (32 tokens past the window by default).
 NO_RETAIN = {**AUGMENTED, "retain": 0}
 WIDE_RETAIN = {**WIDE, "retain": 3, "retain_halflife": 8.0}
+# Groups with a retained cache: a whole group, the new token included, leaves at once.
+GROUP_RETAIN = {**GROUPED, "retain": 2}
 OPTIONS = {
     "augmented": AUGMENTED,
     "paper": PAPER,
@@ -38,6 +40,7 @@ OPTIONS = {
     "retain_paper": RETAIN_PAPER,
     "wide_retain": WIDE_RETAIN,
     "no_retain": NO_RETAIN,
+    "group_retain": GROUP_RETAIN,
 }
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from linearize.engine.onnx import OnnxEngine  # noqa: E402
 
 KINDS = ["softmax", "augmented", "paper", "elu", "hybrid", "group", "local", "flash_local"]
-KINDS += ["retain", "retain_paper"]
+KINDS += ["retain", "retain_paper", "group_retain"]
 STEPS = 1000
 # fp32 through two different runtimes (and, quantized, the same codes dequantized by each):
 # measured ~1e-6 relative over 1,000 steps; 1e-4 leaves room for summation-order noise.
