@@ -249,6 +249,8 @@ class OnnxEngine:
         # Rings longer than the shortest reach grow with the context; the others are whole.
         self.reach_step = reach_step
         self.longest = max((lay.capacity for lay in self.layouts), default=0)
+        # The ring slots before the window's tokens beyond the sinks (the retained caches').
+        self.retained_slots = max((lay.retained for lay in self.layouts), default=0)
         self.growing = {
             lay.key for lay in self.layouts if reach_step and lay.capacity > 2 * reach_step
         }
@@ -321,7 +323,7 @@ class OnnxEngine:
     def _slot(self, pos: int) -> int:
         """The furthest ring slot the token at ``pos`` can take: its position, past the
         retained caches' slots (after the sinks)."""
-        return pos + max((lay.retained for lay in self.layouts), default=0)
+        return pos + self.retained_slots
 
     def _reach(self, pos: int) -> int | None:
         """The ring slots a state at position ``pos`` holds (``None``: whole rings)."""

@@ -171,17 +171,9 @@ def init_state(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> LinearAttnState:
-    B, Hkv, C, M = batch_size, num_kv_heads, spec.capacity, spec.retain
+    B, Hkv, C = batch_size, num_kv_heads, spec.capacity
     zeros = dict(dtype=dtype, device=device)
-    retained = {}
-    if M:
-        retained = dict(
-            score=torch.zeros(B, Hkv, C, **zeros),
-            rk=torch.zeros(B, Hkv, M, key_dim, **zeros),
-            rv=torch.zeros(B, Hkv, M, value_dim, **zeros),
-            rtimes=torch.full((B, Hkv, M), -1, dtype=torch.long, device=device),
-            rscore=torch.full((B, Hkv, M), float("-inf"), **zeros),
-        )
+    retained = retained_buffers(spec, B, Hkv, C, key_dim, value_dim, dtype=dtype, device=device)
     return LinearAttnState(
         S=torch.zeros(B, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(B, Hkv, feature_dim, **zeros),
@@ -192,6 +184,32 @@ def init_state(
         n=0,
         pos=0,
         **retained,
+    )
+
+
+def retained_buffers(
+    spec: LinearAttnSpec,
+    batch: int,
+    num_kv_heads: int,
+    slots: int,
+    key_dim: int,
+    value_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """The empty retained cache of ``batch`` rows (``{}`` without ``spec.retain``), by
+    :data:`RETAINED` name: ``score`` for ``slots`` window slots, ``M`` empty entries."""
+    B, Hkv, M = batch, num_kv_heads, spec.retain
+    if not M:
+        return {}
+    zeros = dict(dtype=dtype, device=device)
+    return dict(
+        score=torch.zeros(B, Hkv, slots, **zeros),
+        rk=torch.zeros(B, Hkv, M, key_dim, **zeros),
+        rv=torch.zeros(B, Hkv, M, value_dim, **zeros),
+        rtimes=torch.full((B, Hkv, M), -1, dtype=torch.long, device=device),
+        rscore=torch.full((B, Hkv, M), float("-inf"), **zeros),
     )
 
 
@@ -732,10 +750,8 @@ def _step_retained_readout(
     den = weights.sum(-1)
     n = keys.shape[2]
     num = _window_values(weights, values, extra)
-    reader = q if q_sink is None else q_sink
-    far = torch.matmul(reader, state.rk.transpose(-1, -2)) / math.sqrt(K)
-    far = torch.exp(far.masked_fill((state.rtimes < 0)[:, :, None], float("-inf")) - m)
-    num = num + torch.matmul(far, state.rv)
+    far_num, far_den = cache_readout(q, q_sink, state.rk, state.rv, state.rtimes, m)
+    num = num + far_num
     # In-window attention: the buffer's scores (rebuilt as the buffer was), plus this query's.
     attention = (weights / den[..., None]).detach().sum(2)  # [B, Hkv, n (+1)]
     attention[..., :num_sinks] = 0
@@ -753,7 +769,19 @@ def _step_retained_readout(
         key = retain.unrotate(extra[0], t, inv_freq)
         cache = retain.merge(*cache, key, extra[1], t, priority)
     retained = dict(zip(RETAINED, (F.pad(score, (0, C - n)), *cache), strict=True))
-    return num, den + far.sum(-1), retained
+    return num, den + far_den, retained
+
+
+def cache_readout(
+    q: Tensor, q_sink: Tensor | None, rk: Tensor, rv: Tensor, rtimes: Tensor, m: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A decoding step's reading of the retained cache (``rk, rv: [B,Hkv,M,·]``, ``rtimes``:
+    −1 empty) by ``q_sink`` (or ``q``: ``[B,Hkv,R,K]``), weighed ``e^{s−m}`` with the window's
+    ``m`` (``[B,Hkv,R,1]``): the numerator ``[B,Hkv,R,V]`` and denominator ``[B,Hkv,R]`` it adds."""
+    reader = q if q_sink is None else q_sink
+    far = torch.matmul(reader, rk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    far = torch.exp(far.masked_fill((rtimes < 0)[:, :, None], float("-inf")) - m)
+    return torch.matmul(far, rv), far.sum(-1)
 
 
 def _outer(fk: Tensor, v: Tensor) -> Tensor:

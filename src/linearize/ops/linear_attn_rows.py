@@ -25,14 +25,13 @@ cache) and pure linear attention (no buffer); :func:`supports_rows` says which s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linearize.ops import linear_attn, rope
+from linearize.ops import linear_attn, retain
 from linearize.ops.linear_attn import RETAINED, LinearAttnSpec, LinearAttnState
 
 # What an empty entry holds, by field (else 0).
@@ -116,17 +115,11 @@ def init_rows(
         raise ValueError(f"{spec} has no batched rows step (see supports_rows)")
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1 row, got {capacity}")
-    R, Hkv, C, M = capacity, num_kv_heads, ring_size(spec), spec.retain
+    R, Hkv, C = capacity, num_kv_heads, ring_size(spec)
     zeros = dict(dtype=dtype, device=device)
-    retained = {}
-    if M:
-        retained = dict(
-            score=torch.zeros(R, Hkv, C, **zeros),
-            rk=torch.zeros(R, Hkv, M, key_dim, **zeros),
-            rv=torch.zeros(R, Hkv, M, value_dim, **zeros),
-            rtimes=torch.full((R, Hkv, M), -1, dtype=torch.long, device=device),
-            rscore=torch.full((R, Hkv, M), float("-inf"), **zeros),
-        )
+    retained = linear_attn.retained_buffers(
+        spec, R, Hkv, C, key_dim, value_dim, dtype=dtype, device=device
+    )
     return LinearAttnRows(
         S=torch.zeros(R, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(R, Hkv, feature_dim, **zeros),
@@ -188,9 +181,7 @@ def read_row(spec: LinearAttnSpec, rows: LinearAttnRows, i: int) -> LinearAttnSt
     if spec.retain:
         # The cache in the state's order: decreasing (score, time), as retain.merge leaves it.
         rtimes, rscore = rows.rtimes[i : i + 1], rows.rscore[i : i + 1]
-        order = torch.argsort(rtimes, dim=-1, descending=True, stable=True)
-        by_score = torch.argsort(rscore.gather(-1, order), dim=-1, descending=True, stable=True)
-        order = order.gather(-1, by_score)
+        order = retain.ranking(rtimes, rscore)
         pick = lambda x: x.gather(2, order[..., None].expand_as(x))  # noqa: E731
         retained = dict(
             score=F.pad(rows.score[i : i + 1, :, slots], (0, C - n)),
@@ -277,12 +268,12 @@ def _retained_readout(
     weights = torch.exp(scores - m)
     den = weights.sum(-1)
     num = torch.matmul(weights, rows.v[:B])
-    reader = q if q_sink is None else q_sink
-    far = torch.matmul(reader, rows.rk[:B].transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    far = torch.exp(far.masked_fill((rows.rtimes[:B] < 0)[:, :, None], float("-inf")) - m)
+    far_num, far_den = linear_attn.cache_readout(
+        q, q_sink, rows.rk[:B], rows.rv[:B], rows.rtimes[:B], m
+    )
     attention = (weights / den[..., None]).sum(2) * (rows.times[:B] >= spec.sinks)[:, None]
     rows.score[:B] += attention
-    return num + torch.matmul(far, rows.rv[:B]), den + far.sum(-1)
+    return num + far_num, den + far_den
 
 
 def _leave_window(
@@ -319,9 +310,7 @@ def _retain(
     when they rank above it (a later token wins ties): each row keeps the best ``M`` of
     everything that left, as ``retain.merge``."""
     final = rows.score[b, :, out]  # [B, Hkv]
-    priority = final
-    if spec.retain_halflife:  # retain.priority, per row's time
-        priority = torch.log2(final) + leaving.to(final.dtype)[:, None] / spec.retain_halflife
+    priority = retain.priority(final, leaving[:, None], spec.retain_halflife)  # each row's time
     rscore, rtimes = rows.rscore[: len(b)], rows.rtimes[: len(b)]
     lowest = rscore.min(-1).values
     latest = torch.iinfo(rtimes.dtype).max
@@ -329,10 +318,7 @@ def _retain(
     row, head = ((priority >= lowest) & gone[:, None]).nonzero(as_tuple=True)
     if not len(row):
         return
-    key = rows.k[b[row], head, out[row]]  # [n, K], rotated at its time
-    if inv_freq is not None:
-        cos, sin = rope.cos_sin(leaving[row], inv_freq, key.dtype)
-        key = rope.rotate(key, cos, -sin)
+    key = retain.unrotate(rows.k[b[row], head, out[row]], leaving[row], inv_freq)  # [n, K]
     entry = evict[row, head]
     rows.rk[row, head, entry] = key
     rows.rv[row, head, entry] = rows.v[b[row], head, out[row]]

@@ -111,6 +111,14 @@ def select_per_query(
     return available & (count < size)
 
 
+def ranking(times: Tensor, score: Tensor) -> Tensor:
+    """The indices of entries ``times, score: [..., N]`` in decreasing (score, time) order: two
+    stable sorts, by time then by score, so equal scores keep the later token first."""
+    order = torch.argsort(times, dim=-1, descending=True, stable=True)
+    by_score = torch.argsort(score.gather(-1, order), dim=-1, descending=True, stable=True)
+    return order.gather(-1, by_score)
+
+
 def merge(
     rk: Tensor,
     rv: Tensor,
@@ -128,11 +136,7 @@ def merge(
         return rk, rv, rtimes, rscore
     all_times = torch.cat([rtimes, times.to(rtimes.device).expand(B, Hkv, -1)], -1)
     all_score = torch.cat([rscore, score.detach()], -1)
-    # Two stable sorts: by time, then by score, so equal scores keep the later token first.
-    order = torch.argsort(all_times, dim=-1, descending=True, stable=True)
-    by_score = torch.argsort(all_score.gather(-1, order), dim=-1, descending=True, stable=True)
-    order = order.gather(-1, by_score)
-    best = order[..., :M]
+    best = ranking(all_times, all_score)[..., :M]
 
     def pick(x: Tensor) -> Tensor:
         return x.gather(2, best[..., None].expand(-1, -1, -1, x.shape[-1]))
