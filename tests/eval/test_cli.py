@@ -332,12 +332,17 @@ def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
     for engine in ("torch", "onnx"):
         argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
         argv += ["--window", "32", "--tokens", "72", "--quant", "int4", "--engine", engine]
-        assert main([*argv, "--json"]) == 0
+        assert main([*argv, "--buckets", "0,8,16", "--json"]) == 0
         (rows[engine],) = _json_lines(capsys.readouterr().out)
     assert rows["onnx"]["form"] == "engine" and rows["torch"]["form"] == "chunk"
     assert rows["onnx"]["tokens"] == rows["torch"]["tokens"]
     # Same int4 weights; the engine's int8 arithmetic moves the score a little, not more.
     assert math.isclose(rows["onnx"]["nll"], rows["torch"]["nll"], rel_tol=0.05)
+    # By position inside the windows, through the engine as through the reference.
+    ours, reference = rows["onnx"]["buckets"], rows["torch"]["buckets"]
+    assert [(b["from"], b["tokens"]) for b in ours] == [(b["from"], b["tokens"]) for b in reference]
+    for a, b in zip(ours, reference, strict=True):
+        assert math.isclose(a["ppl"], b["ppl"], rel_tol=0.05)
     # Perplexity by position through the engine: its buckets, its arithmetic.
     argv = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
     argv += ["--tokens", "150", "--quant", "int4", "--stream", "--buckets", "0,16,80", "--json"]
@@ -366,10 +371,21 @@ def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, mon
     assert not (tmp_path / "decode.json").exists()
 
 
-def test_eval_ppl_buckets_need_stream_and_a_short_text_names_them(tiny_dirs, capsys, tmp_path):
+def test_eval_ppl_buckets_by_position_in_windows_and_a_short_text_names_them(
+    tiny_dirs, capsys, tmp_path
+):
     base = ["eval", "ppl", "--model", tiny_dirs["augmented"], "--data", tiny_dirs["text"]]
-    assert main([*base, "--buckets", "0,8"]) == 2
-    assert "add --stream" in capsys.readouterr().err
+    # Without --stream: positions inside each window, pooled over the windows.
+    assert main([*base, "--window", "32", "--buckets", "0,8,16", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["bucket_positions"] == "in window"
+    assert [(b["from"], b["to"]) for b in row["buckets"]] == [(0, 8), (8, 16), (16, 32)]
+    assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
+    assert main([*base, "--window", "32", "--buckets", "0,8,16"]) == 0
+    assert "by position inside the window" in capsys.readouterr().out
+    # An edge no window reaches is refused before anything runs.
+    assert main([*base, "--window", "32", "--buckets", "0,16,32"]) == 2
+    assert "not inside a window of 32 tokens" in capsys.readouterr().err
     # The default buckets start with 0–1024: a shorter text says which buckets it was given.
     assert main([*base, "--stream", "--window", "16"]) == 2
     assert "of --buckets 0,1024,4096" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from linearize import Decoder
 from linearize.cli import main
 from linearize.eval import long_context
 from linearize.models.quantize import quantize
-from linearize.train.perplexity import PerplexityConfig, perplexity
+from linearize.train.perplexity import PerplexityConfig, perplexity, window_spans
 from tests.eval.conftest import tiny_augmented, tiny_config
 
 
@@ -38,6 +38,37 @@ def test_buckets_cover_every_target_once_and_match_windows(segment):
     # And the whole stream is today's streaming perplexity.
     stream = perplexity(model, tokens, PerplexityConfig(window=segment, stream=True))
     _close(result.nll, stream.nll)
+
+
+@pytest.mark.parametrize("stride", [None, 12])
+def test_in_window_buckets_pool_each_windows_positions(stride):
+    """Windowed evaluation grouped by position inside the window equals scoring each window on
+    its own and pooling its targets by position; the callback changes nothing else."""
+    model = tiny_augmented()
+    tokens = _tokens(100)
+    config = PerplexityConfig(window=16, stride=stride, form="parallel")
+    collect = long_context.InWindowBuckets((0, 4, 10), 16)
+    result = perplexity(model, tokens, config, on_targets=collect)
+    _close(result.nll, perplexity(model, tokens, config).nll)
+    buckets = collect.buckets()
+    assert [(b.start, b.end) for b in buckets] == [(0, 4), (4, 10), (10, 16)]
+    # Windows of their own score all but their first token; overlapping ones every target.
+    assert sum(b.tokens for b in buckets) == result.tokens == (93 if stride is None else 99)
+    pooled: dict[int, list[float]] = {0: [], 4: [], 10: []}
+    with torch.no_grad():
+        for span in window_spans(100, 16, stride):
+            logits = model(tokens[None, span.start : span.end])[0][0]
+            for t in range(span.score_from, span.end):
+                nll = torch.nn.functional.cross_entropy(logits[t - span.start - 1], tokens[t])
+                position = t - span.start
+                pooled[max(e for e in pooled if e <= position)].append(float(nll))
+    for b in buckets:
+        assert b.tokens == len(pooled[b.start])
+        _close(b.ppl, math.exp(sum(pooled[b.start]) / b.tokens), 1e-9)
+    with pytest.raises(ValueError, match="not inside a window of 16"):
+        long_context.InWindowBuckets((0, 8, 16), 16)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        long_context.InWindowBuckets((0, 8, 8), 16)
 
 
 def test_softmax_model_is_scored_in_windows_of_its_positions():

@@ -49,8 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(ppl, PerplexityConfig)
     ppl.add_argument(
         "--buckets",
-        help="with --stream: increasing position edges of the buckets (the last runs to the "
-        f"end) (default: {','.join(map(str, long_context.DEFAULT_BUCKETS))})",
+        help="increasing position edges of the buckets, e.g. 0,1024,4096 (the last runs to the "
+        "end): with --stream positions in the text (default: "
+        f"{','.join(map(str, long_context.DEFAULT_BUCKETS))}); without, positions inside each "
+        "window, pooled over the windows (edges below --window, e.g. 0,256,516)",
     )
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.add_argument("--out", help="also save a result record in this folder (for bench report)")
@@ -96,8 +98,10 @@ def run_ppl(args: argparse.Namespace) -> int:
 
     apply_quant(model, args.quant, args.model)
     tokens = source_tokens(args.data, model.tokenizer)
+    in_window = None
     if args.buckets is not None and not args.stream:
-        raise ValueError("--buckets groups a --stream run's positions: add --stream")
+        edges = long_context.parse_ints(args.buckets, "--buckets")
+        in_window = long_context.InWindowBuckets(edges, config.window)
     if args.stream:
         edges = long_context.check_buckets(
             long_context.DEFAULT_BUCKETS
@@ -119,10 +123,14 @@ def run_ppl(args: argparse.Namespace) -> int:
             bar.unit = "token"
             return _report_stream(args, model, engine, tokens, edges, progress)
         if engine is not None:
-            result = engine_perplexity(engine, tokens, config, progress)
+            result = engine_perplexity(engine, tokens, config, progress, in_window)
         else:
-            result = perplexity(model, tokens, config, progress)
+            result = perplexity(model, tokens, config, progress, in_window)
     row = result.to_dict()
+    buckets = [] if in_window is None else in_window.buckets()
+    if in_window is not None:
+        row["buckets"] = [b.to_dict() for b in buckets]
+        row["bucket_positions"] = "in window"
     if args.out:
         command = _command(args)
         record = {"model": model_label(args), "data": args.data, **row}
@@ -135,6 +143,10 @@ def run_ppl(args: argparse.Namespace) -> int:
             f"{result.tokens:,} tokens scored, window {result.window}, form {result.form}, "
             f"{result.seconds:.1f} s"
         )
+        if buckets:
+            print("by position inside the window, pooled over the windows:")
+        for b in buckets:
+            print(f"  {b.start:>7,}–{b.end:<7,} {b.tokens:>8,} tokens  ppl {b.ppl:10.3f}")
     return 0
 
 
@@ -245,7 +257,7 @@ def _command(args: argparse.Namespace) -> str:
         f" --tokens {args.tokens}" if args.tokens else "",
         f" --form {args.form}",
         " --stream" if args.stream else "",
-        f" --buckets {args.buckets}" if args.stream and args.buckets else "",
+        f" --buckets {args.buckets}" if args.buckets else "",
     ]
     return "".join(words)
 

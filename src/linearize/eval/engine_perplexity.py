@@ -32,6 +32,7 @@ from linearize.train.perplexity import (
     PerplexityResult,
     Progress,
     Span,
+    TargetsCallback,
     exp_mean,
     scored_tokens,
     window_spans,
@@ -68,10 +69,11 @@ def engine_perplexity(
     tokens: Tensor,
     config: PerplexityConfig | None = None,
     progress: Progress | None = None,
+    on_targets: TargetsCallback | None = None,
 ) -> PerplexityResult:
     """The perplexity of the model inside ``engine`` (an :class:`~linearize.engine.onnx.
     OnnxEngine`) on ``tokens: [T]``; ``config.form`` does not apply (the result's form is
-    ``"engine"``)."""
+    ``"engine"``); ``on_targets(span, nlls)`` receives each window's per-target NLLs."""
     config = (config or PerplexityConfig()).validate()
     tokens = scored_tokens(tokens, config)
     N = len(tokens)
@@ -85,6 +87,8 @@ def engine_perplexity(
     total, count = 0.0, 0
     for i, span in enumerate(spans):
         nlls = _span_nlls(engine, tokens, span)
+        if on_targets is not None:
+            on_targets(span, nlls)
         total, count = total + float(nlls.sum()), count + len(nlls)
         if progress is not None:
             progress(i + 1, len(spans))

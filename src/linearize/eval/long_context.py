@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.models.decoder import Decoder
-from linearize.train.perplexity import LOGIT_ROWS, Span, window_spans
+from linearize.train.perplexity import Span, in_window_positions, target_nlls, window_spans
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +66,6 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def _nll_rows(model: Decoder, hidden: Tensor, targets: Tensor) -> Tensor:
-    """Per-target NLL ``[N]`` (float64) from final hidden states ``[N, D]``."""
-    out = []
-    for s in range(0, targets.shape[0], LOGIT_ROWS):
-        logits = model.lm_head(hidden[s : s + LOGIT_ROWS])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        out.append(F.cross_entropy(logits, targets[s : s + LOGIT_ROWS], reduction="none"))
-    return torch.cat(out).double().cpu()
 
 
 def uses_softmax(model: Decoder) -> bool:
@@ -128,7 +117,7 @@ def token_nlls(
         first = score_from - start - 1
         last = end + 1 if carry else end
         targets = tokens[score_from:last].to(model.device)
-        nlls.append(_nll_rows(model, hidden[0, first : first + len(targets)], targets))
+        nlls.append(target_nlls(model, hidden[0, first : first + len(targets)], targets))
         positions.append(torch.arange(score_from, last))
         if progress is not None:
             progress(last - 1, T - 1)
@@ -164,6 +153,32 @@ def bucket_perplexity(positions: Tensor, nll: Tensor, edges: Sequence[int]) -> l
             ppl = math.exp(float(nll[inside].mean()))
             buckets.append(Bucket(lo, min(hi, end), count, ppl))
     return buckets
+
+
+class InWindowBuckets:
+    """Perplexity by position inside the window, for windowed evaluation: pass it as
+    ``on_targets`` (:func:`linearize.train.perplexity.perplexity`, :func:`linearize.eval.
+    engine_perplexity.engine_perplexity`); :meth:`buckets` groups every scored target by how
+    many of its window's tokens precede it. Each window starts fresh, so this is the stream's
+    position measure averaged over every window: many more targets per bucket than one stream
+    (49 windows of 1,024 put 24,892 targets in 516–1,024, one stream 508)."""
+
+    def __init__(self, edges: Sequence[int], window: int) -> None:
+        self.edges = check_buckets(edges)
+        if self.edges[-1] >= window:
+            raise ValueError(
+                f"bucket edge {self.edges[-1]} is not inside a window of {window} tokens "
+                f"(positions in a window run 1..{window - 1}): give edges below {window}"
+            )
+        self.positions: list[Tensor] = []
+        self.nlls: list[Tensor] = []
+
+    def __call__(self, span: Span, nlls: Tensor) -> None:
+        self.positions.append(in_window_positions(span, len(nlls)))
+        self.nlls.append(nlls)
+
+    def buckets(self) -> list[Bucket]:
+        return bucket_perplexity(torch.cat(self.positions), torch.cat(self.nlls), self.edges)
 
 
 @dataclass

@@ -90,6 +90,17 @@ class Span:
     score_from: int
 
 
+# Receives one window's per-target NLLs: (its span, nlls [end - score_from], float64).
+TargetsCallback = Callable[[Span, Tensor], None]
+
+
+def in_window_positions(span: Span, count: int) -> Tensor:
+    """The positions inside their window of ``span``'s first ``count`` targets: how many of the
+    window's tokens precede each (a window's first scored target has 1, its last
+    ``end − start − 1``)."""
+    return torch.arange(span.score_from, span.score_from + count) - span.start
+
+
 def window_spans(num_tokens: int, window: int, stride: int | None = None) -> list[Span]:
     """The windows of the protocol: every target in ``1..num_tokens-1`` is scored exactly once.
 
@@ -116,19 +127,24 @@ def window_spans(num_tokens: int, window: int, stride: int | None = None) -> lis
     return spans
 
 
-def token_nll(model: Decoder, hidden: Tensor, targets: Tensor) -> Tensor:
-    """Summed NLL (float64 scalar) of ``targets: [N]`` given final hidden states ``[N, D]``.
+def target_nlls(model: Decoder, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Per-target NLL ``[N]`` (float64, on the CPU) of ``targets: [N]`` given final hidden
+    states ``[N, D]``.
 
     The logits are made ``LOGIT_ROWS`` rows at a time, so a long window never holds
     ``[window, vocab]`` logits at once.
     """
-    total = torch.zeros((), dtype=torch.float64)
+    out = []
     for s in range(0, targets.shape[0], LOGIT_ROWS):
         logits = model.lm_head(hidden[s : s + LOGIT_ROWS])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        nll = F.cross_entropy(logits, targets[s : s + LOGIT_ROWS], reduction="sum")
-        total += nll.double().cpu()
-    return total
+        out.append(F.cross_entropy(logits, targets[s : s + LOGIT_ROWS], reduction="none"))
+    return torch.cat(out).double().cpu() if out else torch.zeros(0, dtype=torch.float64)
+
+
+def token_nll(model: Decoder, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed NLL (float64 scalar) of ``targets: [N]`` given final hidden states ``[N, D]``."""
+    return target_nlls(model, hidden, targets).sum()
 
 
 def _run(
@@ -150,11 +166,14 @@ def windowed_nll(
     shard: tuple[int, int] = (0, 1),
     batch_size: int = 1,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_targets: TargetsCallback | None = None,
 ) -> tuple[float, int]:
     """``(summed NLL, scored tokens)`` over the windows of :func:`window_spans`.
 
     ``shard = (rank, world_size)``: this process scores windows ``rank::world_size`` (the caller
-    sums over processes); windows of one shape are run ``batch_size`` at a time."""
+    sums over processes); windows of one shape are run ``batch_size`` at a time.
+    ``on_targets(span, nlls)`` receives each window's per-target NLLs (``tokens[score_from:
+    end]``, float64), e.g. to group them by position (:func:`in_window_positions`)."""
     rank, world = shard
     spans = window_spans(len(tokens), window, stride)[rank::world]
     total, count, done = 0.0, 0, 0
@@ -166,7 +185,10 @@ def windowed_nll(
             # row[j] predicts tokens[start + j + 1]; score targets from score_from on.
             first = span.score_from - span.start - 1
             targets = tokens[span.score_from : span.end].to(model.device)
-            total += float(token_nll(model, row[first:-1], targets))
+            nlls = target_nlls(model, row[first:-1], targets)
+            if on_targets is not None:
+                on_targets(span, nlls)
+            total += float(nlls.sum())
             count += len(targets)
         done += len(group)
         if progress is not None:
@@ -223,8 +245,10 @@ def perplexity(
     tokens: Tensor,
     config: PerplexityConfig | None = None,
     progress: Progress | None = None,
+    on_targets: TargetsCallback | None = None,
 ) -> PerplexityResult:
-    """The perplexity of ``model`` on ``tokens: [T]`` under ``config`` (see the module doc)."""
+    """The perplexity of ``model`` on ``tokens: [T]`` under ``config`` (see the module doc);
+    windowed, ``on_targets`` receives each window's per-target NLLs (:func:`windowed_nll`)."""
     config = (config or PerplexityConfig()).validate()
     tokens = scored_tokens(tokens, config)
     _check_context(model, config, len(tokens))
@@ -236,7 +260,13 @@ def perplexity(
             total, count = streaming_nll(model, tokens, config.window, config.form, progress)
         else:
             total, count = windowed_nll(
-                model, tokens, config.window, config.stride, config.form, progress
+                model,
+                tokens,
+                config.window,
+                config.stride,
+                config.form,
+                progress,
+                on_targets=on_targets,
             )
     finally:
         model.train(was_training)
