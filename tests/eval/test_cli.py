@@ -358,6 +358,15 @@ def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
         assert math.isclose(a["ppl"], b["ppl"], rel_tol=0.05)
 
 
+def test_bench_decode_llama_cpp_on_says_how_to_install_it(tiny_dirs, capsys, monkeypatch):
+    from linearize.bench import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    argv = ["bench", "decode", "--model", tiny_dirs["augmented"], "--contexts", "32"]
+    assert main([*argv, "--steps", "2", "--llama-cpp", "on"]) == 2
+    assert "pip install 'linearize[llama-cpp]'" in capsys.readouterr().err
+
+
 def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, monkeypatch):
     from linearize.bench import llama_cpp
 

@@ -92,7 +92,10 @@ class LlamaCppPeer:
 
     def __init__(self, path: str | Path, label: str, threads: int) -> None:
         if not available():
-            raise RuntimeError("llama.cpp peer: llama-cpp-python is not installed")
+            raise RuntimeError(
+                "llama.cpp peer: llama-cpp-python is not installed "
+                "(pip install 'linearize[llama-cpp]')"
+            )
         self.path, self.label, self.threads = str(path), label, threads
         info = gguf_info(path)
         self.max_context = info["context"]

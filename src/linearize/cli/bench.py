@@ -295,7 +295,10 @@ def _llama_cpp_ggufs(args: argparse.Namespace) -> list:
     if args.llama_cpp == "off" or (args.llama_cpp == "auto" and not llama_cpp.available()):
         return []
     if not llama_cpp.available():
-        raise RuntimeError("--llama-cpp on: llama-cpp-python is not installed")
+        raise RuntimeError(
+            "--llama-cpp on: llama-cpp-python is not installed "
+            "(pip install 'linearize[llama-cpp]', which compiles llama.cpp: a few minutes)"
+        )
     ggufs = {}
     for source in args.model or ["smollm2-135m"]:
         gguf = _gguf_for(source)
