@@ -26,7 +26,7 @@ import torch
 import linearize
 from linearize.config import parse_options
 from linearize.data import source_tokens
-from linearize.eval.long_context import check_buckets
+from linearize.eval.long_context import bucket_perplexity, check_window_buckets, parse_ints
 from linearize.models import reconfigure
 from linearize.train.perplexity import PerplexityConfig, Span, in_window_positions, perplexity
 
@@ -36,11 +36,8 @@ def _window_means(model, tokens: torch.Tensor, window: int, edges: tuple[int, ..
     rows: list[torch.Tensor] = []
 
     def collect(span: Span, nlls: torch.Tensor) -> None:
-        position = in_window_positions(span, len(nlls))
-        bucket = torch.bucketize(position, torch.tensor(edges[1:]), right=True)
-        sums = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, bucket, nlls)
-        counts = torch.bincount(bucket, minlength=len(edges)).double()
-        rows.append(sums / counts)
+        buckets = bucket_perplexity(in_window_positions(span, len(nlls)), nlls, edges)
+        rows.append(torch.tensor([math.log(b.ppl) for b in buckets], dtype=torch.float64))
 
     perplexity(model, tokens, PerplexityConfig(window=window), on_targets=collect)
     return torch.stack(rows)
@@ -58,9 +55,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    edges = check_buckets(int(e) for e in args.buckets.split(","))
-    if edges[-1] >= args.window:
-        raise SystemExit(f"--buckets: every edge must lie below --window {args.window}")
+    edges = check_window_buckets(parse_ints(args.buckets, "--buckets"), args.window)
     names = [(m, {}) for m in args.model]
     names += [(args.model[0], parse_options(v.split(","))) for v in args.variant]
     for data in args.data or ["prideprejudice", "mobydick"]:

@@ -155,6 +155,18 @@ def bucket_perplexity(positions: Tensor, nll: Tensor, edges: Sequence[int]) -> l
     return buckets
 
 
+def check_window_buckets(edges: Sequence[int], window: int) -> tuple[int, ...]:
+    """:func:`check_buckets` for positions inside windows of ``window`` tokens: every edge must
+    lie below ``window`` (a ValueError naming the edge otherwise)."""
+    edges = check_buckets(edges)
+    if edges[-1] >= window:
+        raise ValueError(
+            f"bucket edge {edges[-1]} is not inside a window of {window} tokens "
+            f"(positions in a window run 1..{window - 1}): give edges below {window}"
+        )
+    return edges
+
+
 class InWindowBuckets:
     """Perplexity by position inside the window, for windowed evaluation: pass it as
     ``on_targets`` (:func:`linearize.train.perplexity.perplexity`, :func:`linearize.eval.
@@ -164,12 +176,7 @@ class InWindowBuckets:
     (49 windows of 1,024 put 24,892 targets in 516–1,024, one stream 508)."""
 
     def __init__(self, edges: Sequence[int], window: int) -> None:
-        self.edges = check_buckets(edges)
-        if self.edges[-1] >= window:
-            raise ValueError(
-                f"bucket edge {self.edges[-1]} is not inside a window of {window} tokens "
-                f"(positions in a window run 1..{window - 1}): give edges below {window}"
-            )
+        self.edges = check_window_buckets(edges, window)
         self.positions: list[Tensor] = []
         self.nlls: list[Tensor] = []
 
