@@ -312,6 +312,8 @@ def test_bench_report_builds_the_page(tiny_dirs, capsys, tmp_path):
     for heading in ("## Machine", "## Goals", "## Decode", "## Prefill", "## Commands"):
         assert heading in text
     assert "linearize bench decode --model" in text
+    # The recorded command reproduces the run, llama.cpp's choice included.
+    assert "--no-isolate --llama-cpp off" in text
     assert (tmp_path / "docs" / "results" / "decode.png").exists()
     assert "](results/decode.png)" in text
     assert main(["bench", "report", "--results", str(tmp_path / "empty"), "--page", str(page)]) == 2

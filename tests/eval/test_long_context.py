@@ -140,9 +140,14 @@ def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys
     # The tiny softmax model has 64 positions: both lengths are skipped, with a message.
     assert row["skipped"] == [300, 400] and row["accuracy"] == {}
     assert "400 skipped" in captured.err
-    assert main(argv + ["--model", tiny_dirs["augmented"]]) == 0
+    out = ["--out", str(tmp_path / "results")]
+    assert main(argv + ["--model", tiny_dirs["augmented"], "--seed", "3", *out]) == 0
     row = json.loads(capsys.readouterr().out)
     assert set(row["accuracy"]) == {"300", "400"}
+    # The record's command reproduces the run: its trials and seed included.
+    (record,) = (tmp_path / "results").glob("passkey-*.json")
+    command = json.loads(record.read_text())["command"]
+    assert command.endswith("--lengths 300,400 --trials 2 --seed 3")
     assert all(0 <= a <= 1 for a in row["accuracy"].values())
     bad = ["eval", "passkey", "--model", tiny_dirs["augmented"], "--depths", "0.5,2"]
     assert main(bad) == 2

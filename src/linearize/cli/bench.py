@@ -255,6 +255,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--threads", str(args.threads)]
     if getattr(args, "no_isolate", False):
         words.append("--no-isolate")
+    if getattr(args, "llama_cpp", "auto") != "auto":
+        words += ["--llama-cpp", args.llama_cpp]
     return shlex.join(words)
 
 

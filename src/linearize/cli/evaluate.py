@@ -222,6 +222,8 @@ def run_passkey(args: argparse.Namespace) -> int:
     if args.out:
         command = f"linearize eval passkey --model {args.model} --lengths {args.lengths}"
         command += f" --quant {args.quant}" if args.quant else ""
+        command += f" --depths {args.depths}" if args.depths else f" --trials {args.trials}"
+        command += f" --seed {args.seed}" if args.seed else ""
         report.save_results(args.out, f"passkey-{_stem_label(args)}", "passkey", [row], command)
     if args.json:
         print(json.dumps(row))
