@@ -47,6 +47,19 @@ def test_goals_hold_issue_14s_targets_against_llama_cpp():
     assert at_8k[1] == "≥ 3×" and at_8k[3] == "**no**"
     flat = _goal(rows, "linear decode tokens/s: 128k vs its own 1k")
     assert flat[2:] == ["not measured", "—"]
+    # No bandwidth in the record: the share of the bound is not measured, not guessed.
+    assert _goal(rows, "linear decode at 1k: share of its bandwidth bound")[2] == "not measured"
+
+
+def test_bound_goal_is_the_share_of_weights_and_state_over_bandwidth():
+    record = _decode([("ours", "linear", 1024, 60.0), ("llama", "llama.cpp", 1024, 50.0)])
+    # 100 MB of weights + 1 kB of state at 10 GB/s: a bound of ~100 tok/s, 60 of it measured.
+    record["extra"]["models"]["ours"]["weight_bytes"] = 100_000_000 - 1000
+    record["extra"]["bandwidth_bytes_per_s"] = 10e9
+    row = _goal(report.goals([record]), "linear decode at 1k: share of its bandwidth bound")
+    assert row[1:] == ["≥ 50%", "60% (60 of 100 tok/s)", "yes"]
+    record["rows"][0]["tokens_per_s"] = 40.0
+    assert _goal(report.goals([record]), row[0])[3] == "**no**"
 
 
 def test_decode_table_names_weights_and_engine():
