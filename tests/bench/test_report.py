@@ -85,3 +85,31 @@ def test_machine_section_dates_each_record():
         "load_average": 1.0,
     }
     assert "decode 2026-12-05: 1 / 1.0" in report._machine_section([record])
+
+
+def test_a_ratio_takes_both_sides_from_one_run():
+    # Run A measured ours at 1k only, run B ours and llama.cpp at 1k: the ratio is B's alone.
+    a = _decode([("ours", "linear", 1024, 90.0)])
+    b = _decode([("ours", "linear", 1024, 60.0), ("llama", "llama.cpp", 1024, 50.0)])
+    row = _goal(report.goals([a, b]), "linear vs llama.cpp decode tokens/s at 1k")
+    assert row[2] == "1.20× (60 vs 50)"
+    # "Its own 1k": the same model's row, not another linear model's of the same run.
+    c = _decode(
+        [
+            ("narrow", "linear", 1024, 100.0),
+            ("wide", "linear", 1024, 80.0),
+            ("wide", "linear", 32768, 60.0),
+        ]
+    )
+    assert _goal(report.goals([c]), "linear decode tokens/s: 32k vs its own 1k")[2] == (
+        "0.75× (60 vs 80)"
+    )
+
+
+def test_state_is_identical_per_model_of_a_run():
+    rows = [("a", "linear", 1024, 60.0), ("a", "linear", 8192, 50.0), ("b", "linear", 1024, 9.0)]
+    record = _decode(rows)
+    record["rows"][2]["state_bytes"] = 5000  # another model: another size, still flat
+    assert _goal(report.goals([record]), "linear state bytes at every context")[3] == "yes"
+    record["rows"][1]["state_bytes"] = 7000  # model a grew with the context
+    assert _goal(report.goals([record]), "linear state bytes at every context")[3] == "**no**"

@@ -330,25 +330,42 @@ def _family(record: dict[str, Any], model: str) -> str:
     return record.get("extra", {}).get("models", {}).get(model, {}).get("family", "unknown")
 
 
-def _value(records: list[dict[str, Any]], family: str, context: int, field: str) -> tuple:
-    """``(model, value)`` of the first row of a model of ``family`` at ``context``."""
+def _pair(
+    records: list[dict[str, Any]],
+    num: tuple[str, int],
+    den: tuple[str, int],
+    field: str,
+    same_model: bool = False,
+) -> tuple[float | None, float | None]:
+    """``field`` of the first row of family ``num[0]`` at context ``num[1]`` and of the first
+    row matching ``den``, taken from one record (one run: a ratio never mixes runs);
+    ``same_model``: both rows of one model."""
     for record in records:
-        for row in record["rows"]:
-            if (
-                _family(record, row["model"]) == family
-                and row["context"] == context
-                and row.get(field) is not None
-            ):
-                return row["model"], row[field]
+        found = {}
+        for key in (num, den):
+            for row in record["rows"]:
+                if (
+                    _family(record, row["model"]) == key[0]
+                    and row["context"] == key[1]
+                    and row.get(field) is not None
+                    and (not same_model or key is num or row["model"] == found[num][0])
+                ):
+                    found[key] = row["model"], row[field]
+                    break
+            if key not in found:
+                break
+        else:
+            return found[num][1], found[den][1]
     return None, None
 
 
-def _ratio_goal(name: str, target: float, num: tuple, den: tuple) -> list[str]:
-    if num[1] is None or den[1] is None:
+def _ratio_goal(name: str, target: float, pair: tuple[float | None, float | None]) -> list[str]:
+    num, den = pair
+    if num is None or den is None:
         return [name, f"≥ {target:g}×", "not measured", "—"]
-    ratio = num[1] / den[1]
+    ratio = num / den
     verdict = "yes" if ratio >= target else "**no**"
-    return [name, f"≥ {target:g}×", f"{ratio:.2f}× ({num[1]:.3g} vs {den[1]:.3g})", verdict]
+    return [name, f"≥ {target:g}×", f"{ratio:.2f}× ({num:.3g} vs {den:.3g})", verdict]
 
 
 def _bound_goal(decode: list[dict[str, Any]], context: int, target: float) -> list[str]:
@@ -380,50 +397,48 @@ def goals(records: list[dict[str, Any]]) -> list[list[str]]:
     ≥ 1× at 1k, ≥ 3× at 8k; 128k as flat as 32k)."""
     decode = [r for r in records if r["kind"] == "decode"]
     prefill = [r for r in records if r["kind"] == "prefill"]
-    tps = lambda family, c: _value(decode, family, c, "tokens_per_s")
     rows = [
         _ratio_goal(
             f"linear decode tokens/s: {_k(context)} vs its own 1k",
             0.9,
-            tps("linear", context),
-            tps("linear", 1024),
+            _pair(decode, ("linear", context), ("linear", 1024), "tokens_per_s", same_model=True),
         )
         for context in (32768, 131072)
     ]
-    rows.append(
-        _ratio_goal(
-            "linear vs softmax decode tokens/s at 8k", 4, tps("linear", 8192), tps("softmax", 8192)
-        )
-    )
     rows += [
         _ratio_goal(
-            f"linear vs llama.cpp decode tokens/s at {_k(context)}",
+            f"linear vs {peer} decode tokens/s at {_k(context)}",
             target,
-            tps("linear", context),
-            tps("llama.cpp", context),
+            _pair(decode, ("linear", context), (peer, context), "tokens_per_s"),
         )
-        for context, target in ((1024, 1), (8192, 3))
+        for peer, context, target in (
+            ("softmax", 8192, 4),
+            ("llama.cpp", 1024, 1),
+            ("llama.cpp", 8192, 3),
+        )
     ]
     rows.append(_bound_goal(decode, 1024, 0.5))
-    sizes = {
-        row["state_bytes"]
-        for record in decode
-        for row in record["rows"]
-        if _family(record, row["model"]) == "linear" and row["state_bytes"] is not None
-    }
-    state = "not measured" if not sizes else ", ".join(format_bytes(s) for s in sorted(sizes))
+    # Per model of each run: one state size at every context.
+    sizes: dict[tuple[int, str], set[int]] = {}
+    for i, record in enumerate(decode):
+        for row in record["rows"]:
+            if _family(record, row["model"]) == "linear" and row["state_bytes"] is not None:
+                sizes.setdefault((i, row["model"]), set()).add(row["state_bytes"])
+    flat = all(len(s) == 1 for s in sizes.values())
+    every = sorted(set().union(*sizes.values())) if sizes else []
     rows.append(
         [
-            "linear state bytes 1k..32k",
+            "linear state bytes at every context",
             "identical",
-            state,
-            "—" if not sizes else ("yes" if len(sizes) == 1 else "**no**"),
+            ", ".join(format_bytes(s) for s in every) or "not measured",
+            "—" if not sizes else ("yes" if flat else "**no**"),
         ]
     )
-    seconds = lambda family: _value(prefill, family, 16384, "seconds")
     rows.append(
         _ratio_goal(
-            "prefill speed at 16k: linear vs softmax", 3, seconds("softmax"), seconds("linear")
+            "prefill speed at 16k: linear vs softmax",
+            3,
+            _pair(prefill, ("softmax", 16384), ("linear", 16384), "seconds"),
         )
     )
     return rows + position_goals(records)
