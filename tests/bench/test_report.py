@@ -113,3 +113,20 @@ def test_state_is_identical_per_model_of_a_run():
     assert _goal(report.goals([record]), "linear state bytes at every context")[3] == "yes"
     record["rows"][1]["state_bytes"] = 7000  # model a grew with the context
     assert _goal(report.goals([record]), "linear state bytes at every context")[3] == "**no**"
+
+
+def test_token_counts_read_as_k_only_where_exact():
+    counts = [0, 256, 516, 1024, 4096, 12800, 131072, 8000, 167890]
+    assert [report._k(n) for n in counts] == [
+        "0",
+        "256",
+        "516",
+        "1k",
+        "4k",
+        "12.5k",
+        "128k",
+        "8,000",
+        "167,890",
+    ]
+    row = {"model": "m", "accuracy": {"8000": 0.8}, "trials": 5, "skipped": []}
+    assert "8,000: 80%" in report.markdown_table("passkey", [row])

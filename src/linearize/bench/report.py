@@ -46,8 +46,9 @@ def _int(x: Any) -> str:
 
 
 def _k(n: int) -> str:
-    """Token counts as 0, 1k, 4k, 12.5k."""
-    return f"{n / 1024:g}k" if n >= 1024 else str(n)
+    """Token counts as 0, 516, 1k, 4k, 12.5k where a multiple of 512, else exactly: 8,000,
+    167,890 (not 7.8125k)."""
+    return f"{n / 1024:g}k" if n >= 1024 and n % 512 == 0 else f"{n:,}"
 
 
 # Columns per kind: (header, how to format a row).
