@@ -331,6 +331,22 @@ def _family(record: dict[str, Any], model: str) -> str:
     return record.get("extra", {}).get("models", {}).get(model, {}).get("family", "unknown")
 
 
+def _first(
+    record: dict[str, Any], family: str, context: int, field: str, model: str | None = None
+) -> tuple[str, Any] | None:
+    """``(model, field)`` of the record's first row of ``family`` at ``context`` with ``field``
+    measured (of ``model`` when given)."""
+    for row in record["rows"]:
+        if (
+            _family(record, row["model"]) == family
+            and row["context"] == context
+            and row.get(field) is not None
+            and model in (None, row["model"])
+        ):
+            return row["model"], row[field]
+    return None
+
+
 def _pair(
     records: list[dict[str, Any]],
     num: tuple[str, int],
@@ -342,21 +358,11 @@ def _pair(
     row matching ``den``, taken from one record (one run: a ratio never mixes runs);
     ``same_model``: both rows of one model."""
     for record in records:
-        found = {}
-        for key in (num, den):
-            for row in record["rows"]:
-                if (
-                    _family(record, row["model"]) == key[0]
-                    and row["context"] == key[1]
-                    and row.get(field) is not None
-                    and (not same_model or key is num or row["model"] == found[num][0])
-                ):
-                    found[key] = row["model"], row[field]
-                    break
-            if key not in found:
-                break
-        else:
-            return found[num][1], found[den][1]
+        top = _first(record, *num, field)
+        if top is not None:
+            bottom = _first(record, *den, field, model=top[0] if same_model else None)
+            if bottom is not None:
+                return top[1], bottom[1]
     return None, None
 
 

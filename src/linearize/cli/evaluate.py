@@ -127,9 +127,8 @@ def run_ppl(args: argparse.Namespace) -> int:
         else:
             result = perplexity(model, tokens, config, progress, in_window)
     row = result.to_dict()
-    buckets = []
+    buckets = [] if in_window is None else in_window.buckets()
     if in_window is not None:
-        buckets = in_window.buckets()
         row["buckets"] = [b.to_dict() for b in buckets]
         row["bucket_positions"] = "in window"
     if args.out:
