@@ -130,3 +130,34 @@ def test_token_counts_read_as_k_only_where_exact():
     ]
     row = {"model": "m", "accuracy": {"8000": 0.8}, "trials": 5, "skipped": []}
     assert "8,000: 80%" in report.markdown_table("passkey", [row])
+
+
+def _positions(model: str, scored_as: str, ppl: dict[int, float]) -> dict:
+    """A streamed (or windowed) perplexity row with the buckets ``{from: ppl}``."""
+    starts = sorted(ppl)
+    ends = starts[1:] + [starts[-1] * 2]
+    buckets = [
+        {"from": a, "to": b, "tokens": b - a, "ppl": ppl[a]}
+        for a, b in zip(starts, ends, strict=True)
+    ]
+    return {"model": model, "data": "novel", "scored_as": scored_as, "buckets": buckets}
+
+
+def test_past_8k_goal_also_reads_each_bucket_over_the_originals():
+    """Every bucket past 8k against the model's own 4–8k: raw, and with the text's difficulty
+    divided out (each bucket over the original's, scored in windows of its positions)."""
+    ours = {1024: 18.0, 4096: 20.0, 8192: 21.0, 16384: 22.6}
+    theirs = {1024: 18.5, 4096: 20.5, 8192: 21.9, 16384: 23.5}
+    record = {
+        "kind": "ppl_position",
+        "rows": [_positions("M", "stream", ours), _positions("O", "windows of 8192", theirs)],
+    }
+    rows = report.position_goals([record])
+    raw = _goal(rows, "M: every bucket past 8k vs its 4–8k")
+    assert raw[2] == "1.13× at worst (2 buckets)" and raw[3] == "**no**"
+    fair = _goal(rows, "M: every bucket past 8k vs its 4–8k, each over the original's same bucket")
+    # max(21.0 / 21.9, 22.6 / 23.5) / (20.0 / 20.5) = 0.9617 / 0.9756
+    assert fair[2] == "0.99× at worst (2 buckets)" and fair[3] == "yes"
+    theirs[16384] = 20.0  # the original finds the last bucket easier: ours degrades
+    record["rows"][1] = _positions("O", "windows of 8192", theirs)
+    assert _goal(report.position_goals([record]), fair[0])[3] == "**no**"

@@ -278,3 +278,31 @@ def test_bench_decode_failed_run_ends_the_others_processes(saved, tmp_path):
     with pytest.raises(RuntimeError, match="this run cannot start"):
         speed.bench_decode([speed.ModelSpec(str(path))], (40,), steps=2, peers=[peer])
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_decode_run_prefills_on_every_core_and_steps_on_its_threads(engine, monkeypatch):
+    """The prompt (not timed) is prefilled with the threads torch has when the run starts; the
+    steps run on the run's ``threads`` (torch's and the engine's)."""
+    import torch
+
+    from linearize.bench.speed import ModelDecoding
+    from linearize.models.quantize import quantize
+
+    model = quantize(engine_model("augmented"), "int4")
+    seen = []
+    prefill = model.prefill
+    monkeypatch.setattr(
+        model, "prefill", lambda ids: seen.append(torch.get_num_threads()) or prefill(ids)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = ModelDecoding(model, 40, 8, engine, threads=1)
+        assert seen == [2] and torch.get_num_threads() == 1
+        if engine == "onnx":
+            assert run.fast.options.intra_op_num_threads == 1
+        run.step(timed=True)
+        assert len(run.result()["times"]) == 1
+    finally:
+        torch.set_num_threads(before)

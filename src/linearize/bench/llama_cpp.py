@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def gguf_info(path: str | Path) -> dict[str, int]:
 
 class LlamaDecoding:
     """A llama.cpp decode run on the GGUF ``path`` (:class:`linearize.bench.speed.Decoding`):
-    ``context − span`` random tokens evaluated, then one ``eval`` + argmax per step."""
+    ``context − span`` random tokens evaluated (on every core: not timed), then one ``eval`` +
+    argmax per step (on ``threads``)."""
 
     def __init__(self, path: str, context: int, span: int, threads: int) -> None:
         import numpy as np
@@ -62,7 +64,7 @@ class LlamaDecoding:
             model_path=path,
             n_ctx=context,
             n_threads=threads,
-            n_threads_batch=threads,
+            n_threads_batch=max(threads, len(os.sched_getaffinity(0))),
             n_batch=512,
             verbose=False,
         )

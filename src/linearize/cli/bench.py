@@ -190,7 +190,10 @@ def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
     )
     parser.add_argument("--name", help="file name stem of the saved record (default: the kind)")
     parser.add_argument(
-        "--threads", type=int, help="CPU threads for torch and llama.cpp (default: torch's)"
+        "--threads",
+        type=int,
+        help="CPU threads for torch and llama.cpp (default: torch's); a decode run prefills its "
+        "prompt, which is not timed, on every core",
     )
     parser.add_argument(
         "--no-isolate",
