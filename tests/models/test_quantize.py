@@ -188,7 +188,8 @@ def test_cli_quantize(tmp_path, capsys):
     # Quantizing the quantized directory again fails and leaves no directory behind.
     again = tmp_path / "again"
     assert main(["quantize", "--model", str(out), "--quant", "int8", "--out", str(again)]) == 2
-    assert "already quantized" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{out} is already quantized (int4)" in err and "it/s" not in err  # no bar drawn
     assert not again.exists() and not list(tmp_path.glob(".again*"))
     # --out naming the model being read would replace the fp original: refused, source intact.
     before = (source / "model.safetensors").read_bytes()

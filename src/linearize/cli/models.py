@@ -121,8 +121,13 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--calibration-tokens must be >= 2, got {args.calibration_tokens}")
     model = load(args.model)
     before = weight_bytes(model)
-    # (quantize refuses a quantized model before any calibration text is read)
-    calibration = None if quant_config(model) is not None else _calibration(args, model)
+    current = quant_config(model)
+    if current is not None:  # (before any calibration text is read or progress drawn)
+        raise ValueError(
+            f"{args.model} is already quantized ({current.quant}); quantize its fp32 original "
+            "instead"
+        )
+    calibration = _calibration(args, model)
     with tqdm(file=sys.stderr, leave=False) as bar:
         stages: list[str] = []
 
