@@ -400,13 +400,7 @@ def _bound_goal(decode: list[dict[str, Any]], context: int, target: float) -> li
             break
     if shares:
         met = sum(share >= target for share, _ in shares)
-        verdict = (
-            "yes"
-            if met == len(shares)
-            else "**no**"
-            if not met
-            else f"in {met} of {len(shares)} runs"
-        )
+        verdict = {len(shares): "yes", 0: "**no**"}.get(met, f"in {met} of {len(shares)} runs")
         return [name, f"≥ {target:.0%}", "; ".join(text for _, text in shares), verdict]
     return [name, f"≥ {target:.0%}", "not measured", "—"]
 
