@@ -248,12 +248,24 @@ def _speedup_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _position_plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity against position: one line per model, a point per bucket (at its middle)."""
+    """Perplexity against position: one line per model and text, a point per bucket (at its
+    middle); a model keeps its colour, a text its line style."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    texts = list(dict.fromkeys(r.get("data", "?") for r in rows))
+    styles = ["-", "--", ":", "-."]
     with _figure(path, (6.5, 3.6)) as ax:
         for r in rows:
             buckets = r["buckets"]
             xs = [max((b["from"] + b["to"]) / 2, 1) for b in buckets]
-            ax.plot(xs, [b["ppl"] for b in buckets], marker="o", label=f"{r['model']}")
+            data = r.get("data", "?")
+            ax.plot(
+                xs,
+                [b["ppl"] for b in buckets],
+                styles[texts.index(data) % len(styles)],
+                marker="o",
+                color=f"C{models.index(r['model']) % 10}",
+                label=f"{r['model']} ({data})" if len(texts) > 1 else r["model"],
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("position in the text (tokens)")
@@ -474,13 +486,14 @@ def position_goals(records: list[dict[str, Any]]) -> list[list[str]]:
     rows_out = []
     for row in (r for r in rows if r["scored_as"] == "stream"):
         base = next((o for o in originals if o["data"] == row["data"]), None)
+        who = f"{row['model']} on {row['data']}"
         for start in (1024, 4096):
             ours, theirs = _bucket(row, start), base and _bucket(base, start)
             if ours is not None and theirs is not None:
                 ratio = ours / theirs
                 rows_out.append(
                     [
-                        f"{row['model']}: ppl from {_k(start)} vs the original",
+                        f"{who}: ppl from {_k(start)} vs the original",
                         "≤ 1.10×",
                         f"{ratio:.2f}× ({ours:.2f} vs {theirs:.2f})",
                         "yes" if ratio <= 1.10 else "**no**",
@@ -492,7 +505,7 @@ def position_goals(records: list[dict[str, Any]]) -> list[list[str]]:
             worst = max(b["ppl"] for b in later) / mid
             rows_out.append(
                 [
-                    f"{row['model']}: every bucket past 8k vs its 4–8k",
+                    f"{who}: every bucket past 8k vs its 4–8k",
                     "≤ 1.05×",
                     f"{worst:.2f}× at worst ({len(later)} buckets)",
                     "yes" if worst <= 1.05 else "**no**",
@@ -504,7 +517,7 @@ def position_goals(records: list[dict[str, Any]]) -> list[list[str]]:
                 relative = max(ours / o for ours, o in pairs) / (mid / theirs)
                 rows_out.append(
                     [
-                        f"{row['model']}: every bucket past 8k vs its 4–8k, each over the "
+                        f"{who}: every bucket past 8k vs its 4–8k, each over the "
                         "original's same bucket",
                         "≤ 1.05×",
                         f"{relative:.2f}× at worst ({len(later)} buckets)",
