@@ -166,3 +166,46 @@ def test_past_8k_goal_also_reads_each_bucket_over_the_originals():
     theirs[16384] = 20.0  # the original finds the last bucket easier: ours degrades
     record["rows"][1] = _positions("O", "windows of 8192", theirs)
     assert _goal(report.position_goals([record]), fair[0])[3] == "**no**"
+
+
+def _eval(kind: str, rows: list[dict], models: dict[str, tuple[str, str]]) -> dict:
+    """An ``eval`` record: its rows, and ``{model: (family, quant)}`` as ``eval`` keeps them."""
+    described = {m: {"family": f, "quant": q} for m, (f, q) in models.items()}
+    return {"kind": kind, "rows": rows, "extra": {"models": described}}
+
+
+def test_accuracy_goals_from_eval_records():
+    """Passkey against the original at 4k and past it (where both measured), the Austen slice
+    against 25.16, and int4 against the one fp32 linear model on the same data and windows."""
+    passkeys = [
+        _eval(
+            "passkey",
+            [{"model": "M", "accuracy": {"1024": 1.0, "4096": 1.0, "8000": 0.6}, "trials": 5}],
+            {"M": ("linear", "none")},
+        ),
+        _eval(
+            "passkey",
+            [{"model": "O", "accuracy": {"4096": 1.0, "8000": 0.8}, "trials": 5}],
+            {"O": ("softmax", "none")},
+        ),
+    ]
+    ppl = lambda model, value: {"model": model, "data": "austen:eval", "window": 1024, "ppl": value}  # noqa: E731
+    ppls = [
+        _eval("ppl", [ppl("M", 24.0)], {"M": ("linear", "none")}),
+        _eval("ppl", [ppl("Q", 24.6)], {"Q": ("linear", "int4")}),
+        _eval("ppl", [ppl("O", 24.9)], {"O": ("softmax", "none")}),
+        {"kind": "ppl", "rows": [ppl("old", 30.0)], "extra": {}},  # no model info: left out
+    ]
+    rows = report.accuracy_goals(passkeys + ppls)
+    assert _goal(rows, "M: passkey at 4k vs the original")[2:] == ["5/5 vs 5/5", "yes"]
+    assert _goal(rows, "M: passkey at 8,000 vs the original")[2:] == ["3/5 vs 4/5", "**no**"]
+    assert not any("passkey at 1k" in row[0] for row in rows)  # below 4k: not a goal
+    assert _goal(rows, "M: Austen slice, 1k windows")[2:] == ["24.000", "yes"]
+    assert _goal(rows, "Q (int4) vs M: ppl on austen:eval")[2:] == [
+        "+2.50% (24.600 vs 24.000)",
+        "yes",
+    ]
+    assert not any(row[0].startswith(("O", "old")) for row in rows)
+    # Two fp32 linear models on the same windows: no pairing to guess.
+    rows = report.accuracy_goals(ppls + [_eval("ppl", [ppl("L", 23.0)], {"L": ("linear", "none")})])
+    assert not any("(int4)" in row[0] for row in rows)

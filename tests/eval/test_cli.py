@@ -96,6 +96,15 @@ def test_eval_ppl_of_a_model_linearized_on_the_fly(tiny_dirs, capsys, tmp_path):
     assert models == [name, name + "+augmented(sinks=0,size=4)", name + "+elu"]
     commands = [json.loads(p.read_text())["command"] for p in tmp_path.glob("*.json")]
     assert any("--option sinks=0 --group-size 4" in c for c in commands)
+    # Each record says what its model is, under the row's label (linearized on the fly: linear).
+    families = {}
+    for path in tmp_path.glob("*.json"):
+        families.update(json.loads(path.read_text())["extra"]["models"])
+    assert {m: families[m]["family"] for m in models} == {
+        name: "softmax",
+        name + "+augmented(sinks=0,size=4)": "linear",
+        name + "+elu": "linear",
+    }
 
 
 @pytest.mark.parametrize(

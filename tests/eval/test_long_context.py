@@ -146,8 +146,11 @@ def test_passkey_runs_and_skips_lengths_past_softmax_positions(tiny_dirs, capsys
     assert set(row["accuracy"]) == {"300", "400"}
     # The record's command reproduces the run: its trials and seed included.
     (record,) = (tmp_path / "results").glob("passkey-*.json")
-    command = json.loads(record.read_text())["command"]
-    assert command.endswith("--lengths 300,400 --trials 2 --seed 3")
+    saved = json.loads(record.read_text())
+    assert saved["command"].endswith("--lengths 300,400 --trials 2 --seed 3")
+    # ... and says what it measured (the report pairs a linear model with the original by it).
+    (info,) = saved["extra"]["models"].values()
+    assert info["family"] == "linear" and info["quant"] == "none"
     assert all(0 <= a <= 1 for a in row["accuracy"].values())
     bad = ["eval", "passkey", "--model", tiny_dirs["augmented"], "--depths", "0.5,2"]
     assert main(bad) == 2
@@ -171,6 +174,9 @@ def test_eval_ppl_stream_json_has_buckets(tiny_dirs, capsys, tmp_path):
     assert sum(b["tokens"] for b in row["buckets"]) == row["tokens"]
     assert math.isclose(row["ppl"], math.exp(row["nll"]), rel_tol=1e-9)
     assert list(tmp_path.glob("*.png"))
+    (record,) = tmp_path.glob("ppl-*.json")
+    (info,) = json.loads(record.read_text())["extra"]["models"].values()
+    assert info["family"] == "linear" and info["weight_bytes"] > 0
     assert main(argv[:-3] + ["--buckets", "0,64,32"]) == 2
     assert "strictly increasing" in capsys.readouterr().err
 

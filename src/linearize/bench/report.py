@@ -467,7 +467,7 @@ def goals(records: list[dict[str, Any]]) -> list[list[str]]:
             _pair(prefill, ("softmax", 16384), ("linear", 16384), "seconds"),
         )
     )
-    return rows + position_goals(records)
+    return rows + position_goals(records) + accuracy_goals(records)
 
 
 def _bucket(row: dict[str, Any], start: int) -> float | None:
@@ -525,6 +525,83 @@ def position_goals(records: list[dict[str, Any]]) -> list[list[str]]:
                     ]
                 )
     return rows_out
+
+
+# Issue 12: the 1k-window perplexity on the Austen slice must not pass the model's of 2026-11-29.
+AUSTEN_BEFORE = 25.16
+
+
+def _rows_by(records: list[dict[str, Any]], kind: str) -> list[tuple[dict[str, Any], dict]]:
+    """``(row, what the record says of its model)`` of every ``kind`` row whose record says it
+    (records saved before ``eval`` kept it have none: left out)."""
+    out = []
+    for record in (r for r in records if r["kind"] == kind):
+        for row in record["rows"]:
+            info = record.get("extra", {}).get("models", {}).get(row["model"])
+            if info is not None:
+                out.append((row, info))
+    return out
+
+
+def accuracy_goals(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Issues 12's and 14's accuracy goals from ``eval`` records: each linear model's passkey
+    accuracy at 4k and longer against the softmax original's (lengths both measured), its
+    Austen-slice perplexity in 1k windows against :data:`AUSTEN_BEFORE`, and an int4 model's
+    perplexity against the fp32 linear model's on the same data and windows (paired only where
+    one fp32 model is there to pair with)."""
+    out = []
+    keys = _rows_by(records, "passkey")
+    originals = [(r, i) for r, i in keys if i["family"] == "softmax"]
+    for row, info in keys:
+        if info["family"] != "linear" or not originals:
+            continue
+        theirs, _ = originals[0]
+        for length, ours in row["accuracy"].items():
+            if int(length) < 4096 or length not in theirs["accuracy"]:
+                continue
+            base = theirs["accuracy"][length]
+            n, m = row["trials"], theirs["trials"]
+            out.append(
+                [
+                    f"{row['model']}: passkey at {_k(int(length))} vs the original",
+                    "≥ the original's",
+                    f"{round(ours * n)}/{n} vs {round(base * m)}/{m}",
+                    "yes" if ours >= base else "**no**",
+                ]
+            )
+    ppl = _rows_by(records, "ppl")
+    for row, info in ppl:
+        if info["family"] != "linear":
+            continue
+        if info.get("quant") == "none" and row["data"] == "austen:eval" and row["window"] == 1024:
+            out.append(
+                [
+                    f"{row['model']}: Austen slice, 1k windows",
+                    f"≤ {AUSTEN_BEFORE}",
+                    f"{row['ppl']:.3f}",
+                    "yes" if row["ppl"] <= AUSTEN_BEFORE else "**no**",
+                ]
+            )
+        if info.get("quant") != "int4":
+            continue
+        fp32 = [
+            other
+            for other, i in ppl
+            if i["family"] == "linear"
+            and i.get("quant") == "none"
+            and (other["data"], other["window"]) == (row["data"], row["window"])
+        ]
+        if len(fp32) == 1:
+            cost = row["ppl"] / fp32[0]["ppl"] - 1
+            out.append(
+                [
+                    f"{row['model']} (int4) vs {fp32[0]['model']}: ppl on {row['data']}",
+                    "≤ +3 %",
+                    f"{cost:+.2%} ({row['ppl']:.3f} vs {fp32[0]['ppl']:.3f})",
+                    "yes" if cost <= 0.03 else "**no**",
+                ]
+            )
+    return out
 
 
 # --- the page --------------------------------------------------------------------------------

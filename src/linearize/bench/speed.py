@@ -177,7 +177,7 @@ def supports_context(model: Decoder, context: int) -> bool:
 
 def describe(model: Decoder) -> dict[str, Any]:
     """What a benchmark record keeps about a model: its family (softmax / linear / hybrid), its
-    attentions, weight bytes and trained context."""
+    attentions, weights (``quant``, bytes) and trained context."""
     names = model.attention_names()
     family = (
         "softmax" if set(names) == {"softmax"} else "hybrid" if "softmax" in names else "linear"
@@ -185,6 +185,7 @@ def describe(model: Decoder) -> dict[str, Any]:
     return {
         "family": family,
         "attention": ",".join(sorted(set(names))),
+        "quant": "none" if model.quantization is None else model.quantization.quant,
         "weight_bytes": weight_bytes(model),
         "max_position_embeddings": model.config.max_position_embeddings,
     }

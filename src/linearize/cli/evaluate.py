@@ -134,7 +134,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     if args.out:
         command = _command(args)
         record = {"model": model_label(args), "data": args.data, **row}
-        report.save_results(args.out, _stem(args), "ppl", [record], command)
+        report.save_results(args.out, _stem(args), "ppl", [record], command, _models(args, model))
     if args.json:
         print(json.dumps(row))
     else:
@@ -171,7 +171,8 @@ def _report_stream(args, model, engine, tokens, edges, progress) -> int:
     row["seconds"] = time.perf_counter() - start
     if args.out:
         record = {"model": model_label(args), "data": args.data, **row}
-        report.save_results(args.out, _stem(args), "ppl_position", [record], _command(args))
+        stem, command = _stem(args), _command(args)
+        report.save_results(args.out, stem, "ppl_position", [record], command, _models(args, model))
     if args.json:
         print(json.dumps(row))
         return 0
@@ -223,13 +224,21 @@ def run_passkey(args: argparse.Namespace) -> int:
         command += f" --quant {args.quant}" if args.quant else ""
         command += f" --depths {args.depths}" if args.depths else f" --trials {args.trials}"
         command += f" --seed {args.seed}" if args.seed else ""
-        report.save_results(args.out, f"passkey-{_stem_label(args)}", "passkey", [row], command)
+        stem = f"passkey-{_stem_label(args)}"
+        report.save_results(args.out, stem, "passkey", [row], command, _models(args, model))
     if args.json:
         print(json.dumps(row))
     else:
         for n, a in accuracy.items():
             print(f"passkey {n:>6} tokens: {a:.0%} of {len(depths)}")
     return 0
+
+
+def _models(args: argparse.Namespace, model) -> dict:
+    """A record's ``extra``: what it measured, by its label (family, weights; as ``bench``'s)."""
+    from linearize.bench.speed import describe
+
+    return {"models": {model_label(args): describe(model)}}
 
 
 def _stem_label(args: argparse.Namespace) -> str:
