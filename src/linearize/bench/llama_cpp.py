@@ -64,7 +64,7 @@ class LlamaDecoding:
             model_path=path,
             n_ctx=context,
             n_threads=threads,
-            n_threads_batch=max(threads, len(os.sched_getaffinity(0))),
+            n_threads_batch=max(threads, os.cpu_count() or 1),
             n_batch=512,
             verbose=False,
         )

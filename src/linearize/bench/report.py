@@ -339,8 +339,14 @@ def load_records(results: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 # --- the goals of the evaluation issue -------------------------------------------------------
 
 
+def _info(record: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """What ``record`` says of ``model`` (``bench.speed.describe``), ``None`` where it does not
+    (records saved before ``eval`` kept it)."""
+    return record.get("extra", {}).get("models", {}).get(model)
+
+
 def _family(record: dict[str, Any], model: str) -> str:
-    return record.get("extra", {}).get("models", {}).get(model, {}).get("family", "unknown")
+    return (_info(record, model) or {}).get("family", "unknown")
 
 
 def _first(
@@ -396,7 +402,7 @@ def _bound_goal(decode: list[dict[str, Any]], context: int, target: float) -> li
     for record in decode:
         bandwidth = record.get("extra", {}).get("bandwidth_bytes_per_s")
         for row in record["rows"]:
-            info = record.get("extra", {}).get("models", {}).get(row["model"], {})
+            info = _info(record, row["model"]) or {}
             weights, state, tps = info.get("weight_bytes"), row["state_bytes"], row["tokens_per_s"]
             if (
                 info.get("family") != "linear"
@@ -532,15 +538,11 @@ AUSTEN_BEFORE = 25.16
 
 
 def _rows_by(records: list[dict[str, Any]], kind: str) -> list[tuple[dict[str, Any], dict]]:
-    """``(row, what the record says of its model)`` of every ``kind`` row whose record says it
-    (records saved before ``eval`` kept it have none: left out)."""
-    out = []
-    for record in (r for r in records if r["kind"] == kind):
-        for row in record["rows"]:
-            info = record.get("extra", {}).get("models", {}).get(row["model"])
-            if info is not None:
-                out.append((row, info))
-    return out
+    """``(row, what the record says of its model)`` of every ``kind`` row whose record says it."""
+    pairs = [
+        (row, _info(r, row["model"])) for r in records if r["kind"] == kind for row in r["rows"]
+    ]
+    return [(row, info) for row, info in pairs if info is not None]
 
 
 def accuracy_goals(records: list[dict[str, Any]]) -> list[list[str]]:

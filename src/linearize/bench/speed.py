@@ -175,6 +175,11 @@ def supports_context(model: Decoder, context: int) -> bool:
     return not has_softmax or context <= model.config.max_position_embeddings
 
 
+def _quant(model: Decoder) -> str:
+    """The model's ``--quant`` value (``none``: fp weights)."""
+    return "none" if model.quantization is None else model.quantization.quant
+
+
 def describe(model: Decoder) -> dict[str, Any]:
     """What a benchmark record keeps about a model: its family (softmax / linear / hybrid), its
     attentions, weights (``quant``, bytes) and trained context."""
@@ -185,7 +190,7 @@ def describe(model: Decoder) -> dict[str, Any]:
     return {
         "family": family,
         "attention": ",".join(sorted(set(names))),
-        "quant": "none" if model.quantization is None else model.quantization.quant,
+        "quant": _quant(model),
         "weight_bytes": weight_bytes(model),
         "max_position_embeddings": model.config.max_position_embeddings,
     }
@@ -222,7 +227,7 @@ class ModelDecoding:
             raise ValueError(f"context {context} must exceed warmup + steps = {span}")
         self.model, self.context = model, context
         self.engine = resolve_engine(engine, model)
-        self.quant = "none" if model.quantization is None else model.quantization.quant
+        self.quant = _quant(model)
         threads = threads or torch.get_num_threads()
         self.fast = build_engine(self.engine, model, max_context=context, threads=threads)
         # In segments of PREFILL_SEGMENT tokens, as generate feeds a prompt: 128k contexts fit.

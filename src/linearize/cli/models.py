@@ -15,7 +15,7 @@ from linearize.models import is_new_parameter, linearize, load
 from linearize.models.directory import check_output
 from linearize.models.quantize import (
     QUANTS,
-    quant_config,
+    check_unquantized,
     quantize,
     quantized_numel,
     weight_bytes,
@@ -121,12 +121,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--calibration-tokens must be >= 2, got {args.calibration_tokens}")
     model = load(args.model)
     before = weight_bytes(model)
-    current = quant_config(model)
-    if current is not None:  # (before any calibration text is read or progress drawn)
-        raise ValueError(
-            f"{args.model} is already quantized ({current.quant}); quantize its fp32 original "
-            "instead"
-        )
+    check_unquantized(model, args.model)  # before any calibration is read or progress drawn
     calibration = _calibration(args, model)
     with tqdm(file=sys.stderr, leave=False) as bar:
         stages: list[str] = []

@@ -430,6 +430,15 @@ def quant_config(model: Decoder) -> QuantConfig | None:
     return getattr(model, "quantization", None)
 
 
+def check_unquantized(model: Decoder, source: str = "this model") -> None:
+    """A ``ValueError`` naming ``source`` if ``model`` is already quantized."""
+    current = quant_config(model)
+    if current is not None:
+        raise ValueError(
+            f"{source} is already quantized ({current.quant}); quantize its fp32 original instead"
+        )
+
+
 def _linears(model: Decoder) -> list[tuple[nn.Module, str, nn.Linear]]:
     """Every decoder-layer projection and MLP linear, as ``(parent, attribute, module)``."""
     found = []
@@ -477,11 +486,7 @@ def quantize(
     if calibration is not None:
         config = dataclasses.replace(config, method="gptq")
     config.validate()
-    if quant_config(model) is not None:
-        raise ValueError(
-            f"this model is already quantized ({quant_config(model).quant}); quantize its fp32 "
-            "original instead"
-        )
+    check_unquantized(model)
     if config.quant == "bf16":
         if calibration is not None:
             raise ValueError("bf16 has no codes to choose: calibration is for int8 / int4")
