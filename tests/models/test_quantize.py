@@ -14,6 +14,7 @@ from linearize.models.quantize import (
     dequantize,
     gptq_weight,
     input_moments,
+    keep_dequantized,
     pack,
     quantize,
     quantize_weight,
@@ -139,6 +140,26 @@ def test_reference_path_runs_every_form():
             logits, state = model(ids[:, t : t + 1], state=state)
             steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_keep_dequantized_gives_the_same_logits_and_saves_nothing_more(quant, tmp_path):
+    model = quantize(tiny_model("augmented").float().eval(), quant)
+    ids = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        want, _ = model(ids)
+    saved = set(model.state_dict())
+    linears = [m for m in model.modules() if hasattr(m, "dense")]
+    added = keep_dequantized(model)
+    assert added == sum(m.out_features * m.in_features * 4 for m in linears) > 0
+    assert keep_dequantized(model) == 0  # once
+    with torch.no_grad():
+        again, _ = model(ids)
+    assert torch.equal(want, again)
+    assert set(model.state_dict()) == saved
+    model.save(tmp_path / "q")
+    loaded = linearize.load(tmp_path / "q")
+    assert all(m.dense is None for m in loaded.modules() if hasattr(m, "dense"))
 
 
 def test_bad_input(tmp_path):

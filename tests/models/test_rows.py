@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from linearize.models.decoder import DecodeRows
+from linearize.models.state import copy_state, map_batch, row_views, select_rows
 from tests.generation.conftest import KINDS, tiny_model
 from tests.helpers import assert_close
 
@@ -79,3 +80,34 @@ def test_decode_rows_join_and_leave_mid_stream(kind):
             model(probe, state=rows.state(key))[0],
             1e-12,
         )
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    """Every batch-first tensor of ``state``, in order."""
+    out: list[torch.Tensor] = []
+    map_batch(state, lambda t: out.append(t) or t)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_views_decode_as_their_rows_without_copying(kind):
+    """A batched prefill's rows as views (the server's batched prefill): no copy, and decoding
+    one row in place (twice, from its view) leaves the other rows as they were."""
+    model = tiny_model(kind)
+    _, batched = model(torch.randint(0, 128, (3, 6)))
+    views = row_views(batched)
+    assert [v.pos for v in views] == [6, 6, 6]
+    for i, view in enumerate(views):
+        alone = _tensors(select_rows(batched, torch.tensor([i])))
+        assert all(torch.equal(a, b) for a, b in zip(alone, _tensors(view), strict=True))
+        storage = {t.untyped_storage().data_ptr() for t in _tensors(batched)}
+        assert {t.untyped_storage().data_ptr() for t in _tensors(view)} <= storage
+    before = _tensors(copy_state(batched))
+    ref = copy_state(views[1])
+    token = torch.tensor([[5]])
+    for _ in range(2):
+        want, ref = model(token, state=ref)
+        got, views[1] = model(token, state=views[1])
+        assert_close(f"{kind} row 1 decoded", want, got, 1e-12)
+    for a, b in zip(before, _tensors(batched), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]), f"{kind}: rows 0, 2 moved"

@@ -86,9 +86,15 @@ def _assert_same_state(name, ref: linear_attn.LinearAttnState, out: linear_attn.
 
 
 @pytest.mark.parametrize("spec_id", SPECS)
-def test_rows_step_equals_per_row_step(spec_id):
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [0, 1, 3, 6, 9, 13],  # rows at different positions: inside and past the window
+        [2, 0, 1],  # every ring still filling: a step reads only up to the furthest row
+    ],
+)
+def test_rows_step_equals_per_row_step(spec_id, lengths):
     spec = SPECS[spec_id]
-    lengths = [0, 1, 3, 6, 9, 13]  # rows at different positions: inside and past the window
     states = _states(spec, lengths)
     rows = linear_attn_rows.init_rows(spec, 8, HKV, K, FEAT, V, dtype=torch.float64)
     nbytes, pointers = rows.row_nbytes(), [t.data_ptr() for t in rows._tensors()]

@@ -25,3 +25,7 @@ def test_quantized_model_serves_what_generate_gives(quant):
             model="q4", prompt="It is a truth", max_tokens=12, temperature=0
         )
     assert out.choices[0].text == want.text
+    # The batched rows multiply by weights dequantized once, not on every step.
+    dense = [m.dense for m in model.modules() if hasattr(m, "dense")]
+    assert dense if quant == "int4" else not dense
+    assert all(d is not None for d in dense)

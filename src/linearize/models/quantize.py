@@ -347,7 +347,8 @@ def _export_offset(zero: Tensor, scale: Tensor, bits: int) -> Tensor | None:
 
 
 class QuantizedLinear(nn.Module):
-    """``nn.Linear`` with a quantized weight, dequantized on every call (the reference path)."""
+    """``nn.Linear`` with a quantized weight, dequantized on every call (the reference path),
+    or once, kept beside the codes (:func:`keep_dequantized`)."""
 
     def __init__(
         self, linear: nn.Linear, config: QuantConfig, shared: QuantizedWeight | None = None
@@ -357,6 +358,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = K, N
         self.qweight = shared if shared is not None else QuantizedWeight(N, K, config)
         self.bias = linear.bias
+        # The weight dequantized once (keep_dequantized): not saved, the same numbers.
+        self.register_buffer("dense", None, persistent=False)
 
     @property
     def weight(self) -> Tensor:
@@ -370,7 +373,8 @@ class QuantizedLinear(nn.Module):
             shape = (q.bits, q.group_size, q.out_features, q.in_features, tuple(x.shape))
             y = _NBitsLinear.apply(x, q.codes, scale, q.zero, offset_t, *shape)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        weight = self.weight if self.dense is None else self.dense
+        return F.linear(x, weight.to(x.dtype), self.bias)
 
 
 class BF16Linear(nn.Module):
@@ -570,6 +574,20 @@ def apply_quant(model: Decoder, quant: str | None, source: str = "this model") -
             "drop --quant, or quantize its fp32 original"
         )
     return model
+
+
+def keep_dequantized(model: nn.Module) -> int:
+    """Keep each quantized linear's weight dequantized beside its codes, so that a PyTorch path
+    running many small steps (the server's batched rows) multiplies by it instead of
+    dequantizing the whole matrix on every call: the same numbers, bit for bit, for the memory
+    of the float weights. Nothing changes on disk; embedding lookups still dequantize only their
+    rows. Returns the bytes added (0 when already kept, or for a model without codes)."""
+    added = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.dense is None:
+            module.dense = module.weight.detach()
+            added += module.dense.numel() * module.dense.element_size()
+    return added
 
 
 def dequantized_state_dict(model: Decoder) -> dict[str, Tensor]:

@@ -50,6 +50,15 @@ def select_rows(state: ModelState, index: Tensor) -> ModelState:
     return map_batch(state, lambda t: t.index_select(0, index.to(t.device)))
 
 
+def row_views(state: ModelState) -> list[ModelState]:
+    """Each batch row as a batch-1 state viewing the batched state's memory, not a copy (a
+    wide window's buffers are ~25 MB a layer a row; copying them was most of a batched server
+    prefill): decoding a row in place writes only its own part. ``times``, shared by the
+    batch, is each row's own copy. A view keeps the whole batch alive: copy a row that is kept
+    (:func:`copy_state`)."""
+    return [map_batch(state, lambda t, i=i: t[i : i + 1]) for i in range(batch_size(state))]
+
+
 def batch_size(state: ModelState) -> int:
     attn = state.layers[0].attn
     return getattr(attn, _BATCHED[type(attn)][0]).shape[0]

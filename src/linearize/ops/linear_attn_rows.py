@@ -94,6 +94,13 @@ def ring_size(spec: LinearAttnSpec) -> int:
     return 0 if spec.capacity == 0 else spec.sinks + spec.size
 
 
+def ring_reach(spec: LinearAttnSpec, pos: Tensor) -> int:
+    """How many leading slots of the rings can be filled for rows at times ``pos`` (each row's
+    newest token written): slots fill in order until a ring wraps, so the rest are empty in
+    every row. (One host sync: the step's shapes depend on it.)"""
+    return min(ring_size(spec), int(pos.max()) + 1)
+
+
 def ring_slot(spec: LinearAttnSpec, times: Tensor) -> Tensor:
     """The slot of the token at each time of ``times`` (any shape)."""
     window = spec.sinks + (times - spec.sinks) % spec.size
@@ -239,13 +246,17 @@ def step_rows(
     # 2. attend: every valid slot is local; the rest of the past is in S, z
     if q_sink is not None:
         q_sink = q_sink.view(B, Hkv, H // Hkv, K)
-    valid = rows.times[:B] >= 0
+    # Until every row's ring has wrapped, the slots past the furthest row's newest token are
+    # empty in every row: read up to it (a wide window of 8,188 slots, 600 tokens into a chat,
+    # is read 600 slots deep, not 8,192).
+    n = ring_reach(spec, pos)
+    valid = rows.times[:B, :n] >= 0
     if spec.retain:
         rows.score[b, :, slot] = 0
-        num, den = _retained_readout(spec, q, rows, B, q_sink, valid)
+        num, den = _retained_readout(spec, q, rows, B, n, q_sink, valid)
     else:
         num, den = linear_attn._local_readout(
-            spec, q, rows.k[:B], rows.v[:B], q_sink, spec.sinks, valid
+            spec, q, rows.k[:B, :, :n], rows.v[:B, :, :n], q_sink, spec.sinks, valid
         )
     o = linear_attn._combine(spec, num, den, fq, S, z, alpha)
     # 3. the token at τ + 1 − size leaves the window
@@ -255,24 +266,30 @@ def step_rows(
 
 
 def _retained_readout(
-    spec: LinearAttnSpec, q: Tensor, rows: LinearAttnRows, B: int, q_sink: Tensor | None, valid
+    spec: LinearAttnSpec,
+    q: Tensor,
+    rows: LinearAttnRows,
+    B: int,
+    n: int,
+    q_sink: Tensor | None,
+    valid: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The window's softmax with each row's retained cache in its denominator (weighed
-    ``e^{s−m}``, ``m`` the window's largest score) as ``linear_attn._step_retained_readout``;
-    adds the window's probabilities (summed over the query heads; sinks score nothing) to the
-    slots' scores."""
+    """The window's softmax (its first ``n`` slots) with each row's retained cache in its
+    denominator (weighed ``e^{s−m}``, ``m`` the window's largest score) as
+    ``linear_attn._step_retained_readout``; adds the window's probabilities (summed over the
+    query heads; sinks score nothing) to the slots' scores."""
     scores = linear_attn._window_scores(
-        q, rows.k[:B], q_sink, spec.sinks, valid[:, None, None, :], None
+        q, rows.k[:B, :, :n], q_sink, spec.sinks, valid[:, None, None, :], None
     )
     m = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - m)
     den = weights.sum(-1)
-    num = torch.matmul(weights, rows.v[:B])
+    num = torch.matmul(weights, rows.v[:B, :, :n])
     far_num, far_den = linear_attn.cache_readout(
         q, q_sink, rows.rk[:B], rows.rv[:B], rows.rtimes[:B], m
     )
-    attention = (weights / den[..., None]).sum(2) * (rows.times[:B] >= spec.sinks)[:, None]
-    rows.score[:B] += attention
+    attention = (weights / den[..., None]).sum(2) * (rows.times[:B, :n] >= spec.sinks)[:, None]
+    rows.score[:B, :, :n] += attention
     return num + far_num, den + far_den
 
 

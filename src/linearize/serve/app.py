@@ -25,6 +25,7 @@ from linearize.bench.memory import current_rss_bytes
 from linearize.generation.medusa import MedusaHeads
 from linearize.generation.streaming import encode_chat, encode_prompt
 from linearize.models.decoder import Decoder
+from linearize.models.quantize import keep_dequantized
 from linearize.serve import protocol
 from linearize.serve.config import ServeConfig
 from linearize.serve.prefix_cache import PrefixCache
@@ -76,6 +77,16 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
     config = config.validate()
     model.eval()
     served = config.model
+    added = keep_dequantized(model)
+    if added:
+        # The batched rows run PyTorch matmuls: dequantizing every weight on every step made
+        # an int4 model serve at ~3 tokens/s (docs/results.md, "Serving a quantized model").
+        logger.info(
+            "serving the %s weights from float copies kept in memory (+%.0f MB): the batched "
+            "rows multiply by them instead of dequantizing every step",
+            model.quantization.quant,
+            added / 1e6,
+        )
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
         model,

@@ -32,7 +32,7 @@ from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
 from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder, DecodeRows, ModelState
-from linearize.models.state import select_rows
+from linearize.models.state import copy_state, row_views
 from linearize.serve.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class _Row:
         self.started = time.perf_counter()
         self.prefill_s = 0.0
         self.first_token: float | None = None
+        # Its state is a view of a batched prefill's (until the batched rows copy it in).
+        self.viewing = False
 
     def nbytes(self) -> int:
         state = self.state if self.state is not None else getattr(self.decoding, "state", None)
@@ -274,10 +276,15 @@ class Scheduler:
                 logger.exception("a batched prefill failed: prefilling its rows one by one")
                 continue
             self.prefilled_together += len(rows)
-            for i, row in enumerate(rows):
+            for i, (row, row_state) in enumerate(zip(rows, row_views(state), strict=True)):
                 tokens = None
                 try:
-                    row_state = select_rows(state, torch.tensor([i], device=self.model.device))
+                    if row.job.config.speculative != "none":
+                        # A speculative row keeps its state (and may cache it when done): its
+                        # own copy, not a view holding the whole batch.
+                        row_state = copy_state(row_state)
+                    # A plain row's view is copied into the batched rows at its first step.
+                    row.viewing = row.job.config.speculative == "none"
                     tokens = row.decoding.prefilled(row.job.prompt, last[i], row_state)
                 except Exception as e:
                     self._prefill_failed(row, e)
@@ -379,7 +386,10 @@ class Scheduler:
             # the client hears that the request is done).
             batch = self._batch
             in_batch = batch is not None and row in batch
-            self.cache.put(decoding.history, batch.state(row) if in_batch else decoding.state)
+            state = batch.state(row) if in_batch else decoding.state
+            if row.viewing and not in_batch:  # done at its first token: not a view to keep
+                state = copy_state(state)
+            self.cache.put(decoding.history, state)
         now = time.perf_counter()
         new = len(row.output.tokens)
         first = row.first_token or now
