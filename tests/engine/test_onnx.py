@@ -85,6 +85,37 @@ def test_rings_grow_with_the_context(kind, tmp_path):
     assert_close("after a long prefill", reference[0, 100], after, TOLERANCE)
 
 
+@pytest.mark.parametrize("kind", ["softmax", "wide_retain"])
+def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
+    """Three sequences on one engine (``hold`` a ring state each, ``use`` it for a step: the
+    server's rows), switched every step and growing past their reach at different steps, give
+    the reference's logits for each; switching back reuses the ring's bindings."""
+    model = _model(kind)
+    quantize(model, "int4")
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (3, 90))
+    starts = [4, 20, 37]
+    engine = OnnxEngine(
+        model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=16
+    )
+    with torch.no_grad():
+        reference = [model(ids[i : i + 1])[0][0] for i in range(3)]
+        rings = [engine.hold(model.prefill(ids[i : i + 1, : starts[i]])[1]) for i in range(3)]
+    reaches = set()
+    for t in range(40):
+        for i in range(3):
+            engine.use(rings[i])
+            got = engine.step(int(ids[i, starts[i] + t]))
+            assert_close(f"{kind} row {i} step {t}", reference[i][starts[i] + t], got, TOLERANCE)
+            rings[i] = engine.state
+            reaches.add(engine.state.reach)
+    assert len(reaches) > 2  # the rings grew along the way
+    bindings = engine.bindings
+    engine.use(rings[0])
+    engine.use(rings[2])
+    assert engine.bindings is bindings
+
+
 @pytest.mark.parametrize("kind", ["wide", "wide_retain"])
 def test_snapshots_and_trees_across_a_growth(kind, tmp_path):
     """restore() returns to the reach of its snapshot; a tree reads the rings up to the state's

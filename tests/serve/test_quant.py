@@ -1,13 +1,18 @@
-"""Serving a quantized model: the reference path on the quantized weights, as generate runs it."""
+"""Serving a quantized model: on the engine (the default for int8 / int4: rows step one after
+another, each as ``generate`` on the engine runs it), or on the PyTorch reference path, batched."""
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import openai
 import pytest
 
+from linearize.engine import build_engine
 from linearize.generation import GenerationConfig, generate
 from linearize.models.quantize import quantize
 from linearize.serve import ServeConfig, build_app, serve_in_thread
+from tests.generation.conftest import text_model
 from tests.serve.conftest import KEY, LIMITS, serving_model
 
 
@@ -16,7 +21,7 @@ def test_quantized_model_serves_what_generate_gives(quant):
     # float64 like the other serving tests: batched rows then match generate exactly.
     model = quantize(serving_model(), quant)
     want = generate(model, "It is a truth", GenerationConfig(max_new_tokens=12))
-    config = ServeConfig(model="q4", api_key=KEY, quant=quant, **LIMITS)
+    config = ServeConfig(model="q4", api_key=KEY, quant=quant, engine="torch", **LIMITS)
     with (
         serve_in_thread(build_app(model, config, None)) as url,
         openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as client,
@@ -29,3 +34,36 @@ def test_quantized_model_serves_what_generate_gives(quant):
     dense = [m.dense for m in model.modules() if hasattr(m, "dense")]
     assert dense if quant == "int4" else not dense
     assert all(d is not None for d in dense)
+
+
+def test_quantized_model_serves_on_the_engine_what_generate_gives_on_it():
+    """Concurrent requests on one engine (each row its own ring state, switched every step)
+    give what ``generate`` gives for each alone on an engine of the same model."""
+    model = quantize(text_model("hybrid").float().eval(), "int4")
+    prompts = ["It is a truth", "Emma Woodhouse, handsome", "The family of Dashwood had long"]
+    engine = build_engine("onnx", model, max_context=256)
+    config = GenerationConfig(max_new_tokens=24)
+    want = [generate(model, p, config, engine=engine).text for p in prompts]
+    # One prompt chunk, as generate prefills; the default engine for an int4 model is onnx.
+    limits = {**LIMITS, "prefill_chunk": 512}
+    app = build_app(model, ServeConfig(model="q4", api_key=KEY, **limits), None)
+    assert app.state.scheduler.engine is not None
+    with (
+        serve_in_thread(app) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as client,
+    ):
+
+        def complete(prompt: str) -> str:
+            out = client.completions.create(model="q4", prompt=prompt, max_tokens=24, temperature=0)
+            return out.choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, prompts))
+        stats = app.state.scheduler.stats()
+    assert got == want
+    assert stats["row_steps"] > stats["steps"]  # rows stepped in the same scheduler steps
+
+
+def test_bad_engine_is_refused():
+    with pytest.raises(ValueError, match="engine='fast'; allowed"):
+        ServeConfig(model="q4", engine="fast").validate()

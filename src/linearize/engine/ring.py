@@ -224,6 +224,8 @@ class RingState:
         self.layouts = layouts
         self.reach = reach
         self.inv_freq = inv_freq
+        # An engine's I/O bindings of these arrays, by session (built once: OnnxEngine._use).
+        self.bindings: dict[object, list] = {}
         self._frequencies = None if inv_freq is None else inv_freq.float().numpy()
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}

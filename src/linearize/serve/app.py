@@ -17,11 +17,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from linearize.bench.memory import current_rss_bytes
+from linearize.engine import build_engine, resolve_engine
 from linearize.generation.medusa import MedusaHeads
 from linearize.generation.streaming import encode_chat, encode_prompt
 from linearize.models.decoder import Decoder
@@ -87,6 +89,13 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
             model.quantization.quant,
             added / 1e6,
         )
+    engine = None
+    name = resolve_engine(config.engine, model)
+    if name != "torch":
+        # Plain rows step on it, one after another; prompts and speculative rows stay on the
+        # PyTorch path (the prefix cache holds PyTorch states).
+        context = config.max_prompt_tokens + config.max_tokens
+        engine = build_engine(name, model, max_context=context, threads=torch.get_num_threads())
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
         model,
@@ -95,6 +104,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         max_queue=config.max_queue,
         prefill_chunk=config.prefill_chunk,
         heads=heads,
+        engine=engine,
     )
     created = int(time.time())
     # Medusa only where the served model has heads (a request asking for it gets a 400).

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from linearize.config import Config, option
+from linearize.engine import check_engine
 from linearize.models.quantize import QUANTS as WEIGHT_FORMATS
 from linearize.models.quantize import check_quant
 
@@ -14,6 +15,7 @@ from linearize.models.quantize import check_quant
 # fast one for many streams on a CPU with AVX512-BF16, docs/results.md "Serving").
 QUANTS = tuple(WEIGHT_FORMATS)
 Quant = Literal["none", "int8", "int4", "bf16"]
+Engine = Literal["auto", "torch", "onnx"]  # linearize.engine.ENGINES
 
 
 @dataclass
@@ -30,6 +32,12 @@ class ServeConfig(Config):
         "weights: as loaded (none; a quantized directory stays quantized) or int8 / int4 / bf16",
         "none",
     )
+    engine: Engine = option(
+        "decoding engine: auto (onnx for an int8 / int4 model, else torch), torch (the rows in "
+        "one batched PyTorch step) or onnx (ONNX Runtime, batch 1: the rows step one after "
+        "another, each several times faster)",
+        "auto",
+    )
     max_prompt_tokens: int = option("longest prompt accepted, in tokens", 8192)
     max_tokens: int = option("most new tokens one request may ask for", 2048)
     max_sessions: int = option("requests decoded together (rows of the batch)", 16)
@@ -44,6 +52,7 @@ class ServeConfig(Config):
 
     def validate(self) -> ServeConfig:
         check_quant(self.quant)
+        check_engine(self.engine)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must lie in [0, 65535] (0: any free port), got {self.port}")
         if self.api_key is not None and not self.api_key:

@@ -104,10 +104,15 @@ class Scheduler:
         max_queue: int,
         prefill_chunk: int = 512,
         heads: MedusaHeads | None = None,
+        engine: Any = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.heads = model, cache, heads
+        # A fast engine (linearize.engine; batch 1) steps the plain rows one after another,
+        # each on a ring state of its own; None: one batched PyTorch step (DecodeRows).
+        self.engine = engine
+        self._rings: dict[_Row, Any] = {}
         self.prefill_chunk = prefill_chunk
         self.max_sessions, self.max_queue = max_sessions, max_queue
         self._queue: collections.deque[Job] = collections.deque()
@@ -172,7 +177,7 @@ class Scheduler:
             "queued": queued,
             "max_sessions": self.max_sessions,
             "max_queue": self.max_queue,
-            "state_bytes": sum(r.nbytes() for r in rows) + self._batch_bytes,
+            "state_bytes": sum(r.nbytes() for r in rows) + self._batch_bytes + self._ring_bytes(),
             "steps": self.steps,
             "row_steps": self.row_steps,
             "completed": self.completed,
@@ -207,6 +212,7 @@ class Scheduler:
         self._rows.clear()
         self._joining.clear()
         self._batch, self._batch_bytes = None, 0
+        self._rings.clear()
 
     def _prefill(self, row: _Row) -> None:
         """Feed the next chunk of ``row``'s prompt (up to a cacheable boundary); with the last
@@ -322,7 +328,9 @@ class Scheduler:
     def _step(self) -> None:
         rows = [r for r in self._rows if r.output.reason is None and not r.job.cancelled.is_set()]
         plain = [r for r in rows if not r.decoding.speculating]
-        if plain:
+        if plain and self.engine is not None:
+            self._step_on_engine(plain)
+        elif plain:
             batch = self._plain_rows(plain)
             self.steps += 1
             self.row_steps += len(batch)
@@ -342,6 +350,29 @@ class Scheduler:
                 except Exception as e:
                     logger.exception("request %s failed in a speculative step", row.job.request_id)
                     self._fail(row, e)
+
+    def _step_on_engine(self, plain: list[_Row]) -> None:
+        """A step of each plain row on the engine, one after another: a row's PyTorch state
+        (after its prompt) moves into a ring state of its own at its first step."""
+        self.steps += 1
+        self.row_steps += len(plain)
+        engine = self.engine
+        for row in plain:
+            try:
+                ring = self._rings.get(row)
+                if ring is None:
+                    ring = engine.hold(row.decoding.state)
+                    row.decoding.state = None
+                engine.use(ring)
+                logits = engine.step(row.decoding.root)
+                self._rings[row] = engine.state
+                self._emit(row, row.decoding.advance(logits, None))
+            except Exception as e:
+                logger.exception("request %s failed in an engine step", row.job.request_id)
+                self._fail(row, e)
+
+    def _ring_bytes(self) -> int:
+        return sum(ring.nbytes() for ring in list(self._rings.values()))
 
     def _plain_rows(self, plain: list[_Row]) -> DecodeRows:
         """The batch holding exactly the ``plain`` rows: rows new to plain decoding join it
@@ -387,9 +418,11 @@ class Scheduler:
             batch = self._batch
             in_batch = batch is not None and row in batch
             state = batch.state(row) if in_batch else decoding.state
-            if row.viewing and not in_batch:  # done at its first token: not a view to keep
-                state = copy_state(state)
-            self.cache.put(decoding.history, state)
+            if row.viewing and not in_batch and state is not None:  # done at its first token
+                state = copy_state(state)  # not a view to keep
+            # (None: the row decoded on the engine, whose ring state stays there.)
+            if state is not None:
+                self.cache.put(decoding.history, state)
         now = time.perf_counter()
         new = len(row.output.tokens)
         first = row.first_token or now
@@ -435,5 +468,7 @@ class Scheduler:
                 if row in batch:
                     batch.leave(row)
             self._batch_bytes = batch.nbytes()
+        for row in leaving:
+            self._rings.pop(row, None)
         with self._wakeup:
             self._rows = [r for r in self._rows if r not in leaving]
