@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from linearize.config import Config, option
+from linearize.engine import Engine, check_engine
 from linearize.models.quantize import check_quant
 
 SENTENCE = (
@@ -202,6 +203,7 @@ class ServeBenchConfig(Config):
     quant: str = option(
         "weights of the served models (serve --quant): none, int8, int4, bf16", "none"
     )
+    engine: Engine = option("decoding engine of the served models (serve --engine)", "auto")
     server_log: str | None = option("append the servers' logs to this file", None)
 
     def validate(self) -> ServeBenchConfig:
@@ -211,6 +213,7 @@ class ServeBenchConfig(Config):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_quant(self.quant)
+        check_engine(self.engine)
         if self.sessions < 0 or self.softmax_context < 0:
             raise ValueError("sessions and softmax_context must be >= 0")
         return self
@@ -238,9 +241,13 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     label = config.model if attention is None else f"{config.model}+{attention}"
     if config.quant != "none":
         label += f"+{config.quant}"
+    if config.engine != "auto":
+        label += f" ({config.engine})"
     limits = [
         "--quant",
         config.quant,
+        "--engine",
+        config.engine,
         "--max-sessions",
         str(max([*config.streams, config.softmax_streams])),
         "--max-tokens",

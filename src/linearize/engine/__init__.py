@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Literal, get_args
 
 from linearize.models.decoder import Decoder
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnx")
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES = get_args(Engine)
 
 
 def check_engine(name: str) -> str:
@@ -79,4 +81,4 @@ def context_bucket(tokens: int) -> int:
     return size
 
 
-__all__ = ["ENGINES", "build_engine", "check_engine", "context_bucket", "resolve_engine"]
+__all__ = ["ENGINES", "Engine", "build_engine", "check_engine", "context_bucket", "resolve_engine"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from linearize.config import Config, option
-from linearize.engine import check_engine
+from linearize.engine import Engine, check_engine
 from linearize.models.quantize import QUANTS as WEIGHT_FORMATS
 from linearize.models.quantize import check_quant
 
@@ -15,7 +15,6 @@ from linearize.models.quantize import check_quant
 # fast one for many streams on a CPU with AVX512-BF16, docs/results.md "Serving").
 QUANTS = tuple(WEIGHT_FORMATS)
 Quant = Literal["none", "int8", "int4", "bf16"]
-Engine = Literal["auto", "torch", "onnx"]  # linearize.engine.ENGINES
 
 
 @dataclass
