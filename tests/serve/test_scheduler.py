@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,22 +12,61 @@ from linearize.serve import Job, PrefixCache, QueueFull, Scheduler
 from tests.generation.conftest import tiny_model
 
 
+def _entry_bytes(state) -> int:
+    cache = PrefixCache(10**9)
+    cache.put(list(range(state.pos)), state)
+    return cache.nbytes
+
+
 def test_prefix_cache_is_lru_bounded_by_bytes():
     model = tiny_model("augmented")
-    states = {n: model(torch.arange(1, n + 1)[None])[1] for n in (2, 3, 4)}
-    size = states[2].nbytes()  # a linear state: the same size after 2, 3 or 4 tokens
-    assert states[4].nbytes() == size
+    # Past the tiny model's window: its buffers are full, the entries all the same size.
+    states = {n: model(torch.arange(1, n + 1)[None])[1] for n in (20, 21, 22)}
+    size = _entry_bytes(states[20])
+    assert _entry_bytes(states[22]) == size
     cache = PrefixCache(max_bytes=2 * size)
-    for n in (2, 3):
+    for n in (20, 21):
         cache.put(list(range(1, n + 1)), states[n])
-    state, n = cache.lookup([1, 2, 3, 9])
-    assert n == 3 and state is not states[3] and state.pos == 3
-    cache.put([1, 2, 3, 4], states[4])  # evicts [1, 2], the least recently used
+    state, n = cache.lookup([*range(1, 22), 99])
+    assert n == 21 and state is not states[21] and state.pos == 21
+    cache.put(list(range(1, 23)), states[22])  # evicts the 20 tokens, the least recently used
     assert cache.nbytes <= 2 * size and len(cache) == 2
-    assert cache.lookup([1, 2, 7])[1] == 0
-    assert cache.lookup([1, 2, 3, 4, 5])[1] == 4
+    assert cache.lookup([*range(1, 21), 7])[1] == 0
+    assert cache.lookup([*range(1, 23), 5])[1] == 22
     # A whole prompt is never its own prefix: one token must remain to predict from.
-    assert cache.lookup([1, 2, 3, 4])[1] == 3
+    assert cache.lookup(list(range(1, 23)))[1] == 21
+
+
+@pytest.mark.parametrize("kind", ["softmax", "wide", "wide_retain"])
+def test_prefix_cache_keeps_what_a_state_uses(kind):
+    """A short prompt's entry holds its kept tokens, not the whole window (a window of 60
+    here) nor a KV cache's empty capacity; what a lookup returns has the state's size and
+    decodes exactly as the state it was made from."""
+    from tests.engine.conftest import engine_model
+
+    model = engine_model(kind).double()
+    prompt = torch.arange(1, 8)[None]
+    with torch.no_grad():
+        _, state = model(prompt)
+    cache = PrefixCache(10**9)
+    cache.put(prompt[0].tolist(), state)
+    if kind == "softmax":  # a KV cache counts its filled part (KVCache.nbytes)
+        assert cache.nbytes == state.nbytes()
+    else:
+        assert cache.nbytes < state.nbytes() / 4
+    restored, n = cache.lookup([*prompt[0].tolist(), 9])
+    assert n == 7 and restored.nbytes() == state.nbytes()
+    for a, b in zip(state.layers, restored.layers, strict=True):  # the same, slot for slot
+        for field in dataclasses.fields(a.attn):
+            x, y = getattr(a.attn, field.name), getattr(b.attn, field.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field.name
+    token = torch.tensor([[9]])
+    with torch.no_grad():
+        for _ in range(3):
+            want, state = model(token, state=state)
+            got, restored = model(token, state=restored)
+            assert torch.equal(want, got)
+            token = want[:, -1:].argmax(-1)
 
 
 def test_queue_full():

@@ -84,8 +84,6 @@ class _Row:
         self.started = time.perf_counter()
         self.prefill_s = 0.0
         self.first_token: float | None = None
-        # Its state is a view of a batched prefill's (until the batched rows copy it in).
-        self.viewing = False
 
     def nbytes(self) -> int:
         state = self.state if self.state is not None else getattr(self.decoding, "state", None)
@@ -289,8 +287,7 @@ class Scheduler:
                         # A speculative row keeps its state (and may cache it when done): its
                         # own copy, not a view holding the whole batch.
                         row_state = copy_state(row_state)
-                    # A plain row's view is copied into the batched rows at its first step.
-                    row.viewing = row.job.config.speculative == "none"
+                    # A plain row's view is copied into its decoding rows at its first step.
                     tokens = row.decoding.prefilled(row.job.prompt, last[i], row_state)
                 except Exception as e:
                     self._prefill_failed(row, e)
@@ -418,9 +415,8 @@ class Scheduler:
             batch = self._batch
             in_batch = batch is not None and row in batch
             state = batch.state(row) if in_batch else decoding.state
-            if row.viewing and not in_batch and state is not None:  # done at its first token
-                state = copy_state(state)  # not a view to keep
-            # (None: the row decoded on the engine, whose ring state stays there.)
+            # (The cache copies what it keeps. None: the row decoded on the engine, whose
+            # ring state stays there.)
             if state is not None:
                 self.cache.put(decoding.history, state)
         now = time.perf_counter()
