@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import httpx
 import openai
 import pytest
 
 from linearize.engine import build_engine
 from linearize.generation import GenerationConfig, generate
-from linearize.models.quantize import quantize
+from linearize.models.quantize import quantize, quantized_numel, weight_bytes
 from linearize.serve import ServeConfig, build_app, serve_in_thread
 from tests.generation.conftest import text_model
 from tests.serve.conftest import KEY, LIMITS, serving_model
@@ -29,7 +30,11 @@ def test_quantized_model_serves_what_generate_gives(quant):
         out = client.completions.create(
             model="q4", prompt="It is a truth", max_tokens=12, temperature=0
         )
+        auth = {"Authorization": f"Bearer {KEY}"}
+        health = httpx.get(f"{url}/health", headers=auth).json()
     assert out.choices[0].text == want.text
+    # What the model holds: its codes (or bf16 weights) and the float copies kept of them.
+    assert health["model_bytes"] == weight_bytes(model) > quantized_numel(model) // 2
     # The batched rows multiply by weights dequantized once, not on every step.
     dense = [m.dense for m in model.modules() if hasattr(m, "dense")]
     assert dense if quant == "int4" else not dense

@@ -27,7 +27,7 @@ from linearize.engine import build_engine, resolve_engine
 from linearize.generation.medusa import MedusaHeads
 from linearize.generation.streaming import encode_chat, encode_prompt
 from linearize.models.decoder import Decoder
-from linearize.models.quantize import keep_dequantized
+from linearize.models.quantize import keep_dequantized, weight_bytes
 from linearize.serve import protocol
 from linearize.serve.config import ServeConfig
 from linearize.serve.prefix_cache import PrefixCache
@@ -144,7 +144,8 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
                 code="invalid_api_key",
             )
 
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Every parameter and buffer: a quantized model's codes, and the float copies kept of them.
+    weights = weight_bytes(model)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
