@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -87,33 +89,40 @@ def test_rings_grow_with_the_context(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["softmax", "wide_retain"])
 def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
-    """Three sequences on one engine (``hold`` a ring state each, ``use`` it for a step: the
-    server's rows), switched every step and growing past their reach at different steps, give
-    the reference's logits for each; switching back reuses the ring's bindings."""
+    """Three sequences on one engine (``hold`` a ring state each, ``step_on`` it: the server's
+    rows), stepped in turns and then from three threads at once, growing past their reach at
+    different steps, give the reference's logits for each; the engine's own state is left
+    alone."""
     model = _model(kind)
     quantize(model, "int4")
     torch.manual_seed(3)
-    ids = torch.randint(0, 128, (3, 90))
+    ids = torch.randint(0, 128, (3, 120))
     starts = [4, 20, 37]
     engine = OnnxEngine(
         model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=16
     )
+    own = engine.state
     with torch.no_grad():
         reference = [model(ids[i : i + 1])[0][0] for i in range(3)]
         rings = [engine.hold(model.prefill(ids[i : i + 1, : starts[i]])[1]) for i in range(3)]
     reaches = set()
-    for t in range(40):
+
+    def step(i: int, t: int) -> torch.Tensor:
+        rings[i], logits = engine.step_on(rings[i], int(ids[i, starts[i] + t]))
+        reaches.add(rings[i].reach)
+        return logits.clone()
+
+    for t in range(40):  # in turns
         for i in range(3):
-            engine.use(rings[i])
-            got = engine.step(int(ids[i, starts[i] + t]))
+            got = step(i, t)
             assert_close(f"{kind} row {i} step {t}", reference[i][starts[i] + t], got, TOLERANCE)
-            rings[i] = engine.state
-            reaches.add(engine.state.reach)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # at once
+        for t in range(40, 80):
+            for i, got in enumerate(pool.map(step, range(3), [t] * 3)):
+                want = reference[i][starts[i] + t]
+                assert_close(f"{kind} row {i} step {t}, threads", want, got, TOLERANCE)
     assert len(reaches) > 2  # the rings grew along the way
-    bindings = engine.bindings
-    engine.use(rings[0])
-    engine.use(rings[2])
-    assert engine.bindings is bindings
+    assert engine.state is own and engine.pos == 0
 
 
 @pytest.mark.parametrize("kind", ["wide", "wide_retain"])

@@ -282,13 +282,10 @@ class OnnxEngine:
         for layer, lay in zip(model.layers, self.layouts, strict=True):
             if lay.cache_sinks:
                 self.sink_layers.setdefault(lay.key, layer.self_attn)
-        K = model.layers[0].self_attn.config.head_dim
-        self.x = np.zeros((1, 1, model.config.hidden_size), dtype=np.float32)
-        self.rotation = np.eye(K, dtype=np.float32)
+        self.rotation_size = model.layers[0].self_attn.config.head_dim
         self._table = None
         # The embedding table, dequantized once: a lookup per step is a row copy.
         self.embedding = model.embed_tokens.weight.detach().float().numpy()
-        self.logits = np.zeros((1, model.config.vocab_size), dtype=np.float32)
         self.reset()
 
     def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
@@ -392,25 +389,40 @@ class OnnxEngine:
         self._use(self.state)
 
     def _use(self, state: RingState) -> None:
-        """Run on ``state`` from now on: bind its arrays to the step (once per state and step
-        session: the arrays of a state never move, so switching back costs nothing; building
-        the bindings takes ~2.7 ms, a quarter of a step)."""
+        """Run on ``state`` from now on (its buffers and bindings: :meth:`_bindings`)."""
         self.state = state
-        self.bindings = state.bindings.get(self.session)
-        if self.bindings is not None:
-            return
-        # One binding per arrangement of the ping-pong buffers (RingState.swap), by parity.
-        self.bindings = state.bindings[self.session] = [None, None]
+        self.bindings = self._bindings(state)
+        self.x, self.rotation, self.logits = state.io
+
+    def _bindings(self, state: RingState) -> list:
+        """The step session's I/O bindings of ``state``, one per arrangement of its ping-pong
+        buffers (``RingState.swap``), by parity; with the state's own input / output buffers
+        (``state.io``: the token's embedding, its rotation, the logits), so that states step
+        independently (:meth:`step_on`). Built once per state and session: a state's arrays
+        never move, and binding costs ~2.7 ms, a quarter of a step."""
+        bindings = state.bindings.get(self.session)
+        if bindings is not None:
+            return bindings
+        if state.io is None:
+            K = self.rotation_size
+            state.io = (
+                np.zeros((1, 1, self.model.config.hidden_size), dtype=np.float32),
+                np.eye(K, dtype=np.float32),
+                np.zeros((1, self.model.config.vocab_size), dtype=np.float32),
+            )
+        x, rotation, logits = state.io
+        bindings = state.bindings[self.session] = [None, None]
         for _ in range(2):
             binding = self.session.io_binding()
-            inputs = {"x": self.x, "rotation": self.rotation, **self.state.inputs}
+            inputs = {"x": x, "rotation": rotation, **state.inputs}
             for name in self.step_module.input_names():
                 _bind(binding.bind_input, name, inputs[name])
-            outputs = {"logits": self.logits, **self.state.outputs}
+            outputs = {"logits": logits, **state.outputs}
             for name in self.step_module.output_names():
                 _bind(binding.bind_output, name, outputs[name])
-            self.bindings[self.state.parity] = binding
-            self.state.swap()
+            bindings[state.parity] = binding
+            state.swap()
+        return bindings
 
     @property
     def pos(self) -> int:
@@ -441,18 +453,21 @@ class OnnxEngine:
         return self.model.lm_head(self.last_hidden)
 
     def hold(self, state: ModelState) -> RingState:
-        """A ring state of its own holding ``state`` (a PyTorch state), not yet stepped: a
-        caller decoding several sequences on this one engine (the server's rows, one after
-        another: the engine is batch 1) keeps one per sequence and switches with :meth:`use`."""
+        """A ring state of its own holding ``state`` (a PyTorch state), to step with
+        :meth:`step_on`: a caller decoding several sequences on this one engine (the server's
+        rows; the engine is batch 1) keeps one per sequence."""
         ring = self._ring(self._reach(state.pos))
         ring.load(state)
         return ring
 
-    def use(self, ring: RingState) -> None:
-        """Step ``ring`` from now on. After stepping, keep ``engine.state`` for the sequence: a
-        step past a ring's reach moves it into a larger one."""
-        if ring is not self.state:
-            self._use(ring)
+    @torch.no_grad()
+    def step_on(self, ring: RingState, token: int) -> tuple[RingState, torch.Tensor]:
+        """Feed ``token`` to ``ring`` (from :meth:`hold`), leaving the engine's own state alone:
+        the ring to keep (a larger one once past its reach) and the next token's logits
+        ``[V]`` (a view of the ring's buffer: read it before the ring's next step). Rings step
+        concurrently from several threads (one session: onnxruntime runs are thread-safe, and
+        a ring's buffers, bindings and RoPE tables are its own)."""
+        return self._step(ring, token, ring)
 
     def load_state(self, state: ModelState) -> None:
         reach = self._reach(state.pos)
@@ -464,16 +479,26 @@ class OnnxEngine:
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; the logits of the next, ``[V]`` (a view of the engine's buffer:
         read it before the next step)."""
-        pos = self.state.pos
-        if self.state.reach is not None and self._slot(pos) >= self.state.reach:
-            self._use(self.state.grown(self._reach(pos)))
-        self.x[0, 0] = self.embedding[token]
+        ring, logits = self._step(self.state, token, self)
+        if ring is not self.state:
+            self._use(ring)
+        return logits
+
+    def _step(self, ring: RingState, token: int, owner) -> tuple[RingState, torch.Tensor]:
+        """A step of ``ring`` (moved into a larger one past its reach), with the RoPE tables
+        kept on ``owner`` (the engine for its own state, a held ring for itself)."""
+        pos = ring.pos
+        if ring.reach is not None and self._slot(pos) >= ring.reach:
+            ring = ring.grown(self._reach(pos))
+        bindings = self._bindings(ring)
+        x, rotation, logits = ring.io
+        x[0, 0] = self.embedding[token]
         if self.rope is not None:
-            start, cos, sin, sinks = self._tables(pos, pos)
+            start, cos, sin, sinks = self._tables(pos, pos, owner)
             i = pos - start
-            fill_rotation(self.rotation, cos[i], sin[i])
+            fill_rotation(rotation, cos[i], sin[i])
             for key, positions in sinks.items():
-                control = self.state.controls[key]
+                control = ring.controls[key]
                 # Constant once the window is full: rewritten only when it moves (every step
                 # until then, at a position inside the block).
                 if control.sink_position != positions[i]:
@@ -482,19 +507,20 @@ class OnnxEngine:
                         fill_rotation(control.sink_rotation, cos[p - start], sin[p - start])
                     else:
                         fill_rotation(control.sink_rotation, *self._rope_at(p))
-        self.state.prepare()
-        self.session.run_with_iobinding(self.bindings[self.state.parity])
-        self.state.commit()
-        return torch.from_numpy(self.logits[0])
+        ring.prepare()
+        self.session.run_with_iobinding(bindings[ring.parity])
+        ring.commit()
+        return ring, torch.from_numpy(logits[0])
 
     def _tables(
-        self, first: int, last: int
+        self, first: int, last: int, owner=None
     ) -> tuple[int, np.ndarray, np.ndarray, dict[tuple, np.ndarray]]:
         """``(start, cos, sin, sinks)``: RoPE's ``cos, sin: [n, K]`` and each sink layout's sink
         positions ``[n]`` for the positions ``start, start + 1, ...``, covering ``first..last``:
         a block of ``ROPE_BLOCK`` positions, rebuilt when a position leaves it (fixed memory at
-        any context)."""
-        table = self._table
+        any context), kept on ``owner`` (default: the engine)."""
+        owner = self if owner is None else owner
+        table = owner._table
         if table is None or not table[0] <= first <= last < table[0] + len(table[1]):
             positions = torch.arange(first, max(last + 1, first + ROPE_BLOCK))
             cos, sin = self.rope.cos_sin_at(positions)
@@ -502,7 +528,7 @@ class OnnxEngine:
                 key: attn._sink_positions(positions).numpy()
                 for key, attn in self.sink_layers.items()
             }
-            self._table = table = (first, cos.numpy(), sin.numpy(), sinks)
+            owner._table = table = (first, cos.numpy(), sin.numpy(), sinks)
         return table
 
     def _rope_at(self, positions: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -543,7 +569,7 @@ class OnnxEngine:
         feeds = {"x": self.model.embed_tokens(ids).detach().numpy()}
         depths = np.zeros(size, dtype=np.int64)
         depths[: len(tree)] = tree.depths.numpy()
-        K = self.rotation.shape[0]
+        K = self.rotation_size
         cos, sin = np.ones((size, K), np.float32), np.zeros((size, K), np.float32)
         if self.rope is not None:
             start, table_cos, table_sin, sinks = self._tables(pos, pos + size - 1)

@@ -224,8 +224,12 @@ class RingState:
         self.layouts = layouts
         self.reach = reach
         self.inv_freq = inv_freq
-        # An engine's I/O bindings of these arrays, by session (built once: OnnxEngine._use).
+        # An engine's I/O bindings of these arrays, by session, and of the state's own input /
+        # output buffers (the token's embedding, its rotation, the logits); the RoPE tables of
+        # its positions (OnnxEngine._bindings, _tables).
         self.bindings: dict[object, list] = {}
+        self.io: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._table = None
         self._frequencies = None if inv_freq is None else inv_freq.float().numpy()
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}

@@ -89,13 +89,14 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
             model.quantization.quant,
             added / 1e6,
         )
-    engine = None
+    engine, workers = None, torch.get_num_threads()
     name = resolve_engine(config.engine, model)
     if name != "torch":
-        # Plain rows step on it, one after another; prompts and speculative rows stay on the
-        # PyTorch path (the prefix cache holds PyTorch states).
+        # Plain rows step on it, as many at once as there are threads, each run on one;
+        # prompts and speculative rows stay on the PyTorch path (the prefix cache holds
+        # PyTorch states).
         context = config.max_prompt_tokens + config.max_tokens
-        engine = build_engine(name, model, max_context=context, threads=torch.get_num_threads())
+        engine = build_engine(name, model, max_context=context, threads=1)
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
         model,
@@ -105,6 +106,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         prefill_chunk=config.prefill_chunk,
         heads=heads,
         engine=engine,
+        workers=workers,
     )
     created = int(time.time())
     # Medusa only where the served model has heads (a request asking for it gets a 400).
