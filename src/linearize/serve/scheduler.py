@@ -7,13 +7,16 @@ state. Plain rows keep their states in one :class:`~linearize.models.decoder.Dec
 scheduler owns: a request joins it with its prefilled state, a step feeds every plain row's
 last token through one ``model.step_rows`` call (the weight matmuls run once for all rows, and
 sliding-window linear attention attends for all rows at once, each at its own position, updating
-the rows in place), and a finished or cancelled request leaves it. Rows decoding speculatively
-keep their own state and take their own ``Decoding.step`` (propose → verify → accept → commit).
-The sampler, stop rules and speculative pipeline are the generation package's, so a request
-yields exactly what ``linearize generate`` yields for it alone.
+the rows in place), and a finished or cancelled request leaves it. With a fast engine
+(``engine``, batch 1: a quantized model's default), each plain row's state moves into a ring state
+of its own at its first step instead, and ``workers`` rows step at once, each run on a thread of
+a pool. Rows decoding speculatively keep their own state and take their own ``Decoding.step``
+(propose → verify → accept → commit). The sampler, stop rules and speculative pipeline are the
+generation package's, so a request yields exactly what ``linearize generate`` yields for it
+alone (on the engine: what ``generate`` yields on the engine).
 
-The model only ever runs on this thread; the event loop talks to it through :meth:`submit` and
-the ``emit`` callback of each job.
+The model only ever runs on this thread (and the engine's runs on its pool); the event loop talks
+to it through :meth:`submit` and the ``emit`` callback of each job.
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ class Scheduler:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.heads = model, cache, heads
-        # A fast engine (linearize.engine; batch 1) steps the plain rows one after another,
-        # each on a ring state of its own; None: one batched PyTorch step (DecodeRows).
+        # A fast engine (linearize.engine; batch 1) steps the plain rows, each on a ring state
+        # of its own; None: one batched PyTorch step (DecodeRows).
         self.engine = engine
         self._rings: dict[_Row, Any] = {}
         if workers < 1:
@@ -359,8 +362,8 @@ class Scheduler:
                     self._fail(row, e)
 
     def _step_on_engine(self, plain: list[_Row]) -> None:
-        """A step of each plain row on the engine, one after another: a row's PyTorch state
-        (after its prompt) moves into a ring state of its own at its first step."""
+        """A step of each plain row on the engine, ``workers`` rows at once: a row's PyTorch
+        state (after its prompt) moves into a ring state of its own at its first step."""
         self.steps += 1
         self.row_steps += len(plain)
         engine = self.engine
