@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser, ServeConfig, skip=("speculative",))
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: torch's, every core): torch's, and on the engine the rows "
+        "stepped at once",
+    )
     add_attention_arguments(parser, required=False)
     parser.set_defaults(func=run)
 
