@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from linearize.generation import GenerationConfig
+from linearize.models.state import copy_state
 from linearize.serve import Job, PrefixCache, QueueFull, Scheduler
 from tests.generation.conftest import tiny_model
 
@@ -56,17 +57,23 @@ def test_prefix_cache_keeps_what_a_state_uses(kind):
         assert cache.nbytes < state.nbytes() / 4
     restored, n = cache.lookup([*prompt[0].tolist(), 9])
     assert n == 7 and restored.nbytes() == state.nbytes()
-    for a, b in zip(state.layers, restored.layers, strict=True):  # the same, slot for slot
-        for field in dataclasses.fields(a.attn):
-            x, y = getattr(a.attn, field.name), getattr(b.attn, field.name)
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field.name
+    _assert_same_state(state, restored)  # slot for slot
+    original = copy_state(state)
     token = torch.tensor([[9]])
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(3):  # (a step writes into its state's buffers)
             want, state = model(token, state=state)
             got, restored = model(token, state=restored)
             assert torch.equal(want, got)
             token = want[:, -1:].argmax(-1)
+    _assert_same_state(original, cache.lookup([*prompt[0].tolist(), 9])[0])  # the entry intact
+
+
+def _assert_same_state(want, got) -> None:
+    for a, b in zip(want.layers, got.layers, strict=True):
+        for field in dataclasses.fields(a.attn):
+            x, y = getattr(a.attn, field.name), getattr(b.attn, field.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field.name
 
 
 def test_queue_full():

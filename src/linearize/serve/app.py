@@ -82,7 +82,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
     added = keep_dequantized(model)
     if added:
         # The batched rows run PyTorch matmuls: dequantizing every weight on every step made
-        # an int4 model serve at ~3 tokens/s (docs/results.md, "Serving a quantized model").
+        # an int4 model serve at ~3 tokens/s (docs/results.md, "Serving the default model").
         logger.info(
             "serving the %s weights from float copies kept in memory (+%.0f MB): the batched "
             "rows multiply by them instead of dequantizing every step",

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from linearize.models.decoder import ModelState
 from linearize.ops.linear_attn import LinearAttnState
@@ -138,16 +137,24 @@ def _restore(entry: _Compact) -> ModelState:
     for layer, length in zip(entry.state.layers, entry.lengths, strict=True):
         attn = layer.attn
         names = ("k", "fk", "v") if isinstance(attn, LinearAttnState) else ("k", "v")
-        grown = {}
-        for name in names:
-            t = getattr(attn, name)
-            grown[name] = F.pad(t, (0, 0, 0, length - t.shape[2]))
+        # Padded into new tensors; everything else copied.
+        grown = {name: _padded(getattr(attn, name), length, 2) for name in names}
         if isinstance(attn, LinearAttnState):
-            grown["times"] = F.pad(attn.times, (0, length - len(attn.times)), value=-1)
+            grown["times"] = _padded(attn.times, length, 0, -1)
             if attn.score is not None:
-                grown["score"] = F.pad(attn.score, (0, length - attn.score.shape[-1]))
-        layers.append(_copy(dataclasses.replace(layer, attn=dataclasses.replace(attn, **grown))))
+                grown["score"] = _padded(attn.score, length, 2)
+        rest = {f.name: _copy(getattr(attn, f.name)) for f in dataclasses.fields(attn)}
+        rest.update(grown)
+        attn = dataclasses.replace(attn, **rest)
+        layers.append(dataclasses.replace(layer, attn=attn, conv=_copy(layer.conv)))
     return ModelState(layers)
+
+
+def _padded(t: torch.Tensor, length: int, dim: int, value: float = 0) -> torch.Tensor:
+    """A new tensor: ``t`` padded along ``dim`` to ``length`` with ``value``."""
+    out = t.new_full((*t.shape[:dim], length, *t.shape[dim + 1 :]), value)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
 def _nbytes(entry: _Compact) -> int:
