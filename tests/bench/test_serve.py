@@ -31,6 +31,8 @@ def test_bench_serve_writes_a_record(tmp_path, capsys):
     # ignore_eos: every stream runs its full length.
     assert [r["tokens"] for r in rows[:2]] == [4, 8], rows[:2]
     assert rows[3]["states_kept"] == 2 and rows[3]["state_bytes"] > 0, rows[3]
+    # The engine the server ran (auto: PyTorch for a float model), on every row.
+    assert {r["engine"] for r in rows} == {"torch"} and rows[0]["model"].endswith("(torch)")
     record = json.loads((tmp_path / "results" / "serve.json").read_text())
     assert record["kind"] == "serve"
     assert "--sessions 2" in record["command"], record["command"]

@@ -28,6 +28,7 @@ def test_models_and_health(client, http):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL
+    assert health["engine"] == "torch"  # (a float model: auto keeps PyTorch)
 
 
 @pytest.mark.parametrize("speculative", ["none", "lookup", "medusa"])

@@ -241,8 +241,6 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
     label = config.model if attention is None else f"{config.model}+{attention}"
     if config.quant != "none":
         label += f"+{config.quant}"
-    if config.engine != "auto":
-        label += f" ({config.engine})"
     limits = [
         "--quant",
         config.quant,
@@ -267,6 +265,8 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
         str(64 * 2**30),
     )
     try:
+        engine = server.health()["engine"]  # (auto resolved by the server)
+        label += f" ({engine})"
         server.stream({"prompt": "Warm up.", "max_tokens": 2})  # first-call allocations
         base = None
         for n in config.streams:
@@ -315,21 +315,25 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
             )
     finally:
         server.close()
+    for row in rows:
+        row["engine"] = engine
     if config.softmax_context:
         quant_note = "" if config.quant == "none" else f", {config.quant}"
         progress(f"softmax original, {config.softmax_streams} streams at {config.softmax_context}")
         server = Server(config.model, None, config.threads, config.server_log, *limits)
         try:
+            engine = server.health()["engine"]
             server.stream({"prompt": "Warm up.", "max_tokens": 2})
             r = streams(server, config.softmax_streams, config.max_tokens, config.softmax_context)
             rows.append(
                 _row(
                     "aggregate tokens/s",
-                    f"{config.model} (softmax{quant_note})",
+                    f"{config.model} (softmax{quant_note}, {engine})",
                     f"{config.softmax_streams} streams at {config.softmax_context} tokens",
                     f"{r['tokens_per_s']:.2f} tokens/s, states {_mb(r['peak_state_bytes'])}",
                     "report",
                     **r,
+                    engine=engine,
                 )
             )
         finally:

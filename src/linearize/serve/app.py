@@ -155,6 +155,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         return {
             "status": "ok",
             "model": served,
+            "engine": name,
             "model_bytes": weights,
             "rss_bytes": current_rss_bytes(),
             **stats,
