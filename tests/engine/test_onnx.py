@@ -123,6 +123,35 @@ def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
                 assert_close(f"{kind} row {i} step {t}, threads", want, got, TOLERANCE)
     assert len(reaches) > 2  # the rings grew along the way
     assert engine.state is own and engine.pos == 0
+    # Back to PyTorch (the server caches a finished conversation so): the reference's logits on.
+    with torch.no_grad():
+        for i in range(3):
+            state = rings[i].to_state(model.init_state(1))
+            t = starts[i] + 80
+            assert state.pos == t
+            logits, _ = model(ids[i : i + 1, t : t + 10], state=state)
+            assert_close(
+                f"{kind} row {i} in PyTorch again", reference[i][t : t + 10], logits[0], TOLERANCE
+            )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_held_ring_goes_back_to_pytorch(kind, tmp_path):
+    """``to_state`` undoes ``hold``: a PyTorch state stepped on the engine, past its windows,
+    and handed back decodes on as the reference (every layer kind)."""
+    model = _model(kind)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 128, (1, 60))
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
+    with torch.no_grad():
+        reference, _ = model(ids)
+        ring = engine.hold(model.prefill(ids[:, :5])[1])
+        for t in range(5, 50):
+            ring, _ = engine.step_on(ring, int(ids[0, t]))
+        state = ring.to_state(model.init_state(1))
+        assert state.pos == 50
+        logits, _ = model(ids[:, 50:], state=state)
+    assert_close(f"{kind} back in PyTorch", reference[0, 50:], logits[0], TOLERANCE)
 
 
 @pytest.mark.parametrize("kind", ["wide", "wide_retain"])

@@ -17,6 +17,7 @@ grows, so a step reads the filled part of a wide ring (or of a softmax cache), n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from linearize.engine.step import Layout, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
+from linearize.ops import retain
 
 # The step's inputs that are a layout's control tensors (shared by its layers), not state.
 CONTROLS = (
@@ -201,6 +203,23 @@ class _Retained:
         self.v[layer, 0, head, slot] = values[layer, head]
         self.rtimes[layer, 0, head, entry] = time
         self.rscore[layer, 0, head, entry] = priority[layer, head]
+
+    def ranked(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s cache as a PyTorch state holds it (``rk, rv, rtimes, rscore``, in
+        decreasing (score, time) order, as ``retain.merge`` leaves it): :meth:`load` undone."""
+        j = self.layers.index(i)
+        front = slice(self.lay.spec.sinks, self.lay.front)
+        rtimes = torch.from_numpy(self.rtimes[j].copy())
+        rscore = _tensor(self.rscore[j], dtype)
+        order = retain.ranking(rtimes, rscore)
+        index = order[..., None]
+        rk, rv = (_tensor(x[j][:, :, front], dtype) for x in (self.k, self.v))
+        return {
+            "rk": rk.gather(2, index.expand_as(rk)),
+            "rv": rv.gather(2, index.expand_as(rv)),
+            "rtimes": rtimes.gather(-1, order),
+            "rscore": rscore.gather(-1, order),
+        }
 
     def load(self, i: int, attn) -> None:
         """Take over layer ``i``'s cache from a PyTorch state (its slots' scores are placed
@@ -501,6 +520,49 @@ class RingState:
             if lay.conv_taps:
                 self.inputs[f"conv.{i}"][...] = layer.conv.float().numpy()
         self.pos = state.pos
+
+    def to_state(self, fresh: ModelState) -> ModelState:
+        """This state as a PyTorch decoding state, the inverse of :meth:`load`: ``fresh`` is an
+        empty state of the same model (``Decoder.init_state(1)``), filled and returned (each
+        window's tokens in time order, the retained caches ranked as ``retain.merge`` leaves
+        them)."""
+        layers = []
+        for i, (lay, layer) in enumerate(zip(self.layouts, fresh.layers, strict=True)):
+            attn, conv = layer.attn, layer.conv
+            dtype = (attn.S if hasattr(attn, "S") else attn.k).dtype
+            changed: dict = {"pos": self.pos}
+            if lay.capacity:
+                times = self.controls[lay.key].times
+                slots = np.flatnonzero(times >= 0)
+                slots = slots[np.argsort(times[slots], kind="stable")]
+                n = len(slots)
+                for kind in ("k", "v", "fk") if hasattr(attn, "S") else ("k", "v"):
+                    name = f"{kind}.{i}"
+                    if name not in self.rings:  # (no feature ring without S, z)
+                        continue
+                    buffer = getattr(attn, kind)
+                    if buffer.shape[2] < n:  # a KV cache sized for fewer tokens
+                        buffer = buffer.new_zeros(*buffer.shape[:2], n, buffer.shape[3])
+                    buffer[:, :, :n] = _tensor(self.rings[name][:, :, slots], dtype)
+                    changed[kind] = buffer
+                if hasattr(attn, "S"):
+                    attn.times[:n] = torch.from_numpy(times[slots])
+                    changed["n"] = n
+            if lay.use_global:
+                attn.S[...] = _tensor(self.inputs[f"S.{i}"], dtype)
+                attn.z[...] = _tensor(self.inputs[f"z.{i}"], dtype)
+            if lay.retained:
+                attn.score[:, :, :n] = _tensor(self.inputs[f"score.{i}"][:, :, slots], dtype)
+                changed.update(self.retained[lay.key].ranked(i, dtype))
+            if lay.conv_taps:
+                conv = _tensor(self.inputs[f"conv.{i}"], dtype)
+            attn = dataclasses.replace(attn, **changed)
+            layers.append(dataclasses.replace(layer, attn=attn, conv=conv))
+        return ModelState(layers)
+
+
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
 
 
 def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
