@@ -36,3 +36,22 @@ def test_bench_serve_writes_a_record(tmp_path, capsys):
     record = json.loads((tmp_path / "results" / "serve.json").read_text())
     assert record["kind"] == "serve"
     assert "--sessions 2" in record["command"], record["command"]
+
+
+def test_bench_serve_compares_a_model_served_as_loaded_only_with_a_named_original(tmp_path, capsys):
+    """``--attention none`` serves the model as loaded: it is not its own softmax original (the
+    row would measure it twice under that name); ``--softmax-model`` names one."""
+    model, original = tmp_path / "tiny", tmp_path / "original"
+    text_model("augmented").save(model)
+    text_model("softmax").save(original)
+    args = [
+        "bench", "serve", "--model", str(model), "--attention", "none", "--streams", "1",
+        "--max-tokens", "2", "--prompt-tokens", "4", "--system-tokens", "8", "--sessions", "0",
+        "--softmax-context", "16", "--softmax-streams", "1", "--out", str(tmp_path), "--json",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert not any("softmax" in r["model"] for r in rows), rows
+    assert main([*args, "--softmax-model", str(original)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[-1]["model"].startswith(f"{original} (softmax"), rows[-1]

@@ -6,7 +6,8 @@ deployed), measured through its HTTP API.
 3. server memory with 100 idle sessions (conversations whose state the server keeps), against
    model bytes + 100 × state bytes;
 4. the softmax original served the same way: 8 streams at a 4k-token context (its KV caches
-   grow).
+   grow). The original is ``--model`` as loaded when ``--attention`` linearizes it, else
+   ``--softmax-model`` (a model served as loaded is not its own original).
 
 This module talks HTTP only (it never imports the server package, which sits above it).
 """
@@ -198,6 +199,11 @@ class ServeBenchConfig(Config):
     system_tokens: int = option("system prompt tokens (cached vs not)", 2048)
     sessions: int = option("idle sessions kept by the server", 100)
     softmax_context: int = option("context of the softmax original's streams (0: skip)", 4096)
+    softmax_model: str | None = option(
+        "the softmax original (default: --model, when --attention linearizes it; with "
+        "--attention none there is no original unless given)",
+        None,
+    )
     softmax_streams: int = option("streams of the softmax original", 8)
     threads: int = option("torch threads of the server", 1)
     quant: str = option(
@@ -317,10 +323,15 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
         server.close()
     for row in rows:
         row["engine"] = engine
-    if config.softmax_context:
+    original = config.softmax_model or (config.model if attention is not None else None)
+    if config.softmax_context and original is None:
+        # A model served as loaded is its own original: measuring it again as "softmax" would
+        # mislabel it.
+        progress("no softmax original (--attention none): --softmax-model names one")
+    if config.softmax_context and original is not None:
         quant_note = "" if config.quant == "none" else f", {config.quant}"
         progress(f"softmax original, {config.softmax_streams} streams at {config.softmax_context}")
-        server = Server(config.model, None, config.threads, config.server_log, *limits)
+        server = Server(original, None, config.threads, config.server_log, *limits)
         try:
             engine = server.health()["engine"]
             server.stream({"prompt": "Warm up.", "max_tokens": 2})
@@ -328,7 +339,7 @@ def run_serve_benchmark(config: ServeBenchConfig, progress=lambda message: None)
             rows.append(
                 _row(
                     "aggregate tokens/s",
-                    f"{config.model} (softmax{quant_note}, {engine})",
+                    f"{original} (softmax{quant_note}, {engine})",
                     f"{config.softmax_streams} streams at {config.softmax_context} tokens",
                     f"{r['tokens_per_s']:.2f} tokens/s, states {_mb(r['peak_state_bytes'])}",
                     "report",
