@@ -107,9 +107,12 @@ def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
         rings = [engine.hold(model.prefill(ids[i : i + 1, : starts[i]])[1]) for i in range(3)]
     reaches = set()
 
+    held = {}
+
     def step(i: int, t: int) -> torch.Tensor:
         rings[i], logits = engine.step_on(rings[i], int(ids[i, starts[i] + t]))
         reaches.add(rings[i].reach)
+        held[rings[i].reach] = rings[i].held_bytes()
         return logits.clone()
 
     for t in range(40):  # in turns
@@ -123,6 +126,10 @@ def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
                 assert_close(f"{kind} row {i} step {t}, threads", want, got, TOLERANCE)
     assert len(reaches) > 2  # the rings grew along the way
     assert engine.state is own and engine.pos == 0
+    # What a ring holds follows its reach, up to what it grows to (and its own I/O buffers).
+    sizes = [held[r] for r in sorted(held, key=lambda r: float("inf") if r is None else r)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1], sizes
+    assert sizes[0] < rings[0].nbytes()
     # Back to PyTorch (the server caches a finished conversation so): the reference's logits on.
     with torch.no_grad():
         for i in range(3):

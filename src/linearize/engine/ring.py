@@ -315,6 +315,20 @@ class RingState:
             total += (8 + 4) * lay.kv_heads * lay.retained
         return total
 
+    def held_bytes(self) -> int:
+        """Bytes this state's arrays hold now, at its current reach (:meth:`nbytes`: what it
+        grows to): every input and output, the retained caches' stacks, its I/O buffers."""
+        arrays = [*self.inputs.values(), *self.outputs.values(), *(self.io or ())]
+        for kept in self.retained.values():
+            arrays += [kept.k, kept.v, kept.fk, kept.rtimes, kept.rscore, *kept.scores]
+        seen, total = set(), 0
+        for array in arrays:
+            base = array if array.base is None else array.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+        return total
+
     def grown(self, reach: int | None) -> RingState:
         """A state holding this one's tokens with a longer ``reach`` (a ring's filled slots
         are kept in place; the slots beyond are empty)."""

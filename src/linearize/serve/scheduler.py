@@ -401,7 +401,7 @@ class Scheduler:
             torch.set_num_threads(threads)
 
     def _ring_bytes(self) -> int:
-        return sum(ring.nbytes() for ring in list(self._rings.values()))
+        return sum(ring.held_bytes() for ring in list(self._rings.values()))
 
     def _plain_rows(self, plain: list[_Row]) -> DecodeRows:
         """The batch holding exactly the ``plain`` rows: rows new to plain decoding join it
