@@ -81,11 +81,12 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
     served = config.model
     added = keep_dequantized(model)
     if added:
-        # The batched rows run PyTorch matmuls: dequantizing every weight on every step made
-        # an int4 model serve at ~3 tokens/s (docs/results.md, "Serving the default model").
+        # Whatever runs on PyTorch (prompts; the batched rows with --engine torch; speculative
+        # rows): dequantizing every weight on every step made an int4 model serve at ~3
+        # tokens/s (docs/results.md, "Serving the default model").
         logger.info(
-            "serving the %s weights from float copies kept in memory (+%.0f MB): the batched "
-            "rows multiply by them instead of dequantizing every step",
+            "keeping the %s weights' float copies in memory (+%.0f MB): the PyTorch path "
+            "multiplies by them instead of dequantizing every call",
             model.quantization.quant,
             added / 1e6,
         )

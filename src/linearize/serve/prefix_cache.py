@@ -57,7 +57,7 @@ class PrefixCache:
                 self._entries.move_to_end(key)
                 return
         entry = _compact(state)
-        size = _nbytes(entry)
+        size = entry.state.nbytes()  # (cut as it is: what the entry holds)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -116,16 +116,15 @@ def _compact(state: ModelState) -> _Compact:
     layers, lengths = [], []
     for layer in state.layers:
         attn = layer.attn
+        lengths.append(attn.k.shape[2])
         if isinstance(attn, LinearAttnState):
             n = attn.n
             cut = {name: getattr(attn, name)[:, :, :n] for name in ("k", "fk", "v")}
             cut["times"] = attn.times[:n]
             if attn.score is not None:
                 cut["score"] = attn.score[..., :n]
-            lengths.append(attn.k.shape[2])
         else:  # a KV cache: its filled positions
             cut = {"k": attn.k[:, :, : attn.pos], "v": attn.v[:, :, : attn.pos]}
-            lengths.append(attn.k.shape[2])
         layers.append(_copy(dataclasses.replace(layer, attn=dataclasses.replace(attn, **cut))))
     return _Compact(ModelState(layers), lengths)
 
@@ -155,17 +154,6 @@ def _padded(t: torch.Tensor, length: int, dim: int, value: float = 0) -> torch.T
     out = t.new_full((*t.shape[:dim], length, *t.shape[dim + 1 :]), value)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
-
-
-def _nbytes(entry: _Compact) -> int:
-    """Bytes the entry holds (every tensor of it, cut as it is)."""
-    total = 0
-    for layer in entry.state.layers:
-        attn = layer.attn
-        for value in (layer.conv, *(getattr(attn, f.name) for f in dataclasses.fields(attn))):
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total
 
 
 def _copy(value: Any) -> Any:
