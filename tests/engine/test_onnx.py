@@ -143,6 +143,85 @@ def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_sequences_stepped_together_step_as_each_alone(kind, tmp_path):
+    """Sequences in one run of the step graph (``rows`` / ``step_rows``: the server's rows),
+    joining and leaving at different steps (a third row doubles the batch; a leaving row hands
+    its place to the last), growing past their reach, each at a position of its own: each gets
+    the reference's logits, its folds, windows and sinks its own; one taken out goes back to
+    PyTorch and decodes on as the reference."""
+    model = _model(kind)
+    quantize(model, "int4")
+    torch.manual_seed(7)
+    ids = torch.randint(0, 128, (4, 110))
+    starts = [3, 17, 30, 9]
+    engine = OnnxEngine(
+        model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=16
+    )
+    with torch.no_grad():
+        reference = [model(ids[i : i + 1])[0][0] for i in range(4)]
+    rows = engine.rows(capacity=2)
+    first = rows.reach
+    fed = [0] * 4  # tokens each sequence has stepped past its prompt
+    reaches = set()
+
+    def join(i: int) -> None:
+        with torch.no_grad():
+            rows.add(i, engine.hold(model.prefill(ids[i : i + 1, : starts[i]])[1]))
+
+    def step(t: int) -> None:
+        tokens = [int(ids[i, starts[i] + fed[i]]) for i in rows.keys]
+        logits = engine.step_rows(rows, tokens)
+        reaches.add(rows.reach)
+        for i, got in zip(list(rows.keys), logits, strict=True):
+            want = reference[i][starts[i] + fed[i]]
+            assert_close(f"{kind} row {i} step {t}", want, got, TOLERANCE)
+            fed[i] += 1
+
+    join(0)
+    join(1)
+    for t in range(21):  # an odd number: the batch's buffers in their other arrangement
+        step(t)
+    join(2)  # a third row: the batch doubles
+    assert rows.capacity == 4
+    for t in range(21, 40):  # 19 steps
+        step(t)
+    join(3)  # into a row unused since the batch doubled, 19 steps ago
+    for t in range(40, 50):
+        step(t)
+    rows.remove(0)  # the last row (3) moves into row 0's place
+    assert rows.keys == [3, 1, 2]
+    for t in range(50, 70):
+        step(t)
+    assert len(reaches) > 1 or first is None  # long rings grew along the way
+    assert engine.pos == 0  # the engine's own state untouched
+    with torch.no_grad():
+        for i in rows.keys:
+            state = rows.row(i).to_state(model.init_state(1))
+            t = starts[i] + fed[i]
+            logits, _ = model(ids[i : i + 1, t : t + 8], state=state)
+            want = reference[i][t : t + 8]
+            assert_close(f"{kind} row {i} in PyTorch", want, logits[0], TOLERANCE)
+
+
+def test_rows_errors(tmp_path):
+    """The tokens must match the rows; a sequence joins once; an empty step is empty."""
+    model = _model("augmented")
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    rows = engine.rows()
+    assert engine.step_rows(rows, []).shape == (0, model.config.vocab_size)
+    with torch.no_grad():
+        ring = engine.hold(model.prefill(torch.tensor([[1, 2, 3]]))[1])
+    rows.add("a", ring)
+    with pytest.raises(ValueError, match="already a row"):
+        rows.add("a", ring)
+    with pytest.raises(ValueError, match="1 tokens for 2 rows"):
+        rows.add("b", ring)
+        engine.step_rows(rows, [4])
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        engine.rows(capacity=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_held_ring_goes_back_to_pytorch(kind, tmp_path):
     """``to_state`` undoes ``hold``: a PyTorch state stepped on the engine, past its windows,
     and handed back decodes on as the reference (every layer kind)."""

@@ -1,5 +1,6 @@
-"""Serving a quantized model: on the engine (the default for int8 / int4: rows step one after
-another, each as ``generate`` on the engine runs it), or on the PyTorch reference path, batched."""
+"""Serving a quantized model: on the engine (the default for int8 / int4: rows stepped together
+in groups, each row as ``generate`` on the engine runs it alone), or on the PyTorch reference
+path, batched."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def test_quantized_model_serves_what_generate_gives(quant):
 
 
 def test_quantized_model_serves_on_the_engine_what_generate_gives_on_it():
-    """Concurrent requests on one engine (each row its own ring state, switched every step)
-    give what ``generate`` gives for each alone on an engine of the same model."""
+    """Concurrent requests on one engine (rows stepped together, joining and leaving) give what
+    ``generate`` gives for each alone on an engine of the same model."""
     model = quantize(text_model("hybrid").float().eval(), "int4")
     prompts = ["It is a truth", "Emma Woodhouse, handsome", "The family of Dashwood had long"]
     engine = build_engine("onnx", model, max_context=256)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linearize.engine.ring import RingState
+from linearize.engine.ring import RingRows, RingState
 from linearize.engine.step import FixedStep, fill_rotation
 from linearize.engine.tree import (
     TreeStep,
@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 # reach; 9: tree graphs run q/k/v and gate/up as one linear each; 10: the step scores each
 # query head against the ring as a one-row product; 11: value rings slot-major, [1, Hkv, C, V];
 # 12: MatMulNBits without a zero-point input where its default is meant (a faster kernel);
-# 13: the retained cache (in the rings, after the sinks)
-EXPORT_VERSION = 13
+# 13: the retained cache (in the rings, after the sinks); 14: the step takes rows (axis 0 of
+# every input and output: sequences stepped together, each with its own control tensors)
+EXPORT_VERSION = 14
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -139,15 +140,37 @@ def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> No
     import onnx
 
     graph = onnx.load(tmp / "raw.onnx")
+    products = set()
     for node in graph.graph.node:
         if node.op_type == "MatMulNBits":
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
+            products.update(node.output)
+    # Every tensor's shape in terms of the inputs' (the step's rows, a ring's slots): the
+    # exporter names each product's rows a symbol of its own and loses them at reshapes, and
+    # onnxruntime fuses a 4-bit product's offset term (a MatMul and an Add) into one Gemm only
+    # where it sees the same rows on both sides. (Without it: 120 more nodes a step.)
+    kept = [info for info in graph.graph.value_info if info.name not in products]
+    del graph.graph.value_info[:]
+    graph.graph.value_info.extend(kept)
+    graph = _infer_shapes(graph)
     if accuracy_level == 0:
         _dequantize_8bit(graph)
     onnx.save(graph, tmp / GRAPH, save_as_external_data=True, location=f"{GRAPH}.data")
     for stale in tmp.glob("*"):
         if stale.name not in (GRAPH, f"{GRAPH}.data"):
             stale.unlink()
+
+
+def _infer_shapes(graph):
+    """``graph`` with onnxruntime's symbolic shape inference (the graph as it is if that fails:
+    it runs the same, with fewer fusions)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
+    except Exception as e:  # an op it does not know: only some fusions are lost
+        logger.warning("symbolic shape inference failed (%s); exporting without it", e)
+        return graph
 
 
 def _dequantize_8bit(graph) -> None:
@@ -193,7 +216,8 @@ def _step_example(model: Decoder, step: FixedStep, state: RingState) -> list[tor
     D = model.config.hidden_size
     K = model.layers[0].self_attn.config.head_dim
     state.prepare()
-    inputs = [torch.zeros(1, 1, D), torch.eye(K)]
+    rows = state.rows
+    inputs = [torch.zeros(rows, 1, D), torch.eye(K).expand(rows, K, K).contiguous()]
     return inputs + [torch.from_numpy(state.inputs[n]) for n in step.input_names()[2:]]
 
 
@@ -289,33 +313,42 @@ class OnnxEngine:
         self.reset()
 
     def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
-        """The ring inputs among ``names`` (default: the step's) whose length follows the
-        state's reach: a ring's slots, its mask or times; a tree's visibility ``visible.j``
-        (slots, then nodes) of the ``j``-th distinct layout."""
+        """The inputs among ``names`` (default: the step's, and its outputs) whose length may
+        change from run to run: a ring's slots, its mask or times, that follow the state's
+        reach; a tree's visibility ``visible.j`` (slots, then nodes) of the ``j``-th distinct
+        layout; and the step's rows (axis 0 of its inputs and outputs, but a layout's
+        ``inwindow`` and ``window_mask``, the same for every row)."""
         keys = sorted(self.growing, key=str)
         distinct = list(dict.fromkeys(lay.key for lay in self.layouts))
-        axes = {}
-        for name in names or self.step_module.input_names():
+        step = names is None
+        if step:
+            names = self.step_module.input_names() + self.step_module.output_names()
+        axes: dict[str, dict[int, str]] = {}
+        for name in names:
             kind, _, index = name.partition(".")
+            if step and kind not in ("inwindow", "window_mask"):
+                axes[name] = {0: "rows"}
             if kind == "visible":
                 key = distinct[int(index)]
                 if key in self.growing:
                     axes[name] = {1: f"visible{keys.index(key)}"}
                 continue
-            if kind not in ("k", "v", "fk", "mask", "times", "score", "inwindow", "window_mask"):
+            ringed = ("k", "v", "fk", "mask", "times", "score", "score_out", "inwindow")
+            if kind not in (*ringed, "window_mask"):
                 continue
             key = self.layouts[int(index)].key
             if key in self.growing:
-                axis = 0 if kind in ("mask", "times", "inwindow", "window_mask") else 2
+                axis = {"mask": 1, "times": 0, "inwindow": 0, "window_mask": 0}.get(kind, 2)
                 # A retained layer's scores: one per slot and the new token's.
-                slots = "scores" if kind in ("score", "inwindow", "window_mask") else "slots"
-                axes[name] = {axis: f"{slots}{keys.index(key)}"}
+                retained = ("score", "score_out", "inwindow", "window_mask")
+                slots = "scores" if kind in retained else "slots"
+                axes.setdefault(name, {})[axis] = f"{slots}{keys.index(key)}"
         return axes
 
-    def _ring(self, reach: int | None = None) -> RingState:
+    def _ring(self, reach: int | None = None, rows: int = 1) -> RingState:
         """An empty state holding ``reach`` slots per ring (``None``: whole rings)."""
         inv_freq = None if self.rope is None else self.rope.inv_freq
-        return RingState(self.layouts, reach, inv_freq)
+        return RingState(self.layouts, reach, inv_freq, rows=rows)
 
     def _slot(self, pos: int) -> int:
         """The furthest ring slot the token at ``pos`` can take: its position, past the
@@ -336,7 +369,8 @@ class OnnxEngine:
         if accuracy not in self.steps:
 
             def example() -> list[torch.Tensor]:
-                return _step_example(self.model, self.step_module, self._ring())
+                # Two rows, so that nothing in the graph takes the rows' number for a constant.
+                return _step_example(self.model, self.step_module, self._ring(rows=2))
 
             axes = self._dynamic_axes()
             self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
@@ -403,13 +437,7 @@ class OnnxEngine:
         bindings = state.bindings.get(self.session)
         if bindings is not None:
             return bindings
-        if state.io is None:
-            K = self.rotation_size
-            state.io = (
-                np.zeros((1, 1, self.model.config.hidden_size), dtype=np.float32),
-                np.eye(K, dtype=np.float32),
-                np.zeros((1, self.model.config.vocab_size), dtype=np.float32),
-            )
+        state.make_io(*self._io_sizes())
         x, rotation, logits = state.io
         bindings = state.bindings[self.session] = [None, None]
         for _ in range(2):
@@ -454,8 +482,8 @@ class OnnxEngine:
 
     def hold(self, state: ModelState) -> RingState:
         """A ring state of its own holding ``state`` (a PyTorch state), to step with
-        :meth:`step_on`: a caller decoding several sequences on this one engine (the server's
-        rows; the engine is batch 1) keeps one per sequence."""
+        :meth:`step_on` (a caller decoding several sequences on this one engine keeps one per
+        sequence) or to add to rows stepped together (:meth:`rows`)."""
         ring = self._ring(self._reach(state.pos))
         ring.load(state)
         return ring
@@ -487,16 +515,24 @@ class OnnxEngine:
     def _step(self, ring: RingState, token: int, owner) -> tuple[RingState, torch.Tensor]:
         """A step of ``ring`` (moved into a larger one past its reach), with the RoPE tables
         kept on ``owner`` (the engine for its own state, a held ring for itself)."""
-        pos = ring.pos
-        if ring.reach is not None and self._slot(pos) >= ring.reach:
-            ring = ring.grown(self._reach(pos))
+        if ring.reach is not None and self._slot(ring.pos) >= ring.reach:
+            ring = ring.grown(self._reach(ring.pos))
         bindings = self._bindings(ring)
-        x, rotation, logits = ring.io
+        self._prepare(ring, token, owner)
+        self.session.run_with_iobinding(bindings[ring.parity])
+        ring.commit()
+        return ring, torch.from_numpy(ring.io[2][0])
+
+    def _prepare(self, ring: RingState, token: int, owner) -> None:
+        """A step's inputs for ``ring``: the token's embedding and rotation, the sink query's
+        rotations, the control tensors (RoPE tables kept on ``owner``)."""
+        pos = ring.pos
+        x, rotation, _ = ring.io
         x[0, 0] = self.embedding[token]
         if self.rope is not None:
             start, cos, sin, sinks = self._tables(pos, pos, owner)
             i = pos - start
-            fill_rotation(rotation, cos[i], sin[i])
+            fill_rotation(rotation[0], cos[i], sin[i])
             for key, positions in sinks.items():
                 control = ring.controls[key]
                 # Constant once the window is full: rewritten only when it moves (every step
@@ -508,9 +544,65 @@ class OnnxEngine:
                     else:
                         fill_rotation(control.sink_rotation, *self._rope_at(p))
         ring.prepare()
-        self.session.run_with_iobinding(bindings[ring.parity])
-        ring.commit()
-        return ring, torch.from_numpy(logits[0])
+
+    def _io_sizes(self) -> tuple[int, int, int]:
+        """The step's own buffers per row: hidden size, rotation size, vocabulary."""
+        config = self.model.config
+        return config.hidden_size, self.rotation_size, config.vocab_size
+
+    def rows(self, capacity: int = 4) -> RingRows:
+        """Sequences to step together with :meth:`step_rows`, up to ``capacity`` before the
+        rows double: ``rows.add(key, engine.hold(state))`` puts one in, ``rows.remove(key)``
+        takes it out, ``rows.row(key)`` is its state (e.g. for ``to_state``); :meth:`join`
+        puts in a PyTorch state directly."""
+        inv_freq = None if self.rope is None else self.rope.inv_freq
+        return RingRows(self.layouts, self._reach(0), inv_freq, self._io_sizes(), capacity)
+
+    def join(self, rows: RingRows, key: object, state: ModelState) -> None:
+        """Sequence ``key`` joins ``rows`` with ``state`` (a PyTorch state, after its prompt)."""
+        rows.reach_to(self._reach(state.pos))
+        rows.load(key, state)
+
+    @torch.no_grad()
+    def step_rows(self, rows: RingRows, tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to the ``i``-th sequence of ``rows`` (``rows.keys`` order), all in
+        one run of the step graph (the weights read once for every row): the next tokens'
+        logits ``[len(rows), V]`` (a view of the rows' buffer: read it before their next step).
+        Every row equals the same sequence stepped alone (:meth:`step_on`); the rows hold as
+        many ring slots as the furthest one needs."""
+        n = len(rows)
+        if len(tokens) != n:
+            raise ValueError(f"{len(tokens)} tokens for {n} rows")
+        if self.growing and n:
+            reaches = [self._reach(state.pos) for state in rows.states[:n]]
+            rows.reach_to(None if None in reaches else max(reaches))
+        for state, token in zip(rows.states[:n], tokens, strict=True):
+            self._prepare(state, int(token), state)
+        if n:
+            self.session.run_with_iobinding(self._rows_binding(rows, n))
+            rows.commit()
+        return torch.from_numpy(rows.batch.io[2][:n])
+
+    def _rows_binding(self, rows: RingRows, n: int):
+        """The step session's binding of the first ``n`` rows of ``rows`` as they are now (by
+        parity; built once per session, number of rows and parity)."""
+        key = (self.session, n, rows.parity)
+        binding = rows.bindings.get(key)
+        if binding is not None:
+            return binding
+        batch = rows.batch
+        x, rotation, logits = batch.io
+        binding = self.session.io_binding()
+        shared = ("inwindow", "window_mask")  # the same for every row
+        inputs = {"x": x, "rotation": rotation, **batch.inputs}
+        for name in self.step_module.input_names():
+            array = inputs[name]
+            _bind(binding.bind_input, name, array if name.split(".")[0] in shared else array[:n])
+        outputs = {"logits": logits, **batch.outputs}
+        for name in self.step_module.output_names():
+            _bind(binding.bind_output, name, outputs[name][:n])
+        rows.bindings[key] = binding
+        return binding
 
     def _tables(
         self, first: int, last: int, owner=None

@@ -47,9 +47,13 @@ LATEST = np.iinfo(np.int64).max
 
 
 class _Control:
-    """The control tensors and slot bookkeeping shared by every layer of one layout."""
+    """The control tensors and slot bookkeeping shared by every layer of one layout.
 
-    def __init__(self, lay: Layout, size: int) -> None:
+    ``array(kind, shape, dtype)`` makes the arrays the step reads per row (``[rows, *shape]``,
+    zeros; a row of a batch's for a batch's row): ``arrays`` holds them as bound, the attributes
+    (``mask``, ...) are this row's part, ``shape``-shaped."""
+
+    def __init__(self, lay: Layout, size: int, array) -> None:
         self.lay = lay
         self.size = C = size
         self.times = np.full(C, EMPTY, dtype=np.int64)
@@ -58,12 +62,19 @@ class _Control:
         self.times[lay.spec.sinks : lay.front] = RETAINED
         # Which slots the query sees: added to softmax scores (0 or −inf), else multiplied (1 / 0).
         self.additive = lay.spec.local == "softmax"
-        self.mask = np.zeros(C, dtype=np.float32)
-        self.fold_index = np.zeros(lay.folds, dtype=np.int64)
-        self.fold_weight = np.zeros(lay.folds, dtype=np.float32)
-        self.fold_new = np.zeros(1, dtype=np.float32)
-        # The sink query's rotation (sinks at cache positions), filled by the engine.
-        self.sink_rotation = np.eye(lay.key_dim, dtype=np.float32)
+        K = lay.key_dim
+        self.arrays = {
+            "mask": array("mask", (C,), np.float32),
+            "fold_index": array("fold_index", (lay.folds,), np.int64),
+            "fold_weight": array("fold_weight", (lay.folds,), np.float32),
+            "fold_new": array("fold_new", (1,), np.float32),
+            # The sink query's rotation (sinks at cache positions), filled by the engine.
+            "sink_rotation": array("sink_rotation", (K, K), np.float32),
+        }
+        self.mask, self.fold_index, self.fold_weight, self.fold_new, self.sink_rotation = (
+            x[0] for x in self.arrays.values()
+        )
+        self.sink_rotation[...] = np.eye(K, dtype=np.float32)
         self.sink_position = -1
         # The slots whose softmax weights count as the window's (all but the retained).
         self.inwindow = np.ones((C + 1, 1), dtype=np.float32)
@@ -137,16 +148,19 @@ class _Retained:
         self.lay, self.size = lay, size
         self.layers: list[int] = []
 
-    def allocate(self) -> None:
+    def allocate(self, array) -> None:
+        """``array(kind, shape)``: the stack of ``kind`` with the rows on axis 1 (the step
+        reads them; a row of a batch's for a batch's row)."""
         lay, L, C = self.lay, len(self.layers), self.size
         Hkv, M, K = lay.kv_heads, lay.retained, lay.key_dim
-        self.k = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
-        self.v = np.zeros((L, 1, Hkv, C, K), dtype=np.float32)
+        self.k = array("k", (L, Hkv, C, K))
+        self.v = array("v", (L, Hkv, C, K))
         features = lay.feature_dim if lay.use_global else 0  # no feature ring without S, z
-        self.fk = np.zeros((L, 1, Hkv, C, features), dtype=np.float32)
+        self.fk = array("fk", (L, Hkv, C, features))
+        # The host's own (never read by the step).
         self.rtimes = np.full((L, 1, Hkv, M), EMPTY, dtype=np.int64)
         self.rscore = np.full((L, 1, Hkv, M), -np.inf, dtype=np.float32)
-        self.scores = [np.zeros((L, 1, Hkv, C + 1), dtype=np.float32) for _ in range(2)]
+        self.scores = [array(f"scores{j}", (L, Hkv, C + 1)) for j in range(2)]
 
     def rows(self, i: int) -> dict[str, np.ndarray]:
         """Layer ``i``'s arrays, views of the stacks, by input / output kind."""
@@ -233,16 +247,31 @@ class _Retained:
 
 
 class RingState:
-    """All state tensors of a fixed-shape step (batch 1) and the position; each ring holds
-    ``min(capacity, reach)`` slots (``reach=None``: its whole capacity). ``inv_freq``: the RoPE
-    frequencies that store retained keys un-rotated (layers with sinks at cache positions)."""
+    """All state tensors of a fixed-shape step and the position; each ring holds ``min(capacity,
+    reach)`` slots (``reach=None``: its whole capacity). ``inv_freq``: the RoPE frequencies that
+    store retained keys un-rotated (layers with sinks at cache positions).
+
+    One sequence's state (every array with one row, axis 0), or, with ``rows=n``, the arrays of
+    ``n`` sequences stepped together (:class:`RingRows`), whose row ``i`` is the state
+    ``RingState(..., of=(batch, i))``: every array of it a view of the batch's."""
 
     def __init__(
-        self, layouts: list[Layout], reach: int | None = None, inv_freq: torch.Tensor | None = None
+        self,
+        layouts: list[Layout],
+        reach: int | None = None,
+        inv_freq: torch.Tensor | None = None,
+        *,
+        rows: int = 1,
+        of: tuple[RingState, int] | None = None,
     ) -> None:
         self.layouts = layouts
         self.reach = reach
         self.inv_freq = inv_freq
+        self.rows = 1 if of is not None else rows
+        self.of = of
+        # Every array the step reads or writes, by a name of its own (a batch's row finds its
+        # part of the batch's arrays by these names).
+        self.arrays: dict[str, np.ndarray] = {}
         # An engine's I/O bindings of these arrays, by session, and of the state's own input /
         # output buffers (the token's embedding, its rotation, the logits); the RoPE tables of
         # its positions (OnnxEngine._bindings, _tables).
@@ -257,25 +286,30 @@ class RingState:
         self.rings: dict[str, np.ndarray] = {}
         self.pos = 0
         sizes = [lay.capacity if reach is None else min(lay.capacity, reach) for lay in layouts]
+        keys = list(dict.fromkeys(lay.key for lay in layouts))
         # The retained caches, stacked per layout; each layer's arrays are rows of its stack.
         self.retained: dict[tuple, _Retained] = {}
         for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
             if lay.retained:
                 self.retained.setdefault(lay.key, _Retained(lay, size)).layers.append(i)
-        for kept in self.retained.values():
-            kept.allocate()
+        for key, kept in self.retained.items():
+            kept.allocate(self._maker(f"retained{keys.index(key)}", axis=1))
         for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
-            control = self.controls.setdefault(lay.key, _Control(lay, size))
+            if lay.key not in self.controls:
+                self.controls[lay.key] = _Control(lay, size, self._maker(keys.index(lay.key)))
+            control = self.controls[lay.key]
             shapes = _shapes(lay, size)
             rows = self.retained[lay.key].rows(i) if lay.retained else {}
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
-                if kind in CONTROLS:
+                if kind in control.arrays:
+                    self.inputs[name] = control.arrays[kind]
+                elif kind in CONTROLS:  # the same for every row
                     self.inputs[name] = getattr(control, kind)
                 elif kind in rows:
                     self.inputs[name] = rows[kind]
                 else:
-                    self.inputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+                    self.inputs[name] = self._array(name, shapes[kind][1:])
                 if kind in RINGS:
                     self.rings[name] = self.inputs[name]
             for name in state_outputs(i, lay):
@@ -283,7 +317,7 @@ class RingState:
                 if kind in rows:
                     self.outputs[name] = rows[kind]
                 else:
-                    self.outputs[name] = np.zeros(shapes[kind], dtype=np.float32)
+                    self.outputs[name] = self._array(name, shapes[kind][1:])
         # What commit does per step, resolved once: (control, output, ring) row writes, and
         # the (input, output) names of S, z, the conv tails and the retained scores, whose
         # buffers trade places (ping-pong: the step's outputs become the next step's inputs
@@ -300,6 +334,47 @@ class RingState:
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
                 else:
                     self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
+        if of is not None:
+            batch, row = of
+            if batch.io is not None:
+                self.io = tuple(x[row : row + 1] for x in batch.io)
+            if batch.parity:  # the batch's S / z / tails trade places every step
+                self.swap()
+
+    def _array(
+        self, name: str, shape: tuple[int, ...], dtype=np.float32, axis: int = 0
+    ) -> np.ndarray:
+        """The array ``name``: ``shape`` with the rows inserted at ``axis``, zeros (a row of a
+        batch's: a view of it)."""
+        if self.of is not None:
+            batch, row = self.of
+            index = (slice(None),) * axis + (slice(row, row + 1),)
+            array = batch.arrays[name][index]
+        else:
+            array = np.zeros((*shape[:axis], self.rows, *shape[axis:]), dtype=dtype)
+        self.arrays[name] = array
+        return array
+
+    def _maker(self, group: object, axis: int = 0):
+        """``array(kind, shape, dtype=float32)``: :meth:`_array` named ``{kind}@{group}``."""
+
+        def array(kind: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+            return self._array(f"{kind}@{group}", shape, dtype, axis)
+
+        return array
+
+    def make_io(self, hidden: int, rotation: int, vocab: int) -> None:
+        """The step's own inputs and output (the tokens' embeddings ``[rows, 1, hidden]``,
+        their rotations ``[rows, rotation, rotation]``, the logits ``[rows, vocab]``), once."""
+        if self.io is not None:
+            return
+        if self.of is not None:
+            raise AssertionError("a batch's row takes its I/O buffers from the batch")
+        self.io = (
+            np.zeros((self.rows, 1, hidden), dtype=np.float32),
+            np.repeat(np.eye(rotation, dtype=np.float32)[None], self.rows, 0),
+            np.zeros((self.rows, vocab), dtype=np.float32),
+        )
 
     def nbytes(self) -> int:
         """Bytes of the state at its full reach (what it grows to and never passes): ring
@@ -317,7 +392,11 @@ class RingState:
 
     def held_bytes(self) -> int:
         """Bytes this state's arrays hold now, at its current reach (:meth:`nbytes`: what it
-        grows to): every input and output, the retained caches' stacks, its I/O buffers."""
+        grows to): every input and output, the retained caches' stacks, its I/O buffers (a
+        batch's row: its share of the batch's)."""
+        if self.of is not None:
+            batch = self.of[0]
+            return batch.held_bytes() // batch.rows
         arrays = [*self.inputs.values(), *self.outputs.values(), *(self.io or ())]
         for kept in self.retained.values():
             arrays += [kept.k, kept.v, kept.fk, kept.rtimes, kept.rscore, *kept.scores]
@@ -335,20 +414,32 @@ class RingState:
         if reach is not None and self.reach is not None and reach < self.reach:
             raise ValueError(f"a state grows; reach {reach} < {self.reach}")
         new = RingState(self.layouts, reach, self.inv_freq)
+        self.copy_into(new)
+        return new
+
+    def copy_into(self, new: RingState) -> None:
+        """Put this state's tokens into ``new`` (a state of the same layouts, its rings at
+        least as long: a filled slot keeps its place), whatever ``new`` held: its slots past
+        this state's keep their numbers, which no step reads (their times say empty, so the
+        mask hides them; nothing folds from them) and a token taking one overwrites."""
         for name, array in self.inputs.items():
             kind = name.split(".")[0]
             if kind in SLOTTED:
                 n = array.shape[2] - (kind == "score")  # a score's last entry is scratch
-                new.inputs[name][:, :, :n] = array[:, :, :n]
+                target = new.inputs[name]
+                if target.shape[2] < array.shape[2]:
+                    raise ValueError(f"{name}: {array.shape[2]} slots into {target.shape[2]}")
+                target[:, :, :n] = array[:, :, :n]
             elif kind not in CONTROLS:
                 np.copyto(new.inputs[name], array)
         for key, control in self.controls.items():
+            new.controls[key].times[:] = EMPTY
             new.controls[key].times[: control.size] = control.times
+            new.controls[key].sink_position = -1
         for key, kept in self.retained.items():
             np.copyto(new.retained[key].rtimes, kept.rtimes)
             np.copyto(new.retained[key].rscore, kept.rscore)
         new.pos = self.pos
-        return new
 
     def prepare(self) -> None:
         for control in self.controls.values():
@@ -573,6 +664,112 @@ class RingState:
             attn = dataclasses.replace(attn, **changed)
             layers.append(dataclasses.replace(layer, attn=attn, conv=conv))
         return ModelState(layers)
+
+
+class RingRows:
+    """Sequences stepped together: the ring states of up to ``capacity`` sequences as the rows of
+    one batched state (``batch``, a :class:`RingState` with ``rows=capacity``), each sequence's
+    state a view of its row (:meth:`row`). The sequences take rows ``0 .. len - 1`` (one that
+    leaves hands its row to the last), so a step runs the first ``len`` rows; the batch doubles
+    when full and takes a longer reach (:meth:`reach_to`) when a row needs one."""
+
+    def __init__(
+        self,
+        layouts: list[Layout],
+        reach: int | None,
+        inv_freq: torch.Tensor | None,
+        io: tuple[int, int, int],
+        capacity: int = 4,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.layouts, self.inv_freq, self._io = layouts, inv_freq, io
+        self._build(reach, capacity)
+        self.keys: list[object] = []
+        # Bindings of the batch's first n rows, by (session, n, parity); dropped on a rebuild.
+        self.bindings: dict[tuple, object] = {}
+
+    def _build(self, reach: int | None, capacity: int) -> None:
+        self.batch = RingState(self.layouts, reach, self.inv_freq, rows=capacity)
+        self.batch.make_io(*self._io)
+        self.states = [RingState(self.layouts, reach, self.inv_freq, of=(self.batch, i))
+                       for i in range(capacity)]  # fmt: skip
+        self.bindings = {}
+
+    @property
+    def reach(self) -> int | None:
+        return self.batch.reach
+
+    @property
+    def capacity(self) -> int:
+        return self.batch.rows
+
+    @property
+    def parity(self) -> int:
+        return self.batch.parity
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys
+
+    def row(self, key: object) -> RingState:
+        """The state of sequence ``key`` (a view of its row: valid until the next
+        :meth:`add`, :meth:`remove` or :meth:`reach_to`)."""
+        return self.states[self.keys.index(key)]
+
+    def add(self, key: object, ring: RingState) -> None:
+        """Sequence ``key`` joins with the tokens of ``ring`` (copied into a row)."""
+        if key in self.keys:
+            raise ValueError(f"{key!r} is already a row")
+        longer = ring.reach is None or (self.reach is not None and ring.reach > self.reach)
+        if longer:
+            self.reach_to(ring.reach)
+        if len(self.keys) == self.capacity:
+            self._rebuild(self.reach, 2 * self.capacity)
+        ring.copy_into(self.states[len(self.keys)])
+        self.keys.append(key)
+
+    def load(self, key: object, state: ModelState) -> None:
+        """Sequence ``key`` joins with a PyTorch decoding state (read into a row; the rows
+        must reach as far as it needs: :meth:`reach_to`)."""
+        if key in self.keys:
+            raise ValueError(f"{key!r} is already a row")
+        if len(self.keys) == self.capacity:
+            self._rebuild(self.reach, 2 * self.capacity)
+        self.states[len(self.keys)].load(state)
+        self.keys.append(key)
+
+    def remove(self, key: object) -> None:
+        """Sequence ``key`` leaves; the last row moves into its place."""
+        i = self.keys.index(key)
+        last = len(self.keys) - 1
+        if i != last:
+            self.states[last].copy_into(self.states[i])
+            self.keys[i] = self.keys[last]
+        self.keys.pop()
+
+    def reach_to(self, reach: int | None) -> None:
+        """Every row holding ``reach`` slots per ring (``None``: whole rings), if longer."""
+        if self.reach is None or (reach is not None and reach <= self.reach):
+            return
+        self._rebuild(reach, self.capacity)
+
+    def _rebuild(self, reach: int | None, capacity: int) -> None:
+        old = self.states[: len(self.keys)]
+        self._build(reach, capacity)
+        for state, new in zip(old, self.states, strict=False):
+            state.copy_into(new)
+
+    def commit(self) -> None:
+        """After a step of the first ``len`` rows: each row's commit, then the batch's buffers
+        trade places as every row's did."""
+        for state in self.states[: len(self.keys)]:
+            state.commit()
+        for state in self.states[len(self.keys) :]:
+            state.swap()
+        self.batch.swap()
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

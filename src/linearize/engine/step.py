@@ -9,6 +9,10 @@ Which slots a query sees and which tokens leave for ``S, z`` (with the weight
 :class:`~linearize.ops.linear_attn.LinearAttnSpec` (``is_local``), computed on the host and passed
 in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``, and the
 rotation of the sink query ``sink_rotation``), shared by every layer with the same layout.
+
+The step takes ``B`` rows at once (axis 0 of every input and output): each row is a sequence of
+its own, with its own state and control tensors (its own position, window and folds), so a
+server steps its sequences in one run and reads the weights once for all of them.
 A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots. A
 retained cache (``spec.retain = M``) takes the ``M`` ring slots after the sinks: the graph reads
 them with the window and returns each slot's in-window attention (``score``); which tokens
@@ -175,11 +179,12 @@ def state_outputs(i: int, lay: Layout) -> list[str]:
 
 
 class FixedStep(nn.Module):
-    """``step(x, rotation, *state) -> (logits, *new_state)`` for one token, batch 1.
+    """``step(x, rotation, *state) -> (logits, *new_state)``: one token of each of ``B`` rows.
 
-    ``x: [1, 1, D]`` the token's embedding (the host looks it up), ``rotation: [K, K]`` its
-    rotary embedding as a matrix (:func:`fill_rotation`); the state tensors as named by
-    :func:`state_inputs` / :func:`state_outputs`.
+    ``x: [B, 1, D]`` the tokens' embeddings (the host looks them up), ``rotation: [B, K, K]``
+    their rotary embeddings as matrices (:func:`fill_rotation`); the state tensors as named by
+    :func:`state_inputs` / :func:`state_outputs`, each with the rows on axis 0 (a layout's
+    ``inwindow`` and ``window_mask`` excepted: the same for every row).
     """
 
     def __init__(self, model: Decoder, max_context: int) -> None:
@@ -223,7 +228,9 @@ class FixedStep(nn.Module):
             qkv = self.qkv[i](layer.input_layernorm(x))
             h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken)
             x = x + h
-            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
+            # (split at a constant: chunk would take the width from the tensor's shape)
+            half = layer.mlp.gate_proj.out_features
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).split(half, -1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
             outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
         logits = self.model.lm_head(self.model.norm(x))
@@ -238,18 +245,18 @@ def _attention_step(
     RoPE and the feature map (``grouped``: ``[B, Hkv, R+1, K]``, each group reading its key /
     value head's weights) run once on the query and key heads together."""
     c = attn.config
-    B, H, Hkv, K = qkv.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+    H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
     qk, v = qkv.split([H * K + Hkv * K, Hkv * K], -1)
-    qk, v = qk.view(B, Hkv, R + 1, K), v.view(B, Hkv, 1, K)
+    qk, v = qk.view(-1, Hkv, R + 1, K), v.view(-1, Hkv, 1, K)
     features = q_sink = None
     has_map = attn.feature_map is not None
     if has_map and not c.global_rope:
         features = attn.feature_map.grouped(qk)
     if attn.rope is not None:
         if lay.cache_sinks:
-            q_sink = torch.matmul(qk, s["sink_rotation"])[:, :, :R]
-        qk = torch.matmul(qk, rotation)
+            q_sink = _rotated(qk, s["sink_rotation"], Hkv, R + 1, K)[:, :, :R]
+        qk = _rotated(qk, rotation, Hkv, R + 1, K)
     if features is None:
         features = attn.feature_map.grouped(qk) if has_map else qk
     q5, k = qk.split([R, 1], 2)  # [B, Hkv, R, K], [B, Hkv, 1, K]
@@ -294,7 +301,7 @@ def _attention_step(
     # As Attention._output, on [B, Hkv, R, V].
     if attn.output_norm is not None:
         o = attn.output_norm(o)
-    return attn.o_proj(o.reshape(B, H * K)), new
+    return attn.o_proj(o.reshape(-1, H * K)), new
 
 
 def fill_rotation(R: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
@@ -310,6 +317,12 @@ def fill_rotation(R: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     # x[i + half] · (−sin[i]) → out[i];  x[i] · sin[i + half] → out[i + half]
     R.reshape(-1)[half * K :: K + 1][:half] = -sin[:half]
     R.reshape(-1)[half :: K + 1][:half] = sin[half:]
+
+
+def _rotated(qk: Tensor, rotation: Tensor, Hkv: int, G: int, K: int) -> Tensor:
+    """``qk: [B, Hkv, G, K]`` times each row's ``rotation: [B, K, K]``: one ``[Hkv·G, K]``
+    product per row (a broadcast over the heads would run one per head)."""
+    return torch.matmul(qk.reshape(-1, Hkv * G, K), rotation).view(-1, Hkv, G, K)
 
 
 def _normalized(num: Tensor, den: Tensor | None) -> Tensor:
@@ -329,7 +342,7 @@ def _local(
     lay: Layout, q5: Tensor, k: Tensor, v: Tensor, s: dict[str, Tensor], q_sink
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``q5: [B,Hkv,R,K]`` over the ring (keys ``s["k"]: [B,Hkv,C,K]``, values ``s["v"]:
-    [B,Hkv,C,V]``, ``s["mask"]: [C]``: added to softmax scores, multiplied into relu2 weights)
+    [B,Hkv,C,V]``, ``s["mask"]: [B, C]``: added to softmax scores, multiplied into relu2 weights)
     and itself (``k, v: [B,Hkv,1,·]``): numerator ``[B,Hkv,R,V]`` and, for softmax, denominator
     ``[B,Hkv,R,1]`` (weights ``e^{s−m}``). ``q_sink`` (like ``q5``) scores the sinks, in the
     ring's first slots. Nothing here reads the ring's length ``C``: the exported graph takes
@@ -352,7 +365,7 @@ def _local(
     kernel pads 3 columns to 16) and more as the wide one (packed, copied, first). The scores
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
     spec = lay.spec
-    kb, vb, mask = s["k"], s["v"], s["mask"]
+    kb, vb, mask = s["k"], s["v"], s["mask"][:, None, None]
     attention = None
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
@@ -391,16 +404,26 @@ def _fold(lay: Layout, s: dict[str, Tensor], fk: Tensor, v: Tensor, S: Tensor, z
     if lay.spec.decay < 1:
         S, z = S * lay.spec.decay, z * lay.spec.decay
     if lay.new_folds:
-        w = s["fold_new"]
-        S = S + w * torch.matmul(fk.transpose(-1, -2), v)
+        w = s["fold_new"][:, :, None]  # [B, 1] -> [B, 1, 1]
+        S = S + w[..., None] * torch.matmul(fk.transpose(-1, -2), v)
         z = z + w * fk[:, :, 0]
     if lay.folds:
-        index, weight = s["fold_index"], s["fold_weight"]
-        gk = s["fk"].index_select(2, index) * weight[:, None]
-        gv = s["v"].index_select(2, index)  # [B, Hkv, J, V]
+        # Each row's own slots: ``fold_index, fold_weight: [B, J]``.
+        index, weight = s["fold_index"][:, None, :, None], s["fold_weight"][:, None, :, None]
+        shape = lay.kv_heads, lay.feature_dim
+        gk, gv = _take(s["fk"], index, *shape), _take(s["v"], index, lay.kv_heads, lay.key_dim)
+        gk = gk * weight  # [B, Hkv, J, F]; gv: [B, Hkv, J, V]
         S = S + torch.matmul(gk.transpose(-1, -2), gv)
         z = z + gk.sum(2)
     return S, z
+
+
+def _take(ring: Tensor, index: Tensor, heads: int, width: int) -> Tensor:
+    """``ring: [B, heads, C, width]`` at each row's slots ``index: [B, 1, J, 1]``: ``[B, heads,
+    J, width]``. (The index is spread over the heads and features by adding a constant of
+    zeros: one node, where an ``expand`` to the rows' number exports as several.)"""
+    spread = torch.zeros((1, heads, 1, width), dtype=index.dtype)
+    return ring.gather(2, index + spread)
 
 
 def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:

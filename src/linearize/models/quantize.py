@@ -321,15 +321,17 @@ class _NBitsLinear(torch.autograd.Function):
             bits_i=bits,
             block_size_i=group_size,
         )
-        out.setType(x.type().with_sizes([*sizes[:-1], N]))
+        # The leading axes as exported, but the first (a step's rows: any number at run time).
+        leading = [None, *sizes[1:-1]] if len(sizes) > 1 else []
+        out.setType(x.type().with_sizes([*leading, N]))
         if offset_t is not None:
-            # The engine's graphs have fixed shapes: ``sizes`` is x's shape at export.
-            shape = torch.tensor([*sizes[:-1], blocks, group_size], dtype=torch.long)
+            # x's last axis into groups (the first axis: as many as x has).
+            shape = torch.tensor([-1, *sizes[1:-1], blocks, group_size], dtype=torch.long)
             grouped = g.op("Reshape", x, g.op("Constant", value_t=shape))
             axis = g.op("Constant", value_t=torch.tensor([-1]))
             sums = g.op("ReduceSum", grouped, axis, keepdims_i=0)
             out = g.op("Add", out, g.op("MatMul", sums, offset_t))
-            out.setType(x.type().with_sizes([*sizes[:-1], N]))
+            out.setType(x.type().with_sizes([*leading, N]))
         return out
 
 

@@ -93,9 +93,9 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
     engine, workers = None, torch.get_num_threads()
     name = resolve_engine(config.engine, model)
     if name != "torch":
-        # Plain rows step on it, as many at once as there are threads, each run on one;
-        # prompts and speculative rows stay on the PyTorch path (the prefix cache holds
-        # PyTorch states).
+        # Plain rows step on it in as many groups as there are threads, each group one run
+        # on a thread of its own; prompts and speculative rows stay on the PyTorch path (the
+        # prefix cache holds PyTorch states).
         context = config.max_prompt_tokens + config.max_tokens
         engine = build_engine(name, model, max_context=context, threads=1)
     cache = PrefixCache(config.cache_bytes)

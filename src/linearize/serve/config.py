@@ -33,8 +33,8 @@ class ServeConfig(Config):
     )
     engine: Engine = option(
         "decoding engine: auto (onnx for an int8 / int4 model, else torch), torch (the rows in "
-        "one batched PyTorch step) or onnx (ONNX Runtime, batch 1: each row its own run, as "
-        "many at once as --threads, each several times faster)",
+        "one batched PyTorch step) or onnx (ONNX Runtime: the rows in as many groups as "
+        "--threads, each group one run of the step graph on a thread of its own)",
         "auto",
     )
     max_prompt_tokens: int = option("longest prompt accepted, in tokens", 8192)

@@ -8,9 +8,10 @@ scheduler owns: a request joins it with its prefilled state, a step feeds every 
 last token through one ``model.step_rows`` call (the weight matmuls run once for all rows, and
 sliding-window linear attention attends for all rows at once, each at its own position, updating
 the rows in place), and a finished or cancelled request leaves it. With a fast engine
-(``engine``, batch 1: a quantized model's default), each plain row's state moves into a ring state
-of its own at its first step instead, and ``workers`` rows step at once, each run on a thread of
-a pool. Rows decoding speculatively keep their own state and take their own ``Decoding.step``
+(``engine``: a quantized model's default), each plain row's state moves into a row of one of
+``workers`` groups (:class:`~linearize.engine.ring.RingRows`) at its first step instead: each
+group steps its rows in one run of the engine's step graph, the groups at once, each on a thread
+of a pool. Rows decoding speculatively keep their own state and take their own ``Decoding.step``
 (propose → verify → accept → commit). The sampler, stop rules and speculative pipeline are the
 generation package's, so a request yields exactly what ``linearize generate`` yields for it
 alone (on the engine: what ``generate`` yields on the engine).
@@ -112,13 +113,15 @@ class Scheduler:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.cache, self.heads = model, cache, heads
-        # A fast engine (linearize.engine; batch 1) steps the plain rows, each on a ring state
-        # of its own; None: one batched PyTorch step (DecodeRows).
+        # A fast engine (linearize.engine) steps the plain rows: ``workers`` groups of rows
+        # (RingRows, each group one run of the step graph for all its rows), the groups at once,
+        # each on a thread of its own; None: one batched PyTorch step (DecodeRows).
         self.engine = engine
-        self._rings: dict[_Row, Any] = {}
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        # ``workers`` rows step at once on the engine (each run on one thread).
+        self.workers = workers
+        self._groups: list[Any] = []  # created on first use
+        self._group_of: dict[_Row, Any] = {}
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="linearize-row")
             if engine is not None and workers > 1
@@ -223,7 +226,7 @@ class Scheduler:
         self._rows.clear()
         self._joining.clear()
         self._batch, self._batch_bytes = None, 0
-        self._rings.clear()
+        self._groups, self._group_of = [], {}
 
     def _prefill(self, row: _Row) -> None:
         """Feed the next chunk of ``row``'s prompt (up to a cacheable boundary); with the last
@@ -362,46 +365,55 @@ class Scheduler:
                     self._fail(row, e)
 
     def _step_on_engine(self, plain: list[_Row]) -> None:
-        """A step of each plain row on the engine, ``workers`` rows at once: a row's PyTorch
-        state (after its prompt) moves into a ring state of its own at its first step."""
+        """A step of every plain row on the engine: a row joins the smallest group with its
+        PyTorch state (after its prompt) at its first step; each group steps its rows in one
+        run, the groups at once."""
         self.steps += 1
         self.row_steps += len(plain)
         engine = self.engine
+        if not self._groups:
+            self._groups = [engine.rows() for _ in range(self.workers)]
+        for row in plain:
+            if row not in self._group_of:
+                group = min(self._groups, key=len)
+                engine.join(group, row, row.decoding.state)
+                row.decoding.state = None
+                self._group_of[row] = group
+        busy = [group for group in self._groups if len(group)]
 
-        def step(row: _Row) -> tuple[Any, torch.Tensor] | Exception:
+        def step(group) -> torch.Tensor | Exception:
             try:
-                ring = self._rings.get(row)
-                if ring is None:
-                    ring = engine.hold(row.decoding.state)
-                    row.decoding.state = None
-                return engine.step_on(ring, row.decoding.root)
+                return engine.step_rows(group, [row.decoding.root for row in group.keys])
             except Exception as e:  # reported below, on this thread
                 return e
 
-        # The rows take the cores: PyTorch (sampling) steps on one thread meanwhile, or its
-        # idle threads spin on the cores the rows run on (one stream of the default model in
+        # The groups take the cores: PyTorch (sampling) steps on one thread meanwhile, or its
+        # idle threads spin on the cores the groups run on (one stream of the default model in
         # int4: 55 against 84 tokens/s); prompts keep every thread.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        stepping = set(plain)
         try:
-            if self._pool is None or len(plain) == 1:
-                results = [step(row) for row in plain]
+            if self._pool is None or len(busy) == 1:
+                results = [step(group) for group in busy]
             else:
-                results = list(self._pool.map(step, plain))
-            for row, result in zip(plain, results, strict=True):
-                try:
-                    if isinstance(result, Exception):
-                        raise result
-                    self._rings[row], logits = result
-                    self._emit(row, row.decoding.advance(logits, None))
-                except Exception as e:
-                    logger.exception("request %s failed in an engine step", row.job.request_id)
-                    self._fail(row, e)
+                results = list(self._pool.map(step, busy))
+            for group, result in zip(busy, results, strict=True):
+                for i, row in enumerate(list(group.keys)):
+                    if row not in stepping:  # cancelled meanwhile: leaves after this step
+                        continue
+                    try:
+                        if isinstance(result, Exception):
+                            raise result
+                        self._emit(row, row.decoding.advance(result[i], None))
+                    except Exception as e:
+                        logger.exception("request %s failed in an engine step", row.job.request_id)
+                        self._fail(row, e)
         finally:
             torch.set_num_threads(threads)
 
     def _ring_bytes(self) -> int:
-        return sum(ring.held_bytes() for ring in list(self._rings.values()))
+        return sum(group.batch.held_bytes() for group in list(self._groups))
 
     def _plain_rows(self, plain: list[_Row]) -> DecodeRows:
         """The batch holding exactly the ``plain`` rows: rows new to plain decoding join it
@@ -447,11 +459,11 @@ class Scheduler:
             batch = self._batch
             in_batch = batch is not None and row in batch
             state = batch.state(row) if in_batch else decoding.state
-            ring = self._rings.get(row)
-            if state is None and ring is not None:
+            group = self._group_of.get(row)
+            if state is None and group is not None:
                 # Decoded on the engine: its ring state back in PyTorch (~20 ms, and a fresh
                 # state to fill; the cache copies what it keeps).
-                state = ring.to_state(self.model.init_state(1))
+                state = group.row(row).to_state(self.model.init_state(1))
             if state is not None:
                 self.cache.put(decoding.history, state)
         now = time.perf_counter()
@@ -500,6 +512,8 @@ class Scheduler:
                     batch.leave(row)
             self._batch_bytes = batch.nbytes()
         for row in leaving:
-            self._rings.pop(row, None)
+            group = self._group_of.pop(row, None)
+            if group is not None:
+                group.remove(row)
         with self._wakeup:
             self._rows = [r for r in self._rows if r not in leaving]
