@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.ops import retain
+from linearize.ops.buffers import lazy_padded, lazy_zeros
 from linearize.ops.tree import Tree
 
 LocalKind = Literal["none", "softmax", "relu2"]
@@ -177,9 +178,9 @@ def init_state(
     return LinearAttnState(
         S=torch.zeros(B, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(B, Hkv, feature_dim, **zeros),
-        k=torch.zeros(B, Hkv, C, key_dim, **zeros),
-        fk=torch.zeros(B, Hkv, C, feature_dim, **zeros),
-        v=torch.zeros(B, Hkv, C, value_dim, **zeros),
+        k=lazy_zeros(B, Hkv, C, key_dim, **zeros),
+        fk=lazy_zeros(B, Hkv, C, feature_dim, **zeros),
+        v=lazy_zeros(B, Hkv, C, value_dim, **zeros),
         times=torch.full((C,), -1, dtype=torch.long, device=device),
         n=0,
         pos=0,
@@ -475,7 +476,7 @@ def _fold(
         z = z + fk_gone.sum(2)
     n = k.shape[2] - gone
     pad = spec.capacity - n
-    kept = [F.pad(x[:, :, gone:], (0, 0, 0, pad)) for x in (k, fk, v)]
+    kept = [lazy_padded(x[:, :, gone:], spec.capacity, 2) for x in (k, fk, v)]
     times = F.pad(times, (0, pad), value=-1)
     retained = {}
     if spec.retain:

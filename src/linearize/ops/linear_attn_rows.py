@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linearize.ops import linear_attn, retain
+from linearize.ops.buffers import lazy_zeros
 from linearize.ops.linear_attn import RETAINED, LinearAttnSpec, LinearAttnState
 
 # What an empty entry holds, by field (else 0).
@@ -130,9 +131,9 @@ def init_rows(
     return LinearAttnRows(
         S=torch.zeros(R, Hkv, feature_dim, value_dim, **zeros),
         z=torch.zeros(R, Hkv, feature_dim, **zeros),
-        k=torch.zeros(R, Hkv, C, key_dim, **zeros),
-        fk=torch.zeros(R, Hkv, C, feature_dim, **zeros),
-        v=torch.zeros(R, Hkv, C, value_dim, **zeros),
+        k=lazy_zeros(R, Hkv, C, key_dim, **zeros),
+        fk=lazy_zeros(R, Hkv, C, feature_dim, **zeros),
+        v=lazy_zeros(R, Hkv, C, value_dim, **zeros),
         times=torch.full((R, C), -1, dtype=torch.long, device=device),
         pos=torch.zeros(R, dtype=torch.long, device=device),
         **retained,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from linearize.models.decoder import ModelState
+from linearize.ops.buffers import lazy_padded
 from linearize.ops.linear_attn import LinearAttnState
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,10 @@ def _restore(entry: _Compact) -> ModelState:
 
 
 def _padded(t: torch.Tensor, length: int, dim: int, value: float = 0) -> torch.Tensor:
-    """A new tensor: ``t`` padded along ``dim`` to ``length`` with ``value``."""
+    """A new tensor: ``t`` padded along ``dim`` to ``length`` with ``value`` (zeros: only the
+    part ``t`` fills touched, :func:`~linearize.ops.buffers.lazy_padded`)."""
+    if value == 0:
+        return lazy_padded(t, length, dim)
     out = t.new_full((*t.shape[:dim], length, *t.shape[dim + 1 :]), value)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
