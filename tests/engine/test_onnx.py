@@ -145,8 +145,9 @@ def test_sequences_held_on_one_engine_step_as_each_alone(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sequences_stepped_together_step_as_each_alone(kind, tmp_path):
     """Sequences in one run of the step graph (``rows`` / ``step_rows``: the server's rows),
-    joining and leaving at different steps (a third row doubles the batch; a leaving row hands
-    its place to the last), growing past their reach, each at a position of its own: each gets
+    joining and leaving at different steps (one row alone runs the one-sequence graph; a third
+    row doubles the batch; a leaving row hands its place to the last), growing past their
+    reach, each at a position of its own: each gets
     the reference's logits, its folds, windows and sinks its own; one taken out goes back to
     PyTorch and decodes on as the reference."""
     model = _model(kind)
@@ -178,8 +179,10 @@ def test_sequences_stepped_together_step_as_each_alone(kind, tmp_path):
             fed[i] += 1
 
     join(0)
+    for t in range(5):  # one row: the one-sequence graph
+        step(t)
     join(1)
-    for t in range(21):  # an odd number: the batch's buffers in their other arrangement
+    for t in range(5, 21):  # an odd number in all: the buffers in their other arrangement
         step(t)
     join(2)  # a third row: the batch doubles
     assert rows.capacity == 4

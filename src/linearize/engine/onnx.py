@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from linearize.engine.ring import RingRows, RingState
-from linearize.engine.step import FixedStep, fill_rotation
+from linearize.engine.step import FixedStep, RowsStep, fill_rotation
 from linearize.engine.tree import (
     TreeStep,
     leave_width,
@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 # reach; 9: tree graphs run q/k/v and gate/up as one linear each; 10: the step scores each
 # query head against the ring as a one-row product; 11: value rings slot-major, [1, Hkv, C, V];
 # 12: MatMulNBits without a zero-point input where its default is meant (a faster kernel);
-# 13: the retained cache (in the rings, after the sinks); 14: the step takes rows (axis 0 of
-# every input and output: sequences stepped together, each with its own control tensors)
-EXPORT_VERSION = 14
+# 13: the retained cache (in the rings, after the sinks); 15: the rows' step, a graph of its
+# own (sequences stepped together; the one-sequence graph unchanged but for its export)
+EXPORT_VERSION = 15
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -140,37 +140,15 @@ def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> No
     import onnx
 
     graph = onnx.load(tmp / "raw.onnx")
-    products = set()
     for node in graph.graph.node:
         if node.op_type == "MatMulNBits":
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
-            products.update(node.output)
-    # Every tensor's shape in terms of the inputs' (the step's rows, a ring's slots): the
-    # exporter names each product's rows a symbol of its own and loses them at reshapes, and
-    # onnxruntime fuses a 4-bit product's offset term (a MatMul and an Add) into one Gemm only
-    # where it sees the same rows on both sides. (Without it: 120 more nodes a step.)
-    kept = [info for info in graph.graph.value_info if info.name not in products]
-    del graph.graph.value_info[:]
-    graph.graph.value_info.extend(kept)
-    graph = _infer_shapes(graph)
     if accuracy_level == 0:
         _dequantize_8bit(graph)
     onnx.save(graph, tmp / GRAPH, save_as_external_data=True, location=f"{GRAPH}.data")
     for stale in tmp.glob("*"):
         if stale.name not in (GRAPH, f"{GRAPH}.data"):
             stale.unlink()
-
-
-def _infer_shapes(graph):
-    """``graph`` with onnxruntime's symbolic shape inference (the graph as it is if that fails:
-    it runs the same, with fewer fusions)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        return SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
-    except Exception as e:  # an op it does not know: only some fusions are lost
-        logger.warning("symbolic shape inference failed (%s); exporting without it", e)
-        return graph
 
 
 def _dequantize_8bit(graph) -> None:
@@ -212,12 +190,19 @@ def _dequantize_8bit(graph) -> None:
             graph.graph.node.remove(const)
 
 
-def _step_example(model: Decoder, step: FixedStep, state: RingState) -> list[torch.Tensor]:
+def _step_example(
+    model: Decoder, step: FixedStep, state: RingState, rows: bool
+) -> list[torch.Tensor]:
+    """Inputs of the one-sequence step, or with ``rows``, of the rows' step (``state``'s rows)."""
     D = model.config.hidden_size
     K = model.layers[0].self_attn.config.head_dim
     state.prepare()
-    rows = state.rows
-    inputs = [torch.zeros(rows, 1, D), torch.eye(K).expand(rows, K, K).contiguous()]
+    if not rows:
+        arrays = {**state.inputs, **state.one_row}
+        inputs = [torch.zeros(1, 1, D), torch.eye(K)]
+        return inputs + [torch.from_numpy(arrays[n]) for n in step.input_names()[2:]]
+    n = state.rows
+    inputs = [torch.zeros(n, 1, D), torch.eye(K).expand(n, K, K).contiguous()]
     return inputs + [torch.from_numpy(state.inputs[n]) for n in step.input_names()[2:]]
 
 
@@ -263,6 +248,7 @@ class OnnxEngine:
         self.model = model.float().eval()
         self.max_context = max_context
         self.step_module = FixedStep(self.model, max_context)
+        self.rows_module = RowsStep(self.step_module)
         self.layouts = self.step_module.layouts
         if accuracy not in ACCURACY:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
@@ -291,7 +277,7 @@ class OnnxEngine:
             None,
         )
         # Step sessions by arithmetic; the one steps run now.
-        self.steps: dict[str, object] = {}
+        self.steps: dict[tuple[str, bool], object] = {}
         self.session, self.step_accuracy = self._step_session(accuracy), accuracy
         self.max_tree = max_tree
         if not 0 <= prefill_chunk <= max_tree:
@@ -312,21 +298,22 @@ class OnnxEngine:
         self.embedding = model.embed_tokens.weight.detach().float().numpy()
         self.reset()
 
-    def _dynamic_axes(self, names: list[str] | None = None) -> dict[str, dict[int, str]]:
+    def _dynamic_axes(
+        self, names: list[str] | None = None, rows: bool = False
+    ) -> dict[str, dict[int, str]]:
         """The inputs among ``names`` (default: the step's, and its outputs) whose length may
         change from run to run: a ring's slots, its mask or times, that follow the state's
         reach; a tree's visibility ``visible.j`` (slots, then nodes) of the ``j``-th distinct
-        layout; and the step's rows (axis 0 of its inputs and outputs, but a layout's
-        ``inwindow`` and ``window_mask``, the same for every row)."""
+        layout; with ``rows``, the step's rows (axis 0 of its inputs and outputs, but a
+        layout's ``inwindow`` and ``window_mask``, the same for every row)."""
         keys = sorted(self.growing, key=str)
         distinct = list(dict.fromkeys(lay.key for lay in self.layouts))
-        step = names is None
-        if step:
+        if names is None:
             names = self.step_module.input_names() + self.step_module.output_names()
         axes: dict[str, dict[int, str]] = {}
         for name in names:
             kind, _, index = name.partition(".")
-            if step and kind not in ("inwindow", "window_mask"):
+            if rows and kind not in ("inwindow", "window_mask"):
                 axes[name] = {0: "rows"}
             if kind == "visible":
                 key = distinct[int(index)]
@@ -338,7 +325,7 @@ class OnnxEngine:
                 continue
             key = self.layouts[int(index)].key
             if key in self.growing:
-                axis = {"mask": 1, "times": 0, "inwindow": 0, "window_mask": 0}.get(kind, 2)
+                axis = {"mask": int(rows), "times": 0, "inwindow": 0, "window_mask": 0}.get(kind, 2)
                 # A retained layer's scores: one per slot and the new token's.
                 retained = ("score", "score_out", "inwindow", "window_mask")
                 slots = "scores" if kind in retained else "slots"
@@ -364,17 +351,23 @@ class OnnxEngine:
         reach = (self._slot(pos) // self.reach_step + 1) * self.reach_step
         return None if reach >= self.longest else reach
 
-    def _step_session(self, accuracy: str):
-        """The step graph's session with ``accuracy`` (built once per engine)."""
-        if accuracy not in self.steps:
+    def _step_session(self, accuracy: str, rows: bool = False):
+        """The step graph's session with ``accuracy`` (built once per engine): for one sequence
+        (:class:`~linearize.engine.step.FixedStep`), or with ``rows``, for any number of rows
+        (:class:`~linearize.engine.step.RowsStep`, :meth:`step_rows`); each exported on first
+        use."""
+        key = (accuracy, rows)
+        if key not in self.steps:
 
             def example() -> list[torch.Tensor]:
-                # Two rows, so that nothing in the graph takes the rows' number for a constant.
-                return _step_example(self.model, self.step_module, self._ring(rows=2))
+                # (Rows: two, so that nothing in the graph takes their number for a constant.)
+                ring = self._ring(rows=2 if rows else 1)
+                return _step_example(self.model, self.step_module, ring, rows)
 
-            axes = self._dynamic_axes()
-            self.steps[accuracy] = self._session("step", self.step_module, example, axes, accuracy)
-        return self.steps[accuracy]
+            axes = self._dynamic_axes(rows=rows)
+            name, module = ("rows", self.rows_module) if rows else ("step", self.step_module)
+            self.steps[key] = self._session(name, module, example, axes, accuracy)
+        return self.steps[key]
 
     def _session(
         self,
@@ -402,7 +395,7 @@ class OnnxEngine:
             str(path / GRAPH),
             self.options,
             providers=["CPUExecutionProvider"],
-            disabled_optimizers=NO_TRANSPOSE_PUSHING if name == "step" else [],
+            disabled_optimizers=NO_TRANSPOSE_PUSHING if name in ("step", "rows") else [],
         )
 
     def reset(self) -> None:
@@ -442,7 +435,7 @@ class OnnxEngine:
         bindings = state.bindings[self.session] = [None, None]
         for _ in range(2):
             binding = self.session.io_binding()
-            inputs = {"x": x, "rotation": rotation, **state.inputs}
+            inputs = {"x": x, "rotation": rotation[0], **state.inputs, **state.one_row}
             for name in self.step_module.input_names():
                 _bind(binding.bind_input, name, inputs[name])
             outputs = {"logits": logits, **state.outputs}
@@ -578,21 +571,27 @@ class OnnxEngine:
             rows.reach_to(None if None in reaches else max(reaches))
         for state, token in zip(rows.states[:n], tokens, strict=True):
             self._prepare(state, int(token), state)
+        if n == 1:  # the one-sequence graph (the rows' graph runs one row 3-5 % slower)
+            state = rows.states[0]
+            self.session.run_with_iobinding(self._bindings(state)[state.parity])
+        elif n:
+            binding = self._rows_binding(rows, n)
+            self._step_session(self.step_accuracy, rows=True).run_with_iobinding(binding)
         if n:
-            self.session.run_with_iobinding(self._rows_binding(rows, n))
             rows.commit()
         return torch.from_numpy(rows.batch.io[2][:n])
 
     def _rows_binding(self, rows: RingRows, n: int):
         """The step session's binding of the first ``n`` rows of ``rows`` as they are now (by
         parity; built once per session, number of rows and parity)."""
-        key = (self.session, n, rows.parity)
+        session = self._step_session(self.step_accuracy, rows=True)
+        key = (session, n, rows.parity)
         binding = rows.bindings.get(key)
         if binding is not None:
             return binding
         batch = rows.batch
         x, rotation, logits = batch.io
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         shared = ("inwindow", "window_mask")  # the same for every row
         inputs = {"x": x, "rotation": rotation, **batch.inputs}
         for name in self.step_module.input_names():

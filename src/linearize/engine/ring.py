@@ -65,7 +65,8 @@ class _Control:
         K = lay.key_dim
         self.arrays = {
             "mask": array("mask", (C,), np.float32),
-            "fold_index": array("fold_index", (lay.folds,), np.int64),
+            # Each key head's leaving slots as rows of the rings flattened to [rows·Hkv·C, ·].
+            "fold_index": array("fold_index", (lay.kv_heads * lay.folds,), np.int64),
             "fold_weight": array("fold_weight", (lay.folds,), np.float32),
             "fold_new": array("fold_new", (1,), np.float32),
             # The sink query's rotation (sinks at cache positions), filled by the engine.
@@ -74,8 +75,12 @@ class _Control:
         self.mask, self.fold_index, self.fold_weight, self.fold_new, self.sink_rotation = (
             x[0] for x in self.arrays.values()
         )
+        # The first head's slots (of row 0: the slots themselves), what the one-sequence step
+        # reads (engine.step.FixedStep).
+        self.fold_slots = self.fold_index.reshape(lay.kv_heads, lay.folds)[0]
         self.sink_rotation[...] = np.eye(K, dtype=np.float32)
         self.sink_position = -1
+        self.row = 0  # the state's row in its batch (RingState sets it)
         # The slots whose softmax weights count as the window's (all but the retained).
         self.inwindow = np.ones((C + 1, 1), dtype=np.float32)
         self.inwindow[lay.spec.sinks : lay.front] = 0
@@ -107,8 +112,10 @@ class _Control:
             decay = lay.spec.decay
             self.fold_weight[:] = 0
             self.fold_weight[: len(leaving)] = decay ** (pos + 1 - self.times[leaving])
-            self.fold_index[:] = 0
-            self.fold_index[: len(leaving)] = leaving
+            H, J = lay.kv_heads, lay.folds
+            slots = np.zeros(J, dtype=np.int64)
+            slots[: len(leaving)] = leaving
+            self.fold_index.reshape(H, J)[:] = (self.row * H + np.arange(H)[:, None]) * C + slots
             self.fold_new[0] = decay * float(fold[C])
         self.new_leaves = bool(fold[C])
         self.slot = -1
@@ -284,6 +291,8 @@ class RingState:
         self.outputs: dict[str, np.ndarray] = {}
         # Every ring (k, v, fk), its slots on axis 2: [1, Hkv, C, ·].
         self.rings: dict[str, np.ndarray] = {}
+        # The control inputs as the one-sequence step reads them (without the row axis).
+        self.one_row: dict[str, np.ndarray] = {}
         self.pos = 0
         sizes = [lay.capacity if reach is None else min(lay.capacity, reach) for lay in layouts]
         keys = list(dict.fromkeys(lay.key for lay in layouts))
@@ -298,12 +307,16 @@ class RingState:
             if lay.key not in self.controls:
                 self.controls[lay.key] = _Control(lay, size, self._maker(keys.index(lay.key)))
             control = self.controls[lay.key]
+            control.row = 0 if of is None else of[1]
             shapes = _shapes(lay, size)
             rows = self.retained[lay.key].rows(i) if lay.retained else {}
             for name in state_inputs(i, lay):
                 kind = name.split(".")[0]
                 if kind in control.arrays:
                     self.inputs[name] = control.arrays[kind]
+                    self.one_row[name] = getattr(
+                        control, "fold_slots" if kind == "fold_index" else kind
+                    )
                 elif kind in CONTROLS:  # the same for every row
                     self.inputs[name] = getattr(control, kind)
                 elif kind in rows:

@@ -321,8 +321,9 @@ class _NBitsLinear(torch.autograd.Function):
             bits_i=bits,
             block_size_i=group_size,
         )
-        # The leading axes as exported, but the first (a step's rows: any number at run time).
-        leading = [None, *sizes[1:-1]] if len(sizes) > 1 else []
+        # The leading axes as x has them (None: any length at run time, a step's rows).
+        known = x.type().varyingSizes()
+        leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
         out.setType(x.type().with_sizes([*leading, N]))
         if offset_t is not None:
             # x's last axis into groups (the first axis: as many as x has).
