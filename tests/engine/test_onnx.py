@@ -186,6 +186,10 @@ def test_sequences_stepped_together_step_as_each_alone(kind, tmp_path):
         step(t)
     join(2)  # a third row: the batch doubles
     assert rows.capacity == 4
+    # What the rows hold: three sequences' states (the fourth row is not counted).
+    one = engine._ring(rows.reach)
+    one.make_io(*engine._io_sizes())
+    assert 0.9 < rows.held_bytes() / (3 * one.held_bytes()) < 1.1
     for t in range(21, 40):  # 19 steps
         step(t)
     join(3)  # into a row unused since the batch doubled, 19 steps ago

@@ -727,6 +727,11 @@ class RingRows:
     def __contains__(self, key: object) -> bool:
         return key in self.keys
 
+    def held_bytes(self) -> int:
+        """Bytes the sequences' rows hold now (the batch's arrays, their rows' share: a row
+        not taken holds no pages until a sequence writes it)."""
+        return self.batch.held_bytes() * len(self.keys) // self.capacity
+
     def row(self, key: object) -> RingState:
         """The state of sequence ``key`` (a view of its row: valid until the next
         :meth:`add`, :meth:`remove` or :meth:`reach_to`)."""

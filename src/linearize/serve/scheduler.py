@@ -413,7 +413,7 @@ class Scheduler:
             torch.set_num_threads(threads)
 
     def _ring_bytes(self) -> int:
-        return sum(group.batch.held_bytes() for group in list(self._groups))
+        return sum(group.held_bytes() for group in list(self._groups))
 
     def _plain_rows(self, plain: list[_Row]) -> DecodeRows:
         """The batch holding exactly the ``plain`` rows: rows new to plain decoding join it
