@@ -589,15 +589,15 @@ class OnnxEngine:
         binding = rows.bindings.get(key)
         if binding is not None:
             return binding
-        batch = rows.batch
-        x, rotation, logits = batch.io
+        x, rotation, logits = rows.batch.io
         binding = session.io_binding()
         shared = ("inwindow", "window_mask")  # the same for every row
-        inputs = {"x": x, "rotation": rotation, **batch.inputs}
+        inputs, outputs = rows.arranged()
+        inputs = {"x": x, "rotation": rotation, **inputs}
         for name in self.step_module.input_names():
             array = inputs[name]
             _bind(binding.bind_input, name, array if name.split(".")[0] in shared else array[:n])
-        outputs = {"logits": logits, **batch.outputs}
+        outputs = {"logits": logits, **outputs}
         for name in self.step_module.output_names():
             _bind(binding.bind_output, name, outputs[name][:n])
         rows.bindings[key] = binding

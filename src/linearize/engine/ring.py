@@ -347,12 +347,10 @@ class RingState:
                     self._rows.append((self.controls[lay.key], self.outputs[name], ring))
                 else:
                     self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
-        if of is not None:
+        if of is not None:  # (in the batch's first arrangement: RingRows keeps the parity)
             batch, row = of
             if batch.io is not None:
                 self.io = tuple(x[row : row + 1] for x in batch.io)
-            if batch.parity:  # the batch's S / z / tails trade places every step
-                self.swap()
 
     def _array(
         self, name: str, shape: tuple[int, ...], dtype=np.float32, axis: int = 0
@@ -708,6 +706,9 @@ class RingRows:
         self.states = [RingState(self.layouts, reach, self.inv_freq, of=(self.batch, i))
                        for i in range(capacity)]  # fmt: skip
         self.bindings = {}
+        # Which of the two arrangements of the ping-pong buffers the rows are in (the batch's
+        # own dicts stay in the first: :meth:`arranged`); a row not taken catches up on joining.
+        self.parity = 0
 
     @property
     def reach(self) -> int | None:
@@ -716,10 +717,6 @@ class RingRows:
     @property
     def capacity(self) -> int:
         return self.batch.rows
-
-    @property
-    def parity(self) -> int:
-        return self.batch.parity
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -744,9 +741,7 @@ class RingRows:
         longer = ring.reach is None or (self.reach is not None and ring.reach > self.reach)
         if longer:
             self.reach_to(ring.reach)
-        if len(self.keys) == self.capacity:
-            self._rebuild(self.reach, 2 * self.capacity)
-        ring.copy_into(self.states[len(self.keys)])
+        ring.copy_into(self._free())
         self.keys.append(key)
 
     def load(self, key: object, state: ModelState) -> None:
@@ -754,10 +749,17 @@ class RingRows:
         must reach as far as it needs: :meth:`reach_to`)."""
         if key in self.keys:
             raise ValueError(f"{key!r} is already a row")
+        self._free().load(state)
+        self.keys.append(key)
+
+    def _free(self) -> RingState:
+        """The first row not taken (the batch doubled if full), in the rows' arrangement."""
         if len(self.keys) == self.capacity:
             self._rebuild(self.reach, 2 * self.capacity)
-        self.states[len(self.keys)].load(state)
-        self.keys.append(key)
+        state = self.states[len(self.keys)]
+        if state.parity != self.parity:
+            state.swap()
+        return state
 
     def remove(self, key: object) -> None:
         """Sequence ``key`` leaves; the last row moves into its place."""
@@ -781,13 +783,19 @@ class RingRows:
             state.copy_into(new)
 
     def commit(self) -> None:
-        """After a step of the first ``len`` rows: each row's commit, then the batch's buffers
-        trade places as every row's did."""
+        """After a step of the first ``len`` rows: each row's commit (its buffers trade
+        places); the batch's arrangement follows (:meth:`arranged`)."""
         for state in self.states[: len(self.keys)]:
             state.commit()
-        for state in self.states[len(self.keys) :]:
-            state.swap()
-        self.batch.swap()
+        self.parity ^= 1
+
+    def arranged(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The batch's step inputs and outputs in the rows' current arrangement."""
+        inputs, outputs = dict(self.batch.inputs), dict(self.batch.outputs)
+        if self.parity:
+            for i, o in self.batch._swaps:
+                inputs[i], outputs[o] = outputs[o], inputs[i]
+        return inputs, outputs
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
