@@ -53,7 +53,9 @@ def test_quantized_model_serves_on_the_engine_what_generate_gives_on_it():
     # One prompt chunk, as generate prefills; the default engine for an int4 model is onnx.
     limits = {**LIMITS, "prefill_chunk": 512}
     app = build_app(model, ServeConfig(model="q4", api_key=KEY, **limits), None)
-    assert app.state.scheduler.engine is not None
+    served = app.state.scheduler.engine
+    # The rows' graph is ready before the first request (loaded at start).
+    assert served is not None and (served.step_accuracy, True) in served.steps
     with (
         serve_in_thread(app) as url,
         openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as client,

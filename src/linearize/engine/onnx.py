@@ -551,6 +551,11 @@ class OnnxEngine:
         inv_freq = None if self.rope is None else self.rope.inv_freq
         return RingRows(self.layouts, self._reach(0), inv_freq, self._io_sizes(), capacity)
 
+    def prepare_rows(self) -> None:
+        """Export (once per model) and load the rows' step graph now, not in the first
+        :meth:`step_rows` of two rows or more (a server does it at start)."""
+        self._step_session(self.step_accuracy, rows=True)
+
     def join(self, rows: RingRows, key: object, state: ModelState) -> None:
         """Sequence ``key`` joins ``rows`` with ``state`` (a PyTorch state, after its prompt)."""
         rows.reach_to(self._reach(state.pos))

@@ -98,6 +98,8 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         # prefix cache holds PyTorch states).
         context = config.max_prompt_tokens + config.max_tokens
         engine = build_engine(name, model, max_context=context, threads=1)
+        if config.max_sessions > 1:  # the rows' graph at start, not in the first busy step
+            engine.prepare_rows()
     cache = PrefixCache(config.cache_bytes)
     scheduler = Scheduler(
         model,
