@@ -10,10 +10,6 @@ Which slots a query sees and which tokens leave for ``S, z`` (with the weight
 in as small control tensors (``mask``, ``fold_index``, ``fold_weight``, ``fold_new``, and the
 rotation of the sink query ``sink_rotation``), shared by every layer with the same layout.
 
-:class:`RowsStep` is the same step for ``B`` rows at once (axis 0 of every input and output):
-each row is a sequence of its own, with its own state and control tensors (its own position,
-window and folds), so a server steps its sequences in one run and reads the weights once for all
-of them.
 A softmax layer is the spec "everything is local" over a cache of ``max_context`` slots. A
 retained cache (``spec.retain = M``) takes the ``M`` ring slots after the sinks: the graph reads
 them with the window and returns each slot's in-window attention (``score``); which tokens
@@ -26,6 +22,11 @@ the attention readout is the fixed-shape twin of :func:`linear_attn.step` (score
 and of the new token concatenated, never the buffer itself). The graph is shaped for few nodes
 (onnxruntime pays a few µs per node on one token). The PyTorch decoder stays the reference this
 step is tested against.
+
+:class:`RowsStep` is the same step for ``B`` rows at once (axis 0 of every input and output):
+each row is a sequence of its own, with its own state and control tensors (its own position,
+window and folds), so a server steps its sequences in one run and reads the weights once for all
+of them.
 """
 
 from __future__ import annotations
