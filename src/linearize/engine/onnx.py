@@ -419,7 +419,6 @@ class OnnxEngine:
         """Run on ``state`` from now on (its buffers and bindings: :meth:`_bindings`)."""
         self.state = state
         self.bindings = self._bindings(state)
-        self.x, self.rotation, self.logits = state.io
 
     def _bindings(self, state: RingState) -> list:
         """The step session's I/O bindings of ``state``, one per arrangement of its ping-pong
@@ -571,7 +570,9 @@ class OnnxEngine:
         n = len(rows)
         if len(tokens) != n:
             raise ValueError(f"{len(tokens)} tokens for {n} rows")
-        if self.growing and n:
+        if not n:
+            return torch.from_numpy(rows.batch.io[2][:0])
+        if self.growing:  # (a longer reach is a new batch: its own buffers)
             reaches = [self._reach(state.pos) for state in rows.states[:n]]
             rows.reach_to(None if None in reaches else max(reaches))
         for state, token in zip(rows.states[:n], tokens, strict=True):
@@ -579,17 +580,15 @@ class OnnxEngine:
         if n == 1:  # the one-sequence graph (the rows' graph runs one row 3-5 % slower)
             state = rows.states[0]
             self.session.run_with_iobinding(self._bindings(state)[state.parity])
-        elif n:
-            binding = self._rows_binding(rows, n)
-            self._step_session(self.step_accuracy, rows=True).run_with_iobinding(binding)
-        if n:
-            rows.commit()
+        else:
+            session = self._step_session(self.step_accuracy, rows=True)
+            session.run_with_iobinding(self._rows_binding(session, rows, n))
+        rows.commit()
         return torch.from_numpy(rows.batch.io[2][:n])
 
-    def _rows_binding(self, rows: RingRows, n: int):
-        """The step session's binding of the first ``n`` rows of ``rows`` as they are now (by
-        parity; built once per session, number of rows and parity)."""
-        session = self._step_session(self.step_accuracy, rows=True)
+    def _rows_binding(self, session, rows: RingRows, n: int):
+        """``session``'s binding of the first ``n`` rows of ``rows`` as they are now (built
+        once per session, number of rows and parity)."""
         key = (session, n, rows.parity)
         binding = rows.bindings.get(key)
         if binding is not None:

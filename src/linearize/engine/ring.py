@@ -53,7 +53,7 @@ class _Control:
     zeros; a row of a batch's for a batch's row): ``arrays`` holds them as bound, the attributes
     (``mask``, ...) are this row's part, ``shape``-shaped."""
 
-    def __init__(self, lay: Layout, size: int, array) -> None:
+    def __init__(self, lay: Layout, size: int, array, row: int = 0) -> None:
         self.lay = lay
         self.size = C = size
         self.times = np.full(C, EMPTY, dtype=np.int64)
@@ -80,7 +80,9 @@ class _Control:
         self.fold_slots = self.fold_index.reshape(lay.kv_heads, lay.folds)[0]
         self.sink_rotation[...] = np.eye(K, dtype=np.float32)
         self.sink_position = -1
-        self.row = 0  # the state's row in its batch (RingState sets it)
+        # Where each key head's slots start in the rings flattened (this row of its batch's).
+        H = lay.kv_heads
+        self.heads = (row * H + np.arange(H, dtype=np.int64)[:, None]) * C
         # The slots whose softmax weights count as the window's (all but the retained).
         self.inwindow = np.ones((C + 1, 1), dtype=np.float32)
         self.inwindow[lay.spec.sinks : lay.front] = 0
@@ -115,7 +117,7 @@ class _Control:
             H, J = lay.kv_heads, lay.folds
             slots = np.zeros(J, dtype=np.int64)
             slots[: len(leaving)] = leaving
-            self.fold_index.reshape(H, J)[:] = (self.row * H + np.arange(H)[:, None]) * C + slots
+            self.fold_index.reshape(H, J)[:] = self.heads + slots
             self.fold_new[0] = decay * float(fold[C])
         self.new_leaves = bool(fold[C])
         self.slot = -1
@@ -305,9 +307,10 @@ class RingState:
             kept.allocate(self._maker(f"retained{keys.index(key)}", axis=1))
         for i, (lay, size) in enumerate(zip(layouts, sizes, strict=True)):
             if lay.key not in self.controls:
-                self.controls[lay.key] = _Control(lay, size, self._maker(keys.index(lay.key)))
+                row = 0 if of is None else of[1]
+                maker = self._maker(keys.index(lay.key))
+                self.controls[lay.key] = _Control(lay, size, maker, row)
             control = self.controls[lay.key]
-            control.row = 0 if of is None else of[1]
             shapes = _shapes(lay, size)
             rows = self.retained[lay.key].rows(i) if lay.retained else {}
             for name in state_inputs(i, lay):
@@ -697,15 +700,14 @@ class RingRows:
         self.layouts, self.inv_freq, self._io = layouts, inv_freq, io
         self._build(reach, capacity)
         self.keys: list[object] = []
-        # Bindings of the batch's first n rows, by (session, n, parity); dropped on a rebuild.
-        self.bindings: dict[tuple, object] = {}
 
     def _build(self, reach: int | None, capacity: int) -> None:
         self.batch = RingState(self.layouts, reach, self.inv_freq, rows=capacity)
         self.batch.make_io(*self._io)
         self.states = [RingState(self.layouts, reach, self.inv_freq, of=(self.batch, i))
                        for i in range(capacity)]  # fmt: skip
-        self.bindings = {}
+        # Bindings of the batch's first n rows, by (session, n, parity).
+        self.bindings: dict[tuple, object] = {}
         # Which of the two arrangements of the ping-pong buffers the rows are in (the batch's
         # own dicts stay in the first: :meth:`arranged`); a row not taken catches up on joining.
         self.parity = 0
@@ -738,9 +740,7 @@ class RingRows:
         """Sequence ``key`` joins with the tokens of ``ring`` (copied into a row)."""
         if key in self.keys:
             raise ValueError(f"{key!r} is already a row")
-        longer = ring.reach is None or (self.reach is not None and ring.reach > self.reach)
-        if longer:
-            self.reach_to(ring.reach)
+        self.reach_to(ring.reach)
         ring.copy_into(self._free())
         self.keys.append(key)
 

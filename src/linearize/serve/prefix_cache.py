@@ -143,9 +143,9 @@ def _restore(entry: _Compact) -> ModelState:
             grown["times"] = _padded(attn.times, length, 0, -1)
             if attn.score is not None:
                 grown["score"] = _padded(attn.score, length, 2)
-        rest = {f.name: _copy(getattr(attn, f.name)) for f in dataclasses.fields(attn)}
-        rest.update(grown)
-        attn = dataclasses.replace(attn, **rest)
+        fields = [f.name for f in dataclasses.fields(attn) if f.name not in grown]
+        rest = {name: _copy(getattr(attn, name)) for name in fields}
+        attn = dataclasses.replace(attn, **rest, **grown)
         layers.append(dataclasses.replace(layer, attn=attn, conv=_copy(layer.conv)))
     return ModelState(layers)
 
