@@ -354,16 +354,47 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
     assert engine.pos == state.pos
 
 
-@pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "retain"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_on_the_engine(kind, tmp_path):
+    """Chains of 16 from an empty state (the sinks among the first chain's nodes; the last
+    chain padded), on the chain graph, then steps: the reference's logits."""
     model = _model(kind)
     ids = torch.randint(0, 128, (1, 45))
     with torch.no_grad():
         reference, _ = model(ids)
     engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, prefill_chunk=16)
     assert_close("prefill", reference[0, 39], engine.prefill(ids[0, :40].tolist()), TOLERANCE)
+    assert set(engine.trees) == {(16, True), (8, True)}
     steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 40:]])
     assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chains_verify_as_the_reference(kind, tmp_path):
+    """A chain (a draft, a lookup) runs on the chain graph, whose retained cache ranks the
+    tokens that leave by their totals: the reference's per-node ranking, logits and commit,
+    for chains that cross windows (4) and fill a graph or leave padded nodes."""
+    model = _model(kind)
+    quantize(model, "int4")
+    engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path, accuracy=EXACT)
+    ids = torch.randint(0, 128, (1, 60))
+    engine.prefill(ids[0, :6].tolist())
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        for n in (13, 16, 3):
+            tree = Tree.from_parents([-1, *range(n - 1)])
+            tokens = torch.randint(0, 128, (n,))
+            reference, hidden, drafts = model.forward_tree(tokens[None], tree, state)
+            logits, fast_hidden = engine.forward_tree(tokens.tolist(), tree)
+            assert_close(f"chain {n}", reference[0], logits, TOLERANCE)
+            assert_close(f"hidden {n}", hidden[0], fast_hidden, TOLERANCE)
+            accepted = tree.path(n - 2 if n > 2 else 0)
+            state = model.commit(state, drafts, accepted)
+            engine.commit(accepted.tolist())
+            token = int(ids[0, 40 + n])
+            reference, state = model(torch.tensor([[token]]), state=state)
+            assert_close(f"step after chain {n}", reference[0, 0], engine.step(token), TOLERANCE)
+    assert {chain for _, chain in engine.trees} == {True}
 
 
 @pytest.mark.parametrize("kind", ["no_retain", "augmented"])

@@ -26,3 +26,10 @@ def test_tree_tensors_agree_with_parents(tree_id):
 def test_bad_parents_are_rejected(parents):
     with pytest.raises(ValueError, match="parent"):
         Tree.from_parents(parents)
+
+
+def test_chains_are_told_from_trees():
+    assert Tree.from_parents([-1, 0, 1, 2]).is_chain
+    assert Tree.from_parents([-1]).is_chain
+    assert not Tree.from_parents([-1, 0, 0]).is_chain
+    assert not Tree.from_parents([-1, -1]).is_chain

@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 # query head against the ring as a one-row product; 11: value rings slot-major, [1, Hkv, C, V];
 # 12: MatMulNBits without a zero-point input where its default is meant (a faster kernel);
 # 13: the retained cache (in the rings, after the sinks); 15: the rows' step, a graph of its
-# own (sequences stepped together; the one-sequence graph unchanged but for its export)
-EXPORT_VERSION = 15
+# own (sequences stepped together; the one-sequence graph unchanged but for its export);
+# 16: tree graphs score sinks and the global part on the columns that can use them, and the
+# chain graphs (prefill chunks, drafts) rank a retained cache by totals
+EXPORT_VERSION = 16
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -285,8 +287,9 @@ class OnnxEngine:
                 f"prefill_chunk must lie in [0, max_tree={max_tree}], got {prefill_chunk}"
             )
         self.prefill_chunk = prefill_chunk
-        self.trees: dict[int, tuple[object, TreeStep]] = {}
-        self.tree_module: TreeStep | None = None
+        # Tree graphs by (size, chain): the chain graphs take only chains (tree.TreeStep).
+        self.trees: dict[tuple[int, bool], tuple[object, TreeStep]] = {}
+        self.tree_modules: dict[bool, TreeStep] = {}
         # Per layout with sinks at cache positions, an attention that computes where they sit.
         self.sink_layers = {}
         for layer, lay in zip(model.layers, self.layouts, strict=True):
@@ -458,7 +461,7 @@ class OnnxEngine:
         reference (chunk form) whose state the engine takes over."""
         self.use_step_arithmetic(None)
         if self.prefill_chunk:
-            self._use(self._ring())  # the tree graph reads whole rings
+            self._use(self._ring(self._reach(0)))  # forward_tree grows the reach
             for start in range(0, len(ids), self.prefill_chunk):
                 piece = list(ids[start : start + self.prefill_chunk])
                 chain = Tree.from_parents([-1, *range(len(piece) - 1)])
@@ -633,7 +636,7 @@ class OnnxEngine:
 
     # --- speculative decoding: the tree step and the commit ------------------------------------
 
-    def _tree(self, nodes: int) -> tuple[object, TreeStep, int]:
+    def _tree(self, nodes: int, chain: bool = False) -> tuple[object, TreeStep, int]:
         if nodes > self.max_tree:
             raise ValueError(
                 f"a tree of {nodes} nodes is past what the engine's tree graphs take "
@@ -642,11 +645,11 @@ class OnnxEngine:
         size = 2
         while size < nodes:
             size *= 2
-        if size not in self.trees:
+        if (size, chain) not in self.trees:
             # One tree module for every size (it holds the fused q/k/v and gate/up weights).
-            if self.tree_module is None:
-                self.tree_module = TreeStep(self.model, self.max_context)
-            module = self.tree_module
+            if chain not in self.tree_modules:
+                self.tree_modules[chain] = TreeStep(self.model, self.max_context, chain)
+            module = self.tree_modules[chain]
 
             def example() -> list[torch.Tensor]:
                 chain = Tree.from_parents([-1] * size)
@@ -654,8 +657,9 @@ class OnnxEngine:
                 return [torch.from_numpy(np.asarray(feeds[n])) for n in module.input_names()]
 
             axes = self._dynamic_axes(module.input_names())
-            self.trees[size] = (self._session(f"tree{size}", module, example, axes), module)
-        session, module = self.trees[size]
+            name = f"{'chain' if chain else 'tree'}{size}"
+            self.trees[size, chain] = (self._session(name, module, example, axes), module)
+        session, module = self.trees[size, chain]
         return session, module, size
 
     def _tree_feeds(self, module: TreeStep, tree: Tree, tokens: list[int], size: int) -> dict:
@@ -706,7 +710,9 @@ class OnnxEngine:
         deepest = self.state.pos + int(tree.depths.max())
         if self.state.reach is not None and self._slot(deepest) >= self.state.reach:
             self._use(self.state.grown(self._reach(deepest + 1)))
-        session, module, size = self._tree(len(tree))
+        # A chain (a prefill chunk, a draft) runs on the chain graph: its retained cache ranks
+        # in O(N · E), a tree's in O(N · E²).
+        session, module, size = self._tree(len(tree), tree.is_chain)
         feeds = self._tree_feeds(module, tree, list(tokens), size)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
         wanted = {i.name for i in session.get_inputs()}

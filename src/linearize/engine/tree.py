@@ -52,11 +52,17 @@ class TreeStep(nn.Module):
     ``pos: []`` the committed length (the time ``S, z`` are decayed to), per distinct layout
     ``visible: [N, C + N]`` (ring slots, then nodes: ancestors and self) and, for sinks at
     cache positions, the sink query's rotation ``sink_cos, sink_sin: [N, K]``.
+
+    With ``chain``, the graph takes only chains (node ``i``'s parent ``i − 1``, then padding
+    nodes): prefill chunks and draft or lookup proposals. The same outputs; a retained cache
+    ranks the tokens that leave by their totals (``linear_attn.Retaining.chain``), since along
+    a chain a node's ancestors are every node before it.
     """
 
-    def __init__(self, model: Decoder, max_context: int) -> None:
+    def __init__(self, model: Decoder, max_context: int, chain: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.chain = chain
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
         # As in the step (engine.fuse): q/k/v, and gate/up, as one linear each.
         self.qkv = nn.ModuleList(
@@ -106,7 +112,7 @@ class TreeStep(nn.Module):
             s = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
             qkv = self.qkv[i](layer.input_layernorm(x))
-            h, node = _attention_tree(layer.self_attn, lay, qkv, cos, sin, controls, s)
+            h, node = _attention_tree(layer.self_attn, lay, qkv, cos, sin, controls, s, self.chain)
             x = x + h
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, -1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
@@ -115,7 +121,7 @@ class TreeStep(nn.Module):
         return (self.model.lm_head(hidden), hidden, *outputs)
 
 
-def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
+def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain: bool):
     """``qkv: [B, N, (H + 2·Hkv)·K]`` the nodes' q, k, v projections, concatenated."""
     t_nodes, pos, visible, sinks, leave = controls
     c = attn.config
@@ -159,11 +165,12 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s):
         inv_freq = attn.rope.inv_freq if lay.cache_sinks else None
         front = slice(lay.spec.sinks, lay.front)
         cache = (s["k"][:, :, front], s["v"][:, :, front], s["rtimes"], s["rscore"])
-        retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key])
+        retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key], chain)
     o, attention = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,
         visible[lay.key] > 0, S, z, attn._alpha(), s_time=pos,
         q_sink=None if q_sink is None else group(q_sink), retaining=retaining,
+        sinks_at_ends=bool(lay.capacity), global_cols=leave.get(lay.key),
     )  # fmt: skip
     o = o.reshape(B, H, N, K).transpose(1, 2)
     if lay.conv_taps:
@@ -183,11 +190,13 @@ def leaving_columns(
     lay: Layout, times: np.ndarray, t_nodes: np.ndarray, visible: np.ndarray, width: int
 ) -> np.ndarray:
     """The key columns (ring slots with ``times``, then nodes at ``t_nodes``) that leave the
-    window for some node that sees them, sinks excluded, padded to ``width`` with −1."""
+    window for some node that sees them, sinks excluded, in the order they leave (by time: what
+    a chain's ranking takes), padded to ``width`` with −1."""
     t_keys = np.concatenate([times, t_nodes])
     local = lay.spec.is_local(t_keys, t_nodes)  # [N, C + N]
     leaving = (visible > 0) & ~local & (t_keys >= lay.spec.sinks)
     cols = np.flatnonzero(leaving.any(0))
+    cols = cols[np.argsort(t_keys[cols], kind="stable")]
     if len(cols) > width:
         raise AssertionError(f"{len(cols)} columns leave the window; the graph takes {width}")
     out = np.full(width, -1, dtype=np.int64)
@@ -213,7 +222,10 @@ def tree_controls(
     ancestors[:N, :N] = tree.ancestors.numpy()
     out = {"t_nodes": pos + depths}
     for j, times in enumerate(rings):
-        ring = np.broadcast_to(times >= 0, (max_nodes, len(times)))
+        # A padded node sees itself alone, not the ring: what it attends must not count in a
+        # chain's totals (a retained cache's ranking).
+        ring = np.zeros((max_nodes, len(times)), dtype=bool)
+        ring[:N] = times >= 0
         out[f"visible.{j}"] = np.concatenate([ring, ancestors], 1).astype(np.float32)
     padded = Tree.from_parents([*tree.parents.tolist(), *([-1] * (max_nodes - N))])
     for P in taps:

@@ -249,6 +249,8 @@ def attend(
     q_sink: Tensor | None = None,
     prune: bool = False,
     retaining: Retaining | None = None,
+    sinks_at_ends: bool = False,
+    global_cols: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Attend queries to an explicit key list plus the folded summary ``S, z``.
 
@@ -261,6 +263,11 @@ def attend(
     use: a chunk attends to a long window buffer, of which the sinks are a few columns and the
     tokens that leave the window within the chunk a few more. The same numbers, with shapes that
     depend on the times (eager forms; a traced graph keeps ``prune=False``).
+
+    A traced graph prunes with shapes fixed by its inputs: ``sinks_at_ends`` says the sink keys
+    can only be the first ``spec.sinks`` columns (a ring's sink slots) or the last ``Nq`` (the
+    queries' own keys), and ``global_cols`` (padded with −1) holds every column some query reaches
+    through the global part (the engine's tree graphs: the columns that leave the window).
 
     ``retaining`` (with ``spec.retain``) adds the retained cache to the window's softmax; the
     second output is then, for consecutive queries, each key column's in-window attention so far
@@ -277,6 +284,17 @@ def attend(
                 cols = is_sink.nonzero()[:, 0]
                 scores = scores.index_copy(
                     -1, cols, torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k[:, :, cols])
+                )
+            elif sinks_at_ends:
+                n, s = k.shape[2], spec.sinks
+                first, last = slice(0, s), slice(n - q.shape[3], n)
+                scores = torch.cat(
+                    [
+                        _sink_scores(q_sink, k, scores, is_sink, first),
+                        scores[..., s : last.start],
+                        _sink_scores(q_sink, k, scores, is_sink, last),
+                    ],
+                    -1,
                 )
             else:
                 scores = torch.where(is_sink, torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k), scores)
@@ -308,6 +326,14 @@ def attend(
                 t_k[cols],
                 global_mask[:, cols],
             )
+        elif global_cols is not None:
+            cols = global_cols.clamp_min(0)
+            g_fk, g_v, g_t, global_mask = (
+                fk[:, :, cols],
+                v[:, :, cols],
+                t_k[cols],
+                global_mask[:, cols] & (global_cols >= 0),
+            )
         weights = torch.einsum("bhrqf,bhnf->bhrqn", fq, g_fk) * global_mask
         folded = fq
         if spec.decay < 1:
@@ -330,6 +356,12 @@ def attend(
     return out, window
 
 
+def _sink_scores(q_sink: Tensor, k: Tensor, scores: Tensor, is_sink: Tensor, cols: slice) -> Tensor:
+    """``scores[..., cols]`` with the sink columns among them scored by ``q_sink``."""
+    part = torch.einsum("bhrqk,bhnk->bhrqn", q_sink, k[:, :, cols])
+    return torch.where(is_sink[cols], part, scores[..., cols])
+
+
 @dataclass(frozen=True)
 class Retaining:
     """What :func:`attend` needs for the retained cache (:mod:`~linearize.ops.retain`): the
@@ -348,6 +380,9 @@ class Retaining:
     # The key columns that may leave the window, padded with −1 (a traced graph, whose shapes
     # cannot depend on the data); ``None``: found here.
     cols: Tensor | None = None
+    # Tree nodes that form a chain (each node's ancestors: every node before it), with ``cols``
+    # in the order the columns leave (by time): ranked as consecutive queries are.
+    chain: bool = False
 
 
 def _retained_readout(
@@ -381,8 +416,12 @@ def _retained_readout(
     else:
         cols = r.cols.clamp_min(0)
         eligible = leaving[:, cols] & (r.cols >= 0)
-    if r.causal:  # a left token's score is final: the totals rank it
-        priority = retain.priority(window[..., cols], t_k[cols], spec.retain_halflife)
+    if r.causal or r.chain:  # a left token's score is final: the totals rank it
+        # Along a chain every node that saw a column in its window is an ancestor of each node
+        # the column has left for: a node's own count is the total. O(Nq · (M + E)), not
+        # select_per_query's O(Nq · (M + E)²) (half a chunk's time at 64 nodes).
+        total = window if r.causal else r.base + by_query.sum(2)
+        priority = retain.priority(total[..., cols], t_k[cols], spec.retain_halflife)
         chosen = retain.select_causal(
             r.rtimes, r.rscore, priority, t_k[cols], t_q, eligible, spec.retain
         )

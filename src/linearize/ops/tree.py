@@ -48,6 +48,11 @@ class Tree:
     def __len__(self) -> int:
         return self.parents.shape[0]
 
+    @property
+    def is_chain(self) -> bool:
+        """Each node's parent is the node before it (a run of consecutive tokens)."""
+        return bool((self.parents == torch.arange(-1, len(self) - 1)).all())
+
     def path(self, node: int) -> Tensor:
         """Node indices from the root to ``node``, inclusive."""
         return self.chain[node, : int(self.depths[node]) + 1]
