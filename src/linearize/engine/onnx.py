@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 # 13: the retained cache (in the rings, after the sinks); 15: the rows' step, a graph of its
 # own (sequences stepped together; the one-sequence graph unchanged but for its export);
 # 16: tree graphs score sinks and the global part on the columns that can use them, and the
-# chain graphs (prefill chunks, drafts) rank a retained cache by totals
-EXPORT_VERSION = 16
+# chain graphs (prefill chunks, drafts) rank a retained cache by totals; 17: trees count the
+# candidates above each one by a product
+EXPORT_VERSION = 17
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).

@@ -103,11 +103,15 @@ def select_per_query(
     B, Hkv, M = rtimes.shape
     Nq = eligible.shape[0]
     all_score = torch.cat([rscore[..., None, :].expand(-1, -1, Nq, -1), score], -1)
-    all_times = torch.cat([rtimes, times.expand(B, Hkv, -1)], -1)[..., None, :].expand_as(all_score)
+    # The times are every query's: compared once, broadcast over the queries.
+    all_times = torch.cat([rtimes, times.expand(B, Hkv, -1)], -1)[..., None, :]
     available = torch.cat(
         [(rtimes >= 0)[..., None, :].expand(-1, -1, Nq, -1), eligible.expand(B, Hkv, -1, -1)], -1
     )
-    count = (_beats(all_score, all_times) & available[..., :, None]).sum(-2)
+    # The available candidates above each one, counted by a product (exact in floats up to
+    # 2^24): in a traced graph one matmul instead of an and, a cast to int64 and a sum.
+    beats = _beats(all_score, all_times).to(score.dtype)  # [B, Hkv, Nq, M + E, M + E]
+    count = (available.to(score.dtype)[..., None, :] @ beats)[..., 0, :]
     return available & (count < size)
 
 
