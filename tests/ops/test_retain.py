@@ -59,7 +59,8 @@ def test_causal_selection_is_a_sort(seed):
     eligible = torch.arange(E)[None, :] < left[:, None]
     chosen = retain.select_causal(rtimes, rscore, score, times, torch.arange(Nq), eligible, 3)
     per_query = score[..., None, :].expand(-1, -1, Nq, -1)
-    assert torch.equal(chosen, retain.select_per_query(rtimes, rscore, per_query, times, eligible, 3))
+    by_query = retain.select_per_query(rtimes, rscore, per_query, times, eligible, 3)
+    assert torch.equal(chosen, by_query)
     all_score = torch.cat([rscore[..., None, :].expand(-1, -1, Nq, -1), per_query], -1)
     all_times = torch.cat([rtimes, times.expand(B, Hkv, -1)], -1)
     available = torch.cat(
