@@ -325,10 +325,9 @@ def test_context_past_the_engine(tmp_path):
         engine.prefill(list(range(9)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_tree_step_and_commit_match_reference(kind, tmp_path):
-    """Tree verification and the commit of an accepted path ≡ the reference's forward_tree and
-    commit, over trees that cross window and group boundaries (window / group 4, conv 4 taps)."""
+def _verify_and_commit(kind: str, tmp_path, trees: list[tuple[Tree, int]]) -> OnnxEngine:
+    """Each tree (with the node whose path is accepted) on the engine and in the reference:
+    logits and hidden states, the commit of the path, the step after it."""
     model = _model(kind)
     quantize(model, "int4")
     engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path, accuracy=EXACT)
@@ -336,14 +335,13 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
     engine.prefill(ids[0, :6].tolist())
     with torch.no_grad():
         _, state = model(ids[:, :6])
-        for step in range(6):
-            tree = Tree.from_parents(random_parents(7 + step, 1 + step % 4, seed=step))
+        for step, (tree, node) in enumerate(trees):
             tokens = torch.randint(0, 128, (len(tree),))
             reference, hidden, drafts = model.forward_tree(tokens[None], tree, state)
             logits, fast_hidden = engine.forward_tree(tokens.tolist(), tree)
             assert_close(f"tree {step}", reference[0], logits, TOLERANCE)
             assert_close(f"hidden {step}", hidden[0], fast_hidden, TOLERANCE)
-            path = tree.path(len(tree) - 1)
+            path = tree.path(node)
             state = model.commit(state, drafts, path)
             engine.commit(path.tolist())
             token = int(ids[0, 10 + step])
@@ -352,6 +350,15 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
                 f"step after commit {step}", reference[0, 0], engine.step(token), TOLERANCE
             )
     assert engine.pos == state.pos
+    return engine
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tree_step_and_commit_match_reference(kind, tmp_path):
+    """Tree verification and the commit of an accepted path ≡ the reference's forward_tree and
+    commit, over trees that cross window and group boundaries (window / group 4, conv 4 taps)."""
+    trees = [Tree.from_parents(random_parents(7 + i, 1 + i % 4, seed=i)) for i in range(6)]
+    _verify_and_commit(kind, tmp_path, [(tree, len(tree) - 1) for tree in trees])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -374,26 +381,8 @@ def test_chains_verify_as_the_reference(kind, tmp_path):
     """A chain (a draft, a lookup) runs on the chain graph, whose retained cache ranks the
     tokens that leave by their totals: the reference's per-node ranking, logits and commit,
     for chains that cross windows (4) and fill a graph or leave padded nodes."""
-    model = _model(kind)
-    quantize(model, "int4")
-    engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path, accuracy=EXACT)
-    ids = torch.randint(0, 128, (1, 60))
-    engine.prefill(ids[0, :6].tolist())
-    with torch.no_grad():
-        _, state = model(ids[:, :6])
-        for n in (13, 16, 3):
-            tree = Tree.from_parents([-1, *range(n - 1)])
-            tokens = torch.randint(0, 128, (n,))
-            reference, hidden, drafts = model.forward_tree(tokens[None], tree, state)
-            logits, fast_hidden = engine.forward_tree(tokens.tolist(), tree)
-            assert_close(f"chain {n}", reference[0], logits, TOLERANCE)
-            assert_close(f"hidden {n}", hidden[0], fast_hidden, TOLERANCE)
-            accepted = tree.path(n - 2 if n > 2 else 0)
-            state = model.commit(state, drafts, accepted)
-            engine.commit(accepted.tolist())
-            token = int(ids[0, 40 + n])
-            reference, state = model(torch.tensor([[token]]), state=state)
-            assert_close(f"step after chain {n}", reference[0, 0], engine.step(token), TOLERANCE)
+    chains = [(Tree.from_parents([-1, *range(n - 1)]), max(n - 2, 0)) for n in (13, 16, 3)]
+    engine = _verify_and_commit(kind, tmp_path, chains)
     assert {chain for _, chain in engine.trees} == {True}
 
 
