@@ -200,13 +200,12 @@ def _step_example(
     D = model.config.hidden_size
     K = model.layers[0].self_attn.config.head_dim
     state.prepare()
-    if not rows:
-        arrays = {**state.inputs, **state.one_row}
-        inputs = [torch.zeros(1, 1, D), torch.eye(K)]
-        return inputs + [torch.from_numpy(arrays[n]) for n in step.input_names()[2:]]
-    n = state.rows
-    inputs = [torch.zeros(n, 1, D), torch.eye(K).expand(n, K, K).contiguous()]
-    return inputs + [torch.from_numpy(state.inputs[n]) for n in step.input_names()[2:]]
+    n = state.rows if rows else 1
+    rotation = torch.eye(K).expand(n, K, K).contiguous() if rows else torch.eye(K)
+    arrays = state.inputs if rows else {**state.inputs, **state.one_row}
+    return [torch.zeros(n, 1, D), rotation] + [
+        torch.from_numpy(arrays[name]) for name in step.input_names()[2:]
+    ]
 
 
 class OnnxEngine:

@@ -75,9 +75,10 @@ class _Control:
         self.mask, self.fold_index, self.fold_weight, self.fold_new, self.sink_rotation = (
             x[0] for x in self.arrays.values()
         )
-        # The first head's slots (of row 0: the slots themselves), what the one-sequence step
-        # reads (engine.step.FixedStep).
-        self.fold_slots = self.fold_index.reshape(lay.kv_heads, lay.folds)[0]
+        # By key head; the first head's (of row 0: the slots themselves) are what the
+        # one-sequence step reads (engine.step.FixedStep).
+        self._fold_heads = self.fold_index.reshape(lay.kv_heads, lay.folds)
+        self.fold_slots = self._fold_heads[0]
         self.sink_rotation[...] = np.eye(K, dtype=np.float32)
         self.sink_position = -1
         # Where each key head's slots start in the rings flattened (this row of its batch's).
@@ -114,10 +115,9 @@ class _Control:
             decay = lay.spec.decay
             self.fold_weight[:] = 0
             self.fold_weight[: len(leaving)] = decay ** (pos + 1 - self.times[leaving])
-            H, J = lay.kv_heads, lay.folds
-            slots = np.zeros(J, dtype=np.int64)
-            slots[: len(leaving)] = leaving
-            self.fold_index.reshape(H, J)[:] = self.heads + slots
+            # Each head's offset, plus the slot where a token leaves (padding: the offset).
+            self._fold_heads[:] = self.heads
+            self._fold_heads[:, : len(leaving)] += leaving
             self.fold_new[0] = decay * float(fold[C])
         self.new_leaves = bool(fold[C])
         self.slot = -1
