@@ -44,6 +44,21 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_bench_prefill_quant_and_engine(saved, tmp_path, capsys):
+    """``bench prefill`` runs an int4 model's prompt on the engine (in chains: 72 tokens, a
+    chunk of 64 and one of 8) and names the weights and engine of each row."""
+    argv = ["bench", "prefill", "--model", str(saved), "--contexts", "24,72", "--json"]
+    argv += ["--quant", "none", "--quant", "int4", "--no-isolate", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["quant"], r["engine"], r["context"]) for r in rows} == {
+        (quant, engine, context)
+        for quant, engine in (("none", "torch"), ("int4", "onnx"))
+        for context in (24, 72)
+    }
+    assert all(r["seconds"] > 0 and r["state_bytes"] > 0 for r in rows)
+
+
 def test_bench_decode_option_on_a_saved_model(saved, tmp_path, capsys):
     """``--option`` sets options on a saved model's linear layers (here: its retained cache
     off) and names the rows; with ``--attention`` it goes with the linearization."""

@@ -376,6 +376,23 @@ def test_chunked_prefill_on_the_engine(kind, tmp_path):
     assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
 
 
+def test_scored_nodes_logits(tmp_path):
+    """``forward_tree(..., scored=...)``: the logits of those nodes alone, in that order (a
+    prefill chunk asks for its last); nodes outside the tree are refused."""
+    model = _model("augmented")
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
+    engine.prefill([3, 1, 4, 1, 5])
+    chain = Tree.from_parents([-1, *range(9)])
+    tokens = torch.randint(0, 128, (10,)).tolist()
+    every, hidden = engine.forward_tree(tokens, chain)
+    some, same_hidden = engine.forward_tree(tokens, chain, scored=[9, 0, 4])
+    assert every.shape[0] == 10 and some.shape[0] == 3
+    assert_close("scored logits", every[[9, 0, 4]], some, TOLERANCE)
+    assert torch.equal(hidden, same_hidden)
+    with pytest.raises(ValueError, match="scored"):
+        engine.forward_tree(tokens, chain, scored=[10])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_chains_verify_as_the_reference(kind, tmp_path):
     """A chain (a draft, a lookup) runs on the chain graph, whose retained cache ranks the

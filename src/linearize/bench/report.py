@@ -75,6 +75,8 @@ COLUMNS: dict[str, list[Column]] = {
     ],
     "prefill": [
         ("model", lambda r: r["model"]),
+        ("weights", lambda r: r.get("quant", "—")),
+        ("engine", lambda r: r.get("engine", "—")),
         ("tokens", lambda r: _int(r["context"])),
         ("seconds", lambda r: _num(r["seconds"], 2)),
         ("tokens/s", lambda r: _num(r["tokens_per_s"])),

@@ -116,7 +116,7 @@ class DecodeRow:
 class PrefillRow:
     """One line of ``bench prefill --json``: ``seconds`` for ``context`` tokens, the process's
     peak RSS, and ``activation_bytes``, the RSS the prefill added over the loaded model (sampled
-    every few milliseconds during the pass)."""
+    every few milliseconds during the pass); the weights and the engine that ran it."""
 
     model: str
     context: int
@@ -125,6 +125,8 @@ class PrefillRow:
     state_bytes: int | None
     peak_rss_bytes: int | None
     activation_bytes: int | None
+    quant: str = "none"
+    engine: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -434,27 +436,45 @@ class _RssSampler:
 
 
 @torch.no_grad()
-def time_prefill(model: Decoder, context: int) -> dict[str, Any]:
-    """Seconds to prefill ``context`` tokens as ``generate`` does (:meth:`Decoder.prefill`: the
-    chunk form in segments of ``PREFILL_SEGMENT`` tokens, the LM head on the last one), the
-    state bytes after it and the RSS the pass added."""
-    model.prefill(_random_ids(model, min(context, 64), seed=1))
+def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[str, Any]:
+    """Seconds to prefill ``context`` tokens as ``generate`` does (the PyTorch reference:
+    :meth:`Decoder.prefill`, the chunk form in segments of ``PREFILL_SEGMENT`` tokens, the LM
+    head on the last one; the onnx engine: its :meth:`~linearize.engine.onnx.OnnxEngine.prefill`,
+    in chains of ``PREFILL_CHUNK``), the state bytes after it and the RSS the pass added. The
+    graphs a run uses are exported and loaded by an untimed prompt first."""
+    from linearize.engine import build_engine, resolve_engine
+
+    name = resolve_engine(engine, model)
+    fast = build_engine(name, model, max_context=context, threads=torch.get_num_threads())
+    if fast is None:
+        model.prefill(_random_ids(model, min(context, 64), seed=1))
+    else:
+        from linearize.engine.onnx import PREFILL_CHUNK
+
+        # A full chunk and the last one's size: the same graphs as the timed prompt.
+        warm = PREFILL_CHUNK + context % PREFILL_CHUNK if context >= PREFILL_CHUNK else context
+        fast.prefill(_random_ids(model, warm, seed=1)[0].tolist())
     ids = _random_ids(model, context)
     before = current_rss_bytes()
     with _RssSampler() as sampler:
         start = time.perf_counter()
-        last, state = model.prefill(ids)
-        model.lm_head(last).argmax(-1)
+        if fast is None:
+            last, state = model.prefill(ids)
+            model.lm_head(last).argmax(-1)
+        else:
+            fast.prefill(ids[0].tolist()).argmax(-1)
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
-        "state_bytes": state.nbytes(),
+        "state_bytes": state.nbytes() if fast is None else fast.nbytes(),
         "activation_bytes": max(0, sampler.peak - before),
+        "engine": name,
+        "quant": _quant(model),
     }
 
 
 def _prefill_worker(spec: ModelSpec, context: int, threads: int) -> dict[str, Any]:
-    return time_prefill(_load_fresh(spec, threads), context)
+    return time_prefill(_load_fresh(spec, threads), context, spec.engine)
 
 
 def _measure_prefill(
@@ -464,7 +484,7 @@ def _measure_prefill(
     with ``model`` in this one."""
     if model is None:
         return run_isolated(_prefill_worker, spec, context, torch.get_num_threads())
-    return time_prefill(model, context), peak_rss_bytes()
+    return time_prefill(model, context, spec.engine), peak_rss_bytes()
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -657,6 +677,8 @@ def bench_prefill(
             result["state_bytes"],
             peak,
             result["activation_bytes"],
+            result["quant"],
+            result["engine"],
         )
         rows.append((i, row))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]

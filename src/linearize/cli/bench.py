@@ -78,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     prefill = sub.add_parser("prefill", help="prefill latency and peak memory by length")
     _common(prefill, speed.DEFAULT_PREFILL_CONTEXTS)
+    prefill.add_argument(
+        "--quant",
+        action="append",
+        choices=list(QUANTS),
+        help="weights to measure each model with (repeatable; default: as loaded)",
+    )
+    add_engine_argument(prefill)
     prefill.set_defaults(func=run_prefill, name="prefill")
 
     spec = sub.add_parser("speculative", help="speculative decoding speed (Table 8 protocol)")

@@ -61,15 +61,20 @@ def build_engine(
     accuracy: str = "int8",
 ):
     """An engine object (``prefill(ids) -> logits``, ``step(token) -> logits``,
-    ``forward_tree``, ``commit``) or ``None`` for ``torch`` (the decoder itself). ``accuracy``:
+    ``forward_tree``, ``commit``) or ``None`` for ``torch`` (the decoder itself); its prompts
+    of :data:`~linearize.engine.onnx.PREFILL_CHUNK` tokens or more prefill on it. ``accuracy``:
     the onnx engine's matmul arithmetic, ``int8`` (fast) or ``fp32`` (the reference's numbers;
     see :data:`linearize.engine.onnx.ACCURACY`)."""
     if name == "torch":
         return None
-    from linearize.engine.onnx import OnnxEngine
+    from linearize.engine.onnx import PREFILL_CHUNK, OnnxEngine
 
     return OnnxEngine(
-        model, max_context=context_bucket(max_context), threads=threads, accuracy=accuracy
+        model,
+        max_context=context_bucket(max_context),
+        threads=threads,
+        accuracy=accuracy,
+        prefill_chunk=PREFILL_CHUNK,
     )
 
 

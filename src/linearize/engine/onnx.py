@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 # own (sequences stepped together; the one-sequence graph unchanged but for its export);
 # 16: tree graphs score sinks and the global part on the columns that can use them, and the
 # chain graphs (prefill chunks, drafts) rank a retained cache by totals; 17: trees count the
-# candidates above each one by a product
-EXPORT_VERSION = 17
+# candidates above each one by a product; 18: tree graphs compute the logits of the nodes asked
+# for (``scored``: a prefill chunk's last)
+EXPORT_VERSION = 18
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -56,6 +57,11 @@ GRAPH = "graph.onnx"
 # its row; a block is rebuilt when the position leaves it, so the tables do not grow with context.
 ROPE_BLOCK = 4096
 # onnxruntime's transpose optimizer runs once generic and once per execution provider.
+# The prompt chunk of a prefill on the engine (build_engine): a chain graph of 64 nodes reads the
+# weights and rings once for 64 tokens. A 1k / 4k prompt of the default int4 model, one thread:
+# 2.42 / 11.56 s against 3.91-4.17 / 18.57-19.01 s in the reference; two threads 2.43-2.60 /
+# 11.68-12.50 against 3.03-3.37 / 13.07-13.32 s (2026-12-05, one process each).
+PREFILL_CHUNK = 64
 NO_TRANSPOSE_PUSHING = ["TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider"]
 INSTALL = "pip install 'linearize[fast]'  (or: pip install onnxruntime onnx)"
 
@@ -212,7 +218,8 @@ class OnnxEngine:
     """``engine.prefill(ids) -> logits``, ``engine.step(token) -> logits`` (``[V]`` tensors).
 
     The prefill runs in the PyTorch reference (chunk form) and hands its state over, or, with
-    ``prefill_chunk``, through the tree graph in chains of that many tokens; every decode step
+    ``prefill_chunk``, through the chain graphs in chunks of that many tokens (what
+    :func:`~linearize.engine.build_engine` makes: :data:`PREFILL_CHUNK`); every decode step
     runs the exported step graph; ``forward_tree`` / ``commit`` verify and append speculative
     candidates (trees up to ``max_tree`` nodes). ``max_context`` bounds softmax layers' caches
     (linear layers' state does not depend on it).
@@ -269,11 +276,11 @@ class OnnxEngine:
         name = model_hash(self.model, max_context)
         growing = f"-reach{reach_step}" if self.growing else ""
         self._graphs = _cache_root(cache), f"{name}-{{}}{growing}"
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            self.options.intra_op_num_threads = threads
-            self.options.inter_op_num_threads = 1
+        # The steps' sessions, and the tree graphs': their passes alternate with host work (the
+        # commit), which threads spinning between passes slow (a 1k prompt in chains of 64 on
+        # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against
+        # 11.7 ms: steps keep spinning).
+        self.options, self.tree_options = (_options(ort, threads, spin) for spin in (True, False))
         self.rope = next(
             (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
             None,
@@ -394,11 +401,12 @@ class OnnxEngine:
         # scores past the softmax (~10x slower broadcasts); with the one-row products
         # (engine.step._local) it gains nothing (15.32 against 15.14 ms a 1k step, the two
         # sessions alternating in one process). The tree graphs gain from it.
+        step = name in ("step", "rows")
         return ort.InferenceSession(
             str(path / GRAPH),
-            self.options,
+            self.options if step else self.tree_options,
             providers=["CPUExecutionProvider"],
-            disabled_optimizers=NO_TRANSPOSE_PUSHING if name in ("step", "rows") else [],
+            disabled_optimizers=NO_TRANSPOSE_PUSHING if step else [],
         )
 
     def reset(self) -> None:
@@ -457,15 +465,17 @@ class OnnxEngine:
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Run the prompt, the last token's logits: in chunks of ``prefill_chunk`` tokens
-        through the tree graph (a chain), or, with ``prefill_chunk=0``, in the PyTorch
-        reference (chunk form) whose state the engine takes over."""
+        through the chain graphs (the last chunk on the graph of its size), or, with
+        ``prefill_chunk=0`` or a prompt shorter than a chunk, in the PyTorch reference (chunk
+        form) whose state the engine takes over."""
         self.use_step_arithmetic(None)
-        if self.prefill_chunk:
+        if self.prefill_chunk and len(ids) >= self.prefill_chunk:
             self._use(self._ring(self._reach(0)))  # forward_tree grows the reach
             for start in range(0, len(ids), self.prefill_chunk):
                 piece = list(ids[start : start + self.prefill_chunk])
                 chain = Tree.from_parents([-1, *range(len(piece) - 1)])
-                logits, hidden = self.forward_tree(piece, chain)
+                # Only the last token's logits: the head is a tenth of a chain's pass.
+                logits, hidden = self.forward_tree(piece, chain, scored=[len(piece) - 1])
                 self.commit(list(range(len(piece))))
             self.last_hidden = hidden[-1]
             return logits[-1]
@@ -657,12 +667,20 @@ class OnnxEngine:
                 return [torch.from_numpy(np.asarray(feeds[n])) for n in module.input_names()]
 
             axes = self._dynamic_axes(module.input_names())
+            axes.update(scored={0: "scored"}, logits={1: "scored"})
             name = f"{'chain' if chain else 'tree'}{size}"
             self.trees[size, chain] = (self._session(name, module, example, axes), module)
         session, module = self.trees[size, chain]
         return session, module, size
 
-    def _tree_feeds(self, module: TreeStep, tree: Tree, tokens: list[int], size: int) -> dict:
+    def _tree_feeds(
+        self,
+        module: TreeStep,
+        tree: Tree,
+        tokens: list[int],
+        size: int,
+        scored: list[int] | None = None,
+    ) -> dict:
         pos = self.state.pos
         ids = torch.tensor([tokens + [0] * (size - len(tokens))])
         feeds = {"x": self.model.embed_tokens(ids).detach().numpy()}
@@ -677,6 +695,7 @@ class OnnxEngine:
             for j, key in enumerate(module.sink_keys):
                 feeds[f"sink_cos.{j}"], feeds[f"sink_sin.{j}"] = self._rope_at(sinks[key][index])
         feeds.update(cos=cos, sin=sin, pos=np.array(pos, dtype=np.int64))
+        feeds["scored"] = np.array(range(len(tree)) if scored is None else scored, dtype=np.int64)
         rings = [self.state.controls[key].times for key in module.keys]
         taps = {lay.conv_taps for lay in module.layouts if lay.conv_taps}
         controls = tree_controls(tree, size, pos, rings, taps)
@@ -702,9 +721,12 @@ class OnnxEngine:
         return feeds
 
     @torch.no_grad()
-    def forward_tree(self, tokens: list[int], tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tree(
+        self, tokens: list[int], tree: Tree, scored: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify tree nodes on top of the state (left untouched): logits ``[N, V]`` and final
-        hidden states ``[N, D]``; :meth:`commit` appends an accepted path."""
+        hidden states ``[N, D]``; :meth:`commit` appends an accepted path. ``scored``: the
+        nodes whose logits are computed (``[len(scored), V]``; default every node)."""
         # The tree graphs read rings up to the state's reach, as a step does; the reach grows
         # first when the deepest node would pass it (its commit writes there).
         deepest = self.state.pos + int(tree.depths.max())
@@ -713,14 +735,16 @@ class OnnxEngine:
         # A chain (a prefill chunk, a draft) runs on the chain graph: its retained cache ranks
         # in O(N · E), a tree's in O(N · E²).
         session, module, size = self._tree(len(tree), tree.is_chain)
-        feeds = self._tree_feeds(module, tree, list(tokens), size)
+        if scored is not None and not all(0 <= n < len(tree) for n in scored):
+            raise ValueError(f"scored={list(scored)}: nodes of a tree of {len(tree)}")
+        feeds = self._tree_feeds(module, tree, list(tokens), size, scored)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
         wanted = {i.name for i in session.get_inputs()}
         outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
         named = dict(zip(module.output_names(), outputs, strict=True))
         self.nodes = {k: v for k, v in named.items() if k.startswith("node_")}
         N = len(tree)
-        return torch.from_numpy(named["logits"][0, :N]), torch.from_numpy(named["hidden"][0, :N])
+        return torch.from_numpy(named["logits"][0]), torch.from_numpy(named["hidden"][0, :N])
 
     def commit(self, path: list[int]) -> None:
         """Append the accepted nodes ``path`` (root→node) of the last :meth:`forward_tree`."""
@@ -733,6 +757,17 @@ class OnnxEngine:
         if snapshot["reach"] != self.state.reach:
             self._use(self._ring(snapshot["reach"]))
         self.state.restore(snapshot)
+
+
+def _options(ort, threads: int | None, spinning: bool):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:

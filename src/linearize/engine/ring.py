@@ -493,21 +493,33 @@ class RingState:
         self.pos += 1
 
     def commit_tree(self, path: list[int], nodes: dict[str, np.ndarray]) -> None:
-        """Append the accepted tree nodes ``path`` (root→node order), one by one as decode
-        steps would: fold what leaves the window into ``S, z``, write the rows, shift the conv
-        tails. ``nodes``: the tree pass's ``node_k.i`` / ``node_v.i`` / ``node_fk.i``
-        ``[1, Hkv, N, ·]``; with a retained cache also ``node_attention.i`` ``[1, Hkv, N, C +
-        N]``, each node's in-window attention on the ring's slots and on the nodes (as the tree
-        pass saw the ring: a slot a node of the path took since holds a token no later node
-        attends to)."""
-        # Per retained layout: the nodes' attention stacked over its layers, and the path's
-        # nodes now in the ring (node, slot), whose scores the later nodes add to.
+        """Append the accepted tree nodes ``path`` (root→node order), as decode steps would:
+        fold what leaves the window into ``S, z``, write the rows, shift the conv tails.
+        ``nodes``: the tree pass's ``node_k.i`` / ``node_v.i`` / ``node_fk.i`` ``[1, Hkv, N,
+        ·]``; with a retained cache also ``node_attention.i`` ``[1, Hkv, N, C + N]``, each
+        node's in-window attention on the ring's slots and on the nodes (as the tree pass saw
+        the ring: a slot a node of the path took since holds a token no later node attends to).
+
+        The slot schedule (which token leaves, where a node goes) and the retained caches walk
+        the path node by node, per layout; each layer's rows, folds and tails are then written
+        in a few array operations (:meth:`_commit_layer`), whatever the path's length."""
+        # Per retained layout: the nodes' attention and rows stacked over its layers, and the
+        # path's nodes now in the ring (node, slot), whose scores the later nodes add to.
         attention = {
             key: np.stack([nodes[f"node_attention.{i}"][0] for i in kept.layers])
             for key, kept in self.retained.items()
         }
+        rows = {
+            key: [np.stack([nodes[f"node_{x}.{i}"][0] for i in kept.layers]) for x in ("k", "v")]
+            for key, kept in self.retained.items()
+        }
         placed: dict[tuple, list[tuple[int, int]]] = {key: [] for key in self.retained}
-        for node in path:
+        # Per layout: the node last put in each slot (the rings are written after the walk, so
+        # a token that leaves from such a slot is read from the nodes), and what folds into
+        # S, z: (step along the path, weight, slot it leaves, node it is or −1: the ring's).
+        written: dict[tuple, dict[int, int]] = {key: {} for key in self.controls}
+        folds: dict[tuple, list[tuple[int, float, int, int]]] = {key: [] for key in self.controls}
+        for step, node in enumerate(path):
             for control in self.controls.values():
                 control.prepare(self.pos)
             own = {}
@@ -519,48 +531,88 @@ class RingState:
                 for earlier, slot in placed[key]:
                     scores[..., slot] += seen[..., C + earlier]
                 for slot in control.leaving:
-                    self._retain(kept, control, scores[..., slot], slot)
+                    source = written[key].get(int(slot))
+                    if source is None:
+                        keys, values = kept.k[:, 0, :, slot], kept.v[:, 0, :, slot]
+                    else:
+                        keys, values = (x[:, :, source] for x in rows[key])
+                    time = int(control.times[slot])
+                    kept.merge(keys, values, scores[..., slot], time, self._inv_freq(kept))
                 if control.new_leaves:  # a group completed by this node: it leaves at once
-                    new = [np.stack([nodes[f"node_{x}.{i}"][0, :, node] for i in kept.layers])
-                           for x in ("k", "v")]  # fmt: skip
-                    kept.merge(*new, seen[..., C + node], self.pos, self._inv_freq(kept))
+                    keys, values = (x[:, :, node] for x in rows[key])
+                    kept.merge(keys, values, seen[..., C + node], self.pos, self._inv_freq(kept))
                 gone = set(control.leaving.tolist())
                 placed[key] = [(n, s) for n, s in placed[key] if s not in gone]
                 if control.slot >= 0:
                     own[key] = seen[..., C + node]
                     placed[key].append((node, control.slot))
-            for i, lay in enumerate(self.layouts):
-                control = self.controls[lay.key]
-                k, v = nodes[f"node_k.{i}"][:, :, node], nodes[f"node_v.{i}"][:, :, node]
-                if lay.use_global:
-                    fk = nodes[f"node_fk.{i}"][:, :, node]
-                    S, z = self.inputs[f"S.{i}"], self.inputs[f"z.{i}"]
-                    if lay.spec.decay < 1:
-                        S *= lay.spec.decay
-                        z *= lay.spec.decay
+            for key, control in self.controls.items():
+                if control.lay.use_global:
                     for slot, weight in zip(control.leaving, control.fold_weight, strict=False):
-                        ring_fk = weight * self.rings[f"fk.{i}"][:, :, slot]
-                        S += ring_fk[..., :, None] * self.rings[f"v.{i}"][:, :, slot, None, :]
-                        z += ring_fk
+                        source = written[key].get(int(slot), -1)
+                        folds[key].append((step, float(weight), int(slot), source))
                     if control.fold_new[0]:
-                        S += control.fold_new[0] * fk[..., :, None] * v[..., None, :]
-                        z += control.fold_new[0] * fk
+                        folds[key].append((step, float(control.fold_new[0]), -1, node))
                 if control.slot >= 0:
-                    self.rings[f"k.{i}"][:, :, control.slot] = k
-                    self.rings[f"v.{i}"][:, :, control.slot] = v
-                    if lay.use_global:
-                        self.rings[f"fk.{i}"][:, :, control.slot] = fk
-                if lay.conv_taps:
-                    tail = self.inputs[f"conv.{i}"]
-                    if tail.shape[2]:
-                        tail[:, :, :-1] = tail[:, :, 1:].copy()
-                        tail[:, :, -1] = v
+                    written[key][control.slot] = node
             for key, score in own.items():
                 kept = self.retained[key]
                 kept.scores[self.parity][:, 0, :, self.controls[key].slot] = score
             for control in self.controls.values():
                 control.commit(self.pos)
             self.pos += 1
+        for i, lay in enumerate(self.layouts):
+            self._commit_layer(i, lay, path, nodes, written[lay.key], folds[lay.key])
+
+    def _commit_layer(
+        self,
+        i: int,
+        lay: Layout,
+        path: list[int],
+        nodes: dict[str, np.ndarray],
+        written: dict[int, int],
+        folds: list[tuple[int, float, int, int]],
+    ) -> None:
+        """Layer ``i``'s part of :meth:`commit_tree`: ``S, z`` aged over the path and the
+        ``folds`` added (each aged from its step on: ``decay^(len(path) − 1 − step)``), the
+        nodes' rows into the slots ``written`` (slot → node), the conv tail shifted by the
+        path's values."""
+        if lay.use_global:
+            S, z = self.inputs[f"S.{i}"], self.inputs[f"z.{i}"]
+            decay = lay.spec.decay
+            if decay < 1:
+                S *= np.float32(decay ** len(path))
+                z *= np.float32(decay ** len(path))
+            if folds:
+                step, weight, slot, source = (np.array(x) for x in zip(*folds, strict=True))
+                weight = (weight * decay ** (len(path) - 1 - step)).astype(np.float32)
+                fk, v = (self._folded(i, x, slot, source, nodes) for x in ("fk", "v"))
+                fk = fk * weight[:, None, None]
+                S += np.matmul(fk.transpose(1, 2, 0), v.transpose(1, 0, 2))[None]
+                z += fk.sum(0)[None]
+        if written:
+            slots, sources = np.array(list(written)), np.array(list(written.values()))
+            for x in ("k", "v", "fk") if lay.use_global else ("k", "v"):
+                self.rings[f"{x}.{i}"][:, :, slots] = nodes[f"node_{x}.{i}"][:, :, sources]
+        if lay.conv_taps:
+            tail = self.inputs[f"conv.{i}"]
+            if tail.shape[2]:
+                values = nodes[f"node_v.{i}"][:, :, path]
+                tail[...] = np.concatenate([tail, values], 2)[:, :, -tail.shape[2] :]
+
+    def _folded(
+        self, i: int, x: str, slot: np.ndarray, source: np.ndarray, nodes: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """Layer ``i``'s ``x`` rows (``fk`` or ``v``) of the tokens that fold, ``[folds, Hkv,
+        ·]``: from the ring's ``slot`` where ``source`` is −1, else from node ``source``."""
+        node_rows = nodes[f"node_{x}.{i}"][0]  # [Hkv, N, ·]
+        rows = np.empty((len(slot), *node_rows[:, 0].shape), dtype=node_rows.dtype)
+        ring = source < 0
+        if ring.any():
+            rows[ring] = self.rings[f"{x}.{i}"][0][:, slot[ring]].transpose(1, 0, 2)
+        if not ring.all():
+            rows[~ring] = node_rows[:, source[~ring]].transpose(1, 0, 2)
+        return rows
 
     def _retain(self, kept: _Retained, control: _Control, final: np.ndarray, slot: int) -> None:
         """The token in ``slot`` leaves the window with its in-window attention ``final: [L,

@@ -45,11 +45,12 @@ def tree_outputs(i: int, lay: Layout) -> list[str]:
 
 
 class TreeStep(nn.Module):
-    """``tree(x, cos, sin, t_nodes, pos, visible, sink_cos, sink_sin, *state)
+    """``tree(x, cos, sin, t_nodes, pos, scored, visible, sink_cos, sink_sin, *state)
     -> (logits, hidden, *node k/v/fk)``.
 
     ``x: [1, N, D]`` the nodes' embeddings, ``cos, sin: [N, K]``, ``t_nodes: [N]`` their times,
-    ``pos: []`` the committed length (the time ``S, z`` are decayed to), per distinct layout
+    ``pos: []`` the committed length (the time ``S, z`` are decayed to), ``scored: [R]`` the
+    nodes whose logits ``[1, R, V]`` are computed (``hidden`` is every node's), per distinct layout
     ``visible: [N, C + N]`` (ring slots, then nodes: ancestors and self) and, for sinks at
     cache positions, the sink query's rotation ``sink_cos, sink_sin: [N, K]``.
 
@@ -81,7 +82,7 @@ class TreeStep(nn.Module):
         self.retain_keys = list(dict.fromkeys(lay.key for lay in self.layouts if lay.retained))
 
     def input_names(self) -> list[str]:
-        names = ["x", "cos", "sin", "t_nodes", "pos"]
+        names = ["x", "cos", "sin", "t_nodes", "pos", "scored"]
         names += [f"visible.{j}" for j in range(len(self.keys))]
         for j in range(len(self.sink_keys)):
             names += [f"sink_cos.{j}", f"sink_sin.{j}"]
@@ -97,7 +98,14 @@ class TreeStep(nn.Module):
         return names
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, t_nodes: Tensor, pos: Tensor, *rest: Tensor
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        t_nodes: Tensor,
+        pos: Tensor,
+        scored: Tensor,
+        *rest: Tensor,
     ):
         visible = dict(zip(self.keys, rest[: len(self.keys)], strict=True))
         rest = list(rest[len(self.keys) :])
@@ -118,7 +126,9 @@ class TreeStep(nn.Module):
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
             outputs += [node[name.split(".")[0]] for name in tree_outputs(i, lay)]
         hidden = self.model.norm(x)
-        return (self.model.lm_head(hidden), hidden, *outputs)
+        # The LM head on the nodes whose logits are wanted (a prefill chunk: its last).
+        logits = self.model.lm_head(hidden.index_select(1, scored))
+        return (logits, hidden, *outputs)
 
 
 def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain: bool):
