@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 # 16: tree graphs score sinks and the global part on the columns that can use them, and the
 # chain graphs (prefill chunks, drafts) rank a retained cache by totals; 17: trees count the
 # candidates above each one by a product; 18: tree graphs compute the logits of the nodes asked
-# for (``scored``: a prefill chunk's last)
-EXPORT_VERSION = 18
+# for (``scored``: a prefill chunk's last); 19: the attention's products as MatMul, not Einsum, the
+# scale on the queries
+EXPORT_VERSION = 19
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
