@@ -248,8 +248,11 @@ def test_bench_prefill_rows(tiny_dirs, capsys, tmp_path):
             "state_bytes",
             "peak_rss_bytes",
             "activation_bytes",
+            "quant",
+            "engine",
         }
         assert r["seconds"] > 0 and r["activation_bytes"] >= 0
+        assert (r["quant"], r["engine"]) == ("none", "torch")  # fp32: the reference
     record = json.loads((tmp_path / "prefill.json").read_text())
     assert any("past its max_position_embeddings" in n for n in record["extra"]["notes"])
 

@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 # chain graphs (prefill chunks, drafts) rank a retained cache by totals; 17: trees count the
 # candidates above each one by a product; 18: tree graphs compute the logits of the nodes asked
 # for (``scored``: a prefill chunk's last); 19: the attention's products as MatMul, not Einsum, the
-# scale on the queries
-EXPORT_VERSION = 19
+# scale on the queries; 20: the window's exp weights as one Softmax
+EXPORT_VERSION = 20
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).

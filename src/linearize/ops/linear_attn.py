@@ -308,9 +308,8 @@ def attend(
             if spec.combine != "shared":
                 out, num = num / den[..., None], None
         elif spec.combine == "shared":
-            weights = torch.exp(scores - scores.amax(-1, keepdim=True))
-            num = _mix(weights, v)
-            den = weights.sum(-1)
+            p, den = _softmax_and_sum(scores)
+            num, den = _mix(p, v) * den, den[..., 0]
         else:
             out = _mix(torch.softmax(scores, dim=-1), v)
     elif spec.local == "relu2":
@@ -354,6 +353,15 @@ def attend(
     if out is None:
         raise ValueError("this configuration attends to nothing: enable a local kernel or global")
     return out, window
+
+
+def _softmax_and_sum(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p, den)``: the softmax of ``scores`` over the last axis and the sum of ``e^{s − m}``
+    (``m`` the row's largest score; ``[.., 1]``), so that ``p · den = e^{s − m}``. One fused
+    ``Softmax`` pass where the exp, the sum and the division were three over a chunk's ``[..,
+    Nq, Nk]`` scores; ``p``'s largest entry is ``e^0 / den``."""
+    p = torch.softmax(scores, -1)
+    return p, 1 / p.amax(-1, keepdim=True)
 
 
 def _dot(q: Tensor, k: Tensor) -> Tensor:
@@ -418,11 +426,10 @@ def _retained_readout(
     The tokens that leave the window during these queries join the cache for the queries after
     they leave (each query: the ``M`` best of everything that left before it)."""
     m = scores.amax(-1, keepdim=True)
-    weights = torch.exp(scores - m)
-    den = weights.sum(-1, keepdim=True)
+    p, den = _softmax_and_sum(scores)
     # The attention each key received inside the window (sinks score nothing), for ranking only;
     # summed over the query heads before the sinks are zeroed (a pass fewer over [.., R, Nq, Nk]).
-    by_query = (weights / den).detach().sum(2) * (t_k >= spec.sinks)  # [B, Hkv, Nq, Nk]
+    by_query = p.detach().sum(2) * (t_k >= spec.sinks)  # [B, Hkv, Nq, Nk]
     window = r.base + by_query.sum(2) if r.causal else by_query
     leaving = visible & ~spec.is_local(t_k, t_q) & (t_k >= spec.sinks)
     if r.cols is None:
@@ -455,7 +462,7 @@ def _retained_readout(
     # Weighed e^{s−m} as the window is, m its largest score: the global part's weights in a
     # shared denominator are relative to that m.
     far = torch.exp(far.masked_fill(~chosen[:, :, None], float("-inf")) - m)
-    num = _mix(weights, v) + _mix(far, rv)
+    num = _mix(p, v) * den + _mix(far, rv)
     return num, den[..., 0] + far.sum(-1), window
 
 
