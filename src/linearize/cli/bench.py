@@ -61,13 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="decode steps run before the timed ones (a step right after a long prefill runs "
         "slower for a few dozen steps: use ~128 to time the steady step)",
     )
-    decode.add_argument(
-        "--quant",
-        action="append",
-        choices=list(QUANTS),
-        help="weights to measure each model with (repeatable; default: as loaded)",
-    )
-    add_engine_argument(decode)
+    _weights_and_engine(decode)
     decode.add_argument(
         "--llama-cpp",
         choices=("auto", "on", "off"),
@@ -78,13 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     prefill = sub.add_parser("prefill", help="prefill latency and peak memory by length")
     _common(prefill, speed.DEFAULT_PREFILL_CONTEXTS)
-    prefill.add_argument(
-        "--quant",
-        action="append",
-        choices=list(QUANTS),
-        help="weights to measure each model with (repeatable; default: as loaded)",
-    )
-    add_engine_argument(prefill)
+    _weights_and_engine(prefill)
     prefill.set_defaults(func=run_prefill, name="prefill")
 
     spec = sub.add_parser("speculative", help="speculative decoding speed (Table 8 protocol)")
@@ -161,6 +149,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     for module in (bench_forms, bench_forward, bench_train):
         module.register(sub)
+
+
+def _weights_and_engine(parser: argparse.ArgumentParser) -> None:
+    """``--quant`` (repeatable) and ``--engine``: what each model is measured with."""
+    parser.add_argument(
+        "--quant",
+        action="append",
+        choices=list(QUANTS),
+        help="weights to measure each model with (repeatable; default: as loaded)",
+    )
+    add_engine_argument(parser)
 
 
 def _common(parser: argparse.ArgumentParser, contexts: tuple[int, ...]) -> None:
