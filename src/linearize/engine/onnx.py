@@ -57,12 +57,12 @@ GRAPH = "graph.onnx"
 # Positions per block of the engine's RoPE tables (cos, sin, the sinks' positions): a step reads
 # its row; a block is rebuilt when the position leaves it, so the tables do not grow with context.
 ROPE_BLOCK = 4096
-# onnxruntime's transpose optimizer runs once generic and once per execution provider.
 # The prompt chunk of a prefill on the engine (build_engine): a chain graph of 64 nodes reads the
 # weights and rings once for 64 tokens. A 1k / 4k prompt of the default int4 model, one thread:
-# 2.42 / 11.56 s against 3.91-4.17 / 18.57-19.01 s in the reference; two threads 2.43-2.60 /
-# 11.68-12.50 against 3.03-3.37 / 13.07-13.32 s (2026-12-05, one process each).
+# 2.4-2.7 / 10.6-10.9 s against 3.9-4.6 / 17.9-18.8 s in the reference (docs/results.md,
+# "Prefill on the engine").
 PREFILL_CHUNK = 64
+# onnxruntime's transpose optimizer runs once generic and once per execution provider.
 NO_TRANSPOSE_PUSHING = ["TransposeOptimizer", "TransposeOptimizer_CPUExecutionProvider"]
 INSTALL = "pip install 'linearize[fast]'  (or: pip install onnxruntime onnx)"
 
@@ -733,11 +733,11 @@ class OnnxEngine:
         deepest = self.state.pos + int(tree.depths.max())
         if self.state.reach is not None and self._slot(deepest) >= self.state.reach:
             self._use(self.state.grown(self._reach(deepest + 1)))
+        if scored is not None and not all(0 <= n < len(tree) for n in scored):
+            raise ValueError(f"scored={list(scored)}: nodes of a tree of {len(tree)}")
         # A chain (a prefill chunk, a draft) runs on the chain graph: its retained cache ranks
         # in O(N · E), a tree's in O(N · E²).
         session, module, size = self._tree(len(tree), tree.is_chain)
-        if scored is not None and not all(0 <= n < len(tree) for n in scored):
-            raise ValueError(f"scored={list(scored)}: nodes of a tree of {len(tree)}")
         feeds = self._tree_feeds(module, tree, list(tokens), size, scored)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
         wanted = {i.name for i in session.get_inputs()}

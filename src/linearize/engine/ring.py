@@ -532,12 +532,8 @@ class RingState:
                     scores[..., slot] += seen[..., C + earlier]
                 for slot in control.leaving:
                     source = written[key].get(int(slot))
-                    if source is None:
-                        keys, values = kept.k[:, 0, :, slot], kept.v[:, 0, :, slot]
-                    else:
-                        keys, values = (x[:, :, source] for x in rows[key])
-                    time = int(control.times[slot])
-                    kept.merge(keys, values, scores[..., slot], time, self._inv_freq(kept))
+                    placed_rows = None if source is None else [x[:, :, source] for x in rows[key]]
+                    self._retain(kept, control, scores[..., slot], slot, placed_rows)
                 if control.new_leaves:  # a group completed by this node: it leaves at once
                     keys, values = (x[:, :, node] for x in rows[key])
                     kept.merge(keys, values, seen[..., C + node], self.pos, self._inv_freq(kept))
@@ -614,10 +610,18 @@ class RingState:
             rows[~ring] = node_rows[:, source[~ring]].transpose(1, 0, 2)
         return rows
 
-    def _retain(self, kept: _Retained, control: _Control, final: np.ndarray, slot: int) -> None:
+    def _retain(
+        self,
+        kept: _Retained,
+        control: _Control,
+        final: np.ndarray,
+        slot: int,
+        rows: list[np.ndarray] | None = None,
+    ) -> None:
         """The token in ``slot`` leaves the window with its in-window attention ``final: [L,
-        Hkv]``: into the retained caches of ``kept``'s layers."""
-        keys, values = kept.k[:, 0, :, slot], kept.v[:, 0, :, slot]
+        Hkv]``: into the retained caches of ``kept``'s layers. Its keys and values are the
+        ring's, or ``rows`` (``[L, Hkv, K]`` each) for a token a commit has not written yet."""
+        keys, values = rows or (kept.k[:, 0, :, slot], kept.v[:, 0, :, slot])
         kept.merge(keys, values, final, int(control.times[slot]), self._inv_freq(kept))
 
     def _inv_freq(self, kept: _Retained) -> np.ndarray | None:

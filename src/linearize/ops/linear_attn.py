@@ -303,7 +303,7 @@ def attend(
         scores = scores.masked_fill(~local_mask, float("-inf"))
         if retaining is not None:
             num, den, window = _retained_readout(
-                spec, q, k, v, t_q, t_k, visible, scores, retaining, q_sink
+                spec, scaled, k, v, t_q, t_k, visible, scores, retaining, sink_scaled
             )
             if spec.combine != "shared":
                 out, num = num / den[..., None], None
@@ -421,7 +421,8 @@ def _retained_readout(
     q_sink: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The window's softmax (``scores``, masked) with the retained cache in its denominator →
-    numerator, denominator and the in-window attention :func:`attend` returns.
+    numerator, denominator and the in-window attention :func:`attend` returns (``q``,
+    ``q_sink``: the queries scaled by 1/√K, as the scores are).
 
     The tokens that leave the window during these queries join the cache for the queries after
     they leave (each query: the ``M`` best of everything that left before it)."""
@@ -458,7 +459,7 @@ def _retained_readout(
     rk = torch.cat([r.rk, retain.unrotate(k[:, :, cols], t_k[cols], r.inv_freq)], 2)
     rv = torch.cat([r.rv, v[:, :, cols]], 2)
     reader = q if q_sink is None else q_sink
-    far = _dot(reader, rk) / math.sqrt(q.shape[-1])
+    far = _dot(reader, rk)
     # Weighed e^{s−m} as the window is, m its largest score: the global part's weights in a
     # shared denominator are relative to that m.
     far = torch.exp(far.masked_fill(~chosen[:, :, None], float("-inf")) - m)
