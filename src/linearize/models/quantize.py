@@ -326,8 +326,10 @@ class _NBitsLinear(torch.autograd.Function):
         leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
         out.setType(x.type().with_sizes([*leading, N]))
         if offset_t is not None:
-            # x's last axis into groups (the first axis: as many as x has).
-            shape = torch.tensor([-1, *sizes[1:-1], blocks, group_size], dtype=torch.long)
+            # x's last axis into groups, the others as x has them at run time (−1 the first,
+            # 0 copies an axis: a tree's scored rows vary from run to run).
+            middle = [0] * (len(sizes) - 2)
+            shape = torch.tensor([-1, *middle, blocks, group_size], dtype=torch.long)
             grouped = g.op("Reshape", x, g.op("Constant", value_t=shape))
             axis = g.op("Constant", value_t=torch.tensor([-1]))
             sums = g.op("ReduceSum", grouped, axis, keepdims_i=0)
