@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import linearize
-from linearize.models.quantize import quantize
+from linearize.models.quantize import QuantConfig, quantize
 from linearize.ops.tree import Tree
 from tests.engine.conftest import engine_model
 from tests.generation.conftest import tiny_model
@@ -376,10 +376,14 @@ def test_chunked_prefill_on_the_engine(kind, tmp_path):
     assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
 
 
-def test_scored_nodes_logits(tmp_path):
+@pytest.mark.parametrize("head", [None, "int4"])
+def test_scored_nodes_logits(head, tmp_path):
     """``forward_tree(..., scored=...)``: the logits of those nodes alone, in that order (a
-    prefill chunk asks for its last); nodes outside the tree are refused."""
+    prefill chunk asks for its last); nodes outside the tree are refused. With a 4-bit head
+    (its offset term groups the scored rows, however many)."""
     model = _model("augmented")
+    if head is not None:
+        quantize(model, QuantConfig("int4", head_quant=head))
     engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
     engine.prefill([3, 1, 4, 1, 5])
     chain = Tree.from_parents([-1, *range(9)])
@@ -437,7 +441,7 @@ def test_matmuls_take_their_default_zero_points(quant, tmp_path):
     engine.prefill([3, 4, 5])
     engine.forward_tree([6, 7], Tree.from_parents([-1, 0]))
     graphs = sorted(tmp_path.glob("**/graph.onnx"))
-    assert len(graphs) == 2  # the step's and a tree's
+    assert len(graphs) == 4  # the step's and a tree's, each as exported and optimized
     for graph in graphs:
         nodes = onnx.load(graph, load_external_data=False).graph.node
         inputs = {len(node.input) for node in nodes if node.op_type == "MatMulNBits"}
@@ -510,3 +514,48 @@ def test_rope_tables_hold_one_block(monkeypatch, tmp_path):
     chain = Tree.from_parents([-1, *range(9)])  # positions 90..99: past the block at 89
     logits, _ = engine.forward_tree(ids[0, 90:100].tolist(), chain)
     assert_close("a tree across a block's end", reference[0, 90:100], logits, TOLERANCE)
+
+
+def test_sessions_load_optimized_graphs(tmp_path):
+    """Sessions load each graph as onnxruntime optimized it once (a folder beside the graph,
+    named for the runtime, the CPU and the optimizers left out), with the optimizer off: the
+    same logits, bit for bit, as the graph optimized as it loads."""
+    import onnxruntime as ort
+
+    from linearize.engine.onnx import GRAPH, NO_TRANSPOSE_PUSHING, optimize
+
+    model = _model("augmented")
+    quantize(model, "int4")
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    chain = Tree.from_parents([-1, 0, 1])
+    engine.prefill([3, 1, 4, 1, 5])
+    logits, _ = engine.forward_tree([9, 2, 6], chain)
+    steps = [engine.step(t).clone() for t in (9, 2, 6)]
+    # <cache>/engines/<model>/{step,chain4}/: the export, and one optimized folder each.
+    folders = {p.parent for p in tmp_path.rglob(GRAPH)}
+    optimized = {f.parent.name: f for f in folders if f.name.startswith("optimized-")}
+    assert sorted(optimized) == ["chain4", "step"]
+    assert {f.parent for f in optimized.values()} == folders - set(optimized.values())
+    step_folder = optimized["step"]
+    assert optimize(step_folder.parent, NO_TRANSPOSE_PUSHING) == step_folder
+    assert optimize(step_folder.parent, []) != step_folder  # (another optimizer set)
+
+    # The graphs optimized as they load, as before: the same numbers.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    raw = {
+        name: ort.InferenceSession(
+            str(step_folder.parent.parent / name / GRAPH),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=NO_TRANSPOSE_PUSHING if name == "step" else [],
+        )
+        for name in ("step", "chain4")
+    }
+    again = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    again.steps[again.step_accuracy, False] = again.session = raw["step"]
+    again.trees[4, True] = (raw["chain4"], again._tree(4, True)[1])
+    again.reset()
+    again.prefill([3, 1, 4, 1, 5])
+    assert torch.equal(again.forward_tree([9, 2, 6], chain)[0], logits)
+    assert all(torch.equal(again.step(t), s) for t, s in zip((9, 2, 6), steps, strict=True))

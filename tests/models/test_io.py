@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import linearize
+from linearize.layers.config import ATTENTIONS, attention_config
 from linearize.models import Decoder, ModelConfig
+from linearize.models.quantize import quantize
 
 
 def tiny(**changes) -> Decoder:
@@ -43,6 +45,32 @@ def test_round_trip_is_bit_identical(tmp_path, attention, tie):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["format"] == "linearize" and config["format_version"] == 1
     assert config["model"]["attention"][1]["name"] == attention
+
+
+CAUSAL = sorted(name for name in ATTENTIONS if attention_config(name).is_causal)
+
+
+@pytest.mark.parametrize("attention", CAUSAL)
+@pytest.mark.parametrize("quant", [None, "int4", "bf16"])
+def test_load_fills_every_tensor(tmp_path, attention, quant):
+    """A saved model loads into memory that is never randomly initialised (built on the meta
+    device): every parameter and buffer equals the saved model's, the computed buffers no file
+    holds (RoPE's inverse frequencies, a hash's bit weights) included, and a tied head stays
+    tied."""
+    model = tiny()
+    linearize.linearize(model, attention, layers=[1])
+    if quant is not None:
+        quantize(model, quant)
+    model.save(tmp_path / "m")
+    loaded = linearize.load(tmp_path / "m")
+    for kind in ("parameters", "buffers"):
+        saved = dict(getattr(model, f"named_{kind}")())
+        got = dict(getattr(loaded, f"named_{kind}")())
+        assert saved.keys() == got.keys()
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, got[name]), f"{kind[:-1]} {name}"
+    weight = "qweight" if quant == "int4" else "weight"
+    assert getattr(loaded.lm_head, weight) is getattr(loaded.embed_tokens, weight)
 
 
 def test_save_replaces_existing_directory_atomically(tmp_path):

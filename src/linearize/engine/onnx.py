@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +48,9 @@ logger = logging.getLogger(__name__)
 # chain graphs (prefill chunks, drafts) rank a retained cache by totals; 17: trees count the
 # candidates above each one by a product; 18: tree graphs compute the logits of the nodes asked
 # for (``scored``: a prefill chunk's last); 19: the attention's products as MatMul, not Einsum, the
-# scale on the queries; 20: the window's exp weights as one Softmax
-EXPORT_VERSION = 20
+# scale on the queries; 20: the window's exp weights as one Softmax; 21: a 4-bit head's offset
+# term groups however many rows a tree scores
+EXPORT_VERSION = 21
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -128,6 +130,51 @@ def export(
     on CPUs, and the only fast 8-bit path)."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 17)
     build_once(path, lambda tmp: _export_into(tmp, module, example, accuracy_level, dynamic_axes))
+
+
+def optimize(path: Path, disabled: list[str]) -> Path:
+    """The folder of ``path``'s graph as onnxruntime optimizes it (every level but the
+    ``disabled`` optimizers), written once per graph and machine, as :func:`export` writes:
+    sessions load it with the optimizer off. Optimizing a graph takes longer than loading it
+    (the 64-node chain graph of the default int4 model: 2.0 s a session, 0.4 s from the
+    optimized file), and every process that decodes loads several. The folder's name holds
+    what the optimized graph may depend on beyond the graph: onnxruntime's version, the CPU's
+    features (the optimizer may pick kernels for them) and the optimizers left out."""
+    import onnxruntime as ort
+
+    key = hashlib.sha256(f"{ort.__version__} {_cpu_features()} {sorted(disabled)}".encode())
+    optimized = path / f"optimized-{key.hexdigest()[:12]}"
+    if not (optimized / GRAPH).is_file():
+        build_once(optimized, lambda tmp: _optimize_into(tmp, path / GRAPH, disabled))
+    return optimized
+
+
+def _optimize_into(tmp: Path, source: Path, disabled: list[str]) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp / GRAPH)
+    config = options.add_session_config_entry
+    config("session.optimized_model_external_initializers_file_name", f"{GRAPH}.data")
+    config("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # (The session is only made for the file it writes; onnxruntime warns that an optimized
+    # graph may be specific to this machine, which the folder's name records.)
+    options.log_severity_level = 3
+    ort.InferenceSession(
+        str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
+
+
+def _cpu_features() -> str:
+    """This CPU's architecture and instruction-set flags (what optimized graphs may depend on)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
 
 
 def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> None:
@@ -403,11 +450,11 @@ class OnnxEngine:
         # (engine.step._local) it gains nothing (15.32 against 15.14 ms a 1k step, the two
         # sessions alternating in one process). The tree graphs gain from it.
         step = name in ("step", "rows")
+        optimized = optimize(path, NO_TRANSPOSE_PUSHING if step else [])
         return ort.InferenceSession(
-            str(path / GRAPH),
+            str(optimized / GRAPH),
             self.options if step else self.tree_options,
             providers=["CPUExecutionProvider"],
-            disabled_optimizers=NO_TRANSPOSE_PUSHING if step else [],
         )
 
     def reset(self) -> None:
@@ -761,8 +808,9 @@ class OnnxEngine:
 
 
 def _options(ort, threads: int | None, spinning: bool):
+    """A session's options: its graph comes optimized (:func:`optimize`)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

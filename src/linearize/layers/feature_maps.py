@@ -170,6 +170,10 @@ class Yoso(FeatureMap):
         self.register_buffer("planes", planes)
         self.register_buffer("powers", 2 ** torch.arange(num_bits), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Compute the buffer the weights file does not hold (see RotaryEmbedding's)."""
+        self.powers = 2 ** torch.arange(self.num_bits, device=self.powers.device)
+
     def forward(self, x: Tensor) -> Tensor:
         bits = (x @ self.planes.to(x.dtype) > 0).long()
         bits = bits.unflatten(-1, (self.num_hashes, self.num_bits))

@@ -18,10 +18,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (
-            torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> Tensor:
+        K = self.head_dim
+        return 1.0 / self.theta ** (torch.arange(0, K, 2, dtype=torch.int64).float() / K)
+
+    def reset_buffers(self) -> None:
+        """Compute the buffer the weights file does not hold (a model built on the meta device
+        and then given memory: :func:`linearize.models.decoder.materialize`)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def cos_sin_at(
         self, positions: Tensor, dtype: torch.dtype = torch.float32
