@@ -23,7 +23,9 @@ def fuse_linears(linears: list[nn.Module], order: torch.Tensor | None = None) ->
     has_bias = any(lin.bias is not None for lin in linears)
     if all(type(lin) is nn.Linear for lin in linears):
         N = sum(lin.out_features for lin in linears)
-        fused = nn.Linear(first.in_features, N, bias=has_bias).to(first.weight.dtype)
+        # (built on the meta device, then given memory: no random init to overwrite)
+        fused = nn.Linear(first.in_features, N, bias=has_bias, device="meta")
+        fused = fused.to_empty(device=first.weight.device).to(first.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(_rows(torch.cat([lin.weight for lin in linears]), order))
             if has_bias:
@@ -41,7 +43,7 @@ def fuse_linears(linears: list[nn.Module], order: torch.Tensor | None = None) ->
             getattr(stacked, name).copy_(
                 _rows(torch.cat([getattr(w, name) for w in weights]), order)
             )
-    template = nn.Linear(weights[0].in_features, N, bias=has_bias)
+    template = nn.Linear(weights[0].in_features, N, bias=False, device="meta")  # (its sizes)
     fused = QuantizedLinear(template, QuantConfig(quant, group, quant), shared=stacked)
     if has_bias:
         fused.bias = nn.Parameter(_rows(torch.cat([_bias(lin) for lin in linears]), order))
