@@ -111,26 +111,22 @@ def build_checked(
     check_weights(skeleton, weights, source)
     # Given memory without the random init the weights overwrite (1.1 s of SmolLM2's 2 s load).
     model = _materialized(skeleton)
-    if model is None:
-        model = Decoder(config)
-        if quantization is not None:
-            quantize(model, quantization, empty=True)
     _copy(model, weights)
     return model
 
 
-def _materialized(model: Decoder) -> Decoder | None:
+def _materialized(model: Decoder) -> Decoder:
     """``model``, built on the meta device, in CPU memory left for the weights (all of them
     checked present), with the buffers no weights file holds computed again by their modules'
-    ``reset_buffers``; ``None`` when a module holds such a buffer and cannot compute it (the
-    caller then builds the model on the CPU)."""
+    ``reset_buffers``."""
     computed = [
         module
         for module in model.modules()
         if any(module._buffers[name] is not None for name in module._non_persistent_buffers_set)
     ]
-    if not all(hasattr(module, "reset_buffers") for module in computed):
-        return None
+    missing = sorted({type(m).__name__ for m in computed if not hasattr(m, "reset_buffers")})
+    if missing:  # (a new module's bug, not a user's: every attention is tested)
+        raise TypeError(f"{missing} hold buffers no weights file has, without reset_buffers()")
     # to_empty gives each module a tensor of its own: a parameter shared by two (a tied head)
     # is shared again after.
     places: dict[int, list[tuple[torch.nn.Module, str]]] = {}
@@ -159,19 +155,9 @@ def from_hf(hf_config: Any, hf_weights: dict[str, Tensor], source: str = "checkp
     weights = {k: v.float() for k, v in weights.items()}
     # Checked on the meta model: a config's sizes must match the file before we allocate.
     check_weights(model, weights, source)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
+    model = _materialized(model)
     _copy(model, weights)
-    _reset_buffers(model)
     return model
-
-
-def _reset_buffers(model: Decoder) -> None:
-    # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them.
-    for module in model.modules():
-        if isinstance(module, Attention) and module.rope is not None:
-            fresh = type(module.rope)(module.config.head_dim, module.config.rope_theta)
-            module.rope.inv_freq = fresh.inv_freq
 
 
 def linearize(
