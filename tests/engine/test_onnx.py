@@ -364,14 +364,14 @@ def test_tree_step_and_commit_match_reference(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_on_the_engine(kind, tmp_path):
     """Chains of 16 from an empty state (the sinks among the first chain's nodes; the last
-    chain padded), on the chain graph, then steps: the reference's logits."""
+    chain, of 8, padded on the same graph), then steps: the reference's logits."""
     model = _model(kind)
     ids = torch.randint(0, 128, (1, 45))
     with torch.no_grad():
         reference, _ = model(ids)
     engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, prefill_chunk=16)
     assert_close("prefill", reference[0, 39], engine.prefill(ids[0, :40].tolist()), TOLERANCE)
-    assert set(engine.trees) == {(16, True), (8, True)}
+    assert set(engine.trees) == {(16, True)}
     steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 40:]])
     assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
 
@@ -395,6 +395,13 @@ def test_scored_nodes_logits(head, tmp_path):
     assert torch.equal(hidden, same_hidden)
     with pytest.raises(ValueError, match="scored"):
         engine.forward_tree(tokens, chain, scored=[10])
+    # On a larger graph than the tree needs (a prefill's last chunk): padded, the same numbers.
+    padded, _ = engine.forward_tree(tokens, chain, size=32)
+    assert (32, True) in engine.trees
+    assert_close("logits on a padded graph", every, padded, TOLERANCE)
+    for size in (8, 65):
+        with pytest.raises(ValueError, match=f"size={size}"):
+            engine.forward_tree(tokens, chain, size=size)
 
 
 @pytest.mark.parametrize("kind", KINDS)

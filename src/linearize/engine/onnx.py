@@ -513,9 +513,10 @@ class OnnxEngine:
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Run the prompt, the last token's logits: in chunks of ``prefill_chunk`` tokens
-        through the chain graphs (the last chunk on the graph of its size), or, with
-        ``prefill_chunk=0`` or a prompt shorter than a chunk, in the PyTorch reference (chunk
-        form) whose state the engine takes over."""
+        through the chain graph of that size (a shorter last chunk padded: one graph for every
+        prompt, not one more to export and load per length), or, with ``prefill_chunk=0`` or a
+        prompt shorter than a chunk, in the PyTorch reference (chunk form) whose state the
+        engine takes over."""
         self.use_step_arithmetic(None)
         if self.prefill_chunk and len(ids) >= self.prefill_chunk:
             self._use(self._ring(self._reach(0)))  # forward_tree grows the reach
@@ -523,7 +524,8 @@ class OnnxEngine:
                 piece = list(ids[start : start + self.prefill_chunk])
                 chain = Tree.from_parents([-1, *range(len(piece) - 1)])
                 # Only the last token's logits: the head is a tenth of a chain's pass.
-                logits, hidden = self.forward_tree(piece, chain, scored=[len(piece) - 1])
+                last = [len(piece) - 1]
+                logits, hidden = self.forward_tree(piece, chain, last, self.prefill_chunk)
                 self.commit(list(range(len(piece))))
             self.last_hidden = hidden[-1]
             return logits[-1]
@@ -694,15 +696,20 @@ class OnnxEngine:
 
     # --- speculative decoding: the tree step and the commit ------------------------------------
 
-    def _tree(self, nodes: int, chain: bool = False) -> tuple[object, TreeStep, int]:
+    def _tree(
+        self, nodes: int, chain: bool = False, size: int | None = None
+    ) -> tuple[object, TreeStep, int]:
+        """The graph for a tree of ``nodes`` (``chain``: the chain graph): of ``size`` nodes,
+        default the smallest power of 2 that holds them (padding nodes see only themselves)."""
         if nodes > self.max_tree:
             raise ValueError(
                 f"a tree of {nodes} nodes is past what the engine's tree graphs take "
                 f"({self.max_tree}): use a smaller tree, or build the engine with a larger max_tree"
             )
-        size = 2
-        while size < nodes:
-            size *= 2
+        if size is None:
+            size = 2
+            while size < nodes:
+                size *= 2
         if (size, chain) not in self.trees:
             # One tree module for every size (it holds the fused q/k/v and gate/up weights).
             if chain not in self.tree_modules:
@@ -770,11 +777,19 @@ class OnnxEngine:
 
     @torch.no_grad()
     def forward_tree(
-        self, tokens: list[int], tree: Tree, scored: list[int] | None = None
+        self,
+        tokens: list[int],
+        tree: Tree,
+        scored: list[int] | None = None,
+        size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify tree nodes on top of the state (left untouched): logits ``[N, V]`` and final
         hidden states ``[N, D]``; :meth:`commit` appends an accepted path. ``scored``: the
-        nodes whose logits are computed (``[len(scored), V]``; default every node)."""
+        nodes whose logits are computed (``[len(scored), V]``; default every node). ``size``:
+        the graph's nodes (``len(tree)`` to :attr:`max_tree`; default the smallest power of 2
+        that holds the tree)."""
+        if size is not None and not len(tree) <= size <= self.max_tree:
+            raise ValueError(f"size={size}: a graph of {len(tree)} to {self.max_tree} nodes")
         # The tree graphs read rings up to the state's reach, as a step does; the reach grows
         # first when the deepest node would pass it (its commit writes there).
         deepest = self.state.pos + int(tree.depths.max())
@@ -784,7 +799,7 @@ class OnnxEngine:
             raise ValueError(f"scored={list(scored)}: nodes of a tree of {len(tree)}")
         # A chain (a prefill chunk, a draft) runs on the chain graph: its retained cache ranks
         # in O(N · E), a tree's in O(N · E²).
-        session, module, size = self._tree(len(tree), tree.is_chain)
+        session, module, size = self._tree(len(tree), tree.is_chain, size)
         feeds = self._tree_feeds(module, tree, list(tokens), size, scored)
         # The exporter drops inputs a graph never reads (z without normalisation, say).
         wanted = {i.name for i in session.get_inputs()}
