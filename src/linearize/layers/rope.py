@@ -27,7 +27,7 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         """Compute the buffer the weights file does not hold (a model built on the meta device
-        and then given memory: :func:`linearize.models.decoder.materialize`)."""
+        and then given memory: ``linearize.models.convert._materialized``)."""
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def cos_sin_at(
