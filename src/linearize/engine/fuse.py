@@ -24,8 +24,9 @@ def fuse_linears(linears: list[nn.Module], order: torch.Tensor | None = None) ->
     if all(type(lin) is nn.Linear for lin in linears):
         N = sum(lin.out_features for lin in linears)
         # (built on the meta device, then given memory: no random init to overwrite)
-        fused = nn.Linear(first.in_features, N, bias=has_bias, device="meta")
-        fused = fused.to_empty(device=first.weight.device).to(first.weight.dtype)
+        dtype = first.weight.dtype
+        fused = nn.Linear(first.in_features, N, has_bias, device="meta", dtype=dtype)
+        fused = fused.to_empty(device=first.weight.device)
         with torch.no_grad():
             fused.weight.copy_(_rows(torch.cat([lin.weight for lin in linears]), order))
             if has_bias:

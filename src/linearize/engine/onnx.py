@@ -10,6 +10,7 @@ few rows into the ring buffers and nothing else moves.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -167,6 +168,7 @@ def _optimize_into(tmp: Path, source: Path, disabled: list[str]) -> None:
     )
 
 
+@functools.cache
 def _cpu_features() -> str:
     """This CPU's architecture and instruction-set flags (what optimized graphs may depend on)."""
     try:
