@@ -35,6 +35,16 @@ def _model(kind: str) -> linearize.Decoder:
 @pytest.mark.parametrize("quant", [None, "int4", "int8"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_matches_reference(kind, quant, tmp_path):
+    _engine_matches_reference(kind, quant, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "retain"])
+def test_float_zero_points_match_reference(kind, tmp_path):
+    """4-bit weights on Q4_1's grid (float zero points: ``MatMulNBits`` and an offset term)."""
+    _engine_matches_reference(kind, QuantConfig("int4", zero_points="float"), tmp_path)
+
+
+def _engine_matches_reference(kind, quant, tmp_path):
     model = _model(kind)
     if quant is not None:
         quantize(model, quant)
@@ -376,14 +386,16 @@ def test_chunked_prefill_on_the_engine(kind, tmp_path):
     assert_close("steps after a chunked prefill", reference[0, 40:], steps, TOLERANCE)
 
 
-@pytest.mark.parametrize("head", [None, "int4"])
-def test_scored_nodes_logits(head, tmp_path):
+@pytest.mark.parametrize(
+    "head, zero_points", [(None, None), ("int4", "integer"), ("int4", "float")]
+)
+def test_scored_nodes_logits(head, zero_points, tmp_path):
     """``forward_tree(..., scored=...)``: the logits of those nodes alone, in that order (a
     prefill chunk asks for its last); nodes outside the tree are refused. With a 4-bit head
-    (its offset term groups the scored rows, however many)."""
+    (with float zero points, its offset term groups the scored rows, however many)."""
     model = _model("augmented")
     if head is not None:
-        quantize(model, QuantConfig("int4", head_quant=head))
+        quantize(model, QuantConfig("int4", head_quant=head, zero_points=zero_points))
     engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy=EXACT)
     engine.prefill([3, 1, 4, 1, 5])
     chain = Tree.from_parents([-1, *range(9)])
@@ -436,23 +448,51 @@ def test_int8_arithmetic_stays_close(kind, tmp_path):
     assert agree > 0.9, f"greedy tokens agree on {agree:.0%} of the steps"
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_matmuls_take_their_default_zero_points(quant, tmp_path):
-    """No zero-point input (onnxruntime's faster kernel; 4 bits: the zero points in the offset
-    term, 8 bits: 128 is the default), in the step and the tree graphs."""
+def _exported_nodes(model, cache) -> dict[str, list]:
+    """The nodes of the step's and a chain's graphs, as exported and optimized, by folder."""
     import onnx
 
-    model = _model("augmented")
-    quantize(model, quant)
-    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=cache)
     engine.prefill([3, 4, 5])
     engine.forward_tree([6, 7], Tree.from_parents([-1, 0]))
-    graphs = sorted(tmp_path.glob("**/graph.onnx"))
+    graphs = sorted(cache.glob("**/graph.onnx"))
     assert len(graphs) == 4  # the step's and a tree's, each as exported and optimized
-    for graph in graphs:
-        nodes = onnx.load(graph, load_external_data=False).graph.node
-        inputs = {len(node.input) for node in nodes if node.op_type == "MatMulNBits"}
-        assert inputs == {3}, f"{graph.parent.name}: MatMulNBits with {inputs} inputs"
+    return {
+        "/".join(graph.parent.relative_to(cache).parts[2:]): list(
+            onnx.load(graph, load_external_data=False).graph.node
+        )
+        for graph in graphs
+    }
+
+
+def _matmul_inputs(nodes) -> tuple[set[int], set[int]]:
+    """The numbers of inputs of the ``MatMulNBits`` nodes: the linears', the 8-bit head's."""
+    matmuls = [node for node in nodes if node.op_type == "MatMulNBits"]
+    head = {len(node.input) for node in matmuls if "lm_head" in node.name}
+    return {len(node.input) for node in matmuls if "lm_head" not in node.name}, head
+
+
+def test_matmuls_read_their_zero_points(tmp_path):
+    """Whole 4-bit zero points (the default) go to ``MatMulNBits`` as its fourth input and
+    need no offset term; Q4_1's float ones take the default zero point (no input) and an
+    offset term per linear (q/k/v, o, gate/up, down: its group sums, one ``ReduceSum`` each);
+    8 bits, no input (128 is the default). In the step and the tree graphs."""
+    graphs = {}
+    for quant, zero_points in (("int4", "integer"), ("int4", "float"), ("int8", "integer")):
+        model = _model("augmented")
+        quantize(model, QuantConfig(quant, zero_points=zero_points))
+        graphs[quant, zero_points] = _exported_nodes(model, tmp_path / f"{quant}-{zero_points}")
+    layers = _model("augmented").config.num_layers
+    for name, nodes in graphs["int4", "integer"].items():
+        assert _matmul_inputs(nodes) == ({4}, {3}), name
+        assert _matmul_inputs(graphs["int4", "float"][name]) == ({3}, {3}), name
+        assert _matmul_inputs(graphs["int8", "integer"][name]) == ({3}, {3}), name
+        sums = {
+            key: sum(node.op_type == "ReduceSum" for node in found[name])
+            for key, found in graphs.items()
+        }
+        assert sums["int4", "float"] - sums["int4", "integer"] == 4 * layers, (name, sums)
+        assert sums["int8", "integer"] == sums["int4", "integer"], (name, sums)
 
 
 def test_default_layer_runs_on_the_engine(tmp_path):

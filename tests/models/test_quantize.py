@@ -11,6 +11,8 @@ import linearize
 from linearize.cli import main
 from linearize.models.quantize import (
     QuantConfig,
+    QuantizedLinear,
+    _linears,
     dequantize,
     gptq_weight,
     input_moments,
@@ -19,6 +21,7 @@ from linearize.models.quantize import (
     quantize,
     quantize_weight,
     unpack,
+    whole_zero_points,
 )
 from tests.generation.conftest import text_model, tiny_model
 
@@ -32,6 +35,65 @@ def test_dequantized_weight_is_close(quant, bound):
     assert codes.shape == (48, 96 * config.bits // 8) and scale.shape == (48, 3)
     error = (dequantize(codes, scale, zero, config.bits) - w).norm() / w.norm()
     assert error < bound, f"{quant}: relative error {error:.3e}"
+
+
+def test_int4_grids():
+    """Whole zero points (the default): each weight within half a step of its code's value.
+    Q4_1's float grid: weights already on a Q4_1 grid (a GGUF's) come back exactly."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    codes, scale, zero = quantize_weight(w, QuantConfig("int4"))
+    assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 15
+    step = scale.repeat_interleave(32, 1)
+    assert ((dequantize(codes, scale, zero, 4) - w).abs() <= step / 2 * (1 + 1e-5)).all()
+    # A Q4_1 grid: a float minimum per group, 16 levels above it.
+    levels = torch.randint(0, 16, (48, 96)).float()
+    lo, s = torch.rand(48, 3, 1) - 1.3, torch.rand(48, 3, 1) * 0.1 + 0.01
+    q4_1 = (lo + levels.view(48, 3, 32) * s).view(48, 96)
+    q4_1[:, ::32], q4_1[:, 1::32] = lo[..., 0], (lo + 15 * s)[..., 0]  # each group's ends
+    float_grid = QuantConfig("int4", zero_points="float")
+    torch.testing.assert_close(dequantize(*quantize_weight(q4_1, float_grid), 4), q4_1)
+    error = (dequantize(*quantize_weight(q4_1, QuantConfig("int4")), 4) - q4_1).abs().amax()
+    assert error > 1e-3  # (whole zero points cannot hold a float minimum)
+
+
+def test_auto_zero_points_follow_the_weights():
+    """``zero_points="auto"``: Q4_1's grid for a model whose linears lie on it (a Q4_1 GGUF's),
+    whole zero points for any other; the config records the choice."""
+    model = tiny_model("augmented").float().eval()
+    quantize(model, "int4")
+    assert model.quantization.zero_points == "integer"
+    on_grid = tiny_model("augmented").float().eval()
+    float_grid = QuantConfig("int4", zero_points="float")
+    with torch.no_grad():
+        for _, _, linear in _linears(on_grid):
+            linear.weight.copy_(dequantize(*quantize_weight(linear.weight, float_grid), 4))
+    quantize(on_grid, "int4")
+    assert on_grid.quantization.zero_points == "float"
+    assert all(not whole_zero_points(w.zero, 4) for w in _weights(on_grid))
+
+
+def _weights(model):
+
+    return [
+        m.qweight for m in model.modules() if isinstance(m, QuantizedLinear) and m.qweight.bits == 4
+    ]
+
+
+def test_older_directories_load_with_float_zero_points(tmp_path):
+    """A directory saved before ``zero_points`` was recorded holds Q4_1's float zero points."""
+    model = tiny_model("augmented").float().eval()
+    quantize(model, QuantConfig("int4", zero_points="float"))
+    model.save(tmp_path / "q")
+    path = tmp_path / "q" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["quantization"]["zero_points"]
+    path.write_text(json.dumps(meta))
+    loaded = linearize.load(tmp_path / "q")
+    assert loaded.quantization.zero_points == "float"
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded.eval()(ids)[0])
 
 
 def test_pack_round_trips():
@@ -56,6 +118,7 @@ def test_quantize_save_load_same_logits(kind, quant, tmp_path):
         "group_size": 32,
         "head_quant": "int8",
         "method": "round",
+        "zero_points": "integer",
     }
     loaded = linearize.load(tmp_path / "q").eval()
     assert loaded.quantization.quant == quant
@@ -204,8 +267,12 @@ def test_cli_quantize(tmp_path, capsys):
     assert "has no tokenizer" in err and "--calibration none" in err
     assert not out.exists()
     assert main([*argv, "--calibration", "none"]) == 0
-    assert "(round codes)" in capsys.readouterr().out
+    assert "(round codes, whole zero points)" in capsys.readouterr().out  # random weights: auto
     assert linearize.load(out).quantization.quant == "int4"
+    q4_1 = tmp_path / "q4_1"
+    assert main([*argv[:-1], str(q4_1), "--calibration", "none", "--zero-points", "float"]) == 0
+    assert "(round codes, Q4_1's float zero points)" in capsys.readouterr().out
+    assert linearize.load(q4_1).quantization.zero_points == "float"
     # Quantizing the quantized directory again fails and leaves no directory behind.
     again = tmp_path / "again"
     assert main(["quantize", "--model", str(out), "--quant", "int8", "--out", str(again)]) == 2
@@ -232,7 +299,7 @@ def test_cli_quantize_keeps_the_medusa_heads(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "calibration" in captured.err and "codes" in captured.err  # both stages show
-    assert "its 4 Medusa heads kept" in printed and "(gptq codes)" in printed
+    assert "its 4 Medusa heads kept" in printed and "(gptq codes, " in printed
     kept = load_heads(out)
     for a, b in zip(heads.state_dict().values(), kept.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -297,6 +364,7 @@ def test_bf16_weights_save_load_and_decode(kind, tmp_path):
         "group_size": 32,
         "head_quant": "bf16",
         "method": "round",
+        "zero_points": "auto",
     }
     loaded = linearize.load(tmp_path / "b").eval()
     with torch.no_grad():

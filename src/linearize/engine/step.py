@@ -225,7 +225,7 @@ class FixedStep(nn.Module):
         """The step of one sequence, or with ``rows``, of :class:`RowsStep`'s rows."""
         outputs: list[Tensor] = []
         rest = list(state)
-        # Activations as [B, D]: onnxruntime fuses the 4-bit offset term (MatMul + Add) into
+        # Activations as [B, D]: onnxruntime fuses a 4-bit offset term (MatMul + Add) into
         # one Gemm on 2-D tensors only.
         x = x[:, 0]
         for i, (layer, lay) in enumerate(zip(self.model.layers, self.layouts, strict=True)):

@@ -70,7 +70,8 @@ def _load_ours(directory: Path, meta: dict[str, Any]) -> Decoder:
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     quantization = meta.get("quantization")
     if quantization is not None:
-        quantization = QuantConfig.from_dict(quantization)
+        # (Directories written before zero_points was recorded hold Q4_1's float zero points.)
+        quantization = QuantConfig.from_dict({"zero_points": "float", **quantization})
     model = build_checked(config, weights, str(directory), quantization)
     # Medusa heads saved beside the weights (medusa.*) are read by generation.medusa.load_heads.
     model.tokenizer = _maybe_tokenizer(directory)

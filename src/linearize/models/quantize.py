@@ -4,8 +4,13 @@ A weight ``w: [N, K]`` (out × in) is cut along ``K`` into groups of ``group_siz
 GGUF's Q4_0/Q4_1 blocks and onnxruntime's ``MatMulNBits``). Each group keeps a float32 ``scale``
 and a float32 ``zero`` point; a code ``q`` stands for ``(q − zero) · scale``:
 
-- ``int4``: asymmetric, codes 0..15 on Q4_1's grid: ``scale = (max − min) / 15``,
-  ``zero = −min / scale`` (weights that came from a Q4_1 GGUF land back on their own grid);
+- ``int4``: asymmetric, codes 0..15, ``scale = (max − min) / 15``; with
+  ``zero_points="integer"`` over the group's range stretched to hold 0 and ``zero =
+  round(−min / scale)``, a whole number in 0..15 (GPTQ's grid; ``MatMulNBits`` reads such zero
+  points itself), with ``zero_points="float"`` on Q4_1's grid, ``zero = −min / scale``
+  unrounded (weights that came from a Q4_1 GGUF land back on their own grid; the engine then
+  adds an offset term to every linear). ``"auto"`` (the default) takes Q4_1's grid for a model
+  whose weights already lie on it (:func:`choose_zero_points`), else whole zero points;
 - ``int8``: symmetric, codes 1..255 around ``zero = 128``, ``scale = max|w| / 127`` (Q8_0).
 
 ``bf16`` is the one format without codes: every weight rounded to bfloat16 (embedding and head
@@ -44,6 +49,9 @@ QUANTS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4, "bf16": 16}
 GROUP_SIZE = 32
 # How codes are chosen: the nearest code of each weight, or GPTQ on calibration text.
 METHODS = ("round", "gptq")
+# 4-bit zero points: whole numbers (MatMulNBits' own), floats (GGUF Q4_1's grid), or whichever
+# the model's weights already lie on (auto; resolved when the model is quantized).
+ZERO_POINTS = ("auto", "integer", "float")
 Progress = Callable[[int, int], None]
 # quantize's progress: (stage, done, total), stage "calibration" (blocks read) or "codes"
 # (weights coded; GPTQ's about half of `linearize quantize`).
@@ -73,6 +81,13 @@ class QuantConfig(Config):
         "rounding error carried onto the weights not yet coded, weighted by calibration inputs)",
         "round",
     )
+    zero_points: str = option(
+        "int4 zero points: integer (whole codes 0..15, read by onnxruntime's MatMulNBits "
+        "itself), float (GGUF Q4_1's grid: Q4_1 weights re-quantize losslessly; the engine "
+        "adds an offset term to every linear) or auto (float for weights that lie on Q4_1's "
+        "grid, such as a Q4_1 GGUF's, else integer; a quantized model records which)",
+        "auto",
+    )
 
     @classmethod
     def named(cls, quant: str) -> QuantConfig:
@@ -89,6 +104,8 @@ class QuantConfig(Config):
                 )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; allowed: {list(METHODS)}")
+        if self.zero_points not in ZERO_POINTS:
+            raise ValueError(f"zero_points={self.zero_points!r}; allowed: {list(ZERO_POINTS)}")
         if (self.quant == "bf16") != (self.head_quant == "bf16"):
             raise ValueError(
                 f"quant={self.quant!r} with head_quant={self.head_quant!r}: bf16 goes with bf16 "
@@ -109,7 +126,7 @@ class QuantConfig(Config):
 
     def head(self) -> QuantConfig:
         """The config of the embedding / LM head."""
-        return QuantConfig(self.head_quant, self.group_size, self.head_quant, self.method)
+        return dataclasses.replace(self, quant=self.head_quant)
 
 
 # --- the codes --------------------------------------------------------------------------------
@@ -120,7 +137,7 @@ def quantize_weight(w: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor, Ten
     N, K = w.shape
     g = _groups(K, config)
     groups = w.detach().float().reshape(N, K // g, g)
-    scale, zero, base = group_grid(groups, config.bits)
+    scale, zero, base = group_grid(groups, config.bits, _grid(config))
     codes = encode(groups, scale[..., None], base[..., None], config.bits)
     return pack(codes.to(torch.uint8).reshape(N, K), config.bits), scale, zero
 
@@ -135,16 +152,33 @@ def _groups(K: int, config: QuantConfig) -> int:
     return config.group_size
 
 
-def group_grid(groups: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def _grid(config: QuantConfig) -> str:
+    """The zero points a lone weight is coded with (``"auto"`` is resolved for a whole model
+    by :func:`quantize`; a weight coded alone takes whole ones)."""
+    return "integer" if config.zero_points == "auto" else config.zero_points
+
+
+def group_grid(
+    groups: Tensor, bits: int, zero_points: str = "integer"
+) -> tuple[Tensor, Tensor, Tensor]:
     """``scale, zero`` of each group of ``groups: [..., g]``, and ``base``, the value code 0
-    stands for (int4: the group's minimum)."""
-    if bits == 4:
+    stands for (int4: the group's minimum, or with integer ``zero_points`` the grid point at
+    or below it)."""
+    if bits == 4 and zero_points == "float":
         # Q4_1's grid (scale and offset per group), with the offset as a float zero point:
         # weights dequantized from a Q4_1 GGUF re-quantize onto their own grid, losslessly.
         lo, hi = groups.amin(-1), groups.amax(-1)
         scale = (hi - lo) / 15
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, -lo / scale, lo
+    if bits == 4:
+        # GPTQ's asymmetric grid: the range stretched to hold 0, so that a whole zero point
+        # (code 0 at −zero·scale) reaches both ends to within half a step.
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+        scale = (hi - lo) / 15
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        return scale, zero, -zero * scale
     scale = groups.abs().amax(-1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, torch.full_like(scale, 128), -128 * scale
@@ -184,7 +218,7 @@ def gptq_weight(
         err = torch.zeros(N, b1 - b0, dtype=w.dtype)
         for c in range(b0, b1):
             if c % g == 0:
-                s, z, lo = group_grid(w[:, c : c + g].float(), config.bits)
+                s, z, lo = group_grid(w[:, c : c + g].float(), config.bits, _grid(config))
                 scale[:, c // g], zero[:, c // g] = s, z
                 s, lo = s.double(), lo.double()
             codes[:, c] = encode(w[:, c], s, lo, config.bits)
@@ -294,28 +328,31 @@ class _NBitsLinear(torch.autograd.Function):
     """``x @ dequantize(codes)ᵀ``, run eagerly as the dequantized matmul; exported to ONNX as
     ``com.microsoft::MatMulNBits`` reading the codes as they are.
 
-    onnxruntime's fast kernels take only integer zero points (float ones run ~70x slower) and
-    run fastest with none, its default ``2^(bits−1)`` (8-bit: 128, ours). So the 4-bit float
-    zero points go into a separate term: ``(q − z)·s = (q − 8)·s + o`` with the offset
+    onnxruntime's fast kernels take only integer zero points (float ones run ~70x slower).
+    8-bit codes and whole 4-bit zero points run as they are (8 bits: no zero-point input, 128
+    is its default; 4 bits: the zero points packed two to a byte). 4-bit float zero points
+    (Q4_1's grid) go into a separate term: ``(q − z)·s = (q − 8)·s + o`` with the offset
     ``o = (8 − z)·s``, and ``x·Wᵀ = MatMulNBits(x, q, s) + (x summed per group)·Oᵀ``, a matmul
-    32 times smaller. (Against zero points of 0 and ``o = −z·s``: 5 % faster a 1k step, and with
-    int8 activations a third of the error; docs/results.md, "Default zero points".)"""
+    32 times smaller that reads fp32 offsets (a fifth of the node's time: docs/results.md,
+    "Whole zero points")."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, zero, offset_t, bits, group_size, N, K, sizes):
+    def forward(ctx, x, codes, scale, zero, zero_points, offset_t, bits, group_size, N, K, sizes):
         return F.linear(x, dequantize(codes, scale, zero, bits).to(x.dtype))
 
     @staticmethod
-    def symbolic(g, x, codes, scale, zero, offset_t, bits, group_size, N, K, sizes):
+    def symbolic(g, x, codes, scale, zero, zero_points, offset_t, bits, group_size, N, K, sizes):
         blocks = K // group_size
         blob = g.op(
             "Constant", value_t=torch.tensor([N, blocks, group_size * bits // 8], dtype=torch.long)
         )
+        inputs = [x, g.op("Reshape", codes, blob)]
+        inputs.append(g.op("Reshape", scale, g.op("Constant", value_t=torch.tensor([-1]))))
+        if zero_points is not None:
+            inputs.append(zero_points)
         out = g.op(
             "com.microsoft::MatMulNBits",
-            x,
-            g.op("Reshape", codes, blob),
-            g.op("Reshape", scale, g.op("Constant", value_t=torch.tensor([-1]))),
+            *inputs,
             K_i=K,
             N_i=N,
             bits_i=bits,
@@ -338,17 +375,66 @@ class _NBitsLinear(torch.autograd.Function):
         return out
 
 
-def _export_offset(zero: Tensor, scale: Tensor, bits: int) -> Tensor | None:
-    """The 4-bit offsets ``(8 − z)·s`` transposed, ``[K/group, N]`` (computed in numpy, so the
-    export records constants); ``None`` for 8 bits, whose zero points are ``MatMulNBits``'
-    default."""
+def choose_zero_points(model: Decoder, config: QuantConfig) -> str:
+    """``config.zero_points``, with ``"auto"`` resolved for ``model``: ``"float"`` when its
+    linears' weights lie on Q4_1's grid (a model from a Q4_1 GGUF, fine-tuned or not: there the
+    nearest float-grid codes err by ~0.1 % of a weight's norm, whole zero points by ~8 %, a
+    second rounding that cost SmolLM2's linearized model +18 % perplexity through the engine
+    against +1.4 %), else ``"integer"`` (weights from fp16 / fp32 checkpoints: the two grids
+    err alike, and whole zero points run 11 % faster a 1k step on the engine)."""
+    if config.zero_points != "auto":
+        return config.zero_points
+    if config.bits != 4:
+        return "integer"
+    errors = []
+    for _, _, linear in _linears(model):
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        if K % config.group_size:
+            continue
+        groups = w.reshape(N, K // config.group_size, config.group_size)
+        error = {}
+        for grid in ("float", "integer"):
+            scale, _, base = group_grid(groups, 4, grid)
+            codes = encode(groups, scale[..., None], base[..., None], 4)
+            error[grid] = float((codes * scale[..., None] + base[..., None] - groups).norm())
+        errors.append(error["float"] < ON_GRID * error["integer"])
+    return "float" if errors and sum(errors) > len(errors) / 2 else "integer"
+
+
+# A weight lies on Q4_1's grid when its float-grid codes err by less than this fraction of the
+# whole-zero-point codes' error (measured: SmolLM2's linears, from a Q4_1 GGUF, 0 as shipped and
+# 0–0.022 after the demo's training; Gaussian weights 0.96–0.97).
+ON_GRID = 0.25
+
+
+def whole_zero_points(zero: Tensor, bits: int) -> bool:
+    """Whether ``zero`` (a weight's zero points) are whole numbers of the codes' range, which
+    ``MatMulNBits`` reads itself (``zero_points="integer"``; 8 bits: always 128)."""
+    return bool(((zero == zero.round()) & (zero >= 0) & (zero < 2**bits)).all())
+
+
+def _export_zero_points(
+    zero: Tensor, scale: Tensor, bits: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(zero_points, offset_t)`` of a weight's export (computed in numpy, so the export
+    records constants): 8 bits, neither (128 is ``MatMulNBits``' default); 4 bits with whole
+    zero points, the zero points packed as ``MatMulNBits`` reads them (``[N · ⌈blocks / 2⌉]``
+    uint8, the even block in the low nibble); with float ones, the offsets ``(8 − z)·s``
+    transposed, ``[K/group, N]``."""
     z = zero.detach().float().cpu().numpy()
     if bits == 8:
         if not np.all(z == 128):  # (our 8-bit grid is symmetric: quantize writes 128)
             raise ValueError(f"8-bit zero points must all be 128, got values in {np.unique(z)}")
-        return None
+        return None, None
+    if whole_zero_points(zero, bits):
+        codes = z.astype(np.uint8)
+        if codes.shape[1] % 2:
+            codes = np.pad(codes, ((0, 0), (0, 1)))
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        return torch.from_numpy(np.ascontiguousarray(packed.reshape(-1))), None
     offset_t = np.ascontiguousarray(((8 - z) * scale.detach().float().cpu().numpy()).T)
-    return torch.from_numpy(offset_t.astype(np.float32))
+    return None, torch.from_numpy(offset_t.astype(np.float32))
 
 
 class QuantizedLinear(nn.Module):
@@ -373,10 +459,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.onnx.is_in_onnx_export():
             q = self.qweight
-            offset_t = _export_offset(q.zero, q.scale, q.bits)
+            zero_points, offset_t = _export_zero_points(q.zero, q.scale, q.bits)
             scale = q.scale.float()
             shape = (q.bits, q.group_size, q.out_features, q.in_features, tuple(x.shape))
-            y = _NBitsLinear.apply(x, q.codes, scale, q.zero, offset_t, *shape)
+            y = _NBitsLinear.apply(x, q.codes, scale, q.zero, zero_points, offset_t, *shape)
             return y if self.bias is None else y + self.bias
         weight = self.weight if self.dense is None else self.dense
         return F.linear(x, weight.to(x.dtype), self.bias)
@@ -503,6 +589,8 @@ def quantize(
     if config.method == "gptq" and calibration is None and not empty:
         raise ValueError("method='gptq' chooses codes on calibration tokens: pass calibration")
     _check_shapes(model, config)
+    if not empty:  # (empty: a saved model's config, resolved when it was quantized)
+        config = dataclasses.replace(config, zero_points=choose_zero_points(model, config))
     moments = {}
     if calibration is not None:
         read = None if progress is None else functools.partial(progress, "calibration")
