@@ -128,3 +128,31 @@ def test_generates_prefill_runs_in_segments_and_keeps_the_last_logits(exported, 
         a, b = (hf(nxt, cache=c).logits for c in caches)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert caches[1].get_seq_length() == ids.shape[1] + 1  # the prompt and the next token
+
+
+def test_from_config_builds_our_model(exported):
+    """``AutoModelForCausalLM.from_config`` on our config: the real class, the same shapes."""
+    from transformers import AutoConfig
+
+    _, hf, directory = exported["augmented"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    assert isinstance(model, LinearizeForCausalLM)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in hf.state_dict().items()}
+
+
+def test_import_leaves_the_model_classes_for_later():
+    """``import linearize`` registers with the Auto classes without importing transformers'
+    model classes or peft (~2 s of every command): they come with their first use."""
+    import subprocess
+    import sys
+
+    heavy = ["transformers.modeling_utils", "transformers.generation.utils", "peft"]
+    code = (
+        "import sys, linearize\n"
+        "from linearize.cli import build_parser\n"
+        "build_parser()\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

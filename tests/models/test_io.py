@@ -137,3 +137,24 @@ def test_a_training_run_directory_stands_for_its_model(tmp_path):
     (unfinished / "config.json").write_text(json.dumps({"model": "smollm2-135m"}))
     with pytest.raises(ValueError, match="without a saved model yet"):
         linearize.load(unfinished)
+
+
+@pytest.mark.parametrize("attention", ["augmented", "hedgehog", "t2r", "yoso"])
+def test_load_imports_no_compiler(tmp_path, attention):
+    """Loading builds the model on the meta device without computing its initial values there
+    (``eye``, ``pow``, ``normal_`` on meta tensors import ``torch._dynamo``: a second of every
+    process that loads a model), and still fills every tensor (``test_load_fills_every_tensor``)."""
+    import subprocess
+    import sys
+
+    model = tiny()
+    if attention != "augmented":
+        linearize.linearize(model, attention_config(attention))
+    model.save(tmp_path / "m")
+    code = (
+        "import sys, linearize\n"
+        f"linearize.load({str(tmp_path / 'm')!r})\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linearize.layers.meta import building_on_meta
+
 
 class FeatureMap(nn.Module):
     """Base class: ``feature_dim`` is F; ``forward`` accepts key heads or query heads."""
@@ -107,6 +109,14 @@ class Performer(FeatureMap):
         )
 
 
+def _identities(heads: int, rows: int, cols: int) -> Tensor:
+    """``heads`` copies of ``eye(rows, cols)`` (left empty on the meta device: the loader fills
+    it, :func:`~linearize.layers.meta.building_on_meta`)."""
+    if building_on_meta():
+        return torch.empty(heads, rows, cols)
+    return torch.eye(rows, cols).repeat(heads, 1, 1)
+
+
 class Hedgehog(FeatureMap):
     """Learned ``[softmax(Wx), softmax(−Wx)]`` (Zhang et al. 2024); ``W`` starts as identity."""
 
@@ -114,8 +124,7 @@ class Hedgehog(FeatureMap):
         super().__init__(num_kv_heads, head_dim)
         half = (feature_dim or 2 * head_dim) // 2
         self.feature_dim = 2 * half
-        weight = torch.eye(head_dim, half).repeat(num_kv_heads, 1, 1)
-        self.weight = nn.Parameter(weight)  # [Hkv, K, F/2]
+        self.weight = nn.Parameter(_identities(num_kv_heads, head_dim, half))  # [Hkv, K, F/2]
 
     def forward(self, x: Tensor) -> Tensor:
         return self._features(self.project(x, self.weight))
@@ -134,7 +143,7 @@ class T2R(FeatureMap):
     def __init__(self, num_kv_heads: int, head_dim: int, feature_dim: int | None = None) -> None:
         super().__init__(num_kv_heads, head_dim)
         self.feature_dim = feature_dim or head_dim
-        self.weight = nn.Parameter(torch.eye(head_dim, self.feature_dim).repeat(num_kv_heads, 1, 1))
+        self.weight = nn.Parameter(_identities(num_kv_heads, head_dim, self.feature_dim))
         self.bias = nn.Parameter(torch.zeros(num_kv_heads, self.feature_dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,10 +174,14 @@ class Yoso(FeatureMap):
         super().__init__(num_kv_heads, head_dim)
         self.num_hashes, self.num_bits = num_hashes, num_bits
         self.feature_dim = num_hashes * 2**num_bits
-        generator = torch.Generator().manual_seed(seed)
-        planes = torch.randn(head_dim, num_hashes * num_bits, generator=generator)
+        shape = (head_dim, num_hashes * num_bits)
+        if building_on_meta():  # (the loader fills the planes; reset_buffers, the powers)
+            planes, powers = torch.empty(shape), torch.empty(num_bits, dtype=torch.int64)
+        else:
+            planes = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            powers = 2 ** torch.arange(num_bits)
         self.register_buffer("planes", planes)
-        self.register_buffer("powers", 2 ** torch.arange(num_bits), persistent=False)
+        self.register_buffer("powers", powers, persistent=False)
 
     def reset_buffers(self) -> None:
         """Compute the buffer the weights file does not hold (see RotaryEmbedding's)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from linearize.layers.meta import building_on_meta
 from linearize.ops import rope
 
 
@@ -19,7 +20,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # (On the meta device left empty: reset_buffers computes it once there is memory.)
+        inv_freq = torch.empty(head_dim // 2) if building_on_meta() else self._inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self) -> Tensor:
         K = self.head_dim

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from linearize.layers.attention import Attention, AttentionRows, AttentionState, TreeKV
+from linearize.layers.meta import building_on_meta
 from linearize.models.config import ModelConfig
 from linearize.models.directory import save
 from linearize.models.numerics import finite_flag, raise_if_non_finite
@@ -59,6 +60,14 @@ class MLP(nn.Module):
         if self.gated:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``, without its random init on the meta device
+    (:func:`~linearize.layers.meta.building_on_meta`)."""
+    if building_on_meta():
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
 
 
 def _norm(config: ModelConfig) -> nn.Module:
@@ -163,13 +172,14 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config = config.validate()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         if config.architecture == "gpt2":
-            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.embed_positions = _embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = _norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        if not building_on_meta():  # (a skeleton the loader fills)
+            self.apply(self._init_weights)
         self.tie_weights()
         self.tokenizer = None
         # Set by models.quantize when the weights are quantized (a QuantConfig).

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig
-from peft.tuners.lora import LoraModel
 from torch import Tensor, nn
 
 from linearize.models.convert import is_new_parameter
 from linearize.models.decoder import Decoder, ModelState
 from linearize.train.losses import next_token_nll
+
+if TYPE_CHECKING:  # (peft imports transformers' model classes: ~1.6 s, paid when LoRA is used)
+    from peft.tuners.lora import LoraModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ LORA_FULL_MODULES = (nn.Embedding, nn.RMSNorm, nn.LayerNorm)
 def add_lora(model: Decoder, r: int = 8, alpha: float = 16.0) -> LoraModel:
     """Inject LoRA adapters (rank ``r``, scale ``alpha / r``, B = 0 so the model is unchanged)
     into every q/k/v/o projection of ``model``, in place; return peft's handle for merging."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0, bias="none"
     )
