@@ -143,11 +143,13 @@ def test_from_config_builds_our_model(exported):
 
 def test_import_leaves_the_model_classes_for_later():
     """``import linearize`` registers with the Auto classes without importing transformers'
-    model classes or peft (~2 s of every command): they come with their first use."""
+    model classes or peft (~2 s of every command), and the CLI's parser imports neither them
+    nor the server's web stack: they come with their first use."""
     import subprocess
     import sys
 
     heavy = ["transformers.modeling_utils", "transformers.generation.utils", "peft"]
+    heavy += ["fastapi", "httpx"]  # (the server and its benchmark: imported by their commands)
     code = (
         "import sys, linearize\n"
         "from linearize.cli import build_parser\n"

@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from linearize.config import Config, option
 from linearize.engine import Engine, check_engine
 from linearize.models.quantize import check_quant
@@ -57,6 +55,8 @@ class Server:
         self.log = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log)
         self.url = f"http://127.0.0.1:{port}"
+        import httpx  # (here: the CLI's parser imports this module for every command)
+
         self.http = httpx.Client(base_url=self.url, timeout=3600)
         deadline = time.monotonic() + 600
         while True:
@@ -117,6 +117,8 @@ def streams(server: Server, n: int, max_tokens: int, prompt_tokens: int) -> dict
         results[i] = server.stream(body)
 
     def watch() -> None:
+        import httpx
+
         with httpx.Client(base_url=server.url) as http:
             while not done.wait(0.2):
                 health = http.get("/health").json()
