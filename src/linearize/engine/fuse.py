@@ -3,9 +3,8 @@
 q, k, v read the same normed token, and so do an MLP's gate and up projections: one matmul with
 the weights stacked along the output reads the input once, quantizes its activations once (the
 4-bit ``MatMulNBits`` arithmetic) and, with Q4_1's float zero points, shares the group sums of
-the offset term, and the
-graph has a third as many nodes for them. The stacked weights are the very codes / values of
-the parts, so the fused output is the parts' outputs concatenated.
+the offset term, and the graph has a third as many nodes for them. The stacked weights are the
+very codes / values of the parts, so the fused output is the parts' outputs concatenated.
 """
 
 from __future__ import annotations

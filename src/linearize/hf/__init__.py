@@ -47,15 +47,11 @@ class _LinearizeForCausalLM:
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
-        from linearize.hf.modeling_linearize import LinearizeForCausalLM
-
-        return LinearizeForCausalLM.from_pretrained(*args, **kwargs)
+        return __getattr__("LinearizeForCausalLM").from_pretrained(*args, **kwargs)
 
     @classmethod
     def _from_config(cls, *args: Any, **kwargs: Any):
-        from linearize.hf.modeling_linearize import LinearizeForCausalLM
-
-        return LinearizeForCausalLM._from_config(*args, **kwargs)
+        return __getattr__("LinearizeForCausalLM")._from_config(*args, **kwargs)
 
 
 # (transformers names a registered class by __name__, e.g. a pipeline checking the model type.)

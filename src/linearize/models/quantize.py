@@ -396,15 +396,10 @@ def choose_zero_points(model: Decoder, config: QuantConfig) -> str:
     on_grid = []
     for _, _, linear in _linears(model):
         w = linear.weight.detach().float()
-        N, K = w.shape
-        if K % config.group_size:
-            continue
-        groups = w.reshape(N, K // config.group_size, config.group_size)
         error = {}
         for grid in ("float", "integer"):
-            scale, _, base = group_grid(groups, 4, grid)
-            codes = encode(groups, scale[..., None], base[..., None], 4)
-            error[grid] = float((codes * scale[..., None] + base[..., None] - groups).norm())
+            coded = quantize_weight(w, dataclasses.replace(config, zero_points=grid))
+            error[grid] = float((dequantize(*coded, 4) - w).norm())
         on_grid.append(error["float"] < ON_GRID * error["integer"])
     return "float" if on_grid and sum(on_grid) > len(on_grid) / 2 else "integer"
 
@@ -429,11 +424,9 @@ def _export_zero_points(
             raise ValueError(f"8-bit zero points must all be 128, got values in {np.unique(z)}")
         return None, None
     if whole_zero_points(zero, bits):
-        codes = z.astype(np.uint8)
-        if codes.shape[1] % 2:
-            codes = np.pad(codes, ((0, 0), (0, 1)))
-        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        return torch.from_numpy(np.ascontiguousarray(packed.reshape(-1))), None
+        codes = torch.from_numpy(z.astype(np.uint8))
+        codes = F.pad(codes, (0, codes.shape[1] % 2))  # (pack takes pairs)
+        return pack(codes, 4).reshape(-1), None
     offset_t = np.ascontiguousarray(((8 - z) * scale.detach().float().cpu().numpy()).T)
     return None, torch.from_numpy(offset_t.astype(np.float32))
 
