@@ -138,6 +138,25 @@ def test_micro_batches_do_not_change_the_update(tmp_path):
         torch.testing.assert_close(runs[1][name], value, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_the_seed_alone_sets_lora_adapters(tmp_path):
+    """The trained model depends on TrainConfig.seed, not on what the process drew before."""
+
+    def fit(seed: int, draws: int):
+        config = tiny_config(lora=True, seed=seed, tokens=2 * 32 * 4)
+        model = tiny_model()
+        torch.rand(draws)  # randomness drawn elsewhere in the process
+        state = torch.random.get_rng_state()
+        trained = Trainer(model, config, tokens()).fit().model.state_dict()
+        # Seeding the adapters leaves the caller's random state where it was.
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return trained
+
+    first, second, other = fit(0, 1), fit(0, 1000), fit(1, 1)
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(other[name], value) for name, value in first.items())
+
+
 @pytest.mark.parametrize("form", ["parallel", "chunk"])
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_update(tmp_path, form):
     runs, calls = [], []

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from linearize.models.convert import is_new_parameter
@@ -29,16 +30,24 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_FULL_MODULES = (nn.Embedding, nn.RMSNorm, nn.LayerNorm)
 
 
-def add_lora(model: Decoder, r: int = 8, alpha: float = 16.0) -> LoraModel:
+def add_lora(model: Decoder, r: int = 8, alpha: float = 16.0, seed: int | None = None) -> LoraModel:
     """Inject LoRA adapters (rank ``r``, scale ``alpha / r``, B = 0 so the model is unchanged)
-    into every q/k/v/o projection of ``model``, in place; return peft's handle for merging."""
+    into every q/k/v/o projection of ``model``, in place; return peft's handle for merging.
+
+    With a ``seed``, the adapters' random A matrices come from that seed alone (peft draws them
+    on the CPU generator, which is restored afterwards), so a training run does not depend on
+    what the process drew before; without one, from torch's global random state."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
     config = LoraConfig(
         r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0, bias="none"
     )
-    return LoraModel(model, config, "default")
+    if seed is None:
+        return LoraModel(model, config, "default")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return LoraModel(model, config, "default")
 
 
 def merge_lora(handle: LoraModel) -> Decoder:

@@ -82,7 +82,7 @@ def setup_finetune(
 
     ``prepare(model, params) -> params`` lets the distributed strategy wrap the model (FSDP
     shards it; its parameters are then new objects)."""
-    lora = add_lora(model, config.lora_r, config.lora_alpha) if config.lora else None
+    lora = add_lora(model, config.lora_r, config.lora_alpha, config.seed) if config.lora else None
     params = prepare(model, finetune_parameters(model, lora=config.lora))
     loss = functools.partial(
         finetune_loss,
