@@ -204,6 +204,20 @@ def test_linearize_keeps_pretrained_weights_and_zero_inits_new_parts():
     assert all(float(after[n].abs().sum()) == 0 for n in zeroed)
 
 
+@pytest.mark.parametrize("name", CAUSAL)
+def test_linearize_draws_nothing_from_the_process(name):
+    """A conversion's new values are the same whatever the process drew before."""
+    base = Decoder(tiny_config())
+    converted = []
+    for draws in (1, 1000):
+        model = Decoder(tiny_config())
+        model.load_state_dict(base.state_dict())
+        torch.rand(draws)
+        converted.append(linearize(model, {"name": name}).state_dict())
+    for key, value in converted[0].items():
+        assert torch.equal(converted[1][key], value), key
+
+
 def test_linearize_keep_trained_leaves_layers_already_linearized():
     model = linearize(Decoder(tiny_config()), {"name": "augmented", "size": 8}, layers=[0])
     with torch.no_grad():
