@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from linearize.bench import llama_cpp
 from linearize.cli import main
 from linearize.models.decoder import PREFILL_SEGMENT
 from tests.engine.conftest import engine_model
@@ -234,6 +235,63 @@ def test_bench_decode_isolated_runs_take_turns_by_context(saved, tmp_path):
     # Each row's peak is its own process's: the peer's 256 MB show in its row only.
     assert rows[2].peak_rss_bytes > rows[0].peak_rss_bytes + (200 << 20)
     assert rows[1].peak_rss_bytes < rows[2].peak_rss_bytes - (200 << 20)
+
+
+def _timed_prefill(label: str, context: int, held_mb: int) -> dict:
+    """A peer's prefill (module level: it runs in a fresh process), holding ``held_mb`` MB."""
+    held = bytearray(b"x" * (held_mb << 20))
+    return {
+        "seconds": context / 1000,
+        "state_bytes": 2 * context,
+        "activation_bytes": len(held),
+        "quant": "gguf",
+        "engine": label,
+    }
+
+
+class _PrefillPeer:
+    label = "peer"
+
+    def prefill(self, context: int):
+        return _timed_prefill, (self.label, context, 256)
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "one-process"])
+def test_bench_prefill_peers_run_after_each_contexts_models(saved, isolate):
+    from linearize.bench import speed
+
+    spec = speed.ModelSpec(str(saved))
+    seen = []
+    rows = speed.bench_prefill(
+        [spec], (24, 40), isolate=isolate, peers=[_PrefillPeer()], progress=seen.append
+    )
+    assert [(r.model, r.context, r.engine) for r in rows] == [
+        (str(saved), 24, "torch"),
+        (str(saved), 40, "torch"),
+        ("peer", 24, "peer"),
+        ("peer", 40, "peer"),
+    ]
+    assert seen == [f"prefill {saved} @ 24", "prefill peer @ 24"] + [
+        f"prefill {saved} @ 40",
+        "prefill peer @ 40",
+    ]
+    peer = rows[2]
+    assert (peer.seconds, peer.tokens_per_s, peer.state_bytes) == (0.024, 1000.0, 48)
+    assert peer.quant == "gguf" and peer.activation_bytes == 256 << 20
+    if isolate:  # each row's peak is its own process's: the peer's 256 MB in its rows only
+        assert rows[2].peak_rss_bytes > rows[0].peak_rss_bytes + (200 << 20)
+
+
+@pytest.mark.skipif(not llama_cpp.available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_times_a_prefill_of_its_gguf():
+    from linearize.models.checkpoint import smollm2_gguf_path
+
+    peer = llama_cpp.LlamaCppPeer(smollm2_gguf_path(), "llama.cpp", threads=1)
+    work, args = peer.prefill(96)
+    result = work(*args)
+    assert result["seconds"] > 0 and result["activation_bytes"] >= 0
+    assert result["state_bytes"] == 96 * peer.kv_per_token
+    assert (result["quant"], result["engine"]) == ("gguf", "llama.cpp")
 
 
 def test_bench_decode_refuses_runs_that_do_not_fit_together(saved, monkeypatch):

@@ -372,26 +372,31 @@ def test_eval_ppl_on_the_onnx_engine(tiny_dirs, capsys):
         assert math.isclose(a["ppl"], b["ppl"], rel_tol=0.05)
 
 
-def test_bench_decode_llama_cpp_on_says_how_to_install_it(tiny_dirs, capsys, monkeypatch):
+LLAMA_CPP_RUNS = {"decode": ["--steps", "2"], "prefill": []}
+
+
+@pytest.mark.parametrize("kind", LLAMA_CPP_RUNS)
+def test_bench_llama_cpp_on_says_how_to_install_it(tiny_dirs, capsys, monkeypatch, kind):
     from linearize.bench import llama_cpp
 
     monkeypatch.setattr(llama_cpp, "available", lambda: False)
-    argv = ["bench", "decode", "--model", tiny_dirs["augmented"], "--contexts", "32"]
-    assert main([*argv, "--steps", "2", "--llama-cpp", "on"]) == 2
+    argv = ["bench", kind, "--model", tiny_dirs["augmented"], "--contexts", "32"]
+    assert main([*argv, *LLAMA_CPP_RUNS[kind], "--llama-cpp", "on"]) == 2
     assert "pip install 'linearize[llama-cpp]'" in capsys.readouterr().err
 
 
-def test_bench_decode_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", LLAMA_CPP_RUNS)
+def test_bench_llama_cpp_on_needs_a_gguf(tiny_dirs, capsys, tmp_path, monkeypatch, kind):
     from linearize.bench import llama_cpp
 
     monkeypatch.setattr(llama_cpp, "available", lambda: True)
-    argv = ["bench", "decode", "--model", tiny_dirs["augmented"], "--contexts", "32"]
-    argv += ["--steps", "2", "--llama-cpp", "on", "--out", str(tmp_path)]
+    argv = ["bench", kind, "--model", tiny_dirs["augmented"], "--contexts", "32"]
+    argv += [*LLAMA_CPP_RUNS[kind], "--llama-cpp", "on", "--out", str(tmp_path)]
     # Refused before measuring: a saved directory has no GGUF for llama.cpp to run.
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "has no GGUF" in err and "add --model smollm2-135m" in err
-    assert not (tmp_path / "decode.json").exists()
+    assert not (tmp_path / f"{kind}.json").exists()
 
 
 def test_eval_ppl_buckets_by_position_in_windows_and_a_short_text_names_them(

@@ -1,10 +1,13 @@
-"""llama.cpp as the C++ CPU reference peer for ``bench decode`` (optional: ``llama-cpp-python``).
+"""llama.cpp as the C++ CPU reference peer for ``bench decode`` and ``bench prefill`` (optional:
+``llama-cpp-python``).
 
 It is a source build, so it is never a dependency: the peer runs when ``llama_cpp`` imports. The
-protocol is ours (:mod:`linearize.bench.speed`): prefill ``C − warmup − steps`` random tokens,
-then time greedy one-token steps (``eval`` + argmax over the logits) ending at context ``C``,
-taking turns with our runs at the same context, each in a fresh process (or all in ours:
-``--no-isolate``).
+protocols are ours (:mod:`linearize.bench.speed`). Decode: prefill ``C − warmup − steps`` random
+tokens, then time greedy one-token steps (``eval`` + argmax over the logits) ending at context
+``C``, taking turns with our runs at the same context, each in a fresh process (or all in ours:
+``--no-isolate``). Prefill: after an untimed prompt of :data:`PREFILL_WARM` tokens, time one
+``eval`` of ``C`` random tokens (in batches of :data:`N_BATCH`, on the same threads as ours) and
+the argmax of the last one's logits, in a fresh process after our models' runs at ``C``.
 ``state_bytes`` is llama.cpp's KV cache for the ``C`` tokens (f16 keys and values, its
 default), computed from the GGUF metadata.
 """
@@ -18,11 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from linearize.bench.memory import RssSampler, current_rss_bytes
 from linearize.bench.speed import DecodeRow, decode_row
 
 logger = logging.getLogger(__name__)
 
 KV_BYTES = 2  # f16 cache entries
+N_BATCH = 512  # tokens per llama_decode call (llama-cpp-python's default)
+PREFILL_WARM = 64  # untimed prompt tokens before a timed prefill (ours: one chunk)
 
 
 def available() -> bool:
@@ -65,7 +71,7 @@ class LlamaDecoding:
             n_ctx=context,
             n_threads=threads,
             n_threads_batch=max(threads, os.cpu_count() or 1),
-            n_batch=512,
+            n_batch=N_BATCH,
             verbose=False,
         )
         vocab = self.llm.n_vocab()
@@ -88,9 +94,45 @@ class LlamaDecoding:
         return {"times": self.times}
 
 
+def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> dict[str, Any]:
+    """Seconds for llama.cpp to read a prompt of ``context`` random tokens on ``threads``
+    threads (then the argmax of the last token's logits), the KV cache bytes and the RSS the pass
+    added (:func:`linearize.bench.speed.time_prefill`'s keys)."""
+    import numpy as np
+    from llama_cpp import Llama, llama_get_logits_ith
+
+    llm = Llama(
+        model_path=path,
+        n_ctx=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=N_BATCH,
+        verbose=False,
+    )
+    vocab = llm.n_vocab()
+    ids = np.random.default_rng(0).integers(0, vocab, context).tolist()
+    llm.eval(ids[:PREFILL_WARM])
+    llm.reset()
+    before = current_rss_bytes()
+    with RssSampler() as sampler:
+        start = time.perf_counter()
+        llm.eval(ids)
+        np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax()
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "state_bytes": kv_per_token * context,
+        "activation_bytes": max(0, sampler.peak - before),
+        "quant": "gguf",
+        "engine": "llama.cpp",
+    }
+
+
 class LlamaCppPeer:
-    """llama.cpp on the GGUF ``path`` as a :class:`linearize.bench.speed.Peer` of
-    ``bench decode``: rows labelled ``label``, quant ``gguf``, engine ``llama.cpp``."""
+    """llama.cpp on the GGUF ``path`` as a peer of ``bench decode``
+    (:class:`linearize.bench.speed.Peer`) and ``bench prefill``
+    (:class:`~linearize.bench.speed.PrefillPeer`): rows labelled ``label``, quant ``gguf``,
+    engine ``llama.cpp``."""
 
     def __init__(self, path: str | Path, label: str, threads: int) -> None:
         if not available():
@@ -108,6 +150,11 @@ class LlamaCppPeer:
 
     def run(self, context: int, span: int) -> tuple[type[LlamaDecoding], tuple[Any, ...]]:
         return LlamaDecoding, (self.path, context, span, self.threads)
+
+    def prefill(self, context: int) -> tuple[Any, tuple[Any, ...]]:
+        """The prefill of ``context`` tokens (any length: past the trained context the compute
+        is the same, as for our softmax models)."""
+        return time_prefill, (self.path, context, self.threads, self.kv_per_token)
 
     def row(self, context: int, result: dict[str, Any] | None, peak: int | None) -> DecodeRow:
         if result is None:

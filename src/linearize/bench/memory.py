@@ -16,6 +16,7 @@ import platform
 import queue as queue_module
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +144,28 @@ def _child(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         queue.put(("ok", result, peak_rss_bytes()))
     except BaseException as e:  # report every failure to the parent, then exit
         queue.put(("error", f"{type(e).__name__}: {e}", peak_rss_bytes()))
+
+
+class RssSampler:
+    """The highest RSS seen while the block runs (a thread polls /proc every ``period`` s)."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period, self.peak = period, current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
 
 
 def run_isolated(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from linearize.bench.memory import (
+    RssSampler,
     available_memory_bytes,
     current_rss_bytes,
     format_bytes,
@@ -413,28 +413,6 @@ def time_decode(
     return time_decodes([(model, context, engine)], steps, warmup)[0]
 
 
-class _RssSampler:
-    """The highest RSS seen while the block runs (a thread polls /proc every ``period`` s)."""
-
-    def __init__(self, period: float = 0.005) -> None:
-        self.period, self.peak = period, current_rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, current_rss_bytes())
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss_bytes())
-
-
 @torch.no_grad()
 def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[str, Any]:
     """Seconds to prefill ``context`` tokens as ``generate`` does (the PyTorch reference:
@@ -456,7 +434,7 @@ def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[st
         fast.prefill(_random_ids(model, warm, seed=1)[0].tolist())
     ids = _random_ids(model, context)
     before = current_rss_bytes()
-    with _RssSampler() as sampler:
+    with RssSampler() as sampler:
         start = time.perf_counter()
         if fast is None:
             last, state = model.prefill(ids)
@@ -653,6 +631,33 @@ def decode_row(label: str, context: int, result: dict[str, Any], peak: int) -> D
     )
 
 
+class PrefillPeer(Protocol):
+    """Another tool timed beside our models in ``bench prefill`` (llama.cpp): ``prefill(context)``
+    gives a module-level function and its arguments, whose call (in a fresh process unless
+    ``isolate=False``) returns ``seconds``, ``state_bytes``, ``activation_bytes``, ``quant`` and
+    ``engine`` for a prompt of ``context`` tokens, as :func:`time_prefill` does."""
+
+    label: str
+
+    def prefill(self, context: int) -> tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]: ...
+
+
+def prefill_row(label: str, context: int, result: dict[str, Any], peak: int) -> PrefillRow:
+    """The row of a timed prefill (:func:`time_prefill`'s result, or a peer's)."""
+    seconds = result["seconds"]
+    return PrefillRow(
+        label,
+        context,
+        seconds,
+        context / seconds,
+        result["state_bytes"],
+        peak,
+        result["activation_bytes"],
+        result["quant"],
+        result["engine"],
+    )
+
+
 def bench_prefill(
     specs: list[ModelSpec],
     contexts: tuple[int, ...] = DEFAULT_PREFILL_CONTEXTS,
@@ -660,27 +665,25 @@ def bench_prefill(
     isolate: bool = True,
     progress: Progress | None = None,
     on_model: OnModel | None = None,
+    peers: Sequence[PrefillPeer] = (),
 ) -> list[PrefillRow]:
-    """One :class:`PrefillRow` per (model, context), ordered by model then context. Softmax
-    models are timed past their trained positions too: the compute does not depend on what the
-    positions mean."""
+    """One :class:`PrefillRow` per (model, context), ordered by model then context, then the
+    ``peers``' rows (each context's peer runs right after its models'). Softmax models are
+    timed past their trained positions too: the compute does not depend on what the positions
+    mean."""
     _check_contexts(contexts, minimum=1)
     rows = []
     for i, spec, model, context in _grid("prefill", specs, contexts, progress, on_model):
         result, peak = _measure_prefill(spec, context, None if isolate else model)
-        seconds = result["seconds"]
-        row = PrefillRow(
-            spec.label,
-            context,
-            seconds,
-            context / seconds,
-            result["state_bytes"],
-            peak,
-            result["activation_bytes"],
-            result["quant"],
-            result["engine"],
-        )
-        rows.append((i, row))
+        rows.append((i, prefill_row(spec.label, context, result, peak)))
+        if i < len(specs) - 1:
+            continue
+        for j, peer in enumerate(peers, start=len(specs)):
+            if progress is not None:
+                progress(f"prefill {peer.label} @ {context}")
+            work, args = peer.prefill(context)
+            result, peak = run_isolated(work, *args) if isolate else (work(*args), peak_rss_bytes())
+            rows.append((j, prefill_row(peer.label, context, result, peak)))
     return [row for _, row in sorted(rows, key=lambda ir: (ir[0], ir[1].context))]
 
 

@@ -62,17 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "slower for a few dozen steps: use ~128 to time the steady step)",
     )
     _weights_and_engine(decode)
-    decode.add_argument(
-        "--llama-cpp",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="also run llama.cpp on the same GGUF (auto: when llama-cpp-python is installed)",
-    )
+    _llama_cpp_argument(decode)
     decode.set_defaults(func=run_decode, name="decode")
 
     prefill = sub.add_parser("prefill", help="prefill latency and peak memory by length")
     _common(prefill, speed.DEFAULT_PREFILL_CONTEXTS)
     _weights_and_engine(prefill)
+    _llama_cpp_argument(prefill)
     prefill.set_defaults(func=run_prefill, name="prefill")
 
     spec = sub.add_parser("speculative", help="speculative decoding speed (Table 8 protocol)")
@@ -290,6 +286,15 @@ def _emit(
     print(f"saved {path} (+ .md, .png)", file=stream)
 
 
+def _llama_cpp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--llama-cpp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run llama.cpp on the same GGUF (auto: when llama-cpp-python is installed)",
+    )
+
+
 def _gguf_for(source: str):
     from pathlib import Path
 
@@ -332,13 +337,15 @@ def _llama_cpp_peers(ggufs: list, models: dict[str, Any]) -> list[llama_cpp.Llam
     peers = []
     for gguf in ggufs:
         label = f"llama.cpp:{gguf.name}"
+        peer = llama_cpp.LlamaCppPeer(gguf, label, torch.get_num_threads())
         models[label] = {
             "family": "llama.cpp",
             "attention": "softmax",
             "gguf": str(gguf),
             "weight_bytes": gguf.stat().st_size,
+            "max_position_embeddings": peer.max_context,
         }
-        peers.append(llama_cpp.LlamaCppPeer(gguf, label, torch.get_num_threads()))
+        peers.append(peer)
     return peers
 
 
@@ -408,6 +415,7 @@ def _bound_notes(
 
 def run_prefill(args: argparse.Namespace) -> int:
     _set_threads(args)
+    ggufs = _llama_cpp_ggufs(args)  # a bad --llama-cpp fails before minutes of measuring
     models: dict[str, Any] = {}
     record = lambda spec, model: models.__setitem__(spec.label, speed.describe(model))
     rows = speed.bench_prefill(
@@ -416,6 +424,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         isolate=not args.no_isolate,
         progress=_progress,
         on_model=record,
+        peers=_llama_cpp_peers(ggufs, models),
     )
     notes = [
         f"{r.model} @ {r.context}: past its max_position_embeddings "
