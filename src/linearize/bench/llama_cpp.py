@@ -57,6 +57,21 @@ def gguf_info(path: str | Path) -> dict[str, int]:
     }
 
 
+def _llama(path: str, context: int, threads: int, batch_threads: int):
+    """llama.cpp's model and context for ``context`` tokens: one token at a time on ``threads``,
+    prompts in batches of :data:`N_BATCH` on ``batch_threads``."""
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=path,
+        n_ctx=context,
+        n_threads=threads,
+        n_threads_batch=batch_threads,
+        n_batch=N_BATCH,
+        verbose=False,
+    )
+
+
 class LlamaDecoding:
     """A llama.cpp decode run on the GGUF ``path`` (:class:`linearize.bench.speed.Decoding`):
     ``context − span`` random tokens evaluated (on every core: not timed), then one ``eval`` +
@@ -64,16 +79,9 @@ class LlamaDecoding:
 
     def __init__(self, path: str, context: int, span: int, threads: int) -> None:
         import numpy as np
-        from llama_cpp import Llama, llama_get_logits_ith
+        from llama_cpp import llama_get_logits_ith
 
-        self.llm = Llama(
-            model_path=path,
-            n_ctx=context,
-            n_threads=threads,
-            n_threads_batch=max(threads, os.cpu_count() or 1),
-            n_batch=N_BATCH,
-            verbose=False,
-        )
+        self.llm = _llama(path, context, threads, max(threads, os.cpu_count() or 1))
         vocab = self.llm.n_vocab()
         self._logits = lambda: np.ctypeslib.as_array(
             llama_get_logits_ith(self.llm.ctx, -1), shape=(vocab,)
@@ -99,16 +107,9 @@ def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> di
     threads (then the argmax of the last token's logits), the KV cache bytes and the RSS the pass
     added (:func:`linearize.bench.speed.time_prefill`'s keys)."""
     import numpy as np
-    from llama_cpp import Llama, llama_get_logits_ith
+    from llama_cpp import llama_get_logits_ith
 
-    llm = Llama(
-        model_path=path,
-        n_ctx=context,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=N_BATCH,
-        verbose=False,
-    )
+    llm = _llama(path, context, threads, threads)
     vocab = llm.n_vocab()
     ids = np.random.default_rng(0).integers(0, vocab, context).tolist()
     llm.eval(ids[:PREFILL_WARM])
