@@ -17,7 +17,7 @@ its own (:class:`IsolatedDecoding`), then they step in turns, the others waiting
 (``isolate=False``) every run of every context is prefilled first, then all take turns, holding
 all their states at once. Every run of ours is checked against the memory before the first
 measurement, and so is every group of them held at once. Prefill rows run one after another,
-the models taking turns at each context.
+the models taking turns at each context, each peer's (llama.cpp) after them.
 """
 
 from __future__ import annotations
