@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linearize.bench.memory import RssSampler, current_rss_bytes
+from linearize.bench.memory import RssSampler
 from linearize.bench.speed import DecodeRow, decode_row
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,6 @@ def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> di
     ids = np.random.default_rng(0).integers(0, vocab, context).tolist()
     llm.eval(ids[:PREFILL_WARM])
     llm.reset()
-    before = current_rss_bytes()
     with RssSampler() as sampler:
         start = time.perf_counter()
         llm.eval(ids)
@@ -123,7 +122,7 @@ def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> di
     return {
         "seconds": seconds,
         "state_bytes": kv_per_token * context,
-        "activation_bytes": max(0, sampler.peak - before),
+        "activation_bytes": sampler.added,
         "quant": "gguf",
         "engine": "llama.cpp",
     }

@@ -147,10 +147,12 @@ def _child(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
 
 
 class RssSampler:
-    """The highest RSS seen while the block runs (a thread polls /proc every ``period`` s)."""
+    """The highest RSS seen while the block runs (a thread polls /proc every ``period`` s), and
+    ``added``, how far it rose over the RSS the block started from."""
 
     def __init__(self, period: float = 0.005) -> None:
         self.period, self.peak = period, current_rss_bytes()
+        self.start = self.peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -166,6 +168,10 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, current_rss_bytes())
+
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.start)
 
 
 def run_isolated(

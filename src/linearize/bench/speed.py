@@ -36,7 +36,6 @@ import torch
 from linearize.bench.memory import (
     RssSampler,
     available_memory_bytes,
-    current_rss_bytes,
     format_bytes,
     peak_rss_bytes,
     run_isolated,
@@ -433,7 +432,6 @@ def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[st
         warm = PREFILL_CHUNK + context % PREFILL_CHUNK if context >= PREFILL_CHUNK else context
         fast.prefill(_random_ids(model, warm, seed=1)[0].tolist())
     ids = _random_ids(model, context)
-    before = current_rss_bytes()
     with RssSampler() as sampler:
         start = time.perf_counter()
         if fast is None:
@@ -445,7 +443,7 @@ def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[st
     return {
         "seconds": seconds,
         "state_bytes": state.nbytes() if fast is None else fast.nbytes(),
-        "activation_bytes": max(0, sampler.peak - before),
+        "activation_bytes": sampler.added,
         "engine": name,
         "quant": _quant(model),
     }
