@@ -163,6 +163,27 @@ def test_training_learns_and_reports_accuracies():
     assert len(heads.rank_accuracy[0]) == config.top_k
 
 
+def test_the_seed_alone_sets_trained_heads():
+    """Fresh heads and the data's order come from the config's seed, not from what the process
+    drew before; the caller's random state is left as it was."""
+    model = tiny_model("softmax").float()
+    corpus = torch.randint(0, 128, (512,), generator=torch.Generator().manual_seed(2))
+
+    def train(seed: int, drawn: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(123)
+        torch.rand(drawn)
+        before = torch.get_rng_state()
+        config = MedusaTrainConfig(num_heads=2, tokens=256, block_size=64, batch_size=4, seed=seed)
+        heads = train_medusa(model, corpus, config)
+        assert torch.equal(torch.get_rng_state(), before)
+        return {k: v.clone() for k, v in heads.state_dict().items()}
+
+    first, second, other = train(0, 1), train(0, 1000), train(1, 1)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_model_labels_with_shared_projection(tmp_path):
     model = tiny_model("hybrid").float()
     lm_head = model.lm_head.weight.clone()

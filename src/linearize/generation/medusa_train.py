@@ -144,9 +144,23 @@ def train_medusa(
     progress: Progress | None = None,
 ) -> MedusaHeads:
     """Train (fresh or given) heads on ``tokens: [T]`` with ``model`` frozen; when ``held_out``
-    is given, measure them (``heads.metrics``, ``heads.rank_accuracy``)."""
+    is given, measure them (``heads.metrics``, ``heads.rank_accuracy``). Everything drawn at
+    random (fresh heads, the data's order) comes from ``config.seed`` alone; the caller's
+    random state is left as it was."""
     config = (config or MedusaTrainConfig()).validate()
-    torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(config.seed)
+        return _train_medusa(model, tokens, config, heads, held_out, progress)
+
+
+def _train_medusa(
+    model: Decoder,
+    tokens: Tensor,
+    config: MedusaTrainConfig,
+    heads: MedusaHeads | None,
+    held_out: Tensor | None,
+    progress: Progress | None,
+) -> MedusaHeads:
     if heads is None:
         heads = MedusaHeads.from_model(
             model, config.num_heads, config.num_blocks, shared_proj=config.shared_proj
