@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ def _llama(path: str, context: int, threads: int, batch_threads: int):
     )
 
 
+def _logits(llm) -> Callable[[], Any]:
+    """A call that reads the last evaluated token's logits ``[vocab]`` from ``llm`` (a view of
+    llama.cpp's buffer, made once: the timed steps only call it)."""
+    import numpy as np
+    from llama_cpp import llama_get_logits_ith
+
+    vocab = llm.n_vocab()
+    return lambda: np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
+
 class LlamaDecoding:
     """A llama.cpp decode run on the GGUF ``path`` (:class:`linearize.bench.speed.Decoding`):
     ``context − span`` random tokens evaluated (on every core: not timed), then one ``eval`` +
@@ -79,14 +90,10 @@ class LlamaDecoding:
 
     def __init__(self, path: str, context: int, span: int, threads: int) -> None:
         import numpy as np
-        from llama_cpp import llama_get_logits_ith
 
         self.llm = _llama(path, context, threads, max(threads, os.cpu_count() or 1))
-        vocab = self.llm.n_vocab()
-        self._logits = lambda: np.ctypeslib.as_array(
-            llama_get_logits_ith(self.llm.ctx, -1), shape=(vocab,)
-        )
-        prompt = np.random.default_rng(0).integers(0, vocab, context - span)
+        self._logits = _logits(self.llm)
+        prompt = np.random.default_rng(0).integers(0, self.llm.n_vocab(), context - span)
         self.llm.eval(prompt.tolist())
         self.token = int(self._logits().argmax())
         self.times: list[float] = []
@@ -107,17 +114,16 @@ def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> di
     threads (then the argmax of the last token's logits), the KV cache bytes and the RSS the pass
     added (:func:`linearize.bench.speed.time_prefill`'s keys)."""
     import numpy as np
-    from llama_cpp import llama_get_logits_ith
 
     llm = _llama(path, context, threads, threads)
-    vocab = llm.n_vocab()
-    ids = np.random.default_rng(0).integers(0, vocab, context).tolist()
+    logits = _logits(llm)
+    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context).tolist()
     llm.eval(ids[:PREFILL_WARM])
     llm.reset()
     with RssSampler() as sampler:
         start = time.perf_counter()
         llm.eval(ids)
-        np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax()
+        logits().argmax()
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,

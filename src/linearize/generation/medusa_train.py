@@ -32,6 +32,7 @@ from linearize.generation.batch import generate_batch
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import MedusaHeads
 from linearize.models.decoder import Decoder
+from linearize.seeding import seeded
 from linearize.train.schedule import WarmupCosine
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,7 @@ def train_medusa(
     random (fresh heads, the data's order) comes from ``config.seed`` alone; the caller's
     random state is left as it was."""
     config = (config or MedusaTrainConfig()).validate()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(config.seed)
+    with seeded(config.seed):
         return _train_medusa(model, tokens, config, heads, held_out, progress)
 
 

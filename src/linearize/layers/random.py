@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from linearize.layers.attention import Attention, build_attention
+from linearize.seeding import seeded
 
 
 def random_layer(
@@ -26,8 +27,7 @@ def random_layer(
     would hide the global part, the convolution and the map's parameters; here they are random.
     The global random state is left untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         layer = build_attention(
             name,
             hidden_size=hidden_size,

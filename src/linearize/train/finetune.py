@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
 from linearize.models.convert import is_new_parameter
 from linearize.models.decoder import Decoder, ModelState
+from linearize.seeding import seeded
 from linearize.train.losses import next_token_nll
 
 if TYPE_CHECKING:  # (peft imports transformers' model classes: ~1.6 s, paid when LoRA is used)
@@ -45,8 +45,7 @@ def add_lora(model: Decoder, r: int = 8, alpha: float = 16.0, seed: int | None =
     )
     if seed is None:
         return LoraModel(model, config, "default")
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with seeded(seed):
         return LoraModel(model, config, "default")
 
 
