@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "linearize"
 LEVEL = {
     "paths": -1,
     "config": -1,
+    "seeding": -1,
     "ops": 0,
     "layers": 1,
     "models": 2,
