@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -292,6 +294,28 @@ def test_llama_cpp_times_a_prefill_of_its_gguf():
     assert result["seconds"] > 0 and result["activation_bytes"] >= 0
     assert result["state_bytes"] == 96 * peer.kv_per_token
     assert (result["quant"], result["engine"]) == ("gguf", "llama.cpp")
+
+
+@pytest.mark.skipif(not llama_cpp.available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_runs_end_without_a_traceback_at_exit():
+    # Left to the garbage collector at interpreter exit, llama-cpp-python's finalizer runs after
+    # its library is unloaded and prints a TypeError traceback into the user's bench output.
+    script = """
+from linearize.bench import llama_cpp
+from linearize.models.checkpoint import smollm2_gguf_path
+path = str(smollm2_gguf_path())
+run = llama_cpp.LlamaDecoding(path, 64, 3, 1)
+for i in range(3):
+    run.step(timed=i > 0)
+assert len(run.result()["times"]) == 2
+assert llama_cpp.time_prefill(path, 32, 1, 1)["seconds"] > 0
+print("done")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_bench_decode_refuses_runs_that_do_not_fit_together(saved, monkeypatch):

@@ -14,6 +14,7 @@ default), computed from the GGUF metadata.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -60,7 +61,9 @@ def gguf_info(path: str | Path) -> dict[str, int]:
 
 def _llama(path: str, context: int, threads: int, batch_threads: int):
     """llama.cpp's model and context for ``context`` tokens: one token at a time on ``threads``,
-    prompts in batches of :data:`N_BATCH` on ``batch_threads``."""
+    prompts in batches of :data:`N_BATCH` on ``batch_threads``. Close it when done: left to the
+    garbage collector at interpreter exit, llama-cpp-python's finalizer runs after its C library
+    is unloaded and prints a ``TypeError`` traceback (llama-cpp-python 0.3.36)."""
     from llama_cpp import Llama
 
     return Llama(
@@ -106,6 +109,8 @@ class LlamaDecoding:
             self.times.append(time.perf_counter() - start)
 
     def result(self) -> dict[str, Any]:
+        """The step times; the run is over, so llama.cpp's model is closed (:func:`_llama`)."""
+        self.llm.close()
         return {"times": self.times}
 
 
@@ -115,16 +120,16 @@ def time_prefill(path: str, context: int, threads: int, kv_per_token: int) -> di
     added (:func:`linearize.bench.speed.time_prefill`'s keys)."""
     import numpy as np
 
-    llm = _llama(path, context, threads, threads)
-    logits = _logits(llm)
-    ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context).tolist()
-    llm.eval(ids[:PREFILL_WARM])
-    llm.reset()
-    with RssSampler() as sampler:
-        start = time.perf_counter()
-        llm.eval(ids)
-        logits().argmax()
-        seconds = time.perf_counter() - start
+    with contextlib.closing(_llama(path, context, threads, threads)) as llm:
+        logits = _logits(llm)
+        ids = np.random.default_rng(0).integers(0, llm.n_vocab(), context).tolist()
+        llm.eval(ids[:PREFILL_WARM])
+        llm.reset()
+        with RssSampler() as sampler:
+            start = time.perf_counter()
+            llm.eval(ids)
+            logits().argmax()
+            seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
         "state_bytes": kv_per_token * context,
