@@ -198,3 +198,59 @@ def test_speculative_benchmark_engine_refusals(tmp_path, capsys):
     argv = ["bench", "speculative", "--model", str(path), "--prompts", "1", "--no-chat"]
     assert main([*argv, "--context", "-1"]) == 2
     assert "--context must be >= 0" in capsys.readouterr().err
+
+
+def test_speculation_timings_are_stored_and_read_back(tmp_path):
+    """A calibration measured on an engine is stored under its key and read back by the next
+    generation (a fresh engine, as in a new process): the planner then uses it without timing
+    (no tree graph loaded); ``refresh`` times again; another key times on its own."""
+    from linearize.generation.calibrations import CalibrationStore
+
+    model = quantize(engine_model("augmented"), "int4")
+    prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
+    config = GenerationConfig(max_new_tokens=NEW, speculative="lookup")
+    store = CalibrationStore(tmp_path / "timings")
+
+    def run(store, threads=1):
+        engine = build_engine("onnx", model, max_context=128, threads=threads, accuracy="fp32")
+        return engine, generate(model, prompt, config, engine=engine, calibrations=store)
+
+    engine, first = run(store)
+    [stored] = (tmp_path / "timings").glob("*.json")
+    assert engine.trees  # timed: tree graphs loaded
+    engine, second = run(store)
+    assert second.calibration == first.calibration and second.token_ids == first.token_ids
+    if not second.plan["nodes"] > 1:
+        assert not engine.trees  # read, not timed: no tree graph loaded for plain decoding
+    # What is stored is what the planner uses: trees made cheap in the file turn speculation on.
+    data = json.loads(stored.read_text())
+    data["calibration"].update(verify={"2": 1e-6, "9": 2e-6}, fast_step=None)
+    stored.write_text(json.dumps(data))
+    _, cheap = run(store)
+    assert cheap.plans[0]["nodes"] > 1 and cheap.calibration.verify == {2: 1e-6, 9: 2e-6}
+    plain = build_engine("onnx", model, max_context=128, threads=1, accuracy="fp32")
+    plain = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=plain)
+    assert cheap.token_ids == plain.token_ids  # speculation stays exact
+    # refresh: timed again and stored over the edited file.
+    _, fresh = run(CalibrationStore(tmp_path / "timings", refresh=True))
+    assert fresh.calibration.verify != {2: 1e-6, 9: 2e-6}
+    assert Calibration.from_dict(json.loads(stored.read_text())["calibration"]) == fresh.calibration
+    # Another thread count is another key: timed, and stored beside the first.
+    run(store, threads=2)
+    assert len(list((tmp_path / "timings").glob("*.json"))) == 2
+
+
+def test_cli_generate_reads_stored_timings(tmp_path, capsys):
+    path = tmp_path / "q4"
+    quantize(engine_model("augmented", text=True), "int4").save(path)
+    argv = ["generate", "--model", str(path), "--prompt", "Hi", "--max-new-tokens", "8"]
+    argv += ["--engine", "onnx", "--speculative", "lookup", "--json"]
+    calibrations = []
+    for extra in ([], [], ["--recalibrate"]):
+        assert main([*argv, *extra]) == 0
+        calibrations.append(json.loads(capsys.readouterr().out)["calibration"])
+    assert len(list((tmp_path / "cache" / "linearize" / "calibrations").glob("*.json"))) == 1
+    assert calibrations[1] == calibrations[0]  # read back
+    assert calibrations[2] != calibrations[0]  # timed again
+    assert main(["generate", "--model", str(path), "--prompt", "Hi", "--recalibrate"]) == 2
+    assert "--recalibrate times speculation" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from linearize.cli.options import (
 from linearize.data import split_tokens
 from linearize.data.corpora import read_utf8
 from linearize.generation.acceptance import list_acceptance_rules
+from linearize.generation.calibrations import CalibrationStore
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import save_with_heads
 from linearize.generation.medusa_train import MedusaTrainConfig
@@ -57,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object, no stream")
     gen.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's; 1 on a busy CPU)"
+    )
+    gen.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="with --speculative on the onnx engine: time plain steps against tree passes "
+        "again instead of using this machine's stored timings (e.g. after its load changed)",
     )
     add_config_arguments(gen, GenerationConfig, choices={"acceptance": list_acceptance_rules()})
     add_attention_arguments(gen, required=False)
@@ -124,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: give some text with --prompt or --prompt-file")
     if args.draft is not None and args.speculative != "draft":
         raise ValueError("--draft is only used with --speculative draft")
+    if args.recalibrate and args.speculative == "none":
+        raise ValueError("--recalibrate times speculation: use it with --speculative")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -145,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         draft=draft,
         on_text=None if args.json else show,
         engine=engine,
+        calibrations=CalibrationStore(refresh=args.recalibrate),
     )
     if args.json:
         print(json.dumps(result.to_dict()))

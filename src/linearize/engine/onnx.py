@@ -336,6 +336,7 @@ class OnnxEngine:
         # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against
         # 11.7 ms: steps keep spinning).
         self.options, self.tree_options = (_options(ort, threads, spin) for spin in (True, False))
+        self.threads = threads
         self.rope = next(
             (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
             None,
@@ -819,6 +820,20 @@ class OnnxEngine:
     def commit(self, path: list[int]) -> None:
         """Append the accepted nodes ``path`` (root→node) of the last :meth:`forward_tree`."""
         self.state.commit_tree([int(p) for p in path], self.nodes)
+
+    def timing_key(self) -> str:
+        """What the time of a step or a tree pass here depends on: the graphs (the model, the
+        arithmetic), the state's reach, the threads and the machine (onnxruntime's version, the
+        CPU's features and cores); speculation's stored timings are keyed by it
+        (:mod:`linearize.generation.calibrations`)."""
+        import onnxruntime as ort
+
+        machine = hashlib.sha256(_cpu_features().encode()).hexdigest()[:12]
+        return (
+            f"{self._graphs[1].format(self.accuracy)} reach={self.state.reach} "
+            f"threads={self.threads} cores={os.cpu_count()} onnxruntime={ort.__version__} "
+            f"cpu={machine}"
+        )
 
     def snapshot(self) -> dict:
         return self.state.snapshot()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from linearize.generation.acceptance import Verification, acceptance_rule
+from linearize.generation.calibrations import CalibrationStore, calibration_key
 from linearize.generation.config import GenerationConfig
 from linearize.generation.medusa import MedusaHeads
 from linearize.generation.planner import (
@@ -218,8 +219,11 @@ class Decoding:
         proposer: Proposer | None,
         calibration: Calibration | None = None,
         engine: Any = None,
+        calibrations: CalibrationStore | None = None,
     ) -> None:
         self.model, self.config, self.proposer = model, config, proposer
+        # Timings kept across processes (an engine's only: the torch path is timed each time).
+        self.calibrations = calibrations
         # A fast engine (linearize.engine) runs plain decoding; None: the model itself.
         self.engine = engine
         self.sampler = Sampler(config.sampling(), device=model.device)
@@ -331,19 +335,27 @@ class Decoding:
                 overhead = lambda: proposer.draft(ids, state=proposer.state)
             else:
                 overhead = lambda: proposer.lookup([*self.history, self.root], 8)
+        # The most tokens a pass can give: a tree's depth + 1 (Medusa: one node per head and
+        # the root; a chain: its nodes), whatever the accuracies turn out to be.
+        ceiling = 1 + len(proposer.heads) if mode == "medusa" else max(sizes)
+        options = {"chain": mode != "medusa", "overhead": overhead, "ceiling": ceiling}
+        store = self.calibrations if self.engine is not None else None
+        if store is not None:
+            key = calibration_key(self.engine, proposer, list(sizes), options["chain"], ceiling)
+            if (stored := store.get(key)) is not None:
+                return stored
         logger.info(
             "timing plain steps against %s verification of %s tokens on this machine (once; "
             "the first time on an engine also builds its tree graphs)",
             mode,
             "/".join(map(str, sizes)),
         )
-        # The most tokens a pass can give: a tree's depth + 1 (Medusa: one node per head and
-        # the root; a chain: its nodes), whatever the accuracies turn out to be.
-        ceiling = 1 + len(proposer.heads) if mode == "medusa" else max(sizes)
-        options = {"chain": mode != "medusa", "overhead": overhead, "ceiling": ceiling}
-        if self.engine is not None:
-            return calibrate_engine(self.engine, self.root, sizes, **options)
-        return calibrate(self.model, self.state, self.root, sizes, **options)
+        if self.engine is None:
+            return calibrate(self.model, self.state, self.root, sizes, **options)
+        calibration = calibrate_engine(self.engine, self.root, sizes, **options)
+        if store is not None:
+            store.put(key, calibration)
+        return calibration
 
     def _use(self, plan) -> None:
         self.setting = plan.setting() if plan.speculating else None
@@ -427,11 +439,14 @@ def iter_generate(
     draft: Decoder | None = None,
     calibration: Calibration | None = None,
     engine: Any = None,
+    calibrations: CalibrationStore | None = None,
 ) -> Generator[str, None, GenerationResult]:
     """Yield text deltas as they are produced; return the :class:`GenerationResult`.
 
     With no tokenizer (tiny test models) nothing is yielded and ``text`` is ``None``.
-    ``engine`` (from :func:`linearize.engine.build_engine`) runs plain decoding fast.
+    ``engine`` (from :func:`linearize.engine.build_engine`) runs plain decoding fast;
+    ``calibrations``: speculation's timings on an engine kept across processes (read, else
+    measured and stored; ``calibration``, when given, is used as it is).
     """
     config = (config or GenerationConfig()).validate()
     prompt_ids = encode_prompt(model.tokenizer, prompt, chat=config.chat)
@@ -440,7 +455,7 @@ def iter_generate(
     config = check_context(model, len(prompt_ids), config)
     proposer = PROPOSERS[config.speculative](model, config, heads, draft)
     output = Output(model, config)
-    decoding = Decoding(model, config, proposer, calibration, engine)
+    decoding = Decoding(model, config, proposer, calibration, engine, calibrations)
     start = time.perf_counter()
     chunk = decoding.prefill(prompt_ids)
     while output.reason is None:
@@ -483,10 +498,19 @@ def generate(
     calibration: Calibration | None = None,
     on_text: Callable[[str], None] | None = None,
     engine: Any = None,
+    calibrations: CalibrationStore | None = None,
 ) -> GenerationResult:
-    """Generate from one prompt (text, or token ids); ``on_text`` receives text deltas."""
+    """Generate from one prompt (text, or token ids); ``on_text`` receives text deltas (the
+    other arguments: :func:`iter_generate`'s)."""
     steps = iter_generate(
-        model, prompt, config, heads=heads, draft=draft, calibration=calibration, engine=engine
+        model,
+        prompt,
+        config,
+        heads=heads,
+        draft=draft,
+        calibration=calibration,
+        engine=engine,
+        calibrations=calibrations,
     )
     while True:
         try:

@@ -39,6 +39,9 @@ from linearize.generation.trees import (
 from linearize.models.decoder import Decoder, ModelState
 from linearize.ops.tree import Tree
 
+# Timed plain steps in an engine's calibration (at least).
+STEP_REPEATS = 5
+
 
 def time_call(fn: Callable[[], object], repeats: int = 3) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
@@ -84,6 +87,22 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        """The calibration :meth:`to_dict` gave (JSON's string keys of ``verify`` read back as
+        tree sizes); a ``ValueError`` for anything else."""
+        verify = {int(n): float(s) for n, s in data["verify"].items()}
+        if not verify or min(verify) < 1 or min(verify.values()) <= 0 or data["step"] <= 0:
+            raise ValueError(f"not a calibration: {data!r}")
+        fast = data.get("fast_step")
+        return cls(
+            step=float(data["step"]),
+            verify=verify,
+            overhead=float(data.get("overhead", 0.0)),
+            context=int(data.get("context", 0)),
+            fast_step=None if fast is None else float(fast),
+        )
 
 
 @dataclass
@@ -327,11 +346,14 @@ def calibrate_engine(
         engine.restore(saved)
 
     cost = time_call(overhead, repeats) if overhead is not None else 0.0
-    one = max(time_call(step, repeats) - undo, 1e-6)
+    # Plain steps are cheap to time and decide the arithmetic plain decoding keeps (a stored
+    # calibration keeps it across processes): a median over more of them.
+    steps = max(repeats, STEP_REPEATS)
+    one = max(time_call(step, steps) - undo, 1e-6)
     fast = None
     if getattr(engine, "accuracy", "int8") != "int8":
         engine.use_step_arithmetic("int8")
-        fast = max(time_call(step, repeats) - undo, 1e-6)
+        fast = max(time_call(step, steps) - undo, 1e-6)
         engine.use_step_arithmetic(None)
     plain = one if fast is None else min(one, fast)
     verify = {}
