@@ -254,3 +254,37 @@ def test_cli_generate_reads_stored_timings(tmp_path, capsys):
     assert calibrations[2] != calibrations[0]  # timed again
     assert main(["generate", "--model", str(path), "--prompt", "Hi", "--recalibrate"]) == 2
     assert "--recalibrate times speculation" in capsys.readouterr().err
+
+
+def test_sampling_between_engine_steps_runs_on_one_torch_thread(monkeypatch):
+    """Plain steps on the engine sample with PyTorch on one thread (its pool would spin on the
+    cores onnxruntime's threads hold); the caller's thread count is back afterwards, and the
+    tokens are the same."""
+    from linearize.engine import one_torch_thread
+    from linearize.generation.sampling import Sampler
+
+    model = quantize(engine_model("augmented"), "int4")
+    engine = build_engine("onnx", model, max_context=128, threads=2, accuracy="int8")
+    prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
+    seen = []
+    probs = Sampler.probs
+
+    def spy(self, logits, history=()):
+        seen.append(torch.get_num_threads())
+        return probs(self, logits, history)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = generate(model, prompt, GenerationConfig(max_new_tokens=8), engine=engine)
+        monkeypatch.setattr(Sampler, "probs", spy)
+        result = generate(model, prompt, GenerationConfig(max_new_tokens=8), engine=engine)
+        assert torch.get_num_threads() == 2
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert result.token_ids == reference.token_ids
+    # The first token is sampled after the prefill (every thread), the others between steps.
+    assert seen[0] == 2 and seen[1:] == [1] * (len(seen) - 1) and len(seen) == 8

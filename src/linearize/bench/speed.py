@@ -40,6 +40,7 @@ from linearize.bench.memory import (
     peak_rss_bytes,
     run_isolated,
 )
+from linearize.engine import one_torch_thread
 from linearize.models.decoder import PREFILL_SEGMENT, Decoder
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ class ModelDecoding:
     def step(self, timed: bool) -> None:
         start = time.perf_counter()
         if self.fast is not None:
-            self.token = int(self.fast.step(self.token).argmax())
+            with one_torch_thread():  # as generate samples between the engine's runs
+                self.token = int(self.fast.step(self.token).argmax())
         else:
             logits, self.state = self.model(self.token, state=self.state, form="recurrent")
             self.token = logits[:, -1].argmax(-1, keepdim=True)

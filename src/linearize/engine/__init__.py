@@ -11,9 +11,13 @@ runs every layer (:func:`supports`: softmax and every linear attention, the defa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from typing import Literal, get_args
+
+import torch
 
 from linearize.models.decoder import Decoder
 
@@ -78,6 +82,22 @@ def build_engine(
     )
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread inside: for its small work between an engine's runs (sampling a
+    token from the logits). onnxruntime's threads keep the cores between runs (they spin), and
+    PyTorch's pool, woken for a reduction over the vocabulary, spins on the same cores after it:
+    on two cores `linearize generate` on the default int4 model decoded at 44–51 tokens/s with
+    both pools against 71–76 with PyTorch on one thread (docs/results.md). PyTorch's thread
+    count is the process's: use it on the thread that runs the model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def context_bucket(tokens: int) -> int:
     """Softmax caches are sized in powers of two (>= 1024), so few graphs are exported."""
     size = 1024
@@ -86,4 +106,12 @@ def context_bucket(tokens: int) -> int:
     return size
 
 
-__all__ = ["ENGINES", "Engine", "build_engine", "check_engine", "context_bucket", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "build_engine",
+    "check_engine",
+    "context_bucket",
+    "one_torch_thread",
+    "resolve_engine",
+]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from linearize.engine import one_torch_thread
 from linearize.generation.acceptance import Verification, acceptance_rule
 from linearize.generation.calibrations import CalibrationStore, calibration_key
 from linearize.generation.config import GenerationConfig
@@ -366,7 +367,8 @@ class Decoding:
         """Feed the root, emit the next token(s)."""
         if self.setting is None:
             if self.engine is not None:
-                return self.advance(self.engine.step(self.root), None)
+                with one_torch_thread():  # the sampling between the engine's runs
+                    return self.advance(self.engine.step(self.root), None)
             logits, state = self.model(self._ids([self.root]), state=self.state)
             return self.advance(logits[0, -1], state)
         self.passes += 1

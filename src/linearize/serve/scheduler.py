@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from linearize.engine import one_torch_thread
 from linearize.generation.config import GenerationConfig
 from linearize.generation.decode import PROPOSERS, Decoding, Output
 from linearize.generation.medusa import MedusaHeads
@@ -390,10 +391,8 @@ class Scheduler:
         # The groups take the cores: PyTorch (sampling) steps on one thread meanwhile, or its
         # idle threads spin on the cores the groups run on (one stream of the default model in
         # int4: 55 against 84 tokens/s); prompts keep every thread.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         stepping = set(plain)
-        try:
+        with one_torch_thread():
             if self._pool is None or len(busy) == 1:
                 results = [step(group) for group in busy]
             else:
@@ -409,8 +408,6 @@ class Scheduler:
                     except Exception as e:
                         logger.exception("request %s failed in an engine step", row.job.request_id)
                         self._fail(row, e)
-        finally:
-            torch.set_num_threads(threads)
 
     def _ring_bytes(self) -> int:
         return sum(group.held_bytes() for group in list(self._groups))
