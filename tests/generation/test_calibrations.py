@@ -91,3 +91,14 @@ def test_keys_follow_shapes_not_values():
     assert shapes_key(a) != shapes_key(nn.Linear(4, 5))
     assert shapes_key(a) != shapes_key(a.to(torch.float64))
     assert proposer_key(LookupProposer()) == "lookup"
+
+
+def test_the_key_holds_torch_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _key()
+        torch.set_num_threads(2)
+        assert _key() != one and one["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from linearize.generation.planner import Calibration
@@ -60,10 +61,12 @@ def calibration_key(
 ) -> dict[str, Any]:
     """The key of a calibration of ``proposer``'s trees of ``sizes`` on ``engine`` now: the
     engine's graphs, reach, threads and machine (``engine.timing_key()``), the proposer's
-    shapes, the tree sizes and kind, and the ceiling that stops the timing early."""
+    shapes and PyTorch's threads (the proposer runs there), the tree sizes and kind, and the
+    ceiling that stops the timing early."""
     return {
         "engine": engine.timing_key(),
         "proposer": proposer_key(proposer),
+        "torch_threads": torch.get_num_threads(),
         "sizes": list(sizes),
         "chain": chain,
         "ceiling": ceiling,
