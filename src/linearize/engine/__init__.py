@@ -87,9 +87,9 @@ def one_torch_thread() -> Iterator[None]:
     """PyTorch on one thread inside: for its small work between an engine's runs (sampling a
     token from the logits). onnxruntime's threads keep the cores between runs (they spin), and
     PyTorch's pool, woken for a reduction over the vocabulary, spins on the same cores after it:
-    on two cores `linearize generate` on the default int4 model decoded at 44–51 tokens/s with
-    both pools against 71–76 with PyTorch on one thread (docs/results.md). PyTorch's thread
-    count is the process's: use it on the thread that runs the model."""
+    on two cores the default int4 model, stepped and sampled, decoded at 44–51 tokens/s with
+    both pools against 71–76 with PyTorch on one thread (docs/results.md, "Two threads").
+    PyTorch's thread count is the process's: use it on the thread that runs the model."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
