@@ -146,9 +146,7 @@ def optimize(path: Path, disabled: list[str]) -> Path:
     optimized file), and every process that decodes loads several. The folder's name holds
     what the optimized graph may depend on beyond the graph: onnxruntime's version, the CPU's
     features (the optimizer may pick kernels for them) and the optimizers left out."""
-    import onnxruntime as ort
-
-    key = hashlib.sha256(f"{ort.__version__} {_cpu_features()} {sorted(disabled)}".encode())
+    key = hashlib.sha256(f"{_machine()} {sorted(disabled)}".encode())
     optimized = path / f"optimized-{key.hexdigest()[:12]}"
     if not (optimized / GRAPH).is_file():
         build_once(optimized, lambda tmp: _optimize_into(tmp, path / GRAPH, disabled))
@@ -171,6 +169,15 @@ def _optimize_into(tmp: Path, source: Path, disabled: list[str]) -> None:
     ort.InferenceSession(
         str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
     )
+
+
+@functools.cache
+def _machine() -> str:
+    """onnxruntime's version and this CPU's features: what an optimized graph and the time of a
+    run depend on beyond the graph (:func:`optimize`, :meth:`OnnxEngine.timing_key`)."""
+    import onnxruntime as ort
+
+    return f"{ort.__version__} {_cpu_features()}"
 
 
 @functools.cache
@@ -826,13 +833,10 @@ class OnnxEngine:
         arithmetic), the state's reach, the threads and the machine (onnxruntime's version, the
         CPU's features and cores); speculation's stored timings are keyed by it
         (:mod:`linearize.generation.calibrations`)."""
-        import onnxruntime as ort
-
-        machine = hashlib.sha256(_cpu_features().encode()).hexdigest()[:12]
+        machine = hashlib.sha256(_machine().encode()).hexdigest()[:12]
         return (
             f"{self._graphs[1].format(self.accuracy)} reach={self.state.reach} "
-            f"threads={self.threads} cores={os.cpu_count()} onnxruntime={ort.__version__} "
-            f"cpu={machine}"
+            f"threads={self.threads} cores={os.cpu_count()} machine={machine}"
         )
 
     def snapshot(self) -> dict:
