@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import linearize
+from linearize.engine import kernels
+from linearize.engine.step import uses_kernel
 from linearize.models.quantize import QuantConfig, quantize
 from linearize.ops.tree import Tree
 from tests.engine.conftest import engine_model
@@ -53,6 +55,13 @@ def _engine_matches_reference(kind, quant, tmp_path):
     with torch.no_grad():
         reference, _ = model(ids)
     engine = OnnxEngine(model, max_context=STEPS + 8, threads=1, cache=tmp_path, accuracy=EXACT)
+    if kernels.unavailable() is None:
+        # Softmax windows step through linearize's RingAttention (test_ring_attention.py).
+        softmax = any(
+            uses_kernel(lay, layer.self_attn)
+            for lay, layer in zip(engine.layouts, model.layers, strict=True)
+        )
+        assert engine.step_module.kernels == softmax
     first = engine.prefill(ids[0, :5].tolist())
     assert_close("prefill", reference[0, 4], first, TOLERANCE)
     nbytes = engine.nbytes()
@@ -573,7 +582,9 @@ def test_sessions_load_optimized_graphs(tmp_path):
 
     model = _model("augmented")
     quantize(model, "int4")
-    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    # (The graph's own ops: a graph with linearize's kernels needs their library to load,
+    # test_ring_attention.py.)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, kernels=False)
     chain = Tree.from_parents([-1, 0, 1])
     engine.prefill([3, 1, 4, 1, 5])
     logits, _ = engine.forward_tree([9, 2, 6], chain)

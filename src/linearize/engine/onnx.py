@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from linearize.engine.kernels import ring_attention
 from linearize.engine.ring import RingRows, RingState
 from linearize.engine.step import FixedStep, RowsStep, fill_rotation
 from linearize.engine.tree import (
@@ -58,6 +59,8 @@ EXPORT_VERSION = 21
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 GRAPH = "graph.onnx"
+# The one-sequence step graph with linearize's RingAttention nodes (engine.kernels).
+STEP_KERNELS = "step-kernels"
 # Positions per block of the engine's RoPE tables (cos, sin, the sinks' positions): a step reads
 # its row; a block is rebuilt when the position leaves it, so the tables do not grow with context.
 ROPE_BLOCK = 4096
@@ -138,25 +141,28 @@ def export(
     build_once(path, lambda tmp: _export_into(tmp, module, example, accuracy_level, dynamic_axes))
 
 
-def optimize(path: Path, disabled: list[str]) -> Path:
+def optimize(path: Path, disabled: list[str], libraries: list[Path] = ()) -> Path:
     """The folder of ``path``'s graph as onnxruntime optimizes it (every level but the
     ``disabled`` optimizers), written once per graph and machine, as :func:`export` writes:
     sessions load it with the optimizer off. Optimizing a graph takes longer than loading it
     (the 64-node chain graph of the default int4 model: 2.0 s a session, 0.4 s from the
     optimized file), and every process that decodes loads several. The folder's name holds
     what the optimized graph may depend on beyond the graph: onnxruntime's version, the CPU's
-    features (the optimizer may pick kernels for them) and the optimizers left out."""
+    features (the optimizer may pick kernels for them) and the optimizers left out.
+    ``libraries``: the custom ops' libraries the graph needs (:mod:`linearize.engine.kernels`)."""
     key = hashlib.sha256(f"{_machine()} {sorted(disabled)}".encode())
     optimized = path / f"optimized-{key.hexdigest()[:12]}"
     if not (optimized / GRAPH).is_file():
-        build_once(optimized, lambda tmp: _optimize_into(tmp, path / GRAPH, disabled))
+        build_once(optimized, lambda tmp: _optimize_into(tmp, path / GRAPH, disabled, libraries))
     return optimized
 
 
-def _optimize_into(tmp: Path, source: Path, disabled: list[str]) -> None:
+def _optimize_into(tmp: Path, source: Path, disabled: list[str], libraries) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    for library in libraries:
+        options.register_custom_ops_library(str(library))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = 1
     options.optimized_model_filepath = str(tmp / GRAPH)
@@ -306,6 +312,7 @@ class OnnxEngine:
         prefill_chunk: int = 0,
         accuracy: str = "int8",
         reach_step: int = 256,
+        kernels: bool = True,
     ) -> None:
         ort = _require_onnxruntime()
         if model.config.architecture != "llama":
@@ -318,7 +325,12 @@ class OnnxEngine:
             )
         self.model = model.float().eval()
         self.max_context = max_context
-        self.step_module = FixedStep(self.model, max_context)
+        # linearize's RingAttention op (engine.kernels) for the step's softmax windows, where
+        # it builds here; ``kernels=False``: the graph's own ops (its reference).
+        self.kernel_library = ring_attention() if kernels else None
+        self.step_module = FixedStep(
+            self.model, max_context, kernels=self.kernel_library is not None
+        )
         self.rows_module = RowsStep(self.step_module)
         self.layouts = self.step_module.layouts
         if accuracy not in ACCURACY:
@@ -343,6 +355,8 @@ class OnnxEngine:
         # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against
         # 11.7 ms: steps keep spinning).
         self.options, self.tree_options = (_options(ort, threads, spin) for spin in (True, False))
+        if self.kernel_library is not None:
+            self.options.register_custom_ops_library(str(self.kernel_library))
         self.threads = threads
         self.rope = next(
             (layer.self_attn.rope for layer in model.layers if layer.self_attn.rope is not None),
@@ -438,7 +452,9 @@ class OnnxEngine:
                 return _step_example(self.model, self.step_module, ring, rows)
 
             axes = self._dynamic_axes(rows=rows)
-            name, module = ("rows", self.rows_module) if rows else ("step", self.step_module)
+            name, module = (
+                ("rows", self.rows_module) if rows else (self._step_name, self.step_module)
+            )
             self.steps[key] = self._session(name, module, example, axes, accuracy)
         return self.steps[key]
 
@@ -464,13 +480,19 @@ class OnnxEngine:
         # scores past the softmax (~10x slower broadcasts); with the one-row products
         # (engine.step._local) it gains nothing (15.32 against 15.14 ms a 1k step, the two
         # sessions alternating in one process). The tree graphs gain from it.
-        step = name in ("step", "rows")
-        optimized = optimize(path, NO_TRANSPOSE_PUSHING if step else [])
+        step = name in ("step", STEP_KERNELS, "rows")
+        libraries = [self.kernel_library] if name == STEP_KERNELS else []
+        optimized = optimize(path, NO_TRANSPOSE_PUSHING if step else [], libraries)
         return ort.InferenceSession(
             str(optimized / GRAPH),
             self.options if step else self.tree_options,
             providers=["CPUExecutionProvider"],
         )
+
+    @property
+    def _step_name(self) -> str:
+        """The one-sequence step graph's folder: with linearize's kernels, a graph of its own."""
+        return STEP_KERNELS if self.step_module.kernels else "step"
 
     def reset(self) -> None:
         self.use_step_arithmetic(None)
@@ -834,8 +856,9 @@ class OnnxEngine:
         CPU's features and cores); speculation's stored timings are keyed by it
         (:mod:`linearize.generation.calibrations`)."""
         machine = hashlib.sha256(_machine().encode()).hexdigest()[:12]
+        kernels = " kernels" if self.step_module.kernels else ""
         return (
-            f"{self._graphs[1].format(self.accuracy)} reach={self.state.reach} "
+            f"{self._graphs[1].format(self.accuracy)}{kernels} reach={self.state.reach} "
             f"threads={self.threads} cores={os.cpu_count()} machine={machine}"
         )
 

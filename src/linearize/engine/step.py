@@ -190,10 +190,16 @@ class FixedStep(nn.Module):
     K]``).
     """
 
-    def __init__(self, model: Decoder, max_context: int) -> None:
+    def __init__(self, model: Decoder, max_context: int, kernels: bool = False) -> None:
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+        # Softmax windows read by linearize's RingAttention op (engine.kernels) in the
+        # one-sequence step; the rows' step and the reference keep the graph's own ops.
+        self.kernels = kernels and any(
+            uses_kernel(lay, layer.self_attn)
+            for lay, layer in zip(self.layouts, model.layers, strict=True)
+        )
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up.
         self.qkv = nn.ModuleList(
             fuse_linears(
@@ -233,7 +239,8 @@ class FixedStep(nn.Module):
             taken = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
             qkv = self.qkv[i](layer.input_layernorm(x))
-            h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken, rows)
+            kernel = self.kernels and not rows and uses_kernel(lay, layer.self_attn)
+            h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken, rows, kernel)
             x = x + h
             # (split at a constant: chunk would take the width from the tensor's shape)
             half = layer.mlp.gate_proj.out_features
@@ -274,11 +281,13 @@ def _attention_step(
     rotation: Tensor,
     s: dict[str, Tensor],
     rows: bool = False,
+    kernel: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections in :func:`qkv_order` → the layer's
     output ``[B, D]`` and its new state. Each key head sits after its ``R`` query heads, so
     RoPE and the feature map (``grouped``: ``[B, Hkv, R+1, K]``, each group reading its key /
-    value head's weights) run once on the query and key heads together."""
+    value head's weights) run once on the query and key heads together. ``kernel``: the
+    softmax window as one ``RingAttention`` node (:func:`uses_kernel`)."""
     c = attn.config
     H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
@@ -300,7 +309,7 @@ def _attention_step(
     spec = lay.spec
     num = den = None
     if spec.local != "none":
-        num, den, attention = _local(lay, q5, k, v, s, q_sink, rows)
+        num, den, attention = _local(lay, q5, k, v, s, q_sink, rows, kernel)
         if attention is not None:
             # Each slot's in-window attention so far, and last the new token's own: the host
             # reads a leaving token's final score and moves the new one's into its slot.
@@ -378,7 +387,14 @@ def qkv_order(H: int, Hkv: int, K: int) -> Tensor:
 
 
 def _local(
-    lay: Layout, q5: Tensor, k: Tensor, v: Tensor, s: dict[str, Tensor], q_sink, rows: bool = False
+    lay: Layout,
+    q5: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: dict[str, Tensor],
+    q_sink,
+    rows: bool = False,
+    kernel: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``q5: [B,Hkv,R,K]`` over the ring (keys ``s["k"]: [B,Hkv,C,K]``, values ``s["v"]:
     [B,Hkv,C,V]``, ``s["mask"]: [C]`` (``rows``: ``[B, C]``): added to softmax scores, multiplied
@@ -406,36 +422,123 @@ def _local(
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
     spec = lay.spec
     kb, vb, mask = s["k"], s["v"], s["mask"][:, None, None] if rows else s["mask"]
-    attention = None
     if spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
-        q5 = q5 * scale
-        keys = kb.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,1,K,C]: a view, fused into the product
-        scores = torch.matmul(q5.unsqueeze(-2), keys)[..., 0, :]  # [B, Hkv, R, C]
-        if q_sink is not None:
-            front = lay.front  # the sinks and the retained tokens: read by the sink query
-            sinks = torch.matmul(q_sink * scale, kb[:, :, :front].transpose(-1, -2))
-            scores = torch.cat([sinks, scores[..., front:]], -1)
-        own = (q5 * k).sum(-1, keepdim=True)
-        scores = torch.cat([scores + mask, own], -1)  # [B, Hkv, R, C+1]
-        if lay.retained:
-            # Weights e^{s−m} with m the window's own largest score, as the reference: a shared
-            # denominator weighs the global part relative to it (linear_attn._retained_readout).
-            m = (scores + s["window_mask"]).amax(-1, keepdim=True)
-        else:
-            m = scores.amax(-1, keepdim=True)
-        weights = torch.exp(scores - m)
-        den = weights.sum(-1, keepdim=True)
-        if lay.retained:
-            attention = (weights / torch.matmul(weights, s["inwindow"])).sum(2)
+        # The sinks and the retained tokens (the ring's first slots) are read by the sink query.
+        q_sink, front = (q5, 0) if q_sink is None else (q_sink * scale, lay.front)
+        window = (s["window_mask"], s["inwindow"]) if lay.retained else (None, None)
+        args = (q5 * scale, q_sink, kb, vb, mask, k, v, *window, front)
+        if kernel:
+            num, den, attention = RingAttention.apply(*args)
+            return num, den, attention if lay.retained else None
+        return _softmax_readout(*args)
+    qn = linear_attn._unit(q5)
+    keys = linear_attn._unit(kb).unsqueeze(2).transpose(-1, -2)
+    scores = torch.relu(torch.matmul(qn.unsqueeze(-2), keys)[..., 0, :]) ** 2
+    own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
+    weights = torch.cat([scores * mask, own], -1)
+    ring = torch.matmul(weights[..., :-1].unsqueeze(-2), vb.unsqueeze(2))[..., 0, :]
+    return ring + weights[..., -1:] * v, None, None
+
+
+def uses_kernel(lay: Layout, attn: Attention) -> bool:
+    """Whether the step can read this layer's ring with ``RingAttention``
+    (:mod:`linearize.engine.kernels`): a softmax window (or cache) over a ring, head sizes a
+    multiple of 8 floats, at most 8 query heads per key head."""
+    return (
+        lay.spec.local == "softmax"
+        and attn.config.num_heads // attn.config.num_kv_heads <= 8
+        and lay.capacity > 0
+        and lay.key_dim % 8 == 0
+        and lay.key_dim <= 512
+    )
+
+
+def _softmax_readout(
+    q5: Tensor,
+    q_sink: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    mask: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window_mask: Tensor | None,
+    inwindow: Tensor | None,
+    front: int,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The softmax window's numerator, denominator and (with a retained cache: ``window_mask``
+    and ``inwindow`` given) each slot's in-window attention, from the queries scaled (``q_sink``
+    scores the ring's first ``front`` slots) in the graph's own ops: the reference of
+    ``RingAttention`` (``engine/kernels/ring_attention.cc``)."""
+    keys = kb.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,1,K,C]: a view, fused into the product
+    scores = torch.matmul(q5.unsqueeze(-2), keys)[..., 0, :]  # [B, Hkv, R, C]
+    if front:
+        sinks = torch.matmul(q_sink, kb[:, :, :front].transpose(-1, -2))
+        scores = torch.cat([sinks, scores[..., front:]], -1)
+    own = (q5 * k).sum(-1, keepdim=True)
+    scores = torch.cat([scores + mask, own], -1)  # [B, Hkv, R, C+1]
+    attention = None
+    if window_mask is not None:
+        # Weights e^{s−m} with m the window's own largest score, as the reference: a shared
+        # denominator weighs the global part relative to it (linear_attn._retained_readout).
+        m = (scores + window_mask).amax(-1, keepdim=True)
     else:
-        qn = linear_attn._unit(q5)
-        keys = linear_attn._unit(kb).unsqueeze(2).transpose(-1, -2)
-        scores = torch.relu(torch.matmul(qn.unsqueeze(-2), keys)[..., 0, :]) ** 2
-        own = torch.relu((qn * linear_attn._unit(k)).sum(-1, keepdim=True)) ** 2
-        weights, den = torch.cat([scores * mask, own], -1), None
+        m = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - m)
+    den = weights.sum(-1, keepdim=True)
+    if window_mask is not None:
+        attention = (weights / torch.matmul(weights, inwindow)).sum(2)
     ring = torch.matmul(weights[..., :-1].unsqueeze(-2), vb.unsqueeze(2))[..., 0, :]
     return ring + weights[..., -1:] * v, den, attention
+
+
+class RingAttention(torch.autograd.Function):
+    """:func:`_softmax_readout` as one node of the exported graph, ``linearize::RingAttention``
+    (run by :mod:`linearize.engine.kernels`' library); in PyTorch it computes the reference.
+    Without a retained cache its third output is empty (``[1, Hkv, 0]``)."""
+
+    @staticmethod
+    def forward(ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
+        num, den, attention = _softmax_readout(
+            q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front
+        )
+        if attention is None:
+            attention = q5.new_zeros(q5.shape[0], q5.shape[1], 0)
+        return num, den, attention
+
+    @staticmethod
+    def symbolic(g, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
+        from linearize.engine.kernels import DOMAIN
+
+        retained = window_mask is not None and not _is_none(window_mask)
+        if not retained:
+            window_mask = inwindow = mask  # read only with a retained cache
+        num, den, attention = g.op(
+            f"{DOMAIN}::RingAttention",
+            q5,
+            q_sink,
+            kb,
+            vb,
+            mask,
+            k,
+            v,
+            window_mask,
+            inwindow,
+            front_i=front,
+            retained_i=int(retained),
+            outputs=3,
+        )
+        # The outputs' types and shapes (the exporter's shape inference cannot see into the op).
+        B, H, R, K = q5.type().varyingSizes()
+        num.setType(q5.type())
+        den.setType(q5.type().with_sizes([B, H, R, 1]))
+        attention.setType(q5.type().with_sizes([B, H, None]))
+        return num, den, attention
+
+
+def _is_none(value) -> bool:
+    """Whether a symbolic function's argument is a ``None`` passed through the exporter."""
+    return value.node().mustBeNone()
 
 
 def _fold(

@@ -1,0 +1,116 @@
+"""linearize's own compiled kernels for the onnx engine: onnxruntime custom ops, built on first use.
+
+``RingAttention`` (``ring_attention.cc``, domain ``linearize``) is one token's softmax readout over
+a layer's ring of kept keys and values: each key and value row read once for the query heads
+that share it, the mask, max, exp and sums in the same pass. The step graph's own ops for the
+same readout (:func:`linearize.engine.step._softmax_readout`) are its reference; they run where
+the library cannot be built (no C++ compiler, a CPU without AVX2 and FMA), and the tree and chain
+graphs always use them.
+
+The library is compiled once per source, compiler and CPU into ``<cache>/kernels/<key>/`` (a
+whole folder or none, as every cached build); a failed build is logged and the engine exports
+its graphs without the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from linearize.paths import build_once, cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ring_attention.cc")
+LIBRARY = "ring_attention.so"
+DOMAIN = "linearize"
+# AVX2 + FMA: every x86-64 server CPU since 2013; the kernel's vectors are 8 floats wide.
+FLAGS = (
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-fno-math-errno",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fvisibility=hidden",
+)
+COMPILERS = ("c++", "g++", "clang++")
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot build the kernels (``None``: it can)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernels are written for x86-64 (AVX2), not {platform.machine()}"
+    flags = _cpu_flags()
+    if not flags:
+        return "cannot read this CPU's features (/proc/cpuinfo)"
+    missing = [flag for flag in ("avx2", "fma") if flag not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return f"no C++ compiler found (looked for {', '.join(COMPILERS)})"
+    return None
+
+
+def ring_attention(cache: str | os.PathLike | None = None) -> Path | None:
+    """The path of the built ``RingAttention`` library (built now if needed), or ``None`` where
+    it cannot be built here (the reason logged once). It belongs to the machine, not to a
+    model: it lives in the user cache (:func:`~linearize.paths.cache_dir`, or ``cache``), and
+    an engine's own ``cache`` folder holds only its graphs."""
+    return _library(str(cache_dir(cache)))
+
+
+@functools.cache
+def _library(root: str) -> Path | None:
+    reason = unavailable()
+    if reason is not None:
+        logger.info("the onnx engine runs without linearize's kernels: %s", reason)
+        return None
+    compiler = _compiler()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
+    ).hexdigest()[:12]
+    folder = Path(root) / "kernels" / key
+    if not (folder / LIBRARY).is_file():
+
+        def build(tmp: Path) -> None:
+            logger.info("compiling linearize's kernels into %s (once per machine)", folder)
+            command = [compiler, *FLAGS, str(SOURCE), "-o", str(tmp / LIBRARY)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+
+        try:
+            build_once(folder, build)
+        except (RuntimeError, OSError) as error:
+            logger.warning("the onnx engine runs without linearize's kernels: %s", error)
+            return None
+    return folder / LIBRARY
+
+
+@functools.cache
+def _compiler() -> str | None:
+    return next((path for name in COMPILERS if (path := shutil.which(name))), None)
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return " ".join(sorted(set(line.partition(":")[2].split())))
+
+
+__all__ = ["DOMAIN", "ring_attention", "unavailable"]

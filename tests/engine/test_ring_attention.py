@@ -1,0 +1,162 @@
+"""linearize's RingAttention kernel ≡ the step graph's own ops (its reference), and the engine
+without it where it cannot be built."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from linearize.engine import kernels
+from linearize.engine.step import _softmax_readout, uses_kernel
+from linearize.models.quantize import quantize
+from tests.engine.conftest import engine_model
+from tests.helpers import assert_close
+
+pytest.importorskip("onnxruntime")
+
+from linearize.engine.onnx import OnnxEngine  # noqa: E402
+
+BUILT = kernels.unavailable() is None
+needs_kernel = pytest.mark.skipif(not BUILT, reason=f"no kernels here: {kernels.unavailable()}")
+# fp32 sums in another order (and a polynomial e^x, ~1 ulp) against PyTorch's: measured ≤ 4e-6
+# relative at 8,224 slots.
+TOLERANCE = 2e-5
+
+
+def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, retained):
+    _, H, R, K = q.shape
+    C = kb.shape[2]
+    num = np.zeros((1, H, R, K), np.float32)
+    den = np.zeros((1, H, R, 1), np.float32)
+    attention = np.zeros((1, H, C + 1), np.float32)
+    f = ctypes.POINTER(ctypes.c_float)
+    arrays = [q, qs, kb, vb, mask, k, v, window_mask, inwindow]
+    sizes = [ctypes.c_int64(n) for n in (H, R, C, K, front, retained)]
+    done = library.linearize_ring_attention(
+        *(np.ascontiguousarray(a).ctypes.data_as(f) for a in arrays),
+        *sizes,
+        *(a.ctypes.data_as(f) for a in (num, den, attention)),
+    )
+    assert done == 0
+    return num, den, attention
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "H, R, C, K, front, retained",
+    [
+        (3, 3, 600, 64, 4, True),  # the default layer's narrow windows: sinks, retained cache
+        (3, 3, 8224, 64, 36, True),  # its wide windows at 8k
+        (3, 3, 77, 64, 0, False),  # a softmax cache
+        (2, 4, 37, 16, 2, True),
+        (1, 1, 9, 8, 0, False),
+        (4, 8, 5, 128, 1, False),
+    ],
+)
+def test_kernel_matches_reference(H, R, C, K, front, retained):
+    library = ctypes.CDLL(str(kernels.ring_attention()))
+    rng = np.random.default_rng(C)
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    q, qs = normal(1, H, R, K, scale=0.3), normal(1, H, R, K, scale=0.3)
+    kb, vb, k, v = normal(1, H, C, K), normal(1, H, C, K), normal(1, H, 1, K), normal(1, H, 1, K)
+    mask = np.where(rng.random(C) < 0.2, -np.inf, 0).astype(np.float32)  # empty slots
+    mask[: min(C, 3)] = -np.inf  # (a masked front, too)
+    window_mask = np.zeros(C + 1, np.float32)
+    inwindow = np.ones((C + 1, 1), np.float32)
+    if retained:
+        window_mask[1:front] = -np.inf
+        inwindow[1:front] = 0
+    num, den, attention = _call(
+        library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, int(retained)
+    )
+    t = torch.from_numpy
+    window = (t(window_mask), t(inwindow)) if retained else (None, None)
+    ref = _softmax_readout(t(q), t(qs), t(kb), t(vb), t(mask), t(k), t(v), *window, front)
+    assert_close("num", ref[0], torch.from_numpy(num), TOLERANCE)
+    assert_close("den", ref[1], torch.from_numpy(den), TOLERANCE)
+    if retained:
+        assert_close("attention", ref[2], torch.from_numpy(attention), TOLERANCE)
+        # A masked slot weighs exactly nothing.
+        assert (attention[..., :C][..., mask == -np.inf] == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["softmax", "retain", "wide_retain", "hybrid"])
+def test_step_graph_reads_rings_with_the_kernel(kind, tmp_path):
+    """The step graph has one ``RingAttention`` node per softmax window, and steps (crossing the
+    windows' ends, and the rings' growth for ``wide_retain``) as the graph's own ops do."""
+    import onnx
+
+    model = engine_model(kind)
+    quantize(model, "int4")
+    engines = {
+        use: OnnxEngine(
+            model,
+            max_context=160,
+            threads=1,
+            cache=tmp_path,
+            accuracy="fp32",
+            kernels=use,
+            reach_step=16,
+        )
+        for use in (True, False)
+    }
+    kernel, graph = engines[True], engines[False]
+    expected = sum(
+        uses_kernel(lay, layer.self_attn)
+        for lay, layer in zip(kernel.layouts, model.layers, strict=True)
+    )
+    assert expected and kernel.step_module.kernels and not graph.step_module.kernels
+    (path,) = tmp_path.glob("engines/*/step-kernels/graph.onnx")
+    nodes = [n for n in onnx.load(path, load_external_data=False).graph.node]
+    assert sum(n.op_type == "RingAttention" and n.domain == "linearize" for n in nodes) == expected
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (150,)).tolist()
+    for engine in engines.values():
+        engine.prefill(ids[:5])
+    for token in ids[5:]:
+        assert_close(f"{kind} step", graph.step(token), kernel.step(token), 1e-4)
+    assert kernel.nbytes() == graph.nbytes()
+
+
+def test_engine_without_a_compiler_runs_the_graph(monkeypatch, caplog, tmp_path):
+    """No C++ compiler: the engine says so and steps with the graph's own ops."""
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    kernels._library.cache_clear()
+    model = engine_model("retain")
+    try:
+        with caplog.at_level(logging.INFO, logger="linearize.engine.kernels"):
+            engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, accuracy="fp32")
+    finally:
+        kernels._library.cache_clear()
+    assert engine.kernel_library is None and not engine.step_module.kernels
+    if kernels.platform.machine().lower() in ("x86_64", "amd64"):
+        assert "no C++ compiler found" in caplog.text
+    assert list(tmp_path.glob("engines/*/step/graph.onnx"))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        reference, _ = model(ids)
+    engine.prefill(ids[0, :5].tolist())
+    steps = torch.stack([engine.step(int(t)).clone() for t in ids[0, 5:]])
+    assert_close("steps without the kernel", reference[0, 5:], steps, 1e-4)
+
+
+@needs_kernel
+def test_a_failed_build_is_logged_and_leaves_nothing(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-DRING_ATTENTION_BROKEN", "-x", "c"))
+    kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="linearize.engine.kernels"):
+            assert kernels.ring_attention(tmp_path) is None
+    finally:
+        kernels._library.cache_clear()
+    assert "runs without linearize's kernels" in caplog.text and "failed" in caplog.text
+    assert not list((tmp_path / "kernels").iterdir())  # no half-built folder
