@@ -90,8 +90,10 @@ def test_kernel_matches_reference(H, R, C, K, front, retained):
 @needs_kernel
 @pytest.mark.parametrize("kind", ["softmax", "retain", "wide_retain", "hybrid"])
 def test_step_graph_reads_rings_with_the_kernel(kind, tmp_path):
-    """The step graph has one ``RingAttention`` node per softmax window, and steps (crossing the
-    windows' ends, and the rings' growth for ``wide_retain``) as the graph's own ops do."""
+    """The step graphs (one sequence's, the rows') have one ``RingAttention`` node per softmax
+    window, and a sequence steps (crossing the windows' ends, and the rings' growth for
+    ``wide_retain``) as with the graph's own ops (the rows' steps against the reference:
+    test_onnx.py::test_sequences_stepped_together_step_as_each_alone)."""
     import onnx
 
     model = engine_model(kind)
@@ -114,9 +116,12 @@ def test_step_graph_reads_rings_with_the_kernel(kind, tmp_path):
         for lay, layer in zip(kernel.layouts, model.layers, strict=True)
     )
     assert expected and kernel.step_module.kernels and not graph.step_module.kernels
-    (path,) = tmp_path.glob("engines/*/step-kernels/graph.onnx")
-    nodes = [n for n in onnx.load(path, load_external_data=False).graph.node]
-    assert sum(n.op_type == "RingAttention" and n.domain == "linearize" for n in nodes) == expected
+    kernel._step_session("fp32", rows=True)  # the rows' step (the server's) reads them too
+    for name in ("step", "rows"):
+        (path,) = tmp_path.glob(f"engines/*/{name}-kernels/graph.onnx")
+        nodes = onnx.load(path, load_external_data=False).graph.node
+        ring = [n for n in nodes if n.op_type == "RingAttention" and n.domain == "linearize"]
+        assert len(ring) == expected, name
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (150,)).tolist()
     for engine in engines.values():

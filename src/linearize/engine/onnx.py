@@ -59,8 +59,9 @@ EXPORT_VERSION = 21
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 GRAPH = "graph.onnx"
-# The one-sequence step graph with linearize's RingAttention nodes (engine.kernels).
-STEP_KERNELS = "step-kernels"
+# The suffix of the step graphs' folders with linearize's RingAttention nodes (engine.kernels):
+# step-kernels, rows-kernels.
+KERNELS = "-kernels"
 # Positions per block of the engine's RoPE tables (cos, sin, the sinks' positions): a step reads
 # its row; a block is rebuilt when the position leaves it, so the tables do not grow with context.
 ROPE_BLOCK = 4096
@@ -452,9 +453,9 @@ class OnnxEngine:
                 return _step_example(self.model, self.step_module, ring, rows)
 
             axes = self._dynamic_axes(rows=rows)
-            name, module = (
-                ("rows", self.rows_module) if rows else (self._step_name, self.step_module)
-            )
+            name, module = ("rows", self.rows_module) if rows else ("step", self.step_module)
+            if self.step_module.kernels:
+                name += KERNELS  # a graph of its own
             self.steps[key] = self._session(name, module, example, axes, accuracy)
         return self.steps[key]
 
@@ -480,19 +481,14 @@ class OnnxEngine:
         # scores past the softmax (~10x slower broadcasts); with the one-row products
         # (engine.step._local) it gains nothing (15.32 against 15.14 ms a 1k step, the two
         # sessions alternating in one process). The tree graphs gain from it.
-        step = name in ("step", STEP_KERNELS, "rows")
-        libraries = [self.kernel_library] if name == STEP_KERNELS else []
+        step = name.removesuffix(KERNELS) in ("step", "rows")
+        libraries = [self.kernel_library] if name.endswith(KERNELS) else []
         optimized = optimize(path, NO_TRANSPOSE_PUSHING if step else [], libraries)
         return ort.InferenceSession(
             str(optimized / GRAPH),
             self.options if step else self.tree_options,
             providers=["CPUExecutionProvider"],
         )
-
-    @property
-    def _step_name(self) -> str:
-        """The one-sequence step graph's folder: with linearize's kernels, a graph of its own."""
-        return STEP_KERNELS if self.step_module.kernels else "step"
 
     def reset(self) -> None:
         self.use_step_arithmetic(None)

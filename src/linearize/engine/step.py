@@ -194,8 +194,8 @@ class FixedStep(nn.Module):
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
-        # Softmax windows read by linearize's RingAttention op (engine.kernels) in the
-        # one-sequence step; the rows' step and the reference keep the graph's own ops.
+        # Softmax windows read by linearize's RingAttention op (engine.kernels); the
+        # reference (and the tree graphs) keep the graph's own ops.
         self.kernels = kernels and any(
             uses_kernel(lay, layer.self_attn)
             for lay, layer in zip(self.layouts, model.layers, strict=True)
@@ -239,7 +239,7 @@ class FixedStep(nn.Module):
             taken = {n.split(".")[0]: t for n, t in zip(names, rest, strict=False)}
             rest = rest[len(names) :]
             qkv = self.qkv[i](layer.input_layernorm(x))
-            kernel = self.kernels and not rows and uses_kernel(lay, layer.self_attn)
+            kernel = self.kernels and uses_kernel(lay, layer.self_attn)
             h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken, rows, kernel)
             x = x + h
             # (split at a constant: chunk would take the width from the tensor's shape)
@@ -429,7 +429,8 @@ def _local(
         window = (s["window_mask"], s["inwindow"]) if lay.retained else (None, None)
         args = (q5 * scale, q_sink, kb, vb, mask, k, v, *window, front)
         if kernel:
-            num, den, attention = RingAttention.apply(*args)
+            # (Each row's mask as it is: [C], or [B, C] for the rows' step.)
+            num, den, attention = RingAttention.apply(*args[:4], s["mask"], *args[5:])
             return num, den, attention if lay.retained else None
         return _softmax_readout(*args)
     qn = linear_attn._unit(q5)
@@ -495,10 +496,13 @@ def _softmax_readout(
 class RingAttention(torch.autograd.Function):
     """:func:`_softmax_readout` as one node of the exported graph, ``linearize::RingAttention``
     (run by :mod:`linearize.engine.kernels`' library); in PyTorch it computes the reference.
-    Without a retained cache its third output is empty (``[1, Hkv, 0]``)."""
+    ``mask``: ``[C]``, or ``[B, C]`` (the rows' step). Without a retained cache its third
+    output is empty (``[B, Hkv, 0]``)."""
 
     @staticmethod
     def forward(ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
+        if mask.dim() == 2:  # the rows' masks, [B, C]
+            mask = mask[:, None, None]
         num, den, attention = _softmax_readout(
             q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front
         )

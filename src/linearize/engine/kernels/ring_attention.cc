@@ -7,21 +7,21 @@
 // runs ~12 small nodes over the scores; here every key and value row is read once for the R query
 // heads that share it, and the mask, max, exp and sums run in the same pass (AVX2 + FMA).
 //
-// Inputs (float32; one sequence):
-//   0 q            [1, Hkv, R, K]  the queries, scaled by 1/sqrt(K)
-//   1 q_sink       [1, Hkv, R, K]  the queries that score the ring's first `front` slots
-//   2 keys         [1, Hkv, C, K]  the ring's keys
-//   3 values       [1, Hkv, C, K]  the ring's values (as wide as the keys)
-//   4 mask         [C]             added to the ring's scores (0 or -inf)
-//   5 key          [1, Hkv, 1, K]  the new token's key
-//   6 value        [1, Hkv, 1, K]  the new token's value
+// Inputs (float32; B rows, each a sequence of its own: 1 in the one-sequence step):
+//   0 q            [B, Hkv, R, K]  the queries, scaled by 1/sqrt(K)
+//   1 q_sink       [B, Hkv, R, K]  the queries that score the ring's first `front` slots
+//   2 keys         [B, Hkv, C, K]  the ring's keys
+//   3 values       [B, Hkv, C, K]  the ring's values (as wide as the keys)
+//   4 mask         [C] or [B, C]   added to the ring's scores (0 or -inf)
+//   5 key          [B, Hkv, 1, K]  the new token's key
+//   6 value        [B, Hkv, 1, K]  the new token's value
 //   7 window_mask  [C + 1]         (retained) 0 on the window's slots, -inf on the retained cache
 //   8 inwindow     [C + 1, 1]      (retained) 1 on the window's slots, 0 on the retained cache
 // Attributes: front (slots scored by q_sink), retained (0 / 1).
 // Outputs:
-//   0 num        [1, Hkv, R, K]    sum_c e^(s_c - m) v_c over the ring and the new token
-//   1 den        [1, Hkv, R, 1]    sum_c e^(s_c - m)
-//   2 attention  [1, Hkv, C + 1]   (retained; else [1, Hkv, 0]) each slot's softmax weight
+//   0 num        [B, Hkv, R, K]    sum_c e^(s_c - m) v_c over the ring and the new token
+//   1 den        [B, Hkv, R, 1]    sum_c e^(s_c - m)
+//   2 attention  [B, Hkv, C + 1]   (retained; else [B, Hkv, 0]) each slot's softmax weight
 //                                  renormalised over the window, summed over the R heads
 // with m the largest score (retained: the largest in the window).
 //
@@ -317,20 +317,26 @@ void compute(void* kernel_ptr, void* context) {
   Tensor values = input(api, context, 3), mask = input(api, context, 4);
   Tensor key = input(api, context, 5), value = input(api, context, 6);
   Tensor window_mask = input(api, context, 7), inwindow = input(api, context, 8);
-  const int64_t H = q.dims[1], R = q.dims[2], K = q.dims[3], C = keys.dims[2];
+  const int64_t B = q.dims[0], H = q.dims[1], R = q.dims[2], K = q.dims[3], C = keys.dims[2];
   Head run = head_for(R, K);
   if (q.rank != 4 || keys.rank != 4 || K % 8 || K > 64 * 8 || run == nullptr) std::abort();
-  const int64_t num_dims[4] = {1, H, R, K}, den_dims[4] = {1, H, R, 1};
-  const int64_t attention_dims[3] = {1, H, kernel.retained ? C + 1 : 0};
+  // One mask for a sequence, or one per row of the rows' step.
+  const int64_t mask_stride = mask.rank == 2 ? C : 0;
+  const int64_t num_dims[4] = {B, H, R, K}, den_dims[4] = {B, H, R, 1};
+  const int64_t attention_dims[3] = {B, H, kernel.retained ? C + 1 : 0};
   float* num = output(api, context, 0, num_dims, 4);
   float* den = output(api, context, 1, den_dims, 4);
   float* attention = output(api, context, 2, attention_dims, 3);
   kernel.scratch.resize(static_cast<size_t>(R * (C + 1)));
-  for (int64_t h = 0; h < H; ++h) {
-    run(q.data + h * R * K, qs.data + h * R * K, keys.data + h * C * K, values.data + h * C * K,
-        mask.data, key.data + h * K, value.data + h * K, window_mask.data, inwindow.data, C, K,
-        kernel.front, kernel.retained != 0, num + h * R * K, den + h * R,
-        kernel.retained ? attention + h * (C + 1) : nullptr, kernel.scratch.data());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t i = b * H + h;
+      run(q.data + i * R * K, qs.data + i * R * K, keys.data + i * C * K,
+          values.data + i * C * K, mask.data + b * mask_stride, key.data + i * K,
+          value.data + i * K, window_mask.data, inwindow.data, C, K, kernel.front,
+          kernel.retained != 0, num + i * R * K, den + i * R,
+          kernel.retained ? attention + i * (C + 1) : nullptr, kernel.scratch.data());
+    }
   }
 }
 
