@@ -3,7 +3,9 @@
 ``torch`` is the reference: the PyTorch decoder itself (every attention, any architecture).
 ``onnx`` exports the model's one-token step and tree step to ONNX Runtime with the state as
 fixed-shape ring buffers (a step reads a long ring up to its filled part), quantized linears as
-4-/8-bit ``MatMulNBits`` (:mod:`linearize.engine.onnx`); it runs plain and speculative decoding.
+4-/8-bit ``MatMulNBits`` (:mod:`linearize.engine.onnx`), each softmax window read by linearize's
+own ``RingAttention`` kernel where it builds (:mod:`linearize.engine.kernels`); it runs plain and
+speculative decoding.
 ``auto`` picks ``onnx`` for an int8 / int4 model when onnxruntime is installed and the engine
 runs every layer (:func:`supports`: softmax and every linear attention, the default
 ``augmented`` included), else ``torch`` (bf16 weights run on ``torch``: oneDNN's bf16 matmul).
