@@ -165,3 +165,52 @@ def test_a_failed_build_is_logged_and_leaves_nothing(monkeypatch, caplog, tmp_pa
         kernels._library.cache_clear()
     assert "runs without linearize's kernels" in caplog.text and "failed" in caplog.text
     assert not list((tmp_path / "kernels").iterdir())  # no half-built folder
+
+
+@needs_kernel
+def test_sessions_run_the_kernel_from_threads_at_once():
+    """One session, four threads running it at once (held sequences stepping concurrently: the
+    server): each run's numbers are its own."""
+    import concurrent.futures
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    H, R, C, K = 3, 3, 4096, 64
+    names = ["q", "q_sink", "keys", "values", "mask", "key", "value", "window_mask", "inwindow"]
+    shapes = [[1, H, R, K]] * 2 + [[1, H, C, K]] * 2 + [[C], [1, H, 1, K], [1, H, 1, K]]
+    shapes += [[C + 1], [C + 1, 1]]
+    node = helper.make_node(
+        "RingAttention", names, ["num", "den", "attention"], domain="linearize", front=4, retained=1
+    )
+    graph = helper.make_graph(
+        [node],
+        "ring",
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+            for n, s in zip(names, shapes, strict=True)
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("linearize", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels.ring_attention()))
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = [
+        {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes, strict=True)}
+        for _ in range(8)
+    ]
+    for feed in feeds:
+        feed["mask"][:] = 0
+        feed["window_mask"][:] = 0
+        feed["inwindow"][:] = 1
+    alone = [session.run(None, feed) for feed in feeds]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(pool.map(lambda feed: session.run(None, feed), feeds))
+            for want, got in zip(alone, together, strict=True):
+                for a, b in zip(want, got, strict=True):
+                    np.testing.assert_array_equal(a, b)

@@ -307,7 +307,6 @@ struct Kernel {
   const Api* api;
   int64_t front;
   int64_t retained;
-  std::vector<float> scratch;
 };
 
 void compute(void* kernel_ptr, void* context) {
@@ -327,7 +326,9 @@ void compute(void* kernel_ptr, void* context) {
   float* num = output(api, context, 0, num_dims, 4);
   float* den = output(api, context, 1, den_dims, 4);
   float* attention = output(api, context, 2, attention_dims, 3);
-  kernel.scratch.resize(static_cast<size_t>(R * (C + 1)));
+  // Per thread: sequences held on one engine step concurrently through one session.
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(R * (C + 1)));
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t i = b * H + h;
@@ -335,13 +336,13 @@ void compute(void* kernel_ptr, void* context) {
           values.data + i * C * K, mask.data + b * mask_stride, key.data + i * K,
           value.data + i * K, window_mask.data, inwindow.data, C, K, kernel.front,
           kernel.retained != 0, num + i * R * K, den + i * R,
-          kernel.retained ? attention + i * (C + 1) : nullptr, kernel.scratch.data());
+          kernel.retained ? attention + i * (C + 1) : nullptr, scratch.data());
     }
   }
 }
 
 void* create_kernel(const CustomOp*, const Api* api, const void* info) {
-  auto* kernel = new Kernel{api, 0, 0, {}};
+  auto* kernel = new Kernel{api, 0, 0};
   using GetInt = Status (*)(const void*, const char*, int64_t*);
   check(api, fn<GetInt>(api, kKernelInfoGetAttributeInt64)(info, "front", &kernel->front));
   check(api, fn<GetInt>(api, kKernelInfoGetAttributeInt64)(info, "retained", &kernel->retained));
