@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linearize.engine.kernels import ring_attention
+from linearize.engine.kernels import cpu_flags_line, ring_attention
 from linearize.engine.ring import RingRows, RingState
 from linearize.engine.step import FixedStep, RowsStep, fill_rotation
 from linearize.engine.tree import (
@@ -190,12 +190,7 @@ def _machine() -> str:
 @functools.cache
 def _cpu_features() -> str:
     """This CPU's architecture and instruction-set flags (what optimized graphs may depend on)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+    return f"{platform.machine()} {platform.processor()} {cpu_flags_line()}"
 
 
 def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> None:

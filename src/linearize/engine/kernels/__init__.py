@@ -104,13 +104,19 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def cpu_flags_line() -> str:
+    """This CPU's instruction-set flags as ``/proc/cpuinfo`` lists them (its ``flags`` line, or
+    ARM's ``Features``; empty where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as info:
-            line = next((line for line in info if line.startswith("flags")), "")
+            line = next((line for line in info if line.startswith(("flags", "Features"))), "")
     except OSError:
         line = ""
-    return " ".join(sorted(set(line.partition(":")[2].split())))
+    return line.strip()
+
+
+def _cpu_flags() -> str:
+    return " ".join(sorted(set(cpu_flags_line().partition(":")[2].split())))
 
 
 __all__ = ["DOMAIN", "ring_attention", "unavailable"]
