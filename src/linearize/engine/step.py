@@ -420,19 +420,18 @@ def _local(
     94–102 / 549–705 µs for one ``R``-column product with the ring as the tall operand (its
     kernel pads 3 columns to 16) and more as the wide one (packed, copied, first). The scores
     come out as ``[R, C]`` rows, so the elementwise softmax runs along contiguous rows."""
-    spec = lay.spec
-    kb, vb, mask = s["k"], s["v"], s["mask"][:, None, None] if rows else s["mask"]
-    if spec.local == "softmax":
+    kb, vb = s["k"], s["v"]
+    if lay.spec.local == "softmax":
         scale = 1 / math.sqrt(q5.shape[-1])
         # The sinks and the retained tokens (the ring's first slots) are read by the sink query.
         q_sink, front = (q5, 0) if q_sink is None else (q_sink * scale, lay.front)
         window = (s["window_mask"], s["inwindow"]) if lay.retained else (None, None)
-        args = (q5 * scale, q_sink, kb, vb, mask, k, v, *window, front)
+        args = (q5 * scale, q_sink, kb, vb, s["mask"], k, v, *window, front)
         if kernel:
-            # (Each row's mask as it is: [C], or [B, C] for the rows' step.)
-            num, den, attention = RingAttention.apply(*args[:4], s["mask"], *args[5:])
+            num, den, attention = RingAttention.apply(*args)
             return num, den, attention if lay.retained else None
         return _softmax_readout(*args)
+    mask = s["mask"][:, None, None] if rows else s["mask"]
     qn = linear_attn._unit(q5)
     keys = linear_attn._unit(kb).unsqueeze(2).transpose(-1, -2)
     scores = torch.relu(torch.matmul(qn.unsqueeze(-2), keys)[..., 0, :]) ** 2
@@ -470,7 +469,10 @@ def _softmax_readout(
     """The softmax window's numerator, denominator and (with a retained cache: ``window_mask``
     and ``inwindow`` given) each slot's in-window attention, from the queries scaled (``q_sink``
     scores the ring's first ``front`` slots) in the graph's own ops: the reference of
-    ``RingAttention`` (``engine/kernels/ring_attention.cc``)."""
+    ``RingAttention`` (``engine/kernels/ring_attention.cc``). ``mask``: ``[C]``, or each row's,
+    ``[B, C]`` (the rows' step)."""
+    if mask.dim() == 2:
+        mask = mask[:, None, None]
     keys = kb.unsqueeze(2).transpose(-1, -2)  # [B,Hkv,1,K,C]: a view, fused into the product
     scores = torch.matmul(q5.unsqueeze(-2), keys)[..., 0, :]  # [B, Hkv, R, C]
     if front:
@@ -501,8 +503,6 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
-        if mask.dim() == 2:  # the rows' masks, [B, C]
-            mask = mask[:, None, None]
         num, den, attention = _softmax_readout(
             q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front
         )

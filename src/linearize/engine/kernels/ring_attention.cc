@@ -1,6 +1,6 @@
 // RingAttention: one token's softmax readout over a layer's ring of kept keys and values, as one
 // onnxruntime custom op (domain "linearize"). The step graph's own ops for the same readout
-// (engine/step.py, `_softmax_ring`) are its reference, and what the graph runs where this library
+// (engine/step.py, `_softmax_readout`) are its reference, and what the graph runs where this library
 // is not built.
 //
 // Why: the graph reads each ring once per query head (R one-row products over the same keys) and
@@ -53,7 +53,6 @@ struct Api {
 
 // Places in the OrtApi table.
 enum : int {
-  kCreateStatus = 0,
   kCreateCustomOpDomain = 26,
   kCustomOpDomainAdd = 27,
   kAddCustomOpDomain = 28,
@@ -309,6 +308,26 @@ struct Kernel {
   int64_t retained;
 };
 
+// Every row's key heads, one after another.
+void readout(Head run, int64_t B, int64_t H, int64_t R, int64_t C, int64_t K, int64_t front,
+             bool retained, int64_t mask_stride, const float* q, const float* qs,
+             const float* keys, const float* values, const float* mask, const float* key,
+             const float* value, const float* window_mask, const float* inwindow, float* num,
+             float* den, float* attention) {
+  // Per thread: sequences held on one engine step concurrently through one session.
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(R * (C + 1)));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t i = b * H + h;
+      run(q + i * R * K, qs + i * R * K, keys + i * C * K, values + i * C * K,
+          mask + b * mask_stride, key + i * K, value + i * K, window_mask, inwindow, C, K, front,
+          retained, num + i * R * K, den + i * R, retained ? attention + i * (C + 1) : nullptr,
+          scratch.data());
+    }
+  }
+}
+
 void compute(void* kernel_ptr, void* context) {
   Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const Api* api = kernel.api;
@@ -326,19 +345,9 @@ void compute(void* kernel_ptr, void* context) {
   float* num = output(api, context, 0, num_dims, 4);
   float* den = output(api, context, 1, den_dims, 4);
   float* attention = output(api, context, 2, attention_dims, 3);
-  // Per thread: sequences held on one engine step concurrently through one session.
-  thread_local std::vector<float> scratch;
-  scratch.resize(static_cast<size_t>(R * (C + 1)));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t i = b * H + h;
-      run(q.data + i * R * K, qs.data + i * R * K, keys.data + i * C * K,
-          values.data + i * C * K, mask.data + b * mask_stride, key.data + i * K,
-          value.data + i * K, window_mask.data, inwindow.data, C, K, kernel.front,
-          kernel.retained != 0, num + i * R * K, den + i * R,
-          kernel.retained ? attention + i * (C + 1) : nullptr, scratch.data());
-    }
-  }
+  readout(run, B, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride, q.data, qs.data,
+          keys.data, values.data, mask.data, key.data, value.data, window_mask.data,
+          inwindow.data, num, den, attention);
 }
 
 void* create_kernel(const CustomOp*, const Api* api, const void* info) {
@@ -393,10 +402,7 @@ extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
     float* den, float* attention) {
   Head run = head_for(R, K);
   if (run == nullptr || K % 8 || K > 64 * 8) return 1;
-  std::vector<float> scratch(static_cast<size_t>(R * (C + 1)));
-  for (int64_t h = 0; h < H; ++h)
-    run(q + h * R * K, qs + h * R * K, keys + h * C * K, values + h * C * K, mask, key + h * K,
-        value + h * K, window_mask, inwindow, C, K, front, retained != 0, num + h * R * K,
-        den + h * R, retained ? attention + h * (C + 1) : nullptr, scratch.data());
+  readout(run, 1, H, R, C, K, front, retained != 0, 0, q, qs, keys, values, mask, key, value,
+          window_mask, inwindow, num, den, attention);
   return 0;
 }
