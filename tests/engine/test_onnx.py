@@ -9,7 +9,7 @@ import torch
 
 import linearize
 from linearize.engine import kernels
-from linearize.engine.step import uses_kernel
+from linearize.engine.step import Kernel4Bit, uses_kernel
 from linearize.models.quantize import QuantConfig, quantize
 from linearize.ops.tree import Tree
 from tests.engine.conftest import engine_model
@@ -56,12 +56,16 @@ def _engine_matches_reference(kind, quant, tmp_path):
         reference, _ = model(ids)
     engine = OnnxEngine(model, max_context=STEPS + 8, threads=1, cache=tmp_path, accuracy=EXACT)
     if kernels.unavailable() is None:
-        # Softmax windows step through linearize's RingAttention (test_ring_attention.py).
+        # Softmax windows step through linearize's RingAttention (test_ring_attention.py),
+        # 4-bit linears through MatMul4Bit (test_matmul_4bit.py).
         softmax = any(
             uses_kernel(lay, layer.self_attn)
             for lay, layer in zip(engine.layouts, model.layers, strict=True)
         )
-        assert engine.step_module.kernels == softmax
+        four_bit = any(isinstance(m, Kernel4Bit) for m in engine.step_module.modules())
+        config = QuantConfig.named(quant) if isinstance(quant, str) else quant
+        assert four_bit == (config is not None and config.bits == 4)
+        assert engine.step_module.kernels == (softmax or four_bit)
     first = engine.prefill(ids[0, :5].tolist())
     assert_close("prefill", reference[0, 4], first, TOLERANCE)
     nbytes = engine.nbytes()
@@ -458,10 +462,11 @@ def test_int8_arithmetic_stays_close(kind, tmp_path):
 
 
 def _exported_nodes(model, cache) -> dict[str, list]:
-    """The nodes of the step's and a chain's graphs, as exported and optimized, by folder."""
+    """The nodes of the step's and a chain's graphs, as exported and optimized, by folder (the
+    graph's own ops: the step with linearize's kernels is test_matmul_4bit.py's)."""
     import onnx
 
-    engine = OnnxEngine(model, max_context=64, threads=1, cache=cache)
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=cache, kernels=False)
     engine.prefill([3, 4, 5])
     engine.forward_tree([6, 7], Tree.from_parents([-1, 0]))
     graphs = sorted(cache.glob("**/graph.onnx"))

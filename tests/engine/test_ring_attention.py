@@ -58,7 +58,7 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
     ],
 )
 def test_kernel_matches_reference(H, R, C, K, front, retained):
-    library = ctypes.CDLL(str(kernels.ring_attention()))
+    library = ctypes.CDLL(str(kernels.library()))
     rng = np.random.default_rng(C)
 
     def normal(*shape, scale=1.0):
@@ -160,7 +160,7 @@ def test_a_failed_build_is_logged_and_leaves_nothing(monkeypatch, caplog, tmp_pa
     kernels._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="linearize.engine.kernels"):
-            assert kernels.ring_attention(tmp_path) is None
+            assert kernels.library(tmp_path) is None
     finally:
         kernels._library.cache_clear()
     assert "runs without linearize's kernels" in caplog.text and "failed" in caplog.text
@@ -168,9 +168,11 @@ def test_a_failed_build_is_logged_and_leaves_nothing(monkeypatch, caplog, tmp_pa
 
 
 @needs_kernel
-def test_sessions_run_the_kernel_from_threads_at_once():
+@pytest.mark.parametrize("intra_op", [1, 2])
+def test_sessions_run_the_kernel_from_threads_at_once(intra_op):
     """One session, four threads running it at once (held sequences stepping concurrently: the
-    server): each run's numbers are its own."""
+    server), its key heads split over onnxruntime's intra-op threads (1 or 2): each run's
+    numbers are its own, and the kernel's alone, bit for bit."""
     import concurrent.futures
 
     import onnxruntime as ort
@@ -195,8 +197,8 @@ def test_sessions_run_the_kernel_from_threads_at_once():
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("linearize", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
-    options.register_custom_ops_library(str(kernels.ring_attention()))
-    options.intra_op_num_threads = 1
+    options.register_custom_ops_library(str(kernels.library()))
+    options.intra_op_num_threads = intra_op
     session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = [
@@ -208,6 +210,11 @@ def test_sessions_run_the_kernel_from_threads_at_once():
         feed["window_mask"][:] = 0
         feed["inwindow"][:] = 1
     alone = [session.run(None, feed) for feed in feeds]
+    library = ctypes.CDLL(str(kernels.library()))
+    for feed, want in zip(feeds, alone, strict=True):
+        got = _call(library, *(feed[n] for n in names), front=4, retained=1)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a, b)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for _ in range(5):
             together = list(pool.map(lambda feed: session.run(None, feed), feeds))

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from linearize.engine.kernels import cpu_flags_line, ring_attention
+from linearize.engine.kernels import cpu_flags_line
+from linearize.engine.kernels import library as kernels_library
 from linearize.engine.ring import RingRows, RingState
 from linearize.engine.step import FixedStep, RowsStep, fill_rotation
 from linearize.engine.tree import (
@@ -52,8 +53,9 @@ logger = logging.getLogger(__name__)
 # candidates above each one by a product; 18: tree graphs compute the logits of the nodes asked
 # for (``scored``: a prefill chunk's last); 19: the attention's products as MatMul, not Einsum, the
 # scale on the queries; 20: the window's exp weights as one Softmax; 21: a 4-bit head's offset
-# term groups however many rows a tree scores
-EXPORT_VERSION = 21
+# term groups however many rows a tree scores; 22: the step graphs' 4-bit linears as linearize's
+# MatMul4Bit (with kernels)
+EXPORT_VERSION = 22
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -214,7 +216,7 @@ def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> No
 
     graph = onnx.load(tmp / "raw.onnx")
     for node in graph.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "MatMul4Bit"):  # (the latter: engine.kernels)
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
     if accuracy_level == 0:
         _dequantize_8bit(graph)
@@ -323,7 +325,7 @@ class OnnxEngine:
         self.max_context = max_context
         # linearize's RingAttention op (engine.kernels) for the step's softmax windows, where
         # it builds here; ``kernels=False``: the graph's own ops (its reference).
-        self.kernel_library = ring_attention() if kernels else None
+        self.kernel_library = kernels_library() if kernels else None
         self.step_module = FixedStep(
             self.model, max_context, kernels=self.kernel_library is not None
         )

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from linearize.engine.fuse import fuse_linears
 from linearize.layers.attention import Attention
 from linearize.models.decoder import Decoder
+from linearize.models.quantize import QuantizedLinear
 from linearize.ops import linear_attn
 
 
@@ -200,16 +201,26 @@ class FixedStep(nn.Module):
             uses_kernel(lay, layer.self_attn)
             for lay, layer in zip(self.layouts, model.layers, strict=True)
         )
-        # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up.
+        # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up; with
+        # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op.
+        linear = Kernel4Bit.wrap if kernels else (lambda module: module)
         self.qkv = nn.ModuleList(
-            fuse_linears(
-                [a.q_proj, a.k_proj, a.v_proj],
-                qkv_order(a.config.num_heads, a.config.num_kv_heads, a.config.head_dim),
+            linear(
+                fuse_linears(
+                    [a.q_proj, a.k_proj, a.v_proj],
+                    qkv_order(a.config.num_heads, a.config.num_kv_heads, a.config.head_dim),
+                )
             )
             for a in (layer.self_attn for layer in model.layers)
         )
         self.gate_up = nn.ModuleList(
-            fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in model.layers
+            linear(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.layers
+        )
+        self.o_proj = nn.ModuleList(linear(layer.self_attn.o_proj) for layer in model.layers)
+        self.down_proj = nn.ModuleList(linear(layer.mlp.down_proj) for layer in model.layers)
+        self.kernels = self.kernels or any(
+            isinstance(module, Kernel4Bit)
+            for module in (*self.qkv, *self.gate_up, *self.o_proj, *self.down_proj)
         )
 
     def input_names(self) -> list[str]:
@@ -240,12 +251,12 @@ class FixedStep(nn.Module):
             rest = rest[len(names) :]
             qkv = self.qkv[i](layer.input_layernorm(x))
             kernel = self.kernels and uses_kernel(lay, layer.self_attn)
-            h, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken, rows, kernel)
-            x = x + h
+            o, new = _attention_step(layer.self_attn, lay, qkv, rotation, taken, rows, kernel)
+            x = x + self.o_proj[i](o)
             # (split at a constant: chunk would take the width from the tensor's shape)
             half = layer.mlp.gate_proj.out_features
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).split(half, -1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            x = x + self.down_proj[i](F.silu(gate) * up)
             outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
         logits = self.model.lm_head(self.model.norm(x))
         return (logits, *outputs)
@@ -283,11 +294,12 @@ def _attention_step(
     rows: bool = False,
     kernel: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections in :func:`qkv_order` → the layer's
-    output ``[B, D]`` and its new state. Each key head sits after its ``R`` query heads, so
-    RoPE and the feature map (``grouped``: ``[B, Hkv, R+1, K]``, each group reading its key /
-    value head's weights) run once on the query and key heads together. ``kernel``: the
-    softmax window as one ``RingAttention`` node (:func:`uses_kernel`)."""
+    """``qkv: [B, (H + 2·Hkv)·K]`` the token's projections in :func:`qkv_order` → the heads'
+    output ``[B, H·K]`` (what ``o_proj`` reads) and the layer's new state. Each key head sits
+    after its ``R`` query heads, so RoPE and the feature map (``grouped``: ``[B, Hkv, R+1,
+    K]``, each group reading its key / value head's weights) run once on the query and key
+    heads together. ``kernel``: the softmax window as one ``RingAttention`` node
+    (:func:`uses_kernel`)."""
     c = attn.config
     H, Hkv, K = c.num_heads, c.num_kv_heads, c.head_dim
     R = H // Hkv
@@ -345,7 +357,7 @@ def _attention_step(
     # As Attention._output, on [B, Hkv, R, V].
     if attn.output_norm is not None:
         o = attn.output_norm(o)
-    return attn.o_proj(o.reshape(-1, H * K)), new
+    return o.reshape(-1, H * K), new
 
 
 def fill_rotation(R: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
@@ -583,3 +595,66 @@ def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor
     B, Hkv, P, V = window.shape
     taps = attn.conv.flip(-1).view(Hkv, -1, P)
     return torch.matmul(taps, window), window[:, :, 1:]  # [B, Hkv, R, V]
+
+
+class MatMul4Bit(torch.autograd.Function):
+    """``x · Wᵀ`` for 4-bit codes in groups of 32, ``w = (q − 8)·s + o`` per group, as one node
+    of the exported graph, ``linearize::MatMul4Bit`` (:mod:`linearize.engine.kernels`); in
+    PyTorch the dequantized product. ``codes: [N, K/32, 16]`` (``MatMulNBits``' packing),
+    ``scales, offsets: [N, K/32]``, ``sizes`` x's shape at export. Its arithmetic
+    (``accuracy_level``, as ``MatMulNBits``') is set on the exported graph
+    (``engine.onnx.export``)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, offsets, sizes):
+        q = torch.stack([codes & 0x0F, codes >> 4], -1).reshape(*codes.shape[:2], 32)
+        weight = (q.to(scales.dtype) - 8) * scales[..., None] + offsets[..., None]
+        return F.linear(x, weight.reshape(codes.shape[0], -1).to(x.dtype))
+
+    @staticmethod
+    def symbolic(g, x, codes, scales, offsets, sizes):
+        from linearize.engine.kernels import DOMAIN
+
+        y = g.op(f"{DOMAIN}::MatMul4Bit", x, codes, scales, offsets)
+        # The leading axes as x has them (None: any length at run time, the rows' number).
+        known = x.type().varyingSizes()
+        leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
+        y.setType(x.type().with_sizes([*leading, codes.type().sizes()[0]]))
+        return y
+
+
+class Kernel4Bit(nn.Module):
+    """A 4-bit linear in groups of 32 run by ``MatMul4Bit`` in the exported graph (any zero
+    points: the offsets ``(8 − z)·s``, so Q4_1's float grid needs no offset term beside it); in
+    PyTorch, the linear itself (the reference)."""
+
+    def __init__(self, linear: QuantizedLinear) -> None:
+        super().__init__()
+        self.linear = linear
+        q = linear.qweight
+        groups = q.in_features // q.group_size
+        codes = q.codes.reshape(q.out_features, groups, q.group_size // 2)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", q.scale.detach().float(), persistent=False)
+        offsets = (8 - q.zero.detach().float()) * self.scales
+        self.register_buffer("offsets", offsets, persistent=False)
+
+    @staticmethod
+    def runs(linear: nn.Module) -> bool:
+        """Whether ``MatMul4Bit`` runs ``linear``: 4-bit codes in groups of 32."""
+        return (
+            isinstance(linear, QuantizedLinear)
+            and linear.qweight.bits == 4
+            and linear.qweight.group_size == 32
+        )
+
+    @classmethod
+    def wrap(cls, linear: nn.Module) -> nn.Module:
+        """``linear`` as a ``Kernel4Bit`` where the op runs it, else as it is."""
+        return cls(linear) if cls.runs(linear) else linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return self.linear(x)
+        y = MatMul4Bit.apply(x, self.codes, self.scales, self.offsets, tuple(x.shape))
+        return y if self.linear.bias is None else y + self.linear.bias

@@ -1,15 +1,22 @@
 """linearize's own compiled kernels for the onnx engine: onnxruntime custom ops, built on first use.
 
-``RingAttention`` (``ring_attention.cc``, domain ``linearize``) is one token's softmax readout over
-a layer's ring of kept keys and values: each key and value row read once for the query heads
-that share it, the mask, max, exp and sums in the same pass. The step graph's own ops for the
-same readout (:func:`linearize.engine.step._softmax_readout`) are its reference; they run where
-the library cannot be built (no C++ compiler, a CPU without AVX2 and FMA), and the tree and chain
-graphs always use them.
+One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI in
+``ort_abi.h``, the ops registered by ``register.cc``):
 
-The library is compiled once per source, compiler and CPU into ``<cache>/kernels/<key>/`` (a
-whole folder or none, as every cached build); a failed build is logged and the engine exports
-its graphs without the kernel.
+- ``RingAttention`` (``ring_attention.cc``): one token's softmax readout over a layer's ring of
+  kept keys and values: each key and value row read once for the query heads that share it, the
+  mask, max, exp and sums in the same pass. Its reference: the graph's own ops
+  (:func:`linearize.engine.step._softmax_readout`).
+- ``MatMul4Bit`` (``matmul_4bit.cc``): a linear with 4-bit codes in groups of 32 and any zero
+  points (``(q − 8)·s + o`` per group), int8 or fp32 arithmetic, split over onnxruntime's
+  intra-op threads. Its reference: ``MatMulNBits`` plus the offset term
+  (:class:`linearize.models.quantize.QuantizedLinear`'s export).
+
+The step graphs (one sequence, the rows') use them; where the library cannot be built (no C++
+compiler, a CPU without AVX2 and FMA) the references run, and the tree and chain graphs always
+use the references. The library is compiled once per source, compiler and CPU into
+``<cache>/kernels/<key>/`` (a whole folder or none, as every cached build); a failed build is
+logged and the engine exports its graphs without the kernels.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from linearize.paths import build_once, cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ring_attention.cc")
-LIBRARY = "ring_attention.so"
+HERE = Path(__file__).parent
+SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "register.cc")
+HEADERS = ("ort_abi.h",)
+LIBRARY = "linearize_kernels.so"
 DOMAIN = "linearize"
 # AVX2 + FMA: every x86-64 server CPU since 2013; the kernel's vectors are 8 floats wide.
 FLAGS = (
@@ -59,8 +68,8 @@ def unavailable() -> str | None:
     return None
 
 
-def ring_attention(cache: str | os.PathLike | None = None) -> Path | None:
-    """The path of the built ``RingAttention`` library (built now if needed), or ``None`` where
+def library(cache: str | os.PathLike | None = None) -> Path | None:
+    """The path of the built kernels' library (built now if needed), or ``None`` where
     it cannot be built here (the reason logged once). It belongs to the machine, not to a
     model: it lives in the user cache (:func:`~linearize.paths.cache_dir`, or ``cache``), and
     an engine's own ``cache`` folder holds only its graphs."""
@@ -77,15 +86,17 @@ def _library(root: str) -> Path | None:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
+    text = b"".join((HERE / name).read_bytes() for name in (*SOURCES, *HEADERS))
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
+        text + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
     ).hexdigest()[:12]
     folder = Path(root) / "kernels" / key
     if not (folder / LIBRARY).is_file():
 
         def build(tmp: Path) -> None:
             logger.info("compiling linearize's kernels into %s (once per machine)", folder)
-            command = [compiler, *FLAGS, str(SOURCE), "-o", str(tmp / LIBRARY)]
+            sources = [str(HERE / name) for name in SOURCES]
+            command = [compiler, *FLAGS, *sources, "-o", str(tmp / LIBRARY)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -119,4 +130,4 @@ def _cpu_flags() -> str:
     return " ".join(sorted(set(cpu_flags_line().partition(":")[2].split())))
 
 
-__all__ = ["DOMAIN", "ring_attention", "unavailable"]
+__all__ = ["DOMAIN", "library", "unavailable"]

@@ -23,11 +23,10 @@
 //   1 den        [B, Hkv, R, 1]    sum_c e^(s_c - m)
 //   2 attention  [B, Hkv, C + 1]   (retained; else [B, Hkv, 0]) each slot's softmax weight
 //                                  renormalised over the window, summed over the R heads
-// with m the largest score (retained: the largest in the window).
+// with m the largest score (retained: the largest in the window). The key heads (of every row)
+// are split over onnxruntime's intra-op threads.
 //
-// The library speaks onnxruntime's C ABI (version 13: a custom op's callbacks, and the functions
-// of the OrtApi table it calls, by their place in the table), declared below rather than through
-// onnxruntime's headers, which its Python wheel does not ship.
+// onnxruntime's C ABI: ort_abi.h.
 
 #include <immintrin.h>
 
@@ -38,100 +37,10 @@
 #include <cstring>
 #include <vector>
 
+#include "ort_abi.h"
+
+namespace linearize {
 namespace {
-
-// ---- onnxruntime's C ABI (the parts this op uses) -----------------------------------------
-
-constexpr uint32_t kApiVersion = 13;
-constexpr int kFloat = 1;  // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-
-using Status = void*;  // OrtStatus*: null on success
-
-struct Api {
-  void* table[102];
-};
-
-// Places in the OrtApi table.
-enum : int {
-  kCreateCustomOpDomain = 26,
-  kCustomOpDomainAdd = 27,
-  kAddCustomOpDomain = 28,
-  kGetTensorMutableData = 51,
-  kGetDimensionsCount = 61,
-  kGetDimensions = 62,
-  kGetTensorTypeAndShape = 65,
-  kKernelInfoGetAttributeInt64 = 86,
-  kKernelContextGetInput = 90,
-  kKernelContextGetOutput = 91,
-  kReleaseStatus = 93,
-  kReleaseTensorTypeAndShapeInfo = 99,
-};
-
-struct ApiBase {
-  const Api* (*GetApi)(uint32_t version);
-  const char* (*GetVersionString)();
-};
-
-struct CustomOp {
-  uint32_t version;
-  void* (*CreateKernel)(const CustomOp*, const Api*, const void* info);
-  const char* (*GetName)(const CustomOp*);
-  const char* (*GetExecutionProviderType)(const CustomOp*);
-  int (*GetInputType)(const CustomOp*, size_t);
-  size_t (*GetInputTypeCount)(const CustomOp*);
-  int (*GetOutputType)(const CustomOp*, size_t);
-  size_t (*GetOutputTypeCount)(const CustomOp*);
-  void (*KernelCompute)(void* kernel, void* context);
-  void (*KernelDestroy)(void* kernel);
-  int (*GetInputCharacteristic)(const CustomOp*, size_t);
-  int (*GetOutputCharacteristic)(const CustomOp*, size_t);
-  int (*GetInputMemoryType)(const CustomOp*, size_t);
-};
-
-template <typename F>
-F fn(const Api* api, int place) {
-  return reinterpret_cast<F>(api->table[place]);
-}
-
-struct Tensor {
-  float* data;
-  int64_t dims[8];
-  size_t rank;
-};
-
-void check(const Api* api, Status status) {
-  if (status) {
-    fn<void (*)(Status)>(api, kReleaseStatus)(status);
-    std::abort();  // a shape or type the exporter never writes
-  }
-}
-
-Tensor input(const Api* api, void* context, size_t index) {
-  const void* value = nullptr;
-  check(api, fn<Status (*)(void*, size_t, const void**)>(api, kKernelContextGetInput)(
-                 context, index, &value));
-  void* info = nullptr;
-  check(api, fn<Status (*)(const void*, void**)>(api, kGetTensorTypeAndShape)(value, &info));
-  Tensor t{};
-  check(api, fn<Status (*)(const void*, size_t*)>(api, kGetDimensionsCount)(info, &t.rank));
-  if (t.rank > 8) std::abort();
-  check(api, fn<Status (*)(const void*, int64_t*, size_t)>(api, kGetDimensions)(
-                 info, t.dims, t.rank));
-  fn<void (*)(void*)>(api, kReleaseTensorTypeAndShapeInfo)(info);
-  void* data = nullptr;
-  check(api, fn<Status (*)(const void*, void**)>(api, kGetTensorMutableData)(value, &data));
-  t.data = static_cast<float*>(data);
-  return t;
-}
-
-float* output(const Api* api, void* context, size_t index, const int64_t* dims, size_t rank) {
-  void* value = nullptr;
-  check(api, fn<Status (*)(void*, size_t, const int64_t*, size_t, void**)>(
-                 api, kKernelContextGetOutput)(context, index, dims, rank, &value));
-  void* data = nullptr;
-  check(api, fn<Status (*)(const void*, void**)>(api, kGetTensorMutableData)(value, &data));
-  return static_cast<float*>(data);
-}
 
 // ---- the arithmetic ------------------------------------------------------------------------
 
@@ -308,23 +217,36 @@ struct Kernel {
   int64_t retained;
 };
 
-// Every row's key heads, one after another.
-void readout(Head run, int64_t B, int64_t H, int64_t R, int64_t C, int64_t K, int64_t front,
-             bool retained, int64_t mask_stride, const float* q, const float* qs,
-             const float* keys, const float* values, const float* mask, const float* key,
-             const float* value, const float* window_mask, const float* inwindow, float* num,
-             float* den, float* attention) {
-  // Per thread: sequences held on one engine step concurrently through one session.
+// The readout of every row's key heads: one task per (row, key head).
+struct Readout {
+  Head run;
+  int64_t H, R, C, K, front;
+  bool retained;
+  int64_t mask_stride;
+  const float *q, *qs, *keys, *values, *mask, *key, *value, *window_mask, *inwindow;
+  float *num, *den, *attention;
+};
+
+void key_head(void* user, size_t task) {
+  const Readout& a = *static_cast<const Readout*>(user);
+  const int64_t i = static_cast<int64_t>(task), b = i / a.H, R = a.R, C = a.C, K = a.K;
+  // Per thread: onnxruntime's intra-op threads, and sequences held on one engine stepping
+  // concurrently through one session.
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(R * (C + 1)));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t i = b * H + h;
-      run(q + i * R * K, qs + i * R * K, keys + i * C * K, values + i * C * K,
-          mask + b * mask_stride, key + i * K, value + i * K, window_mask, inwindow, C, K, front,
-          retained, num + i * R * K, den + i * R, retained ? attention + i * (C + 1) : nullptr,
-          scratch.data());
-    }
+  a.run(a.q + i * R * K, a.qs + i * R * K, a.keys + i * C * K, a.values + i * C * K,
+        a.mask + b * a.mask_stride, a.key + i * K, a.value + i * K, a.window_mask, a.inwindow, C,
+        K, a.front, a.retained, a.num + i * R * K, a.den + i * R,
+        a.retained ? a.attention + i * (C + 1) : nullptr, scratch.data());
+}
+
+// B rows of H key heads: over onnxruntime's intra-op threads, or (`api` null) on this one.
+void readout(const Api* api, void* context, int64_t B, const Readout& a) {
+  const size_t tasks = static_cast<size_t>(B * a.H);
+  if (api == nullptr) {
+    for (size_t t = 0; t < tasks; ++t) key_head(const_cast<Readout*>(&a), t);
+  } else {
+    parallel_for(api, context, key_head, tasks, const_cast<Readout*>(&a));
   }
 }
 
@@ -345,9 +267,11 @@ void compute(void* kernel_ptr, void* context) {
   float* num = output(api, context, 0, num_dims, 4);
   float* den = output(api, context, 1, den_dims, 4);
   float* attention = output(api, context, 2, attention_dims, 3);
-  readout(run, B, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride, q.data, qs.data,
-          keys.data, values.data, mask.data, key.data, value.data, window_mask.data,
-          inwindow.data, num, den, attention);
+  const Readout a{run, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride,
+                  data<float>(q), data<float>(qs), data<float>(keys), data<float>(values),
+                  data<float>(mask), data<float>(key), data<float>(value),
+                  data<float>(window_mask), data<float>(inwindow), num, den, attention};
+  readout(api, context, B, a);
 }
 
 void* create_kernel(const CustomOp*, const Api* api, const void* info) {
@@ -361,7 +285,7 @@ void* create_kernel(const CustomOp*, const Api* api, const void* info) {
 CustomOp make_op() {
   CustomOp op;
   std::memset(&op, 0, sizeof op);
-  op.version = kApiVersion;
+  op.version = kOpVersion;
   op.CreateKernel = create_kernel;
   op.GetName = [](const CustomOp*) { return "RingAttention"; };
   op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };
@@ -377,22 +301,16 @@ CustomOp make_op() {
   return op;
 }
 
-CustomOp ring_attention = make_op();
-
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) Status RegisterCustomOps(
-    void* options, const ApiBase* base) {
-  const Api* api = base->GetApi(kApiVersion);
-  if (api == nullptr) return nullptr;  // cannot happen: every onnxruntime since 1.13 serves it
-  void* domain = nullptr;
-  Status status =
-      fn<Status (*)(const char*, void**)>(api, kCreateCustomOpDomain)("linearize", &domain);
-  if (status) return status;
-  status = fn<Status (*)(void*, const CustomOp*)>(api, kCustomOpDomainAdd)(domain, &ring_attention);
-  if (status) return status;
-  return fn<Status (*)(void*, void*)>(api, kAddCustomOpDomain)(options, domain);
+const CustomOp* ring_attention_op() {
+  static const CustomOp op = make_op();
+  return &op;
 }
+
+}  // namespace linearize
+
+using namespace linearize;
 
 // A plain entry for tests and benchmarks (ctypes): the same arithmetic on numpy arrays.
 extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
@@ -402,7 +320,9 @@ extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
     float* den, float* attention) {
   Head run = head_for(R, K);
   if (run == nullptr || K % 8 || K > 64 * 8) return 1;
-  readout(run, 1, H, R, C, K, front, retained != 0, 0, q, qs, keys, values, mask, key, value,
-          window_mask, inwindow, num, den, attention);
+  const Readout a{run,  H,   R,     C,     K,           front,    retained != 0,
+                  0,    q,   qs,    keys,  values,      mask,     key,
+                  value, window_mask, inwindow, num, den, attention};
+  readout(nullptr, nullptr, 1, a);
   return 0;
 }

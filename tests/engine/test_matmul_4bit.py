@@ -1,0 +1,199 @@
+"""linearize's MatMul4Bit kernel: its int8 arithmetic (MatMulNBits') and fp32 arithmetic against
+numpy, the step graphs' 4-bit linears through it, and the same numbers on any number of threads.
+(The engine with it against the PyTorch reference, fp32, every kind: test_onnx.py.)"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from linearize.engine import kernels
+from linearize.engine.step import Kernel4Bit
+from linearize.models.quantize import QuantConfig, quantize
+from linearize.ops.tree import Tree
+from tests.engine.conftest import engine_model
+
+pytest.importorskip("onnxruntime")
+
+from linearize.engine.onnx import OnnxEngine  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(
+    kernels.unavailable() is not None, reason=f"no kernels here: {kernels.unavailable()}"
+)
+# fp32 sums in another order than numpy's fp64: measured ≤ 1.5e-7 of the largest output.
+TOLERANCE = 2e-6
+# (M rows, K, N): the default model's q/k/v, gate/up and down; groups past the last eight
+# (18 = 8 + 8 + 2, an odd count, one group); outputs past the last task of 64.
+SHAPES = [(1, 576, 960), (1, 576, 3072), (2, 1536, 576), (3, 96, 70), (1, 32, 5), (5, 288, 129)]
+
+
+def _weight(rng, N, K, whole):
+    G = K // 32
+    codes = rng.integers(0, 256, (N, G, 16), dtype=np.uint8)
+    scales = (rng.random((N, G)) * 0.02).astype(np.float32)
+    zero = rng.integers(0, 16, (N, G)) if whole else rng.random((N, G)) * 15
+    offsets = ((8 - zero) * scales).astype(np.float32)
+    return codes, scales, offsets
+
+
+def _dequantized(codes, scales, offsets):
+    N, G, _ = codes.shape
+    q = np.stack([codes & 0x0F, codes >> 4], -1).reshape(N, G, 32).astype(np.float64)
+    return ((q - 8) * scales[..., None] + offsets[..., None]).reshape(N, G * 32)
+
+
+def _int8_arithmetic(x, codes, scales, offsets):
+    """MatMulNBits' int8 arithmetic in numpy: each group of 32 activations as int8 codes
+    (scale max|x| / 127, rounded to nearest even), the products in integers, the offsets on
+    the exact group sums."""
+    M, K = x.shape
+    N, G, _ = codes.shape
+    q = np.stack([codes & 0x0F, codes >> 4], -1).reshape(N, G, 32).astype(np.float64) - 8
+    groups = x.reshape(M, G, 32)
+    top = np.abs(groups).max(-1, keepdims=True)
+    inverse = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0)
+    xq = np.rint(groups * inverse.astype(np.float32)).astype(np.float64)
+    dx = (top / np.float32(127)).astype(np.float64)[..., 0]
+    products = np.einsum("ngi,mgi->mng", q, xq) * dx[:, None, :] * scales[None]
+    return products.sum(-1) + groups.astype(np.float64).sum(-1) @ offsets.T.astype(np.float64)
+
+
+def _run(x, codes, scales, offsets, int8):
+    library = ctypes.CDLL(str(kernels.library()))
+    M, K = x.shape
+    N = codes.shape[0]
+    y = np.full((M, N), np.nan, np.float32)
+    pointer = ctypes.c_void_p
+    done = library.linearize_matmul_4bit(
+        x.ctypes.data_as(pointer),
+        *(ctypes.c_int64(n) for n in (M, K, N)),
+        *(a.ctypes.data_as(pointer) for a in (codes, scales, offsets)),
+        ctypes.c_int64(int(int8)),
+        y.ctypes.data_as(pointer),
+    )
+    assert done == 0
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("whole", [False, True], ids=["float-zero-points", "whole-zero-points"])
+@pytest.mark.parametrize("M, K, N", SHAPES)
+def test_kernel_matches_its_arithmetic(M, K, N, whole):
+    rng = np.random.default_rng(K + N)
+    codes, scales, offsets = _weight(rng, N, K, whole)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[0, :32] = 0  # (a group of zeros: scale 0)
+    exact = x.astype(np.float64) @ _dequantized(codes, scales, offsets).T
+    fp32 = _run(x, codes, scales, offsets, int8=False)
+    assert np.abs(fp32 - exact).max() <= TOLERANCE * np.abs(exact).max()
+    want = _int8_arithmetic(x, codes, scales, offsets)
+    int8 = _run(x, codes, scales, offsets, int8=True)
+    assert np.abs(int8 - want).max() <= TOLERANCE * np.abs(want).max()
+    # (int8 activations: ~0.4 % of the largest output away from the exact product)
+    assert np.abs(int8 - exact).max() <= 2e-2 * np.abs(exact).max()
+
+
+def _session(threads, N=1000, K=576, int8=True):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes, scales, offsets = _weight(np.random.default_rng(0), N, K, whole=False)
+    node = helper.make_node(
+        "MatMul4Bit",
+        ["x", "codes", "scales", "offsets"],
+        ["y"],
+        domain="linearize",
+        accuracy_level=4 if int8 else 0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in zip((codes, scales, offsets), node.input[1:], strict=True)
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("linearize", 1)]
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(kernels.library()))
+    options.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    return ort.InferenceSession(model, options, ["CPUExecutionProvider"]), (codes, scales, offsets)
+
+
+@needs_kernel
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "fp32"])
+def test_threads_give_the_same_numbers(int8):
+    """The outputs split over onnxruntime's intra-op threads (1, 2, 4) and a session run from
+    four threads at once: every output as the kernel alone computes it, bit for bit."""
+    x = np.random.default_rng(5).standard_normal((3, 576)).astype(np.float32)
+    outputs = []
+    for threads in (1, 2, 4):
+        session, weight = _session(threads, int8=int8)
+        outputs.append(session.run(None, {"x": x})[0])
+    alone = _run(x, *weight, int8=int8)
+    for y in outputs:
+        np.testing.assert_array_equal(y, alone)
+    rng = np.random.default_rng(6)
+    feeds = [rng.standard_normal((1 + i % 2, 576)).astype(np.float32) for i in range(8)]
+    want = [_run(f, *weight, int8=int8) for f in feeds]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda f: session.run(None, {"x": f})[0], feeds))
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _nodes(engine, name):
+    import onnx
+
+    graphs = sorted(engine._graphs[0].glob(f"*/{name}/graph.onnx"))  # (as exported)
+    assert len(graphs) == 1, graphs
+    return [node.op_type for node in onnx.load(graphs[0], load_external_data=False).graph.node]
+
+
+@needs_kernel
+def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
+    """The step and rows graphs of an int4 model hold one ``MatMul4Bit`` per linear (q/k/v and
+    gate/up fused, o, down), the same graph for Q4_1's float zero points (no offset term beside
+    it) as for whole ones; the 8-bit head stays ``MatMulNBits``; the tree graphs keep
+    ``MatMulNBits``; an int8 model has no ``MatMul4Bit``."""
+    layers = engine_model("augmented").config.num_layers
+    counts = {}
+    for zero_points in ("float", "integer"):
+        model = engine_model("augmented")
+        quantize(model, QuantConfig("int4", zero_points=zero_points))
+        engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path / zero_points)
+        engine.prefill([3, 4, 5])
+        engine.step(6)
+        rows = engine.rows()
+        with torch.no_grad():
+            for key, prompt in (("a", [3, 4, 5]), ("b", [9, 8])):
+                rows.add(key, engine.hold(model.prefill(torch.tensor([prompt]))[1]))
+        engine.step_rows(rows, [7, 7])
+        engine.forward_tree([6, 7], Tree.from_parents([-1, 0]))
+        for graph in ("step-kernels", "rows-kernels"):
+            nodes = _nodes(engine, graph)
+            assert nodes.count("MatMul4Bit") == 4 * layers, graph
+            assert nodes.count("MatMulNBits") == 1, graph  # the head
+            counts[zero_points, graph] = collections.Counter(nodes)
+        assert "MatMul4Bit" not in _nodes(engine, "chain2")
+        assert "MatMulNBits" in _nodes(engine, "chain2")
+        kernel_linears = [m for m in engine.step_module.modules() if isinstance(m, Kernel4Bit)]
+        assert len(kernel_linears) == 4 * layers
+    for graph in ("step-kernels", "rows-kernels"):
+        assert counts["float", graph] == counts["integer", graph], graph
+
+    model = engine_model("augmented")
+    quantize(model, QuantConfig("int8"))
+    engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path / "int8")
+    engine.prefill([3, 4, 5])
+    engine.step(6)
+    step = "step-kernels" if engine.step_module.kernels else "step"
+    assert "MatMul4Bit" not in _nodes(engine, step)
