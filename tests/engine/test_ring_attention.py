@@ -51,6 +51,8 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
     [
         (3, 3, 600, 64, 4, True),  # the default layer's narrow windows: sinks, retained cache
         (3, 3, 8224, 64, 36, True),  # its wide windows at 8k
+        (3, 3, 2048, 64, 4, False),  # the shortest ring read in two parts
+        (2, 2, 3001, 32, 3, True),  # two unequal parts, the new token in the last
         (3, 3, 77, 64, 0, False),  # a softmax cache
         (2, 4, 37, 16, 2, True),
         (1, 1, 9, 8, 0, False),

@@ -61,7 +61,7 @@ EXPORT_VERSION = 22
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 GRAPH = "graph.onnx"
-# The suffix of the step graphs' folders with linearize's RingAttention nodes (engine.kernels):
+# The suffix of the step graphs' folders with linearize's kernels' nodes (engine.kernels):
 # step-kernels, rows-kernels.
 KERNELS = "-kernels"
 # Positions per block of the engine's RoPE tables (cos, sin, the sinks' positions): a step reads
@@ -323,8 +323,9 @@ class OnnxEngine:
             )
         self.model = model.float().eval()
         self.max_context = max_context
-        # linearize's RingAttention op (engine.kernels) for the step's softmax windows, where
-        # it builds here; ``kernels=False``: the graph's own ops (its reference).
+        # linearize's kernels (engine.kernels: RingAttention for the step's softmax windows,
+        # MatMul4Bit for its 4-bit linears), where they build here; ``kernels=False``: the
+        # graph's own ops (their references).
         self.kernel_library = kernels_library() if kernels else None
         self.step_module = FixedStep(
             self.model, max_context, kernels=self.kernel_library is not None

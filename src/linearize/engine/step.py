@@ -195,8 +195,9 @@ class FixedStep(nn.Module):
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
-        # Softmax windows read by linearize's RingAttention op (engine.kernels); the
-        # reference (and the tree graphs) keep the graph's own ops.
+        # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-bit
+        # linears run by its MatMul4Bit (engine.kernels); the reference (and the tree graphs)
+        # keep the graph's own ops. ``self.kernels``: the graph holds either.
         self.kernels = kernels and any(
             uses_kernel(lay, layer.self_attn)
             for lay, layer in zip(self.layouts, model.layers, strict=True)

@@ -116,53 +116,77 @@ inline void dot_rows2(const float* q, const float* row, int64_t K, float* out, i
   }
 }
 
-// One key head: R query heads against its C slots and the new token. KT: the head size when
-// known at compile time (0: K).
+// One key head's slots [c0, c1) and, with `own`, the new token (column C of the scratch rows
+// w, R rows of W = C + 1): its R query heads' scores, the mask added; m[r] the largest score
+// (with a retained cache: the largest in the window). KT: the head size when known at compile
+// time (0: K).
 template <int R, int KT>
-void head(const float* q, const float* qs, const float* keys, const float* values,
-          const float* mask, const float* key, const float* value, const float* window_mask,
-          const float* inwindow, int64_t C, int64_t K_, int64_t front, bool retained, float* num,
-          float* den, float* attention, float* w) {
-  const int64_t K = KT ? KT : K_, J = K / 8, W = C + 1;
-  // Scores: each key row read once for the R heads; the first `front` by the sink queries.
-  int64_t c = 0;
-  for (; c < front && c < C; ++c) dot_row<R, KT>(qs, keys + c * K, K, w + c, W);
-  for (; c + 2 <= C; c += 2) dot_rows2<R, KT>(q, keys + c * K, K, w + c, W);
-  for (; c < C; ++c) dot_row<R, KT>(q, keys + c * K, K, w + c, W);
+void scores(const float* q, const float* qs, const float* keys, const float* mask,
+            const float* key, const float* window_mask, int64_t C, int64_t K_, int64_t front,
+            bool retained, int64_t c0, int64_t c1, bool own, float* w, float* m) {
+  const int64_t K = KT ? KT : K_, W = C + 1;
+  // Each key row read once for the R heads; the first `front` by the sink queries.
+  int64_t c = c0;
+  for (; c < front && c < c1; ++c) dot_row<R, KT>(qs, keys + c * K, K, w + c, W);
+  for (; c + 2 <= c1; c += 2) dot_rows2<R, KT>(q, keys + c * K, K, w + c, W);
+  for (; c < c1; ++c) dot_row<R, KT>(q, keys + c * K, K, w + c, W);
+  if (own) dot_row<R, KT>(q, key, K, w + C, W);
   for (int r = 0; r < R; ++r) {
     float* wr = w + r * W;
-    for (int64_t i = 0; i < C; ++i) wr[i] += mask[i];
-  }
-  dot_row<R, KT>(q, key, K, w + C, W);
-  // e^(s - m), with m the largest score (the window's, with a retained cache).
-  for (int r = 0; r < R; ++r) {
-    float* wr = w + r * W;
-    float m = -INFINITY;
-    for (int64_t c = 0; c < W; ++c) {
-      float s = retained ? wr[c] + window_mask[c] : wr[c];
-      m = s > m ? s : m;
+    float top = -INFINITY;
+    for (int64_t i = c0; i < c1; ++i) {
+      wr[i] += mask[i];
+      const float s = retained ? wr[i] + window_mask[i] : wr[i];
+      top = s > top ? s : top;
     }
-    __m256 m8 = _mm256_set1_ps(m), total8 = _mm256_setzero_ps();
-    int64_t c = 0;
-    for (; c + 8 <= W; c += 8) {
+    if (own) {
+      const float s = retained ? wr[C] + window_mask[C] : wr[C];
+      top = s > top ? s : top;
+    }
+    m[r] = top;
+  }
+}
+
+// The same columns' weights e^(s - m) in place, their sums (den[r]; with a retained cache also
+// the window's part, inside[r]) and the values' weighted sums (num, R x K): each value row read
+// once for the R heads.
+template <int R, int KT>
+void weigh(const float* values, const float* value, const float* inwindow, int64_t C,
+           int64_t K_, bool retained, int64_t c0, int64_t c1, bool own, const float* m, float* w,
+           float* num, float* den, float* inside) {
+  const int64_t K = KT ? KT : K_, J = K / 8, W = C + 1;
+  for (int r = 0; r < R; ++r) {
+    float* wr = w + r * W;
+    const __m256 m8 = _mm256_set1_ps(m[r]);
+    __m256 total8 = _mm256_setzero_ps();
+    int64_t c = c0;
+    for (; c + 8 <= c1; c += 8) {
       __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(wr + c), m8));
       _mm256_storeu_ps(wr + c, e);
       total8 = _mm256_add_ps(total8, e);
     }
     float total = sum8(total8);
-    for (; c < W; ++c) {
-      wr[c] = std::exp(wr[c] - m);
+    for (; c < c1; ++c) {
+      wr[c] = std::exp(wr[c] - m[r]);
       total += wr[c];
     }
+    if (own) {
+      wr[C] = std::exp(wr[C] - m[r]);
+      total += wr[C];
+    }
     den[r] = total;
+    if (retained) {
+      float in = own ? wr[C] * inwindow[C] : 0.0f;
+      for (int64_t i = c0; i < c1; ++i) in += wr[i] * inwindow[i];
+      inside[r] = in;
+    }
   }
-  // The readout: each value row read once for the R heads.
   for (int64_t j0 = 0; j0 < J; j0 += 8) {
     const int64_t jn = J - j0 < 8 ? J - j0 : 8;
     __m256 acc[R][8];
     for (int r = 0; r < R; ++r)
       for (int64_t j = 0; j < jn; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const float* row = values + c * K + 8 * j0;
       for (int64_t j = 0; j < jn; ++j) {
         __m256 v8 = _mm256_loadu_ps(row + 8 * j);
@@ -172,44 +196,62 @@ void head(const float* q, const float* qs, const float* keys, const float* value
     }
     for (int r = 0; r < R; ++r)
       for (int64_t j = 0; j < jn; ++j) {
-        __m256 own = _mm256_mul_ps(_mm256_set1_ps(w[r * W + C]),
-                                   _mm256_loadu_ps(value + 8 * (j0 + j)));
-        _mm256_storeu_ps(num + r * K + 8 * (j0 + j), _mm256_add_ps(acc[r][j], own));
+        if (own) {
+          const __m256 v8 = _mm256_loadu_ps(value + 8 * (j0 + j));
+          acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * W + C]), v8, acc[r][j]);
+        }
+        _mm256_storeu_ps(num + r * K + 8 * (j0 + j), acc[r][j]);
       }
   }
-  if (retained) {
-    float scale[R];
-    for (int r = 0; r < R; ++r) {
-      float inside = 0;
-      for (int64_t c = 0; c < W; ++c) inside += w[r * W + c] * inwindow[c];
-      scale[r] = 1.0f / inside;
-    }
-    for (int64_t c = 0; c < W; ++c) {
-      float a = 0;
-      for (int r = 0; r < R; ++r) a += w[r * W + c] * scale[r];
-      attention[c] = a;
-    }
+}
+
+// Each column's softmax weight renormalised over the window (inside[r]: the R heads' in-window
+// totals), summed over the R heads: columns [c0, c1), and C with `own`.
+void attention_of(const float* w, int64_t R, int64_t C, int64_t c0, int64_t c1, bool own,
+                  const float* inside, float* attention) {
+  const int64_t W = C + 1;
+  float scale[8];
+  for (int64_t r = 0; r < R; ++r) scale[r] = 1.0f / inside[r];
+  for (int64_t c = c0; c < c1; ++c) {
+    float a = 0;
+    for (int64_t r = 0; r < R; ++r) a += w[r * W + c] * scale[r];
+    attention[c] = a;
+  }
+  if (own) {
+    float a = 0;
+    for (int64_t r = 0; r < R; ++r) a += w[r * W + C] * scale[r];
+    attention[C] = a;
   }
 }
 
-using Head = decltype(&head<1, 0>);
+struct Stages {
+  decltype(&scores<1, 0>) scores;
+  decltype(&weigh<1, 0>) weigh;
+};
+
+template <int R, int KT>
+constexpr Stages stages_of() {
+  return {scores<R, KT>, weigh<R, KT>};
+}
 
 template <int KT>
-Head head_of(int64_t R) {
+Stages stages_for_size(int64_t R) {
   switch (R) {
-    case 1: return head<1, KT>;
-    case 2: return head<2, KT>;
-    case 3: return head<3, KT>;
-    case 4: return head<4, KT>;
-    case 5: return head<5, KT>;
-    case 6: return head<6, KT>;
-    case 7: return head<7, KT>;
-    case 8: return head<8, KT>;
-    default: return nullptr;
+    case 1: return stages_of<1, KT>();
+    case 2: return stages_of<2, KT>();
+    case 3: return stages_of<3, KT>();
+    case 4: return stages_of<4, KT>();
+    case 5: return stages_of<5, KT>();
+    case 6: return stages_of<6, KT>();
+    case 7: return stages_of<7, KT>();
+    case 8: return stages_of<8, KT>();
+    default: return {nullptr, nullptr};
   }
 }
 
-Head head_for(int64_t R, int64_t K) { return K == 64 ? head_of<64>(R) : head_of<0>(R); }
+Stages stages_for(int64_t R, int64_t K) {
+  return K == 64 ? stages_for_size<64>(R) : stages_for_size<0>(R);
+}
 
 struct Kernel {
   const Api* api;
@@ -217,37 +259,125 @@ struct Kernel {
   int64_t retained;
 };
 
-// The readout of every row's key heads: one task per (row, key head).
+// Rings of at least kSplit slots are read in two parts, so that two threads share a key head
+// (the default's wide windows: 3 key heads, two threads); shorter ones a key head per task.
+constexpr int64_t kSplit = 2048;
+
+// The readout of every row's key heads.
 struct Readout {
-  Head run;
+  Stages run;
   int64_t H, R, C, K, front;
   bool retained;
   int64_t mask_stride;
   const float *q, *qs, *keys, *values, *mask, *key, *value, *window_mask, *inwindow;
   float *num, *den, *attention;
+  // Per call: the weights (B·H rows of R x (C + 1)) and, per (row, key head, part), R maxima,
+  // sums, in-window sums and R x K weighted values.
+  float *w = nullptr, *m = nullptr, *sums = nullptr, *inside = nullptr, *partial = nullptr;
+  int64_t parts = 1;
 };
 
-void key_head(void* user, size_t task) {
+// Part p of key head i's columns: [c0, c1), and the new token in the last part.
+void columns(const Readout& a, int64_t p, int64_t* c0, int64_t* c1) {
+  const int64_t size = (a.C + a.parts - 1) / a.parts;
+  *c0 = p * size < a.C ? p * size : a.C;
+  *c1 = *c0 + size < a.C ? *c0 + size : a.C;
+}
+
+void score_part(void* user, size_t task) {
   const Readout& a = *static_cast<const Readout*>(user);
-  const int64_t i = static_cast<int64_t>(task), b = i / a.H, R = a.R, C = a.C, K = a.K;
-  // Per thread: onnxruntime's intra-op threads, and sequences held on one engine stepping
-  // concurrently through one session.
-  thread_local std::vector<float> scratch;
-  scratch.resize(static_cast<size_t>(R * (C + 1)));
-  a.run(a.q + i * R * K, a.qs + i * R * K, a.keys + i * C * K, a.values + i * C * K,
-        a.mask + b * a.mask_stride, a.key + i * K, a.value + i * K, a.window_mask, a.inwindow, C,
-        K, a.front, a.retained, a.num + i * R * K, a.den + i * R,
-        a.retained ? a.attention + i * (C + 1) : nullptr, scratch.data());
+  const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts, b = i / a.H;
+  const int64_t R = a.R, K = a.K, C = a.C;
+  int64_t c0, c1;
+  columns(a, p, &c0, &c1);
+  a.run.scores(a.q + i * R * K, a.qs + i * R * K, a.keys + i * C * K, a.mask + b * a.mask_stride,
+               a.key + i * K, a.window_mask, C, K, a.front, a.retained, c0, c1,
+               p == a.parts - 1, a.w + i * R * (C + 1), a.m + t * R);
+}
+
+void weigh_part(void* user, size_t task) {
+  const Readout& a = *static_cast<const Readout*>(user);
+  const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts;
+  const int64_t R = a.R, K = a.K, C = a.C;
+  int64_t c0, c1;
+  columns(a, p, &c0, &c1);
+  // (every part weighs with the head's largest score: the parts' maxima merged into part 0's)
+  a.run.weigh(a.values + i * C * K, a.value + i * K, a.inwindow, C, K, a.retained, c0, c1,
+              p == a.parts - 1, a.m + i * a.parts * R, a.w + i * R * (C + 1),
+              a.partial + t * R * K, a.sums + t * R, a.inside + t * R);
+}
+
+void attention_part(void* user, size_t task) {
+  const Readout& a = *static_cast<const Readout*>(user);
+  const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts;
+  int64_t c0, c1;
+  columns(a, p, &c0, &c1);
+  attention_of(a.w + i * a.R * (a.C + 1), a.R, a.C, c0, c1, p == a.parts - 1,
+               a.inside + i * a.parts * a.R, a.attention + i * (a.C + 1));
+}
+
+// A whole key head in one task (one part).
+void key_head(void* user, size_t task) {
+  score_part(user, task);
+  weigh_part(user, task);
+  const Readout& a = *static_cast<const Readout*>(user);
+  const int64_t i = static_cast<int64_t>(task);
+  std::memcpy(a.num + i * a.R * a.K, a.partial + i * a.R * a.K, sizeof(float) * a.R * a.K);
+  std::memcpy(a.den + i * a.R, a.sums + i * a.R, sizeof(float) * a.R);
+  if (a.retained) attention_part(user, task);
+}
+
+void run_tasks(const Api* api, void* context, void (*body)(void*, size_t), size_t tasks,
+               Readout* a) {
+  if (api == nullptr) {
+    for (size_t t = 0; t < tasks; ++t) body(a, t);
+  } else {
+    parallel_for(api, context, body, tasks, a);
+  }
 }
 
 // B rows of H key heads: over onnxruntime's intra-op threads, or (`api` null) on this one.
-void readout(const Api* api, void* context, int64_t B, const Readout& a) {
-  const size_t tasks = static_cast<size_t>(B * a.H);
-  if (api == nullptr) {
-    for (size_t t = 0; t < tasks; ++t) key_head(const_cast<Readout*>(&a), t);
-  } else {
-    parallel_for(api, context, key_head, tasks, const_cast<Readout*>(&a));
+void readout(const Api* api, void* context, int64_t B, Readout a) {
+  const int64_t heads = B * a.H, R = a.R, K = a.K;
+  a.parts = a.C >= kSplit ? 2 : 1;
+  const int64_t tasks = heads * a.parts;
+  // Per calling thread: sequences held on one engine step concurrently through one session.
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(heads * R * (a.C + 1) + tasks * R * (K + 3)));
+  a.w = scratch.data();
+  a.m = a.w + heads * R * (a.C + 1);
+  a.sums = a.m + tasks * R;
+  a.inside = a.sums + tasks * R;
+  a.partial = a.inside + tasks * R;
+  if (a.parts == 1) {
+    run_tasks(api, context, key_head, static_cast<size_t>(tasks), &a);
+    return;
   }
+  run_tasks(api, context, score_part, static_cast<size_t>(tasks), &a);
+  for (int64_t i = 0; i < heads; ++i) {  // each head's largest score, into its part 0
+    float* m = a.m + i * a.parts * R;
+    for (int64_t p = 1; p < a.parts; ++p)
+      for (int64_t r = 0; r < R; ++r) m[r] = m[p * R + r] > m[r] ? m[p * R + r] : m[r];
+  }
+  run_tasks(api, context, weigh_part, static_cast<size_t>(tasks), &a);
+  for (int64_t i = 0; i < heads; ++i) {  // the parts' sums
+    for (int64_t r = 0; r < R; ++r) {
+      float den = 0, inside = 0;
+      for (int64_t p = 0; p < a.parts; ++p) {
+        den += a.sums[(i * a.parts + p) * R + r];
+        inside += a.inside[(i * a.parts + p) * R + r];
+      }
+      a.den[i * R + r] = den;
+      for (int64_t p = 0; p < a.parts; ++p) a.inside[(i * a.parts + p) * R + r] = inside;
+      for (int64_t k = 0; k < K; ++k) {
+        float sum = 0;
+        for (int64_t p = 0; p < a.parts; ++p)
+          sum += a.partial[((i * a.parts + p) * R + r) * K + k];
+        a.num[(i * R + r) * K + k] = sum;
+      }
+    }
+  }
+  if (a.retained) run_tasks(api, context, attention_part, static_cast<size_t>(tasks), &a);
 }
 
 void compute(void* kernel_ptr, void* context) {
@@ -258,8 +388,8 @@ void compute(void* kernel_ptr, void* context) {
   Tensor key = input(api, context, 5), value = input(api, context, 6);
   Tensor window_mask = input(api, context, 7), inwindow = input(api, context, 8);
   const int64_t B = q.dims[0], H = q.dims[1], R = q.dims[2], K = q.dims[3], C = keys.dims[2];
-  Head run = head_for(R, K);
-  if (q.rank != 4 || keys.rank != 4 || K % 8 || K > 64 * 8 || run == nullptr) std::abort();
+  const Stages run = stages_for(R, K);
+  if (q.rank != 4 || keys.rank != 4 || K % 8 || K > 64 * 8 || !run.scores) std::abort();
   // One mask for a sequence, or one per row of the rows' step.
   const int64_t mask_stride = mask.rank == 2 ? C : 0;
   const int64_t num_dims[4] = {B, H, R, K}, den_dims[4] = {B, H, R, 1};
@@ -318,8 +448,8 @@ extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
     const float* key, const float* value, const float* window_mask, const float* inwindow,
     int64_t H, int64_t R, int64_t C, int64_t K, int64_t front, int64_t retained, float* num,
     float* den, float* attention) {
-  Head run = head_for(R, K);
-  if (run == nullptr || K % 8 || K > 64 * 8) return 1;
+  const Stages run = stages_for(R, K);
+  if (run.scores == nullptr || K % 8 || K > 64 * 8) return 1;
   const Readout a{run,  H,   R,     C,     K,           front,    retained != 0,
                   0,    q,   qs,    keys,  values,      mask,     key,
                   value, window_mask, inwindow, num, den, attention};
