@@ -24,7 +24,7 @@
 //   2 attention  [B, Hkv, C + 1]   (retained; else [B, Hkv, 0]) each slot's softmax weight
 //                                  renormalised over the window, summed over the R heads
 // with m the largest score (retained: the largest in the window). The key heads (of every row)
-// are split over onnxruntime's intra-op threads.
+// are split over onnxruntime's intra-op threads, a ring of kSplit slots or more in two parts.
 //
 // onnxruntime's C ABI: ort_abi.h.
 
