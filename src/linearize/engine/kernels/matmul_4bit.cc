@@ -27,7 +27,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "ort_abi.h"
@@ -274,30 +273,11 @@ void* create_kernel(const CustomOp*, const Api* api, const void* info) {
   return kernel;
 }
 
-CustomOp make_op() {
-  CustomOp op;
-  std::memset(&op, 0, sizeof op);
-  op.version = kOpVersion;
-  op.CreateKernel = create_kernel;
-  op.GetName = [](const CustomOp*) { return "MatMul4Bit"; };
-  op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };
-  op.GetInputType = [](const CustomOp*, size_t i) { return i == 1 ? kUint8 : kFloat; };
-  op.GetInputTypeCount = [](const CustomOp*) -> size_t { return 4; };
-  op.GetOutputType = [](const CustomOp*, size_t) { return kFloat; };
-  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 1; };
-  op.KernelCompute = compute;
-  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.GetInputCharacteristic = [](const CustomOp*, size_t) { return 0; };   // required
-  op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return 0; };  // required
-  op.GetInputMemoryType = [](const CustomOp*, size_t) { return 0; };       // default
-  return op;
-}
-
 }  // namespace
 
 const CustomOp* matmul_4bit_op() {
-  static const CustomOp op = make_op();
-  return &op;
+  static const Op op = custom_op<Kernel>("MatMul4Bit", 4, 1, 1, create_kernel, compute);
+  return &op.op;
 }
 
 }  // namespace linearize

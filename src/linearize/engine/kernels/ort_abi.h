@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 namespace linearize {
 
@@ -117,6 +118,46 @@ inline void parallel_for(const Api* api, void* context, void (*body)(void*, size
                          void* user) {
   using ParallelFor = Status (*)(void*, void (*)(void*, size_t), size_t, size_t, void*);
   check(api, fn<ParallelFor>(api, kKernelContextParallelFor)(context, body, total, 0, user));
+}
+
+// A custom op as onnxruntime sees it (`op`, first, so that its callbacks find the rest): every
+// input and output required, on the CPU, float32 but for one uint8 input (-1: none).
+struct Op {
+  CustomOp op;
+  const char* name;
+  size_t inputs, outputs;
+  int uint8_input;
+};
+
+inline const Op& op_of(const CustomOp* op) { return *reinterpret_cast<const Op*>(op); }
+
+template <typename Kernel>
+Op custom_op(const char* name, size_t inputs, size_t outputs, int uint8_input,
+             void* (*create)(const CustomOp*, const Api*, const void*),
+             void (*compute)(void*, void*)) {
+  Op o;
+  std::memset(&o, 0, sizeof o);
+  o.name = name;
+  o.inputs = inputs;
+  o.outputs = outputs;
+  o.uint8_input = uint8_input;
+  CustomOp& op = o.op;
+  op.version = kOpVersion;
+  op.CreateKernel = create;
+  op.GetName = [](const CustomOp* self) { return op_of(self).name; };
+  op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };
+  op.GetInputType = [](const CustomOp* self, size_t i) {
+    return static_cast<int>(i) == op_of(self).uint8_input ? kUint8 : kFloat;
+  };
+  op.GetInputTypeCount = [](const CustomOp* self) { return op_of(self).inputs; };
+  op.GetOutputType = [](const CustomOp*, size_t) { return kFloat; };
+  op.GetOutputTypeCount = [](const CustomOp* self) { return op_of(self).outputs; };
+  op.KernelCompute = compute;
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetInputCharacteristic = [](const CustomOp*, size_t) { return 0; };   // required
+  op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return 0; };  // required
+  op.GetInputMemoryType = [](const CustomOp*, size_t) { return 0; };       // default
+  return o;
 }
 
 // The custom ops of the library (registered together in the domain "linearize").

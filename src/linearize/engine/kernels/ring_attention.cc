@@ -412,30 +412,11 @@ void* create_kernel(const CustomOp*, const Api* api, const void* info) {
   return kernel;
 }
 
-CustomOp make_op() {
-  CustomOp op;
-  std::memset(&op, 0, sizeof op);
-  op.version = kOpVersion;
-  op.CreateKernel = create_kernel;
-  op.GetName = [](const CustomOp*) { return "RingAttention"; };
-  op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };
-  op.GetInputType = [](const CustomOp*, size_t) { return kFloat; };
-  op.GetInputTypeCount = [](const CustomOp*) -> size_t { return 9; };
-  op.GetOutputType = [](const CustomOp*, size_t) { return kFloat; };
-  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 3; };
-  op.KernelCompute = compute;
-  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.GetInputCharacteristic = [](const CustomOp*, size_t) { return 0; };   // required
-  op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return 0; };  // required
-  op.GetInputMemoryType = [](const CustomOp*, size_t) { return 0; };       // default
-  return op;
-}
-
 }  // namespace
 
 const CustomOp* ring_attention_op() {
-  static const CustomOp op = make_op();
-  return &op;
+  static const Op op = custom_op<Kernel>("RingAttention", 9, 3, -1, create_kernel, compute);
+  return &op.op;
 }
 
 }  // namespace linearize
