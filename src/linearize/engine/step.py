@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from linearize.engine.fuse import fuse_linears
 from linearize.layers.attention import Attention
 from linearize.models.decoder import Decoder
-from linearize.models.quantize import QuantizedLinear
+from linearize.models.quantize import QuantizedLinear, linear_output_type, unpack
 from linearize.ops import linear_attn
 
 
@@ -195,13 +195,6 @@ class FixedStep(nn.Module):
         super().__init__()
         self.model = model
         self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
-        # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-bit
-        # linears run by its MatMul4Bit (engine.kernels); the reference (and the tree graphs)
-        # keep the graph's own ops. ``self.kernels``: the graph holds either.
-        self.kernels = kernels and any(
-            uses_kernel(lay, layer.self_attn)
-            for lay, layer in zip(self.layouts, model.layers, strict=True)
-        )
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up; with
         # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op.
         linear = Kernel4Bit.wrap if kernels else (lambda module: module)
@@ -219,9 +212,15 @@ class FixedStep(nn.Module):
         )
         self.o_proj = nn.ModuleList(linear(layer.self_attn.o_proj) for layer in model.layers)
         self.down_proj = nn.ModuleList(linear(layer.mlp.down_proj) for layer in model.layers)
-        self.kernels = self.kernels or any(
-            isinstance(module, Kernel4Bit)
-            for module in (*self.qkv, *self.gate_up, *self.o_proj, *self.down_proj)
+        # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-bit
+        # linears run by its MatMul4Bit (engine.kernels); the reference (and the tree graphs)
+        # keep the graph's own ops. ``self.kernels``: the graph holds either.
+        self.kernels = kernels and (
+            any(
+                uses_kernel(lay, layer.self_attn)
+                for lay, layer in zip(self.layouts, model.layers, strict=True)
+            )
+            or any(isinstance(module, Kernel4Bit) for module in self.modules())
         )
 
     def input_names(self) -> list[str]:
@@ -608,19 +607,17 @@ class MatMul4Bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codes, scales, offsets, sizes):
-        q = torch.stack([codes & 0x0F, codes >> 4], -1).reshape(*codes.shape[:2], 32)
-        weight = (q.to(scales.dtype) - 8) * scales[..., None] + offsets[..., None]
-        return F.linear(x, weight.reshape(codes.shape[0], -1).to(x.dtype))
+        N, groups, _ = codes.shape
+        q = unpack(codes.reshape(N, -1), 4).reshape(N, groups, -1).to(scales.dtype)
+        weight = (q - 8) * scales[..., None] + offsets[..., None]
+        return F.linear(x, weight.reshape(N, -1).to(x.dtype))
 
     @staticmethod
     def symbolic(g, x, codes, scales, offsets, sizes):
         from linearize.engine.kernels import DOMAIN
 
         y = g.op(f"{DOMAIN}::MatMul4Bit", x, codes, scales, offsets)
-        # The leading axes as x has them (None: any length at run time, the rows' number).
-        known = x.type().varyingSizes()
-        leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
-        y.setType(x.type().with_sizes([*leading, codes.type().sizes()[0]]))
+        y.setType(linear_output_type(x, sizes, codes.type().sizes()[0]))
         return y
 
 

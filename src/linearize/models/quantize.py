@@ -358,10 +358,7 @@ class _NBitsLinear(torch.autograd.Function):
             bits_i=bits,
             block_size_i=group_size,
         )
-        # The leading axes as x has them (None: any length at run time, a step's rows).
-        known = x.type().varyingSizes()
-        leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
-        out.setType(x.type().with_sizes([*leading, N]))
+        out.setType(linear_output_type(x, sizes, N))
         if offset_t is not None:
             # x's last axis into groups, the others as x has them at run time (−1 the first,
             # 0 copies an axis: a tree's scored rows vary from run to run).
@@ -371,8 +368,17 @@ class _NBitsLinear(torch.autograd.Function):
             axis = g.op("Constant", value_t=torch.tensor([-1]))
             sums = g.op("ReduceSum", grouped, axis, keepdims_i=0)
             out = g.op("Add", out, g.op("MatMul", sums, offset_t))
-            out.setType(x.type().with_sizes([*leading, N]))
+            out.setType(linear_output_type(x, sizes, N))
         return out
+
+
+def linear_output_type(x, sizes: tuple[int, ...], N: int):
+    """The exported type of a linear's output ``[..., N]`` from its input ``x`` (a graph value;
+    ``sizes``: its shape at export): the leading axes as ``x`` has them (None: any length at
+    run time, a step's rows)."""
+    known = x.type().varyingSizes()
+    leading = list(known[:-1]) if known is not None else [None, *sizes[1:-1]]
+    return x.type().with_sizes([*leading, N])
 
 
 # A weight lies on Q4_1's grid when its float-grid codes err by less than this fraction of the

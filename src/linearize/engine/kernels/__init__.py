@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "register.cc")
-HEADERS = ("ort_abi.h",)
+HEADERS = ("ort_abi.h", "simd.h")
 LIBRARY = "linearize_kernels.so"
 DOMAIN = "linearize"
 # AVX2 + FMA: every x86-64 server CPU since 2013; the kernel's vectors are 8 floats wide.

@@ -30,19 +30,13 @@
 #include <vector>
 
 #include "ort_abi.h"
+#include "simd.h"
 
 namespace linearize {
 namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunk = 64;  // outputs per task of the intra-op threads
-
-inline float sum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline int32_t sum4_i32(__m128i v) {
   v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
@@ -191,9 +185,18 @@ struct Work {
   const float* offsets;
   float* y;
   bool int8;
-  std::vector<Quantized> quantized;  // int8: per row
-  const float* split;                // fp32: [M, K]
-  const float* sums;                 // fp32: [M, groups]
+  // int8: the rows' codes, then per row its groups' scales and sums, and its codes' centres
+  int8_t* q;
+  float* floats;
+  int32_t* centre;
+  // fp32: the rows split [M, K], their groups' sums [M, groups]
+  const float* split;
+  const float* sums;
+
+  Quantized row(int64_t m) const {
+    return {q + m * quantized_bytes(groups), floats + 2 * m * groups, centre + m * groups,
+            floats + (2 * m + 1) * groups};
+  }
 };
 
 void outputs(void* user, size_t task) {
@@ -206,7 +209,7 @@ void outputs(void* user, size_t task) {
     const float *s = w.scales + n * G, *o = w.offsets + n * G;
     for (int64_t m = 0; m < w.M; ++m)
       w.y[m * w.N + n] = w.int8
-                             ? dot_int8(codes, s, o, G, w.quantized[m])
+                             ? dot_int8(codes, s, o, G, w.row(m))
                              : dot_fp32(codes, s, o, G, w.split + m * G * kGroup, w.sums + m * G);
   }
 }
@@ -219,17 +222,15 @@ void matmul(const Api* api, void* context, const float* x, int64_t M, int64_t K,
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> floats;
   thread_local std::vector<int32_t> centre;
-  Work w{M, N, G, codes, scales, offsets, y, int8, {}, nullptr, nullptr};
+  Work w{M, N, G, codes, scales, offsets, y, int8, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (int8) {
     q.resize(static_cast<size_t>(M * quantized_bytes(G)));
     floats.resize(static_cast<size_t>(2 * M * G));
     centre.resize(static_cast<size_t>(M * G));
-    for (int64_t m = 0; m < M; ++m) {
-      Quantized row{q.data() + m * quantized_bytes(G), floats.data() + 2 * m * G,
-                    centre.data() + m * G, floats.data() + (2 * m + 1) * G};
-      quantize_row(x + m * K, G, row);
-      w.quantized.push_back(row);
-    }
+    w.q = q.data();
+    w.floats = floats.data();
+    w.centre = centre.data();
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, G, w.row(m));
   } else {
     floats.resize(static_cast<size_t>(M * (K + G)));
     for (int64_t m = 0; m < M; ++m)
@@ -237,12 +238,7 @@ void matmul(const Api* api, void* context, const float* x, int64_t M, int64_t K,
     w.split = floats.data();
     w.sums = floats.data() + M * K;
   }
-  const size_t tasks = static_cast<size_t>((N + kChunk - 1) / kChunk);
-  if (api == nullptr) {
-    for (size_t t = 0; t < tasks; ++t) outputs(&w, t);
-  } else {
-    parallel_for(api, context, outputs, tasks, &w);
-  }
+  parallel_for(api, context, outputs, static_cast<size_t>((N + kChunk - 1) / kChunk), &w);
 }
 
 struct Kernel {

@@ -113,9 +113,14 @@ T* data(const Tensor& t) {
   return static_cast<T*>(t.data);
 }
 
-// fn(user, i) for i in [0, total), over the session's intra-op threads (sequential with one).
+// body(user, i) for i in [0, total), over the session's intra-op threads (sequential with one),
+// or with `api` null (the ctypes entries) on the calling thread.
 inline void parallel_for(const Api* api, void* context, void (*body)(void*, size_t), size_t total,
                          void* user) {
+  if (api == nullptr) {
+    for (size_t i = 0; i < total; ++i) body(user, i);
+    return;
+  }
   using ParallelFor = Status (*)(void*, void (*)(void*, size_t), size_t, size_t, void*);
   check(api, fn<ParallelFor>(api, kKernelContextParallelFor)(context, body, total, 0, user));
 }

@@ -34,10 +34,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "ort_abi.h"
+#include "simd.h"
 
 namespace linearize {
 namespace {
@@ -65,13 +65,6 @@ inline __m256 exp8(__m256 x) {
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   return _mm256_andnot_ps(small, y);
-}
-
-inline float sum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // Query rows · one key row, R heads at once: two partial sums per head (chains of J / 2 FMAs).
@@ -295,16 +288,21 @@ void score_part(void* user, size_t task) {
                p == a.parts - 1, a.w + i * R * (C + 1), a.m + t * R);
 }
 
-void weigh_part(void* user, size_t task) {
-  const Readout& a = *static_cast<const Readout*>(user);
-  const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts;
-  const int64_t R = a.R, K = a.K, C = a.C;
+// Part t's weights and sums into num (R x K) and den (R); its in-window sums into `inside`.
+void weigh_into(const Readout& a, int64_t t, float* num, float* den) {
+  const int64_t i = t / a.parts, p = t % a.parts, R = a.R, K = a.K, C = a.C;
   int64_t c0, c1;
   columns(a, p, &c0, &c1);
   // (every part weighs with the head's largest score: the parts' maxima merged into part 0's)
   a.run.weigh(a.values + i * C * K, a.value + i * K, a.inwindow, C, K, a.retained, c0, c1,
-              p == a.parts - 1, a.m + i * a.parts * R, a.w + i * R * (C + 1),
-              a.partial + t * R * K, a.sums + t * R, a.inside + t * R);
+              p == a.parts - 1, a.m + i * a.parts * R, a.w + i * R * (C + 1), num, den,
+              a.inside + t * R);
+}
+
+void weigh_part(void* user, size_t task) {
+  const Readout& a = *static_cast<const Readout*>(user);
+  const int64_t t = static_cast<int64_t>(task);
+  weigh_into(a, t, a.partial + t * a.R * a.K, a.sums + t * a.R);
 }
 
 void attention_part(void* user, size_t task) {
@@ -318,22 +316,11 @@ void attention_part(void* user, size_t task) {
 
 // A whole key head in one task (one part).
 void key_head(void* user, size_t task) {
-  score_part(user, task);
-  weigh_part(user, task);
   const Readout& a = *static_cast<const Readout*>(user);
   const int64_t i = static_cast<int64_t>(task);
-  std::memcpy(a.num + i * a.R * a.K, a.partial + i * a.R * a.K, sizeof(float) * a.R * a.K);
-  std::memcpy(a.den + i * a.R, a.sums + i * a.R, sizeof(float) * a.R);
+  score_part(user, task);
+  weigh_into(a, i, a.num + i * a.R * a.K, a.den + i * a.R);
   if (a.retained) attention_part(user, task);
-}
-
-void run_tasks(const Api* api, void* context, void (*body)(void*, size_t), size_t tasks,
-               Readout* a) {
-  if (api == nullptr) {
-    for (size_t t = 0; t < tasks; ++t) body(a, t);
-  } else {
-    parallel_for(api, context, body, tasks, a);
-  }
 }
 
 // B rows of H key heads: over onnxruntime's intra-op threads, or (`api` null) on this one.
@@ -350,16 +337,16 @@ void readout(const Api* api, void* context, int64_t B, Readout a) {
   a.inside = a.sums + tasks * R;
   a.partial = a.inside + tasks * R;
   if (a.parts == 1) {
-    run_tasks(api, context, key_head, static_cast<size_t>(tasks), &a);
+    parallel_for(api, context, key_head, static_cast<size_t>(tasks), &a);
     return;
   }
-  run_tasks(api, context, score_part, static_cast<size_t>(tasks), &a);
+  parallel_for(api, context, score_part, static_cast<size_t>(tasks), &a);
   for (int64_t i = 0; i < heads; ++i) {  // each head's largest score, into its part 0
     float* m = a.m + i * a.parts * R;
     for (int64_t p = 1; p < a.parts; ++p)
       for (int64_t r = 0; r < R; ++r) m[r] = m[p * R + r] > m[r] ? m[p * R + r] : m[r];
   }
-  run_tasks(api, context, weigh_part, static_cast<size_t>(tasks), &a);
+  parallel_for(api, context, weigh_part, static_cast<size_t>(tasks), &a);
   for (int64_t i = 0; i < heads; ++i) {  // the parts' sums
     for (int64_t r = 0; r < R; ++r) {
       float den = 0, inside = 0;
@@ -377,7 +364,7 @@ void readout(const Api* api, void* context, int64_t B, Readout a) {
       }
     }
   }
-  if (a.retained) run_tasks(api, context, attention_part, static_cast<size_t>(tasks), &a);
+  if (a.retained) parallel_for(api, context, attention_part, static_cast<size_t>(tasks), &a);
 }
 
 void compute(void* kernel_ptr, void* context) {
