@@ -89,7 +89,9 @@ def test_rings_grow_with_the_context(kind, tmp_path):
     engine = OnnxEngine(
         model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=16
     )
-    whole = OnnxEngine(model, max_context=200, threads=1, cache=tmp_path, reach_step=0)
+    whole = OnnxEngine(
+        model, max_context=200, threads=1, cache=tmp_path, accuracy=EXACT, reach_step=0
+    )
     assert whole.state.reach is None and whole.nbytes() == engine.nbytes()
     engine.prefill(ids[0, :5].tolist())
     reaches, steps = [engine.state.reach], []
@@ -615,7 +617,7 @@ def test_sessions_load_optimized_graphs(tmp_path):
         )
         for name in ("step", "chain4")
     }
-    again = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path)
+    again = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path, kernels=False)
     again.steps[again.step_accuracy, False] = again.session = raw["step"]
     again.trees[4, True] = (raw["chain4"], again._tree(4, True)[1])
     again.reset()

@@ -12,6 +12,7 @@ import torch
 
 from linearize.engine import kernels
 from linearize.engine.step import _softmax_readout, uses_kernel
+from linearize.engine.tree import Tree
 from linearize.models.quantize import quantize
 from tests.engine.conftest import engine_model
 from tests.helpers import assert_close
@@ -33,11 +34,12 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
     num = np.zeros((1, H, R, K), np.float32)
     den = np.zeros((1, H, R, 1), np.float32)
     attention = np.zeros((1, H, C + 1), np.float32)
-    f = ctypes.POINTER(ctypes.c_float)
     arrays = [q, qs, kb, vb, mask, k, v, window_mask, inwindow]
-    sizes = [ctypes.c_int64(n) for n in (H, R, C, K, front, retained)]
+    half = kb.dtype == np.float16  # (float16 rings: keys and values both)
+    sizes = [ctypes.c_int64(n) for n in (H, R, C, K, front, retained, half)]
+    f = ctypes.POINTER(ctypes.c_float)
     done = library.linearize_ring_attention(
-        *(np.ascontiguousarray(a).ctypes.data_as(f) for a in arrays),
+        *(np.ascontiguousarray(a).ctypes.data_as(ctypes.c_void_p) for a in arrays),
         *sizes,
         *(a.ctypes.data_as(f) for a in (num, den, attention)),
     )
@@ -59,7 +61,10 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
         (4, 8, 5, 128, 1, False),
     ],
 )
-def test_kernel_matches_reference(H, R, C, K, front, retained):
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+def test_kernel_matches_reference(H, R, C, K, front, retained, half):
+    """float16 rings (Layout.half_kv): the kernel reads them widened, against the reference on
+    the same values in float32."""
     library = ctypes.CDLL(str(kernels.library()))
     rng = np.random.default_rng(C)
 
@@ -75,9 +80,12 @@ def test_kernel_matches_reference(H, R, C, K, front, retained):
     if retained:
         window_mask[1:front] = -np.inf
         inwindow[1:front] = 0
+    if half:
+        kb, vb = kb.astype(np.float16), vb.astype(np.float16)
     num, den, attention = _call(
         library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, int(retained)
     )
+    kb, vb = kb.astype(np.float32), vb.astype(np.float32)
     t = torch.from_numpy
     window = (t(window_mask), t(inwindow)) if retained else (None, None)
     ref = _softmax_readout(t(q), t(qs), t(kb), t(vb), t(mask), t(k), t(v), *window, front)
@@ -223,3 +231,62 @@ def test_sessions_run_the_kernel_from_threads_at_once(intra_op):
             for want, got in zip(alone, together, strict=True):
                 for a, b in zip(want, got, strict=True):
                     np.testing.assert_array_equal(a, b)
+
+
+def _round_to_half(engine: OnnxEngine, layers: list[int]) -> None:
+    """Round the keys and values in ``layers``' rings to float16 values (kept as float32)."""
+    for i in layers:
+        for kind in ("k", "v"):
+            ring = engine.state.rings[f"{kind}.{i}"]
+            ring[...] = ring.astype(np.float16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["softmax", "retain", "wide_retain", "hybrid"])
+def test_half_kv_rings_step_as_float32_rings_of_the_same_values(kind, tmp_path):
+    """``half_kv``: the rings RingAttention reads hold float16 keys and values. A sequence steps
+    and verifies trees (crossing the windows' ends, retained caches, the rings' growth, folds
+    into ``S, z``) exactly as an engine with float32 rings whose keys and values are rounded to
+    float16 after every step and commit: the rings' element type changes nothing but the
+    values they hold."""
+    model = engine_model(kind)
+    quantize(model, "int4")
+
+    def make(half_kv: bool) -> OnnxEngine:
+        return OnnxEngine(
+            model,
+            max_context=160,
+            threads=1,
+            cache=tmp_path,
+            accuracy="fp32",
+            half_kv=half_kv,
+            reach_step=16,
+        )
+
+    half, full = make(True), make(False)
+    layers = [i for i, lay in enumerate(half.layouts) if lay.half_kv]
+    assert layers == [
+        i for i, (lay, layer) in enumerate(zip(half.layouts, model.layers, strict=True))
+        if uses_kernel(lay, layer.self_attn)
+    ]  # fmt: skip
+    assert not any(lay.half_kv for lay in full.layouts)
+    for i in layers:
+        assert half.state.rings[f"k.{i}"].dtype == half.state.rings[f"v.{i}"].dtype == np.float16
+    assert half.nbytes() < full.nbytes()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (150,)).tolist()
+    for engine in (half, full):
+        engine.prefill(ids[:5])
+    _round_to_half(full, layers)
+    tree = Tree.from_parents([-1, 0, 0, 1])
+    for n, token in enumerate(ids[5:]):
+        if n % 25 == 24:  # a tree pass on the same rings, and its first two nodes committed
+            nodes = ids[5 + n : 9 + n]
+            logits = [engine.forward_tree(nodes, tree)[0] for engine in (full, half)]
+            assert torch.equal(*logits), f"{kind}: the tree at {half.pos}"
+            for engine in (full, half):
+                engine.commit([0, 1])
+        else:
+            logits = [engine.step(token) for engine in (full, half)]
+            assert torch.equal(*logits), f"{kind}: the step at {half.pos}"
+        _round_to_half(full, layers)

@@ -243,9 +243,17 @@ def run_speculative_benchmark(
         longest = max(len(encode_prompt(model.tokenizer, p, chat=chat)) for p in prompts)
         # Room for the new tokens and a tree's nodes past the last one.
         room = longest + max_new_tokens + 64
+        # Both with float32 rings: a method the planner leaves off decodes in int8 arithmetic
+        # on the fp32 engine's state, and is checked against the int8 engine's plain tokens
+        # (the default int8 engine's float16 rings are bench decode's).
         engines = {
             arithmetic: build_engine(
-                "onnx", model, max_context=room, threads=threads, accuracy=arithmetic
+                "onnx",
+                model,
+                max_context=room,
+                threads=threads,
+                accuracy=arithmetic,
+                half_kv=False,
             )
             for arithmetic in ("fp32", "int8")
         }

@@ -65,12 +65,15 @@ def build_engine(
     max_context: int,
     threads: int | None = None,
     accuracy: str = "int8",
+    half_kv: bool | None = None,
 ):
     """An engine object (``prefill(ids) -> logits``, ``step(token) -> logits``,
     ``forward_tree``, ``commit``) or ``None`` for ``torch`` (the decoder itself); its prompts
     of :data:`~linearize.engine.onnx.PREFILL_CHUNK` tokens or more prefill on it. ``accuracy``:
     the onnx engine's matmul arithmetic, ``int8`` (fast) or ``fp32`` (the reference's numbers;
-    see :data:`linearize.engine.onnx.ACCURACY`)."""
+    see :data:`linearize.engine.onnx.ACCURACY`); ``half_kv``: float16 keys and values in its
+    softmax rings (default: for quantized weights in ``int8``;
+    :class:`~linearize.engine.onnx.OnnxEngine`)."""
     if name == "torch":
         return None
     from linearize.engine.onnx import PREFILL_CHUNK, OnnxEngine
@@ -81,6 +84,7 @@ def build_engine(
         threads=threads,
         accuracy=accuracy,
         prefill_chunk=PREFILL_CHUNK,
+        half_kv=half_kv,
     )
 
 

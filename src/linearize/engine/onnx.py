@@ -54,8 +54,9 @@ logger = logging.getLogger(__name__)
 # for (``scored``: a prefill chunk's last); 19: the attention's products as MatMul, not Einsum, the
 # scale on the queries; 20: the window's exp weights as one Softmax; 21: a 4-bit head's offset
 # term groups however many rows a tree scores; 22: the step graphs' 4-bit linears as linearize's
-# MatMul4Bit (with kernels)
-EXPORT_VERSION = 22
+# MatMul4Bit (with kernels); 23: a tree's softmax weights reshaped for any ring length (the
+# graphs of 22 took the ring's length at export for a constant), float16 rings (half_kv)
+EXPORT_VERSION = 23
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -297,6 +298,12 @@ class OnnxEngine:
     step graph takes rings of any length.
     ``reach_step=0``: always whole rings. A tree grows the reach first when its deepest node
     would pass it.
+
+    ``half_kv``: the rings that linearize's ``RingAttention`` reads (softmax windows and caches)
+    hold float16 keys and values, as llama.cpp's KV cache does: half the bytes a long context's
+    step reads (float32 arithmetic still). ``None``: for quantized weights with
+    ``accuracy="int8"``; ``fp32`` arithmetic keeps the reference's numbers, as do fp32 weights.
+    Without the kernels every ring is float32.
     """
 
     def __init__(
@@ -311,6 +318,7 @@ class OnnxEngine:
         accuracy: str = "int8",
         reach_step: int = 256,
         kernels: bool = True,
+        half_kv: bool | None = None,
     ) -> None:
         ort = _require_onnxruntime()
         if model.config.architecture != "llama":
@@ -327,13 +335,19 @@ class OnnxEngine:
         # MatMul4Bit for its 4-bit linears), where they build here; ``kernels=False``: the
         # graph's own ops (their references).
         self.kernel_library = kernels_library() if kernels else None
+        if accuracy not in ACCURACY:
+            raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
+        # float16 keys and values in the rings RingAttention reads (None: for quantized weights
+        # in int8 arithmetic, the fast path; fp32 arithmetic or weights keep the reference's
+        # numbers).
+        if half_kv is None:
+            half_kv = accuracy == "int8" and model.quantization is not None
         self.step_module = FixedStep(
-            self.model, max_context, kernels=self.kernel_library is not None
+            self.model, max_context, kernels=self.kernel_library is not None, half_kv=half_kv
         )
         self.rows_module = RowsStep(self.step_module)
         self.layouts = self.step_module.layouts
-        if accuracy not in ACCURACY:
-            raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
+        self.half_kv = any(lay.half_kv for lay in self.layouts)
         # The arithmetic of tree passes and, unless switched (use_step_arithmetic), of steps.
         self.accuracy = accuracy
         if reach_step < 0:
@@ -348,7 +362,8 @@ class OnnxEngine:
         }
         name = model_hash(self.model, max_context)
         growing = f"-reach{reach_step}" if self.growing else ""
-        self._graphs = _cache_root(cache), f"{name}-{{}}{growing}"
+        half = "-f16kv" if self.half_kv else ""
+        self._graphs = _cache_root(cache), f"{name}-{{}}{growing}{half}"
         # The steps' sessions, and the tree graphs': their passes alternate with host work (the
         # commit), which threads spinning between passes slow (a 1k prompt in chains of 64 on
         # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against

@@ -162,8 +162,8 @@ class _Retained:
         reads them; a row of a batch's for a batch's row)."""
         lay, L, C = self.lay, len(self.layers), self.size
         Hkv, M, K = lay.kv_heads, lay.retained, lay.key_dim
-        self.k = array("k", (L, Hkv, C, K))
-        self.v = array("v", (L, Hkv, C, K))
+        self.k = array("k", (L, Hkv, C, K), ring_dtype(lay, "k"))
+        self.v = array("v", (L, Hkv, C, K), ring_dtype(lay, "v"))
         features = lay.feature_dim if lay.use_global else 0  # no feature ring without S, z
         self.fk = array("fk", (L, Hkv, C, features))
         # The host's own (never read by the step).
@@ -325,7 +325,7 @@ class RingState:
                 elif kind in rows:
                     self.inputs[name] = rows[kind]
                 else:
-                    self.inputs[name] = self._array(name, shapes[kind][1:])
+                    self.inputs[name] = self._array(name, shapes[kind][1:], ring_dtype(lay, kind))
                 if kind in RINGS:
                     self.rings[name] = self.inputs[name]
             for name in state_outputs(i, lay):
@@ -398,7 +398,11 @@ class RingState:
         for i, lay in enumerate(self.layouts):
             shapes = _shapes(lay, lay.capacity)
             parts = [name.split(".")[0] for name in state_inputs(i, lay)]
-            total += sum(4 * math.prod(shapes[kind]) for kind in parts if kind in kinds)
+            total += sum(
+                ring_dtype(lay, kind).itemsize * math.prod(shapes[kind])
+                for kind in parts
+                if kind in kinds
+            )
             total += 8 * lay.capacity  # times (int64)
             # The retained cache's times (int64) and priorities (float32).
             total += (8 + 4) * lay.kv_heads * lay.retained
@@ -852,6 +856,12 @@ class RingRows:
             for i, o in self.batch._swaps:
                 inputs[i], outputs[o] = outputs[o], inputs[i]
         return inputs, outputs
+
+
+def ring_dtype(lay: Layout, kind: str) -> np.dtype:
+    """The element type of a layer's state array ``kind``: float16 for the keys and values of a
+    ``half_kv`` ring, else float32."""
+    return np.dtype(np.float16 if lay.half_kv and kind in ("k", "v") else np.float32)
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -68,6 +68,9 @@ class Layout:
     # The retained cache's M slots (ops/retain.py), in the ring right after the sinks: read in
     # the window's softmax like any slot (by the sink query, with sinks at cache positions).
     retained: int = 0
+    # The ring's keys and values stored in float16 (half the bytes a step reads; RingAttention
+    # widens them as it reads, everything else reads them through a Cast): see FixedStep.
+    half_kv: bool = False
 
     @property
     def front(self) -> int:
@@ -88,7 +91,9 @@ def unsupported(attn: Attention) -> str | None:
     return f"{kind} attention has no decoding step"
 
 
-def layout(attn: Attention, max_context: int) -> Layout:
+def layout(attn: Attention, max_context: int, half_kv: bool = False) -> Layout:
+    """The layer's fixed-shape state; ``half_kv``: its ring in float16 where RingAttention
+    reads it (:func:`uses_kernel`)."""
     c = attn.config
     reason = unsupported(attn)
     if reason is not None:
@@ -123,7 +128,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         and attn.rope is not None
     )
     new_folds = spec.use_global and (spec.window == "group" or spec.size < 2)
-    return Layout(
+    lay = Layout(
         spec,
         capacity + spec.retain,
         folds,
@@ -137,6 +142,7 @@ def layout(attn: Attention, max_context: int) -> Layout:
         new_folds,
         spec.retain,
     )
+    return replace(lay, half_kv=True) if half_kv and uses_kernel(lay, attn) else lay
 
 
 def _global_off(attn: Attention) -> bool:
@@ -191,10 +197,17 @@ class FixedStep(nn.Module):
     K]``).
     """
 
-    def __init__(self, model: Decoder, max_context: int, kernels: bool = False) -> None:
+    def __init__(
+        self, model: Decoder, max_context: int, kernels: bool = False, half_kv: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
-        self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+        # With ``kernels`` and ``half_kv``, the rings RingAttention reads hold float16 keys and
+        # values (Layout.half_kv), as llama.cpp's KV cache: at 8k the wide windows' rings are
+        # most of what a step reads besides the weights.
+        self.layouts = [
+            layout(layer.self_attn, max_context, kernels and half_kv) for layer in model.layers
+        ]
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up; with
         # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op.
         linear = Kernel4Bit.wrap if kernels else (lambda module: module)
@@ -516,7 +529,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
         num, den, attention = _softmax_readout(
-            q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front
+            q5, q_sink, widened(kb), widened(vb), mask, k, v, window_mask, inwindow, front
         )
         if attention is None:
             attention = q5.new_zeros(q5.shape[0], q5.shape[1], 0)
@@ -579,14 +592,20 @@ def _fold(
                 x.reshape(-1, width).index_select(0, index).view(-1, H, J, width)
                 for x, width in ((s["fk"], lay.feature_dim), (s["v"], lay.key_dim))
             )
-            gk = gk * weight  # [B, Hkv, J, F]; gv: [B, Hkv, J, V]
+            gk, gv = gk * weight, widened(gv)  # [B, Hkv, J, F]; gv: [B, Hkv, J, V]
         else:
             index, weight = s["fold_index"], s["fold_weight"]
             gk = s["fk"].index_select(2, index) * weight[:, None]
-            gv = s["v"].index_select(2, index)  # [B, Hkv, J, V]
+            gv = widened(s["v"].index_select(2, index))  # [B, Hkv, J, V]
         S = S + torch.matmul(gk.transpose(-1, -2), gv)
         z = z + gk.sum(2)
     return S, z
+
+
+def widened(x: Tensor) -> Tensor:
+    """``x`` in float32: a ring's float16 rows (Layout.half_kv) through a Cast, read where they
+    are (an export sees the dtype: a float32 ring gets no node)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.engine.fuse import fuse_linears
-from linearize.engine.step import Layout, layout
+from linearize.engine.step import Layout, layout, widened
 from linearize.models.decoder import Decoder
 from linearize.ops import causal_conv, linear_attn
 from linearize.ops.tree import Tree
@@ -156,8 +156,8 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain
         fq, fk = (attn.feature_map(q), attn.feature_map(k)) if has_map else (q, k)
     kn, fkn, vn = (t.transpose(1, 2) for t in (k, fk, v))  # [B, Hkv, N, ·]
     if lay.capacity:
-        keys = torch.cat([s["k"], kn], 2)
-        values = torch.cat([s["v"], vn], 2)
+        keys = torch.cat([widened(s["k"]), kn], 2)
+        values = torch.cat([widened(s["v"]), vn], 2)
         feats = torch.cat([s["fk"], fkn], 2) if lay.use_global else keys
         t_keys = torch.cat([s["times"], t_nodes])
     else:
@@ -174,7 +174,8 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain
         base = torch.cat([s["score"][..., :-1], s["score"].new_zeros(B, Hkv, N)], 2)
         inv_freq = attn.rope.inv_freq if lay.cache_sinks else None
         front = slice(lay.spec.sinks, lay.front)
-        cache = (s["k"][:, :, front], s["v"][:, :, front], s["rtimes"], s["rscore"])
+        rk, rv = (widened(s[x][:, :, front]) for x in ("k", "v"))
+        cache = (rk, rv, s["rtimes"], s["rscore"])
         retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key], chain)
     o, attention = linear_attn.attend(
         lay.spec, group(q), keys, values, group(fq), feats, t_nodes, t_keys,

@@ -375,8 +375,11 @@ def _dot(q: Tensor, k: Tensor) -> Tensor:
 def _mix(w: Tensor, v: Tensor) -> Tensor:
     """``einsum("bhrqn,bhnv->bhrqv", w, v)``: weights over keys times their values, as one
     batched matmul (2.71 against 3.36 ms at 8,252 columns)."""
-    b, h, r, n, c = w.shape
-    return (w.reshape(b, h, r * n, c) @ v).unflatten(2, (r, n))
+    r, n = w.shape[2:4]
+    # (flatten, not a reshape to the keys' count: an exported graph where shape inference loses
+    # ``w``'s shape would take the traced count for a constant, and a tree graph then fails
+    # on a longer ring)
+    return (w.flatten(2, 3) @ v).unflatten(2, (r, n))
 
 
 def _sink_scores(q_sink: Tensor, k: Tensor, scores: Tensor, is_sink: Tensor, cols: slice) -> Tensor:

@@ -4,9 +4,9 @@ One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI
 ``ort_abi.h``, the ops registered by ``register.cc``):
 
 - ``RingAttention`` (``ring_attention.cc``): one token's softmax readout over a layer's ring of
-  kept keys and values: each key and value row read once for the query heads that share it, the
-  mask, max, exp and sums in the same pass. Its reference: the graph's own ops
-  (:func:`linearize.engine.step._softmax_readout`).
+  kept keys and values (float32, or float16 widened as read): each key and value row read once
+  for the query heads that share it, the mask, max, exp and sums in the same pass. Its
+  reference: the graph's own ops (:func:`linearize.engine.step._softmax_readout`).
 - ``MatMul4Bit`` (``matmul_4bit.cc``): a linear with 4-bit codes in groups of 32 and any zero
   points (``(q − 8)·s + o`` per group), int8 or fp32 arithmetic, split over onnxruntime's
   intra-op threads. Its reference: ``MatMulNBits`` plus the offset term
@@ -39,11 +39,13 @@ SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "register.cc")
 HEADERS = ("ort_abi.h", "simd.h")
 LIBRARY = "linearize_kernels.so"
 DOMAIN = "linearize"
-# AVX2 + FMA: every x86-64 server CPU since 2013; the kernel's vectors are 8 floats wide.
+# AVX2 + FMA (+ F16C, float16 rings): every x86-64 server CPU since 2013; the kernels' vectors
+# are 8 floats wide.
 FLAGS = (
     "-O3",
     "-mavx2",
     "-mfma",
+    "-mf16c",
     "-fno-math-errno",
     "-std=c++17",
     "-shared",
@@ -60,7 +62,7 @@ def unavailable() -> str | None:
     flags = _cpu_flags()
     if not flags:
         return "cannot read this CPU's features (/proc/cpuinfo)"
-    missing = [flag for flag in ("avx2", "fma") if flag not in flags]
+    missing = [flag for flag in ("avx2", "fma", "f16c") if flag not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     if _compiler() is None:

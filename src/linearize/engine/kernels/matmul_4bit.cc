@@ -272,7 +272,8 @@ void* create_kernel(const CustomOp*, const Api* api, const void* info) {
 }  // namespace
 
 const CustomOp* matmul_4bit_op() {
-  static const Op op = custom_op<Kernel>("MatMul4Bit", 4, 1, 1, create_kernel, compute);
+  static const int types[4] = {kFloat, kUint8, kFloat, kFloat};
+  static const Op op = custom_op<Kernel>("MatMul4Bit", 4, 1, types, create_kernel, compute);
   return &op.op;
 }
 

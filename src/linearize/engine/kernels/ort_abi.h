@@ -17,6 +17,7 @@ constexpr uint32_t kApiVersion = 18;  // the OrtApi table asked for
 constexpr uint32_t kOpVersion = 13;   // the OrtCustomOp layout below
 constexpr int kFloat = 1;             // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 constexpr int kUint8 = 2;             // ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+constexpr int kFloat16 = 10;          // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
 
 using Status = void*;  // OrtStatus*: null on success
 
@@ -126,18 +127,19 @@ inline void parallel_for(const Api* api, void* context, void (*body)(void*, size
 }
 
 // A custom op as onnxruntime sees it (`op`, first, so that its callbacks find the rest): every
-// input and output required, on the CPU, float32 but for one uint8 input (-1: none).
+// input and output required, on the CPU; the inputs of the types `input_types` lists (null:
+// every one float32), the outputs float32.
 struct Op {
   CustomOp op;
   const char* name;
   size_t inputs, outputs;
-  int uint8_input;
+  const int* input_types;
 };
 
 inline const Op& op_of(const CustomOp* op) { return *reinterpret_cast<const Op*>(op); }
 
 template <typename Kernel>
-Op custom_op(const char* name, size_t inputs, size_t outputs, int uint8_input,
+Op custom_op(const char* name, size_t inputs, size_t outputs, const int* input_types,
              void* (*create)(const CustomOp*, const Api*, const void*),
              void (*compute)(void*, void*)) {
   Op o;
@@ -145,14 +147,15 @@ Op custom_op(const char* name, size_t inputs, size_t outputs, int uint8_input,
   o.name = name;
   o.inputs = inputs;
   o.outputs = outputs;
-  o.uint8_input = uint8_input;
+  o.input_types = input_types;
   CustomOp& op = o.op;
   op.version = kOpVersion;
   op.CreateKernel = create;
   op.GetName = [](const CustomOp* self) { return op_of(self).name; };
   op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };
   op.GetInputType = [](const CustomOp* self, size_t i) {
-    return static_cast<int>(i) == op_of(self).uint8_input ? kUint8 : kFloat;
+    const int* types = op_of(self).input_types;
+    return types ? types[i] : kFloat;
   };
   op.GetInputTypeCount = [](const CustomOp* self) { return op_of(self).inputs; };
   op.GetOutputType = [](const CustomOp*, size_t) { return kFloat; };
@@ -165,8 +168,10 @@ Op custom_op(const char* name, size_t inputs, size_t outputs, int uint8_input,
   return o;
 }
 
-// The custom ops of the library (registered together in the domain "linearize").
+// The custom ops of the library (registered together in the domain "linearize"): RingAttention
+// on float32 rings, and on float16 ones (the same name, its keys and values typed float16).
 const CustomOp* ring_attention_op();
+const CustomOp* ring_attention_half_op();
 const CustomOp* matmul_4bit_op();
 
 }  // namespace linearize

@@ -7,10 +7,11 @@
 // runs ~12 small nodes over the scores; here every key and value row is read once for the R query
 // heads that share it, and the mask, max, exp and sums run in the same pass (AVX2 + FMA).
 //
-// Inputs (float32; B rows, each a sequence of its own: 1 in the one-sequence step):
+// Inputs (float32, but the rings' keys and values, float32 or float16; B rows, each a sequence of
+// its own: 1 in the one-sequence step):
 //   0 q            [B, Hkv, R, K]  the queries, scaled by 1/sqrt(K)
 //   1 q_sink       [B, Hkv, R, K]  the queries that score the ring's first `front` slots
-//   2 keys         [B, Hkv, C, K]  the ring's keys
+//   2 keys         [B, Hkv, C, K]  the ring's keys (float32 or float16, as the values)
 //   3 values       [B, Hkv, C, K]  the ring's values (as wide as the keys)
 //   4 mask         [C] or [B, C]   added to the ring's scores (0 or -inf)
 //   5 key          [B, Hkv, 1, K]  the new token's key
@@ -25,6 +26,7 @@
 //                                  renormalised over the window, summed over the R heads
 // with m the largest score (retained: the largest in the window). The key heads (of every row)
 // are split over onnxruntime's intra-op threads, a ring of kSplit slots or more in two parts.
+// float16 rings are widened to float32 as they are read (F16C); the arithmetic is float32.
 //
 // onnxruntime's C ABI: ort_abi.h.
 
@@ -67,22 +69,28 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(small, y);
 }
 
+// Eight lanes of a row: float32 as stored, float16 widened.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Query rows · one key row, R heads at once: two partial sums per head (chains of J / 2 FMAs).
-template <int R, int KT>
-inline void dot_row(const float* qq, const float* row, int64_t K, float* out, int64_t stride) {
+template <int R, int KT, typename T>
+inline void dot_row(const float* qq, const T* row, int64_t K, float* out, int64_t stride) {
   const int64_t J = (KT ? KT : K) / 8;
   __m256 a[R], b[R];
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 2 <= J; j += 2) {
-    __m256 k0 = _mm256_loadu_ps(row + 8 * j), k1 = _mm256_loadu_ps(row + 8 * j + 8);
+    __m256 k0 = load8(row + 8 * j), k1 = load8(row + 8 * j + 8);
     for (int r = 0; r < R; ++r) {
       a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j), k0, a[r]);
       b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j + 8), k1, b[r]);
     }
   }
   if (j < J) {
-    __m256 k0 = _mm256_loadu_ps(row + 8 * j);
+    __m256 k0 = load8(row + 8 * j);
     for (int r = 0; r < R; ++r)
       a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j), k0, a[r]);
   }
@@ -90,13 +98,13 @@ inline void dot_row(const float* qq, const float* row, int64_t K, float* out, in
 }
 
 // Query rows · two key rows (independent chains: a single row's FMAs wait on each other).
-template <int R, int KT>
-inline void dot_rows2(const float* q, const float* row, int64_t K, float* out, int64_t stride) {
+template <int R, int KT, typename T>
+inline void dot_rows2(const float* q, const T* row, int64_t K, float* out, int64_t stride) {
   const int64_t J = (KT ? KT : K) / 8;
   __m256 a[R], b[R];
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
-    __m256 k0 = _mm256_loadu_ps(row + 8 * j), k1 = _mm256_loadu_ps(row + K + 8 * j);
+    __m256 k0 = load8(row + 8 * j), k1 = load8(row + K + 8 * j);
     for (int r = 0; r < R; ++r) {
       __m256 q8 = _mm256_loadu_ps(q + r * K + 8 * j);
       a[r] = _mm256_fmadd_ps(q8, k0, a[r]);
@@ -112,9 +120,9 @@ inline void dot_rows2(const float* q, const float* row, int64_t K, float* out, i
 // One key head's slots [c0, c1) and, with `own`, the new token (column C of the scratch rows
 // w, R rows of W = C + 1): its R query heads' scores, the mask added; m[r] the largest score
 // (with a retained cache: the largest in the window). KT: the head size when known at compile
-// time (0: K).
-template <int R, int KT>
-void scores(const float* q, const float* qs, const float* keys, const float* mask,
+// time (0: K). T: the ring's element type (float, or uint16_t for float16).
+template <int R, int KT, typename T>
+void scores(const float* q, const float* qs, const T* keys, const float* mask,
             const float* key, const float* window_mask, int64_t C, int64_t K_, int64_t front,
             bool retained, int64_t c0, int64_t c1, bool own, float* w, float* m) {
   const int64_t K = KT ? KT : K_, W = C + 1;
@@ -143,8 +151,8 @@ void scores(const float* q, const float* qs, const float* keys, const float* mas
 // The same columns' weights e^(s - m) in place, their sums (den[r]; with a retained cache also
 // the window's part, inside[r]) and the values' weighted sums (num, R x K): each value row read
 // once for the R heads.
-template <int R, int KT>
-void weigh(const float* values, const float* value, const float* inwindow, int64_t C,
+template <int R, int KT, typename T>
+void weigh(const T* values, const float* value, const float* inwindow, int64_t C,
            int64_t K_, bool retained, int64_t c0, int64_t c1, bool own, const float* m, float* w,
            float* num, float* den, float* inside) {
   const int64_t K = KT ? KT : K_, J = K / 8, W = C + 1;
@@ -180,9 +188,9 @@ void weigh(const float* values, const float* value, const float* inwindow, int64
     for (int r = 0; r < R; ++r)
       for (int64_t j = 0; j < jn; ++j) acc[r][j] = _mm256_setzero_ps();
     for (int64_t c = c0; c < c1; ++c) {
-      const float* row = values + c * K + 8 * j0;
+      const T* row = values + c * K + 8 * j0;
       for (int64_t j = 0; j < jn; ++j) {
-        __m256 v8 = _mm256_loadu_ps(row + 8 * j);
+        __m256 v8 = load8(row + 8 * j);
         for (int r = 0; r < R; ++r)
           acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * W + c]), v8, acc[r][j]);
       }
@@ -217,33 +225,35 @@ void attention_of(const float* w, int64_t R, int64_t C, int64_t c0, int64_t c1, 
   }
 }
 
+template <typename T>
 struct Stages {
-  decltype(&scores<1, 0>) scores;
-  decltype(&weigh<1, 0>) weigh;
+  decltype(&scores<1, 0, T>) scores;
+  decltype(&weigh<1, 0, T>) weigh;
 };
 
-template <int R, int KT>
-constexpr Stages stages_of() {
-  return {scores<R, KT>, weigh<R, KT>};
+template <int R, int KT, typename T>
+constexpr Stages<T> stages_of() {
+  return {scores<R, KT, T>, weigh<R, KT, T>};
 }
 
-template <int KT>
-Stages stages_for_size(int64_t R) {
+template <int KT, typename T>
+Stages<T> stages_for_size(int64_t R) {
   switch (R) {
-    case 1: return stages_of<1, KT>();
-    case 2: return stages_of<2, KT>();
-    case 3: return stages_of<3, KT>();
-    case 4: return stages_of<4, KT>();
-    case 5: return stages_of<5, KT>();
-    case 6: return stages_of<6, KT>();
-    case 7: return stages_of<7, KT>();
-    case 8: return stages_of<8, KT>();
+    case 1: return stages_of<1, KT, T>();
+    case 2: return stages_of<2, KT, T>();
+    case 3: return stages_of<3, KT, T>();
+    case 4: return stages_of<4, KT, T>();
+    case 5: return stages_of<5, KT, T>();
+    case 6: return stages_of<6, KT, T>();
+    case 7: return stages_of<7, KT, T>();
+    case 8: return stages_of<8, KT, T>();
     default: return {nullptr, nullptr};
   }
 }
 
-Stages stages_for(int64_t R, int64_t K) {
-  return K == 64 ? stages_for_size<64>(R) : stages_for_size<0>(R);
+template <typename T>
+Stages<T> stages_for(int64_t R, int64_t K) {
+  return K == 64 ? stages_for_size<64, T>(R) : stages_for_size<0, T>(R);
 }
 
 struct Kernel {
@@ -256,13 +266,16 @@ struct Kernel {
 // (the default's wide windows: 3 key heads, two threads); shorter ones a key head per task.
 constexpr int64_t kSplit = 2048;
 
-// The readout of every row's key heads.
+// The readout of every row's key heads, over rings of T.
+template <typename T>
 struct Readout {
-  Stages run;
+  Stages<T> run;
   int64_t H, R, C, K, front;
   bool retained;
   int64_t mask_stride;
-  const float *q, *qs, *keys, *values, *mask, *key, *value, *window_mask, *inwindow;
+  const float *q, *qs;
+  const T *keys, *values;
+  const float *mask, *key, *value, *window_mask, *inwindow;
   float *num, *den, *attention;
   // Per call: the weights (B·H rows of R x (C + 1)) and, per (row, key head, part), R maxima,
   // sums, in-window sums and R x K weighted values.
@@ -271,14 +284,16 @@ struct Readout {
 };
 
 // Part p of key head i's columns: [c0, c1), and the new token in the last part.
-void columns(const Readout& a, int64_t p, int64_t* c0, int64_t* c1) {
+template <typename T>
+void columns(const Readout<T>& a, int64_t p, int64_t* c0, int64_t* c1) {
   const int64_t size = (a.C + a.parts - 1) / a.parts;
   *c0 = p * size < a.C ? p * size : a.C;
   *c1 = *c0 + size < a.C ? *c0 + size : a.C;
 }
 
+template <typename T>
 void score_part(void* user, size_t task) {
-  const Readout& a = *static_cast<const Readout*>(user);
+  const Readout<T>& a = *static_cast<const Readout<T>*>(user);
   const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts, b = i / a.H;
   const int64_t R = a.R, K = a.K, C = a.C;
   int64_t c0, c1;
@@ -289,7 +304,8 @@ void score_part(void* user, size_t task) {
 }
 
 // Part t's weights and sums into num (R x K) and den (R); its in-window sums into `inside`.
-void weigh_into(const Readout& a, int64_t t, float* num, float* den) {
+template <typename T>
+void weigh_into(const Readout<T>& a, int64_t t, float* num, float* den) {
   const int64_t i = t / a.parts, p = t % a.parts, R = a.R, K = a.K, C = a.C;
   int64_t c0, c1;
   columns(a, p, &c0, &c1);
@@ -299,14 +315,16 @@ void weigh_into(const Readout& a, int64_t t, float* num, float* den) {
               a.inside + t * R);
 }
 
+template <typename T>
 void weigh_part(void* user, size_t task) {
-  const Readout& a = *static_cast<const Readout*>(user);
+  const Readout<T>& a = *static_cast<const Readout<T>*>(user);
   const int64_t t = static_cast<int64_t>(task);
   weigh_into(a, t, a.partial + t * a.R * a.K, a.sums + t * a.R);
 }
 
+template <typename T>
 void attention_part(void* user, size_t task) {
-  const Readout& a = *static_cast<const Readout*>(user);
+  const Readout<T>& a = *static_cast<const Readout<T>*>(user);
   const int64_t t = static_cast<int64_t>(task), i = t / a.parts, p = t % a.parts;
   int64_t c0, c1;
   columns(a, p, &c0, &c1);
@@ -315,16 +333,18 @@ void attention_part(void* user, size_t task) {
 }
 
 // A whole key head in one task (one part).
+template <typename T>
 void key_head(void* user, size_t task) {
-  const Readout& a = *static_cast<const Readout*>(user);
+  const Readout<T>& a = *static_cast<const Readout<T>*>(user);
   const int64_t i = static_cast<int64_t>(task);
-  score_part(user, task);
+  score_part<T>(user, task);
   weigh_into(a, i, a.num + i * a.R * a.K, a.den + i * a.R);
-  if (a.retained) attention_part(user, task);
+  if (a.retained) attention_part<T>(user, task);
 }
 
 // B rows of H key heads: over onnxruntime's intra-op threads, or (`api` null) on this one.
-void readout(const Api* api, void* context, int64_t B, Readout a) {
+template <typename T>
+void readout(const Api* api, void* context, int64_t B, Readout<T> a) {
   const int64_t heads = B * a.H, R = a.R, K = a.K;
   a.parts = a.C >= kSplit ? 2 : 1;
   const int64_t tasks = heads * a.parts;
@@ -337,16 +357,16 @@ void readout(const Api* api, void* context, int64_t B, Readout a) {
   a.inside = a.sums + tasks * R;
   a.partial = a.inside + tasks * R;
   if (a.parts == 1) {
-    parallel_for(api, context, key_head, static_cast<size_t>(tasks), &a);
+    parallel_for(api, context, key_head<T>, static_cast<size_t>(tasks), &a);
     return;
   }
-  parallel_for(api, context, score_part, static_cast<size_t>(tasks), &a);
+  parallel_for(api, context, score_part<T>, static_cast<size_t>(tasks), &a);
   for (int64_t i = 0; i < heads; ++i) {  // each head's largest score, into its part 0
     float* m = a.m + i * a.parts * R;
     for (int64_t p = 1; p < a.parts; ++p)
       for (int64_t r = 0; r < R; ++r) m[r] = m[p * R + r] > m[r] ? m[p * R + r] : m[r];
   }
-  parallel_for(api, context, weigh_part, static_cast<size_t>(tasks), &a);
+  parallel_for(api, context, weigh_part<T>, static_cast<size_t>(tasks), &a);
   for (int64_t i = 0; i < heads; ++i) {  // the parts' sums
     for (int64_t r = 0; r < R; ++r) {
       float den = 0, inside = 0;
@@ -364,9 +384,10 @@ void readout(const Api* api, void* context, int64_t B, Readout a) {
       }
     }
   }
-  if (a.retained) parallel_for(api, context, attention_part, static_cast<size_t>(tasks), &a);
+  if (a.retained) parallel_for(api, context, attention_part<T>, static_cast<size_t>(tasks), &a);
 }
 
+template <typename T>
 void compute(void* kernel_ptr, void* context) {
   Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const Api* api = kernel.api;
@@ -375,7 +396,7 @@ void compute(void* kernel_ptr, void* context) {
   Tensor key = input(api, context, 5), value = input(api, context, 6);
   Tensor window_mask = input(api, context, 7), inwindow = input(api, context, 8);
   const int64_t B = q.dims[0], H = q.dims[1], R = q.dims[2], K = q.dims[3], C = keys.dims[2];
-  const Stages run = stages_for(R, K);
+  const Stages<T> run = stages_for<T>(R, K);
   if (q.rank != 4 || keys.rank != 4 || K % 8 || K > 64 * 8 || !run.scores) std::abort();
   // One mask for a sequence, or one per row of the rows' step.
   const int64_t mask_stride = mask.rank == 2 ? C : 0;
@@ -384,8 +405,8 @@ void compute(void* kernel_ptr, void* context) {
   float* num = output(api, context, 0, num_dims, 4);
   float* den = output(api, context, 1, den_dims, 4);
   float* attention = output(api, context, 2, attention_dims, 3);
-  const Readout a{run, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride,
-                  data<float>(q), data<float>(qs), data<float>(keys), data<float>(values),
+  const Readout<T> a{run, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride,
+                     data<float>(q), data<float>(qs), data<T>(keys), data<T>(values),
                   data<float>(mask), data<float>(key), data<float>(value),
                   data<float>(window_mask), data<float>(inwindow), num, den, attention};
   readout(api, context, B, a);
@@ -402,7 +423,16 @@ void* create_kernel(const CustomOp*, const Api* api, const void* info) {
 }  // namespace
 
 const CustomOp* ring_attention_op() {
-  static const Op op = custom_op<Kernel>("RingAttention", 9, 3, -1, create_kernel, compute);
+  static const Op op =
+      custom_op<Kernel>("RingAttention", 9, 3, nullptr, create_kernel, compute<float>);
+  return &op.op;
+}
+
+const CustomOp* ring_attention_half_op() {
+  static const int types[9] = {kFloat, kFloat, kFloat16, kFloat16, kFloat,
+                               kFloat, kFloat, kFloat,   kFloat};
+  static const Op op =
+      custom_op<Kernel>("RingAttention", 9, 3, types, create_kernel, compute<uint16_t>);
   return &op.op;
 }
 
@@ -410,17 +440,33 @@ const CustomOp* ring_attention_op() {
 
 using namespace linearize;
 
-// A plain entry for tests and benchmarks (ctypes): the same arithmetic on numpy arrays.
-extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
-    const float* q, const float* qs, const float* keys, const float* values, const float* mask,
-    const float* key, const float* value, const float* window_mask, const float* inwindow,
-    int64_t H, int64_t R, int64_t C, int64_t K, int64_t front, int64_t retained, float* num,
-    float* den, float* attention) {
-  const Stages run = stages_for(R, K);
+namespace {
+
+template <typename T>
+int plain_readout(const float* q, const float* qs, const void* keys, const void* values,
+                  const float* mask, const float* key, const float* value,
+                  const float* window_mask, const float* inwindow, int64_t H, int64_t R,
+                  int64_t C, int64_t K, int64_t front, int64_t retained, float* num, float* den,
+                  float* attention) {
+  const Stages<T> run = stages_for<T>(R, K);
   if (run.scores == nullptr || K % 8 || K > 64 * 8) return 1;
-  const Readout a{run,  H,   R,     C,     K,           front,    retained != 0,
-                  0,    q,   qs,    keys,  values,      mask,     key,
-                  value, window_mask, inwindow, num, den, attention};
+  const Readout<T> a{run,  H,  R, C, K, front, retained != 0, 0, q, qs,
+                     static_cast<const T*>(keys), static_cast<const T*>(values), mask, key,
+                     value, window_mask, inwindow, num, den, attention};
   readout(nullptr, nullptr, 1, a);
   return 0;
+}
+
+}  // namespace
+
+// A plain entry for tests and benchmarks (ctypes): the same arithmetic on numpy arrays, the
+// rings float32 or (`half`) float16.
+extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
+    const float* q, const float* qs, const void* keys, const void* values, const float* mask,
+    const float* key, const float* value, const float* window_mask, const float* inwindow,
+    int64_t H, int64_t R, int64_t C, int64_t K, int64_t front, int64_t retained, int64_t half,
+    float* num, float* den, float* attention) {
+  auto run = half ? plain_readout<uint16_t> : plain_readout<float>;
+  return run(q, qs, keys, values, mask, key, value, window_mask, inwindow, H, R, C, K, front,
+             retained, num, den, attention);
 }
