@@ -97,6 +97,19 @@ def test_kernel_matches_reference(H, R, C, K, front, retained, half):
         assert (attention[..., :C][..., mask == -np.inf] == 0).all()
 
 
+def _engine(model, tmp_path, **options) -> OnnxEngine:
+    """An engine of the tests below: fp32 arithmetic, rings growing by 16 slots."""
+    return OnnxEngine(
+        model,
+        max_context=160,
+        threads=1,
+        cache=tmp_path,
+        accuracy="fp32",
+        reach_step=16,
+        **options,
+    )
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", ["softmax", "retain", "wide_retain", "hybrid"])
 def test_step_graph_reads_rings_with_the_kernel(kind, tmp_path):
@@ -108,18 +121,7 @@ def test_step_graph_reads_rings_with_the_kernel(kind, tmp_path):
 
     model = engine_model(kind)
     quantize(model, "int4")
-    engines = {
-        use: OnnxEngine(
-            model,
-            max_context=160,
-            threads=1,
-            cache=tmp_path,
-            accuracy="fp32",
-            kernels=use,
-            reach_step=16,
-        )
-        for use in (True, False)
-    }
+    engines = {use: _engine(model, tmp_path, kernels=use) for use in (True, False)}
     kernel, graph = engines[True], engines[False]
     expected = sum(
         uses_kernel(lay, layer.self_attn)
@@ -251,19 +253,7 @@ def test_half_kv_rings_step_as_float32_rings_of_the_same_values(kind, tmp_path):
     values they hold."""
     model = engine_model(kind)
     quantize(model, "int4")
-
-    def make(half_kv: bool) -> OnnxEngine:
-        return OnnxEngine(
-            model,
-            max_context=160,
-            threads=1,
-            cache=tmp_path,
-            accuracy="fp32",
-            half_kv=half_kv,
-            reach_step=16,
-        )
-
-    half, full = make(True), make(False)
+    half, full = (_engine(model, tmp_path, half_kv=half_kv) for half_kv in (True, False))
     layers = [i for i, lay in enumerate(half.layouts) if lay.half_kv]
     assert layers == [
         i for i, (lay, layer) in enumerate(zip(half.layouts, model.layers, strict=True))
