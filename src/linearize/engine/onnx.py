@@ -337,10 +337,7 @@ class OnnxEngine:
         self.kernel_library = kernels_library() if kernels else None
         if accuracy not in ACCURACY:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
-        # float16 keys and values in the rings RingAttention reads (None: for quantized weights
-        # in int8 arithmetic, the fast path; fp32 arithmetic or weights keep the reference's
-        # numbers).
-        if half_kv is None:
+        if half_kv is None:  # (the class's docstring)
             half_kv = accuracy == "int8" and model.quantization is not None
         self.step_module = FixedStep(
             self.model, max_context, kernels=self.kernel_library is not None, half_kv=half_kv
