@@ -6,6 +6,8 @@
 // Why: the graph reads each ring once per query head (R one-row products over the same keys) and
 // runs ~12 small nodes over the scores; here every key and value row is read once for the R query
 // heads that share it, and the mask, max, exp and sums run in the same pass (AVX2 + FMA).
+// Keys are scored four rows at a time and the weighted values summed in registers, the rows
+// asked for ahead of the reads (at 8k the default's wide windows take 6.3 MB a layer per token).
 //
 // Inputs (float32, but the rings' keys and values, float32 or float16; B rows, each a sequence of
 // its own: 1 in the one-sequence step):
@@ -75,6 +77,18 @@ inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The rows kAhead rows on, asked for before they are read: the rings stream from memory (they
+// outgrow the caches: the default's wide windows are 6.3 MB a layer at 8k), where the hardware's
+// own prefetch alone left the kernel ~20 % slower (cold rings, one thread).
+constexpr int64_t kAhead = 32;
+
+template <typename T>
+inline void prefetch_rows(const T* rows, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(rows);
+  for (int64_t b = 0; b < elements * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
+
 // Query rows · one key row, R heads at once: two partial sums per head (chains of J / 2 FMAs).
 template <int R, int KT, typename T>
 inline void dot_row(const float* qq, const T* row, int64_t K, float* out, int64_t stride) {
@@ -117,6 +131,29 @@ inline void dot_rows2(const float* q, const T* row, int64_t K, float* out, int64
   }
 }
 
+// Query rows · four key rows, R heads at once (R <= 3: 4R accumulators in registers), the
+// four sums of each head reduced together.
+template <int R, int KT, typename T>
+inline void dot_rows4(const float* q, const T* row, int64_t K, float* out, int64_t stride) {
+  const int64_t J = (KT ? KT : K) / 8;
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < 4; ++n) a[r][n] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < J; ++j) {
+    const __m256 k0 = load8(row + 8 * j), k1 = load8(row + K + 8 * j);
+    const __m256 k2 = load8(row + 2 * K + 8 * j), k3 = load8(row + 3 * K + 8 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 q8 = _mm256_loadu_ps(q + r * K + 8 * j);
+      a[r][0] = _mm256_fmadd_ps(q8, k0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(q8, k1, a[r][1]);
+      a[r][2] = _mm256_fmadd_ps(q8, k2, a[r][2]);
+      a[r][3] = _mm256_fmadd_ps(q8, k3, a[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    _mm_storeu_ps(out + r * stride, sum8x4(a[r][0], a[r][1], a[r][2], a[r][3]));
+}
+
 // One key head's slots [c0, c1) and, with `own`, the new token (column C of the scratch rows
 // w, R rows of W = C + 1): its R query heads' scores, the mask added; m[r] the largest score
 // (with a retained cache: the largest in the window). KT: the head size when known at compile
@@ -129,13 +166,27 @@ void scores(const float* q, const float* qs, const T* keys, const float* mask,
   // Each key row read once for the R heads; the first `front` by the sink queries.
   int64_t c = c0;
   for (; c < front && c < c1; ++c) dot_row<R, KT>(qs, keys + c * K, K, w + c, W);
+  if constexpr (R <= 3)
+    for (; c + 4 <= c1; c += 4) {
+      // (float32 rings measured slower with it)
+      if (sizeof(T) == 2 && c + kAhead + 4 <= c1) prefetch_rows(keys + (c + kAhead) * K, 4 * K);
+      dot_rows4<R, KT>(q, keys + c * K, K, w + c, W);
+    }
   for (; c + 2 <= c1; c += 2) dot_rows2<R, KT>(q, keys + c * K, K, w + c, W);
   for (; c < c1; ++c) dot_row<R, KT>(q, keys + c * K, K, w + c, W);
   if (own) dot_row<R, KT>(q, key, K, w + C, W);
   for (int r = 0; r < R; ++r) {
     float* wr = w + r * W;
-    float top = -INFINITY;
-    for (int64_t i = c0; i < c1; ++i) {
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = c0;
+    for (; i + 8 <= c1; i += 8) {
+      __m256 s = _mm256_add_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(mask + i));
+      _mm256_storeu_ps(wr + i, s);
+      if (retained) s = _mm256_add_ps(s, _mm256_loadu_ps(window_mask + i));
+      top8 = _mm256_max_ps(top8, s);
+    }
+    float top = max8(top8);
+    for (; i < c1; ++i) {
       wr[i] += mask[i];
       const float s = retained ? wr[i] + window_mask[i] : wr[i];
       top = s > top ? s : top;
@@ -146,6 +197,32 @@ void scores(const float* q, const float* qs, const T* keys, const float* mask,
     }
     m[r] = top;
   }
+}
+
+// Value rows are weighed kBlock at a time, JB vectors of each at a time (the block's rows stay in
+// L1 between the parts).
+constexpr int64_t kBlock = 16;
+
+// acc (R x K) += the weights w (R rows of W) · value rows [b0, b1), lanes [8 j0, 8 (j0 + JB)):
+// R x JB accumulators in registers (R <= 3: 12, with the R weights and a row's 8 lanes AVX2's 16).
+template <int R, int JB, typename T>
+inline void weigh_rows(const T* values, const float* w, int64_t W, int64_t K, int64_t j0,
+                       int64_t b0, int64_t b1, int64_t end, float* acc_rows) {
+  __m256 acc[R][JB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < JB; ++j) acc[r][j] = _mm256_load_ps(acc_rows + r * K + 8 * (j0 + j));
+  for (int64_t c = b0; c < b1; ++c) {
+    const T* row = values + c * K + 8 * j0;
+    if (j0 == 0 && c + kAhead < end) prefetch_rows(values + (c + kAhead) * K, K);
+    __m256 wc[R];
+    for (int r = 0; r < R; ++r) wc[r] = _mm256_broadcast_ss(w + r * W + c);
+    for (int j = 0; j < JB; ++j) {
+      const __m256 v8 = load8(row + 8 * j);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wc[r], v8, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < JB; ++j) _mm256_store_ps(acc_rows + r * K + 8 * (j0 + j), acc[r][j]);
 }
 
 // The same columns' weights e^(s - m) in place, their sums (den[r]; with a retained cache also
@@ -159,51 +236,47 @@ void weigh(const T* values, const float* value, const float* inwindow, int64_t C
   for (int r = 0; r < R; ++r) {
     float* wr = w + r * W;
     const __m256 m8 = _mm256_set1_ps(m[r]);
-    __m256 total8 = _mm256_setzero_ps();
+    __m256 total8 = _mm256_setzero_ps(), in8 = _mm256_setzero_ps();
     int64_t c = c0;
     for (; c + 8 <= c1; c += 8) {
       __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(wr + c), m8));
       _mm256_storeu_ps(wr + c, e);
       total8 = _mm256_add_ps(total8, e);
+      if (retained) in8 = _mm256_fmadd_ps(e, _mm256_loadu_ps(inwindow + c), in8);
     }
-    float total = sum8(total8);
+    float total = sum8(total8), in = sum8(in8);
     for (; c < c1; ++c) {
       wr[c] = std::exp(wr[c] - m[r]);
       total += wr[c];
+      if (retained) in += wr[c] * inwindow[c];
     }
     if (own) {
       wr[C] = std::exp(wr[C] - m[r]);
       total += wr[C];
+      if (retained) in += wr[C] * inwindow[C];
     }
     den[r] = total;
-    if (retained) {
-      float in = own ? wr[C] * inwindow[C] : 0.0f;
-      for (int64_t i = c0; i < c1; ++i) in += wr[i] * inwindow[i];
-      inside[r] = in;
-    }
+    if (retained) inside[r] = in;
   }
-  for (int64_t j0 = 0; j0 < J; j0 += 8) {
-    const int64_t jn = J - j0 < 8 ? J - j0 : 8;
-    __m256 acc[R][8];
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < jn; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* row = values + c * K + 8 * j0;
-      for (int64_t j = 0; j < jn; ++j) {
-        __m256 v8 = load8(row + 8 * j);
-        for (int r = 0; r < R; ++r)
-          acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * W + c]), v8, acc[r][j]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < jn; ++j) {
-        if (own) {
-          const __m256 v8 = _mm256_loadu_ps(value + 8 * (j0 + j));
-          acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(w[r * W + C]), v8, acc[r][j]);
-        }
-        _mm256_storeu_ps(num + r * K + 8 * (j0 + j), acc[r][j]);
-      }
+  alignas(32) float acc_rows[R * 64 * 8];  // R x K (K <= 512)
+  for (int64_t i = 0; i < R * K; ++i) acc_rows[i] = 0;
+  // (float32 rings, R <= 3: whole rows, 24 accumulators, measured faster than halves)
+  constexpr int64_t JB = R <= 3 ? (sizeof(T) == 4 ? 8 : 4) : (R <= 6 ? 2 : 1);
+  for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < c1 ? b0 + kBlock : c1;
+    if (J % JB == 0)
+      for (int64_t j0 = 0; j0 < J; j0 += JB)
+        weigh_rows<R, JB>(values, w, W, K, j0, b0, b1, c1, acc_rows);
+    else
+      for (int64_t j0 = 0; j0 < J; ++j0) weigh_rows<R, 1>(values, w, W, K, j0, b0, b1, c1, acc_rows);
   }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < J; ++j) {
+      __m256 a = _mm256_load_ps(acc_rows + r * K + 8 * j);
+      if (own)
+        a = _mm256_fmadd_ps(_mm256_set1_ps(w[r * W + C]), _mm256_loadu_ps(value + 8 * j), a);
+      _mm256_storeu_ps(num + r * K + 8 * j, a);
+    }
 }
 
 // Each column's softmax weight renormalised over the window (inside[r]: the R heads' in-window
@@ -213,7 +286,14 @@ void attention_of(const float* w, int64_t R, int64_t C, int64_t c0, int64_t c1, 
   const int64_t W = C + 1;
   float scale[8];
   for (int64_t r = 0; r < R; ++r) scale[r] = 1.0f / inside[r];
-  for (int64_t c = c0; c < c1; ++c) {
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t r = 0; r < R; ++r)
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * W + c), _mm256_set1_ps(scale[r]), a);
+    _mm256_storeu_ps(attention + c, a);
+  }
+  for (; c < c1; ++c) {
     float a = 0;
     for (int64_t r = 0; r < R; ++r) a += w[r * W + c] * scale[r];
     attention[c] = a;
