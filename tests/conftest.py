@@ -55,3 +55,27 @@ def one_thread():
 def seed():
     """Every test starts from the same random state, whatever ran before it."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def built_kernels(tmp_path_factory):
+    """linearize's kernels (engine.kernels) built once for the session, in a cache of their own
+    (nothing where this machine cannot build them)."""
+    from linearize.engine import kernels
+
+    root = tmp_path_factory.mktemp("kernels-cache")
+    kernels.library(root)
+    (root / "kernels").mkdir(exist_ok=True)
+    return root / "kernels"
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch, built_kernels):
+    """A user cache folder of this test's own (``$XDG_CACHE_HOME``: engine graphs, calibrations,
+    timings) whose kernels are the session's: each new cache folder would compile them again,
+    most of an engine test's time (~8 s)."""
+    home = tmp_path / "cache"
+    (home / "linearize").mkdir(parents=True)
+    (home / "linearize" / "kernels").symlink_to(built_kernels, target_is_directory=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home

@@ -450,9 +450,8 @@ def _saved(w: dict, t: Path) -> Path:
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p[0] for p in PROBES])
-def test_cli_probe(probe: Probe, world, tmp_path, capsys, monkeypatch):
+def test_cli_probe(probe: Probe, world, tmp_path, capsys, user_cache):
     name, argv, expected, fragment, survivors = probe
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     args = argv(world, tmp_path)
     try:
         code = main(args)

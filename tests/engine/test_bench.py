@@ -18,9 +18,8 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture
-def saved(tmp_path, monkeypatch):
+def saved(tmp_path, user_cache):
     """A tiny default ``augmented`` model saved to disk (engine graphs cached in ``tmp_path``)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "augmented"
     engine_model("augmented").save(path)
     return path
@@ -77,8 +76,7 @@ def test_bench_decode_option_on_a_saved_model(saved, tmp_path, capsys):
     assert "pass --attention instead" in capsys.readouterr().err
 
 
-def test_time_decodes_takes_turns_and_keeps_each_run_its_own_state(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_time_decodes_takes_turns_and_keeps_each_run_its_own_state(user_cache, monkeypatch):
     from linearize.bench import speed
 
     model = engine_model("augmented").eval()

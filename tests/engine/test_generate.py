@@ -24,8 +24,8 @@ from linearize.engine.onnx import OnnxEngine  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def cache(user_cache):
+    return user_cache
 
 
 @pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "softmax", "retain"])
