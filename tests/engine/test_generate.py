@@ -22,10 +22,8 @@ pytest.importorskip("onnxruntime")
 
 from linearize.engine.onnx import OnnxEngine  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def cache(user_cache):
-    return user_cache
+# Every test with a user cache of its own (calibrations, timings; the session's kernels).
+pytestmark = pytest.mark.usefixtures("user_cache")
 
 
 @pytest.mark.parametrize("kind", ["augmented", "paper", "hybrid", "softmax", "retain"])
