@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import ctypes
+import mmap
 
 import numpy as np
 import pytest
@@ -32,25 +33,28 @@ TOLERANCE = 2e-6
 SHAPES = [(1, 576, 960), (1, 576, 3072), (2, 1536, 576), (3, 96, 70), (1, 32, 5), (5, 288, 129)]
 
 
-def _weight(rng, N, K, whole):
+def _weight(rng, N, K, whole, half=False):
+    """Codes, scales and bases ``−z·s`` (float16 with ``half``) of a random 4-bit weight."""
     G = K // 32
     codes = rng.integers(0, 256, (N, G, 16), dtype=np.uint8)
     scales = (rng.random((N, G)) * 0.02).astype(np.float32)
     zero = rng.integers(0, 16, (N, G)) if whole else rng.random((N, G)) * 15
-    offsets = ((8 - zero) * scales).astype(np.float32)
-    return codes, scales, offsets
+    bases = (-zero * scales).astype(np.float32)
+    dtype = np.float16 if half else np.float32
+    return codes, scales.astype(dtype), bases.astype(dtype)
 
 
-def _dequantized(codes, scales, offsets):
+def _dequantized(codes, scales, bases):
     N, G, _ = codes.shape
     q = np.stack([codes & 0x0F, codes >> 4], -1).reshape(N, G, 32).astype(np.float64)
-    return ((q - 8) * scales[..., None] + offsets[..., None]).reshape(N, G * 32)
+    s, b = (a.astype(np.float64)[..., None] for a in (scales, bases))
+    return (q * s + b).reshape(N, G * 32)
 
 
-def _int8_arithmetic(x, codes, scales, offsets):
+def _int8_arithmetic(x, codes, scales, bases):
     """MatMulNBits' int8 arithmetic in numpy: each group of 32 activations as int8 codes
-    (scale max|x| / 127, rounded to nearest even), the products in integers, the offsets on
-    the exact group sums."""
+    (scale max|x| / 127, rounded to nearest even), the products with the codes less 8 in
+    integers, the offsets ``8·s + b`` on the exact group sums."""
     M, K = x.shape
     N, G, _ = codes.shape
     q = np.stack([codes & 0x0F, codes >> 4], -1).reshape(N, G, 32).astype(np.float64) - 8
@@ -59,11 +63,26 @@ def _int8_arithmetic(x, codes, scales, offsets):
     inverse = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0)
     xq = np.rint(groups * inverse.astype(np.float32)).astype(np.float64)
     dx = (top / np.float32(127)).astype(np.float64)[..., 0]
-    products = np.einsum("ngi,mgi->mng", q, xq) * dx[:, None, :] * scales[None]
-    return products.sum(-1) + groups.astype(np.float64).sum(-1) @ offsets.T.astype(np.float64)
+    s, b = scales.astype(np.float64), bases.astype(np.float64)
+    products = np.einsum("ngi,mgi->mng", q, xq) * dx[:, None, :] * s[None]
+    return products.sum(-1) + groups.astype(np.float64).sum(-1) @ (8 * s + b).T
 
 
-def _run(x, codes, scales, offsets, int8):
+def _guarded(a):
+    """A copy of ``a`` that ends where an unreadable page begins (a read past its end faults),
+    and the mapping that holds it."""
+    page = mmap.PAGESIZE
+    size = (a.nbytes // page + 2) * page
+    held = mmap.mmap(-1, size)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(held))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(start + size - page), ctypes.c_size_t(page), 0) == 0
+    copy = np.frombuffer(held, a.dtype, a.size, size - page - a.nbytes).reshape(a.shape)
+    copy[...] = a
+    return copy, held
+
+
+def _run(x, codes, scales, bases, int8):
     library = ctypes.CDLL(str(kernels.library()))
     M, K = x.shape
     N = codes.shape[0]
@@ -72,8 +91,9 @@ def _run(x, codes, scales, offsets, int8):
     done = library.linearize_matmul_4bit(
         x.ctypes.data_as(pointer),
         *(ctypes.c_int64(n) for n in (M, K, N)),
-        *(a.ctypes.data_as(pointer) for a in (codes, scales, offsets)),
+        *(a.ctypes.data_as(pointer) for a in (codes, scales, bases)),
         ctypes.c_int64(int(int8)),
+        ctypes.c_int64(int(scales.dtype == np.float16)),
         y.ctypes.data_as(pointer),
     )
     assert done == 0
@@ -81,31 +101,38 @@ def _run(x, codes, scales, offsets, int8):
 
 
 @needs_kernel
+@pytest.mark.parametrize("half", [False, True], ids=["float32-scales", "float16-scales"])
 @pytest.mark.parametrize("whole", [False, True], ids=["float-zero-points", "whole-zero-points"])
 @pytest.mark.parametrize("M, K, N", SHAPES)
-def test_kernel_matches_its_arithmetic(M, K, N, whole):
+def test_kernel_matches_its_arithmetic(M, K, N, whole, half):
     rng = np.random.default_rng(K + N)
-    codes, scales, offsets = _weight(rng, N, K, whole)
+    codes, scales, bases = _weight(rng, N, K, whole, half)
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[0, :32] = 0  # (a group of zeros: scale 0)
-    exact = x.astype(np.float64) @ _dequantized(codes, scales, offsets).T
-    fp32 = _run(x, codes, scales, offsets, int8=False)
+    exact = x.astype(np.float64) @ _dequantized(codes, scales, bases).T
+    fp32 = _run(x, codes, scales, bases, int8=False)
     assert np.abs(fp32 - exact).max() <= TOLERANCE * np.abs(exact).max()
-    want = _int8_arithmetic(x, codes, scales, offsets)
-    int8 = _run(x, codes, scales, offsets, int8=True)
+    want = _int8_arithmetic(x, codes, scales, bases)
+    int8 = _run(x, codes, scales, bases, int8=True)
     assert np.abs(int8 - want).max() <= TOLERANCE * np.abs(want).max()
+    # The weight's arrays each end at an unreadable page: no read past them (a row's last
+    # groups short of 8 read their scales 8 wide only where the weight goes on).
+    guarded = [_guarded(a) for a in (codes, scales, bases)]
+    for int8_arithmetic, result in ((False, fp32), (True, int8)):
+        again = _run(x, *(copy for copy, _ in guarded), int8=int8_arithmetic)
+        np.testing.assert_array_equal(again, result)
     # (int8 activations: ~0.4 % of the largest output away from the exact product)
     assert np.abs(int8 - exact).max() <= 2e-2 * np.abs(exact).max()
 
 
-def _session(threads, N=1000, K=576, int8=True):
+def _session(threads, N=1000, K=576, int8=True, half=False):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    codes, scales, offsets = _weight(np.random.default_rng(0), N, K, whole=False)
+    codes, scales, bases = _weight(np.random.default_rng(0), N, K, whole=False, half=half)
     node = helper.make_node(
         "MatMul4Bit",
-        ["x", "codes", "scales", "offsets"],
+        ["x", "codes", "scales", "bases"],
         ["y"],
         domain="linearize",
         accuracy_level=4 if int8 else 0,
@@ -117,7 +144,7 @@ def _session(threads, N=1000, K=576, int8=True):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [
             numpy_helper.from_array(a, n)
-            for a, n in zip((codes, scales, offsets), node.input[1:], strict=True)
+            for a, n in zip((codes, scales, bases), node.input[1:], strict=True)
         ],
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("linearize", 1)]
@@ -125,18 +152,20 @@ def _session(threads, N=1000, K=576, int8=True):
     options.register_custom_ops_library(str(kernels.library()))
     options.intra_op_num_threads = threads
     model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
-    return ort.InferenceSession(model, options, ["CPUExecutionProvider"]), (codes, scales, offsets)
+    return ort.InferenceSession(model, options, ["CPUExecutionProvider"]), (codes, scales, bases)
 
 
 @needs_kernel
+@pytest.mark.parametrize("half", [False, True], ids=["float32-scales", "float16-scales"])
 @pytest.mark.parametrize("int8", [True, False], ids=["int8", "fp32"])
-def test_threads_give_the_same_numbers(int8):
+def test_threads_give_the_same_numbers(int8, half):
     """The outputs split over onnxruntime's intra-op threads (1, 2, 4) and a session run from
-    four threads at once: every output as the kernel alone computes it, bit for bit."""
+    four threads at once: every output as the kernel alone computes it, bit for bit (float16
+    scales and bases: onnxruntime picks the op's float16 form by its inputs' types)."""
     x = np.random.default_rng(5).standard_normal((3, 576)).astype(np.float32)
     outputs = []
     for threads in (1, 2, 4):
-        session, weight = _session(threads, int8=int8)
+        session, weight = _session(threads, int8=int8, half=half)
         outputs.append(session.run(None, {"x": x})[0])
     alone = _run(x, *weight, int8=int8)
     for y in outputs:
@@ -162,8 +191,8 @@ def _nodes(engine, name):
 def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
     """The step and rows graphs of an int4 model hold one ``MatMul4Bit`` per linear (q/k/v and
     gate/up fused, o, down), the same graph for Q4_1's float zero points (no offset term beside
-    it) as for whole ones; the 8-bit head stays ``MatMulNBits``; the tree graphs keep
-    ``MatMulNBits``; an int8 model has no ``MatMul4Bit``."""
+    it; float16 scales and bases) as for whole ones; the 8-bit head stays ``MatMulNBits``; the
+    tree graphs keep ``MatMulNBits``; an int8 model has no ``MatMul4Bit``."""
     layers = engine_model("augmented").config.num_layers
     counts = {}
     for zero_points in ("float", "integer"):
@@ -187,6 +216,10 @@ def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
         assert "MatMulNBits" in _nodes(engine, "chain2")
         kernel_linears = [m for m in engine.step_module.modules() if isinstance(m, Kernel4Bit)]
         assert len(kernel_linears) == 4 * layers
+        # Q4_1's grid on float16 values: the op reads float16 scales and bases (20 bytes a
+        # group); whole zero points' scales are float32
+        half = torch.float16 if zero_points == "float" else torch.float32
+        assert {(m.scales.dtype, m.bases.dtype) for m in kernel_linears} == {(half, half)}
     for graph in ("step-kernels", "rows-kernels"):
         assert counts["float", graph] == counts["integer", graph], graph
 

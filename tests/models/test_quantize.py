@@ -17,6 +17,7 @@ from linearize.models.quantize import (
     gptq_weight,
     input_moments,
     keep_dequantized,
+    on_half_grid,
     pack,
     quantize,
     quantize_weight,
@@ -46,13 +47,18 @@ def test_int4_grids():
     assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 15
     step = scale.repeat_interleave(32, 1)
     assert ((dequantize(codes, scale, zero, 4) - w).abs() <= step / 2 * (1 + 1e-5)).all()
-    # A Q4_1 grid: a float minimum per group, 16 levels above it.
+    assert not on_half_grid(scale, -zero * scale)  # (float32 scales: the engine reads them so)
+    # A Q4_1 grid as a GGUF holds it: a float16 minimum and scale per group, 16 levels.
     levels = torch.randint(0, 16, (48, 96)).float()
     lo, s = torch.rand(48, 3, 1) - 1.3, torch.rand(48, 3, 1) * 0.1 + 0.01
+    lo, s = lo.half().float(), s.half().float()
     q4_1 = (lo + levels.view(48, 3, 32) * s).view(48, 96)
     q4_1[:, ::32], q4_1[:, 1::32] = lo[..., 0], (lo + 15 * s)[..., 0]  # each group's ends
     float_grid = QuantConfig("int4", zero_points="float")
-    torch.testing.assert_close(dequantize(*quantize_weight(q4_1, float_grid), 4), q4_1)
+    codes, scale, zero = quantize_weight(q4_1, float_grid)
+    torch.testing.assert_close(dequantize(codes, scale, zero, 4), q4_1)
+    # its scales and minima (the bases) float16 values again
+    assert torch.equal(scale, s[..., 0]) and on_half_grid(scale, -zero * scale)
     error = (dequantize(*quantize_weight(q4_1, QuantConfig("int4")), 4) - q4_1).abs().amax()
     assert error > 1e-3  # (whole zero points cannot hold a float minimum)
 

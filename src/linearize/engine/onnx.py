@@ -55,8 +55,9 @@ logger = logging.getLogger(__name__)
 # scale on the queries; 20: the window's exp weights as one Softmax; 21: a 4-bit head's offset
 # term groups however many rows a tree scores; 22: the step graphs' 4-bit linears as linearize's
 # MatMul4Bit (with kernels); 23: a tree's softmax weights reshaped for any ring length (the
-# graphs of 22 took the ring's length at export for a constant), float16 rings (half_kv)
-EXPORT_VERSION = 23
+# graphs of 22 took the ring's length at export for a constant), float16 rings (half_kv); 24:
+# MatMul4Bit reads bases (−z·s) for offsets, float16 ones (and scales) on Q4_1's float16 grid
+EXPORT_VERSION = 24
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).

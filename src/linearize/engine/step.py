@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from linearize.engine.fuse import fuse_linears
 from linearize.layers.attention import Attention
 from linearize.models.decoder import Decoder
-from linearize.models.quantize import QuantizedLinear, linear_output_type, unpack
+from linearize.models.quantize import QuantizedLinear, linear_output_type, on_half_grid, unpack
 from linearize.ops import linear_attn
 
 
@@ -617,33 +617,35 @@ def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor
 
 
 class MatMul4Bit(torch.autograd.Function):
-    """``x · Wᵀ`` for 4-bit codes in groups of 32, ``w = (q − 8)·s + o`` per group, as one node
-    of the exported graph, ``linearize::MatMul4Bit`` (:mod:`linearize.engine.kernels`); in
-    PyTorch the dequantized product. ``codes: [N, K/32, 16]`` (``MatMulNBits``' packing),
-    ``scales, offsets: [N, K/32]``, ``sizes`` x's shape at export. Its arithmetic
-    (``accuracy_level``, as ``MatMulNBits``') is set on the exported graph
+    """``x · Wᵀ`` for 4-bit codes in groups of 32, ``w = q·s + b`` per group, as one node of the
+    exported graph, ``linearize::MatMul4Bit`` (:mod:`linearize.engine.kernels`); in PyTorch the
+    dequantized product. ``codes: [N, K/32, 16]`` (``MatMulNBits``' packing), ``scales, bases:
+    [N, K/32]`` (float32, or float16: the op reads either), ``sizes`` x's shape at export. Its
+    arithmetic (``accuracy_level``, as ``MatMulNBits``') is set on the exported graph
     (``engine.onnx.export``)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, offsets, sizes):
+    def forward(ctx, x, codes, scales, bases, sizes):
         N, groups, _ = codes.shape
-        q = unpack(codes.reshape(N, -1), 4).reshape(N, groups, -1).to(scales.dtype)
-        weight = (q - 8) * scales[..., None] + offsets[..., None]
+        q = unpack(codes.reshape(N, -1), 4).reshape(N, groups, -1).float()
+        weight = q * scales.float()[..., None] + bases.float()[..., None]
         return F.linear(x, weight.reshape(N, -1).to(x.dtype))
 
     @staticmethod
-    def symbolic(g, x, codes, scales, offsets, sizes):
+    def symbolic(g, x, codes, scales, bases, sizes):
         from linearize.engine.kernels import DOMAIN
 
-        y = g.op(f"{DOMAIN}::MatMul4Bit", x, codes, scales, offsets)
+        y = g.op(f"{DOMAIN}::MatMul4Bit", x, codes, scales, bases)
         y.setType(linear_output_type(x, sizes, codes.type().sizes()[0]))
         return y
 
 
 class Kernel4Bit(nn.Module):
     """A 4-bit linear in groups of 32 run by ``MatMul4Bit`` in the exported graph (any zero
-    points: the offsets ``(8 − z)·s``, so Q4_1's float grid needs no offset term beside it); in
-    PyTorch, the linear itself (the reference)."""
+    points: the bases ``−z·s``, so Q4_1's float grid needs no offset term beside it); in
+    PyTorch, the linear itself (the reference). Scales and bases on float16 values (Q4_1's
+    grid as ``linearize quantize`` writes it, or a Q4_1 GGUF's) go to the op as float16: 20
+    bytes a group of 32 read per token, not 24."""
 
     def __init__(self, linear: QuantizedLinear) -> None:
         super().__init__()
@@ -652,9 +654,12 @@ class Kernel4Bit(nn.Module):
         groups = q.in_features // q.group_size
         codes = q.codes.reshape(q.out_features, groups, q.group_size // 2)
         self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scales", q.scale.detach().float(), persistent=False)
-        offsets = (8 - q.zero.detach().float()) * self.scales
-        self.register_buffer("offsets", offsets, persistent=False)
+        scales = q.scale.detach().float()
+        bases = -q.zero.detach().float() * scales
+        if on_half_grid(scales, bases):
+            scales, bases = scales.half(), bases.half()
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("bases", bases, persistent=False)
 
     @staticmethod
     def runs(linear: nn.Module) -> bool:
@@ -673,5 +678,5 @@ class Kernel4Bit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.onnx.is_in_onnx_export():
             return self.linear(x)
-        y = MatMul4Bit.apply(x, self.codes, self.scales, self.offsets, tuple(x.shape))
+        y = MatMul4Bit.apply(x, self.codes, self.scales, self.bases, tuple(x.shape))
         return y if self.linear.bias is None else y + self.linear.bias

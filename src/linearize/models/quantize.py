@@ -165,10 +165,12 @@ def group_grid(
     stands for (int4: the group's minimum, or with integer ``zero_points`` the grid point at
     or below it)."""
     if bits == 4 and zero_points == "float":
-        # Q4_1's grid (scale and offset per group), with the offset as a float zero point:
-        # weights dequantized from a Q4_1 GGUF re-quantize onto their own grid, losslessly.
-        lo, hi = groups.amin(-1), groups.amax(-1)
-        scale = (hi - lo) / 15
+        # Q4_1's grid (scale and minimum per group, float16 values as a Q4_1 file holds them),
+        # with the minimum as a float zero point: weights dequantized from a Q4_1 GGUF
+        # re-quantize onto their own grid, losslessly, and the engine reads the scales and
+        # bases as float16 (engine.step.Kernel4Bit: 20 bytes a group, not 24).
+        lo, hi = _half(groups.amin(-1)), groups.amax(-1)
+        scale = _half((hi - lo) / 15)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, -lo / scale, lo
     if bits == 4:
@@ -182,6 +184,25 @@ def group_grid(
     scale = groups.abs().amax(-1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, torch.full_like(scale, 128), -128 * scale
+
+
+def _half(x: Tensor) -> Tensor:
+    """``x`` rounded to float16 values (kept in its dtype), where float16 holds them."""
+    rounded = x.half().to(x.dtype)
+    return torch.where(rounded.isfinite(), rounded, x)
+
+
+def on_half_grid(scale: Tensor, base: Tensor) -> bool:
+    """Whether a weight's ``scale`` and ``base = −zero·scale`` (fp32) are float16 values, as
+    Q4_1's grid puts them: the scales exactly, the bases to within the fp32 rounding of
+    ``zero·scale`` (two ulps; float16 keeps 11 bits of them)."""
+    s16, b16 = scale.half().float(), base.half().float()
+    return bool(
+        torch.equal(s16, scale)
+        and s16.isfinite().all()
+        and b16.isfinite().all()
+        and ((b16 - base).abs() <= base.abs() * 2**-22).all()
+    )
 
 
 def encode(x: Tensor, scale: Tensor, base: Tensor, bits: int) -> Tensor:

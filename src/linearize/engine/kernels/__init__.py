@@ -8,9 +8,10 @@ One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI
   for the query heads that share it, the mask, max, exp and sums in the same pass. Its
   reference: the graph's own ops (:func:`linearize.engine.step._softmax_readout`).
 - ``MatMul4Bit`` (``matmul_4bit.cc``): a linear with 4-bit codes in groups of 32 and any zero
-  points (``(q − 8)·s + o`` per group), int8 or fp32 arithmetic, split over onnxruntime's
-  intra-op threads. Its reference: ``MatMulNBits`` plus the offset term
-  (:class:`linearize.models.quantize.QuantizedLinear`'s export).
+  points (``q·s + b`` per group, the scales and bases float32 or, on Q4_1's float16 grid,
+  float16), int8 or fp32 arithmetic, split over onnxruntime's intra-op threads. Its reference:
+  ``MatMulNBits`` plus the offset term (:class:`linearize.models.quantize.QuantizedLinear`'s
+  export).
 
 The step graphs (one sequence, the rows') use them; where the library cannot be built (no C++
 compiler, a CPU without AVX2 and FMA) the references run, and the tree and chain graphs always
