@@ -168,19 +168,20 @@ inline __m256 block_int8(const uint8_t* codes, const S* s, const S* b, int64_t g
   return _mm256_fmadd_ps(offset, sums_x, _mm256_fmadd_ps(sv, t, acc));
 }
 
-// One output: a weight row's codes, scales and bases against one quantized row; `last`: an
-// 8-wide read of its tail's scales would leave the weight (the last rows; all, for G < 8). (One row at a time: four rows a pass, sharing the activations' loads
-// and one final reduction, ran the default's 1k step 14 % slower, 14.9 against 12.8 ms, though
-// alone on cycled weights 20 % faster.)
+// One output: a weight row's codes, scales and bases against one quantized row; `ends`: an
+// 8-wide read of its tail's scales would leave the weight (its last rows; all, for G < 8).
+// (One row at a time: four rows a pass, sharing the activations' loads and one final
+// reduction, ran the default's 1k step 16 % slower, 14.9 against 12.8 ms, though alone on
+// cycled weights 20 % faster.)
 template <typename S>
 float dot_int8(const uint8_t* codes, const S* s, const S* b, int64_t G, const Quantized& x,
-               bool last) {
+               bool ends) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) acc = block_int8<kWhole>(codes, s, b, g, 8, x, acc);
   const int n = static_cast<int>(G - g);
-  if (n && last) acc = block_int8<kLastTail>(codes, s, b, g, n, x, acc);
-  if (n && !last) acc = block_int8<kTail>(codes, s, b, g, n, x, acc);
+  if (n && ends) acc = block_int8<kLastTail>(codes, s, b, g, n, x, acc);
+  if (n && !ends) acc = block_int8<kTail>(codes, s, b, g, n, x, acc);
   return sum8(acc);
 }
 
@@ -269,10 +270,12 @@ void outputs(void* user, size_t task) {
     const uint8_t* codes = w.codes + n * G * 16;
     const S *s = w.scales + n * G, *b = w.bases + n * G;
     if (n + kAhead < w.N) prefetch_row(codes + kAhead * G * 16, s + kAhead * G, b + kAhead * G, G);
+    // (whether the row's tail, its scales read 8 wide, would read past the weight's)
+    const bool ends = n * G + G / 8 * 8 + 8 > w.N * G;
     for (int64_t m = 0; m < w.M; ++m)
-      w.y[m * w.N + n] =
-          w.int8 ? dot_int8(codes, s, b, G, w.row(m), n * G + G / 8 * 8 + 8 > w.N * G)
-                 : dot_fp32(codes, s, b, G, w.split + m * G * kGroup, w.sums + m * G);
+      w.y[m * w.N + n] = w.int8
+                             ? dot_int8(codes, s, b, G, w.row(m), ends)
+                             : dot_fp32(codes, s, b, G, w.split + m * G * kGroup, w.sums + m * G);
   }
 }
 
