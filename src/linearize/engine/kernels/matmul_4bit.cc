@@ -45,12 +45,6 @@ constexpr int64_t kChunk = 64;  // outputs per task of the intra-op threads
 // and graph, alternating blocks: 2 / 4 / 8 / 16 rows ahead 3.4 / 5.7 / 4.5–4.8 / 3.1 % faster.
 constexpr int64_t kAhead = 4;
 
-inline int32_t sum4_i32(__m128i v) {
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
-  return _mm_cvtsi128_si32(v);
-}
-
 // ---- int8 arithmetic -------------------------------------------------------------------------
 
 // One row's activations, quantized per group of 32: the codes qx (each pair of groups laid out as
@@ -99,10 +93,6 @@ void quantize_row(const float* x, int64_t groups, Quantized out) {
 // A group's scale or base: float32, or float16 (uint16_t) widened.
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return _cvtsh_ss(v); }
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // How a block of groups is read: all 8 groups of it (kWhole); the row's last n < 8 groups, the
 // scales and bases read 8 wide into the next rows' and the lanes past the n-th zeroed (kTail);

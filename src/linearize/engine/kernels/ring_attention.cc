@@ -71,12 +71,6 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(small, y);
 }
 
-// Eight lanes of a row: float32 as stored, float16 widened.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // The rows kAhead rows on, asked for before they are read: the rings stream from memory (they
 // outgrow the caches: the default's wide windows are 6.3 MB a layer at 8k), where the hardware's
 // own prefetch alone left the kernel ~20 % slower (cold rings, one thread).

@@ -4,7 +4,15 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace linearize {
+
+// Eight lanes of a row: float32 as stored, float16 widened.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 
 // The sum of a vector's 8 floats.
 inline float sum8(__m256 a) {
