@@ -44,16 +44,18 @@ OPTIONS = {
 }
 
 
-def engine_model(kind: str, *, vocab_size: int = 128, text: bool = False) -> linearize.Decoder:
+def engine_model(
+    kind: str, *, vocab_size: int = 128, text: bool = False, head_dim: int = 16
+) -> linearize.Decoder:
     """A float32 tiny model the engine runs (``kind``: softmax, elu, or a key of ``OPTIONS``),
     with α > 0, random conv taps and feature maps; ``text``: with the byte tokenizer
-    (vocabulary 258)."""
+    (vocabulary 258); heads of ``head_dim``."""
     if text:
         vocab_size = 258
     if kind in ("softmax", "elu"):
-        model = tiny_model(kind, vocab_size=vocab_size)
+        model = tiny_model(kind, vocab_size=vocab_size, head_dim=head_dim)
     else:
-        model = tiny_model("softmax", vocab_size=vocab_size)
+        model = tiny_model("softmax", vocab_size=vocab_size, head_dim=head_dim)
         layers = [1] if kind == "hybrid" else None
         linearize.linearize(model, OPTIONS[kind], layers=layers)
         with torch.no_grad():

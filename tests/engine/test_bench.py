@@ -46,6 +46,19 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize("kv_type", [None, "float16", "int8"])
+def test_bench_decode_kv_type(kv_type, tmp_path, user_cache, capsys):
+    """``--kv-type`` reaches the engine, and each row names the keys and values its state
+    held: an int4 model's default is int8 (heads 32 wide)."""
+    path = tmp_path / "augmented"
+    engine_model("augmented", head_dim=32).save(path)
+    argv = ["bench", "decode", "--model", str(path), "--contexts", "40", "--steps", "4"]
+    argv += ["--quant", "int4", "--json", "--no-isolate", "--llama-cpp", "off"]
+    assert main(argv + (["--kv-type", kv_type] if kv_type else [])) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["engine"], row["kv_type"]) == ("onnx", kv_type or "int8")
+
+
 def test_bench_prefill_quant_and_engine(saved, tmp_path, capsys):
     """``bench prefill`` runs an int4 model's prompt on the engine (in chains: 72 tokens, a
     chunk of 64 and one of 8) and names the weights and engine of each row."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from linearize.engine import kernels
-from linearize.engine.step import _softmax_readout, uses_kernel
+from linearize.engine.step import KV_GROUP, _softmax_readout, kv_codes, kv_values, uses_kernel
 from linearize.engine.tree import Tree
 from linearize.models.quantize import quantize
 from tests.engine.conftest import engine_model
@@ -28,15 +28,17 @@ needs_kernel = pytest.mark.skipif(not BUILT, reason=f"no kernels here: {kernels.
 TOLERANCE = 2e-5
 
 
-def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, retained):
+def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, retained, scales=None):
+    """The kernel on one sequence's arrays; ``scales``: an int8 ring's (keys', values')."""
     _, H, R, K = q.shape
     C = kb.shape[2]
     num = np.zeros((1, H, R, K), np.float32)
     den = np.zeros((1, H, R, 1), np.float32)
     attention = np.zeros((1, H, C + 1), np.float32)
-    arrays = [q, qs, kb, vb, mask, k, v, window_mask, inwindow]
-    half = kb.dtype == np.float16  # (float16 rings: keys and values both)
-    sizes = [ctypes.c_int64(n) for n in (H, R, C, K, front, retained, half)]
+    none = np.zeros(1, np.float32)
+    arrays = [q, qs, kb, vb, *(scales or (none, none)), mask, k, v, window_mask, inwindow]
+    ring = {np.float32: 0, np.float16: 1, np.int8: 2}[kb.dtype.type]  # (keys and values both)
+    sizes = [ctypes.c_int64(n) for n in (H, R, C, K, front, retained, ring)]
     f = ctypes.POINTER(ctypes.c_float)
     done = library.linearize_ring_attention(
         *(np.ascontiguousarray(a).ctypes.data_as(ctypes.c_void_p) for a in arrays),
@@ -61,10 +63,12 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
         (4, 8, 5, 128, 1, False),
     ],
 )
-@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
-def test_kernel_matches_reference(H, R, C, K, front, retained, half):
-    """float16 rings (Layout.half_kv): the kernel reads them widened, against the reference on
-    the same values in float32."""
+@pytest.mark.parametrize("ring", ["float32", "float16", "int8"])
+def test_kernel_matches_reference(H, R, C, K, front, retained, ring):
+    """float16 and int8 rings (Layout.kv_type): the kernel reads them widened (int8 codes times
+    their group's scale), against the reference on the same values in float32."""
+    if ring == "int8" and K % KV_GROUP:
+        pytest.skip(f"int8 rings take head sizes a multiple of {KV_GROUP}")
     library = ctypes.CDLL(str(kernels.library()))
     rng = np.random.default_rng(C)
 
@@ -80,11 +84,17 @@ def test_kernel_matches_reference(H, R, C, K, front, retained, half):
     if retained:
         window_mask[1:front] = -np.inf
         inwindow[1:front] = 0
-    if half:
+    scales = None
+    if ring == "float16":
         kb, vb = kb.astype(np.float16), vb.astype(np.float16)
+    if ring == "int8":
+        (kb, ks), (vb, vs) = kv_codes(kb), kv_codes(vb)
+        scales = (ks, vs)
     num, den, attention = _call(
-        library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, int(retained)
+        library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, int(retained), scales
     )
+    if scales is not None:
+        kb, vb = kv_values(kb, scales[0]), kv_values(vb, scales[1])
     kb, vb = kb.astype(np.float32), vb.astype(np.float32)
     t = torch.from_numpy
     window = (t(window_mask), t(inwindow)) if retained else (None, None)
@@ -235,48 +245,75 @@ def test_sessions_run_the_kernel_from_threads_at_once(intra_op):
                     np.testing.assert_array_equal(a, b)
 
 
-def _round_to_half(engine: OnnxEngine, layers: list[int]) -> None:
-    """Round the keys and values in ``layers``' rings to float16 values (kept as float32)."""
+def _round_like(full: OnnxEngine, rounded: OnnxEngine, layers: list[int]) -> None:
+    """Put into ``full``'s float32 rings of ``layers`` the keys and values ``rounded`` holds
+    (float16, or int8 codes times their scales), after checking they are the same rows: each
+    within its rounding (half a float16 ulp; half an int8 group's scale)."""
     for i in layers:
         for kind in ("k", "v"):
-            ring = engine.state.rings[f"{kind}.{i}"]
-            ring[...] = ring.astype(np.float16)
+            name = f"{kind}.{i}"
+            ring, exact = rounded.state.rings[name], full.state.rings[name]
+            if ring.dtype == np.int8:
+                scales = rounded.state.scales[name]
+                values = kv_values(ring, scales)
+                bound = np.repeat(scales, KV_GROUP, -1) * 0.501 + 1e-7
+            else:
+                values = ring.astype(np.float32)
+                bound = np.abs(exact) * 2.0**-11 + 2.0**-25
+            assert (np.abs(values - exact) <= bound).all(), f"{name} at {rounded.pos}"
+            exact[...] = values
 
 
 @needs_kernel
+@pytest.mark.parametrize("kv_type", ["float16", "int8"])
 @pytest.mark.parametrize("kind", ["softmax", "retain", "wide_retain", "hybrid"])
-def test_half_kv_rings_step_as_float32_rings_of_the_same_values(kind, tmp_path):
-    """``half_kv``: the rings RingAttention reads hold float16 keys and values. A sequence steps
-    and verifies trees (crossing the windows' ends, retained caches, the rings' growth, folds
-    into ``S, z``) exactly as an engine with float32 rings whose keys and values are rounded to
-    float16 after every step and commit: the rings' element type changes nothing but the
-    values they hold."""
-    model = engine_model(kind)
+def test_rounded_rings_step_as_float32_rings_of_the_same_values(kind, kv_type, tmp_path):
+    """``kv_type``: the rings RingAttention reads hold float16 keys and values, or int8 codes
+    with a scale per 32. A sequence steps and verifies trees (crossing the windows' ends,
+    retained caches, the rings' growth, folds into ``S, z``) exactly as an engine with float32
+    rings whose keys and values are rounded the same way after every step and commit: the
+    rings' element type changes nothing but the values they hold."""
+    model = engine_model(kind, head_dim=KV_GROUP)  # (int8 rings take groups of 32)
     quantize(model, "int4")
-    half, full = (_engine(model, tmp_path, half_kv=half_kv) for half_kv in (True, False))
-    layers = [i for i, lay in enumerate(half.layouts) if lay.half_kv]
+    rounded, full = (_engine(model, tmp_path, kv_type=t) for t in (kv_type, "float32"))
+    layers = [i for i, lay in enumerate(rounded.layouts) if lay.kv_type == kv_type]
     assert layers == [
-        i for i, (lay, layer) in enumerate(zip(half.layouts, model.layers, strict=True))
+        i for i, (lay, layer) in enumerate(zip(rounded.layouts, model.layers, strict=True))
         if uses_kernel(lay, layer.self_attn)
     ]  # fmt: skip
-    assert not any(lay.half_kv for lay in full.layouts)
+    assert all(lay.kv_type == "float32" for lay in full.layouts)
     for i in layers:
-        assert half.state.rings[f"k.{i}"].dtype == half.state.rings[f"v.{i}"].dtype == np.float16
-    assert half.nbytes() < full.nbytes()
+        assert rounded.state.rings[f"k.{i}"].dtype == rounded.state.rings[f"v.{i}"].dtype
+        assert rounded.state.rings[f"k.{i}"].dtype == np.dtype(kv_type)
+    assert rounded.nbytes() < full.nbytes()
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (150,)).tolist()
-    for engine in (half, full):
+    for engine in (rounded, full):
         engine.prefill(ids[:5])
-    _round_to_half(full, layers)
+    _round_like(full, rounded, layers)
     tree = Tree.from_parents([-1, 0, 0, 1])
     for n, token in enumerate(ids[5:]):
         if n % 25 == 24:  # a tree pass on the same rings, and its first two nodes committed
             nodes = ids[5 + n : 9 + n]
-            logits = [engine.forward_tree(nodes, tree)[0] for engine in (full, half)]
-            assert torch.equal(*logits), f"{kind}: the tree at {half.pos}"
-            for engine in (full, half):
+            logits = [engine.forward_tree(nodes, tree)[0] for engine in (full, rounded)]
+            assert torch.equal(*logits), f"{kind}: the tree at {rounded.pos}"
+            for engine in (full, rounded):
                 engine.commit([0, 1])
         else:
-            logits = [engine.step(token) for engine in (full, half)]
-            assert torch.equal(*logits), f"{kind}: the step at {half.pos}"
-        _round_to_half(full, layers)
+            logits = [engine.step(token) for engine in (full, rounded)]
+            assert torch.equal(*logits), f"{kind}: the step at {rounded.pos}"
+        _round_like(full, rounded, layers)
+
+
+@needs_kernel
+def test_kv_type_falls_back_and_refuses_what_it_cannot_take(tmp_path):
+    """int8 rings take heads a multiple of 32 wide (a scale per 32): narrower heads get
+    float16 rings; a type that is not one of KV_TYPES is named."""
+    model = engine_model("softmax")  # heads 16 wide
+    engine = _engine(model, tmp_path, kv_type="int8")
+    assert engine.kv_type == "float16"
+    assert {lay.kv_type for lay in engine.layouts} == {"float16"}
+    with pytest.raises(
+        ValueError, match=r"kv_type='int4'; allowed: \['float32', 'float16', 'int8'\]"
+    ):
+        _engine(model, tmp_path, kv_type="int4")

@@ -12,7 +12,7 @@ from linearize.cli import main
 
 DECODE_KEYS = {
     *("model", "context", "tokens_per_s", "ms_per_token", "state_bytes", "peak_rss_bytes"),
-    *("quant", "engine"),
+    *("quant", "engine", "kv_type"),
 }
 
 

@@ -17,16 +17,19 @@ GROUP = 4
 CONV = 4
 
 
-def tiny_model(kind: str, *, seed: int = 0, vocab_size: int = 128, layers: int = 2) -> Decoder:
-    """A float64 tiny model whose greedy output is not degenerate (weights std 0.2)."""
+def tiny_model(
+    kind: str, *, seed: int = 0, vocab_size: int = 128, layers: int = 2, head_dim: int = 16
+) -> Decoder:
+    """A float64 tiny model whose greedy output is not degenerate (weights std 0.2); 64 wide,
+    in heads of ``head_dim`` (two query heads a key head)."""
     torch.manual_seed(seed)
     model = Decoder(
         ModelConfig(
             vocab_size=vocab_size,
             hidden_size=64,
             num_layers=layers,
-            num_heads=4,
-            num_kv_heads=2,
+            num_heads=64 // head_dim,
+            num_kv_heads=32 // head_dim,
             intermediate_size=128,
         )
     )

@@ -172,4 +172,5 @@ class LlamaCppPeer:
             return DecodeRow(self.label, context, None, None, None, None, "gguf", "llama.cpp")
         state = self.kv_per_token * context
         result = {**result, "state_bytes": state, "quant": "gguf", "engine": "llama.cpp"}
+        result["kv_type"] = "float16"  # (llama.cpp's KV cache by default: KV_BYTES a value)
         return decode_row(self.label, context, result, peak)

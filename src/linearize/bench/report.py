@@ -67,6 +67,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("model", lambda r: r["model"]),
         ("weights", lambda r: r.get("quant", "—")),
         ("engine", lambda r: r.get("engine", "—")),
+        ("keys / values", lambda r: r.get("kv_type") or "—"),
         ("context", lambda r: _int(r["context"])),
         ("tokens/s", lambda r: _num(r["tokens_per_s"])),
         ("ms/token", lambda r: _num(r["ms_per_token"])),

@@ -68,6 +68,8 @@ class ModelSpec:
     # Attention options (``--option``): with ``attention``, the linearization's; else set on the
     # model's linear layers, keeping their parameters (``linearize.models.reconfigure``).
     options: tuple[tuple[str, Any], ...] = ()
+    # The onnx engine's keys and values (``--kv-type``; None: its default).
+    kv_type: str | None = None
 
     @property
     def label(self) -> str:
@@ -102,6 +104,10 @@ class DecodeRow:
     peak_rss_bytes: int | None
     quant: str = "none"
     engine: str = "torch"
+    # The element type of the keys and values a softmax window or KV cache holds (the onnx
+    # engine's kv_type, llama.cpp's cache: float16); None where not reported (the torch engine's
+    # state is the model's dtype).
+    kv_type: str | None = None
     # The median step of each round (``bench decode --repeat``), in ms; only then a key.
     round_ms: list[float] | None = None
 
@@ -220,7 +226,13 @@ class ModelDecoding:
 
     @torch.no_grad()
     def __init__(
-        self, model: Decoder, context: int, span: int, engine: str, threads: int | None = None
+        self,
+        model: Decoder,
+        context: int,
+        span: int,
+        engine: str,
+        threads: int | None = None,
+        kv_type: str | None = None,
     ) -> None:
         from linearize.engine import build_engine, resolve_engine
 
@@ -231,7 +243,9 @@ class ModelDecoding:
         self.engine = resolve_engine(engine, model)
         self.quant = _quant(model)
         threads = threads or torch.get_num_threads()
-        self.fast = build_engine(self.engine, model, max_context=context, threads=threads)
+        self.fast = build_engine(
+            self.engine, model, max_context=context, threads=threads, kv_type=kv_type
+        )
         # In segments of PREFILL_SEGMENT tokens, as generate feeds a prompt: 128k contexts fit.
         last, self.state = model.prefill(_random_ids(model, prompt))
         self.token = model.lm_head(last).argmax(-1, keepdim=True)
@@ -260,6 +274,7 @@ class ModelDecoding:
             "state_bytes": state_bytes,
             "engine": self.engine,
             "quant": self.quant,
+            "kv_type": getattr(self.fast, "kv_type", None),
         }
 
 
@@ -366,7 +381,7 @@ def _model_decoding(spec: ModelSpec, context: int, span: int, threads: int) -> M
     """``spec``'s run in a fresh process (:class:`IsolatedDecoding`): prefilled on every core
     (the other runs wait while a run is made), stepped on ``threads``."""
     torch.manual_seed(0)
-    return ModelDecoding(spec.load(), context, span, spec.engine, threads)
+    return ModelDecoding(spec.load(), context, span, spec.engine, threads, spec.kv_type)
 
 
 # Timed steps each run takes in a turn of :func:`take_turns`.
@@ -415,7 +430,9 @@ def time_decode(
 
 
 @torch.no_grad()
-def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[str, Any]:
+def time_prefill(
+    model: Decoder, context: int, engine: str = "torch", kv_type: str | None = None
+) -> dict[str, Any]:
     """Seconds to prefill ``context`` tokens as ``generate`` does (the PyTorch reference:
     :meth:`Decoder.prefill`, the chunk form in segments of ``PREFILL_SEGMENT`` tokens, the LM
     head on the last one; the onnx engine: its :meth:`~linearize.engine.onnx.OnnxEngine.prefill`,
@@ -424,7 +441,8 @@ def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[st
     from linearize.engine import build_engine, resolve_engine
 
     name = resolve_engine(engine, model)
-    fast = build_engine(name, model, max_context=context, threads=torch.get_num_threads())
+    threads = torch.get_num_threads()
+    fast = build_engine(name, model, max_context=context, threads=threads, kv_type=kv_type)
     if fast is None:
         model.prefill(_random_ids(model, min(context, 64), seed=1))
     else:
@@ -452,7 +470,7 @@ def time_prefill(model: Decoder, context: int, engine: str = "torch") -> dict[st
 
 
 def _prefill_worker(spec: ModelSpec, context: int, threads: int) -> dict[str, Any]:
-    return time_prefill(_load_fresh(spec, threads), context, spec.engine)
+    return time_prefill(_load_fresh(spec, threads), context, spec.engine, spec.kv_type)
 
 
 def _measure_prefill(
@@ -462,7 +480,7 @@ def _measure_prefill(
     with ``model`` in this one."""
     if model is None:
         return run_isolated(_prefill_worker, spec, context, torch.get_num_threads())
-    return time_prefill(model, context, spec.engine), peak_rss_bytes()
+    return time_prefill(model, context, spec.engine, spec.kv_type), peak_rss_bytes()
 
 
 # --- the benchmarks --------------------------------------------------------------------------
@@ -540,7 +558,7 @@ def bench_decode(
         if isolate:
             make = partial(IsolatedDecoding, _model_decoding, spec, context, span, threads)
         else:
-            make = partial(ModelDecoding, model, context, span, spec.engine)
+            make = partial(ModelDecoding, model, context, span, spec.engine, kv_type=spec.kv_type)
         row = partial(decode_row, spec.label, context)
         group = context if isolate else None
         groups.setdefault(group, []).append((i, spec.label, make, row))
@@ -628,6 +646,7 @@ def decode_row(label: str, context: int, result: dict[str, Any], peak: int) -> D
         peak,
         result["quant"],
         result["engine"],
+        result.get("kv_type"),
     )
 
 

@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spec.add_argument(
         "--quant", choices=list(QUANTS), help="quantize the target's weights as it loads"
     )
-    add_engine_argument(spec)
+    add_engine_argument(spec, kv_type=False)  # (its engines: float32 rings, exact speculation)
     spec.add_argument(
         "--context",
         type=int,
@@ -210,14 +210,15 @@ def _specs(args: argparse.Namespace) -> list[speed.ModelSpec]:
     models = args.model or ["smollm2-135m"]
     quants = getattr(args, "quant", None) or [None]
     engine = getattr(args, "engine", "torch")
+    kv_type = getattr(args, "kv_type", None)
     options = tuple(parse_options(args.option).items())
     if "name" in dict(options):
         raise ValueError("--option name=... is what --attention sets: pass --attention instead")
     # The options go with --attention where it is given (the models as loaded stay as they are).
     loaded = () if args.attention else options
-    specs = [speed.ModelSpec(m, None, q, engine, loaded) for m in models for q in quants]
+    specs = [speed.ModelSpec(m, None, q, engine, loaded, kv_type) for m in models for q in quants]
     return specs + [
-        speed.ModelSpec(m, a, q, engine, options)
+        speed.ModelSpec(m, a, q, engine, options, kv_type)
         for m in models
         for a in args.attention
         for q in quants
@@ -250,6 +251,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         words += ["--quant", quant]
     if getattr(args, "engine", "auto") != "auto":
         words += ["--engine", args.engine]
+    if getattr(args, "kv_type", None):
+        words += ["--kv-type", args.kv_type]
     for flag in ("heads", "max_new_tokens", "trees", "draft_layers"):
         if getattr(args, flag, None) is not None:
             words += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]

@@ -155,7 +155,9 @@ def _ppl_engine(args: argparse.Namespace, model, context: int):
     from linearize.engine import build_engine, resolve_engine
 
     name = resolve_engine(args.engine, model)
-    return None if name == "torch" else build_engine(name, model, max_context=context)
+    if name == "torch":
+        return None
+    return build_engine(name, model, max_context=context, kv_type=args.kv_type)
 
 
 def _report_stream(args, model, engine, tokens, edges, progress) -> int:
@@ -260,6 +262,7 @@ def _command(args: argparse.Namespace) -> str:
         f" --attention {args.attention}" if args.attention else "",
         f" --quant {args.quant}" if getattr(args, "quant", None) else "",
         f" --engine {args.engine}" if getattr(args, "engine", "auto") != "auto" else "",
+        f" --kv-type {args.kv_type}" if getattr(args, "kv_type", None) else "",
         "".join(f" --option {pair}" for pair in args.option),
         f" --group-size {args.group_size}" if args.attention and args.group_size else "",
         f" --conv-size {args.conv_size}" if args.attention and args.conv_size else "",

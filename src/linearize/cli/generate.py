@@ -197,7 +197,14 @@ def _engine(args: argparse.Namespace, model, config: GenerationConfig):
     # Speculation keeps its guarantee (greedy output = plain greedy output) only when tree passes
     # and steps compute alike: fp32 arithmetic; plain decoding takes the faster int8 one.
     accuracy = "int8" if config.speculative == "none" else "fp32"
-    return build_engine(name, model, max_context=context, threads=args.threads, accuracy=accuracy)
+    return build_engine(
+        name,
+        model,
+        max_context=context,
+        threads=args.threads,
+        accuracy=accuracy,
+        kv_type=args.kv_type,
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:

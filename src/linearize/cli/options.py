@@ -12,6 +12,7 @@ from typing import Any
 
 from linearize.config import parse_options
 from linearize.engine import ENGINES
+from linearize.engine.step import KV_TYPES
 from linearize.layers.config import list_attentions
 from linearize.models.quantize import QUANTS
 
@@ -162,11 +163,21 @@ def add_quant_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+def add_engine_argument(parser: argparse.ArgumentParser, kv_type: bool = True) -> None:
+    """``--engine`` and (with ``kv_type``) ``--kv-type``."""
     parser.add_argument(
         "--engine",
         choices=ENGINES,
         default="auto",
         help="torch: the PyTorch reference; onnx: the ONNX Runtime step (pip install "
         "'linearize[fast]'); auto (default): onnx for a quantized model, else torch",
+    )
+    if not kv_type:
+        return
+    parser.add_argument(
+        "--kv-type",
+        choices=list(KV_TYPES),
+        help="the onnx engine's keys and values in softmax windows and caches: float32, "
+        "float16 (llama.cpp's cache) or int8 (a float32 scale per 32, llama.cpp's q8_0); "
+        "default int8 for quantized weights, else float32",
     )

@@ -65,14 +65,14 @@ def build_engine(
     max_context: int,
     threads: int | None = None,
     accuracy: str = "int8",
-    half_kv: bool | None = None,
+    kv_type: str | None = None,
 ):
     """An engine object (``prefill(ids) -> logits``, ``step(token) -> logits``,
     ``forward_tree``, ``commit``) or ``None`` for ``torch`` (the decoder itself); its prompts
     of :data:`~linearize.engine.onnx.PREFILL_CHUNK` tokens or more prefill on it. ``accuracy``:
     the onnx engine's matmul arithmetic, ``int8`` (fast) or ``fp32`` (the reference's numbers;
-    see :data:`linearize.engine.onnx.ACCURACY`); ``half_kv``: float16 keys and values in its
-    softmax rings (default: for quantized weights in ``int8``;
+    see :data:`linearize.engine.onnx.ACCURACY`); ``kv_type``: the keys and values of its
+    softmax rings, float32, float16 or int8 (default: int8 for quantized weights in ``int8``;
     :class:`~linearize.engine.onnx.OnnxEngine`)."""
     if name == "torch":
         return None
@@ -84,7 +84,7 @@ def build_engine(
         threads=threads,
         accuracy=accuracy,
         prefill_chunk=PREFILL_CHUNK,
-        half_kv=half_kv,
+        kv_type=kv_type,
     )
 
 

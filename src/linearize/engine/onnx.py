@@ -28,7 +28,7 @@ from torch import nn
 from linearize.engine.kernels import cpu_flags_line
 from linearize.engine.kernels import library as kernels_library
 from linearize.engine.ring import RingRows, RingState
-from linearize.engine.step import FixedStep, RowsStep, fill_rotation
+from linearize.engine.step import KV_TYPES, FixedStep, RowsStep, fill_rotation
 from linearize.engine.tree import (
     TreeStep,
     leave_width,
@@ -55,13 +55,16 @@ logger = logging.getLogger(__name__)
 # scale on the queries; 20: the window's exp weights as one Softmax; 21: a 4-bit head's offset
 # term groups however many rows a tree scores; 22: the step graphs' 4-bit linears as linearize's
 # MatMul4Bit (with kernels); 23: a tree's softmax weights reshaped for any ring length (the
-# graphs of 22 took the ring's length at export for a constant), float16 rings (half_kv); 24:
-# MatMul4Bit reads bases (−z·s) for offsets, float16 ones (and scales) on Q4_1's float16 grid
-EXPORT_VERSION = 24
+# graphs of 22 took the ring's length at export for a constant), float16 rings; 24:
+# MatMul4Bit reads bases (−z·s) for offsets, float16 ones (and scales) on Q4_1's float16 grid;
+# 25: int8 rings (kv_type), read by RingAttentionInt8
+EXPORT_VERSION = 25
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
+# The rings' keys and values for quantized weights in int8 arithmetic (OnnxEngine's kv_type).
+QUANTIZED_KV = "int8"
 GRAPH = "graph.onnx"
 # The suffix of the step graphs' folders with linearize's kernels' nodes (engine.kernels):
 # step-kernels, rows-kernels.
@@ -300,11 +303,13 @@ class OnnxEngine:
     ``reach_step=0``: always whole rings. A tree grows the reach first when its deepest node
     would pass it.
 
-    ``half_kv``: the rings that linearize's ``RingAttention`` reads (softmax windows and caches)
-    hold float16 keys and values, as llama.cpp's KV cache does: half the bytes a long context's
-    step reads (float32 arithmetic still). ``None``: for quantized weights with
-    ``accuracy="int8"``; ``fp32`` arithmetic keeps the reference's numbers, as do fp32 weights.
-    Without the kernels every ring is float32.
+    ``kv_type``: the element type of the keys and values in the rings that linearize's
+    ``RingAttention`` reads (softmax windows and caches; :data:`~linearize.engine.step.KV_TYPES`):
+    ``float16`` as llama.cpp's KV cache holds them, half the bytes a long context's step reads;
+    ``int8``, codes with a float32 scale per 32 (llama.cpp's ``q8_0``), 56 % of float16's (the
+    arithmetic float32 in both). ``None``: :data:`QUANTIZED_KV` for quantized weights with
+    ``accuracy="int8"``, else float32 (``fp32`` arithmetic keeps the reference's numbers, as
+    do fp32 weights). Without the kernels every ring is float32.
     """
 
     def __init__(
@@ -319,7 +324,7 @@ class OnnxEngine:
         accuracy: str = "int8",
         reach_step: int = 256,
         kernels: bool = True,
-        half_kv: bool | None = None,
+        kv_type: str | None = None,
     ) -> None:
         ort = _require_onnxruntime()
         if model.config.architecture != "llama":
@@ -338,14 +343,21 @@ class OnnxEngine:
         self.kernel_library = kernels_library() if kernels else None
         if accuracy not in ACCURACY:
             raise ValueError(f"accuracy={accuracy!r}; allowed: {list(ACCURACY)}")
-        if half_kv is None:  # (the class's docstring)
-            half_kv = accuracy == "int8" and model.quantization is not None
-        self.step_module = FixedStep(
-            self.model, max_context, kernels=self.kernel_library is not None, half_kv=half_kv
-        )
+        if kv_type is None:  # (the class's docstring)
+            quantized = accuracy == "int8" and model.quantization is not None
+            kv_type = QUANTIZED_KV if quantized else "float32"
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type={kv_type!r}; allowed: {list(KV_TYPES)}")
+        kernels_built = self.kernel_library is not None
+        self.step_module = FixedStep(self.model, max_context, kernels_built, kv_type)
         self.rows_module = RowsStep(self.step_module)
         self.layouts = self.step_module.layouts
-        self.half_kv = any(lay.half_kv for lay in self.layouts)
+        # The rings' type where the kernels read them (float32 without the kernels or softmax
+        # windows; int8 asked for heads not a multiple of 32 wide: float16, Layout.kv_type).
+        rounded = [lay.kv_type for lay in self.layouts if lay.kv_type != "float32"]
+        self.kv_type = rounded[0] if rounded else "float32"
+        if kv_type == "int8" and self.kv_type == "float16":
+            logger.info("int8 rings take heads a multiple of 32 wide: float16 rings instead")
         # The arithmetic of tree passes and, unless switched (use_step_arithmetic), of steps.
         self.accuracy = accuracy
         if reach_step < 0:
@@ -360,8 +372,8 @@ class OnnxEngine:
         }
         name = model_hash(self.model, max_context)
         growing = f"-reach{reach_step}" if self.growing else ""
-        half = "-f16kv" if self.half_kv else ""
-        self._graphs = _cache_root(cache), f"{name}-{{}}{growing}{half}"
+        rings = f"-{self.kv_type}kv" if self.kv_type != "float32" else ""
+        self._graphs = _cache_root(cache), f"{name}-{{}}{growing}{rings}"
         # The steps' sessions, and the tree graphs': their passes alternate with host work (the
         # commit), which threads spinning between passes slow (a 1k prompt in chains of 64 on
         # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against
@@ -419,7 +431,8 @@ class OnnxEngine:
                 if key in self.growing:
                     axes[name] = {1: f"visible{keys.index(key)}"}
                 continue
-            ringed = ("k", "v", "fk", "mask", "times", "score", "score_out", "inwindow")
+            ringed = ("k", "v", "k_scale", "v_scale", "fk", "mask", "times", "score")
+            ringed += ("score_out", "inwindow")
             if kind not in (*ringed, "window_mask"):
                 continue
             key = self.layouts[int(index)].key
@@ -757,7 +770,9 @@ class OnnxEngine:
         if (size, chain) not in self.trees:
             # One tree module for every size (it holds the fused q/k/v and gate/up weights).
             if chain not in self.tree_modules:
-                self.tree_modules[chain] = TreeStep(self.model, self.max_context, chain)
+                self.tree_modules[chain] = TreeStep(
+                    self.model, self.max_context, chain, self.kv_type
+                )
             module = self.tree_modules[chain]
 
             def example() -> list[torch.Tensor]:

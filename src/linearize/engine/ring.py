@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from linearize.engine.step import Layout, state_inputs, state_outputs
+from linearize.engine.step import KV_GROUP, Layout, kv_codes, kv_values, state_inputs, state_outputs
 from linearize.models.decoder import ModelState
 from linearize.ops import retain
 
@@ -39,8 +39,10 @@ CONTROLS = (
 )
 # The ring buffers, one slot per kept token.
 RINGS = ("k", "v", "fk")
+# The scales of an int8 ring's keys and values (Layout.kv_type), a row of them per slot.
+SCALES = ("k_scale", "v_scale")
 # The state arrays with one entry per ring slot on axis 2 (they follow the reach).
-SLOTTED = (*RINGS, "score")
+SLOTTED = (*RINGS, *SCALES, "score")
 # ``times`` of a free slot, and of the retained cache's slots (never free, never local).
 EMPTY, RETAINED = -1, -2
 LATEST = np.iinfo(np.int64).max
@@ -164,6 +166,9 @@ class _Retained:
         Hkv, M, K = lay.kv_heads, lay.retained, lay.key_dim
         self.k = array("k", (L, Hkv, C, K), ring_dtype(lay, "k"))
         self.v = array("v", (L, Hkv, C, K), ring_dtype(lay, "v"))
+        # An int8 ring's scales (else none).
+        groups = K // KV_GROUP if lay.kv_type == "int8" else 0
+        self.k_scale, self.v_scale = (array(x, (L, Hkv, C, groups)) for x in SCALES)
         features = lay.feature_dim if lay.use_global else 0  # no feature ring without S, z
         self.fk = array("fk", (L, Hkv, C, features))
         # The host's own (never read by the step).
@@ -177,6 +182,8 @@ class _Retained:
         return {
             "k": self.k[j],
             "v": self.v[j],
+            "k_scale": self.k_scale[j],
+            "v_scale": self.v_scale[j],
             "fk": self.fk[j],
             "rtimes": self.rtimes[j],
             "rscore": self.rscore[j],
@@ -222,8 +229,8 @@ class _Retained:
             keys = np.concatenate([first * cos + second * sin, second * cos - first * sin], -1)
         entry = evict[layer, head]
         slot = self.lay.spec.sinks + entry
-        self.k[layer, 0, head, slot] = keys
-        self.v[layer, 0, head, slot] = values[layer, head]
+        put_rows(self.k, self.k_scale, (layer, 0, head, slot), keys)
+        put_rows(self.v, self.v_scale, (layer, 0, head, slot), values[layer, head])
         self.rtimes[layer, 0, head, entry] = time
         self.rscore[layer, 0, head, entry] = priority[layer, head]
 
@@ -236,7 +243,10 @@ class _Retained:
         rscore = _tensor(self.rscore[j], dtype)
         order = retain.ranking(rtimes, rscore)
         index = order[..., None]
-        rk, rv = (_tensor(x[j][:, :, front], dtype) for x in (self.k, self.v))
+        rk, rv = (
+            _tensor(rows_of(x, scales, (j, slice(None), slice(None), front)), dtype)
+            for x, scales in ((self.k, self.k_scale), (self.v, self.v_scale))
+        )
         return {
             "rk": rk.gather(2, index.expand_as(rk)),
             "rv": rv.gather(2, index.expand_as(rv)),
@@ -248,9 +258,9 @@ class _Retained:
         """Take over layer ``i``'s cache from a PyTorch state (its slots' scores are placed
         with the window's tokens)."""
         j = self.layers.index(i)
-        front = slice(self.lay.spec.sinks, self.lay.front)
-        self.k[j, :, :, front] = attn.rk.float().numpy()
-        self.v[j, :, :, front] = attn.rv.float().numpy()
+        front = (j, slice(None), slice(None), slice(self.lay.spec.sinks, self.lay.front))
+        put_rows(self.k, self.k_scale, front, attn.rk.float().numpy())
+        put_rows(self.v, self.v_scale, front, attn.rv.float().numpy())
         self.rtimes[j] = attn.rtimes.numpy()
         self.rscore[j] = attn.rscore.float().numpy()
 
@@ -291,8 +301,10 @@ class RingState:
         self.controls: dict[tuple, _Control] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
-        # Every ring (k, v, fk), its slots on axis 2: [1, Hkv, C, ·].
+        # Every ring (k, v, fk), its slots on axis 2: [1, Hkv, C, ·]; an int8 ring's scales
+        # by the ring's name (read and written with it: put_rows, rows_of).
         self.rings: dict[str, np.ndarray] = {}
+        self.scales: dict[str, np.ndarray] = {}
         # The control inputs as the one-sequence step reads them (without the row axis).
         self.one_row: dict[str, np.ndarray] = {}
         self.pos = 0
@@ -328,6 +340,8 @@ class RingState:
                     self.inputs[name] = self._array(name, shapes[kind][1:], ring_dtype(lay, kind))
                 if kind in RINGS:
                     self.rings[name] = self.inputs[name]
+                if kind in SCALES:
+                    self.scales[f"{kind[0]}.{i}"] = self.inputs[name]
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 if kind in rows:
@@ -339,15 +353,22 @@ class RingState:
         # buffers trade places (ping-pong: the step's outputs become the next step's inputs
         # without a copy; the engine binds both arrangements once, ``parity`` says which one is
         # current).
-        self._rows: list[tuple[_Control, np.ndarray, np.ndarray]] = []
+        self._rows: list[tuple[_Control, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._swaps: list[tuple[str, str]] = []
         self.parity = 0
         for i, lay in enumerate(layouts):
             for name in state_outputs(i, lay):
                 kind = name.split(".")[0]
                 if kind.startswith("new_"):
-                    ring = self.rings[f"{kind[4:]}.{i}"]
-                    self._rows.append((self.controls[lay.key], self.outputs[name], ring))
+                    ring = f"{kind[4:]}.{i}"
+                    self._rows.append(
+                        (
+                            self.controls[lay.key],
+                            self.outputs[name],
+                            self.rings[ring],
+                            self.scales.get(ring),
+                        )
+                    )
                 else:
                     self._swaps.append((f"{kind.split('_')[0]}.{i}", name))
         if of is not None:  # (in the batch's first arrangement: RingRows keeps the parity)
@@ -393,7 +414,7 @@ class RingState:
     def nbytes(self) -> int:
         """Bytes of the state at its full reach (what it grows to and never passes): ring
         buffers and their times, S, z, conv tails."""
-        kinds = ("k", "v", "fk", "S", "z", "conv", "score")
+        kinds = (*RINGS, *SCALES, "S", "z", "conv", "score")
         total = 0
         for i, lay in enumerate(self.layouts):
             shapes = _shapes(lay, lay.capacity)
@@ -417,7 +438,8 @@ class RingState:
             return batch.held_bytes() // batch.rows
         arrays = [*self.inputs.values(), *self.outputs.values(), *(self.io or ())]
         for kept in self.retained.values():
-            arrays += [kept.k, kept.v, kept.fk, kept.rtimes, kept.rscore, *kept.scores]
+            arrays += [kept.k, kept.v, kept.k_scale, kept.v_scale, kept.fk]
+            arrays += [kept.rtimes, kept.rscore, *kept.scores]
         seen, total = set(), 0
         for array in arrays:
             base = array if array.base is None else array.base
@@ -488,9 +510,9 @@ class RingState:
             if control.slot >= 0:
                 scores[..., control.slot] = own
             own[...] = 0
-        for control, out, ring in self._rows:
+        for control, out, ring, scales in self._rows:
             if control.slot >= 0:
-                ring[:, :, control.slot] = out[:, :, 0]
+                put_rows(ring, scales, (slice(None), slice(None), control.slot), out[:, :, 0])
         self.swap()
         for control in self.controls.values():
             control.commit(self.pos)
@@ -593,7 +615,11 @@ class RingState:
         if written:
             slots, sources = np.array(list(written)), np.array(list(written.values()))
             for x in ("k", "v", "fk") if lay.use_global else ("k", "v"):
-                self.rings[f"{x}.{i}"][:, :, slots] = nodes[f"node_{x}.{i}"][:, :, sources]
+                name = f"{x}.{i}"
+                rows = nodes[f"node_{x}.{i}"][:, :, sources]
+                put_rows(
+                    self.rings[name], self.scales.get(name), (slice(None), slice(None), slots), rows
+                )
         if lay.conv_taps:
             tail = self.inputs[f"conv.{i}"]
             if tail.shape[2]:
@@ -609,7 +635,11 @@ class RingState:
         rows = np.empty((len(slot), *node_rows[:, 0].shape), dtype=node_rows.dtype)
         ring = source < 0
         if ring.any():
-            rows[ring] = self.rings[f"{x}.{i}"][0][:, slot[ring]].transpose(1, 0, 2)
+            name = f"{x}.{i}"
+            scales = self.scales.get(name)
+            scales = None if scales is None else scales[0]
+            kept = rows_of(self.rings[name][0], scales, (slice(None), slot[ring]))  # [Hkv, n, ·]
+            rows[ring] = kept.transpose(1, 0, 2)
         if not ring.all():
             rows[~ring] = node_rows[:, source[~ring]].transpose(1, 0, 2)
         return rows
@@ -625,7 +655,11 @@ class RingState:
         """The token in ``slot`` leaves the window with its in-window attention ``final: [L,
         Hkv]``: into the retained caches of ``kept``'s layers. Its keys and values are the
         ring's, or ``rows`` (``[L, Hkv, K]`` each) for a token a commit has not written yet."""
-        keys, values = rows or (kept.k[:, 0, :, slot], kept.v[:, 0, :, slot])
+        where = (slice(None), 0, slice(None), slot)
+        keys, values = rows or (
+            rows_of(kept.k, kept.k_scale, where),
+            rows_of(kept.v, kept.v_scale, where),
+        )
         kept.merge(keys, values, final, int(control.times[slot]), self._inv_freq(kept))
 
     def _inv_freq(self, kept: _Retained) -> np.ndarray | None:
@@ -682,9 +716,14 @@ class RingState:
                 if n and slots[-1] >= control.size:
                     raise AssertionError(f"{n} kept tokens past the state's reach ({control.size})")
                 for kind, tensor in (("k", k), ("v", v), ("fk", fk)):
-                    if f"{kind}.{i}" in self.rings:
-                        self.rings[f"{kind}.{i}"][...] = 0
-                        self.rings[f"{kind}.{i}"][:, :, slots] = tensor.float().numpy()
+                    name = f"{kind}.{i}"
+                    if name in self.rings:
+                        self.rings[name][...] = 0
+                        scales = self.scales.get(name)
+                        if scales is not None:
+                            scales[...] = 0
+                        where = (slice(None), slice(None), slots)
+                        put_rows(self.rings[name], scales, where, tensor.float().numpy())
                 control.times[:] = EMPTY
                 control.times[lay.spec.sinks : lay.front] = RETAINED
                 control.times[slots] = times.numpy()
@@ -722,7 +761,10 @@ class RingState:
                     buffer = getattr(attn, kind)
                     if buffer.shape[2] < n:  # a KV cache sized for fewer tokens
                         buffer = buffer.new_zeros(*buffer.shape[:2], n, buffer.shape[3])
-                    buffer[:, :, :n] = _tensor(self.rings[name][:, :, slots], dtype)
+                    rows = rows_of(
+                        self.rings[name], self.scales.get(name), (slice(None), slice(None), slots)
+                    )
+                    buffer[:, :, :n] = _tensor(rows, dtype)
                     changed[kind] = buffer
                 if hasattr(attn, "S"):
                     attn.times[:n] = torch.from_numpy(times[slots])
@@ -859,9 +901,27 @@ class RingRows:
 
 
 def ring_dtype(lay: Layout, kind: str) -> np.dtype:
-    """The element type of a layer's state array ``kind``: float16 for the keys and values of a
-    ``half_kv`` ring, else float32."""
-    return np.dtype(np.float16 if lay.half_kv and kind in ("k", "v") else np.float32)
+    """The element type of a layer's state array ``kind``: the ring's for its keys and values
+    (Layout.kv_type), else float32."""
+    return np.dtype(lay.kv_type if kind in ("k", "v") else np.float32)
+
+
+def put_rows(ring: np.ndarray, scales: np.ndarray | None, where: tuple, rows: np.ndarray) -> None:
+    """float32 ``rows`` into ``ring[where]``: as they are (float16 rings round them), or, with
+    ``scales`` (an int8 ring's), as codes and their scales (``kv_codes``)."""
+    if scales is None or scales.shape[-1] == 0:
+        ring[where] = rows
+        return
+    codes, row_scales = kv_codes(np.asarray(rows, dtype=np.float32))
+    ring[where] = codes
+    scales[where] = row_scales
+
+
+def rows_of(ring: np.ndarray, scales: np.ndarray | None, where: tuple) -> np.ndarray:
+    """``ring[where]``'s rows in float32 (an int8 ring's through its ``scales``)."""
+    if scales is None or scales.shape[-1] == 0:
+        return ring[where].astype(np.float32, copy=False)
+    return kv_values(ring[where], scales[where])
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -877,6 +937,8 @@ def _shapes(lay: Layout, size: int) -> dict[str, tuple[int, ...]]:
         "S": (1, Hkv, F, K),
         "z": (1, Hkv, F),
         "conv": (1, Hkv, max(lay.conv_taps - 1, 0), K),
+        "k_scale": (1, Hkv, C, K // KV_GROUP),
+        "v_scale": (1, Hkv, C, K // KV_GROUP),
         "new_k": (1, Hkv, 1, K),
         "new_v": (1, Hkv, 1, K),
         "new_fk": (1, Hkv, 1, F),

@@ -68,9 +68,11 @@ class Layout:
     # The retained cache's M slots (ops/retain.py), in the ring right after the sinks: read in
     # the window's softmax like any slot (by the sink query, with sinks at cache positions).
     retained: int = 0
-    # The ring's keys and values stored in float16 (half the bytes a step reads; RingAttention
-    # widens them as it reads, everything else reads them through a Cast): see FixedStep.
-    half_kv: bool = False
+    # The element type of the ring's keys and values (KV_TYPES): float16 halves the bytes a
+    # step reads, int8 codes with a float32 scale per group of KV_GROUP (llama.cpp's q8_0)
+    # nearly halves them again; RingAttention reads them as they are, everything else through
+    # ``widened``. See FixedStep.
+    kv_type: str = "float32"
 
     @property
     def front(self) -> int:
@@ -83,6 +85,12 @@ class Layout:
         return (self.spec, self.capacity)
 
 
+# The element types a softmax ring's keys and values can be stored in (Layout.kv_type).
+KV_TYPES = ("float32", "float16", "int8")
+# int8 rings: one scale per this many consecutive entries of a row (llama.cpp's q8_0 block).
+KV_GROUP = 32
+
+
 def unsupported(attn: Attention) -> str | None:
     """Why the fixed-shape step cannot run this attention (``None``: it can)."""
     kind = attn.config.kind
@@ -91,9 +99,12 @@ def unsupported(attn: Attention) -> str | None:
     return f"{kind} attention has no decoding step"
 
 
-def layout(attn: Attention, max_context: int, half_kv: bool = False) -> Layout:
-    """The layer's fixed-shape state; ``half_kv``: its ring in float16 where RingAttention
-    reads it (:func:`uses_kernel`)."""
+def layout(attn: Attention, max_context: int, kv_type: str = "float32") -> Layout:
+    """The layer's fixed-shape state; ``kv_type``: its ring's keys and values in that type
+    where RingAttention reads it (:func:`uses_kernel`; int8 for head sizes a multiple of
+    :data:`KV_GROUP`), else float32."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type={kv_type!r}; allowed: {list(KV_TYPES)}")
     c = attn.config
     reason = unsupported(attn)
     if reason is not None:
@@ -142,7 +153,11 @@ def layout(attn: Attention, max_context: int, half_kv: bool = False) -> Layout:
         new_folds,
         spec.retain,
     )
-    return replace(lay, half_kv=True) if half_kv and uses_kernel(lay, attn) else lay
+    if kv_type == "float32" or not uses_kernel(lay, attn):
+        return lay
+    if kv_type == "int8" and lay.key_dim % KV_GROUP:
+        return replace(lay, kv_type="float16")
+    return replace(lay, kv_type=kv_type)
 
 
 def _global_off(attn: Attention) -> bool:
@@ -155,6 +170,8 @@ def state_inputs(i: int, lay: Layout) -> list[str]:
     names = []
     if lay.capacity:
         names += [f"k.{i}", f"v.{i}", f"mask.{i}"]
+        if lay.kv_type == "int8":
+            names += [f"k_scale.{i}", f"v_scale.{i}"]
         if lay.use_global:
             names.append(f"fk.{i}")
         if lay.cache_sinks:
@@ -198,15 +215,16 @@ class FixedStep(nn.Module):
     """
 
     def __init__(
-        self, model: Decoder, max_context: int, kernels: bool = False, half_kv: bool = False
+        self, model: Decoder, max_context: int, kernels: bool = False, kv_type: str = "float32"
     ) -> None:
         super().__init__()
         self.model = model
-        # With ``kernels`` and ``half_kv``, the rings RingAttention reads hold float16 keys and
-        # values (Layout.half_kv), as llama.cpp's KV cache: at 8k the wide windows' rings are
-        # most of what a step reads besides the weights.
+        # With ``kernels``, the rings RingAttention reads hold keys and values of ``kv_type``
+        # (Layout.kv_type), as llama.cpp's KV cache (float16, or q8_0): at 8k the wide windows'
+        # rings are most of what a step reads besides the weights.
         self.layouts = [
-            layout(layer.self_attn, max_context, kernels and half_kv) for layer in model.layers
+            layout(layer.self_attn, max_context, kv_type if kernels else "float32")
+            for layer in model.layers
         ]
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up; with
         # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op.
@@ -453,7 +471,8 @@ def _local(
         window = (s["window_mask"], s["inwindow"]) if lay.retained else (None, None)
         args = (q5 * scale, q_sink, kb, vb, s["mask"], k, v, *window, front)
         if kernel:
-            num, den, attention = RingAttention.apply(*args)
+            scales = (s["k_scale"], s["v_scale"]) if lay.kv_type == "int8" else (None, None)
+            num, den, attention = RingAttention.apply(*args, *scales)
             return num, den, attention if lay.retained else None
         return _softmax_readout(*args)
     mask = s["mask"][:, None, None] if rows else s["mask"]
@@ -527,23 +546,27 @@ class RingAttention(torch.autograd.Function):
     output is empty (``[B, Hkv, 0]``)."""
 
     @staticmethod
-    def forward(ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
+    def forward(
+        ctx, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front, k_scale, v_scale
+    ):
+        kb, vb = widened(kb, k_scale), widened(vb, v_scale)
         num, den, attention = _softmax_readout(
-            q5, q_sink, widened(kb), widened(vb), mask, k, v, window_mask, inwindow, front
+            q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front
         )
         if attention is None:
             attention = q5.new_zeros(q5.shape[0], q5.shape[1], 0)
         return num, den, attention
 
     @staticmethod
-    def symbolic(g, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front):
+    def symbolic(g, q5, q_sink, kb, vb, mask, k, v, window_mask, inwindow, front, k_scale, v_scale):
         from linearize.engine.kernels import DOMAIN
 
         retained = window_mask is not None and not _is_none(window_mask)
         if not retained:
             window_mask = inwindow = mask  # read only with a retained cache
+        codes = k_scale is not None and not _is_none(k_scale)  # int8 rings and their scales
         num, den, attention = g.op(
-            f"{DOMAIN}::RingAttention",
+            f"{DOMAIN}::RingAttentionInt8" if codes else f"{DOMAIN}::RingAttention",
             q5,
             q_sink,
             kb,
@@ -553,6 +576,7 @@ class RingAttention(torch.autograd.Function):
             v,
             window_mask,
             inwindow,
+            *((k_scale, v_scale) if codes else ()),
             front_i=front,
             retained_i=int(retained),
             outputs=3,
@@ -588,24 +612,46 @@ def _fold(
             # Gather of whole rows: a GatherElements of each entry took 0.4 ms of a 1k step.)
             index, weight = s["fold_index"].reshape(-1), s["fold_weight"][:, None, :, None]
             H, J = lay.kv_heads, lay.folds
-            gk, gv = (
+            rows_of = lambda x, width: (  # noqa: E731
                 x.reshape(-1, width).index_select(0, index).view(-1, H, J, width)
-                for x, width in ((s["fk"], lay.feature_dim), (s["v"], lay.key_dim))
             )
-            gk, gv = gk * weight, widened(gv)  # [B, Hkv, J, F]; gv: [B, Hkv, J, V]
+            gk, gv = rows_of(s["fk"], lay.feature_dim), rows_of(s["v"], lay.key_dim)
+            gs = rows_of(s["v_scale"], lay.key_dim // KV_GROUP) if "v_scale" in s else None
+            gk, gv = gk * weight, widened(gv, gs)  # [B, Hkv, J, F]; gv: [B, Hkv, J, V]
         else:
             index, weight = s["fold_index"], s["fold_weight"]
             gk = s["fk"].index_select(2, index) * weight[:, None]
-            gv = widened(s["v"].index_select(2, index))  # [B, Hkv, J, V]
+            gs = s["v_scale"].index_select(2, index) if "v_scale" in s else None
+            gv = widened(s["v"].index_select(2, index), gs)  # [B, Hkv, J, V]
         S = S + torch.matmul(gk.transpose(-1, -2), gv)
         z = z + gk.sum(2)
     return S, z
 
 
-def widened(x: Tensor) -> Tensor:
-    """``x`` in float32: a ring's float16 rows (Layout.half_kv) through a Cast, read where they
-    are (an export sees the dtype: a float32 ring gets no node)."""
+def widened(x: Tensor, scales: Tensor | None = None) -> Tensor:
+    """``x`` in float32: a ring's float16 rows (Layout.kv_type) through a Cast, read where they
+    are (an export sees the dtype: a float32 ring gets no node); int8 codes times ``scales``
+    (``[..., K / KV_GROUP]``, one per group of :data:`KV_GROUP` entries)."""
+    if scales is not None:
+        groups = x.float().unflatten(-1, (-1, KV_GROUP))
+        return (groups * scales.unsqueeze(-1)).flatten(-2)
     return x if x.dtype == torch.float32 else x.float()
+
+
+def kv_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows ``x: [..., K]`` as int8 codes and their scales ``[..., K / KV_GROUP]``
+    (llama.cpp's q8_0: a group's largest magnitude is ±127); :func:`widened` reads them back."""
+    groups = x.reshape(*x.shape[:-1], -1, KV_GROUP)
+    scales = np.abs(groups).max(-1) / np.float32(127)
+    inverse = np.divide(1, scales, out=np.zeros_like(scales), where=scales > 0)
+    codes = np.rint(groups * inverse[..., None]).astype(np.int8)
+    return codes.reshape(x.shape), scales.astype(np.float32)
+
+
+def kv_values(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """:func:`kv_codes` undone, in numpy: float32 ``[..., K]``."""
+    groups = codes.reshape(*codes.shape[:-1], -1, KV_GROUP).astype(np.float32)
+    return (groups * scales[..., None]).reshape(codes.shape)
 
 
 def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:

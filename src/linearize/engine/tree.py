@@ -27,6 +27,8 @@ def tree_inputs(i: int, lay: Layout) -> list[str]:
     names = []
     if lay.capacity:
         names += [f"k.{i}", f"v.{i}", f"times.{i}"]
+        if lay.kv_type == "int8":
+            names += [f"k_scale.{i}", f"v_scale.{i}"]
         if lay.use_global:
             names.append(f"fk.{i}")
     if lay.retained:
@@ -57,14 +59,18 @@ class TreeStep(nn.Module):
     With ``chain``, the graph takes only chains (node ``i``'s parent ``i − 1``, then padding
     nodes): prefill chunks and draft or lookup proposals. The same outputs; a retained cache
     ranks the tokens that leave by their totals (``linear_attn.Retaining.chain``), since along
-    a chain a node's ancestors are every node before it.
+    a chain a node's ancestors are every node before it. ``kv_type``: the rings' keys and
+    values as the step's state holds them (:class:`~linearize.engine.step.Layout`).
     """
 
-    def __init__(self, model: Decoder, max_context: int, chain: bool = False) -> None:
+    def __init__(
+        self, model: Decoder, max_context: int, chain: bool = False, kv_type: str = "float32"
+    ) -> None:
         super().__init__()
         self.model = model
         self.chain = chain
-        self.layouts = [layout(layer.self_attn, max_context) for layer in model.layers]
+        # (``kv_type``: the step's rings', Layout.kv_type: int8 rings come with their scales)
+        self.layouts = [layout(layer.self_attn, max_context, kv_type) for layer in model.layers]
         # As in the step (engine.fuse): q/k/v, and gate/up, as one linear each.
         self.qkv = nn.ModuleList(
             fuse_linears([a.q_proj, a.k_proj, a.v_proj])
@@ -156,8 +162,8 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain
         fq, fk = (attn.feature_map(q), attn.feature_map(k)) if has_map else (q, k)
     kn, fkn, vn = (t.transpose(1, 2) for t in (k, fk, v))  # [B, Hkv, N, ·]
     if lay.capacity:
-        keys = torch.cat([widened(s["k"]), kn], 2)
-        values = torch.cat([widened(s["v"]), vn], 2)
+        keys = torch.cat([widened(s["k"], s.get("k_scale")), kn], 2)
+        values = torch.cat([widened(s["v"], s.get("v_scale")), vn], 2)
         feats = torch.cat([s["fk"], fkn], 2) if lay.use_global else keys
         t_keys = torch.cat([s["times"], t_nodes])
     else:
@@ -174,7 +180,10 @@ def _attention_tree(attn, lay: Layout, qkv: Tensor, cos, sin, controls, s, chain
         base = torch.cat([s["score"][..., :-1], s["score"].new_zeros(B, Hkv, N)], 2)
         inv_freq = attn.rope.inv_freq if lay.cache_sinks else None
         front = slice(lay.spec.sinks, lay.front)
-        rk, rv = (widened(s[x][:, :, front]) for x in ("k", "v"))
+        rk, rv = (
+            widened(s[x][:, :, front], s[f"{x}_scale"][:, :, front] if f"{x}_scale" in s else None)
+            for x in ("k", "v")
+        )
         cache = (rk, rv, s["rtimes"], s["rscore"])
         retaining = linear_attn.Retaining(*cache, base, inv_freq, False, leave[lay.key], chain)
     o, attention = linear_attn.attend(

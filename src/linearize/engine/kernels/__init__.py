@@ -4,9 +4,10 @@ One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI
 ``ort_abi.h``, the ops registered by ``register.cc``):
 
 - ``RingAttention`` (``ring_attention.cc``): one token's softmax readout over a layer's ring of
-  kept keys and values (float32, or float16 widened as read): each key and value row read once
-  for the query heads that share it, the mask, max, exp and sums in the same pass. Its
-  reference: the graph's own ops (:func:`linearize.engine.step._softmax_readout`).
+  kept keys and values (float32, or float16 widened as read; ``RingAttentionInt8``: int8
+  codes with a scale per 32, llama.cpp's q8_0): each key and value row read once for the
+  query heads that share it, the mask, max, exp and sums in the same pass. Its reference: the
+  graph's own ops (:func:`linearize.engine.step._softmax_readout`).
 - ``MatMul4Bit`` (``matmul_4bit.cc``): a linear with 4-bit codes in groups of 32 and any zero
   points (``q·s + b`` per group, the scales and bases float32 or, on Q4_1's float16 grid,
   float16), int8 or fp32 arithmetic, split over onnxruntime's intra-op threads. Its reference:

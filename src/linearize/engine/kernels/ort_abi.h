@@ -17,6 +17,7 @@ constexpr uint32_t kApiVersion = 18;  // the OrtApi table asked for
 constexpr uint32_t kOpVersion = 13;   // the OrtCustomOp layout below
 constexpr int kFloat = 1;             // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 constexpr int kUint8 = 2;             // ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+constexpr int kInt8 = 3;              // ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
 constexpr int kFloat16 = 10;          // ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
 
 using Status = void*;  // OrtStatus*: null on success
@@ -170,9 +171,11 @@ Op custom_op(const char* name, size_t inputs, size_t outputs, const int* input_t
 
 // The custom ops of the library (registered together in the domain "linearize"): RingAttention
 // on float32 rings, and on float16 ones (the same name, its keys and values typed float16);
+// RingAttentionInt8 on int8 rings with their scales;
 // MatMul4Bit with float32 scales and bases, and with float16 ones (the same name again).
 const CustomOp* ring_attention_op();
 const CustomOp* ring_attention_half_op();
+const CustomOp* ring_attention_int8_op();
 const CustomOp* matmul_4bit_op();
 const CustomOp* matmul_4bit_half_op();
 

@@ -9,17 +9,19 @@
 // Keys are scored four rows at a time and the weighted values summed in registers, the rows
 // asked for ahead of the reads (at 8k the default's wide windows take 6.3 MB a layer per token).
 //
-// Inputs (float32, but the rings' keys and values, float32 or float16; B rows, each a sequence of
-// its own: 1 in the one-sequence step):
+// Inputs (float32, but the rings' keys and values, float32, float16 or int8; B rows, each a
+// sequence of its own: 1 in the one-sequence step):
 //   0 q            [B, Hkv, R, K]  the queries, scaled by 1/sqrt(K)
 //   1 q_sink       [B, Hkv, R, K]  the queries that score the ring's first `front` slots
-//   2 keys         [B, Hkv, C, K]  the ring's keys (float32 or float16, as the values)
+//   2 keys         [B, Hkv, C, K]  the ring's keys (float32, float16 or int8, as the values)
 //   3 values       [B, Hkv, C, K]  the ring's values (as wide as the keys)
 //   4 mask         [C] or [B, C]   added to the ring's scores (0 or -inf)
 //   5 key          [B, Hkv, 1, K]  the new token's key
 //   6 value        [B, Hkv, 1, K]  the new token's value
 //   7 window_mask  [C + 1]         (retained) 0 on the window's slots, -inf on the retained cache
 //   8 inwindow     [C + 1, 1]      (retained) 1 on the window's slots, 0 on the retained cache
+//   9 key_scales   [B, Hkv, C, K / 32]  (int8 rings: RingAttentionInt8) each group of 32 codes'
+//  10 value_scales [B, Hkv, C, K / 32]  scale (llama.cpp's q8_0: a key or value is code · scale)
 // Attributes: front (slots scored by q_sink), retained (0 / 1).
 // Outputs:
 //   0 num        [B, Hkv, R, K]    sum_c e^(s_c - m) v_c over the ring and the new token
@@ -28,7 +30,8 @@
 //                                  renormalised over the window, summed over the R heads
 // with m the largest score (retained: the largest in the window). The key heads (of every row)
 // are split over onnxruntime's intra-op threads, a ring of kSplit slots or more in two parts.
-// float16 rings are widened to float32 as they are read (F16C); the arithmetic is float32.
+// float16 rings are widened to float32 as they are read (F16C), int8 codes converted and
+// multiplied by their group's scale; the arithmetic is float32.
 //
 // onnxruntime's C ABI: ort_abi.h.
 
@@ -38,6 +41,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "ort_abi.h"
@@ -83,22 +87,41 @@ inline void prefetch_rows(const T* rows, int64_t elements) {
     _mm_prefetch(bytes + b, _MM_HINT_T0);
 }
 
+// int8 rings: a scale per group of kGroup lanes of a row (llama.cpp's q8_0 blocks), the row's
+// K / kGroup scales in a float32 array beside the codes.
+constexpr int64_t kGroup = 32;
+
+template <typename T>
+constexpr bool kCodes = std::is_same_v<T, int8_t>;
+
+// Lanes [8j, 8j + 8) of row c of a ring of K-wide rows, as float32: int8 codes times their
+// group's scale (`scales`, K / kGroup a row; not read for float rings).
+template <typename T>
+inline __m256 lanes(const T* rows, const float* scales, int64_t K, int64_t c, int64_t j) {
+  const __m256 x = load8(rows + c * K + 8 * j);
+  if constexpr (kCodes<T>)
+    return _mm256_mul_ps(x, _mm256_broadcast_ss(scales + c * (K / kGroup) + j / (kGroup / 8)));
+  else
+    return x;
+}
+
 // Query rows · one key row, R heads at once: two partial sums per head (chains of J / 2 FMAs).
 template <int R, int KT, typename T>
-inline void dot_row(const float* qq, const T* row, int64_t K, float* out, int64_t stride) {
+inline void dot_row(const float* qq, const T* rows, const float* scales, int64_t c, int64_t K,
+                    float* out, int64_t stride) {
   const int64_t J = (KT ? KT : K) / 8;
   __m256 a[R], b[R];
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 2 <= J; j += 2) {
-    __m256 k0 = load8(row + 8 * j), k1 = load8(row + 8 * j + 8);
+    __m256 k0 = lanes(rows, scales, K, c, j), k1 = lanes(rows, scales, K, c, j + 1);
     for (int r = 0; r < R; ++r) {
       a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j), k0, a[r]);
       b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j + 8), k1, b[r]);
     }
   }
   if (j < J) {
-    __m256 k0 = load8(row + 8 * j);
+    __m256 k0 = lanes(rows, scales, K, c, j);
     for (int r = 0; r < R; ++r)
       a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qq + r * K + 8 * j), k0, a[r]);
   }
@@ -107,12 +130,13 @@ inline void dot_row(const float* qq, const T* row, int64_t K, float* out, int64_
 
 // Query rows · two key rows (independent chains: a single row's FMAs wait on each other).
 template <int R, int KT, typename T>
-inline void dot_rows2(const float* q, const T* row, int64_t K, float* out, int64_t stride) {
+inline void dot_rows2(const float* q, const T* rows, const float* scales, int64_t c, int64_t K,
+                      float* out, int64_t stride) {
   const int64_t J = (KT ? KT : K) / 8;
   __m256 a[R], b[R];
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
-    __m256 k0 = load8(row + 8 * j), k1 = load8(row + K + 8 * j);
+    __m256 k0 = lanes(rows, scales, K, c, j), k1 = lanes(rows, scales, K, c + 1, j);
     for (int r = 0; r < R; ++r) {
       __m256 q8 = _mm256_loadu_ps(q + r * K + 8 * j);
       a[r] = _mm256_fmadd_ps(q8, k0, a[r]);
@@ -128,14 +152,15 @@ inline void dot_rows2(const float* q, const T* row, int64_t K, float* out, int64
 // Query rows · four key rows, R heads at once (R <= 3: 4R accumulators in registers), the
 // four sums of each head reduced together.
 template <int R, int KT, typename T>
-inline void dot_rows4(const float* q, const T* row, int64_t K, float* out, int64_t stride) {
+inline void dot_rows4(const float* q, const T* rows, const float* scales, int64_t c, int64_t K,
+                      float* out, int64_t stride) {
   const int64_t J = (KT ? KT : K) / 8;
   __m256 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < 4; ++n) a[r][n] = _mm256_setzero_ps();
   for (int64_t j = 0; j < J; ++j) {
-    const __m256 k0 = load8(row + 8 * j), k1 = load8(row + K + 8 * j);
-    const __m256 k2 = load8(row + 2 * K + 8 * j), k3 = load8(row + 3 * K + 8 * j);
+    const __m256 k0 = lanes(rows, scales, K, c, j), k1 = lanes(rows, scales, K, c + 1, j);
+    const __m256 k2 = lanes(rows, scales, K, c + 2, j), k3 = lanes(rows, scales, K, c + 3, j);
     for (int r = 0; r < R; ++r) {
       const __m256 q8 = _mm256_loadu_ps(q + r * K + 8 * j);
       a[r][0] = _mm256_fmadd_ps(q8, k0, a[r][0]);
@@ -153,22 +178,26 @@ inline void dot_rows4(const float* q, const T* row, int64_t K, float* out, int64
 // (with a retained cache: the largest in the window). KT: the head size when known at compile
 // time (0: K). T: the ring's element type (float, or uint16_t for float16).
 template <int R, int KT, typename T>
-void scores(const float* q, const float* qs, const T* keys, const float* mask,
+void scores(const float* q, const float* qs, const T* keys, const float* key_scales,
+            const float* mask,
             const float* key, const float* window_mask, int64_t C, int64_t K_, int64_t front,
             bool retained, int64_t c0, int64_t c1, bool own, float* w, float* m) {
   const int64_t K = KT ? KT : K_, W = C + 1;
   // Each key row read once for the R heads; the first `front` by the sink queries.
   int64_t c = c0;
-  for (; c < front && c < c1; ++c) dot_row<R, KT>(qs, keys + c * K, K, w + c, W);
+  for (; c < front && c < c1; ++c) dot_row<R, KT>(qs, keys, key_scales, c, K, w + c, W);
   if constexpr (R <= 3)
     for (; c + 4 <= c1; c += 4) {
-      if constexpr (sizeof(T) == 2)  // (float32 rings' keys measured slower with it)
-        if (c + kAhead + 4 <= c1) prefetch_rows(keys + (c + kAhead) * K, 4 * K);
-      dot_rows4<R, KT>(q, keys + c * K, K, w + c, W);
+      if constexpr (sizeof(T) <= 2)  // (float32 rings' keys measured slower with it)
+        if (c + kAhead + 4 <= c1) {
+          prefetch_rows(keys + (c + kAhead) * K, 4 * K);
+          if constexpr (kCodes<T>) prefetch_rows(key_scales + (c + kAhead) * (K / kGroup), 4 * K / kGroup);
+        }
+      dot_rows4<R, KT>(q, keys, key_scales, c, K, w + c, W);
     }
-  for (; c + 2 <= c1; c += 2) dot_rows2<R, KT>(q, keys + c * K, K, w + c, W);
-  for (; c < c1; ++c) dot_row<R, KT>(q, keys + c * K, K, w + c, W);
-  if (own) dot_row<R, KT>(q, key, K, w + C, W);
+  for (; c + 2 <= c1; c += 2) dot_rows2<R, KT>(q, keys, key_scales, c, K, w + c, W);
+  for (; c < c1; ++c) dot_row<R, KT>(q, keys, key_scales, c, K, w + c, W);
+  if (own) dot_row<R, KT>(q, key, nullptr, 0, K, w + C, W);
   for (int r = 0; r < R; ++r) {
     float* wr = w + r * W;
     __m256 top8 = _mm256_set1_ps(-INFINITY);
@@ -200,18 +229,21 @@ constexpr int64_t kBlock = 16;
 // acc (R x K) += the weights w (R rows of W) · value rows [b0, b1), lanes [8 j0, 8 (j0 + JB)):
 // R x JB accumulators in registers (R <= 3: 12, with the R weights and a row's 8 lanes AVX2's 16).
 template <int R, int JB, typename T>
-inline void weigh_rows(const T* values, const float* w, int64_t W, int64_t K, int64_t j0,
-                       int64_t b0, int64_t b1, int64_t end, float* acc_rows) {
+inline void weigh_rows(const T* values, const float* value_scales, const float* w, int64_t W,
+                       int64_t K, int64_t j0, int64_t b0, int64_t b1, int64_t end,
+                       float* acc_rows) {
   __m256 acc[R][JB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < JB; ++j) acc[r][j] = _mm256_load_ps(acc_rows + r * K + 8 * (j0 + j));
   for (int64_t c = b0; c < b1; ++c) {
-    const T* row = values + c * K + 8 * j0;
-    if (j0 == 0 && c + kAhead < end) prefetch_rows(values + (c + kAhead) * K, K);
+    if (j0 == 0 && c + kAhead < end) {
+      prefetch_rows(values + (c + kAhead) * K, K);
+      if constexpr (kCodes<T>) prefetch_rows(value_scales + (c + kAhead) * (K / kGroup), K / kGroup);
+    }
     __m256 wc[R];
     for (int r = 0; r < R; ++r) wc[r] = _mm256_broadcast_ss(w + r * W + c);
     for (int j = 0; j < JB; ++j) {
-      const __m256 v8 = load8(row + 8 * j);
+      const __m256 v8 = lanes(values, value_scales, K, c, j0 + j);
       for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(wc[r], v8, acc[r][j]);
     }
   }
@@ -223,7 +255,8 @@ inline void weigh_rows(const T* values, const float* w, int64_t W, int64_t K, in
 // the window's part, inside[r]) and the values' weighted sums (num, R x K): each value row read
 // once for the R heads.
 template <int R, int KT, typename T>
-void weigh(const T* values, const float* value, const float* inwindow, int64_t C,
+void weigh(const T* values, const float* value_scales, const float* value,
+           const float* inwindow, int64_t C,
            int64_t K_, bool retained, int64_t c0, int64_t c1, bool own, const float* m, float* w,
            float* num, float* den, float* inside) {
   const int64_t K = KT ? KT : K_, J = K / 8, W = C + 1;
@@ -260,9 +293,10 @@ void weigh(const T* values, const float* value, const float* inwindow, int64_t C
     const int64_t b1 = b0 + kBlock < c1 ? b0 + kBlock : c1;
     if (J % JB == 0)
       for (int64_t j0 = 0; j0 < J; j0 += JB)
-        weigh_rows<R, JB>(values, w, W, K, j0, b0, b1, c1, acc_rows);
+        weigh_rows<R, JB>(values, value_scales, w, W, K, j0, b0, b1, c1, acc_rows);
     else
-      for (int64_t j0 = 0; j0 < J; ++j0) weigh_rows<R, 1>(values, w, W, K, j0, b0, b1, c1, acc_rows);
+      for (int64_t j0 = 0; j0 < J; ++j0)
+        weigh_rows<R, 1>(values, value_scales, w, W, K, j0, b0, b1, c1, acc_rows);
   }
   for (int r = 0; r < R; ++r)
     for (int64_t j = 0; j < J; ++j) {
@@ -349,6 +383,7 @@ struct Readout {
   int64_t mask_stride;
   const float *q, *qs;
   const T *keys, *values;
+  const float *key_scales, *value_scales;  // (int8 rings: K / kGroup a row; else null)
   const float *mask, *key, *value, *window_mask, *inwindow;
   float *num, *den, *attention;
   // Per call: the weights (B·H rows of R x (C + 1)) and, per (row, key head, part), R maxima,
@@ -356,6 +391,11 @@ struct Readout {
   float *w = nullptr, *m = nullptr, *sums = nullptr, *inside = nullptr, *partial = nullptr;
   int64_t parts = 1;
 };
+
+// The scales of the rows from element `offset` of a ring on (none for float rings).
+inline const float* head_scales(const float* scales, int64_t offset) {
+  return scales ? scales + offset / kGroup : nullptr;
+}
 
 // Part p of key head i's columns: [c0, c1), and the new token in the last part.
 template <typename T>
@@ -372,7 +412,8 @@ void score_part(void* user, size_t task) {
   const int64_t R = a.R, K = a.K, C = a.C;
   int64_t c0, c1;
   columns(a, p, &c0, &c1);
-  a.run.scores(a.q + i * R * K, a.qs + i * R * K, a.keys + i * C * K, a.mask + b * a.mask_stride,
+  a.run.scores(a.q + i * R * K, a.qs + i * R * K, a.keys + i * C * K,
+               head_scales(a.key_scales, i * C * K), a.mask + b * a.mask_stride,
                a.key + i * K, a.window_mask, C, K, a.front, a.retained, c0, c1,
                p == a.parts - 1, a.w + i * R * (C + 1), a.m + t * R);
 }
@@ -384,7 +425,7 @@ void weigh_into(const Readout<T>& a, int64_t t, float* num, float* den) {
   int64_t c0, c1;
   columns(a, p, &c0, &c1);
   // (every part weighs with the head's largest score: the parts' maxima merged into part 0's)
-  a.run.weigh(a.values + i * C * K, a.value + i * K, a.inwindow, C, K, a.retained, c0, c1,
+  a.run.weigh(a.values + i * C * K, head_scales(a.value_scales, i * C * K), a.value + i * K, a.inwindow, C, K, a.retained, c0, c1,
               p == a.parts - 1, a.m + i * a.parts * R, a.w + i * R * (C + 1), num, den,
               a.inside + t * R);
 }
@@ -472,6 +513,12 @@ void compute(void* kernel_ptr, void* context) {
   const int64_t B = q.dims[0], H = q.dims[1], R = q.dims[2], K = q.dims[3], C = keys.dims[2];
   const Stages<T> run = stages_for<T>(R, K);
   if (q.rank != 4 || keys.rank != 4 || K % 8 || K > 64 * 8 || !run.scores) std::abort();
+  const float *key_scales = nullptr, *value_scales = nullptr;
+  if constexpr (kCodes<T>) {  // the codes' scales, [B, Hkv, C, K / kGroup]
+    if (K % kGroup) std::abort();
+    key_scales = data<float>(input(api, context, 9));
+    value_scales = data<float>(input(api, context, 10));
+  }
   // One mask for a sequence, or one per row of the rows' step.
   const int64_t mask_stride = mask.rank == 2 ? C : 0;
   const int64_t num_dims[4] = {B, H, R, K}, den_dims[4] = {B, H, R, 1};
@@ -481,8 +528,9 @@ void compute(void* kernel_ptr, void* context) {
   float* attention = output(api, context, 2, attention_dims, 3);
   const Readout<T> a{run, H, R, C, K, kernel.front, kernel.retained != 0, mask_stride,
                      data<float>(q), data<float>(qs), data<T>(keys), data<T>(values),
-                  data<float>(mask), data<float>(key), data<float>(value),
-                  data<float>(window_mask), data<float>(inwindow), num, den, attention};
+                     key_scales, value_scales, data<float>(mask), data<float>(key),
+                     data<float>(value), data<float>(window_mask), data<float>(inwindow), num,
+                     den, attention};
   readout(api, context, B, a);
 }
 
@@ -510,6 +558,15 @@ const CustomOp* ring_attention_half_op() {
   return &op.op;
 }
 
+// int8 rings take their scales as two more inputs, so an op of its own name.
+const CustomOp* ring_attention_int8_op() {
+  static const int types[11] = {kFloat, kFloat, kInt8,  kInt8,  kFloat, kFloat,
+                                kFloat, kFloat, kFloat, kFloat, kFloat};
+  static const Op op =
+      custom_op<Kernel>("RingAttentionInt8", 11, 3, types, create_kernel, compute<int8_t>);
+  return &op.op;
+}
+
 }  // namespace linearize
 
 using namespace linearize;
@@ -518,15 +575,16 @@ namespace {
 
 template <typename T>
 int plain_readout(const float* q, const float* qs, const void* keys, const void* values,
-                  const float* mask, const float* key, const float* value,
-                  const float* window_mask, const float* inwindow, int64_t H, int64_t R,
-                  int64_t C, int64_t K, int64_t front, int64_t retained, float* num, float* den,
-                  float* attention) {
+                  const float* key_scales, const float* value_scales, const float* mask,
+                  const float* key, const float* value, const float* window_mask,
+                  const float* inwindow, int64_t H, int64_t R, int64_t C, int64_t K,
+                  int64_t front, int64_t retained, float* num, float* den, float* attention) {
   const Stages<T> run = stages_for<T>(R, K);
-  if (run.scores == nullptr || K % 8 || K > 64 * 8) return 1;
+  if (run.scores == nullptr || K % 8 || K > 64 * 8 || (kCodes<T> && K % kGroup)) return 1;
   const Readout<T> a{run,  H,  R, C, K, front, retained != 0, 0, q, qs,
-                     static_cast<const T*>(keys), static_cast<const T*>(values), mask, key,
-                     value, window_mask, inwindow, num, den, attention};
+                     static_cast<const T*>(keys), static_cast<const T*>(values),
+                     kCodes<T> ? key_scales : nullptr, kCodes<T> ? value_scales : nullptr,
+                     mask, key, value, window_mask, inwindow, num, den, attention};
   readout(nullptr, nullptr, 1, a);
   return 0;
 }
@@ -534,13 +592,18 @@ int plain_readout(const float* q, const float* qs, const void* keys, const void*
 }  // namespace
 
 // A plain entry for tests and benchmarks (ctypes): the same arithmetic on numpy arrays, the
-// rings float32 or (`half`) float16.
+// rings (`ring`) float32 (0), float16 (1) or int8 codes (2) with their scales (K / 32 a row;
+// the scales not read for float rings).
 extern "C" __attribute__((visibility("default"))) int linearize_ring_attention(
-    const float* q, const float* qs, const void* keys, const void* values, const float* mask,
-    const float* key, const float* value, const float* window_mask, const float* inwindow,
-    int64_t H, int64_t R, int64_t C, int64_t K, int64_t front, int64_t retained, int64_t half,
-    float* num, float* den, float* attention) {
-  auto run = half ? plain_readout<uint16_t> : plain_readout<float>;
-  return run(q, qs, keys, values, mask, key, value, window_mask, inwindow, H, R, C, K, front,
-             retained, num, den, attention);
+    const float* q, const float* qs, const void* keys, const void* values,
+    const float* key_scales, const float* value_scales, const float* mask, const float* key,
+    const float* value, const float* window_mask, const float* inwindow, int64_t H, int64_t R,
+    int64_t C, int64_t K, int64_t front, int64_t retained, int64_t ring, float* num, float* den,
+    float* attention) {
+  auto run = ring == 2 ? plain_readout<int8_t>
+             : ring == 1 ? plain_readout<uint16_t>
+             : ring == 0 ? plain_readout<float> : nullptr;
+  if (run == nullptr) return 2;
+  return run(q, qs, keys, values, key_scales, value_scales, mask, key, value, window_mask,
+             inwindow, H, R, C, K, front, retained, num, den, attention);
 }

@@ -8,8 +8,11 @@
 
 namespace linearize {
 
-// Eight lanes of a row: float32 as stored, float16 widened.
+// Eight lanes of a row: float32 as stored, float16 widened, int8 codes as floats.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
