@@ -4,6 +4,7 @@ hybrid, grouped and softmax."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import linearize
@@ -73,3 +74,27 @@ def engine_model(
         model.tokenizer = byte_tokenizer()
         model.config.eos_token_id = 1
     return model
+
+
+# The kernel libraries the kernels' tests run: this CPU's build and, where that one is built for
+# AVX-512 (kernels.flags), the AVX2-only build a CPU without it runs.
+KERNEL_BUILDS = ["cpu", "avx2"]
+
+
+@pytest.fixture(scope="session")
+def kernel_builds(tmp_path_factory) -> dict[str, str]:
+    """``{build: library path}`` for :data:`KERNEL_BUILDS` (``avx2``: compiled with
+    ``kernels.FLAGS`` alone into a folder of its own; the same as ``cpu`` on a CPU without
+    AVX-512)."""
+    from linearize.engine import kernels
+
+    if kernels.unavailable() is not None:
+        pytest.skip(f"no kernels here: {kernels.unavailable()}")
+    builds = {"cpu": str(kernels.library())}
+    if kernels.flags() == kernels.FLAGS:
+        builds["avx2"] = builds["cpu"]
+        return builds
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "flags", lambda: kernels.FLAGS)
+        builds["avx2"] = str(kernels._library(str(tmp_path_factory.mktemp("avx2"))))
+    return builds

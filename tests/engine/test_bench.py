@@ -49,14 +49,14 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
 @pytest.mark.parametrize("kv_type", [None, "float16", "int8"])
 def test_bench_decode_kv_type(kv_type, tmp_path, user_cache, capsys):
     """``--kv-type`` reaches the engine, and each row names the keys and values its state
-    held: an int4 model's default is int8 (heads 32 wide)."""
+    held: an int4 model's default is float16."""
     path = tmp_path / "augmented"
     engine_model("augmented", head_dim=32).save(path)
     argv = ["bench", "decode", "--model", str(path), "--contexts", "40", "--steps", "4"]
     argv += ["--quant", "int4", "--json", "--no-isolate", "--llama-cpp", "off"]
     assert main(argv + (["--kv-type", kv_type] if kv_type else [])) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert (row["engine"], row["kv_type"]) == ("onnx", kv_type or "int8")
+    assert (row["engine"], row["kv_type"]) == ("onnx", kv_type or "float16")
 
 
 def test_bench_prefill_quant_and_engine(saved, tmp_path, capsys):

@@ -100,7 +100,7 @@ def test_speculative_on_engine_equals_plain_on_engine(kind):
     prompt = [5, 9, 17, 3, 5, 9, 17, 3, 5]
     plain = generate(model, prompt, GenerationConfig(max_new_tokens=NEW), engine=engine)
     # (an fp32 engine's steps in int8 arithmetic read its float32 rings: the reference is an
-    # int8 engine with float32 rings too, not the default's int8 ones)
+    # int8 engine with float32 rings too, not the default's float16 ones)
     fast = build_engine(
         "onnx", model, max_context=128, threads=1, accuracy="int8", kv_type="float32"
     )
@@ -132,7 +132,7 @@ def test_planner_off_decodes_with_the_faster_arithmetic():
     model = quantize(engine_model("augmented"), "int4")
     engine = build_engine("onnx", model, max_context=128, threads=1, accuracy="fp32")
     # (an fp32 engine's steps in int8 arithmetic read its float32 rings: the reference is an
-    # int8 engine with float32 rings too, not the default's int8 ones)
+    # int8 engine with float32 rings too, not the default's float16 ones)
     fast = build_engine(
         "onnx", model, max_context=128, threads=1, accuracy="int8", kv_type="float32"
     )

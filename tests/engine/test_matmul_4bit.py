@@ -17,7 +17,7 @@ from linearize.engine import kernels
 from linearize.engine.step import Kernel4Bit
 from linearize.models.quantize import QuantConfig, quantize
 from linearize.ops.tree import Tree
-from tests.engine.conftest import engine_model
+from tests.engine.conftest import KERNEL_BUILDS, engine_model
 
 pytest.importorskip("onnxruntime")
 
@@ -82,8 +82,8 @@ def _guarded(a):
     return copy, held
 
 
-def _run(x, codes, scales, bases, int8):
-    library = ctypes.CDLL(str(kernels.library()))
+def _run(x, codes, scales, bases, int8, library=None):
+    library = ctypes.CDLL(library or str(kernels.library()))
     M, K = x.shape
     N = codes.shape[0]
     y = np.full((M, N), np.nan, np.float32)
@@ -104,22 +104,24 @@ def _run(x, codes, scales, bases, int8):
 @pytest.mark.parametrize("half", [False, True], ids=["float32-scales", "float16-scales"])
 @pytest.mark.parametrize("whole", [False, True], ids=["float-zero-points", "whole-zero-points"])
 @pytest.mark.parametrize("M, K, N", SHAPES)
-def test_kernel_matches_its_arithmetic(M, K, N, whole, half):
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+def test_kernel_matches_its_arithmetic(M, K, N, whole, half, build, kernel_builds):
+    library = kernel_builds[build]
     rng = np.random.default_rng(K + N)
     codes, scales, bases = _weight(rng, N, K, whole, half)
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[0, :32] = 0  # (a group of zeros: scale 0)
     exact = x.astype(np.float64) @ _dequantized(codes, scales, bases).T
-    fp32 = _run(x, codes, scales, bases, int8=False)
+    fp32 = _run(x, codes, scales, bases, int8=False, library=library)
     assert np.abs(fp32 - exact).max() <= TOLERANCE * np.abs(exact).max()
     want = _int8_arithmetic(x, codes, scales, bases)
-    int8 = _run(x, codes, scales, bases, int8=True)
+    int8 = _run(x, codes, scales, bases, int8=True, library=library)
     assert np.abs(int8 - want).max() <= TOLERANCE * np.abs(want).max()
     # The weight's arrays each end at an unreadable page: no read past them (a row's last
     # groups short of 8 read their scales 8 wide only where the weight goes on).
     guarded = [_guarded(a) for a in (codes, scales, bases)]
     for int8_arithmetic, result in ((False, fp32), (True, int8)):
-        again = _run(x, *(copy for copy, _ in guarded), int8=int8_arithmetic)
+        again = _run(x, *(copy for copy, _ in guarded), int8=int8_arithmetic, library=library)
         np.testing.assert_array_equal(again, result)
     # (int8 activations: ~0.4 % of the largest output away from the exact product)
     assert np.abs(int8 - exact).max() <= 2e-2 * np.abs(exact).max()

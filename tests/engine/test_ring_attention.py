@@ -14,7 +14,7 @@ from linearize.engine import kernels
 from linearize.engine.step import KV_GROUP, _softmax_readout, kv_codes, kv_values, uses_kernel
 from linearize.engine.tree import Tree
 from linearize.models.quantize import quantize
-from tests.engine.conftest import engine_model
+from tests.engine.conftest import KERNEL_BUILDS, engine_model
 from tests.helpers import assert_close
 
 pytest.importorskip("onnxruntime")
@@ -64,12 +64,13 @@ def _call(library, q, qs, kb, vb, mask, k, v, window_mask, inwindow, front, reta
     ],
 )
 @pytest.mark.parametrize("ring", ["float32", "float16", "int8"])
-def test_kernel_matches_reference(H, R, C, K, front, retained, ring):
+@pytest.mark.parametrize("build", KERNEL_BUILDS)
+def test_kernel_matches_reference(H, R, C, K, front, retained, ring, build, kernel_builds):
     """float16 and int8 rings (Layout.kv_type): the kernel reads them widened (int8 codes times
     their group's scale), against the reference on the same values in float32."""
     if ring == "int8" and K % KV_GROUP:
         pytest.skip(f"int8 rings take head sizes a multiple of {KV_GROUP}")
-    library = ctypes.CDLL(str(kernels.library()))
+    library = ctypes.CDLL(kernel_builds[build])
     rng = np.random.default_rng(C)
 
     def normal(*shape, scale=1.0):

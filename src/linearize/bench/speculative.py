@@ -245,7 +245,7 @@ def run_speculative_benchmark(
         room = longest + max_new_tokens + 64
         # Both with float32 rings: a method the planner leaves off decodes in int8 arithmetic
         # on the fp32 engine's state, and is checked against the int8 engine's plain tokens
-        # (the default int8 engine's int8 rings are bench decode's).
+        # (the default int8 engine's float16 rings are bench decode's).
         engines = {
             arithmetic: build_engine(
                 "onnx",

@@ -179,5 +179,5 @@ def add_engine_argument(parser: argparse.ArgumentParser, kv_type: bool = True) -
         choices=list(KV_TYPES),
         help="the onnx engine's keys and values in softmax windows and caches: float32, "
         "float16 (llama.cpp's cache) or int8 (a float32 scale per 32, llama.cpp's q8_0); "
-        "default int8 for quantized weights, else float32",
+        "default float16 for quantized weights, else float32",
     )

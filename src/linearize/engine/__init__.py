@@ -72,7 +72,7 @@ def build_engine(
     of :data:`~linearize.engine.onnx.PREFILL_CHUNK` tokens or more prefill on it. ``accuracy``:
     the onnx engine's matmul arithmetic, ``int8`` (fast) or ``fp32`` (the reference's numbers;
     see :data:`linearize.engine.onnx.ACCURACY`); ``kv_type``: the keys and values of its
-    softmax rings, float32, float16 or int8 (default: int8 for quantized weights in ``int8``;
+    softmax rings, float32, float16 or int8 (default: float16 for quantized weights in ``int8``;
     :class:`~linearize.engine.onnx.OnnxEngine`)."""
     if name == "torch":
         return None

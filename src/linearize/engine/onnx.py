@@ -64,7 +64,7 @@ EXPORT_VERSION = 25
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
 ACCURACY = {"fp32": 0, "int8": 4}
 # The rings' keys and values for quantized weights in int8 arithmetic (OnnxEngine's kv_type).
-QUANTIZED_KV = "int8"
+QUANTIZED_KV = "float16"
 GRAPH = "graph.onnx"
 # The suffix of the step graphs' folders with linearize's kernels' nodes (engine.kernels):
 # step-kernels, rows-kernels.

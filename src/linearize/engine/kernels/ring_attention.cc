@@ -287,8 +287,14 @@ void weigh(const T* values, const float* value_scales, const float* value,
   }
   alignas(32) float acc_rows[R * 64 * 8];  // R x K (K <= 512)
   for (int64_t i = 0; i < R * K; ++i) acc_rows[i] = 0;
-  // (float32 rings, R <= 3: whole rows, 24 accumulators, measured faster than halves)
+  // (R <= 3: whole rows, 24 accumulators, measured faster than halves for float32 rings, and
+  // for the others where AVX-512's 32 registers hold them: 2.64 -> 2.29 ms, six 8k float16
+  // windows)
+#ifdef __AVX512VL__
+  constexpr int64_t JB = R <= 3 ? 8 : (R <= 6 ? 2 : 1);
+#else
   constexpr int64_t JB = R <= 3 ? (sizeof(T) == 4 ? 8 : 4) : (R <= 6 ? 2 : 1);
+#endif
   for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < c1 ? b0 + kBlock : c1;
     if (J % JB == 0)
