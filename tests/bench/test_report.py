@@ -68,11 +68,15 @@ def test_bound_goal_is_the_share_of_weights_and_state_over_bandwidth():
 def test_decode_table_names_weights_and_engine():
     record = _decode([("ours", "linear", 1024, 60.0), ("llama", "llama.cpp", 1024, 50.0)])
     record["rows"][0]["round_ms"] = [16.0, 17.0]
+    record["rows"][1]["kv_type"] = "float16"  # (rows before the key have none: "—")
     table = report.markdown_table("decode", record["rows"])
     header = table.splitlines()[0]
-    assert header.startswith("| model | weights | engine | context | tokens/s | ms/token |")
+    assert header.startswith(
+        "| model | weights | engine | keys / values | context | tokens/s | ms/token |"
+    )
     assert "ms/token by round" in header
-    assert "| ours | int4 | onnx | 1,024 | 60.0 | 16.7 | 16.0 / 17.0 |" in table
+    assert "| ours | int4 | onnx | — | 1,024 | 60.0 | 16.7 | 16.0 / 17.0 |" in table
+    assert "| float16 | 1,024 | 50.0 |" in table
 
 
 def test_machine_section_dates_each_record():
