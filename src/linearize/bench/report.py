@@ -167,7 +167,8 @@ def markdown_table(kind: str, rows: list[dict[str, Any]]) -> str:
         keys = list(rows[0]) if rows else []
         columns = [(k, lambda r, k=k: str(r.get(k, "—"))) for k in keys]
     elif kind == "decode" and any(r.get("round_ms") for r in rows):
-        columns = [*columns[:6], ROUNDS, *columns[6:]]
+        after = [h for h, _ in columns].index("ms/token") + 1  # (each round's beside the median)
+        columns = [*columns[:after], ROUNDS, *columns[after:]]
     lines = [
         "| " + " | ".join(h for h, _ in columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
