@@ -63,6 +63,13 @@ def test_bound_goal_is_the_share_of_weights_and_state_over_bandwidth():
     # Each run's share; met only where every run meets it.
     both = _goal(report.goals([record, slower]), row[0])
     assert both[2].count("tok/s") == 2 and both[3] == "in 1 of 2 runs"
+    # A row naming the bytes its step reads (the engine's weights, fewer than the model stores,
+    # and the state's filled part) is bounded by them: 75 MB, ~133 tok/s, 60 of it measured.
+    read = {**record, "rows": [{**record["rows"][0], "read_bytes": 75_000_000}]}
+    assert _goal(report.goals([read]), row[0])[2:] == [
+        "45% (60 of 133 tok/s, 2026-12-05 06:00)",
+        "**no**",
+    ]
 
 
 def test_decode_table_names_weights_and_engine():

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
+import linearize
 from linearize.bench import llama_cpp
 from linearize.cli import main
 from linearize.models.decoder import PREFILL_SEGMENT
+from linearize.models.quantize import weight_bytes
 from tests.engine.conftest import engine_model
 
 pytest.importorskip("onnxruntime")
@@ -44,6 +46,13 @@ def test_bench_decode_quant_and_engine(saved, tmp_path, capsys):
     (torch_bytes,), (onnx_bytes,) = sizes["torch"], sizes["onnx"]
     assert torch_bytes <= onnx_bytes
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    # What each step reads: on the torch engine the fp32 model's weights and its state; on the
+    # onnx engine the int4 step graph's weights (codes, float16 scales) and its rings (full at
+    # 24 tokens: test_onnx.py's read_bytes test fills wider ones).
+    read = {(r["engine"], r["context"]): r["read_bytes"] for r in rows}
+    fp32 = weight_bytes(linearize.load(str(model)))
+    assert read["torch", 24] == read["torch", 72] == fp32 + torch_bytes
+    assert read["onnx", 24] == read["onnx", 72] < (fp32 + onnx_bytes) / 2
 
 
 @pytest.mark.parametrize("kv_type", [None, "float16", "int8"])

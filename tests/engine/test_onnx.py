@@ -10,7 +10,7 @@ import torch
 import linearize
 from linearize.engine import kernels
 from linearize.engine.step import Kernel4Bit, uses_kernel
-from linearize.models.quantize import QuantConfig, quantize
+from linearize.models.quantize import QuantConfig, quantize, weight_bytes
 from linearize.ops.tree import Tree
 from tests.engine.conftest import engine_model
 from tests.generation.conftest import tiny_model
@@ -624,3 +624,32 @@ def test_sessions_load_optimized_graphs(tmp_path):
     again.prefill([3, 1, 4, 1, 5])
     assert torch.equal(again.forward_tree([9, 2, 6], chain)[0], logits)
     assert all(torch.equal(again.step(t), s) for t, s in zip((9, 2, 6), steps, strict=True))
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_read_bytes_are_the_step_graphs_weights_and_the_filled_rings(quant, tmp_path):
+    """What a step reads (``bench decode``'s bandwidth bound): the step graph's weights (an fp32
+    model's own parameters, its tied embedding read as the head; an int4 model's codes and
+    float16 scales, fewer than the model stores), and of the state each wide ring's filled
+    part, more every step until the rings are full, and of the key features only the row
+    folded into S, z."""
+    model = _model("wide")
+    fp32 = weight_bytes(model)
+    if quant is not None:
+        quantize(model, quant)
+    engine = OnnxEngine(model, max_context=128, threads=1, cache=tmp_path)
+    engine.prefill([1, 2, 3])
+    weights = engine.weight_bytes()
+    if quant is None:
+        assert abs(weights - fp32) <= 0.01 * fp32  # (the model's RoPE frequencies: not read)
+    else:
+        assert weights < weight_bytes(model) and weights < fp32 / 4
+    reads = []
+    for token in range(70):
+        reads.append(engine.read_bytes())
+        engine.step(token)
+    assert reads == sorted(reads) and reads[0] < reads[-10] == reads[-1]
+    features = sum(a.nbytes for name, a in engine.state.rings.items() if name.startswith("fk"))
+    layer = engine.layouts[0]
+    row = layer.kv_heads * layer.feature_dim * 4 * len(engine.layouts)  # (float32 features)
+    assert reads[-1] == weights + engine.nbytes() - features + row

@@ -12,7 +12,7 @@ from linearize.cli import main
 
 DECODE_KEYS = {
     *("model", "context", "tokens_per_s", "ms_per_token", "state_bytes", "peak_rss_bytes"),
-    *("quant", "engine", "kv_type"),
+    *("quant", "engine", "kv_type", "read_bytes"),
 }
 
 
@@ -159,8 +159,11 @@ def test_bench_decode_rows(tiny_dirs, capsys, tmp_path):
     assert softmax[96]["tokens_per_s"] is None and softmax[96]["state_bytes"] is None
     assert softmax[48]["state_bytes"] == 3 * softmax[16]["state_bytes"]
     assert len({r["state_bytes"] for r in linear.values()}) == 1
+    assert softmax[96]["read_bytes"] is None
     for r in [softmax[16], softmax[48], *linear.values()]:
-        assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert (
+            r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 and r["read_bytes"] > r["state_bytes"]
+        )
         assert math.isclose(r["tokens_per_s"] * r["ms_per_token"], 1000, rel_tol=1e-9)
     record = json.loads((tmp_path / "decode.json").read_text())
     assert record["rows"] == rows and record["extra"]["bandwidth_bytes_per_s"] > 0

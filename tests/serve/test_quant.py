@@ -83,3 +83,21 @@ def test_quantized_model_serves_on_the_engine_what_generate_gives_on_it():
 def test_bad_engine_is_refused():
     with pytest.raises(ValueError, match="engine='fast'; allowed"):
         ServeConfig(model="q4", engine="fast").validate()
+
+
+@pytest.mark.parametrize("kv_type", [None, "float32"])
+def test_serve_kv_type_reaches_the_engine(kv_type):
+    """``--kv-type`` builds the served engine's rings (default for int4 weights: float16), and
+    ``/health`` names them."""
+    model = quantize(text_model("hybrid").float().eval(), "int4")
+    config = ServeConfig(model="q4", api_key=KEY, kv_type=kv_type, **LIMITS)
+    app = build_app(model, config, None)
+    assert app.state.scheduler.engine.kv_type == (kv_type or "float16")
+    with serve_in_thread(app) as url:
+        health = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert (health["engine"], health["kv_type"]) == ("onnx", kv_type or "float16")
+
+
+def test_bad_kv_type_is_refused():
+    with pytest.raises(ValueError, match="kv_type.*'int4'.*'float16'"):
+        ServeConfig(model="q4", kv_type="int4").validate()

@@ -39,7 +39,9 @@ def available() -> bool:
 
 
 def gguf_info(path: str | Path) -> dict[str, int]:
-    """Layers, KV heads, head dim and trained context of a LLaMA-family GGUF file."""
+    """Layers, KV heads, head dim and trained context of a LLaMA-family GGUF file, and the
+    bytes of weights a decode step reads (every tensor's; the embedding table only where it is
+    also the output layer, as in tied models: otherwise a step copies one row of it)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -51,11 +53,15 @@ def gguf_info(path: str | Path) -> dict[str, int]:
         raise ValueError(f"{path}: GGUF metadata lacks *{key}")
 
     heads = field(".attention.head_count")
+    names = {t.name for t in reader.tensors}
+    looked_up = {"token_embd.weight"} if "output.weight" in names else set()
+    read = sum(int(t.n_bytes) for t in reader.tensors if t.name not in looked_up)
     return {
         "layers": field(".block_count"),
         "kv_heads": field(".attention.head_count_kv"),
         "head_dim": field(".embedding_length") // heads,
         "context": field(".context_length"),
+        "weight_bytes": read,
     }
 
 
@@ -154,6 +160,7 @@ class LlamaCppPeer:
         self.path, self.label, self.threads = str(path), label, threads
         info = gguf_info(path)
         self.max_context = info["context"]
+        self.weight_bytes = info["weight_bytes"]
         self.kv_per_token = 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * KV_BYTES
 
     def supports(self, context: int) -> bool:
@@ -173,4 +180,5 @@ class LlamaCppPeer:
         state = self.kv_per_token * context
         result = {**result, "state_bytes": state, "quant": "gguf", "engine": "llama.cpp"}
         result["kv_type"] = "float16"  # (llama.cpp's KV cache by default: KV_BYTES a value)
+        result["read_bytes"] = self.weight_bytes + state
         return decode_row(self.label, context, result, peak)

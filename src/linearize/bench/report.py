@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from linearize.bench.memory import format_bytes, machine_info
-from linearize.bench.speed import physical_bound
+from linearize.bench.speed import physical_bound, step_read_bytes
 from linearize.paths import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -399,22 +399,24 @@ def _ratio_goal(name: str, target: float, pair: tuple[float | None, float | None
 
 def _bound_goal(decode: list[dict[str, Any]], context: int, target: float) -> list[str]:
     """The first linear row at ``context`` of each run as a share of its bandwidth bound:
-    streaming its weights and whole state once per token at the run's measured bandwidth (the
-    bound the ``bench decode`` notes print). Met when every run meets it."""
+    streaming what a step reads (the row's ``read_bytes``; records without it: the model's
+    weights and the whole state) once per token at the run's measured bandwidth (the bound the
+    ``bench decode`` notes print). Met when every run meets it."""
     name = f"linear decode at {_k(context)}: share of its bandwidth bound"
     shares = []
     for record in decode:
         bandwidth = record.get("extra", {}).get("bandwidth_bytes_per_s")
         for row in record["rows"]:
             info = _info(record, row["model"]) or {}
-            weights, state, tps = info.get("weight_bytes"), row["state_bytes"], row["tokens_per_s"]
+            read, tps = row.get("read_bytes"), row["tokens_per_s"]
+            read = step_read_bytes(read, info.get("weight_bytes"), row["state_bytes"])
             if (
                 info.get("family") != "linear"
                 or row["context"] != context
-                or None in (bandwidth, weights, state, tps)
+                or None in (bandwidth, read, tps)
             ):
                 continue
-            bound = physical_bound(weights, state, bandwidth)
+            bound = physical_bound(read, bandwidth)
             when = record.get("created", "?")[:16].replace("T", " ")
             shares.append(
                 (tps / bound, f"{tps / bound:.0%} ({tps:.3g} of {bound:.3g} tok/s, {when})")

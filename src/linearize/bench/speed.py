@@ -108,6 +108,11 @@ class DecodeRow:
     # engine's kv_type, llama.cpp's cache: float16); None where not reported (the torch engine's
     # state is the model's dtype).
     kv_type: str | None = None
+    # The bytes one step at this context reads from memory (what physical_bound divides): the
+    # weights on its engine (the onnx engine's step graph, the torch engine's model, llama.cpp's
+    # GGUF tensors) and the state a step reads (the filled part of the onnx engine's rings).
+    # None where not reported.
+    read_bytes: int | None = None
     # The median step of each round (``bench decode --repeat``), in ms; only then a key.
     round_ms: list[float] | None = None
 
@@ -204,9 +209,20 @@ def describe(model: Decoder) -> dict[str, Any]:
     }
 
 
-def physical_bound(weights: int, state: int, bandwidth: float) -> float:
-    """Tokens/s if every decode step only streamed the weights and the state from memory once."""
-    return bandwidth / (weights + state)
+def step_read_bytes(
+    read_bytes: int | None, weight_bytes: int | None, state_bytes: int | None
+) -> int | None:
+    """The bytes a step reads: a row's own ``read_bytes``, or for rows without it (records
+    before the key) the model's ``weight_bytes`` and its whole ``state_bytes``."""
+    if read_bytes is not None or None in (weight_bytes, state_bytes):
+        return read_bytes
+    return weight_bytes + state_bytes
+
+
+def physical_bound(read_bytes: int, bandwidth: float) -> float:
+    """Tokens/s if every decode step only streamed the ``read_bytes`` it reads (weights and
+    state) from memory once, at ``bandwidth`` bytes/s."""
+    return bandwidth / read_bytes
 
 
 # --- one measurement (runs in the worker process) --------------------------------------------
@@ -275,6 +291,11 @@ class ModelDecoding:
             "engine": self.engine,
             "quant": self.quant,
             "kv_type": getattr(self.fast, "kv_type", None),
+            "read_bytes": (
+                weight_bytes(self.model) + state_bytes
+                if self.fast is None
+                else self.fast.read_bytes()
+            ),
         }
 
 
@@ -647,6 +668,7 @@ def decode_row(label: str, context: int, result: dict[str, Any], peak: int) -> D
         result["quant"],
         result["engine"],
         result.get("kv_type"),
+        result.get("read_bytes"),
     )
 
 

@@ -399,19 +399,20 @@ def run_decode(args: argparse.Namespace) -> int:
 def _bound_notes(
     rows: list[speed.DecodeRow], models: dict[str, Any], bandwidth: float
 ) -> list[str]:
-    """Per model: the tokens/s that streaming weights + state once per token would allow."""
+    """Per model: the tokens/s that streaming what a step reads once per token would allow (the
+    row's ``read_bytes``; rows without: the model's weights and the whole state)."""
     notes = []
     for label, info in models.items():
-        weights = info.get("weight_bytes")
-        bounds = [
-            f"{speed.physical_bound(weights, r.state_bytes, bandwidth):.1f} @ {r.context}"
-            for r in rows
-            if r.model == label and r.state_bytes is not None and weights is not None
-        ]
+        bounds = []
+        for r in rows:
+            read = speed.step_read_bytes(r.read_bytes, info.get("weight_bytes"), r.state_bytes)
+            if r.model == label and read is not None:
+                bound = speed.physical_bound(read, bandwidth)
+                bounds.append(f"{bound:.1f} @ {r.context} ({format_bytes(read)})")
         if bounds:
             notes.append(
-                f"physical bound of {label} ({format_bytes(weights)} weights + state per token, "
-                f"over the bandwidth): {', '.join(bounds)} tokens/s"
+                f"physical bound of {label} (the bytes a step reads, weights and state, once "
+                f"per token at the bandwidth): {', '.join(bounds)} tokens/s"
             )
     return notes
 

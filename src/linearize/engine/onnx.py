@@ -28,7 +28,7 @@ from torch import nn
 from linearize.engine.kernels import cpu_flags_line
 from linearize.engine.kernels import library as kernels_library
 from linearize.engine.ring import RingRows, RingState
-from linearize.engine.step import KV_TYPES, FixedStep, RowsStep, fill_rotation
+from linearize.engine.step import FixedStep, RowsStep, check_kv_type, fill_rotation
 from linearize.engine.tree import (
     TreeStep,
     leave_width,
@@ -183,6 +183,18 @@ def _optimize_into(tmp: Path, source: Path, disabled: list[str], libraries) -> N
     ort.InferenceSession(
         str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
     )
+
+
+def graph_weight_bytes(path: Path) -> int:
+    """Bytes of the initializers of the ONNX graph at ``path`` (its external data unread)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    total = 0
+    for init in graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
+    return total
 
 
 @functools.cache
@@ -346,8 +358,7 @@ class OnnxEngine:
         if kv_type is None:  # (the class's docstring)
             quantized = accuracy == "int8" and model.quantization is not None
             kv_type = QUANTIZED_KV if quantized else "float32"
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type={kv_type!r}; allowed: {list(KV_TYPES)}")
+        check_kv_type(kv_type)
         kernels_built = self.kernel_library is not None
         self.step_module = FixedStep(self.model, max_context, kernels_built, kv_type)
         self.rows_module = RowsStep(self.step_module)
@@ -374,6 +385,8 @@ class OnnxEngine:
         growing = f"-reach{reach_step}" if self.growing else ""
         rings = f"-{self.kv_type}kv" if self.kv_type != "float32" else ""
         self._graphs = _cache_root(cache), f"{name}-{{}}{growing}{rings}"
+        # Each session's optimized graph folder, by (graph name, accuracy).
+        self._folders: dict[tuple[str, str], Path] = {}
         # The steps' sessions, and the tree graphs': their passes alternate with host work (the
         # commit), which threads spinning between passes slow (a 1k prompt in chains of 64 on
         # two threads 2.83-2.85 s spinning, 2.42-2.48 s not; a decode step 9.3 against
@@ -508,6 +521,7 @@ class OnnxEngine:
         step = name.removesuffix(KERNELS) in ("step", "rows")
         libraries = [self.kernel_library] if name.endswith(KERNELS) else []
         optimized = optimize(path, NO_TRANSPOSE_PUSHING if step else [], libraries)
+        self._folders[name, accuracy] = optimized
         return ort.InferenceSession(
             str(optimized / GRAPH),
             self.options if step else self.tree_options,
@@ -566,6 +580,19 @@ class OnnxEngine:
 
     def nbytes(self) -> int:
         return self.state.nbytes()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one plain step reads: its graph's initializers as the session
+        loads them (4-bit codes and their float16 scales, an 8-bit head's codes). The token's
+        embedding is one row the host copies (not counted). The model's own bytes (fp32 scales
+        and zero points) are more."""
+        name = "step" + (KERNELS if self.step_module.kernels else "")
+        return graph_weight_bytes(self._folders[name, self.step_accuracy] / GRAPH)
+
+    def read_bytes(self) -> int:
+        """Bytes the next plain step reads from memory: :meth:`weight_bytes` and the state's
+        filled part (:meth:`RingState.read_bytes`); what a bandwidth bound divides."""
+        return self.weight_bytes() + self.state.read_bytes(self._slot(self.pos) + 1)
 
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> torch.Tensor:

@@ -414,17 +414,31 @@ class RingState:
     def nbytes(self) -> int:
         """Bytes of the state at its full reach (what it grows to and never passes): ring
         buffers and their times, S, z, conv tails."""
+        return self._bytes(None)
+
+    def read_bytes(self, slots: int) -> int:
+        """Bytes of the state a step reads once its rings hold ``slots`` filled slots: of each
+        ring's keys and values its first ``min(capacity, slots)`` (the window kernel reads no
+        further), of its key features the rows folded into S, z (``Layout.folds``); S, z and
+        conv tails whole."""
+        return self._bytes(slots)
+
+    def _bytes(self, slots: int | None) -> int:
+        """:meth:`nbytes`, or with ``slots`` :meth:`read_bytes`."""
         kinds = (*RINGS, *SCALES, "S", "z", "conv", "score")
         total = 0
         for i, lay in enumerate(self.layouts):
-            shapes = _shapes(lay, lay.capacity)
+            size = lay.capacity if slots is None else min(lay.capacity, slots)
+            shapes = _shapes(lay, size)
+            if slots is not None:
+                shapes["fk"] = _shapes(lay, min(size, lay.folds))["fk"]
             parts = [name.split(".")[0] for name in state_inputs(i, lay)]
             total += sum(
                 ring_dtype(lay, kind).itemsize * math.prod(shapes[kind])
                 for kind in parts
                 if kind in kinds
             )
-            total += 8 * lay.capacity  # times (int64)
+            total += 8 * size  # times (int64)
             # The retained cache's times (int64) and priorities (float32).
             total += (8 + 4) * lay.kv_heads * lay.retained
         return total

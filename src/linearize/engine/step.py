@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -86,7 +87,17 @@ class Layout:
 
 
 # The element types a softmax ring's keys and values can be stored in (Layout.kv_type).
-KV_TYPES = ("float32", "float16", "int8")
+KvType = Literal["float32", "float16", "int8"]
+KV_TYPES = get_args(KvType)
+
+
+def check_kv_type(kv_type: str) -> str:
+    """``kv_type`` if it is one of :data:`KV_TYPES`, else a ``ValueError`` naming them."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type={kv_type!r}; allowed: {list(KV_TYPES)}")
+    return kv_type
+
+
 # int8 rings: one scale per this many consecutive entries of a row (llama.cpp's q8_0 block).
 KV_GROUP = 32
 
@@ -103,8 +114,7 @@ def layout(attn: Attention, max_context: int, kv_type: str = "float32") -> Layou
     """The layer's fixed-shape state; ``kv_type``: its ring's keys and values in that type
     where RingAttention reads it (:func:`uses_kernel`; int8 for head sizes a multiple of
     :data:`KV_GROUP`), else float32."""
-    if kv_type not in KV_TYPES:
-        raise ValueError(f"kv_type={kv_type!r}; allowed: {list(KV_TYPES)}")
+    check_kv_type(kv_type)
     c = attn.config
     reason = unsupported(attn)
     if reason is not None:

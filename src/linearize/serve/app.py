@@ -97,7 +97,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
         # on a thread of its own; prompts and speculative rows stay on the PyTorch path (the
         # prefix cache holds PyTorch states).
         context = config.max_prompt_tokens + config.max_tokens
-        engine = build_engine(name, model, max_context=context, threads=1)
+        engine = build_engine(name, model, max_context=context, threads=1, kv_type=config.kv_type)
         if config.max_sessions > 1:  # the rows' graph at start, not in the first busy step
             engine.prepare_rows()
     cache = PrefixCache(config.cache_bytes)
@@ -159,6 +159,7 @@ def build_app(model: Decoder, config: ServeConfig, heads: MedusaHeads | None = N
             "status": "ok",
             "model": served,
             "engine": name,
+            "kv_type": getattr(engine, "kv_type", None),
             "model_bytes": weights,
             "rss_bytes": current_rss_bytes(),
             **stats,

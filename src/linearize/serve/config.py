@@ -7,6 +7,7 @@ from typing import Literal
 
 from linearize.config import Config, option
 from linearize.engine import Engine, check_engine
+from linearize.engine.step import KvType, check_kv_type
 from linearize.models.quantize import QUANTS as WEIGHT_FORMATS
 from linearize.models.quantize import check_quant
 
@@ -37,6 +38,12 @@ class ServeConfig(Config):
         "--threads, each group one run of the step graph on a thread of its own)",
         "auto",
     )
+    kv_type: KvType | None = option(
+        "the onnx engine's keys and values in softmax windows and caches: float32, float16 "
+        "(llama.cpp's cache) or int8 (a float32 scale per 32); unset: float16 for quantized "
+        "weights, else float32",
+        None,
+    )
     max_prompt_tokens: int = option("longest prompt accepted, in tokens", 8192)
     max_tokens: int = option("most new tokens one request may ask for", 2048)
     max_sessions: int = option("requests decoded together (rows of the batch)", 16)
@@ -52,6 +59,8 @@ class ServeConfig(Config):
     def validate(self) -> ServeConfig:
         check_quant(self.quant)
         check_engine(self.engine)
+        if self.kv_type is not None:
+            check_kv_type(self.kv_type)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must lie in [0, 65535] (0: any free port), got {self.port}")
         if self.api_key is not None and not self.api_key:
