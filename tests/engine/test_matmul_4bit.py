@@ -193,8 +193,9 @@ def _nodes(engine, name):
 def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
     """The step and rows graphs of an int4 model hold one ``MatMul4Bit`` per linear (q/k/v and
     gate/up fused, o, down), the same graph for Q4_1's float zero points (no offset term beside
-    it; float16 scales and bases) as for whole ones; the 8-bit head stays ``MatMulNBits``; the
-    tree graphs keep ``MatMulNBits``; an int8 model has no ``MatMul4Bit``."""
+    it; float16 scales and bases) as for whole ones, and the 8-bit head as ``MatMul8Bit``; the
+    tree graphs keep ``MatMulNBits``; an int8 model's step has one ``MatMul8Bit`` per linear
+    and the head, no ``MatMul4Bit``."""
     layers = engine_model("augmented").config.num_layers
     counts = {}
     for zero_points in ("float", "integer"):
@@ -212,7 +213,8 @@ def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
         for graph in ("step-kernels", "rows-kernels"):
             nodes = _nodes(engine, graph)
             assert nodes.count("MatMul4Bit") == 4 * layers, graph
-            assert nodes.count("MatMulNBits") == 1, graph  # the head
+            assert nodes.count("MatMul8Bit") == 1, graph  # the head
+            assert "MatMulNBits" not in nodes, graph
             counts[zero_points, graph] = collections.Counter(nodes)
         assert "MatMul4Bit" not in _nodes(engine, "chain2")
         assert "MatMulNBits" in _nodes(engine, "chain2")
@@ -230,5 +232,6 @@ def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
     engine = OnnxEngine(model, max_context=64, threads=1, cache=tmp_path / "int8")
     engine.prefill([3, 4, 5])
     engine.step(6)
-    step = "step-kernels" if engine.step_module.kernels else "step"
-    assert "MatMul4Bit" not in _nodes(engine, step)
+    nodes = _nodes(engine, "step-kernels")
+    assert "MatMul4Bit" not in nodes and "MatMulNBits" not in nodes
+    assert nodes.count("MatMul8Bit") == 4 * layers + 1

@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 # MatMul4Bit (with kernels); 23: a tree's softmax weights reshaped for any ring length (the
 # graphs of 22 took the ring's length at export for a constant), float16 rings; 24:
 # MatMul4Bit reads bases (−z·s) for offsets, float16 ones (and scales) on Q4_1's float16 grid;
-# 25: int8 rings (kv_type), read by RingAttentionInt8
-EXPORT_VERSION = 25
+# 25: int8 rings (kv_type), read by RingAttentionInt8; 26: the step graphs' 8-bit linears (an
+# int4 model's head) as linearize's MatMul8Bit
+EXPORT_VERSION = 26
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).
@@ -233,7 +234,7 @@ def _export_into(tmp: Path, module, example, accuracy_level, dynamic_axes) -> No
 
     graph = onnx.load(tmp / "raw.onnx")
     for node in graph.graph.node:
-        if node.op_type in ("MatMulNBits", "MatMul4Bit"):  # (the latter: engine.kernels)
+        if node.op_type in ("MatMulNBits", "MatMul4Bit", "MatMul8Bit"):  # (engine.kernels')
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
     if accuracy_level == 0:
         _dequantize_8bit(graph)

@@ -237,8 +237,9 @@ class FixedStep(nn.Module):
             for layer in model.layers
         ]
         # Linears that read the same input run as one (engine.fuse): q/k/v, and gate/up; with
-        # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op.
-        linear = Kernel4Bit.wrap if kernels else (lambda module: module)
+        # ``kernels``, 4-bit ones in groups of 32 as linearize's MatMul4Bit op, 8-bit ones (and
+        # the head) as its MatMul8Bit.
+        linear = kernel_linear if kernels else (lambda module: module)
         self.qkv = nn.ModuleList(
             linear(
                 fuse_linears(
@@ -253,6 +254,7 @@ class FixedStep(nn.Module):
         )
         self.o_proj = nn.ModuleList(linear(layer.self_attn.o_proj) for layer in model.layers)
         self.down_proj = nn.ModuleList(linear(layer.mlp.down_proj) for layer in model.layers)
+        self.lm_head = linear(model.lm_head)
         # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-bit
         # linears run by its MatMul4Bit (engine.kernels); the reference (and the tree graphs)
         # keep the graph's own ops. ``self.kernels``: the graph holds either.
@@ -261,7 +263,7 @@ class FixedStep(nn.Module):
                 uses_kernel(lay, layer.self_attn)
                 for lay, layer in zip(self.layouts, model.layers, strict=True)
             )
-            or any(isinstance(module, Kernel4Bit) for module in self.modules())
+            or any(isinstance(module, (Kernel4Bit, Kernel8Bit)) for module in self.modules())
         )
 
     def input_names(self) -> list[str]:
@@ -299,7 +301,7 @@ class FixedStep(nn.Module):
             gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).split(half, -1)
             x = x + self.down_proj[i](F.silu(gate) * up)
             outputs += [new[name.split(".")[0]] for name in state_outputs(i, lay)]
-        logits = self.model.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
         return (logits, *outputs)
 
 
@@ -726,13 +728,82 @@ class Kernel4Bit(nn.Module):
             and linear.qweight.group_size == 32
         )
 
-    @classmethod
-    def wrap(cls, linear: nn.Module) -> nn.Module:
-        """``linear`` as a ``Kernel4Bit`` where the op runs it, else as it is."""
-        return cls(linear) if cls.runs(linear) else linear
-
     def forward(self, x: Tensor) -> Tensor:
         if not torch.onnx.is_in_onnx_export():
             return self.linear(x)
         y = MatMul4Bit.apply(x, self.codes, self.scales, self.bases, tuple(x.shape))
         return y if self.linear.bias is None else y + self.linear.bias
+
+
+class MatMul8Bit(torch.autograd.Function):
+    """``x · Wᵀ`` for 8-bit codes on Q8_0's grid in groups of 32, ``w = (q − 128)·s``, as one
+    node of the exported graph, ``linearize::MatMul8Bit``; in PyTorch the dequantized product.
+    ``codes: [N/8, K/32, 8, 32]``, ``scales: [N/8, K/32, 8]``: blocks of 8 rows, each group's
+    rows side by side (:func:`rows_in_blocks`); ``sizes`` x's shape at export."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, sizes):
+        blocks, groups, _, group = codes.shape
+        weight = (codes.float() - 128) * scales.float()[..., None]  # [N/8, K/32, 8, 32]
+        weight = weight.permute(0, 2, 1, 3).reshape(8 * blocks, groups * group)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def symbolic(g, x, codes, scales, sizes):
+        from linearize.engine.kernels import DOMAIN
+
+        y = g.op(f"{DOMAIN}::MatMul8Bit", x, codes, scales)
+        y.setType(linear_output_type(x, sizes, 8 * codes.type().sizes()[0]))
+        return y
+
+
+def rows_in_blocks(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """An 8-bit weight's ``codes: [N, K]`` and ``scales: [N, K/32]`` in ``MatMul8Bit``'s layout:
+    ``[N/8, K/32, 8, 32]`` and ``[N/8, K/32, 8]`` (row ``8b + r``'s group ``g`` at ``[b, g,
+    r]``), so that a step reads the weight as one stream, 8 rows' groups at a time."""
+    N, K = codes.shape
+    blocked = codes.reshape(N // 8, 8, K // 32, 32).transpose(1, 2).contiguous()
+    return blocked, scales.reshape(N // 8, 8, K // 32).transpose(1, 2).contiguous()
+
+
+class Kernel8Bit(nn.Module):
+    """An 8-bit linear on Q8_0's grid in groups of 32 (an int4 model's head, an int8 model's
+    every linear) run by ``MatMul8Bit`` in the exported graph; in PyTorch, the linear itself
+    (the reference). Its codes and scales are the linear's, in the op's blocks of 8 rows."""
+
+    def __init__(self, linear: QuantizedLinear) -> None:
+        super().__init__()
+        self.linear = linear
+        q = linear.qweight
+        codes, scales = rows_in_blocks(q.codes, q.scale.detach().float())
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @staticmethod
+    def runs(linear: nn.Module) -> bool:
+        """Whether ``MatMul8Bit`` runs ``linear``: 8-bit codes in groups of 32 around 128
+        (quantize's symmetric grid), its rows a multiple of 8."""
+        if not isinstance(linear, QuantizedLinear):
+            return False
+        q = linear.qweight
+        return (
+            q.bits == 8
+            and q.group_size == 32
+            and q.out_features % 8 == 0
+            and bool((q.zero == 128).all())
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return self.linear(x)
+        y = MatMul8Bit.apply(x, self.codes, self.scales, tuple(x.shape))
+        return y if self.linear.bias is None else y + self.linear.bias
+
+
+def kernel_linear(linear: nn.Module) -> nn.Module:
+    """``linear`` as the kernel's module that runs it (:class:`Kernel4Bit`,
+    :class:`Kernel8Bit`), else as it is."""
+    for kind in (Kernel4Bit, Kernel8Bit):
+        if kind.runs(linear):
+            return kind(linear)
+    return linear

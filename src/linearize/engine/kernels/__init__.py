@@ -1,6 +1,6 @@
 """linearize's own compiled kernels for the onnx engine: onnxruntime custom ops, built on first use.
 
-One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI in
+One library, domain ``linearize``, three ops (C++, AVX2 + FMA; onnxruntime's C ABI in
 ``ort_abi.h``, the ops registered by ``register.cc``):
 
 - ``RingAttention`` (``ring_attention.cc``): one token's softmax readout over a layer's ring of
@@ -13,6 +13,10 @@ One library, domain ``linearize``, two ops (C++, AVX2 + FMA; onnxruntime's C ABI
   float16), int8 or fp32 arithmetic, split over onnxruntime's intra-op threads. Its reference:
   ``MatMulNBits`` plus the offset term (:class:`linearize.models.quantize.QuantizedLinear`'s
   export).
+- ``MatMul8Bit`` (``matmul_8bit.cc``): a linear with 8-bit codes on Q8_0's grid (``(q − 128)·s``
+  per group of 32: an int4 model's head, an int8 model's every linear), the weight in blocks of
+  8 rows so that each group's 8 sums reduce into one vector of outputs; int8 or fp32
+  arithmetic. Its reference: ``MatMulNBits`` with 8 bits.
 
 The step graphs (one sequence, the rows') use them; where the library cannot be built (no C++
 compiler, a CPU without AVX2 and FMA) the references run, and the tree and chain graphs always
@@ -37,7 +41,7 @@ from linearize.paths import build_once, cache_dir
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "register.cc")
+SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "matmul_8bit.cc", "register.cc")
 HEADERS = ("ort_abi.h", "simd.h")
 LIBRARY = "linearize_kernels.so"
 DOMAIN = "linearize"

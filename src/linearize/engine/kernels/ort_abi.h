@@ -172,11 +172,13 @@ Op custom_op(const char* name, size_t inputs, size_t outputs, const int* input_t
 // The custom ops of the library (registered together in the domain "linearize"): RingAttention
 // on float32 rings, and on float16 ones (the same name, its keys and values typed float16);
 // RingAttentionInt8 on int8 rings with their scales;
-// MatMul4Bit with float32 scales and bases, and with float16 ones (the same name again).
+// MatMul4Bit with float32 scales and bases, and with float16 ones (the same name again);
+// MatMul8Bit (Q8_0's grid: an int4 model's head).
 const CustomOp* ring_attention_op();
 const CustomOp* ring_attention_half_op();
 const CustomOp* ring_attention_int8_op();
 const CustomOp* matmul_4bit_op();
 const CustomOp* matmul_4bit_half_op();
+const CustomOp* matmul_8bit_op();
 
 }  // namespace linearize

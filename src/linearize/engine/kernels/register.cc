@@ -16,8 +16,9 @@ extern "C" __attribute__((visibility("default"))) Status RegisterCustomOps(
       fn<Status (*)(const char*, void**)>(api, kCreateCustomOpDomain)("linearize", &domain);
   if (status) return status;
   using Add = Status (*)(void*, const CustomOp*);
-  for (const CustomOp* op : {ring_attention_op(), ring_attention_half_op(),
-                              ring_attention_int8_op(), matmul_4bit_op(), matmul_4bit_half_op()}) {
+  for (const CustomOp* op :
+       {ring_attention_op(), ring_attention_half_op(), ring_attention_int8_op(), matmul_4bit_op(),
+        matmul_4bit_half_op(), matmul_8bit_op()}) {
     status = fn<Add>(api, kCustomOpDomainAdd)(domain, op);
     if (status) return status;
   }
