@@ -28,9 +28,9 @@ needs_kernel = pytest.mark.skipif(
 )
 # fp32 sums in another order than numpy's fp64: measured ≤ 1.5e-7 of the largest output.
 TOLERANCE = 2e-6
-# (M rows, K, N): the default model's q/k/v, gate/up and down; groups past the last eight
-# (18 = 8 + 8 + 2, an odd count, one group); outputs past the last task of 64.
-SHAPES = [(1, 576, 960), (1, 576, 3072), (2, 1536, 576), (3, 96, 70), (1, 32, 5), (5, 288, 129)]
+# (M rows, K, N): the default model's q/k/v, gate/up and down; 18 groups (8 + 8 + 2), an odd
+# count, one group; outputs past the last task of 64; one block of 8 rows.
+SHAPES = [(1, 576, 960), (1, 576, 3072), (2, 1536, 576), (3, 96, 72), (1, 32, 8), (5, 288, 136)]
 
 
 def _weight(rng, N, K, whole, half=False):
@@ -82,10 +82,19 @@ def _guarded(a):
     return copy, held
 
 
-def _run(x, codes, scales, bases, int8, library=None):
+def _blocks(*arrays):
+    """The op's layout (engine.step.rows_in_blocks): ``[N, G, ...]`` → ``[N/8, G, 8, ...]``."""
+    return tuple(
+        np.ascontiguousarray(a.reshape(a.shape[0] // 8, 8, *a.shape[1:]).swapaxes(1, 2))
+        for a in arrays
+    )
+
+
+def _run(x, codes, scales, bases, int8, library=None, N=None):
+    """The kernel on ``codes, scales, bases`` in the op's layout (:func:`_blocks`)."""
     library = ctypes.CDLL(library or str(kernels.library()))
     M, K = x.shape
-    N = codes.shape[0]
+    N = N or 8 * codes.shape[0]
     y = np.full((M, N), np.nan, np.float32)
     pointer = ctypes.c_void_p
     done = library.linearize_matmul_4bit(
@@ -112,14 +121,14 @@ def test_kernel_matches_its_arithmetic(M, K, N, whole, half, build, kernel_build
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[0, :32] = 0  # (a group of zeros: scale 0)
     exact = x.astype(np.float64) @ _dequantized(codes, scales, bases).T
-    fp32 = _run(x, codes, scales, bases, int8=False, library=library)
+    blocks = _blocks(codes, scales, bases)
+    fp32 = _run(x, *blocks, int8=False, library=library)
     assert np.abs(fp32 - exact).max() <= TOLERANCE * np.abs(exact).max()
     want = _int8_arithmetic(x, codes, scales, bases)
-    int8 = _run(x, codes, scales, bases, int8=True, library=library)
+    int8 = _run(x, *blocks, int8=True, library=library)
     assert np.abs(int8 - want).max() <= TOLERANCE * np.abs(want).max()
-    # The weight's arrays each end at an unreadable page: no read past them (a row's last
-    # groups short of 8 read their scales 8 wide only where the weight goes on).
-    guarded = [_guarded(a) for a in (codes, scales, bases)]
+    # The weight's arrays each end at an unreadable page: no read past them.
+    guarded = [_guarded(a) for a in blocks]
     for int8_arithmetic, result in ((False, fp32), (True, int8)):
         again = _run(x, *(copy for copy, _ in guarded), int8=int8_arithmetic, library=library)
         np.testing.assert_array_equal(again, result)
@@ -131,7 +140,7 @@ def _session(threads, N=1000, K=576, int8=True, half=False):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    codes, scales, bases = _weight(np.random.default_rng(0), N, K, whole=False, half=half)
+    codes, scales, bases = _blocks(*_weight(np.random.default_rng(0), N, K, whole=False, half=half))
     node = helper.make_node(
         "MatMul4Bit",
         ["x", "codes", "scales", "bases"],
@@ -235,3 +244,10 @@ def test_step_graphs_run_every_4bit_linear_with_the_kernel(tmp_path):
     nodes = _nodes(engine, "step-kernels")
     assert "MatMul4Bit" not in nodes and "MatMulNBits" not in nodes
     assert nodes.count("MatMul8Bit") == 4 * layers + 1
+
+
+@needs_kernel
+def test_kernel_refuses_rows_not_in_blocks_of_8():
+    codes, scales, bases = _weight(np.random.default_rng(0), 8, 64, whole=True)
+    with pytest.raises(AssertionError):  # (the entry returns 1: N = 12)
+        _run(np.ones((1, 64), np.float32), *_blocks(codes, scales, bases), int8=True, N=12)

@@ -58,8 +58,8 @@ logger = logging.getLogger(__name__)
 # graphs of 22 took the ring's length at export for a constant), float16 rings; 24:
 # MatMul4Bit reads bases (−z·s) for offsets, float16 ones (and scales) on Q4_1's float16 grid;
 # 25: int8 rings (kv_type), read by RingAttentionInt8; 26: the step graphs' 8-bit linears (an
-# int4 model's head) as linearize's MatMul8Bit
-EXPORT_VERSION = 26
+# int4 model's head) as linearize's MatMul8Bit; 27: MatMul4Bit's weights in blocks of 8 rows
+EXPORT_VERSION = 27
 # MatMulNBits' arithmetic (``accuracy_level``): "fp32" multiplies the dequantized weights in fp32
 # (the reference's numbers); "int8" quantizes the activations per block and multiplies in
 # integers (measured 3x faster for 4-bit weights, 65x for 8-bit ones, on this AVX2 CPU).

@@ -674,16 +674,37 @@ def _conv_step(attn: Attention, v: Tensor, tail: Tensor) -> tuple[Tensor, Tensor
     return torch.matmul(taps, window), window[:, :, 1:]  # [B, Hkv, R, V]
 
 
+def rows_in_blocks(*arrays: Tensor) -> tuple[Tensor, ...]:
+    """A weight's per-group arrays, ``[N, K/32, ...]`` (codes, scales, bases), in the kernels'
+    layout (``MatMul4Bit``, ``MatMul8Bit``): ``[N/8, K/32, 8, ...]``, row ``8b + r``'s group
+    ``g`` at ``[b, g, r]``, so that a step reads the weight as one stream, each group's 8 rows
+    side by side."""
+    blocked = []
+    for a in arrays:
+        N, G, *rest = a.shape
+        blocked.append(a.reshape(N // 8, 8, G, *rest).transpose(1, 2).contiguous())
+    return tuple(blocked)
+
+
+def rows_from_blocks(a: Tensor) -> Tensor:
+    """:func:`rows_in_blocks`' inverse for one array: ``[N/8, K/32, 8, ...]`` → ``[N, K/32,
+    ...]``."""
+    B, G, _, *rest = a.shape
+    return a.transpose(1, 2).reshape(8 * B, G, *rest)
+
+
 class MatMul4Bit(torch.autograd.Function):
     """``x · Wᵀ`` for 4-bit codes in groups of 32, ``w = q·s + b`` per group, as one node of the
     exported graph, ``linearize::MatMul4Bit`` (:mod:`linearize.engine.kernels`); in PyTorch the
-    dequantized product. ``codes: [N, K/32, 16]`` (``MatMulNBits``' packing), ``scales, bases:
-    [N, K/32]`` (float32, or float16: the op reads either), ``sizes`` x's shape at export. Its
-    arithmetic (``accuracy_level``, as ``MatMulNBits``') is set on the exported graph
+    dequantized product. ``codes: [N/8, K/32, 8, 16]`` (each row's group packed as
+    ``MatMulNBits`` packs it, in blocks of 8 rows: :func:`rows_in_blocks`), ``scales, bases:
+    [N/8, K/32, 8]`` (float32, or float16: the op reads either), ``sizes`` x's shape at export.
+    Its arithmetic (``accuracy_level``, as ``MatMulNBits``') is set on the exported graph
     (``engine.onnx.export``)."""
 
     @staticmethod
     def forward(ctx, x, codes, scales, bases, sizes):
+        codes, scales, bases = (rows_from_blocks(a) for a in (codes, scales, bases))
         N, groups, _ = codes.shape
         q = unpack(codes.reshape(N, -1), 4).reshape(N, groups, -1).float()
         weight = q * scales.float()[..., None] + bases.float()[..., None]
@@ -694,7 +715,7 @@ class MatMul4Bit(torch.autograd.Function):
         from linearize.engine.kernels import DOMAIN
 
         y = g.op(f"{DOMAIN}::MatMul4Bit", x, codes, scales, bases)
-        y.setType(linear_output_type(x, sizes, codes.type().sizes()[0]))
+        y.setType(linear_output_type(x, sizes, 8 * codes.type().sizes()[0]))
         return y
 
 
@@ -703,7 +724,7 @@ class Kernel4Bit(nn.Module):
     points: the bases ``−z·s``, so Q4_1's float grid needs no offset term beside it); in
     PyTorch, the linear itself (the reference). Scales and bases on float16 values (Q4_1's
     grid as ``linearize quantize`` writes it, or a Q4_1 GGUF's) go to the op as float16: 20
-    bytes a group of 32 read per token, not 24."""
+    bytes a group of 32 read per token, not 24. All three in the op's blocks of 8 rows."""
 
     def __init__(self, linear: QuantizedLinear) -> None:
         super().__init__()
@@ -711,21 +732,24 @@ class Kernel4Bit(nn.Module):
         q = linear.qweight
         groups = q.in_features // q.group_size
         codes = q.codes.reshape(q.out_features, groups, q.group_size // 2)
-        self.register_buffer("codes", codes, persistent=False)
         scales = q.scale.detach().float()
         bases = -q.zero.detach().float() * scales
         if on_half_grid(scales, bases):
             scales, bases = scales.half(), bases.half()
+        codes, scales, bases = rows_in_blocks(codes, scales, bases)
+        self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bases", bases, persistent=False)
 
     @staticmethod
     def runs(linear: nn.Module) -> bool:
-        """Whether ``MatMul4Bit`` runs ``linear``: 4-bit codes in groups of 32."""
+        """Whether ``MatMul4Bit`` runs ``linear``: 4-bit codes in groups of 32, its rows a
+        multiple of 8."""
         return (
             isinstance(linear, QuantizedLinear)
             and linear.qweight.bits == 4
             and linear.qweight.group_size == 32
+            and linear.out_features % 8 == 0
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -743,10 +767,9 @@ class MatMul8Bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codes, scales, sizes):
-        blocks, groups, _, group = codes.shape
-        weight = (codes.float() - 128) * scales.float()[..., None]  # [N/8, K/32, 8, 32]
-        weight = weight.permute(0, 2, 1, 3).reshape(8 * blocks, groups * group)
-        return F.linear(x, weight.to(x.dtype))
+        codes, scales = rows_from_blocks(codes), rows_from_blocks(scales)
+        weight = (codes.float() - 128) * scales.float()[..., None]  # [N, K/32, 32]
+        return F.linear(x, weight.flatten(1).to(x.dtype))
 
     @staticmethod
     def symbolic(g, x, codes, scales, sizes):
@@ -755,15 +778,6 @@ class MatMul8Bit(torch.autograd.Function):
         y = g.op(f"{DOMAIN}::MatMul8Bit", x, codes, scales)
         y.setType(linear_output_type(x, sizes, 8 * codes.type().sizes()[0]))
         return y
-
-
-def rows_in_blocks(codes: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """An 8-bit weight's ``codes: [N, K]`` and ``scales: [N, K/32]`` in ``MatMul8Bit``'s layout:
-    ``[N/8, K/32, 8, 32]`` and ``[N/8, K/32, 8]`` (row ``8b + r``'s group ``g`` at ``[b, g,
-    r]``), so that a step reads the weight as one stream, 8 rows' groups at a time."""
-    N, K = codes.shape
-    blocked = codes.reshape(N // 8, 8, K // 32, 32).transpose(1, 2).contiguous()
-    return blocked, scales.reshape(N // 8, 8, K // 32).transpose(1, 2).contiguous()
 
 
 class Kernel8Bit(nn.Module):
@@ -775,7 +789,8 @@ class Kernel8Bit(nn.Module):
         super().__init__()
         self.linear = linear
         q = linear.qweight
-        codes, scales = rows_in_blocks(q.codes, q.scale.detach().float())
+        codes = q.codes.reshape(q.out_features, -1, q.group_size)
+        codes, scales = rows_in_blocks(codes, q.scale.detach().float())
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
 

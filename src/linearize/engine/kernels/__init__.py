@@ -10,7 +10,8 @@ One library, domain ``linearize``, three ops (C++, AVX2 + FMA; onnxruntime's C A
   graph's own ops (:func:`linearize.engine.step._softmax_readout`).
 - ``MatMul4Bit`` (``matmul_4bit.cc``): a linear with 4-bit codes in groups of 32 and any zero
   points (``q·s + b`` per group, the scales and bases float32 or, on Q4_1's float16 grid,
-  float16), int8 or fp32 arithmetic, split over onnxruntime's intra-op threads. Its reference:
+  float16), the weight in blocks of 8 rows (each group's 8 sums reduced into one vector of
+  outputs), int8 or fp32 arithmetic, split over onnxruntime's intra-op threads. Its reference:
   ``MatMulNBits`` plus the offset term (:class:`linearize.models.quantize.QuantizedLinear`'s
   export).
 - ``MatMul8Bit`` (``matmul_8bit.cc``): a linear with 8-bit codes on Q8_0's grid (``(q − 128)·s``

@@ -12,10 +12,17 @@
 // (a group sum, a reshape, an fp32 matmul, an add), a fifth of each linear's time. Here the group
 // sums come with the activations' quantization, and the bases are read beside the scales.
 //
+// The weight comes in blocks of 8 rows, each group's 8 rows side by side (the exporter's layout,
+// engine/step.py Kernel4Bit): per group, the 8 rows' integer sums reduce into one vector whose
+// lanes are the 8 outputs, so no row pays a horizontal sum, and no block of groups is left part
+// empty at a row's end (K = 576: 18 groups, 8 + 8 + 2 a row at a time). Measured against a row
+// at a time, the weight in cache: 576 × 960 35.1 → 22.5 µs, 576 × 3072 76.7 → 45.5, 1536 × 576
+// 24.7 → 20.6.
+//
 // Inputs:  0 x        float [..., K]    rows of activations
-//          1 codes    uint8 [N, K/32, 16]
-//          2 scales   float or float16 [N, K/32]
-//          3 bases    as the scales [N, K/32]
+//          1 codes    uint8 [N/8, K/32, 8, 16]   row 8b + r's group g: codes[b, g, r]
+//          2 scales   float or float16 [N/8, K/32, 8]
+//          3 bases    as the scales [N/8, K/32, 8]
 // Attribute: accuracy_level: 4 quantizes each group of 32 activations to int8 (scale
 //   max|x| / 127, rounded to nearest even: MatMulNBits' int8 arithmetic, the codes' products in
 //   integers); 0 multiplies in fp32 (the reference's numbers).
@@ -39,11 +46,8 @@ namespace linearize {
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kChunk = 64;  // outputs per task of the intra-op threads
-// Weight rows asked for ahead of the one read (_mm_prefetch: its codes, scales and bases): the
-// weights stream from memory once a token. Measured on the default's 1k step, the same model
-// and graph, alternating blocks: 2 / 4 / 8 / 16 rows ahead 3.4 / 5.7 / 4.5–4.8 / 3.1 % faster.
-constexpr int64_t kAhead = 4;
+constexpr int64_t kChunk = 64;  // outputs per task of the intra-op threads (8 blocks)
+constexpr int64_t kAhead = 1;  // blocks of 8 rows asked for ahead of the one read
 
 // ---- int8 arithmetic -------------------------------------------------------------------------
 
@@ -94,90 +98,65 @@ void quantize_row(const float* x, int64_t groups, Quantized out) {
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return _cvtsh_ss(v); }
 
-// How a block of groups is read: all 8 groups of it (kWhole); the row's last n < 8 groups, the
-// scales and bases read 8 wide into the next rows' and the lanes past the n-th zeroed (kTail);
-// the same where the 8-wide read would leave the weight (kLastTail, the weight's last rows:
-// the n values copied out, slower).
-enum Span { kWhole, kTail, kLastTail };
-
-// Eight scales or bases from p, those past the block's n-th zeroed (`keep`: all ones on the
-// block's lanes); kLastTail reads only the n.
-template <Span kSpan, typename S>
-inline __m256 load_span(const S* p, int n, __m256 keep) {
-  if constexpr (kSpan == kWhole) return load8(p);
-  if constexpr (kSpan == kTail) return _mm256_and_ps(load8(p), keep);
-  S padded[8] = {};
-  for (int i = 0; i < n; ++i) padded[i] = p[i];
-  return load8(padded);
-}
-
-// Groups g..g+n−1 (n = 8 but for a tail) of a weight row against one quantized row, into
-// `acc` lane by lane: s·dx·(Σq·qx − centre) + (8·s + b)·Σx. A tail reads its last odd group's
-// codes alone (16 bytes) and takes 0 for the centres and sums past the row's n groups, so they
-// add nothing.
-template <Span kSpan, typename S>
-inline __m256 block_int8(const uint8_t* codes, const S* s, const S* b, int64_t g, int n,
+// Group g of a block of 8 rows against one quantized row, weighed into the 8 outputs' acc: per
+// pair of rows, their 16 bytes of codes side by side in one vector (lanes 0-3 the first row's,
+// 4-7 the second's) against the group's activations in both halves.
+template <typename S>
+inline __m256 group_int8(const uint8_t* codes, const S* s, const S* b, int64_t g,
                          const Quantized& x, __m256 acc) {
-  constexpr bool tail = kSpan != kWhole;
   const __m256i low = _mm256_set1_epi8(0x0F);
-  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i first_n =  // (a tail's groups)
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256 keep = _mm256_castsi256_ps(first_n);
-  const int pairs = tail ? (n + 1) / 2 : 4;
-  // (the row's own buffers, each 8 longer than its groups: see matmul)
-  const __m256 dx = tail ? _mm256_and_ps(load8(x.dx + g), keep) : load8(x.dx + g);
-  const __m256 sums_x = tail ? _mm256_and_ps(load8(x.sums + g), keep) : load8(x.sums + g);
-  const __m256i centre = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.centre + g));
-  const __m256i centre_n = tail ? _mm256_and_si256(centre, first_n) : centre;
+  const int8_t* pair = x.q + 64 * (g / 2) + 16 * (g % 2);  // (the group's even elements)
+  const __m256i even = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair)));
+  const __m256i odd = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 32)));
+  const uint8_t* cg = codes + 8 * 16 * g;
   __m256i p[4];
-  for (int k = 0; k < 4; ++k) {
-    if (tail && k >= pairs) {
-      p[k] = _mm256_setzero_si256();
-      continue;
-    }
-    const uint8_t* c2 = codes + 16 * (g + 2 * k);  // two groups' codes
-    const __m256i c =
-        tail && 2 * k + 1 == n
-            ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c2)))
-            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c2));
-    const int8_t* q = x.q + 32 * (g + 2 * k);
+  for (int k = 0; k < 4; ++k) {  // rows 2k, 2k + 1
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cg + 32 * k));
     const __m256i lo = _mm256_and_si256(c, low);
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
 #ifdef __AVX512VNNI__  // the same sums (no int16 here saturates: |2 · 15 · 127| · 2 < 2^15)
-    p[k] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, q0), hi, q1);
+    p[k] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, even), hi, odd);
 #else
-    const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, q0), _mm256_maddubs_epi16(hi, q1));
-    p[k] = _mm256_madd_epi16(t, ones);  // 4 lanes per group
+    const __m256i t =
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+    p[k] = _mm256_madd_epi16(t, _mm256_set1_epi16(1));  // 4 lanes per row
 #endif
   }
+  // Rows 0, 2, 4, 6 in the low half, 1, 3, 5, 7 in the high half; then in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-  sums = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(sums, order), centre_n);  // in order
-  const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), dx);
-  const __m256 sv = load_span<kSpan>(s + g, n, keep);
-  const __m256 bv = load_span<kSpan>(b + g, n, keep);
+  sums = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(sums, order),
+                          _mm256_set1_epi32(x.centre[g]));
+  const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x.dx[g]));
+  const __m256 sv = load8(s + 8 * g), bv = load8(b + 8 * g);
   const __m256 offset = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), sv, bv);  // 8·s + b
-  return _mm256_fmadd_ps(offset, sums_x, _mm256_fmadd_ps(sv, t, acc));
+  return _mm256_fmadd_ps(offset, _mm256_set1_ps(x.sums[g]), _mm256_fmadd_ps(sv, t, acc));
 }
 
-// One output: a weight row's codes, scales and bases against one quantized row; `ends`: an
-// 8-wide read of its tail's scales would leave the weight (its last rows; all, for G < 8).
-// (One row at a time: four rows a pass, sharing the activations' loads and one final
-// reduction, ran the default's 1k step 16 % slower, 14.9 against 12.8 ms, though alone on
-// cycled weights 20 % faster.)
+// A block's 8 outputs against one quantized row; with `ahead`, the bytes from the block's start
+// to the one kAhead blocks on, whose codes, scales and bases each group asks for as it goes
+// (the weights stream from memory once a token: the hardware's prefetcher alone left the 1k
+// step.s linears 12 % slower).
 template <typename S>
-float dot_int8(const uint8_t* codes, const S* s, const S* b, int64_t G, const Quantized& x,
-               bool ends) {
+__m256 block_int8(const uint8_t* codes, const S* s, const S* b, int64_t G, const Quantized& x,
+                  int64_t ahead) {
   __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) acc = block_int8<kWhole>(codes, s, b, g, 8, x, acc);
-  const int n = static_cast<int>(G - g);
-  if (n && ends) acc = block_int8<kLastTail>(codes, s, b, g, n, x, acc);
-  if (n && !ends) acc = block_int8<kTail>(codes, s, b, g, n, x, acc);
-  return sum8(acc);
+  for (int64_t g = 0; g < G; ++g) {
+    if (ahead) {
+      const char* c = reinterpret_cast<const char*>(codes + 128 * g) + ahead;
+      _mm_prefetch(c, _MM_HINT_T0);
+      _mm_prefetch(c + 64, _MM_HINT_T0);
+      if (g % 4 == 0) {  // (8 scales and bases of a group: 4 groups a line in float16)
+        const int64_t step = ahead / 16 * static_cast<int64_t>(sizeof(S));
+        _mm_prefetch(reinterpret_cast<const char*>(s + 8 * g) + step, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 8 * g) + step, _MM_HINT_T0);
+      }
+    }
+    acc = group_int8(codes, s, b, g, x, acc);
+  }
+  return acc;
 }
 
 // ---- fp32 arithmetic -------------------------------------------------------------------------
@@ -202,27 +181,30 @@ inline __m256 widened(__m128i bytes) {  // 8 codes as floats
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
 }
 
+// Row r of a block against one split row: its groups' codes 128 bytes apart, its scales and
+// bases 8 apart.
 template <typename S>
-float dot_fp32(const uint8_t* codes, const S* s, const S* b, int64_t groups, const float* split,
+float row_fp32(const uint8_t* codes, const S* s, const S* b, int64_t G, int r, const float* split,
                const float* sums) {
   const __m128i low = _mm_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
   float bases = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * g));
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* cg = codes + 8 * 16 * g + 16 * r;
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cg));
     const __m128i lo = _mm_and_si128(c, low), hi = _mm_and_si128(_mm_srli_epi16(c, 4), low);
     const float* xg = split + kGroup * g;
     __m256 t = _mm256_mul_ps(widened(lo), _mm256_loadu_ps(xg));
     t = _mm256_fmadd_ps(widened(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8), t);
     t = _mm256_fmadd_ps(widened(hi), _mm256_loadu_ps(xg + 16), t);
     t = _mm256_fmadd_ps(widened(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(scalar(s[g])), t, acc);
-    bases += scalar(b[g]) * sums[g];
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(scalar(s[8 * g + r])), t, acc);
+    bases += scalar(b[8 * g + r]) * sums[g];
   }
   return sum8(acc) + bases;
 }
 
-// ---- the product -----------------------------------------------------------------------------
+// ---- the matmul ------------------------------------------------------------------------------
 
 template <typename S>
 struct Work {
@@ -232,11 +214,11 @@ struct Work {
   const S* bases;
   float* y;
   bool int8;
-  // int8: the rows' codes, then per row its groups' scales and sums, and its codes' centres
+  // int8: the quantized rows (quantize_row)
   int8_t* q;
   float* floats;
   int32_t* centre;
-  // fp32: the rows split [M, K], their groups' sums [M, groups]
+  // fp32: the split rows and their group sums (split_row)
   const float* split;
   const float* sums;
 
@@ -246,49 +228,43 @@ struct Work {
   }
 };
 
-// A weight row's codes, scales and bases, asked for ahead of their reads.
-template <typename S>
-inline void prefetch_row(const uint8_t* codes, const S* s, const S* b, int64_t G) {
-  const char* c = reinterpret_cast<const char*>(codes);
-  for (int64_t i = 0; i < G * 16; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(s), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(b), _MM_HINT_T0);
-}
-
+// The outputs of one task: kChunk / 8 blocks of 8 rows, for every row of activations.
 template <typename S>
 void outputs(void* user, size_t task) {
   const Work<S>& w = *static_cast<const Work<S>*>(user);
-  const int64_t first = static_cast<int64_t>(task) * kChunk;
-  const int64_t last = first + kChunk < w.N ? first + kChunk : w.N;
-  const int64_t G = w.groups;
-  for (int64_t n = first; n < last; ++n) {
-    const uint8_t* codes = w.codes + n * G * 16;
-    const S *s = w.scales + n * G, *b = w.bases + n * G;
-    if (n + kAhead < w.N) prefetch_row(codes + kAhead * G * 16, s + kAhead * G, b + kAhead * G, G);
-    // (whether the row's tail, its scales read 8 wide, would read past the weight's)
-    const bool ends = n * G + G / 8 * 8 + 8 > w.N * G;
-    for (int64_t m = 0; m < w.M; ++m)
-      w.y[m * w.N + n] = w.int8
-                             ? dot_int8(codes, s, b, G, w.row(m), ends)
-                             : dot_fp32(codes, s, b, G, w.split + m * G * kGroup, w.sums + m * G);
+  const int64_t G = w.groups, blocks = w.N / 8;
+  const int64_t first = static_cast<int64_t>(task) * (kChunk / 8);
+  const int64_t last = first + kChunk / 8 < blocks ? first + kChunk / 8 : blocks;
+  for (int64_t blk = first; blk < last; ++blk) {
+    const uint8_t* codes = w.codes + blk * G * 8 * 16;
+    const S *s = w.scales + blk * G * 8, *b = w.bases + blk * G * 8;
+    for (int64_t m = 0; m < w.M; ++m) {
+      float* y = w.y + m * w.N + 8 * blk;
+      if (w.int8) {
+        const int64_t ahead = m == 0 && blk + kAhead < blocks ? kAhead * G * 8 * 16 : 0;
+        _mm256_storeu_ps(y, block_int8(codes, s, b, G, w.row(m), ahead));
+      } else {
+        for (int r = 0; r < 8; ++r)
+          y[r] = row_fp32(codes, s, b, G, r, w.split + m * G * kGroup, w.sums + m * G);
+      }
+    }
   }
 }
 
-// y = x · Wᵀ for M rows; `api` and `context` null: on the calling thread alone.
+// y [M, N] = x [M, K] · Wᵀ, the outputs over onnxruntime's threads (api null: serially).
 template <typename S>
 void matmul(const Api* api, void* context, const float* x, int64_t M, int64_t K, int64_t N,
             const uint8_t* codes, const S* scales, const S* bases, bool int8, float* y) {
   const int64_t G = K / kGroup;
-  // Per thread: a session run from several threads at once gives each its own.
+  // (Reused across calls on a thread: no allocation per token.)
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> floats;
   thread_local std::vector<int32_t> centre;
   Work<S> w{M, N, G, codes, scales, bases, y, int8, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (int8) {
     q.resize(static_cast<size_t>(M * quantized_bytes(G)));
-    // (8 more than the rows' groups: a tail reads its row's scales and sums 8 wide)
-    floats.resize(static_cast<size_t>(2 * M * G + 8));
-    centre.resize(static_cast<size_t>(M * G + 8));
+    floats.resize(static_cast<size_t>(2 * M * G));
+    centre.resize(static_cast<size_t>(M * G));
     w.q = q.data();
     w.floats = floats.data();
     w.centre = centre.data();
@@ -314,8 +290,10 @@ void compute(void* kernel_ptr, void* context) {
   const Api* api = kernel.api;
   Tensor x = input(api, context, 0), codes = input(api, context, 1);
   Tensor scales = input(api, context, 2), bases = input(api, context, 3);
-  const int64_t N = codes.dims[0], G = codes.dims[1], K = G * kGroup;
-  if (codes.rank != 3 || codes.dims[2] != 16 || x.rank < 1 || x.dims[x.rank - 1] != K) std::abort();
+  const int64_t N = 8 * codes.dims[0], G = codes.dims[1], K = G * kGroup;
+  if (codes.rank != 4 || codes.dims[2] != 8 || codes.dims[3] != 16 || x.rank < 1 ||
+      x.dims[x.rank - 1] != K)
+    std::abort();
   int64_t M = 1, dims[8];
   for (size_t i = 0; i + 1 < x.rank; ++i) M *= (dims[i] = x.dims[i]);
   dims[x.rank - 1] = N;
@@ -355,7 +333,7 @@ const CustomOp* matmul_4bit_half_op() {
 extern "C" __attribute__((visibility("default"))) int linearize_matmul_4bit(
     const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* codes, const void* scales,
     const void* bases, int64_t int8, int64_t half, float* y) {
-  if (K % linearize::kGroup || M < 0 || N < 0) return 1;
+  if (K % linearize::kGroup || N % 8 || M < 0 || N < 0) return 1;
   if (half)
     linearize::matmul(nullptr, nullptr, x, M, K, N, codes, static_cast<const uint16_t*>(scales),
                       static_cast<const uint16_t*>(bases), int8 != 0, y);
