@@ -255,9 +255,9 @@ class FixedStep(nn.Module):
         self.o_proj = nn.ModuleList(linear(layer.self_attn.o_proj) for layer in model.layers)
         self.down_proj = nn.ModuleList(linear(layer.mlp.down_proj) for layer in model.layers)
         self.lm_head = linear(model.lm_head)
-        # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-bit
-        # linears run by its MatMul4Bit (engine.kernels); the reference (and the tree graphs)
-        # keep the graph's own ops. ``self.kernels``: the graph holds either.
+        # With ``kernels``, softmax windows read by linearize's RingAttention op and 4-/8-bit
+        # linears run by its MatMul4Bit / MatMul8Bit (engine.kernels); the reference (and the
+        # tree graphs) keep the graph's own ops. ``self.kernels``: the graph holds any of them.
         self.kernels = kernels and (
             any(
                 uses_kernel(lay, layer.self_attn)
