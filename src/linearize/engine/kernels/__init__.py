@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = ("ring_attention.cc", "matmul_4bit.cc", "matmul_8bit.cc", "register.cc")
-HEADERS = ("ort_abi.h", "simd.h")
+HEADERS = ("ort_abi.h", "simd.h", "matmul.h")
 LIBRARY = "linearize_kernels.so"
 DOMAIN = "linearize"
 # AVX2 + FMA (+ F16C, float16 rings): every x86-64 server CPU since 2013; the kernels' vectors

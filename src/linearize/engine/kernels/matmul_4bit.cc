@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "matmul.h"
 #include "ort_abi.h"
 #include "simd.h"
 
@@ -279,14 +280,9 @@ void matmul(const Api* api, void* context, const float* x, int64_t M, int64_t K,
   parallel_for(api, context, outputs<S>, static_cast<size_t>((N + kChunk - 1) / kChunk), &w);
 }
 
-struct Kernel {
-  const Api* api;
-  int64_t accuracy;
-};
-
 template <typename S>
 void compute(void* kernel_ptr, void* context) {
-  const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
+  const MatMulKernel& kernel = *static_cast<MatMulKernel*>(kernel_ptr);
   const Api* api = kernel.api;
   Tensor x = input(api, context, 0), codes = input(api, context, 1);
   Tensor scales = input(api, context, 2), bases = input(api, context, 3);
@@ -294,34 +290,26 @@ void compute(void* kernel_ptr, void* context) {
   if (codes.rank != 4 || codes.dims[2] != 8 || codes.dims[3] != 16 || x.rank < 1 ||
       x.dims[x.rank - 1] != K)
     std::abort();
-  int64_t M = 1, dims[8];
-  for (size_t i = 0; i + 1 < x.rank; ++i) M *= (dims[i] = x.dims[i]);
-  dims[x.rank - 1] = N;
-  float* y = output(api, context, 0, dims, x.rank);
+  int64_t M;
+  float* y = matmul_output(api, context, x, N, &M);
   matmul(api, context, data<float>(x), M, K, N, data<uint8_t>(codes), data<S>(scales),
          data<S>(bases), kernel.accuracy != 0, y);
-}
-
-void* create_kernel(const CustomOp*, const Api* api, const void* info) {
-  auto* kernel = new Kernel{api, 0};
-  using GetInt = Status (*)(const void*, const char*, int64_t*);
-  check(api, fn<GetInt>(api, kKernelInfoGetAttributeInt64)(info, "accuracy_level",
-                                                           &kernel->accuracy));
-  return kernel;
 }
 
 }  // namespace
 
 const CustomOp* matmul_4bit_op() {
   static const int types[4] = {kFloat, kUint8, kFloat, kFloat};
-  static const Op op = custom_op<Kernel>("MatMul4Bit", 4, 1, types, create_kernel, compute<float>);
+  static const Op op =
+      custom_op<MatMulKernel>("MatMul4Bit", 4, 1, types, create_matmul_kernel, compute<float>);
   return &op.op;
 }
 
 const CustomOp* matmul_4bit_half_op() {
   static const int types[4] = {kFloat, kUint8, kFloat16, kFloat16};
   static const Op op =
-      custom_op<Kernel>("MatMul4Bit", 4, 1, types, create_kernel, compute<uint16_t>);
+      custom_op<MatMulKernel>("MatMul4Bit", 4, 1, types, create_matmul_kernel,
+                              compute<uint16_t>);
   return &op.op;
 }
 

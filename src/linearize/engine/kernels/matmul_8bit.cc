@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "matmul.h"
 #include "ort_abi.h"
 #include "simd.h"
 
@@ -186,13 +187,8 @@ void matmul(const Api* api, void* context, const float* x, int64_t M, int64_t K,
   parallel_for(api, context, outputs, static_cast<size_t>((N + kChunk - 1) / kChunk), &w);
 }
 
-struct Kernel {
-  const Api* api;
-  int64_t accuracy;
-};
-
 void compute(void* kernel_ptr, void* context) {
-  const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
+  const MatMulKernel& kernel = *static_cast<MatMulKernel*>(kernel_ptr);
   const Api* api = kernel.api;
   Tensor x = input(api, context, 0), codes = input(api, context, 1);
   Tensor scales = input(api, context, 2);
@@ -200,27 +196,18 @@ void compute(void* kernel_ptr, void* context) {
   if (codes.rank != 4 || codes.dims[2] != 8 || codes.dims[3] != kGroup || x.rank < 1 ||
       x.dims[x.rank - 1] != K)
     std::abort();
-  int64_t M = 1, dims[8];
-  for (size_t i = 0; i + 1 < x.rank; ++i) M *= (dims[i] = x.dims[i]);
-  dims[x.rank - 1] = N;
-  float* y = output(api, context, 0, dims, x.rank);
+  int64_t M;
+  float* y = matmul_output(api, context, x, N, &M);
   matmul(api, context, data<float>(x), M, K, N, data<uint8_t>(codes), data<float>(scales),
          kernel.accuracy != 0, y);
-}
-
-void* create_kernel(const CustomOp*, const Api* api, const void* info) {
-  auto* kernel = new Kernel{api, 0};
-  using GetInt = Status (*)(const void*, const char*, int64_t*);
-  check(api, fn<GetInt>(api, kKernelInfoGetAttributeInt64)(info, "accuracy_level",
-                                                           &kernel->accuracy));
-  return kernel;
 }
 
 }  // namespace
 
 const CustomOp* matmul_8bit_op() {
   static const int types[3] = {kFloat, kUint8, kFloat};
-  static const Op op = custom_op<Kernel>("MatMul8Bit", 3, 1, types, create_kernel, compute);
+  static const Op op =
+      custom_op<MatMulKernel>("MatMul8Bit", 3, 1, types, create_matmul_kernel, compute);
   return &op.op;
 }
 
