@@ -151,11 +151,12 @@ def test_kernel_refuses_rows_not_in_blocks_of_8():
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_blocked_weights_are_the_linears(quant):
-    """The kernels' modules hold each linear's weight in blocks of 8 rows; their functions'
-    PyTorch forward (what the exporter traces) reads them back as the linear's own weight."""
+    """The kernels' modules give each linear's weight to their ops in blocks of 8 rows; the
+    functions' PyTorch forward (what the exporter traces) reads them back as the linear's own
+    weight."""
     import torch
 
-    from linearize.engine.step import MatMul4Bit, MatMul8Bit, kernel_linear
+    from linearize.engine.step import MatMul4Bit, MatMul8Bit, kernel_linear, rows_in_blocks
     from linearize.models.quantize import quantize
     from tests.engine.conftest import engine_model
 
@@ -165,9 +166,10 @@ def test_blocked_weights_are_the_linears(quant):
     for linear in [model.layers[0].mlp.gate_proj, model.layers[1].self_attn.o_proj, model.lm_head]:
         kernel = kernel_linear(linear)
         if hasattr(kernel, "bases"):
-            y = MatMul4Bit.apply(x, kernel.codes, kernel.scales, kernel.bases, tuple(x.shape))
+            blocks = rows_in_blocks(kernel.codes, kernel.scales, kernel.bases)
+            y = MatMul4Bit.apply(x, *blocks, tuple(x.shape))
         else:
-            y = MatMul8Bit.apply(x, kernel.codes, kernel.scales, tuple(x.shape))
+            y = MatMul8Bit.apply(x, *rows_in_blocks(kernel.codes, kernel.scales), tuple(x.shape))
         torch.testing.assert_close(y, linear(x), rtol=1e-5, atol=1e-5)
         checked += 1
     assert checked == 3

@@ -186,8 +186,10 @@ def _optimize_into(tmp: Path, source: Path, disabled: list[str], libraries) -> N
     )
 
 
+@functools.cache
 def graph_weight_bytes(path: Path) -> int:
-    """Bytes of the initializers of the ONNX graph at ``path`` (its external data unread)."""
+    """Bytes of the initializers of the ONNX graph at ``path`` (its external data unread; read
+    once per graph: a cached graph's folder never changes)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph

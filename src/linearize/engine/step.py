@@ -724,7 +724,8 @@ class Kernel4Bit(nn.Module):
     points: the bases ``−z·s``, so Q4_1's float grid needs no offset term beside it); in
     PyTorch, the linear itself (the reference). Scales and bases on float16 values (Q4_1's
     grid as ``linearize quantize`` writes it, or a Q4_1 GGUF's) go to the op as float16: 20
-    bytes a group of 32 read per token, not 24. All three in the op's blocks of 8 rows."""
+    bytes a group of 32 read per token, not 24. All three go to the op in its blocks of 8 rows
+    (:func:`rows_in_blocks`)."""
 
     def __init__(self, linear: QuantizedLinear) -> None:
         super().__init__()
@@ -736,7 +737,6 @@ class Kernel4Bit(nn.Module):
         bases = -q.zero.detach().float() * scales
         if on_half_grid(scales, bases):
             scales, bases = scales.half(), bases.half()
-        codes, scales, bases = rows_in_blocks(codes, scales, bases)
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bases", bases, persistent=False)
@@ -755,7 +755,10 @@ class Kernel4Bit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.onnx.is_in_onnx_export():
             return self.linear(x)
-        y = MatMul4Bit.apply(x, self.codes, self.scales, self.bases, tuple(x.shape))
+        # (The op's blocks made as the graph is exported, once per model: the export folds
+        # them into its weights, and an engine keeps no second copy of the codes.)
+        blocks = rows_in_blocks(self.codes, self.scales, self.bases)
+        y = MatMul4Bit.apply(x, *blocks, tuple(x.shape))
         return y if self.linear.bias is None else y + self.linear.bias
 
 
@@ -783,16 +786,15 @@ class MatMul8Bit(torch.autograd.Function):
 class Kernel8Bit(nn.Module):
     """An 8-bit linear on Q8_0's grid in groups of 32 (an int4 model's head, an int8 model's
     every linear) run by ``MatMul8Bit`` in the exported graph; in PyTorch, the linear itself
-    (the reference). Its codes and scales are the linear's, in the op's blocks of 8 rows."""
+    (the reference). Its codes and scales are the linear's, given to the op in its blocks of 8
+    rows as the graph is exported."""
 
     def __init__(self, linear: QuantizedLinear) -> None:
         super().__init__()
         self.linear = linear
         q = linear.qweight
-        codes = q.codes.reshape(q.out_features, -1, q.group_size)
-        codes, scales = rows_in_blocks(codes, q.scale.detach().float())
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("codes", q.codes.reshape(q.out_features, -1, q.group_size), False)
+        self.register_buffer("scales", q.scale.detach().float(), persistent=False)
 
     @staticmethod
     def runs(linear: nn.Module) -> bool:
@@ -811,7 +813,7 @@ class Kernel8Bit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.onnx.is_in_onnx_export():
             return self.linear(x)
-        y = MatMul8Bit.apply(x, self.codes, self.scales, tuple(x.shape))
+        y = MatMul8Bit.apply(x, *rows_in_blocks(self.codes, self.scales), tuple(x.shape))
         return y if self.linear.bias is None else y + self.linear.bias
 
 
